@@ -1,0 +1,306 @@
+"""Quantization parameters, rounding, quantize / dequantize and the fake-quant forward.
+
+The affine map between real values ``r`` and integer codes ``q`` (Jacob et al. 2018)::
+
+    r = scale * (q - zero_point)
+    q = clip(round(r / scale) + zero_point, qmin, qmax)
+
+Granularity is the *shape* of ``QParams.scale`` / ``QParams.zero_point``: ``()`` is per tensor,
+a shape that broadcasts against ``x`` (``(C,)`` for the last axis, ``(C, 1, 1)`` for axis 0)
+is per axis, and :func:`to_blocks` / :func:`from_blocks` reshape an axis into blocks so that a
+per-axis scale becomes a per-block one.
+
+Gradients: these functions have no custom derivative; ``jquant.estimators.fake_quant`` wraps
+:func:`fake_quant_forward` in the straight-through (and learned-step) estimators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+
+__all__ = [
+    "ROUNDING_MODES",
+    "QParams",
+    "qparams_from_range",
+    "round_values",
+    "quantize",
+    "dequantize",
+    "fake_quant_forward",
+    "round_to_float_format",
+    "to_blocks",
+    "from_blocks",
+]
+
+ROUNDING_MODES = ("nearest_even", "half_away", "half_up", "floor", "stochastic")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["scale", "zero_point"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of an affine quantizer; both are pytree leaves.
+
+    ``zero_point`` is stored as float32 holding an integer, so that learned offsets (LSQ+)
+    receive gradients. Its shape, like the scale's, sets the granularity.
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array = 0.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.broadcast_shapes(np.shape(self.scale), np.shape(self.zero_point)))
+
+
+def _concrete(x) -> np.ndarray | None:
+    """The value of ``x`` as numpy when it is known at trace time, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_format(fmt) -> None:
+    if not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
+        raise TypeError(
+            f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
+        )
+
+
+def check_rounding(rounding: str, key) -> None:
+    """Raises ValueError for an unknown rounding name or stochastic rounding without a key."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+
+
+def check_qparams(x, qp: QParams, fmt: Format) -> None:
+    """Validates QParams against ``x`` and ``fmt`` (shapes always, values when concrete)."""
+    if not isinstance(qp, QParams):
+        raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
+    _check_format(fmt)
+    x_shape = np.shape(x)
+    try:
+        out = np.broadcast_shapes(qp.shape, x_shape)
+    except ValueError:
+        out = None
+    if out != tuple(x_shape):
+        raise ValueError(
+            f"qp (scale/zero_point shape {qp.shape}) must broadcast against x of shape {x_shape}"
+        )
+    scale = _concrete(qp.scale)
+    if scale is not None and not np.all(scale > 0):
+        raise ValueError(f"qp.scale must be > 0 everywhere, got min {np.min(scale)}")
+    zp = _concrete(qp.zero_point)
+    if zp is None:
+        return
+    if isinstance(fmt, FloatFormat | BinaryFormat) or (isinstance(fmt, IntFormat) and fmt.midrise):
+        if np.any(zp != 0):
+            raise ValueError("qp.zero_point must be 0 for float, binary and midrise formats")
+        return
+    lo, hi = _concrete(fmt.qmin), _concrete(fmt.qmax)
+    if lo is not None and hi is not None:
+        if np.any(zp < np.min(lo)) or np.any(zp > np.max(hi)) or np.any(zp != np.round(zp)):
+            raise ValueError(
+                f"qp.zero_point must be an integer in [qmin, qmax] = [{np.min(lo)}, "
+                f"{np.max(hi)}] for {fmt}, got values in [{np.min(zp)}, {np.max(zp)}]"
+            )
+
+
+def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> QParams:
+    """QParams that map ``[rmin, rmax]`` onto ``fmt``'s grid.
+
+    The range is first widened to include 0 so that 0 is exactly representable, then::
+
+        affine:    scale = (rmax - rmin) / (qmax - qmin)
+                   zero_point = clip(round(qmin - rmin / scale), qmin, qmax)
+        symmetric: scale = max(|rmin|, |rmax|) / qmax,  zero_point = 0
+
+    Midrise grids use ``scale = max|r| / (qmax + 1/2)``; float formats ``max|r| / fmt.max``;
+    the binary format ``max|r|``. A zero range gives ``scale = 1`` (finite, never NaN/Inf).
+
+    >>> qp = qparams_from_range(-1.0, 1.0, IntFormat(8), symmetric=True)
+    >>> round(float(qp.scale) * 127, 6), float(qp.zero_point)
+    (1.0, 0.0)
+    """
+    _check_format(fmt)
+    for name, v in (("rmin", rmin), ("rmax", rmax)):
+        c = _concrete(v)
+        if c is not None and (not np.issubdtype(c.dtype, np.number) or np.any(np.isnan(c))):
+            raise ValueError(f"{name} must be a finite number or array, got {c!r}")
+    rmin = jnp.minimum(jnp.asarray(rmin, jnp.float32), 0.0)
+    rmax = jnp.maximum(jnp.asarray(rmax, jnp.float32), 0.0)
+    amax = jnp.maximum(-rmin, rmax)
+    zero = jnp.zeros_like(amax)
+    if isinstance(fmt, FloatFormat):
+        scale, zp = amax / fmt.max, zero
+    elif isinstance(fmt, BinaryFormat):
+        scale, zp = amax, zero
+    elif fmt.midrise:
+        scale, zp = amax / (fmt.qmax + 0.5), zero
+    elif symmetric:
+        scale, zp = amax / fmt.qmax, zero
+    else:
+        scale = (rmax - rmin) / (fmt.qmax - fmt.qmin)
+        safe = jnp.where(scale > 0, scale, 1.0)
+        zp = jnp.clip(jnp.round(fmt.qmin - rmin / safe), fmt.qmin, fmt.qmax)
+    tiny = jnp.finfo(jnp.float32).tiny
+    scale = jnp.where(scale >= tiny, scale, 1.0)
+    return QParams(scale=scale.astype(jnp.float32), zero_point=zp.astype(jnp.float32))
+
+
+def round_values(v: jax.Array, rounding: str = "nearest_even", noise: jax.Array | None = None):
+    """Rounds to integers with a named tie rule (all exact in float arithmetic).
+
+    - ``nearest_even``: ties to even (``jnp.round``; ONNX, PyTorch, XNNPACK).
+    - ``half_away``: ties away from zero (C ``round``; TFLite reference kernels).
+    - ``half_up``: ties towards +inf, ``floor(v + 1/2)``.
+    - ``floor``: towards -inf.
+    - ``stochastic``: ``floor(v) + [u < v - floor(v)]`` with ``u = noise ~ U[0, 1)``, so
+      ``E[round(v)] = v``.
+    """
+    if rounding == "nearest_even":
+        return jnp.round(v)
+    if rounding == "half_away":
+        t = jnp.trunc(v)
+        return t + jnp.where(jnp.abs(v - t) >= 0.5, jnp.sign(v), 0.0)
+    if rounding == "half_up":
+        f = jnp.floor(v)
+        return f + (v - f >= 0.5)
+    if rounding == "floor":
+        return jnp.floor(v)
+    if rounding == "stochastic":
+        if noise is None:
+            raise ValueError("rounding='stochastic' needs noise ~ U[0, 1) (or a key upstream)")
+        f = jnp.floor(v)
+        return f + (noise < v - f)
+    raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+def stochastic_noise(key, shape) -> jax.Array:
+    """Uniform noise in [0, 1) for stochastic rounding."""
+    return jax.random.uniform(key, shape, jnp.float32)
+
+
+def round_to_float_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+    """Rounds float32 ``x`` to the nearest value of the minifloat ``fmt`` (ties to even).
+
+    ``|x| = 2^e * f`` with ``e = max(floor(log2|x|), emin)``; the grid spacing at ``x`` is
+    ``ulp = 2^(e - M)`` and the result is ``round_half_even(x / ulp) * ulp`` (exact, since
+    dividing by a power of two is exact). Overflow (a result above ``fmt.max``) gives inf for
+    IEEE formats, NaN for ``fn`` formats, ``+-max`` when ``fmt.saturate``; NaN stays NaN.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    ax = jnp.abs(x)
+    _, e = jnp.frexp(ax)
+    exp = jnp.maximum(e - 1, fmt.emin)
+    ulp_exp = exp - fmt.mantissa_bits
+    y = jnp.ldexp(jnp.round(jnp.ldexp(ax, -ulp_exp)), ulp_exp)
+    if fmt.saturate:
+        y = jnp.minimum(y, fmt.max)
+    else:
+        y = jnp.where(y > fmt.max, jnp.inf if fmt.inf == "ieee" else jnp.nan, y)
+    y = jnp.where(jnp.isnan(x), jnp.nan, jnp.copysign(y, x))
+    return y
+
+
+def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
+    """Float codes ``clip(round(x / scale) + zp, qmin, qmax)`` (float formats: grid values)."""
+    x = jnp.asarray(x, jnp.float32)
+    v = x / qp.scale
+    if isinstance(fmt, FloatFormat):
+        return round_to_float_format(v, fmt)
+    if isinstance(fmt, BinaryFormat):
+        return jnp.where(jnp.isnan(v), jnp.nan, jnp.where(v >= 0, 1.0, -1.0))
+    if fmt.midrise:
+        v = v - 0.5
+    return jnp.clip(round_values(v, rounding, noise) + jnp.round(qp.zero_point), fmt.qmin, fmt.qmax)
+
+
+def _values(codes, qp: QParams, fmt: Format | None) -> jax.Array:
+    offset = 0.5 if isinstance(fmt, IntFormat) and fmt.midrise else 0.0
+    return qp.scale * (codes + offset - jnp.round(qp.zero_point))
+
+
+def quantize(
+    x: jax.Array,
+    qp: QParams,
+    fmt: Format,
+    *,
+    rounding: str = "nearest_even",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` in ``fmt``'s storage dtype.
+
+    Static integer formats store as int8/uint8 (<= 8 bits) or int16/uint16; traced bits give
+    int32; float formats give float32 values on the minifloat grid (of ``x / scale``).
+    NaN has no integer code: integer storage maps it to 0 (use ``fake_quant`` to keep NaN);
+    +-Inf saturate to ``qmax`` / ``qmin``.
+    """
+    check_qparams(x, qp, fmt)
+    check_rounding(rounding, key)
+    noise = stochastic_noise(key, jnp.shape(x)) if rounding == "stochastic" else None
+    q = _codes(x, qp, fmt, rounding, noise)
+    if isinstance(fmt, FloatFormat):
+        return q
+    return jnp.where(jnp.isnan(q), 0, q).astype(fmt.dtype)
+
+
+def dequantize(q: jax.Array, qp: QParams, fmt: Format | None = None) -> jax.Array:
+    """``x = scale * (q - zero_point)`` as float32 (midrise formats add 1/2: pass ``fmt``)."""
+    if not isinstance(qp, QParams):
+        raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
+    return _values(jnp.asarray(q, jnp.float32), qp, fmt)
+
+
+def fake_quant_forward(
+    x: jax.Array, qp: QParams, fmt: Format, rounding: str = "nearest_even", noise=None
+) -> jax.Array:
+    """``dequantize(quantize(x))`` computed in float, NaN preserved; no custom gradient.
+
+    Callers validate first (``jquant.fake_quant`` does). Returns ``x``'s float dtype.
+    """
+    dtype = x.dtype if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.float32
+    return _values(_codes(x, qp, fmt, rounding, noise), qp, fmt).astype(dtype)
+
+
+def to_blocks(x: jax.Array, axis: int, block_size: int) -> jax.Array:
+    """Splits ``axis`` of length ``n * block_size`` into ``(n, block_size)``.
+
+    A QParams of shape ``(..., n, 1, ...)`` then gives one scale per block of ``block_size``
+    consecutive elements along ``axis``; :func:`from_blocks` undoes the reshape.
+    """
+    x = jnp.asarray(x)
+    axis = _normalize_axis(axis, x.ndim)
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    n = x.shape[axis]
+    if n % block_size:
+        raise ValueError(
+            f"block_size {block_size} must divide the length {n} of axis {axis} of x"
+        )
+    return x.reshape(x.shape[:axis] + (n // block_size, block_size) + x.shape[axis + 1 :])
+
+
+def from_blocks(xb: jax.Array, axis: int) -> jax.Array:
+    """Inverse of :func:`to_blocks`: merges axes ``axis`` and ``axis + 1``."""
+    axis = _normalize_axis(axis, xb.ndim - 1)
+    s = xb.shape
+    return xb.reshape(s[:axis] + (s[axis] * s[axis + 1],) + s[axis + 2 :])
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not isinstance(axis, int) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be an int in [{-ndim}, {ndim}), got {axis!r}")
+    return axis % ndim
