@@ -11,7 +11,7 @@ estimator  dL/dx                 dL/dscale                                 dL/dz
 ste        g                     0                                         0
 clipped    g * inside            0                                         0
 lsq        g * inside            sum(g * (Q(v) - v * inside)) * gs         0
-lsq_plus   g * inside            as lsq                                    sum(-s g * (1-inside)) * gs
+lsq_plus   g * inside            as lsq                                    -s sum(g (1-inside)) gs
 pact       g * inside            sum(g * Q(v) * (1 - inside))              0
 ========== ===================== ========================================= =================
 

@@ -153,9 +153,9 @@ class IntFormat:
         return jnp.dtype(jnp.int16 if self.signed else jnp.uint16)
 
     def __repr__(self) -> str:
-        extra = "".join(
-            f", {k}=True" for k in ("narrow", "midrise") if getattr(self, k)
-        ) + ("" if self.signed else ", signed=False")
+        extra = "".join(f", {k}=True" for k in ("narrow", "midrise") if getattr(self, k)) + (
+            "" if self.signed else ", signed=False"
+        )
         return f"IntFormat(bits={self.bits!r}{extra})"
 
 
@@ -210,10 +210,11 @@ class FloatFormat:
     name: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.exponent_bits, numbers.Integral) or not 1 <= self.exponent_bits <= 8:
-            raise ValueError(f"exponent_bits must be an integer in [1, 8], got {self.exponent_bits!r}")
-        if not isinstance(self.mantissa_bits, numbers.Integral) or not 0 <= self.mantissa_bits <= 23:
-            raise ValueError(f"mantissa_bits must be an integer in [0, 23], got {self.mantissa_bits!r}")
+        e, m = self.exponent_bits, self.mantissa_bits
+        if not isinstance(e, numbers.Integral) or not 1 <= e <= 8:
+            raise ValueError(f"exponent_bits must be an integer in [1, 8], got {e!r}")
+        if not isinstance(m, numbers.Integral) or not 0 <= m <= 23:
+            raise ValueError(f"mantissa_bits must be an integer in [0, 23], got {m!r}")
         if self.inf not in ("ieee", "fn"):
             raise ValueError(f"inf must be 'ieee' or 'fn', got {self.inf!r}")
 

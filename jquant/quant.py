@@ -287,9 +287,7 @@ def to_blocks(x: jax.Array, axis: int, block_size: int) -> jax.Array:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     n = x.shape[axis]
     if n % block_size:
-        raise ValueError(
-            f"block_size {block_size} must divide the length {n} of axis {axis} of x"
-        )
+        raise ValueError(f"block_size {block_size} must divide the length {n} of axis {axis} of x")
     return x.reshape(x.shape[:axis] + (n // block_size, block_size) + x.shape[axis + 1 :])
 
 
