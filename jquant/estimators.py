@@ -151,7 +151,8 @@ def _lsq(static, x, scale, zp, bits, noise):
 def _lsq_scale_grad(static, res, g):
     v, inside, qv, scale, _, bits, _ = res
     gs = _grad_scale(v, scale, static[0], bits)
-    return _sum_to(g * (qv - v * inside) * gs, scale)
+    # where, not v * inside: v is +-inf for +-inf inputs, and inf * 0 is NaN
+    return _sum_to(g * (qv - jnp.where(inside > 0, v, 0.0)) * gs, scale)
 
 
 def _lsq_bwd(static, res, g):

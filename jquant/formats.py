@@ -126,17 +126,25 @@ class IntFormat:
         if self.is_static:
             base = -(1 << (int(self.bits) - 1)) if self.signed else 0
             return base + int(self.narrow)
-        b = jnp.asarray(self.bits, jnp.float32)
-        base = -jnp.exp2(b - 1.0) if self.signed else jnp.zeros_like(b)
-        return base + float(self.narrow)
+        if self.signed:
+            return float(self.narrow) - self._pow2(1)
+        return jnp.full(jnp.shape(self.bits), float(self.narrow), jnp.float32)
 
     @property
     def qmax(self):
         """Largest code: ``2^(b-1) - 1`` if signed else ``2^b - 1``."""
         if self.is_static:
             return (1 << (int(self.bits) - int(self.signed))) - 1
-        b = jnp.asarray(self.bits, jnp.float32)
-        return jnp.exp2(b - float(self.signed)) - 1.0
+        return self._pow2(int(self.signed)) - 1.0
+
+    def _pow2(self, minus: int) -> jax.Array:
+        """``2^(bits - minus)`` as float32 for traced bits, by an integer shift.
+
+        ``jnp.exp2`` is not exact on every backend (XLA:CPU gives ``2^13 + 2^-8``).
+        """
+        b = jnp.asarray(self.bits)
+        b = jnp.round(b) if jnp.issubdtype(b.dtype, jnp.floating) else b
+        return jnp.left_shift(1, b.astype(jnp.int32) - minus).astype(jnp.float32)
 
     @property
     def levels(self):

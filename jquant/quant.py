@@ -49,7 +49,8 @@ class QParams:
     """Scale and zero point of an affine quantizer; both are pytree leaves.
 
     ``zero_point`` is stored as float32 holding an integer, so that learned offsets (LSQ+)
-    receive gradients. Its shape, like the scale's, sets the granularity.
+    receive gradients; a non-integer value (a learned offset between updates) is rounded where
+    it is used. Its shape, like the scale's, sets the granularity.
     """
 
     scale: jax.Array
@@ -111,9 +112,10 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
         return
     lo, hi = _concrete(fmt.qmin), _concrete(fmt.qmax)
     if lo is not None and hi is not None:
-        if np.any(zp < np.min(lo)) or np.any(zp > np.max(hi)) or np.any(zp != np.round(zp)):
+        # learned (LSQ+) zero points are rounded in the forward pass; their rounding must fit
+        if np.any(np.round(zp) < np.min(lo)) or np.any(np.round(zp) > np.max(hi)):
             raise ValueError(
-                f"qp.zero_point must be an integer in [qmin, qmax] = [{np.min(lo)}, "
+                f"qp.zero_point must round to an integer in [qmin, qmax] = [{np.min(lo)}, "
                 f"{np.max(hi)}] for {fmt}, got values in [{np.min(zp)}, {np.max(zp)}]"
             )
 
@@ -137,7 +139,7 @@ def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> Q
     _check_format(fmt)
     for name, v in (("rmin", rmin), ("rmax", rmax)):
         c = _concrete(v)
-        if c is not None and (not np.issubdtype(c.dtype, np.number) or np.any(np.isnan(c))):
+        if c is not None and (not np.issubdtype(c.dtype, np.number) or not np.all(np.isfinite(c))):
             raise ValueError(f"{name} must be a finite number or array, got {c!r}")
     rmin = jnp.minimum(jnp.asarray(rmin, jnp.float32), 0.0)
     rmax = jnp.maximum(jnp.asarray(rmax, jnp.float32), 0.0)
@@ -197,28 +199,61 @@ def round_to_float_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
     """Rounds float32 ``x`` to the nearest value of the minifloat ``fmt`` (ties to even).
 
     ``|x| = 2^e * f`` with ``e = max(floor(log2|x|), emin)``; the grid spacing at ``x`` is
-    ``ulp = 2^(e - M)`` and the result is ``round_half_even(x / ulp) * ulp`` (exact, since
-    dividing by a power of two is exact). Overflow (a result above ``fmt.max``) gives inf for
-    IEEE formats, NaN for ``fn`` formats, ``+-max`` when ``fmt.saturate``; NaN stays NaN.
+    ``ulp = 2^(e - M)`` and the result is ``round_half_even(|x| / ulp) * ulp`` with the sign of
+    ``x``, the exponent unbounded above. Overflow (a result above ``fmt.max``) gives inf for
+    IEEE formats, NaN for ``fn`` formats, ``+-max`` when ``fmt.saturate``, as ``ml_dtypes``
+    casts do; NaN passes through unchanged.
+
+    Computed on the float32 bit pattern with integer arithmetic, so it is exact also where
+    float32 subnormals would be flushed to zero (XLA on CPU flushes them).
     """
     x = jnp.asarray(x, jnp.float32)
-    ax = jnp.abs(x)
-    _, e = jnp.frexp(ax)
-    exp = jnp.maximum(e - 1, fmt.emin)
-    ulp_exp = exp - fmt.mantissa_bits
-    y = jnp.ldexp(jnp.round(jnp.ldexp(ax, -ulp_exp)), ulp_exp)
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    mag = bits & 0x7FFFFFFF
+    biased = mag >> 23
+    # |x| = sig * 2^e exactly, with sig < 2^24 (implicit leading bit added for normal numbers)
+    sig = (mag & 0x7FFFFF) | jnp.where(biased > 0, 1 << 23, 0)
+    e = jnp.maximum(biased, 1) - 150
+    floor_log2 = 31 - jax.lax.clz(sig) + e
+    shift = jnp.maximum(floor_log2, fmt.emin) - fmt.mantissa_bits - e  # bits of sig to drop
+    s = jnp.clip(shift, 1, 31)
+    kept = sig >> s
+    rem = sig & ((1 << s) - 1)
+    half = 1 << (s - 1)
+    q = kept + ((rem > half) | ((rem == half) & ((kept & 1) == 1))).astype(jnp.int32)
+    sig_r = q << s  # <= 2^25: q > 0 only when s <= 24
+    # a carry to 2^24 moves into the exponent field, and a subnormal to the smallest normal
+    mag_r = jnp.where(biased > 0, (biased << 23) + sig_r - (1 << 23), sig_r)
+    mag_r = jnp.where(shift <= 0, mag, jnp.where(q == 0, 0, mag_r))
     if fmt.saturate:
-        y = jnp.minimum(y, fmt.max)
+        top = _f32_bits(fmt.max)
+    elif fmt.inf == "ieee":
+        top = 0x7F800000
     else:
-        y = jnp.where(y > fmt.max, jnp.inf if fmt.inf == "ieee" else jnp.nan, y)
-    y = jnp.where(jnp.isnan(x), jnp.nan, jnp.copysign(y, x))
-    return y
+        top = 0x7FC00000
+    mag_r = jnp.where(mag_r > _f32_bits(fmt.max), top, mag_r)
+    y = jax.lax.bitcast_convert_type(mag_r | (bits & jnp.int32(-(1 << 31))), jnp.float32)
+    return jnp.where(jnp.isnan(x), x, y)
+
+
+def _f32_bits(v: float) -> int:
+    return int(np.array(v, np.float32).view(np.int32))
+
+
+def _divide(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x / scale`` correctly rounded, as ONNX Runtime and NumPy compute it.
+
+    XLA rewrites a division by a broadcast operand into a multiplication by its reciprocal,
+    which is off by one ulp often enough to move ties. A divisor that depends on ``x`` is never
+    a broadcast (not under ``vmap`` either), so the division stays a division.
+    """
+    return x / jnp.where(jnp.isnan(x), 1.0, scale)
 
 
 def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
     """Float codes ``clip(round(x / scale) + zp, qmin, qmax)`` (float formats: grid values)."""
     x = jnp.asarray(x, jnp.float32)
-    v = x / qp.scale
+    v = _divide(x, qp.scale)
     if isinstance(fmt, FloatFormat):
         return round_to_float_format(v, fmt)
     if isinstance(fmt, BinaryFormat):
@@ -271,7 +306,8 @@ def fake_quant_forward(
 
     Callers validate first (``jquant.fake_quant`` does). Returns ``x``'s float dtype.
     """
-    dtype = x.dtype if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.float32
+    x = jnp.asarray(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return _values(_codes(x, qp, fmt, rounding, noise), qp, fmt).astype(dtype)
 
 

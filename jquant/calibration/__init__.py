@@ -1,0 +1,62 @@
+"""Calibration: ranges for activations (and weights) from data, one-shot or streamed.
+
+Range estimators are pure functions ``f(x, [fmt], *, axis=...) -> (rmin, rmax)`` for
+:func:`jquant.qparams_from_range`; ``axis`` names the axes that keep their own range (per
+channel; blocks via :func:`jquant.to_blocks`), and results have the keepdims shape:
+
+- :func:`minmax`, :func:`absmax`, :func:`percentile` (two-sided or symmetric);
+- :func:`mse`: the clip range of least quantization MSE for ``fmt``, searched on device and
+  vmappable over ``IntFormat(bits=...)``;
+- :func:`kl`: TensorRT entropy calibration over a histogram of ``|x|`` (2048 bins);
+- :func:`aciq`: Banner et al. (2019) analytical clipping for Gaussian / Laplace priors.
+
+Streaming observers (:class:`Observer`: pure ``init`` / ``update`` / ``result`` over NamedTuple
+states, all jit-able): :func:`running_minmax`, :func:`ema_minmax` and :func:`histogram`
+(growing range, serving percentile, MSE and KL). :func:`calibrate` runs a Flax model over a
+representative dataset so that its layers' observers (``quant_stats`` collection) see it.
+
+NaN and +-Inf: ignored by every estimator and observer (the range is that of the finite
+values); observers count them in ``state.nonfinite`` so that callers can check. Data with no
+finite value, or constant data, gives a finite scale. Empty arrays and empty datasets raise
+``ValueError``.
+"""
+
+from jquant.calibration.driver import calibrate
+from jquant.calibration.observers import (
+    HISTOGRAM_METHODS,
+    HistogramState,
+    MinMaxState,
+    Observer,
+    ema_minmax,
+    histogram,
+    running_minmax,
+)
+from jquant.calibration.ranges import (
+    ACIQ_PRIORS,
+    absmax,
+    aciq,
+    aciq_clip,
+    kl,
+    minmax,
+    mse,
+    percentile,
+)
+
+__all__ = [
+    "ACIQ_PRIORS",
+    "HISTOGRAM_METHODS",
+    "HistogramState",
+    "MinMaxState",
+    "Observer",
+    "absmax",
+    "aciq",
+    "aciq_clip",
+    "calibrate",
+    "ema_minmax",
+    "histogram",
+    "kl",
+    "minmax",
+    "mse",
+    "percentile",
+    "running_minmax",
+]

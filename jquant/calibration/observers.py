@@ -1,0 +1,274 @@
+"""Streaming observers: pure ``init`` / ``update`` / ``result`` triples over NamedTuple states.
+
+For datasets too large to hold, an observer folds batches into a small state::
+
+    state = obs.init(example_x)              # shapes only; no data is recorded
+    for x in batches:
+        state = obs.update(x, state)         # jit-able, state in, state out
+    qp = obs.result(state, fmt, symmetric=True)
+    rmin, rmax = obs.bounds(state, fmt)      # the range behind ``result``
+
+Non-finite values are ignored and counted in ``state.nonfinite``; ``state.count`` counts the
+finite values seen. Both are int32 counters that saturate at ``2^31 - 1``. An observer that
+saw no finite value gives the range ``[0, 0]`` (a finite scale).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jquant.calibration import histograms
+from jquant.calibration.grouping import (
+    Axis,
+    check_data,
+    finite_min_max,
+    kept_axes,
+    or_zero,
+    stat_shape,
+)
+from jquant.calibration.ranges import check_percentile, kl_format_levels
+from jquant.calibration.search import check_search, mse_clip_factor
+from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+from jquant.quant import QParams, qparams_from_range
+
+__all__ = [
+    "Observer",
+    "MinMaxState",
+    "HistogramState",
+    "HISTOGRAM_METHODS",
+    "running_minmax",
+    "ema_minmax",
+    "histogram",
+]
+
+HISTOGRAM_METHODS = ("percentile", "mse", "kl")
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+class Observer(NamedTuple):
+    """A streaming statistic: ``init(x) -> state``, ``update(x, state) -> state``,
+    ``result(state, fmt, *, symmetric=False) -> QParams`` and ``bounds(state, fmt, *,
+    symmetric=False) -> (rmin, rmax)``, all pure and jit-able (``fmt`` static)."""
+
+    init: Callable[[jax.Array], Any]
+    update: Callable[[jax.Array, Any], Any]
+    result: Callable[..., QParams]
+    bounds: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+
+
+class MinMaxState(NamedTuple):
+    """Running (or averaged) range, keepdims-shaped; ``+inf`` / ``-inf`` before any data."""
+
+    min: jax.Array
+    max: jax.Array
+    count: jax.Array
+    nonfinite: jax.Array
+
+
+class HistogramState(NamedTuple):
+    """``2 n`` bins on ``[-amax, amax]`` (``n`` per sign), exact min / max, counters."""
+
+    counts: jax.Array
+    amax: jax.Array
+    min: jax.Array
+    max: jax.Array
+    count: jax.Array
+    nonfinite: jax.Array
+
+
+def _saturating_add(counter: jax.Array, n: jax.Array) -> jax.Array:
+    n = n.astype(jnp.int32)
+    return jnp.where(counter > _INT32_MAX - n, _INT32_MAX, counter + n)
+
+
+def _counters(x: jax.Array, count, nonfinite):
+    finite = jnp.sum(jnp.isfinite(x), dtype=jnp.int32)
+    return _saturating_add(count, finite), _saturating_add(nonfinite, x.size - finite)
+
+
+def _from_bounds(bounds) -> Callable[..., QParams]:
+    def result(state, fmt: Format, *, symmetric: bool = False) -> QParams:
+        rmin, rmax = bounds(state, fmt, symmetric=symmetric)
+        return qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
+
+    return result
+
+
+def _minmax_init(axis: Axis):
+    def init(x: jax.Array) -> MinMaxState:
+        x = check_data(x)
+        shape = stat_shape(x.shape, kept_axes(axis, x.ndim))
+        zero = jnp.zeros((), jnp.int32)
+        return MinMaxState(jnp.full(shape, jnp.inf), jnp.full(shape, -jnp.inf), zero, zero)
+
+    return init
+
+
+def _batch_range(x: jax.Array, state: MinMaxState, axis: Axis):
+    x = check_data(x)
+    kept = kept_axes(axis, x.ndim)
+    if stat_shape(x.shape, kept) != state.min.shape:
+        raise ValueError(
+            f"x of shape {x.shape} does not match the observer state of shape "
+            f"{state.min.shape} (axis={axis!r})"
+        )
+    return x, finite_min_max(x, kept)
+
+
+def _minmax_bounds(state: MinMaxState, fmt: Format = None, *, symmetric: bool = False):
+    return or_zero(state.min), or_zero(state.max)
+
+
+_minmax_result = _from_bounds(_minmax_bounds)
+
+
+def running_minmax(axis: Axis = None) -> Observer:
+    """Running range ``min_t min(x_t)``, ``max_t max(x_t)``: equals :func:`minmax` of the stream.
+
+    ``axis``: axes that keep their own range (per channel), as in :func:`minmax`.
+    """
+    kept_axes(axis, 32)  # validate early: type and repeats
+
+    def update(x: jax.Array, state: MinMaxState) -> MinMaxState:
+        x, (lo, hi) = _batch_range(x, state, axis)
+        count, nonfinite = _counters(x, state.count, state.nonfinite)
+        return MinMaxState(jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite)
+
+    return Observer(_minmax_init(axis), jax.jit(update), _minmax_result, _minmax_bounds)
+
+
+def ema_minmax(decay: float = 0.99, axis: Axis = None) -> Observer:
+    """Exponential moving average of batch ranges (TensorFlow's moving-average quantizer).
+
+    ``m_1 = min(x_1)``, ``m_t = decay * m_{t-1} + (1 - decay) * min(x_t)``; likewise for max.
+    A batch with no finite value (in a group) leaves that group's range unchanged.
+    """
+    if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0 <= decay < 1:
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+    kept_axes(axis, 32)
+
+    def update(x: jax.Array, state: MinMaxState) -> MinMaxState:
+        x, (lo, hi) = _batch_range(x, state, axis)
+
+        def average(old, new):
+            mixed = jnp.where(jnp.isfinite(old), decay * old + (1.0 - decay) * new, new)
+            return jnp.where(jnp.isfinite(new), mixed, old)
+
+        count, nonfinite = _counters(x, state.count, state.nonfinite)
+        return MinMaxState(average(state.min, lo), average(state.max, hi), count, nonfinite)
+
+    return Observer(_minmax_init(axis), jax.jit(update), _minmax_result, _minmax_bounds)
+
+
+def histogram(
+    num_bins: int = 2048,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    *,
+    num_candidates: int = 16,
+    num_rounds: int = 4,
+) -> Observer:
+    """A histogram of the stream on a growing range ``[-amax, amax]`` (per tensor).
+
+    ``num_bins`` bins on each side of 0, so ``|x|`` has ``num_bins`` bins as in TensorRT.
+    When a batch exceeds ``amax`` the range grows to the new ``max |x|`` exactly and the old
+    counts are re-binned (:func:`~jquant.calibration.histograms.rebin`: mass spread evenly
+    inside each old bin), so ``amax`` is always the stream's ``max |x|`` and, when no
+    re-binning occurs, the bins are those of the one-shot estimators on the concatenated data.
+    ``bounds`` serves:
+
+    - ``percentile``: inverse of the piecewise-linear CDF, two-sided or of ``|x|``
+      (``symmetric``), within one bin width of :func:`~jquant.calibration.percentile`;
+    - ``mse``: the search of :func:`~jquant.calibration.mse` with bin centres weighted by counts
+      (base range the exact stream min / max);
+    - ``kl``: :func:`~jquant.calibration.kl` on the folded histogram.
+    """
+    if method not in HISTOGRAM_METHODS:
+        raise ValueError(f"method must be one of {HISTOGRAM_METHODS}, got {method!r}")
+    if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
+        raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+    check_search(num_candidates, num_rounds)
+    if method == "percentile":
+        check_percentile(percentile, symmetric=True)
+    total_bins = 2 * num_bins
+
+    def init(x: jax.Array) -> HistogramState:
+        check_data(x)
+        zero = jnp.zeros((), jnp.int32)
+        inf = jnp.float32(jnp.inf)
+        return HistogramState(
+            jnp.zeros(total_bins, jnp.float32), jnp.float32(0.0), inf, -inf, zero, zero
+        )
+
+    def update(x: jax.Array, state: HistogramState) -> HistogramState:
+        x = check_data(x)
+        finite = jnp.isfinite(x)
+        lo, hi = finite_min_max(x, ())
+        amax = jnp.maximum(state.amax, jnp.maximum(or_zero(-lo), or_zero(hi)))
+        counts = jnp.where(
+            amax > state.amax,
+            histograms.rebin(state.counts, -state.amax, state.amax, -amax, amax),
+            state.counts,
+        )
+        values = jnp.where(finite, x, 0.0).ravel()
+        counts = counts + histograms.bin_counts(
+            values, finite.ravel().astype(jnp.float32), -amax, amax, total_bins
+        )
+        count, nonfinite = _counters(x, state.count, state.nonfinite)
+        return HistogramState(
+            counts, amax, jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite
+        )
+
+    def bounds(state: HistogramState, fmt: Format = None, *, symmetric: bool = False):
+        if method == "kl":
+            kl_format_levels(fmt, num_bins)
+        if method == "percentile" and not symmetric:
+            check_percentile(percentile, symmetric=False)
+        if method == "mse" and not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
+            raise TypeError(
+                f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
+            )
+        return bounds_core(state, fmt, symmetric)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def bounds_core(state: HistogramState, fmt: Format, symmetric: bool):
+        rmin, rmax = or_zero(state.min), or_zero(state.max)
+        width = state.amax / num_bins
+        if method == "percentile":
+            if symmetric:
+                q = percentile / 100.0
+                a = histograms.quantile(histograms.fold(state.counts), 0.0, width, q)
+                a = jnp.minimum(a, jnp.maximum(-rmin, rmax))
+                return -a, a
+            lower, upper = (
+                jnp.clip(histograms.quantile(state.counts, -state.amax, width, q), rmin, rmax)
+                for q in (1.0 - percentile / 100.0, percentile / 100.0)
+            )
+            return lower, upper
+        if method == "kl":
+            levels = histograms.kl_levels(fmt)
+            if fmt.signed:
+                t = histograms.kl_threshold(histograms.fold(state.counts), state.amax, levels)
+                return -t, t
+            t = histograms.kl_threshold(histograms.positive_part(state.counts), state.amax, levels)
+            return jnp.zeros_like(t), t
+        centres = -state.amax + (jnp.arange(total_bins, dtype=jnp.float32) + 0.5) * width
+        lo, hi = jnp.minimum(rmin, 0.0), jnp.maximum(rmax, 0.0)
+        alpha = mse_clip_factor(
+            centres,
+            state.counts,
+            lo,
+            hi,
+            fmt,
+            symmetric=symmetric,
+            num_candidates=num_candidates,
+            num_rounds=num_rounds,
+        )
+        return alpha * lo, alpha * hi
+
+    return Observer(init, jax.jit(update), _from_bounds(bounds), bounds)

@@ -1,0 +1,120 @@
+"""Argument checks of the int8 kernels and the int32 accumulator bound.
+
+Every check runs at trace time: dtypes and shapes always, values whenever they are concrete
+(Python numbers, NumPy arrays, or JAX arrays outside of a trace).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.formats import int8
+from jquant.integer.fixed_point import INT32_MAX
+
+__all__ = ["accumulator_bound", "check_accumulator"]
+
+# |x - x_zp| <= 255 for int8 codes and a zero point inside [-128, 127].
+_MAX_CENTERED_INPUT = int8.qmax - int8.qmin
+
+
+def concrete(x) -> np.ndarray | None:
+    """``x`` as NumPy when known at trace time, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def check_int8(name: str, x) -> jax.Array:
+    """``x`` as a JAX array; TypeError unless its dtype is int8."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.int8:
+        got = f"dtype {dtype}" if dtype is not None else type(x).__name__
+        raise TypeError(f"{name} must be an int8 array, got {got}")
+    return jnp.asarray(x)
+
+
+def check_scale(name: str, s, size: int | None = None):
+    """Validates a scale: float, ``> 0`` and finite when concrete; shape ``()``, ``(1,)`` or,
+    when ``size`` is given, ``(size,)``. Returns it flattened to ``()`` or ``(size,)``."""
+    if s is None:
+        raise ValueError(f"{name} is required (a positive float or array)")
+    shape = np.shape(s)
+    allowed = [(), (1,)] + ([(size,)] if size is not None else [])
+    if shape not in allowed:
+        raise ValueError(f"{name} must have shape in {allowed}, got {shape}")
+    c = concrete(s)
+    if c is not None:
+        if c.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be a real number or array, got dtype {c.dtype}")
+        if not np.all(np.isfinite(c) & (c > 0)):
+            raise ValueError(f"{name} must be finite and > 0, got {c}")
+    new_shape = () if shape == (1,) else shape
+    return np.reshape(c, new_shape) if c is not None else jnp.reshape(s, new_shape)
+
+
+def check_zero_point(name: str, zp) -> jax.Array:
+    """A per-tensor int8 zero point (shape ``()`` or ``(1,)``, integer in [-128, 127]) as an
+    int32 scalar."""
+    shape = np.shape(zp)
+    if shape not in ((), (1,)):
+        raise ValueError(f"{name} must be a scalar (shape () or (1,)), got shape {shape}")
+    c = concrete(zp)
+    if c is not None:
+        if c.dtype.kind not in "iuf" or np.any(c != np.round(c)):
+            raise ValueError(f"{name} must be an integer, got {c}")
+        if np.any(c < int8.qmin) or np.any(c > int8.qmax):
+            raise ValueError(f"{name} must be in [{int8.qmin}, {int8.qmax}] for int8, got {c}")
+    return jnp.asarray(zp).reshape(()).astype(jnp.int32)
+
+
+def check_bias(b, channels: int) -> jax.Array:
+    """Bias: int32 of shape ``(channels,)``; None gives zeros."""
+    if b is None:
+        return jnp.zeros((channels,), jnp.int32)
+    dtype = getattr(b, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.int32:
+        raise TypeError(f"b must be an int32 array (bias at scale x_scale * w_scale), got {dtype}")
+    if np.shape(b) != (channels,):
+        raise ValueError(f"b must have shape ({channels},), got {np.shape(b)}")
+    return jnp.asarray(b)
+
+
+def accumulator_bound(w, b=None) -> np.ndarray:
+    """Worst-case ``|acc|`` per output channel of an int8 conv or dense: ``255 sum|w| + |b|``.
+
+    ``acc[c] = sum_k (x_k - x_zp) w[k, c] + b[c]`` with ``|x_k - x_zp| <= 255``; the output
+    channel is ``w``'s last axis (HWIO kernels, ``(in, out)`` dense weights).
+
+    Args:
+      w: int8 (or any integer) weights, output channels last.
+      b: optional integer bias of shape ``(channels,)``.
+
+    Returns:
+      int64 NumPy array of shape ``(channels,)``.
+    """
+    w = np.asarray(w)
+    if w.dtype.kind not in "iu" or w.ndim < 1:
+        raise TypeError(f"w must be an integer array with output channels last, got {w.dtype}")
+    bound = _MAX_CENTERED_INPUT * np.abs(w.astype(np.int64)).reshape(-1, w.shape[-1]).sum(0)
+    if b is not None:
+        b = np.asarray(b)
+        if b.shape != (w.shape[-1],) or b.dtype.kind not in "iu":
+            raise ValueError(
+                f"b must be integers of shape ({w.shape[-1]},), got {b.dtype}{b.shape}"
+            )
+        bound = bound + np.abs(b.astype(np.int64))
+    return bound
+
+
+def check_accumulator(w, b=None) -> np.ndarray:
+    """:func:`accumulator_bound`, raising ValueError if any channel may exceed ``2^31 - 1``."""
+    bound = accumulator_bound(w, b)
+    bad = np.flatnonzero(bound > INT32_MAX)
+    if bad.size:
+        raise ValueError(
+            f"int32 accumulator may overflow: worst case 255 * sum|w| + |b| = {bound[bad].max()} "
+            f"> {INT32_MAX} in output channels {bad.tolist()}"
+        )
+    return bound

@@ -1,0 +1,108 @@
+"""Stateful quantized ops that drop into Flax's ``dot_general=`` / ``conv_general_dilated=``.
+
+:class:`QuantOp` has ``lax.dot_general``'s (or ``lax.conv_general_dilated``'s) signature. It
+is built per call by a quantized layer, bound to that layer's variables (:class:`Slots`), and
+handed to Flax's own Dense / Linear / Conv code through their injection points, so jquant
+reuses Flax's shape, padding and bias logic instead of copying it. On each call it computes the
+QParams of both operands for the current phase (:func:`tensor_qparams`) and runs
+``jquant.ops`` (simulate or int), or the float lax op in the float and calibrate phases::
+
+    y = op(fq_input(x), fq_kernel(w))      (train / eval)
+    y = op(x, w)                           (float / calibrate)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+
+from jquant import ops
+from jquant.estimators import fake_quant
+from jquant.nn.rules import QuantRule
+from jquant.nn.state import Slots, tensor_qparams
+from jquant.quant import QParams
+
+__all__ = ["KINDS", "QuantOp", "operand_qparams", "quantize_activation", "pool_activation"]
+
+_FLOAT_OPS = {"dot_general": lax.dot_general, "conv": lax.conv_general_dilated}
+_QUANT_OPS = {"dot_general": ops.dot_general, "conv": ops.conv_general_dilated}
+KINDS = tuple(_FLOAT_OPS)
+
+
+def operand_qparams(
+    slots: Slots, rule: QuantRule, phase: str, lhs: jax.Array, rhs: jax.Array
+) -> tuple[QParams | None, QParams | None]:
+    """QParams of the input (``lhs``) and the kernel (``rhs``) of a layer in ``phase``."""
+    qa = tensor_qparams(slots, "input", lhs, rule.act_config(), phase, rule.calibration)
+    qw = tensor_qparams(slots, "kernel", rhs, rule.weight_config(rhs.ndim), phase, None)
+    return qa, qw
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantOp:
+    """``lax.dot_general`` / ``lax.conv_general_dilated`` look-alike with layer state.
+
+    Args:
+      slots: the layer's variables.
+      rule: the layer's rule (formats, estimator, calibration, mode).
+      phase: one of ``jquant.nn.state.PHASES``.
+      kind: ``"dot_general"`` or ``"conv"``.
+    """
+
+    slots: Any
+    rule: QuantRule
+    phase: str
+    kind: str
+
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+        if kwargs.get("out_sharding", 0) is None:  # nnx.Conv passes it; ops has no sharding
+            del kwargs["out_sharding"]
+        if self.rule.keep_float:
+            return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
+        qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs)
+        if self.phase in ("float", "calibrate"):
+            return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
+        return _QUANT_OPS[self.kind](
+            lhs,
+            rhs,
+            *args,
+            lhs_quant=self.rule.act_config(),
+            rhs_quant=self.rule.weight_config(rhs.ndim),
+            lhs_qparams=qa,
+            rhs_qparams=qw,
+            mode=self.rule.mode,
+            **kwargs,
+        )
+
+
+def _act_qparams(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> QParams | None:
+    if rule.keep_float:
+        return None
+    return tensor_qparams(slots, "input", x, rule.act_config(), phase, rule.calibration)
+
+
+def quantize_activation(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> jax.Array:
+    """``fq(x)`` with the activation's calibrated or learned QParams (train / eval), else x."""
+    qp = _act_qparams(slots, rule, phase, x)
+    if qp is None:
+        return x
+    cfg = rule.act_config()
+    return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
+
+
+def pool_activation(
+    slots: Slots, rule: QuantRule, phase: str, kind: str, x: jax.Array, window, strides, padding
+) -> jax.Array:
+    """TFLite pooling (``kind`` ``"avg"`` or ``"max"``) of the quantized ``x`` in train / eval:
+    the output keeps the input's QParams, the average divides by the count of valid elements.
+    Float pooling in the float and calibrate phases."""
+    qp = _act_qparams(slots, rule, phase, x)
+    if qp is None:
+        float_pool = nn.avg_pool if kind == "avg" else nn.max_pool
+        return float_pool(x, tuple(window), strides=strides, padding=padding)
+    pool = ops.avg_pool if kind == "avg" else ops.max_pool
+    return pool(x, qp, rule.act_config().fmt, window, strides, padding, mode="simulate")

@@ -1,0 +1,363 @@
+"""Quantized ``flax.linen`` layers and rule-based quantization of plain Linen models.
+
+Hand-built layers :class:`QDense` and :class:`QConv` are ``nn.Dense`` / ``nn.Conv`` with a
+``rule`` and a ``phase``; they run Flax's own Dense / Conv code with a :class:`QuantOp`
+injected through ``dot_general=`` / ``conv_general_dilated=`` (depthwise convs through
+``feature_group_count``). :class:`ActQuant`, :class:`QAvgPool` and :class:`QMaxPool` quantize
+activations and pool them the TFLite way (the output keeps the input's scale and zero point).
+
+:func:`quantize_model` quantizes a plain model (one that knows nothing of jquant) through
+Flax's ``nn.intercept_methods``: every ``nn.Dense`` / ``nn.Conv`` call whose module path
+matches a rule runs as the corresponding jquant layer, on the same scope, so the variables
+are the plain model's plus ``quant_stats`` and any learned scales. Nothing global changes::
+
+    qmodel, match = quantize_model(CNN(), rules, x)   # match.unused: rules that hit nothing
+    variables = qmodel.attach(float_variables, x)    # adds quant_stats / learned scales
+    variables = qmodel.calibrate(variables, batches)  # PTQ ranges (+ learned-scale init)
+    logits = qmodel.with_phase("eval").apply(variables, x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+
+from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
+from jquant.nn.rules import (
+    QuantRule,
+    RuleMatch,
+    check_rules,
+    first_match,
+    match_rules,
+    report_unused,
+)
+from jquant.nn.state import (
+    STATS,
+    check_phase,
+    frozen_qparams,
+    learned_from_stats,
+)
+from jquant.quant import QParams
+
+__all__ = [
+    "DEFAULT_RULE",
+    "QDense",
+    "QConv",
+    "ActQuant",
+    "QAvgPool",
+    "QMaxPool",
+    "QuantizedModel",
+    "QuantizedLayer",
+    "quantize_model",
+    "learned_from_calibration",
+]
+
+DEFAULT_RULE = QuantRule(".*")
+# module class -> (its injection field, QuantOp kind)
+_TARGETS: dict[type, tuple[str, str]] = {
+    nn.Dense: ("dot_general", "dot_general"),
+    nn.Conv: ("conv_general_dilated", "conv"),
+}
+
+
+class _Slots:
+    """:class:`jquant.nn.state.Slots` over a bound Linen module's scope."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.path = "/".join(module.path)
+        self.initializing = module.is_initializing()
+
+    def get_stat(self, name):
+        if self.module.has_variable(STATS, name):
+            return self.module.get_variable(STATS, name)
+        return None
+
+    def set_stat(self, name, value):
+        if not self.module.is_mutable_collection(STATS):
+            raise ValueError(
+                f"layer {self.path!r} must write {STATS}/{name}: apply the model with "
+                f"mutable=[{STATS!r}] (phase 'calibrate' updates statistics)"
+            )
+        self.module.put_variable(STATS, name, value)
+
+    def param(self, name, init):
+        return self.module.param(name, lambda _: init())
+
+
+def _target(module: nn.Module) -> tuple[str, str] | None:
+    if isinstance(module, QDense | QConv):
+        return None
+    for cls, target in _TARGETS.items():
+        if isinstance(module, cls):
+            return target
+    return None
+
+
+def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callable, *args, **kw):
+    """Runs ``call`` (e.g. ``nn.Dense.__call__``) as ``module`` with a QuantOp injected.
+
+    The clone is bound to ``module``'s own scope, so it reads and creates the same variables.
+    """
+    check_phase(phase)
+    field, kind = _TARGETS[nn.Dense if isinstance(module, nn.Dense) else nn.Conv]
+    op = QuantOp(_Slots(module), rule, phase, kind)
+    clone = module.clone(parent=module.scope, **{field: op})
+    return call(clone, *args, **kw)
+
+
+class QDense(nn.Dense):
+    """``nn.Dense`` whose product is quantized by ``rule`` (formats, estimator, mode).
+
+    ``y = fq_in(x) @ fq_w(W) + b`` in train / eval; ``x @ W + b`` in float / calibrate.
+    """
+
+    rule: QuantRule = DEFAULT_RULE
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return _quantized_call(self, self.rule, self.phase, nn.Dense.__call__, inputs)
+
+
+class QConv(nn.Conv):
+    """``nn.Conv`` (depthwise with ``feature_group_count``) quantized by ``rule``.
+
+    ``y = conv(fq_in(x), fq_w(W)) + b``; per-channel weight scales are per output channel.
+    """
+
+    rule: QuantRule = DEFAULT_RULE
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return _quantized_call(self, self.rule, self.phase, nn.Conv.__call__, inputs)
+
+
+class ActQuant(nn.Module):
+    """Fake-quantizes an activation with calibrated (or learned) QParams: ``fq(x)``.
+
+    Uses the rule's ``act`` format, ``calibration`` and activation estimator.
+    """
+
+    rule: QuantRule = DEFAULT_RULE
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_phase(self.phase)
+        return quantize_activation(_Slots(self), self.rule, self.phase, x)
+
+
+class _QPool(nn.Module):
+    window: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: str | tuple[tuple[int, int], ...] = "VALID"
+    rule: QuantRule = DEFAULT_RULE
+    phase: str = "float"
+
+    def _pool(self, x, kind: str):
+        check_phase(self.phase)
+        return pool_activation(
+            _Slots(self), self.rule, self.phase, kind, x, self.window, self.strides, self.padding
+        )
+
+
+class QAvgPool(_QPool):
+    """TFLite average pooling of the quantized input: the mean code of the valid (unpadded)
+    elements, rounded half away from zero; output keeps the input's scale and zero point."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._pool(x, "avg")
+
+
+class QMaxPool(_QPool):
+    """Max pooling of the quantized input; output keeps the input's scale and zero point."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._pool(x, "max")
+
+
+def learned_from_calibration(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Variables whose learned scales / zero points are set to their calibrated QParams.
+
+    For every ``quant_stats/.../{t}_qparams`` with a ``params/.../{t}_scale`` (LSQ, LSQ+,
+    PACT) the parameter takes the calibrated value; :meth:`QuantizedModel.calibrate` calls it.
+    """
+    variables = dict(variables)
+    if STATS in variables and "params" in variables:
+        variables["params"] = learned_from_stats(variables["params"], variables[STATS])
+    return variables
+
+
+class QuantizedLayer(NamedTuple):
+    """A quantized layer as a converter or sweep sees it (eval-time, frozen QParams)."""
+
+    path: str
+    rule: QuantRule
+    kernel: jax.Array
+    bias: jax.Array | None
+    input_qparams: QParams | None
+    kernel_qparams: QParams | None
+
+
+def _subtree(tree: Mapping, path: str) -> Mapping:
+    for key in path.split("/") if path else ():
+        tree = tree.get(key, {})
+    return tree
+
+
+def _deep_merge(base: Mapping, override: Mapping) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+    """A plain Linen model run with quantization rules (see :func:`quantize_model`).
+
+    ``init`` / ``apply`` are the model's, run inside ``nn.intercept_methods`` so that every
+    matched Dense / Conv is quantized; the variable tree is the plain model's plus the
+    ``quant_stats`` collection and learned-scale parameters.
+    """
+
+    model: nn.Module
+    rules: tuple[QuantRule, ...]
+    match: RuleMatch
+    phase: str = "float"
+
+    def __post_init__(self):
+        check_phase(self.phase)
+
+    def _interceptor(self, next_fun, args, kwargs, context):
+        module = context.module
+        target = _target(module)
+        if context.method_name != "__call__" or target is None:
+            return next_fun(*args, **kwargs)
+        if isinstance(getattr(module, target[0]), QuantOp):  # our own clone: run Flax's code
+            return next_fun(*args, **kwargs)
+        rule = first_match(self.rules, "/".join(module.path))
+        if rule is None:
+            return next_fun(*args, **kwargs)
+        return _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
+
+    def with_phase(self, phase: str) -> QuantizedModel:
+        """The same model in another phase: float, calibrate, train or eval."""
+        return dataclasses.replace(self, phase=phase)
+
+    def init(self, rngs, *args, **kwargs) -> dict[str, Any]:
+        """``model.init`` with the rules applied (creates ``quant_stats`` and learned scales)."""
+        with nn.intercept_methods(self._interceptor):
+            return self.model.init(rngs, *args, **kwargs)
+
+    def apply(self, variables, *args, **kwargs):
+        """``model.apply`` with the rules applied in this model's phase."""
+        with nn.intercept_methods(self._interceptor):
+            return self.model.apply(variables, *args, **kwargs)
+
+    def attach(self, variables: Mapping[str, Any], *args, rng=None, **kwargs) -> dict[str, Any]:
+        """``variables`` of the plain model plus fresh quantization state (stats, scales)."""
+        rng = jax.random.key(0) if rng is None else rng
+        fresh = jax.jit(functools.partial(self.init, **kwargs))(rng, *args)
+        return _deep_merge(fresh, variables)
+
+    def calibrate(
+        self,
+        variables: Mapping[str, Any],
+        batches: Iterable[Any],
+        *,
+        max_batches: int | None = None,
+        **apply_kwargs,
+    ) -> dict[str, Any]:
+        """Runs the calibrate phase (jitted) over ``batches`` of inputs, then sets learned
+        scales from the calibrated ranges (:func:`learned_from_calibration`).
+
+        Raises:
+          ValueError: when ``batches`` yields nothing.
+        """
+        calib = self.with_phase("calibrate")
+
+        @jax.jit
+        def step(v, batch):
+            return calib.apply(v, batch, mutable=[STATS], **apply_kwargs)[1][STATS]
+
+        variables, n = dict(variables), 0
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            variables[STATS] = step(variables, batch)
+            n += 1
+        if n == 0:
+            raise ValueError("calibrate needs data: batches yielded no batch")
+        return learned_from_calibration(variables)
+
+    def layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
+        """The quantized layers with their paths, rules, weights and eval-time QParams."""
+        out = []
+        for path, rule in self.match.assignment.items():
+            if rule is None or rule.keep_float:
+                continue
+            params = _subtree(variables["params"], path)
+            stats = _subtree(variables.get(STATS, {}), path)
+            kernel = params["kernel"]
+            qa, qw = frozen_qparams(
+                rule.act_config(), rule.weight_config(kernel.ndim), kernel, params, stats
+            )
+            out.append(QuantizedLayer(path, rule, kernel, params.get("bias"), qa, qw))
+        return out
+
+
+def quantize_model(
+    model: nn.Module,
+    rules: QuantRule | Iterable[QuantRule],
+    *example_args,
+    phase: str = "float",
+    on_unused: str = "warn",
+    **example_kwargs,
+) -> tuple[QuantizedModel, RuleMatch]:
+    """Quantizes a plain Linen model by rules matched on its Dense / Conv module paths.
+
+    Linen builds submodules lazily, so the paths are found by tracing ``model.init`` on the
+    example inputs (shapes only, ``jax.eval_shape``).
+
+    Args:
+      model: any ``flax.linen`` module.
+      rules: QuantRules, first match wins.
+      *example_args, **example_kwargs: example inputs of ``model.__call__``.
+      phase: initial phase.
+      on_unused: ``"warn"``, ``"raise"`` (ValueError) or ``"ignore"`` rules that match nothing.
+
+    Returns:
+      ``(QuantizedModel, RuleMatch)``: the match maps every Dense / Conv path to its rule
+      (None: no rule, stays float) and lists the unused rules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    check_phase(phase)
+    rules = check_rules(rules)
+    if not example_args and not example_kwargs:
+        raise TypeError("quantize_model(linen_model, rules, *example_args): pass example inputs")
+    paths: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and _target(context.module) is not None:
+            paths.append("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args, **example_kwargs))
+    match = match_rules(rules, dict.fromkeys(paths))
+    report_unused(match, on_unused)
+    return QuantizedModel(model, rules, match, phase), match

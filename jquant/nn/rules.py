@@ -1,0 +1,221 @@
+"""Rules that say how each layer of a model is quantized, matched on module paths.
+
+A rule is a frozen :class:`QuantRule`: a regular expression over the ``/``-joined module path
+(``"Conv_0"``, ``"encoder/Dense_1"``, ``"layers/0"``; matched with ``re.fullmatch``) and what
+to do with the layers it matches: weight and activation formats, granularity, calibration,
+estimator and execution mode, or ``keep_float=True``. Rules are tried in order and the first
+match wins, so specific rules (first and last layer in float) go before a catch-all ``".*"``.
+
+>>> rules = (QuantRule("Conv_0", keep_float=True), QuantRule(".*", weight="int4", act="int4"))
+>>> match_rules(rules, ["Conv_0", "Conv_1"]).assignment["Conv_1"].weight
+IntFormat(bits=4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from jquant.estimators import ESTIMATORS
+from jquant.formats import Format, IntFormat, get_format
+from jquant.ops import QuantConfig
+
+__all__ = [
+    "CALIBRATIONS",
+    "GRANULARITIES",
+    "MODES",
+    "QuantRule",
+    "RuleMatch",
+    "match_rules",
+    "report_unused",
+    "set_bits",
+]
+
+CALIBRATIONS = ("minmax", "ema", "percentile", "mse", "kl")
+GRANULARITIES = ("per_channel", "per_tensor")
+MODES = ("simulate", "int")
+_LEARNED = ("lsq", "lsq_plus", "pact")
+
+
+def _format_or_none(name: str, value) -> Format | None:
+    if value is None:
+        return None
+    try:
+        return get_format(value)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"QuantRule.{name}: {e}") from None
+
+
+def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"QuantRule.{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """How to quantize the layers whose path matches ``pattern``.
+
+    Args:
+      pattern: regular expression, ``re.fullmatch``-ed against the module path.
+      weight: weight format (name such as ``"int4"`` or a Format); None keeps weights float.
+      act: format of the layer's input activation; None keeps it float.
+      weight_granularity: ``"per_channel"`` (one scale per output channel, the last kernel
+        axis, TFLite's convention) or ``"per_tensor"``.
+      weight_symmetric: symmetric weight grid (zero point 0), TFLite's convention.
+      act_symmetric: symmetric activation grid; the default is affine, as TFLite.
+      calibration: activation range estimator, one of ``CALIBRATIONS``: ``"minmax"``
+        (running min/max), ``"ema"`` (exponential moving min/max), or a histogram observer
+        choosing the range by ``"percentile"`` (99.99%), ``"mse"`` or ``"kl"``.
+      estimator: gradient estimator of both quantizers (``jquant.estimators.ESTIMATORS``);
+        ``lsq``/``lsq_plus``/``pact`` learn the scale (a parameter initialised from
+        calibration).
+      act_estimator: overrides ``estimator`` for activations (e.g. ``"pact"``) when set.
+      mode: ``"simulate"`` (fake-quant in float) or ``"int"`` (int8 x int8 -> int32).
+      keep_float: leave the matched layers in float (first / last layer).
+    """
+
+    pattern: str
+    weight: str | Format | None = "int8"
+    act: str | Format | None = "int8"
+    weight_granularity: str = "per_channel"
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    calibration: str = "minmax"
+    estimator: str = "ste"
+    act_estimator: str | None = None
+    mode: str = "simulate"
+    keep_float: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"QuantRule.pattern must be a str, got {type(self.pattern).__name__}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            msg = f"QuantRule.pattern {self.pattern!r} is not a valid regex: {e}"
+            raise ValueError(msg) from None
+        object.__setattr__(self, "weight", _format_or_none("weight", self.weight))
+        object.__setattr__(self, "act", _format_or_none("act", self.act))
+        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check_choice("calibration", self.calibration, CALIBRATIONS)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.act_estimator is not None:
+            _check_choice("act_estimator", self.act_estimator, ESTIMATORS)
+        _check_choice("mode", self.mode, MODES)
+        for name in ("weight", "act"):
+            fmt, est = getattr(self, name), self._estimator(name)
+            if fmt is not None and est in _LEARNED and not isinstance(fmt, IntFormat):
+                raise ValueError(
+                    f"QuantRule.{name}: estimator {est!r} learns an integer step, "
+                    f"so the format must be an IntFormat, got {fmt}"
+                )
+        if self.act is not None and self._estimator("act") == "pact" and self.act.signed:
+            raise ValueError(
+                f"QuantRule.act: PACT clips to [0, alpha] and needs an unsigned format, "
+                f"got {self.act}"
+            )
+
+    def _estimator(self, which: str) -> str:
+        return self.act_estimator if which == "act" and self.act_estimator else self.estimator
+
+    def weight_config(self, kernel_ndim: int) -> QuantConfig | None:
+        """The ``ops.QuantConfig`` of a kernel of ``kernel_ndim`` axes (None: float)."""
+        if self.keep_float or self.weight is None:
+            return None
+        axis = kernel_ndim - 1 if self.weight_granularity == "per_channel" else None
+        return QuantConfig(
+            fmt=self.weight,
+            symmetric=self.weight_symmetric,
+            axis=axis,
+            estimator=self._estimator("weight"),
+        )
+
+    def act_config(self) -> QuantConfig | None:
+        """The per-tensor ``ops.QuantConfig`` of the input activation (None: float)."""
+        if self.keep_float or self.act is None:
+            return None
+        symmetric = self.act_symmetric and self._estimator("act") != "pact"
+        return QuantConfig(fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"))
+
+
+class RuleMatch(NamedTuple):
+    """Result of :func:`match_rules`.
+
+    ``assignment`` maps every path to its first matching rule (None: no rule, stays float);
+    ``unused`` lists the rules that matched no path, in their original order.
+    """
+
+    assignment: dict[str, QuantRule | None]
+    unused: tuple[QuantRule, ...]
+
+
+def check_rules(rules) -> tuple[QuantRule, ...]:
+    """Returns ``rules`` as a tuple, raising TypeError for anything but QuantRules."""
+    if isinstance(rules, QuantRule):
+        rules = (rules,)
+    rules = tuple(rules)
+    for i, r in enumerate(rules):
+        if not isinstance(r, QuantRule):
+            raise TypeError(f"rules[{i}] must be a QuantRule, got {type(r).__name__}")
+    return rules
+
+
+def first_match(rules: Sequence[QuantRule], path: str) -> QuantRule | None:
+    """The first rule whose pattern fullmatches ``path``, or None."""
+    for r in rules:
+        if re.fullmatch(r.pattern, path):
+            return r
+    return None
+
+
+def match_rules(rules: Iterable[QuantRule], paths: Iterable[str]) -> RuleMatch:
+    """Assigns each path its first matching rule and reports the rules that match nothing."""
+    rules = check_rules(rules)
+    assignment = {p: first_match(rules, p) for p in paths}
+    used = {id(r) for r in assignment.values() if r is not None}
+    return RuleMatch(assignment, tuple(r for r in rules if id(r) not in used))
+
+
+def set_bits(
+    rules: Iterable[QuantRule],
+    path: str,
+    *,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+) -> tuple[QuantRule, ...]:
+    """Rules where the layer at ``path`` gets new integer bit widths, the rest unchanged.
+
+    A rule for exactly ``path`` (a copy of the rule that matched it, with the widths replaced)
+    is put first, so it wins. Sensitivity sweeps call this once per layer.
+    """
+    rules = check_rules(rules)
+    base = first_match(rules, path) or QuantRule(".*")
+    if base.keep_float:
+        base = dataclasses.replace(base, keep_float=False)
+    changes = {}
+    for name, bits in (("weight", weight_bits), ("act", act_bits)):
+        if bits is None:
+            continue
+        old = getattr(base, name)
+        old = old if isinstance(old, IntFormat) else IntFormat(8)
+        changes[name] = dataclasses.replace(old, bits=bits)
+    return (dataclasses.replace(base, pattern=re.escape(path), **changes), *rules)
+
+
+def report_unused(match: RuleMatch, on_unused: str = "warn") -> None:
+    """Warns about (``"warn"``), raises ValueError on (``"raise"``) or ignores rules that
+    matched no layer, naming them and the layer paths that exist."""
+    if on_unused not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_unused must be 'warn', 'raise' or 'ignore', got {on_unused!r}")
+    if not match.unused or on_unused == "ignore":
+        return
+    msg = (
+        f"quantization rules matched no layer: {[r.pattern for r in match.unused]}; "
+        f"layer paths are {list(match.assignment)}"
+    )
+    if on_unused == "raise":
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)

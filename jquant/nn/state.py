@@ -1,0 +1,221 @@
+"""Quantization state of one tensor of a layer, shared by the Linen and NNX layers.
+
+A quantized layer quantizes two tensors: its input activation (``"input"``) and its weight
+(``"kernel"``). What each needs, by phase:
+
+========== ================================================= ===============================
+phase      input activation                                  kernel
+========== ================================================= ===============================
+float      nothing: the float op                             nothing
+calibrate  observer update; ``input_qparams`` = its result,   ``kernel_qparams`` = range of
+           float op                                          the current kernel
+train      fake-quant with ``input_qparams`` (or the learned  fake-quant with the kernel's own
+           ``input_scale`` [, ``input_zero_point``])          range (or ``kernel_scale``)
+eval       as train, frozen                                  as train
+========== ================================================= ===============================
+
+Statistics (observer state and calibrated QParams, stored as ``{"scale", "zero_point"}``
+dicts so that plain serializers handle them) live in the ``quant_stats`` collection (Linen) or
+in :class:`QuantStat` variables (NNX); learned scales of the ``lsq`` / ``lsq_plus`` / ``pact``
+estimators are parameters. ``input_qparams`` exists only once calibration has run, which is
+how train / eval detect a missing calibration (also under ``jit``: it is the tree's structure,
+not a value). The weight's QParams are a function of the weight (``dynamic_qparams``), so
+they stay exact while QAT moves the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jquant import calibration
+from jquant.ops import QuantConfig, dynamic_qparams
+from jquant.quant import QParams
+
+__all__ = [
+    "PHASES",
+    "STATS",
+    "LEARNED",
+    "QuantStat",
+    "Slots",
+    "check_phase",
+    "make_observer",
+    "tensor_qparams",
+    "qparams_to_dict",
+    "qparams_from_dict",
+    "frozen_qparams",
+    "learned_from_stats",
+]
+
+PHASES = ("float", "calibrate", "train", "eval")
+STATS = "quant_stats"
+LEARNED = ("lsq", "lsq_plus", "pact")
+
+
+class QuantStat(nnx.Variable):
+    """NNX variable type of calibration statistics: ``nnx.state(model, QuantStat)``."""
+
+
+class Slots(Protocol):
+    """Where a layer keeps its quantization variables (Linen scope or NNX attributes)."""
+
+    path: str
+    initializing: bool
+
+    def get_stat(self, name: str) -> Any | None: ...
+
+    def set_stat(self, name: str, value: Any) -> None: ...
+
+    def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array: ...
+
+
+def check_phase(phase: str) -> None:
+    """Raises ValueError unless ``phase`` is one of ``PHASES``."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def make_observer(name: str) -> calibration.Observer:
+    """The observer of a rule's ``calibration`` name (per-tensor ranges)."""
+    if name == "minmax":
+        return calibration.running_minmax()
+    if name == "ema":
+        return calibration.ema_minmax()
+    if name in ("percentile", "mse", "kl"):
+        return calibration.histogram(method=name)
+    raise ValueError(f"unknown calibration {name!r}")
+
+
+def qparams_to_dict(qp: QParams) -> dict[str, jax.Array]:
+    return {"scale": jnp.asarray(qp.scale), "zero_point": jnp.asarray(qp.zero_point)}
+
+
+def qparams_from_dict(d: dict[str, jax.Array]) -> QParams:
+    return QParams(d["scale"], d["zero_point"])
+
+
+def _per_tensor(qp: QParams, cfg: QuantConfig) -> QParams:
+    """Drops the size-1 axes that ``dynamic_qparams`` keeps when the config is per tensor."""
+    if cfg.axis is not None:
+        return qp
+    return QParams(jnp.reshape(qp.scale, ()), jnp.reshape(qp.zero_point, ()))
+
+
+def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) -> QParams:
+    """QParams whose scale (and, for LSQ+, zero point) are parameters, created from init_qp."""
+    init_qp = jax.tree_util.tree_map(jax.lax.stop_gradient, init_qp)
+    scale = slots.param(f"{name}_scale", lambda: init_qp.scale)
+    if cfg.estimator == "lsq_plus":
+        zp = slots.param(f"{name}_zero_point", lambda: init_qp.zero_point)
+    return QParams(scale, zp)
+
+
+def tensor_qparams(
+    slots: Slots,
+    name: str,
+    x: jax.Array,
+    cfg: QuantConfig | None,
+    phase: str,
+    calibration_name: str | None,
+) -> QParams | None:
+    """QParams to quantize ``x`` with in ``phase``, updating statistics on the way.
+
+    Args:
+      slots: the layer's variables.
+      name: ``"input"`` or ``"kernel"``: prefix of the variable names.
+      x: the tensor.
+      cfg: its QuantConfig; None means it stays float (returns None, creates nothing).
+      phase: one of ``PHASES``.
+      calibration_name: observer of an activation; None for a weight, whose range is its own.
+
+    Returns:
+      The QParams (None for a non-learned weight: ``ops`` derives them from the weight), or
+      None in the float and calibrate phases, where the op runs in float.
+
+    Raises:
+      ValueError: train / eval of an activation that was never calibrated.
+    """
+    if cfg is None:
+        return None
+    learned = cfg.estimator in LEARNED
+    if calibration_name is None:  # a weight
+        own = _per_tensor(dynamic_qparams(x, cfg), cfg)
+        if phase == "calibrate" and not slots.initializing:
+            slots.set_stat(f"{name}_qparams", qparams_to_dict(own))
+        qp = _learned(slots, name, cfg, own, own.zero_point) if learned else None
+        return qp if phase in ("train", "eval") else None
+
+    obs = make_observer(calibration_name)
+    state = slots.get_stat(f"{name}_observer")
+    if state is None:
+        state = obs.init(x)
+        slots.set_stat(f"{name}_observer", state)
+    if phase == "calibrate" and not slots.initializing:
+        state = obs.update(x, state)
+        slots.set_stat(f"{name}_observer", state)
+        qp = obs.result(state, cfg.fmt, symmetric=cfg.symmetric)
+        slots.set_stat(f"{name}_qparams", qparams_to_dict(_per_tensor(qp, cfg)))
+    stored = slots.get_stat(f"{name}_qparams")
+    if stored is None:
+        if phase in ("train", "eval") and not slots.initializing:
+            raise ValueError(
+                f"layer {slots.path!r}: phase={phase!r} needs calibrated ranges for its "
+                f"{name}, but it was never calibrated; run the model in phase='calibrate' on "
+                "representative data first"
+            )
+        qp = _per_tensor(dynamic_qparams(x, cfg), cfg)  # placeholder while initializing
+    else:
+        qp = qparams_from_dict(stored)
+    if learned:
+        qp = _learned(slots, name, cfg, qp, qp.zero_point)
+    return qp if phase in ("train", "eval") else None
+
+
+def frozen_qparams(
+    cfg_input: QuantConfig | None,
+    cfg_kernel: QuantConfig | None,
+    kernel: jax.Array,
+    params: dict[str, Any],
+    stats: dict[str, Any],
+) -> tuple[QParams | None, QParams | None]:
+    """The (input, kernel) QParams a layer uses in eval, from its parameters and statistics.
+
+    Learned scales (``{t}_scale`` / ``{t}_zero_point`` in ``params``) win; otherwise the input
+    has its calibrated ``input_qparams`` (None if never calibrated) and the kernel the range of
+    ``kernel`` itself. None for a tensor that stays float.
+    """
+
+    def one(t, cfg, fallback):
+        if cfg is None:
+            return None
+        if f"{t}_scale" in params:
+            base = fallback or QParams(params[f"{t}_scale"], 0.0)
+            zp = params.get(f"{t}_zero_point", base.zero_point)
+            return QParams(jnp.asarray(params[f"{t}_scale"]), jnp.asarray(zp))
+        return fallback
+
+    stored = stats.get("input_qparams")
+    qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
+    own = _per_tensor(dynamic_qparams(kernel, cfg_kernel), cfg_kernel) if cfg_kernel else None
+    return qa, one("kernel", cfg_kernel, own)
+
+
+def learned_from_stats(params: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with each learned ``{t}_scale`` / ``{t}_zero_point`` set to the calibrated
+    ``stats[f"{t}_qparams"]``, recursively over nested module dicts (Linen variable trees)."""
+    out = dict(params)
+    for key, value in stats.items():
+        if key.endswith("_qparams") and isinstance(value, Mapping) and "scale" in value:
+            t = key[: -len("_qparams")]
+            for field in ("scale", "zero_point"):
+                name = f"{t}_{field}"
+                if name in out:
+                    old = jnp.asarray(out[name])
+                    out[name] = jnp.reshape(jnp.asarray(value[field]), old.shape).astype(old.dtype)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = learned_from_stats(out[key], value)
+    return out

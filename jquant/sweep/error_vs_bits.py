@@ -1,0 +1,262 @@
+"""Quantization error of tensors against bit width, format family, granularity and calibration.
+
+For every array ``x`` in a pytree and every combination of the options, each width ``b`` gives::
+
+    fmt      = IntFormat(b)                      (family "int"; "midrise": no zero level)
+    rmin, rmax = calibrate(x)                    over all axes (per_tensor) or all but the
+                                                 channel axis (per_channel)
+    qp       = qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
+    y        = scale * (clip(round(x / scale) + zp, qmin, qmax) - zp)
+    row      = mse, rmse, sqnr_db, cosine, max_abs of (x, y)        (jquant.metrics)
+
+Integer widths are swept in one compiled program per (tensor shape, options) with traced
+``bits`` (:func:`jquant.sweep.sharding.map_over_bits`: chunked, sharded over local devices).
+Named float formats (``"fp8_e4m3"``, ...) are families too; they have one width each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jquant import calibration, metrics
+from jquant.formats import NAMED_FORMATS, FloatFormat, Format, IntFormat
+from jquant.quant import QParams, fake_quant_forward, qparams_from_range
+from jquant.sweep.results import Table
+from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes
+
+__all__ = [
+    "GRANULARITIES",
+    "INT_FAMILIES",
+    "QuantSpec",
+    "error_vs_bits",
+    "fake_quant_tensor",
+    "tensor_items",
+]
+
+GRANULARITIES = ("per_tensor", "per_channel")
+INT_FAMILIES = ("int", "midrise")
+FLOAT_FAMILIES = tuple(k for k, v in NAMED_FORMATS.items() if isinstance(v, FloatFormat))
+METRIC_NAMES = ("mse", "rmse", "sqnr_db", "cosine", "max_abs")
+
+
+# Range estimators of jquant.calibration by name: f(x, fmt, kept_axis, symmetric) -> range.
+_RANGES = {
+    "minmax": lambda x, fmt, axis, sym: calibration.minmax(x, axis=axis),
+    "percentile": lambda x, fmt, axis, sym: calibration.percentile(x, axis=axis, symmetric=sym),
+    "mse": lambda x, fmt, axis, sym: calibration.mse(x, fmt, axis=axis, symmetric=sym),
+    "kl": lambda x, fmt, axis, sym: calibration.kl(x, fmt, axis=axis),
+    "aciq": lambda x, fmt, axis, sym: calibration.aciq(x, fmt, axis=axis),
+}
+CALIBRATIONS = tuple(_RANGES)
+
+
+def calibrated_range(method: str, x: jax.Array, fmt: Format, axis: int | None, symmetric: bool):
+    """``(rmin, rmax)`` of ``x`` by ``method``; ``axis`` keeps its own range (None: tensor)."""
+    _check_choice("calibration", method, CALIBRATIONS)
+    return _RANGES[method](x, fmt, axis, symmetric)
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized, apart from the width (hashable: static under jit).
+
+    Args:
+      family: ``"int"`` (signed integer grid), ``"midrise"`` (no zero level, symmetric) or a
+        float format name from ``jquant.NAMED_FORMATS`` (``"fp8_e4m3"``, ...).
+      granularity: ``"per_tensor"`` or ``"per_channel"`` (one range per index of
+        ``channel_axis``).
+      calibration: range estimator, one of ``CALIBRATIONS``.
+      symmetric: ``zero_point = 0`` and ``scale = max|r| / qmax``; else affine.
+      channel_axis: the axis that keeps its own range for ``per_channel`` (Flax kernels keep
+        their output features last: ``-1``).
+    """
+
+    family: str = "int"
+    granularity: str = "per_tensor"
+    calibration: str = "minmax"
+    symmetric: bool = True
+    channel_axis: int = -1
+
+    def __post_init__(self):
+        _check_choice("family", self.family, INT_FAMILIES + FLOAT_FAMILIES)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("calibration", self.calibration, CALIBRATIONS)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
+        if isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int):
+            raise TypeError(f"channel_axis must be an int, got {self.channel_axis!r}")
+
+    @property
+    def is_float(self) -> bool:
+        return self.family in FLOAT_FAMILIES
+
+    def format(self, bits) -> Format:
+        """The number format at width ``bits`` (ignored by float families)."""
+        if self.is_float:
+            return NAMED_FORMATS[self.family]
+        return IntFormat(bits, midrise=self.family == "midrise")
+
+    def kept_axis(self, ndim: int) -> int | None:
+        """The axis with its own range: None per tensor, else the channel axis (>= 0)."""
+        if self.granularity == "per_tensor" or ndim == 0:
+            return None
+        if not -ndim <= self.channel_axis < ndim:
+            raise ValueError(
+                f"channel_axis {self.channel_axis} is out of range for a tensor of rank {ndim}"
+            )
+        return self.channel_axis % ndim
+
+    def qparams(self, x: jax.Array, bits) -> QParams:
+        """Calibrated QParams of ``x`` at width ``bits`` (shape broadcastable against ``x``)."""
+        fmt = self.format(bits)
+        symmetric = self.symmetric or self.is_float
+        rmin, rmax = calibrated_range(self.calibration, x, fmt, self.kept_axis(x.ndim), symmetric)
+        return qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
+
+    def __call__(self, bits, x: jax.Array) -> dict[str, jax.Array]:
+        """Error metrics of ``x`` quantized at width ``bits``."""
+        y = fake_quant_tensor(x, bits, self)
+        out = {name: metrics.METRICS[name](x, y) for name in METRIC_NAMES}
+        return out
+
+
+def fake_quant_tensor(x: jax.Array, bits, spec: QuantSpec) -> jax.Array:
+    """``x`` through the quantizer ``spec`` at width ``bits`` (forward only, no estimator)."""
+    x = jnp.asarray(x, jnp.float32)
+    return fake_quant_forward(x, spec.qparams(x, bits), spec.format(bits))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _static_width(spec: QuantSpec, bits: int, x: jax.Array) -> dict[str, jax.Array]:
+    return spec(bits, x)
+
+
+_TRACE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+def tensor_items(tree: Any) -> list[tuple[str, jax.Array]]:
+    """``(name, array)`` for every float array leaf; names are key paths joined by ``/``."""
+    items = []
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path, simple=True, separator="/") or "x"
+        arr = jnp.asarray(leaf)
+        if jnp.issubdtype(arr.dtype, jnp.floating):
+            items.append((name, arr))
+    if not items:
+        raise ValueError("tensors must contain at least one float array leaf, found none")
+    return items
+
+
+def _as_tuple(name: str, value: str | Iterable[str]) -> tuple[str, ...]:
+    out = (value,) if isinstance(value, str) else tuple(value)
+    if not out:
+        raise ValueError(f"{name} must name at least one choice, got {value!r}")
+    return out
+
+
+def error_vs_bits(
+    tensors: Any,
+    bits: Sequence[int] = tuple(range(2, 9)),
+    *,
+    families: str | Sequence[str] = ("int",),
+    granularities: str | Sequence[str] = ("per_tensor",),
+    calibrations: str | Sequence[str] = ("minmax",),
+    symmetric: bool = True,
+    channel_axis: int = -1,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> Table:
+    """Error metrics of every tensor at every width, family, granularity and calibration.
+
+    Args:
+      tensors: an array or any pytree of arrays (weights, captured activations); non-float
+        leaves are skipped.
+      bits: integer widths in ``[2, 16]``.
+      families, granularities, calibrations: the options to cross (see :class:`QuantSpec`).
+      symmetric: symmetric (``zp = 0``) or affine integer grids.
+      channel_axis: channel axis for ``per_channel``; tensors of rank < 2 are skipped there.
+      chunk_size: widths vmapped at once (memory bound); None: all at once.
+      mesh: ``jquant.sweep.sharding.bits_mesh()`` to shard the widths over devices.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      A :class:`Table` with columns ``tensor, shape, family, granularity, calibration,
+      symmetric, bits, mse, rmse, sqnr_db, cosine, max_abs``; ``meta["peak_bytes"]`` is the
+      largest compiled sweep program's memory high-water mark.
+
+    >>> t = error_vs_bits(jnp.linspace(-1, 1, 1001), bits=[4, 8])
+    >>> [round(v) for v in t.column("sqnr_db")]
+    [23, 48]
+    """
+    widths = check_bits_list(bits)
+    specs = [
+        QuantSpec(f, g, c, symmetric, channel_axis)
+        for f in _as_tuple("families", families)
+        for g in _as_tuple("granularities", granularities)
+        for c in _as_tuple("calibrations", calibrations)
+    ]
+    items = tensor_items(tensors)
+    jobs = [
+        (name, x, spec)
+        for name, x in items
+        for spec in specs
+        if not (spec.granularity == "per_channel" and x.ndim < 2)
+    ]
+    if progress:
+        from tqdm.auto import tqdm
+
+        jobs = tqdm(jobs, desc="error_vs_bits", unit="curve")
+    rows, peak = [], 0
+    for name, x, spec in jobs:
+        x = jnp.asarray(x, jnp.float32)
+        curve_bits = np.array([spec.format(None).bits]) if spec.is_float else widths
+        values, curve_peak = _curve(spec, curve_bits, x, chunk_size, mesh)
+        peak = max(peak, curve_peak)
+        for i, b in enumerate(curve_bits):
+            rows.append(
+                {
+                    "tensor": name,
+                    "shape": "x".join(map(str, x.shape)) or "scalar",
+                    "family": spec.family,
+                    "granularity": spec.granularity,
+                    "calibration": spec.calibration,
+                    "symmetric": spec.symmetric,
+                    "bits": int(b),
+                    **{k: float(values[k][i]) for k in METRIC_NAMES},
+                }
+            )
+    return Table.from_dicts(rows).with_meta(peak_bytes=peak)
+
+
+def _curve(spec: QuantSpec, widths: np.ndarray, x: jax.Array, chunk_size, mesh):
+    """Metrics at every width: one traced-bits program, or a loop when ``spec`` needs static
+    bits (a float format, or a calibration method that branches on the width in Python)."""
+    if not spec.is_float:
+        try:
+            out = map_over_bits(spec, widths, (x,), chunk_size=chunk_size, mesh=mesh)
+            return out, peak_bytes(spec, widths, (x,), chunk_size=chunk_size, mesh=mesh)
+        except _TRACE_ERRORS:
+            pass
+    per_width = [_static_width(spec, int(b), x) for b in widths]
+    out = {k: np.stack([np.asarray(d[k]) for d in per_width]) for k in METRIC_NAMES}
+    return out, 0

@@ -1,0 +1,506 @@
+"""Tests for jquant.calibration: range estimators, streaming observers, calibrate.
+
+Oracles: NumPy (min/max, np.percentile, a loop re-implementation of TensorRT's entropy
+calibration, brute-force MSE search with a NumPy quantizer), published values (Max 1960,
+Banner et al. 2019), scipy minimisation of Banner's expressions, one-shot vs streamed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize, special
+
+import jquant as jq
+from jquant import calibration as cal
+
+RNG = np.random.default_rng(20240601)
+
+
+def _np_fake_quant(x, lo, hi, fmt, symmetric):
+    """NumPy quantizer of DESIGN.md (float64, half-even): the independent MSE oracle."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = fmt.qmin, fmt.qmax
+    if symmetric:
+        scale, zp = max(-lo, hi) / qmax, 0.0
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zp = np.clip(np.round(qmin - lo / scale), qmin, qmax) if scale > 0 else 0.0
+    if not scale > 0:
+        scale = 1.0
+    return (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+def _sse(x, lo, hi, fmt, symmetric):
+    return float(np.sum((x - _np_fake_quant(x, lo, hi, fmt, symmetric)) ** 2))
+
+
+# ----------------------------------------------------------------------------- one-shot ranges
+
+
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2)])
+def test_minmax_absmax_match_numpy_per_axis(axis):
+    x = RNG.standard_normal((3, 4, 5)).astype(np.float32)
+    x[1, 2, 3] = np.nan
+    x[0, 0, 0] = np.inf
+    kept = () if axis is None else np.atleast_1d(axis) % 3
+    reduce = tuple(i for i in range(3) if i not in kept)
+    finite = np.where(np.isfinite(x), x, np.nan)
+    want_lo = np.nanmin(finite, axis=reduce, keepdims=axis is not None)
+    want_hi = np.nanmax(finite, axis=reduce, keepdims=axis is not None)
+    lo, hi = cal.minmax(x, axis=axis)
+    np.testing.assert_array_equal(lo, want_lo)
+    np.testing.assert_array_equal(hi, want_hi)
+    alo, ahi = cal.absmax(x, axis=axis)
+    np.testing.assert_array_equal(ahi, np.maximum(-want_lo, want_hi))
+    np.testing.assert_array_equal(alo, -np.asarray(ahi))
+    qp = jq.qparams_from_range(lo, hi, jq.int8)  # keepdims statistics broadcast against x
+    assert jq.fake_quant(x, qp, jq.int8).shape == x.shape
+
+
+def test_blocks_are_kept_block_axes():
+    w = RNG.standard_normal((4, 12)).astype(np.float32)
+    lo, hi = cal.absmax(jq.to_blocks(w, 1, 4), axis=(0, 1))
+    assert lo.shape == (4, 3, 1)
+    want = np.abs(w.reshape(4, 3, 4)).max(axis=2)
+    np.testing.assert_array_equal(hi[..., 0], want)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_percentile_matches_numpy(symmetric, axis):
+    x = RNG.laplace(size=(500, 3)).astype(np.float32)
+    x[7, 0] = np.nan
+    p = 99.0
+    lo, hi = cal.percentile(x, p, axis=axis, symmetric=symmetric)
+    kd = axis is not None
+    if symmetric:
+        want_hi = np.nanpercentile(np.abs(x.astype(np.float64)), p, axis=0, keepdims=kd)
+        want_lo = -want_hi
+    else:
+        want_lo = np.nanpercentile(x.astype(np.float64), 100 - p, axis=0, keepdims=kd)
+        want_hi = np.nanpercentile(x.astype(np.float64), p, axis=0, keepdims=kd)
+    if axis is None:
+        flat = x.astype(np.float64).ravel()
+        v = np.abs(flat) if symmetric else flat
+        want_hi = np.nanpercentile(v, p)
+        want_lo = -want_hi if symmetric else np.nanpercentile(v, 100 - p)
+    np.testing.assert_allclose(lo, want_lo, rtol=1e-5)
+    np.testing.assert_allclose(hi, want_hi, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p, symmetric", [(0, True), (-1, True), (100.5, True), (40, False)])
+def test_percentile_outside_range_raises(p, symmetric):
+    with pytest.raises(ValueError, match="percentile"):
+        cal.percentile(np.ones(4), p, symmetric=symmetric)
+    with pytest.raises(ValueError, match="percentile"):
+        obs = cal.histogram(method="percentile", percentile=p)
+        obs.bounds(obs.init(np.ones(4)), jq.int8, symmetric=symmetric)
+
+
+def test_mse_finds_max_1960_optimum_uniform_quantizer():
+    """10^6 N(0, 1) samples; both widths in one vmapped call over traced bits."""
+    x = jax.random.normal(jax.random.key(0), (1_000_000,))
+    widths = jq.IntFormat(bits=jnp.array([3, 4]), narrow=True)
+    lo, hi = jax.jit(jax.vmap(lambda f: cal.mse(x, f, symmetric=True)))(widths)
+    published = {3: (0.04686, 0.6508), 4: (0.01289, 0.3534)}  # Max (1960), table II
+    for k, bits in enumerate((3, 4)):
+        fmt = jq.IntFormat(bits, narrow=True)
+        qp = jq.qparams_from_range(lo[k], hi[k], fmt, symmetric=True)
+        err = float(jnp.mean((x - jq.fake_quant(x, qp, fmt)) ** 2))
+        want_mse, want_step = published[bits]
+        assert abs(err / want_mse - 1) < 0.01, (bits, err)
+        assert abs(float(qp.scale) / want_step - 1) < 0.01, (bits, float(qp.scale))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_matches_brute_force_numpy_search(symmetric):
+    """Per channel, int4: the searched range is as good as a 4000-point NumPy grid."""
+    x = np.stack([RNG.standard_normal(800), RNG.exponential(size=800) - 0.3], axis=1)
+    x = x.astype(np.float32)
+    fmt = jq.int4
+    lo, hi = cal.mse(x, fmt, axis=1, symmetric=symmetric)
+    assert lo.shape == (1, 2)
+    alphas = np.linspace(1e-3, 1.0, 4000)
+    for c in range(2):
+        col = x[:, c].astype(np.float64)
+        base_lo, base_hi = min(col.min(), 0.0), max(col.max(), 0.0)
+        brute = min(_sse(col, a * base_lo, a * base_hi, fmt, symmetric) for a in alphas)
+        ours = _sse(col, float(lo[0, c]), float(hi[0, c]), fmt, symmetric)
+        assert ours <= brute * (1 + 2e-3), (c, ours, brute)
+        no_clip = _sse(col, base_lo, base_hi, fmt, symmetric)
+        assert ours < no_clip  # clipping helps at 4 bits: the search did something
+
+
+def _np_tensorrt_kl(hist, levels):
+    """Straightforward loop re-implementation of Migacz (2017)'s pseudo-code (float64).
+
+    Candidates i = levels .. n (i = n included), threshold (upper edge) index i.
+    """
+    n = len(hist)
+    best_i, best_kl = None, np.inf
+    for i in range(levels, n + 1):
+        p = hist[:i].astype(np.float64).copy()
+        p[i - 1] += hist[i:].sum()
+        ref = hist[:i].astype(np.float64)
+        q = np.zeros(i)
+        for j in range(levels):  # merge bins k with floor(k * levels / i) == j
+            members = [k for k in range(i) if (k * levels) // i == j]
+            nonzero = [k for k in members if ref[k] > 0]
+            for k in nonzero:
+                q[k] = ref[members].sum() / len(nonzero)
+        if p.sum() == 0 or q.sum() == 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        if np.any(q[mask] == 0):
+            continue  # infinite divergence
+        d = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if d < best_kl:
+            best_i, best_kl = i, d
+    return best_i
+
+
+@pytest.mark.parametrize(
+    "fmt, num_bins", [(jq.IntFormat(6), 256), (jq.IntFormat(4, signed=False), 128)]
+)
+def test_kl_matches_numpy_tensorrt(fmt, num_bins):
+    # Values at bin centres (plus one at the top edge) so that both sides bin them alike.
+    width = 0.01
+    k = np.minimum(np.floor(np.abs(RNG.laplace(scale=18.0, size=3000))), num_bins - 1)
+    sign = RNG.choice([-1.0, 1.0], size=k.size)
+    x = np.concatenate([sign * (k + 0.5) * width, [num_bins * width]]).astype(np.float32)
+    v = np.abs(x) if fmt.signed else np.maximum(x, 0.0)
+    hist = np.zeros(num_bins)
+    np.add.at(hist, np.minimum((v / width).astype(int), num_bins - 1), 1)
+    best = _np_tensorrt_kl(hist, fmt.qmax + 1)
+    assert best < num_bins  # the data has a tail worth clipping
+    lo, hi = cal.kl(x, fmt, num_bins=num_bins)
+    np.testing.assert_allclose(float(hi), best * width, rtol=1e-5)
+    assert float(lo) == (-float(hi) if fmt.signed else 0.0)
+
+
+@pytest.mark.slow
+def test_kl_matches_numpy_tensorrt_int8_2048_bins():
+    width = 1e-3
+    k = np.minimum(np.floor(np.abs(RNG.standard_normal(20000)) * 300), 2047)
+    x = np.concatenate([(k + 0.5) * width, [2048 * width]]).astype(np.float32)
+    hist = np.bincount(np.minimum((x / width).astype(int), 2047), minlength=2048)
+    best = _np_tensorrt_kl(hist, 128)
+    np.testing.assert_allclose(float(cal.kl(x, jq.int8)[1]), best * width, rtol=1e-5)
+
+
+def _scipy_aciq(bits, prior):
+    def noise(t):
+        if prior == "laplace":
+            clip = 2 * np.exp(-t)
+        else:
+            clip = (t * t + 1) * special.erfc(t / np.sqrt(2)) - np.sqrt(2 / np.pi) * t * np.exp(
+                -t * t / 2
+            )
+        return clip + t * t / (3 * 4.0**bits)
+
+    return optimize.minimize_scalar(
+        noise, bounds=(0, 40), method="bounded", options={"xatol": 1e-9}
+    ).x
+
+
+@pytest.mark.parametrize(
+    "prior, published",
+    [("laplace", (2.83, 3.89, 5.03)), ("gaussian", (1.71, 2.15, 2.55))],
+)
+def test_aciq_reproduces_banner_2019(prior, published):
+    ours = jax.vmap(lambda b: cal.aciq_clip(b, prior))(jnp.array([2, 3, 4]))
+    for bits, t, want in zip((2, 3, 4), np.asarray(ours), published, strict=True):
+        # Published to two decimals; the paper truncates some entries (3.8972 -> 3.89).
+        assert abs(t - want) < 0.01, (prior, bits, t)
+        np.testing.assert_allclose(t, _scipy_aciq(bits, prior), rtol=1e-5)
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gaussian"])
+def test_aciq_on_data_scales_by_the_spread(prior):
+    x = RNG.laplace(size=4000) if prior == "laplace" else RNG.standard_normal(4000)
+    x = 3.0 * x + 0.5
+    mu = x.mean()
+    spread = np.abs(x - mu).mean() if prior == "laplace" else x.std()
+    lo, hi = cal.aciq(x.astype(np.float32), jq.int4, prior=prior)
+    t = float(cal.aciq_clip(4, prior))
+    np.testing.assert_allclose(
+        [float(lo), float(hi)], [mu - t * spread, mu + t * spread], rtol=1e-4
+    )
+
+
+def test_aciq_per_channel():
+    x = np.stack([RNG.standard_normal(1000), 5 * RNG.standard_normal(1000)], 1)
+    lo, hi = cal.aciq(x.astype(np.float32), jq.int3, axis=-1)
+    t = float(cal.aciq_clip(3, "gaussian"))
+    np.testing.assert_allclose(hi[0] - x.mean(0), t * x.std(0), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        cal.minmax,
+        cal.absmax,
+        cal.percentile,
+        functools.partial(cal.mse, fmt=jq.int8),
+        functools.partial(cal.kl, fmt=jq.int8),
+        functools.partial(cal.aciq, fmt=jq.int8),
+    ],
+)
+def test_empty_array_raises(fn):
+    with pytest.raises(ValueError, match="x must not be empty"):
+        fn(np.zeros((0, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    "fn, fmt, match",
+    [
+        (cal.kl, jq.fp8_e4m3, "IntFormat"),
+        (cal.kl, jq.binary, "IntFormat"),
+        (cal.kl, jq.int16, "num_bins"),
+        (cal.aciq, jq.fp8_e5m2, "IntFormat"),
+        (cal.aciq, jq.uint8, "signed"),
+    ],
+)
+def test_format_the_method_cannot_serve_raises(fn, fmt, match):
+    with pytest.raises(ValueError, match=match):
+        fn(np.ones(8, np.float32), fmt)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="prior"):
+        cal.aciq(np.ones(4), jq.int8, prior="cauchy")
+    with pytest.raises(ValueError, match="axis"):
+        cal.minmax(np.ones((2, 2)), axis=2)
+    with pytest.raises(TypeError, match="axis"):
+        cal.minmax(np.ones((2, 2)), axis=1.0)
+    with pytest.raises(TypeError, match="fmt"):
+        cal.mse(np.ones(4), "int8")
+    with pytest.raises(ValueError, match="num_candidates"):
+        cal.mse(np.ones(4), jq.int8, num_candidates=2)
+    with pytest.raises(ValueError, match="method"):
+        cal.histogram(method="entropy")
+    with pytest.raises(ValueError, match="num_bins"):
+        cal.histogram(num_bins=1)
+    with pytest.raises(ValueError, match="decay"):
+        cal.ema_minmax(decay=1.0)
+    with pytest.raises(ValueError, match="IntFormat"):
+        obs = cal.histogram(method="kl")
+        obs.result(obs.init(np.ones(4)), jq.fp8_e4m3)
+    obs = cal.running_minmax(axis=-1)
+    with pytest.raises(ValueError, match="does not match"):
+        obs.update(np.ones((2, 5)), obs.init(np.ones((2, 4))))
+
+
+# ----------------------------------------------------------------------------- constant, NaN
+
+_ESTIMATORS = {
+    "minmax": lambda x, f: cal.minmax(x),
+    "absmax": lambda x, f: cal.absmax(x),
+    "percentile": lambda x, f: cal.percentile(x, 99.0),
+    "mse": lambda x, f: cal.mse(x, f),
+    "kl": lambda x, f: cal.kl(x, f),
+    "aciq": lambda x, f: cal.aciq(x, f),
+}
+_OBSERVERS = {
+    "running_minmax": cal.running_minmax(),
+    "ema_minmax": cal.ema_minmax(),
+    "hist_percentile": cal.histogram(64, "percentile", 99.0),
+    "hist_mse": cal.histogram(64, "mse"),
+    "hist_kl": cal.histogram(64, "kl"),
+}
+
+
+@pytest.mark.parametrize("value", [0.0, 3.0, np.nan])
+def test_constant_or_all_nan_data_gives_finite_scale(value):
+    x = np.full((4, 8), value, np.float32)
+    fmt = jq.int4
+    for name, est in _ESTIMATORS.items():
+        for symmetric in (False, True):
+            qp = jq.qparams_from_range(*est(x, fmt), fmt, symmetric=symmetric)
+            s = float(qp.scale)
+            assert np.isfinite(s) and s > 0, (name, value, s)
+            exact = name in ("minmax", "mse", "aciq") or (name == "absmax" and symmetric)
+            if value == 3.0 and exact:
+                np.testing.assert_allclose(jq.fake_quant(x, qp, fmt), x, rtol=1e-6)
+    for name, obs in _OBSERVERS.items():
+        state = jax.jit(obs.update)(x, obs.init(x))
+        qp = obs.result(state, fmt)
+        assert np.isfinite(float(qp.scale)) and float(qp.scale) > 0, (name, value)
+
+
+def test_nan_is_ignored_and_counted():
+    x = RNG.standard_normal(100).astype(np.float32)
+    dirty = x.copy()
+    dirty[[3, 50]] = np.nan
+    dirty[7] = -np.inf
+    clean = np.delete(dirty, [3, 7, 50])
+    for fmt in (jq.int8,):
+        np.testing.assert_array_equal(cal.minmax(dirty), cal.minmax(clean))
+        np.testing.assert_allclose(cal.mse(dirty, fmt), cal.mse(clean, fmt), rtol=1e-6)
+        np.testing.assert_allclose(
+            cal.kl(dirty, fmt, num_bins=256), cal.kl(clean, fmt, num_bins=256)
+        )
+        np.testing.assert_allclose(cal.aciq(dirty, fmt), cal.aciq(clean, fmt), rtol=1e-5)
+    for name, obs in _OBSERVERS.items():
+        s_dirty = obs.update(dirty, obs.init(dirty))
+        s_clean = obs.update(clean, obs.init(clean))
+        assert int(s_dirty.nonfinite) == 3 and int(s_dirty.count) == 97, name
+        np.testing.assert_allclose(
+            obs.bounds(s_dirty, jq.int8), obs.bounds(s_clean, jq.int8), rtol=1e-6, err_msg=name
+        )
+
+
+# ----------------------------------------------------------------------------- observers
+
+
+def _stream(n_batches=12, size=4000, grow=0.06):
+    """Gaussian batches whose spread grows, so the histogram range grows (and re-bins)."""
+    return [
+        (RNG.standard_normal(size) * (1 + grow * i) + 0.2).astype(np.float32)
+        for i in range(n_batches)
+    ]
+
+
+def _run(obs, batches):
+    update = jax.jit(obs.update)
+    state = obs.init(batches[0])
+    for b in batches:
+        state = update(b, state)
+    return state
+
+
+@pytest.mark.parametrize("axis", [None, -1, (0, 2)])
+def test_running_minmax_equals_one_shot_exactly(axis):
+    batches = [RNG.standard_normal((2, 3, 5)).astype(np.float32) * (i + 1) for i in range(5)]
+    obs = cal.running_minmax(axis=axis)
+    state = _run(obs, batches)
+    whole = np.concatenate(batches, axis=1)  # axis 1 is never kept here
+    lo, hi = cal.minmax(whole, axis=axis)
+    np.testing.assert_array_equal(state.min, lo)
+    np.testing.assert_array_equal(state.max, hi)
+    qp = jax.jit(obs.result, static_argnums=1)(state, jq.int8)
+    want = jq.qparams_from_range(lo, hi, jq.int8)
+    np.testing.assert_array_equal(qp.scale, want.scale)
+    assert int(state.count) == whole.size
+
+
+def test_ema_minmax_follows_recurrence():
+    decay = 0.9
+    batches = _stream(6, 300)
+    state = _run(cal.ema_minmax(decay, axis=None), batches)
+    lo, hi = batches[0].min(), batches[0].max()
+    for b in batches[1:]:
+        lo = decay * lo + (1 - decay) * b.min()
+        hi = decay * hi + (1 - decay) * b.max()
+    np.testing.assert_allclose([state.min, state.max], [lo, hi], rtol=1e-6)
+
+
+def test_histogram_conserves_mass_and_tracks_range():
+    batches = _stream()
+    obs = cal.histogram(256)
+    state = _run(obs, batches)
+    whole = np.concatenate(batches)
+    np.testing.assert_allclose(float(jnp.sum(state.counts)), whole.size, rtol=1e-6)
+    assert float(state.amax) == np.abs(whole).max()
+    assert float(state.min) == whole.min() and float(state.max) == whole.max()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_histogram_percentile_within_one_bin_of_one_shot(symmetric):
+    batches = _stream()
+    obs = cal.histogram(1024, "percentile", 99.9)
+    state = _run(obs, batches)
+    width = float(state.amax) / 1024
+    got = obs.bounds(state, jq.int8, symmetric=symmetric)
+    want = cal.percentile(np.concatenate(batches), 99.9, symmetric=symmetric)
+    np.testing.assert_allclose(got, want, atol=width)
+
+
+@pytest.mark.parametrize("fmt", [jq.int8, jq.IntFormat(4, narrow=True), jq.uint4])
+def test_histogram_kl_within_one_bin_of_one_shot(fmt):
+    batches = _stream()
+    obs = cal.histogram(1024, "kl")
+    state = _run(obs, batches)
+    width = float(state.amax) / 1024
+    got = obs.bounds(state, fmt)
+    want = cal.kl(np.concatenate(batches), fmt, num_bins=1024)
+    np.testing.assert_allclose(got, want, atol=1.001 * width)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_histogram_mse_close_to_one_shot(symmetric):
+    batches = _stream()
+    whole = np.concatenate(batches)
+    obs = cal.histogram(1024, "mse")
+    state = _run(obs, batches)
+    width = float(state.amax) / 1024
+    fmt = jq.int4
+    got = obs.bounds(state, fmt, symmetric=symmetric)
+    want = cal.mse(whole, fmt, symmetric=symmetric)
+    np.testing.assert_allclose(got, want, atol=width)
+    # At 8 bits the MSE is flat around its minimum: compare what matters, the error.
+    fmt = jq.int8
+    got = obs.bounds(state, fmt, symmetric=symmetric)
+    want = cal.mse(whole, fmt, symmetric=symmetric)
+    sse_got = _sse(whole.astype(np.float64), *map(float, got), fmt, symmetric)
+    sse_want = _sse(whole.astype(np.float64), *map(float, want), fmt, symmetric)
+    assert sse_got <= sse_want * 1.005
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+
+class _ObservedDense(nn.Module):
+    """A Dense layer that observes its input, as the nn/ layers do in calibrate mode."""
+
+    observer: cal.Observer
+    features: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        stats = self.variable("quant_stats", "input", self.observer.init, x)
+        if self.is_mutable_collection("quant_stats") and not self.is_initializing():
+            stats.value = self.observer.update(x, stats.value)
+        return nn.Dense(self.features)(x)
+
+
+def test_calibrate_runs_observers_over_a_generator():
+    obs = cal.running_minmax(axis=-1)
+    model = _ObservedDense(obs)
+    data = [RNG.standard_normal((8, 4)).astype(np.float32) * (i + 1) for i in range(5)]
+    variables = model.init(jax.random.key(0), data[0])
+    out = cal.calibrate(model.apply, variables, (b for b in data), progress=False)
+    stats = out["quant_stats"]["input"]
+    lo, hi = cal.minmax(np.concatenate(data), axis=-1)
+    np.testing.assert_array_equal(stats.min, lo)
+    np.testing.assert_array_equal(stats.max, hi)
+    assert int(stats.count) == 5 * 32
+    jax.tree.map(np.testing.assert_array_equal, out["params"], variables["params"])
+    qp = obs.result(stats, jq.int8)
+    assert qp.scale.shape == (1, 4)
+    # max_batches stops early; the input variables are not modified
+    two = cal.calibrate(model.apply, variables, data, max_batches=2, progress=False)
+    assert int(two["quant_stats"]["input"].count) == 2 * 32
+    assert int(variables["quant_stats"]["input"].count) == 0
+
+
+def test_calibrate_bad_input_raises():
+    model = _ObservedDense(cal.running_minmax())
+    x = np.ones((2, 4), np.float32)
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="data"):
+        cal.calibrate(model.apply, variables, iter([]), progress=False)
+    with pytest.raises(ValueError, match="max_batches"):
+        cal.calibrate(model.apply, variables, [x], max_batches=0, progress=False)
+    with pytest.raises(ValueError, match="collection"):
+        cal.calibrate(model.apply, {"params": variables["params"]}, [x], progress=False)

@@ -1,0 +1,223 @@
+"""Tests of jquant.nn.linen: quantized layers, rule-based quantization, phases, state."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+from jquant.formats import IntFormat
+from jquant.models import linen as models
+from jquant.nn import QuantRule
+from jquant.nn import linen as ql
+
+X = jax.random.normal(jax.random.key(1), (4, 16, 2))
+BATCHES = [X, 1.5 * jax.random.normal(jax.random.key(2), (4, 16, 2))]
+
+
+def np_fq_affine(x, rmin, rmax, bits=8):
+    """NumPy oracle: affine signed grid over [min(rmin, 0), max(rmax, 0)]."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    rmin, rmax = np.float32(min(rmin, 0)), np.float32(max(rmax, 0))
+    s = np.float32((rmax - rmin) / np.float32(qmax - qmin))
+    zp = np.clip(np.round(qmin - rmin / s), qmin, qmax)
+    return s * (np.clip(np.round(x / s) + zp, qmin, qmax) - zp), s, zp
+
+
+def np_fq_weight(w, bits=8):
+    """NumPy oracle: symmetric per-output-channel (last axis) grid."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(w).reshape(-1, w.shape[-1]).max(0)
+    s = (amax / np.float32(qmax)).astype(np.float32)
+    return s * np.clip(np.round(w / s), -qmax - 1, qmax)
+
+
+class HandCNN(nn.Module):
+    """The zoo CNN (2 convs, max pool, dense1, head) built by hand from jquant layers."""
+
+    rules: tuple
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        def rule(name):
+            return next(r for r in self.rules if r.pattern in (name, ".*"))
+
+        for i, c in enumerate((32, 32), 1):
+            x = ql.QConv(c, (5,), rule=rule(f"conv{i}"), phase=self.phase, name=f"conv{i}")(x)
+            x = nn.max_pool(nn.relu(x), (2,), strides=(2,), padding="VALID")
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(ql.QDense(64, rule=rule("dense1"), phase=self.phase, name="dense1")(x))
+        return ql.QDense(10, rule=rule("head"), phase=self.phase, name="head")(x)
+
+
+def INIT(model):
+    return jax.jit(model.init)(jax.random.key(0), X)
+
+
+def _calib_layer(layer, v, batches):
+    """Calibrates a hand-built layer or model (jitted) over batches."""
+    step = jax.jit(
+        lambda v, b: layer.clone(phase="calibrate").apply(v, b, mutable=["quant_stats"])[1]
+    )
+    for b in batches:
+        v = v | step(v, b)
+    return v
+
+
+def _calibrated(qmodel, variables, *args):
+    return qmodel.calibrate(qmodel.attach(variables, *args), BATCHES)
+
+
+def test_qdense_eval_matches_numpy_oracle():
+    layer = ql.QDense(3, rule=QuantRule(".*"))
+    v = jax.jit(layer.init)(jax.random.key(0), X[:, 0])
+    v = _calib_layer(layer, v, [X[:, 0], BATCHES[1][:, 0]])
+    y = jax.jit(layer.clone(phase="eval").apply)(v, X[:, 3])
+    data = np.concatenate([np.asarray(X[:, 0]), np.asarray(BATCHES[1][:, 0])])
+    xq, _, _ = np_fq_affine(np.asarray(X[:, 3]), data.min(), data.max())
+    w, b = (np.asarray(v["params"][k]) for k in ("kernel", "bias"))
+    np.testing.assert_allclose(y, xq @ np_fq_weight(w) + b, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(y, np.asarray(X[:, 3]) @ w + b, atol=1e-3)  # it did quantize
+
+
+def test_rule_quantized_model_equals_hand_built():
+    cnn = models.CNN(models.CNNConfig(features=(32, 32), dense=(64,)))
+    rules = (QuantRule("conv1", keep_float=True), QuantRule(".*", weight="int4", act="uint8"))
+    qmodel, match = ql.quantize_model(cnn, rules, X)
+    assert list(match.assignment) == ["conv1", "conv2", "dense1", "head"]
+    hand = HandCNN(rules)
+    v_plain = INIT(cnn)
+    v_rule = _calibrated(qmodel, v_plain, X)
+    v_hand = {**jax.jit(hand.init)(jax.random.key(3), X), "params": v_plain["params"]}
+    v_hand = _calib_layer(hand, v_hand, BATCHES)
+    same = jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), v_rule, v_hand)
+    assert all(jax.tree_util.tree_leaves(same))
+    y_rule = jax.jit(qmodel.with_phase("eval").apply)(v_rule, X)
+    y_hand = jax.jit(hand.clone(phase="eval").apply)(v_hand, X)
+    np.testing.assert_array_equal(y_rule, y_hand)
+    assert not np.allclose(y_rule, jax.jit(cnn.apply)(v_plain, X), atol=1e-3)
+
+
+def test_float_phase_and_keep_float_are_the_plain_model():
+    cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
+    v = INIT(cnn)
+    y = jax.jit(cnn.apply)(v, X)
+    qf, _ = ql.quantize_model(cnn, QuantRule(".*"), X)
+    np.testing.assert_array_equal(jax.jit(qf.apply)(qf.attach(v, X), X), y)
+    qk, _ = ql.quantize_model(cnn, QuantRule(".*", keep_float=True), X, phase="eval")
+    np.testing.assert_array_equal(jax.jit(qk.apply)(qk.attach(v, X), X), y)
+
+
+def test_calibrate_then_eval_under_jit_and_enumeration():
+    cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
+    qmodel, _ = ql.quantize_model(cnn, QuantRule(".*"), X)
+    v = _calibrated(qmodel, INIT(cnn), X)
+    ev = qmodel.with_phase("eval")
+    y, y_float = jax.jit(ev.apply)(v, X), jax.jit(cnn.apply)(v, X)
+    err = np.abs(y - y_float).max()
+    assert 0 < err < 0.1 * np.abs(y_float).max()
+    layers = {layer.path: layer for layer in qmodel.layers(v)}
+    assert set(layers) == {"conv1", "head"}
+    data = np.concatenate([np.asarray(b) for b in BATCHES])
+    _, s, zp = np_fq_affine(data, data.min(), data.max())
+    np.testing.assert_allclose(layers["conv1"].input_qparams.scale, s, rtol=1e-6)
+    assert float(layers["conv1"].input_qparams.zero_point) == zp
+    k = np.asarray(layers["head"].kernel)
+    np.testing.assert_allclose(
+        np.ravel(layers["head"].kernel_qparams.scale), np.abs(k).max(0) / 127, rtol=1e-6
+    )
+
+
+def test_int_mode_equals_simulate():
+    cnn = models.CNN(models.CNNConfig(features=(8,), dense=(16,)))
+    v = INIT(cnn)
+    out = {}
+    for mode in ("simulate", "int"):
+        qm, _ = ql.quantize_model(cnn, QuantRule(".*", mode=mode), X)
+        out[mode] = jax.jit(qm.with_phase("eval").apply)(_calibrated(qm, v, X), X)
+    np.testing.assert_allclose(out["int"], out["simulate"], rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_weights_and_learned_scales():
+    cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
+    rules = QuantRule(".*", weight="int4", act=IntFormat(4, signed=False), estimator="lsq")
+    qm, _ = ql.quantize_model(cnn, rules, X)
+    v = _calibrated(qm, INIT(cnn), X)
+    # learned scales start at the calibrated ranges
+    np.testing.assert_array_equal(
+        v["params"]["conv1"]["input_scale"], v["quant_stats"]["conv1"]["input_qparams"]["scale"]
+    )
+    train = qm.with_phase("train")
+    g = jax.jit(jax.grad(lambda p: jnp.sum(train.apply({**v, "params": p}, X) ** 2)))(v["params"])
+    for layer in ("conv1", "head"):
+        for name in ("kernel", "bias", "kernel_scale", "input_scale"):
+            leaf = np.asarray(g[layer][name])
+            assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), (layer, name)
+
+
+def test_save_restore_gives_identical_outputs():
+    cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
+    rules = QuantRule(".*", calibration="ema", estimator="lsq_plus", act_symmetric=False)
+    qm, _ = ql.quantize_model(cnn, rules, X)
+    v = _calibrated(qm, INIT(cnn), X)
+    blob = serialization.to_bytes(v)
+    template = qm.attach(jax.jit(cnn.init)(jax.random.key(7), X), X)
+    template = qm.calibrate(template, [X * 0.1])  # same structure, other values
+    restored = serialization.from_bytes(template, blob)
+    ev = qm.with_phase("eval")
+    np.testing.assert_array_equal(jax.jit(ev.apply)(restored, X), jax.jit(ev.apply)(v, X))
+
+
+def test_depthwise_conv_matches_oracle():
+    layer = ql.QConv(4, (3,), feature_group_count=2, padding="VALID", use_bias=False)
+    v = jax.jit(layer.init)(jax.random.key(0), X)
+    v = _calib_layer(layer, v, [X])
+    y = jax.jit(layer.clone(phase="eval").apply)(v, X)
+    x = np.asarray(X)
+    xq, _, _ = np_fq_affine(x, x.min(), x.max())
+    wq = np_fq_weight(np.asarray(v["params"]["kernel"]))  # (3, 1, 4)
+    ref = jax.lax.conv_general_dilated(
+        xq, wq, (1,), "VALID", dimension_numbers=("NHC", "HIO", "NHC"), feature_group_count=2
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_pooling_keeps_input_qparams(kind):
+    cls = ql.QAvgPool if kind == "avg" else ql.QMaxPool
+    layer = cls((3,), (2,), "SAME")
+    v = jax.jit(layer.init)(jax.random.key(0), X)
+    v = _calib_layer(layer, v, [X])
+    y = np.asarray(jax.jit(layer.clone(phase="eval").apply)(v, X))
+    x = np.asarray(X)
+    _, s, zp = np_fq_affine(x, x.min(), x.max())
+    q = np.clip(np.round(x / s) + zp, -128, 127)
+    qp = np.pad(q, ((0, 0), (1, 1), (0, 0)), constant_values=np.nan)  # SAME: 16 -> 8 outputs
+    win = np.stack([qp[:, 2 * i : 2 * i + 3] for i in range(8)], 1)  # (N, 8, 3, C)
+    if kind == "avg":
+        n = np.sum(~np.isnan(win), 2)
+        acc = np.nansum(win, 2)
+        codes = np.trunc((acc + np.sign(acc) * n / 2) / n)  # half away from zero
+    else:
+        codes = np.nanmax(win, 2)
+    np.testing.assert_allclose(y, s * (codes - zp), rtol=1e-6, atol=1e-6)
+
+
+def test_errors_name_what_is_wrong():
+    cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
+    qm, _ = ql.quantize_model(cnn, QuantRule(".*"), X)
+    v = qm.attach(INIT(cnn), X)
+    with pytest.raises(ValueError, match="'conv1'.*never calibrated"):
+        jax.jit(qm.with_phase("eval").apply)(v, X)
+    with pytest.raises(ValueError, match="batches yielded no batch"):
+        qm.calibrate(v, [])
+    with pytest.raises(ValueError, match="mutable=\\['quant_stats'\\]"):
+        jax.jit(qm.with_phase("calibrate").apply)(v, X)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        qm.with_phase("inference")
+    with pytest.raises(TypeError, match="example inputs"):
+        ql.quantize_model(cnn, QuantRule(".*"))
+    with pytest.raises(ValueError, match="matched no layer"):
+        ql.quantize_model(cnn, QuantRule("conv9"), X, on_unused="raise")

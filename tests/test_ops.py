@@ -1,0 +1,602 @@
+"""Tests of jquant.ops: quantized dot_general / conv_general_dilated and pooling.
+
+Oracles: a NumPy fake quantizer, onnxruntime's MatMulInteger / ConvInteger (exact int32
+products with zero points), golden TFLite pooling vectors, the analytic straight-through
+gradient, and the agreement of the ``simulate`` and ``int`` modes.
+"""
+
+import functools
+
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnxruntime as ort
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from jax import lax
+from onnx import TensorProto, helper
+
+import jquant as jq
+from jquant import ops
+from jquant.ops import QuantConfig
+
+GOLDEN = "/work/shared/golden/tflite_int8_ops.npz"
+DENSE_DN = (((1,), (0,)), ((), ()))
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+SYM = QuantConfig()
+AFFINE = QuantConfig(symmetric=False)
+PER_CHANNEL_LAST = QuantConfig(axis=-1)
+
+
+def _normal(seed, shape, scale=1.0, shift=0.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale + shift).astype(np.float32)
+
+
+def _np_fake_quant(x, scale, zp, qmin, qmax):
+    """NumPy oracle: ``s * (clip(round_half_even(x / s) + zp, qmin, qmax) - zp)``."""
+    x, scale, zp = np.float32(x), np.float32(scale), np.float32(zp)
+    q = np.clip(np.round(x / scale) + zp, qmin, qmax)
+    return scale * (q - zp), q
+
+
+def _close(actual, desired, rel=1e-5):
+    """Equal up to float32 rounding of a sum: tolerance relative to the output's magnitude."""
+    desired = np.asarray(desired)
+    np.testing.assert_allclose(actual, desired, rtol=rel, atol=rel * np.abs(desired).max())
+
+
+# --- QuantConfig and dynamic_qparams ----------------------------------------------------------
+
+
+def test_quant_config_is_hashable_and_validates():
+    assert hash(QuantConfig(axis=(0, 1))) == hash(QuantConfig(axis=(0, 1)))
+    with pytest.raises(TypeError, match="fmt"):
+        QuantConfig(fmt="int8")
+    with pytest.raises(ValueError, match="estimator"):
+        QuantConfig(estimator="nope")
+    with pytest.raises(ValueError, match="rounding"):
+        QuantConfig(rounding="stochastic")
+    with pytest.raises(TypeError, match="axis"):
+        QuantConfig(axis=1.5)
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(fmt=jq.IntFormat(jnp.asarray(4)))
+    with pytest.raises(ValueError, match="out of range"):
+        ops.dynamic_qparams(jnp.ones((2, 3)), QuantConfig(axis=2))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("axis", [None, 1, (0, 2)])
+def test_dynamic_qparams_match_numpy_range(symmetric, axis):
+    x = _normal(0, (3, 4, 5), shift=0.3)
+    cfg = QuantConfig(symmetric=symmetric, axis=axis)
+    qp = ops.dynamic_qparams(x, cfg)
+    kept = () if axis is None else np.atleast_1d(axis)
+    red = tuple(a for a in range(3) if a not in kept)
+    lo, hi = np.minimum(x.min(red, keepdims=True), 0), np.maximum(x.max(red, keepdims=True), 0)
+    if symmetric:
+        scale, zp = np.maximum(-lo, hi) / 127, np.zeros_like(lo)
+    else:
+        scale = (hi - lo) / 255
+        zp = np.clip(np.round(-128 - lo / scale), -128, 127)
+    np.testing.assert_allclose(qp.scale, scale, rtol=1e-6)
+    np.testing.assert_array_equal(qp.zero_point, zp)
+    grad = jax.grad(lambda v: ops.dynamic_qparams(v, cfg).scale.sum())(x)
+    assert not np.any(grad)  # stop_gradient'ed
+
+
+# --- dot_general ------------------------------------------------------------------------------
+
+DENSE_CASES = {
+    "sym_tensor": (SYM, SYM),
+    "sym_channel": (SYM, PER_CHANNEL_LAST),
+    "affine_lhs": (AFFINE, PER_CHANNEL_LAST),
+    "affine_per_row_lhs": (QuantConfig(symmetric=False, axis=0), PER_CHANNEL_LAST),
+    "uint8_lhs": (QuantConfig(fmt=jq.uint8, symmetric=False), SYM),
+    "affine_both": (AFFINE, QuantConfig(symmetric=False, axis=1)),
+    "int4": (QuantConfig(fmt=jq.int4, symmetric=False), QuantConfig(fmt=jq.int4, axis=1)),
+}
+
+
+def _with_vjp(f, x, w):
+    """``(f(x, w), vjp(ct))`` with a fixed non-uniform cotangent ``ct``: one compile for both."""
+    y, vjp = jax.vjp(f, x, w)
+    return y, vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("lhs_quant", "rhs_quant", "mode"))
+def _dense(x, w, lhs_quant, rhs_quant, mode):
+    """The quantized dense product and its gradients (STE in both modes)."""
+    f = functools.partial(
+        ops.dot_general,
+        dimension_numbers=DENSE_DN,
+        lhs_quant=lhs_quant,
+        rhs_quant=rhs_quant,
+        mode=mode,
+    )
+    return _with_vjp(f, x, w)
+
+
+def test_simulate_dense_matches_numpy_fake_quant():
+    x, w = _normal(1, (6, 16), shift=0.5), _normal(2, (16, 5))
+    lq, rq = DENSE_CASES["affine_lhs"]
+    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
+    fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
+    _close(_dense(x, w, lq, rq, "simulate")[0], fx.astype(np.float64) @ fw)
+
+
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_dense_int_matches_simulate_and_gradients_agree(case):
+    lq, rq = DENSE_CASES[case]
+    x, w = _normal(3, (8, 24), shift=0.7), _normal(4, (24, 6), shift=-0.2)
+    (sim, g_sim), (int_, g_int) = _dense(x, w, lq, rq, "simulate"), _dense(x, w, lq, rq, "int")
+    assert not np.allclose(sim, x @ w, rtol=1e-3)  # quantization really happened
+    _close(int_, sim)
+    for a, b in zip(g_sim, g_int, strict=True):
+        assert np.abs(a).sum() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_ste_gradient_is_analytic():
+    """STE: dL/dx = G fq(w)^T and dL/dw = fq(x)^T G, with fq the forward's fake quantizer."""
+    lq, rq = DENSE_CASES["affine_lhs"]
+    x, w = _normal(5, (4, 8)), _normal(6, (8, 3))
+    gx, gw = _dense(x, w, lq, rq, "int")[1]
+    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
+    fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
+    g = np.cos(np.arange(12, dtype=np.float32)).reshape(4, 3)
+    np.testing.assert_allclose(gx, g @ fw.T, rtol=1e-5)
+    np.testing.assert_allclose(gw, fx.T @ g, rtol=1e-5)
+
+
+def _ort_run(node, inputs, types, out_type):
+    names = list(node.input)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)],
+        [helper.make_tensor_value_info(node.output[0], out_type, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(zip(names, inputs, strict=True)))[0]
+
+
+def test_dense_int_equals_onnxruntime_matmul_integer():
+    """int mode == s_l s_r * MatMulInteger(q_l - z_l, q_r - z_r), ORT's exact int32 product."""
+    lq, rq = AFFINE, QuantConfig(symmetric=False, axis=1)
+    x, w = _normal(7, (5, 40), shift=1.0), _normal(8, (40, 7))
+    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    _, cx = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
+    _, cw = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
+    zx, zw = (
+        np.int8(qx.zero_point.reshape(())),
+        np.asarray(qw.zero_point).reshape(-1).astype(np.int8),
+    )
+    assert zx != 0 and np.any(zw != 0)
+    acc = _ort_run(
+        helper.make_node("MatMulInteger", ["a", "b", "az", "bz"], ["y"]),
+        [cx.astype(np.int8), cw.astype(np.int8), np.array(zx), zw],
+        [TensorProto.INT8] * 4,
+        TensorProto.INT32,
+    )
+    expected = (np.float32(qx.scale) * qw.scale) * acc.astype(np.float32)
+    np.testing.assert_allclose(_dense(x, w, lq, rq, "int")[0], expected, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=15)
+@given(
+    m=st.integers(1, 5),
+    k=st.integers(1, 33),
+    n=st.integers(1, 5),
+    lhs_sym=st.booleans(),
+    shift=st.floats(-2, 2),
+)
+def test_dense_int_matches_simulate_property(m, k, n, lhs_sym, shift):
+    x, w = _normal(m * k, (m, k), shift=shift), _normal(n + k, (k, n))
+    lq = QuantConfig(symmetric=lhs_sym, axis=0)
+    a = ops.dot_general(x, w, DENSE_DN, lhs_quant=lq, rhs_quant=PER_CHANNEL_LAST)
+    b = ops.dot_general(x, w, DENSE_DN, lhs_quant=lq, rhs_quant=PER_CHANNEL_LAST, mode="int")
+    _close(b, a)
+
+
+def test_batched_dot_general_int_per_batch_scales():
+    """Batch dims (attention-like): scales per batch and per row / column factor out."""
+    dn = (((2,), (1,)), ((0,), (0,)))
+    x, w = _normal(9, (3, 4, 16), shift=0.4), _normal(10, (3, 16, 5))
+    lq, rq = QuantConfig(symmetric=False, axis=(0, 1)), QuantConfig(axis=(0, 2))
+    a = ops.dot_general(x, w, dn, lhs_quant=lq, rhs_quant=rq)
+    b = ops.dot_general(x, w, dn, lhs_quant=lq, rhs_quant=rq, mode="int")
+    assert b.shape == (3, 4, 5)
+    _close(b, a)
+
+
+def test_given_learned_qparams_get_equal_gradients_in_both_modes():
+    x, w = _normal(11, (6, 12)), _normal(12, (12, 4))
+    lq, rq = QuantConfig(estimator="lsq"), QuantConfig(axis=1, estimator="lsq")
+
+    def loss(sx, sw, mode):
+        y = ops.dot_general(
+            x,
+            w,
+            DENSE_DN,
+            lhs_quant=lq,
+            rhs_quant=rq,
+            lhs_qparams=jq.QParams(sx),
+            rhs_qparams=jq.QParams(sw),
+            mode=mode,
+        )
+        return jnp.sum(jnp.sin(y))
+
+    sx, sw = jnp.float32(0.02), jnp.full((1, 4), 0.01, jnp.float32)
+    g_sim = jax.grad(loss, (0, 1))(sx, sw, "simulate")
+    g_int = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(sx, sw, "int")
+    assert np.abs(g_sim[0]) > 0 and np.all(np.abs(g_sim[1]) > 0)
+    for a, b in zip(g_sim, g_int, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_int_mode_errors_name_the_problem():
+    x, w = jnp.ones((2, 4)), jnp.ones((4, 3))
+    dot = functools.partial(ops.dot_general, x, w, DENSE_DN, mode="int")
+    with pytest.raises(ValueError, match="rhs_quant must be a QuantConfig"):
+        dot(lhs_quant=SYM)
+    with pytest.raises(ValueError, match="<= 8 bits"):
+        dot(lhs_quant=QuantConfig(fmt=jq.int16), rhs_quant=SYM)
+    with pytest.raises(ValueError, match="<= 8 bits"):
+        dot(lhs_quant=SYM, rhs_quant=QuantConfig(fmt=jq.fp8_e4m3))
+    with pytest.raises(ValueError, match="constant along contracting"):
+        dot(lhs_quant=QuantConfig(axis=1), rhs_quant=SYM)
+    with pytest.raises(ValueError, match="mode must be"):
+        ops.dot_general(x, w, DENSE_DN, lhs_quant=SYM, mode="fast")
+    with pytest.raises(ValueError, match="zero_point must be 0"):
+        ops.dot_general(x, w, DENSE_DN, lhs_quant=SYM, lhs_qparams=jq.QParams(0.1, 3.0))
+    with pytest.raises(ValueError, match="lhs_quant is None"):
+        ops.dot_general(x, w, DENSE_DN, lhs_qparams=jq.QParams(0.1))
+    with pytest.raises(ValueError, match="float dtype"):
+        dot(lhs_quant=SYM, rhs_quant=SYM, preferred_element_type=jnp.int32)
+
+
+# --- conv_general_dilated ---------------------------------------------------------------------
+
+CONV_CASES = {
+    # name: (x shape, w shape, conv kwargs, lhs config, rhs config)
+    "same_sym_tensor": ((2, 7, 7, 3), (3, 3, 3, 4), dict(padding="SAME"), SYM, SYM),
+    "same_affine_channel": (
+        (2, 7, 7, 3),
+        (3, 3, 3, 4),
+        dict(padding="SAME"),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    "valid_stride2": (
+        (2, 9, 8, 3),
+        (3, 3, 3, 4),
+        dict(padding="VALID", window_strides=(2, 2)),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    "dilated_explicit_pad": (
+        (1, 8, 8, 2),
+        (3, 2, 2, 5),
+        dict(padding=((2, 1), (0, 3)), rhs_dilation=(2, 1), window_strides=(1, 2)),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    "grouped": (
+        (2, 6, 6, 4),
+        (3, 3, 2, 6),
+        dict(padding="SAME", feature_group_count=2),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    "depthwise": (
+        (2, 6, 6, 4),
+        (3, 3, 1, 4),
+        dict(padding="SAME", feature_group_count=4, window_strides=(2, 1)),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    # per-sample zero points and input dilation take the conv-of-ones correction
+    "per_sample_affine": (
+        (3, 6, 6, 2),
+        (3, 3, 2, 4),
+        dict(padding="SAME"),
+        QuantConfig(symmetric=False, axis=0),
+        PER_CHANNEL_LAST,
+    ),
+    "lhs_dilation": (
+        (2, 5, 5, 2),
+        (3, 3, 2, 3),
+        dict(padding=((2, 2), (1, 2)), lhs_dilation=(2, 2)),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    "uint8_lhs_nchw": (
+        (2, 3, 6, 6),
+        (4, 3, 3, 3),
+        dict(padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")),
+        QuantConfig(fmt=jq.uint8, symmetric=False),
+        QuantConfig(axis=0),
+    ),
+}
+
+_CONV_STATIC = ("kw", "lhs_quant", "rhs_quant", "mode")
+
+
+def _conv_call(x, w, kw, lhs_quant, rhs_quant, mode):
+    kw = dict(kw)
+    kw.setdefault("window_strides", (1, 1))
+    kw.setdefault("dimension_numbers", NHWC)
+    return ops.conv_general_dilated(x, w, lhs_quant=lhs_quant, rhs_quant=rhs_quant, mode=mode, **kw)
+
+
+def _hashable(kw: dict) -> tuple:
+    return tuple(sorted(kw.items()))
+
+
+@functools.partial(jax.jit, static_argnames=_CONV_STATIC)
+def _conv(x, w, kw, lhs_quant, rhs_quant, mode):
+    """The quantized conv and its gradients."""
+    f = functools.partial(
+        _conv_call, kw=dict(kw), lhs_quant=lhs_quant, rhs_quant=rhs_quant, mode=mode
+    )
+    return _with_vjp(f, x, w)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_int_matches_simulate_and_gradients_agree(case):
+    xs, ws, kw, lq, rq = CONV_CASES[case]
+    x, w = _normal(13, xs, shift=0.8), _normal(14, ws, scale=0.5)
+    kw = _hashable(kw)
+    (sim, g_sim), (int_, g_int) = (
+        _conv(x, w, kw, lq, rq, "simulate"),
+        _conv(x, w, kw, lq, rq, "int"),
+    )
+    ref = _conv_call(x, w, dict(kw), None, None, "simulate")
+    assert sim.shape == ref.shape and not np.allclose(sim, ref, rtol=1e-3)
+    _close(int_, sim)
+    for a, b in zip(g_sim, g_int, strict=True):
+        assert np.abs(a).sum() > 0  # AQT's int conv returns zeros here
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_simulate_conv_is_lax_conv_of_numpy_fake_quant_and_ste_gradient():
+    xs, ws, kw, lq, rq = CONV_CASES["grouped"]
+    x, w = _normal(15, xs, shift=0.5), _normal(16, ws)
+    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
+    fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
+    float_conv = functools.partial(_conv_call, kw=kw, lhs_quant=None, rhs_quant=None, mode="int")
+    y, (gx, gw) = _conv(x, w, _hashable(kw), lq, rq, "int")
+    _close(y, float_conv(fx, fw))
+    # STE: the gradient is the float conv's gradient evaluated at the fake-quantized operands
+    ex, ew = _with_vjp(float_conv, fx, fw)[1]
+    np.testing.assert_allclose(gx, ex, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw, ew, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw,group",
+    [
+        (dict(padding=((1, 1), (1, 1))), 1),
+        (dict(padding=((0, 2), (1, 0)), window_strides=(2, 1), rhs_dilation=(1, 2)), 1),
+        (dict(padding=((1, 1), (1, 1)), feature_group_count=2), 2),
+    ],
+)
+def test_conv_int_equals_onnxruntime_conv_integer(kw, group):
+    """int mode == s_l s_r * ConvInteger(q_l - z_l, q_r): ORT pads with the zero point."""
+    lq, rq = QuantConfig(fmt=jq.uint8, symmetric=False), QuantConfig(axis=0)
+    x, w = _normal(17, (2, 4, 7, 6), shift=1.5), _normal(18, (6, 4 // group, 3, 3))
+    kw = dict(kw, dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    _, cx = _np_fake_quant(x, qx.scale, qx.zero_point, 0, 255)
+    _, cw = _np_fake_quant(w, qw.scale, 0, -128, 127)
+    assert 0 < float(qx.zero_point) < 255
+    (t, b), (left, right) = kw["padding"]
+    node = helper.make_node(
+        "ConvInteger",
+        ["x", "w", "xz"],
+        ["y"],
+        pads=[t, left, b, right],
+        strides=list(kw.get("window_strides", (1, 1))),
+        dilations=list(kw.get("rhs_dilation", (1, 1))),
+        group=group,
+    )
+    acc = _ort_run(
+        node,
+        [cx.astype(np.uint8), cw.astype(np.int8), np.array(qx.zero_point, np.uint8).reshape(())],
+        [TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT8],
+        TensorProto.INT32,
+    )
+    expected = (np.float32(qx.scale.reshape(())) * qw.scale) * acc.astype(np.float32)
+    got = _conv_call(x, w, kw, lq, rq, "int")
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_conv_int_errors():
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    conv = functools.partial(ops.conv_general_dilated, x, w, (1, 1), "SAME", mode="int")
+    conv = functools.partial(conv, dimension_numbers=NHWC)
+    with pytest.raises(ValueError, match="without zero point"):
+        conv(lhs_quant=SYM, rhs_quant=AFFINE)
+    with pytest.raises(ValueError, match="output-feature"):
+        conv(lhs_quant=SYM, rhs_quant=QuantConfig(axis=2))
+    with pytest.raises(ValueError, match="batch axis"):
+        conv(lhs_quant=QuantConfig(axis=3), rhs_quant=SYM)
+
+
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("op", ["dot_general", "conv_general_dilated"])
+def test_int_mode_jaxpr_runs_int8_products_into_int32(op):
+    if op == "dot_general":
+        args = (jnp.ones((4, 8)), jnp.ones((8, 3)))
+        fn = functools.partial(ops.dot_general, dimension_numbers=DENSE_DN)
+    else:
+        args = (jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 6)))
+        fn = functools.partial(_conv_call, kw=CONV_CASES["grouped"][2])
+    fn = functools.partial(fn, lhs_quant=AFFINE, rhs_quant=PER_CHANNEL_LAST)
+    for mode in ("int", "simulate"):
+        products = [
+            e for e in _eqns(jax.make_jaxpr(fn)(*args, mode=mode).jaxpr) if e.primitive.name == op
+        ]
+        assert products, mode
+        int8 = [
+            e
+            for e in products
+            if all(v.aval.dtype == jnp.int8 for v in e.invars)
+            and e.params["preferred_element_type"] == jnp.int32
+            and e.outvars[0].aval.dtype == jnp.int32
+        ]
+        # int: every product of the forward pass is int8 x int8 -> int32; simulate: none is
+        assert len(int8) == (len(products) if mode == "int" else 0), mode
+
+
+# --- Flax injection ---------------------------------------------------------------------------
+
+
+def test_linen_dense_and_conv_injection():
+    x = jnp.asarray(_normal(19, (2, 6, 6, 3), shift=0.3))
+    for mode in ("simulate", "int"):
+        dense = nn.Dense(5, dot_general=ops.quantized_dot_general(AFFINE, PER_CHANNEL_LAST, mode))
+        conv = nn.Conv(
+            4,
+            (3, 3),
+            feature_group_count=1,
+            conv_general_dilated=ops.quantized_conv_general_dilated(AFFINE, PER_CHANNEL_LAST, mode),
+        )
+        vd = dense.init(jax.random.key(0), x)
+        vc = conv.init(jax.random.key(1), x)
+        yd = jax.jit(dense.apply)(vd, x)
+        kd = vd["params"]["kernel"]
+        ed = ops.dot_general(
+            x, kd, (((3,), (0,)), ((), ())), lhs_quant=AFFINE, rhs_quant=PER_CHANNEL_LAST
+        )
+        _close(yd, ed + vd["params"]["bias"])
+        yc = jax.jit(conv.apply)(vc, x)
+        ec = _conv_call(
+            x, vc["params"]["kernel"], dict(padding="SAME"), AFFINE, PER_CHANNEL_LAST, "simulate"
+        )
+        _close(yc, ec + vc["params"]["bias"])
+        grads = jax.grad(lambda v, m=conv: jnp.sum(m.apply(v, x) ** 2))(vc)
+        assert np.abs(grads["params"]["kernel"]).sum() > 0
+
+
+def test_nnx_linear_and_conv_injection():
+    x = jnp.asarray(_normal(20, (2, 5, 5, 4)))
+    rngs = nnx.Rngs(0)
+    dw = ops.quantized_conv_general_dilated(SYM, PER_CHANNEL_LAST, "int")
+    conv = nnx.Conv(4, 4, (3, 3), feature_group_count=4, conv_general_dilated=dw, rngs=rngs)
+    lin = nnx.Linear(4, 3, dot_general=ops.quantized_dot_general(AFFINE, SYM, "int"), rngs=rngs)
+    y = lin(conv(x))
+    kc = conv.kernel[...]
+    ec = _conv_call(
+        x, kc, dict(padding="SAME", feature_group_count=4), SYM, PER_CHANNEL_LAST, "simulate"
+    )
+    _close(conv(x), ec + conv.bias[...])
+    assert y.shape == (2, 5, 5, 3)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(conv)
+    assert np.abs(grads.kernel[...]).sum() > 0
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+POOL_CASES = ["avgpool2x2", "avgpool3x3_same_s1", "maxpool2x2", "maxpool3x3_same_s2"]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(GOLDEN)
+
+
+@pytest.mark.parametrize("name", POOL_CASES)
+def test_pool_matches_tflite_golden(golden, name):
+    g = lambda k: golden[f"{name}/{k}"]
+    x = g("x").reshape((-1, *g("x").shape[2:]))
+    y = g("y_ref").reshape((-1, *g("y_ref").shape[2:]))
+    qp = jq.QParams(g("input_scale").reshape(()), g("input_zp").reshape(()).astype(np.float32))
+    pool = ops.avg_pool if name.startswith("avg") else ops.max_pool
+    args = (tuple(g("cfg/pool_size")), tuple(g("cfg/strides")), str(g("cfg/padding")).upper())
+    got = pool(x, qp, jq.int8, *args, mode="int")
+    assert got.dtype == jnp.int8
+    np.testing.assert_array_equal(got, y)
+    np.testing.assert_array_equal(y, g("y_xnn"))
+    # simulate: float in (the dequantized input), float out, the same numbers
+    xf = jq.dequantize(x, qp)
+    np.testing.assert_array_equal(pool(xf, qp, jq.int8, *args), jq.dequantize(y, qp))
+
+
+def _np_tflite_avg_pool(q, k, stride, pad):
+    """Reference: sum codes over the unpadded window, (acc +- n//2) / n truncated."""
+    n_, h, w_, c = q.shape
+    oh, ow = (
+        (h + pad[0][0] + pad[0][1] - k) // stride + 1,
+        (w_ + pad[1][0] + pad[1][1] - k) // stride + 1,
+    )
+    out = np.zeros((n_, oh, ow, c), np.int64)
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * stride - pad[0][0], j * stride - pad[1][0]
+            rs = slice(max(r0, 0), min(r0 + k, h))
+            cs = slice(max(c0, 0), min(c0 + k, w_))
+            win = q[:, rs, cs, :].astype(np.int64)
+            acc, cnt = win.sum((1, 2)), win.shape[1] * win.shape[2]
+            num = np.where(acc > 0, acc + cnt // 2, acc - cnt // 2)
+            out[:, i, j, :] = np.sign(num) * (np.abs(num) // cnt)  # C truncation
+    return out
+
+
+def test_avg_pool_rounds_half_away_over_valid_elements():
+    q = np.random.default_rng(21).integers(-128, 128, (2, 5, 6, 3)).astype(np.int8)
+    q[0, :2, :2, 0] = [[-3, -2], [-2, -2]]  # sum -9 over 4 -> -2.25 -> -2; ties exercised below
+    q[1, :2, :2, 1] = [[1, 2], [1, 2]]  # 6 / 4 = 1.5 -> 2 (half away)
+    q[1, :2, :2, 2] = [[-1, -2], [-1, -2]]  # -1.5 -> -2
+    pad = ((1, 2), (0, 1))
+    got = ops.avg_pool(q, jq.QParams(0.1, 3.0), jq.int8, (2, 2), (2, 2), pad, mode="int")
+    np.testing.assert_array_equal(got, _np_tflite_avg_pool(q, 2, 2, pad))
+    got = ops.avg_pool(q, jq.QParams(0.1, 3.0), jq.int8, (3, 3), (1, 1), "SAME", mode="int")
+    np.testing.assert_array_equal(got, _np_tflite_avg_pool(q, 3, 1, ((1, 1), (1, 1))))
+    valid = ops.avg_pool(q, jq.QParams(0.1), jq.int8, (2, 2), (2, 2), "VALID", mode="int")
+    assert valid[1, 0, 0, 1] == 2 and valid[1, 0, 0, 2] == -2
+
+
+def test_pool_simulate_gradients_are_float_pool_gradients():
+    x = jnp.asarray(_normal(22, (1, 4, 4, 2)))
+    qp = jq.QParams(jnp.float32(0.05), jnp.float32(-3.0))
+    g_avg = jax.grad(lambda v: jnp.sum(ops.avg_pool(v, qp, jq.int8, (3, 3), (1, 1), "SAME")))(x)
+    # d/dx of sum of window means: each x contributes 1/n of every window it is in
+    ones = jnp.ones_like(x)
+    dims, pads = (1, 3, 3, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    n = lax.reduce_window(ones, 0.0, lax.add, dims, (1,) * 4, pads)
+    expected = lax.reduce_window(1.0 / n, 0.0, lax.add, dims, (1,) * 4, pads)
+    np.testing.assert_allclose(g_avg, expected, rtol=1e-6)
+    g_max = jax.grad(lambda v: jnp.sum(ops.max_pool(v, qp, jq.int8, (2, 2), (2, 2))))(x)
+    winners = x.reshape(1, 2, 2, 2, 2, 2).max((2, 4), keepdims=True) == x.reshape(1, 2, 2, 2, 2, 2)
+    np.testing.assert_array_equal(g_max, winners.reshape(x.shape).astype(np.float32))
+
+
+def test_pool_errors():
+    qp = jq.QParams(0.1)
+    with pytest.raises(TypeError, match="integer"):
+        ops.avg_pool(jnp.ones((1, 4, 4, 1)), qp, jq.int8, (2, 2), mode="int")
+    with pytest.raises(ValueError, match="window"):
+        ops.max_pool(jnp.ones((4, 4, 1)), qp, jq.int8, (2, 2))
+    with pytest.raises(ValueError, match="IntFormat"):
+        ops.max_pool(jnp.ones((1, 4, 4, 1)), qp, jq.fp8_e4m3, (2, 2))

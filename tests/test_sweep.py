@@ -1,0 +1,272 @@
+"""Tests of jquant.sweep: the results table, error_vs_bits, sharding over bits, plots."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jquant.sweep import Table, error_vs_bits, plots
+from jquant.sweep.error_vs_bits import QuantSpec, _static_width
+from jquant.sweep.sharding import bits_mesh, map_over_bits, peak_bytes
+
+# --- Table ------------------------------------------------------------------------------------
+
+_RECORDS = [
+    {"tensor": "a", "bits": 4, "sqnr_db": 25.5, "ok": True},
+    {"tensor": "b", "bits": 8, "sqnr_db": float("inf"), "ok": False},
+    {"tensor": "c", "bits": np.int32(2), "sqnr_db": np.float32(1.5), "ok": None},
+]
+
+
+def test_table_round_trips():
+    t = Table.from_dicts(_RECORDS).with_meta(peak_bytes=123)
+    assert t.columns == ("tensor", "bits", "sqnr_db", "ok")
+    assert t.to_dicts()[2] == {"tensor": "c", "bits": 2, "sqnr_db": 1.5, "ok": None}
+    assert type(t.to_dicts()[2]["bits"]) is int  # NumPy scalars become Python scalars
+    # JSON, parsed by the json module, and back
+    doc = json.loads(t.to_json())
+    assert doc["columns"] == list(t.columns) and doc["meta"] == {"peak_bytes": 123}
+    assert doc["rows"][1]["sqnr_db"] == float("inf")
+    back = Table.from_json(t.to_json())
+    assert back == t and back.meta == t.meta
+    # CSV, parsed by the csv module
+    rows = list(csv.DictReader(io.StringIO(t.to_csv())))
+    assert [r["tensor"] for r in rows] == ["a", "b", "c"]
+    assert float(rows[1]["sqnr_db"]) == float("inf") and rows[2]["ok"] == ""
+    # pandas
+    df = t.to_pandas()
+    assert list(df.columns) == list(t.columns) and df["bits"].tolist() == [4, 8, 2]
+
+
+def test_table_select_and_concat():
+    t = Table.from_dicts(_RECORDS)
+    assert t.where(bits=8).column("tensor") == ["b"]
+    assert len(t.where(bits=5)) == 0
+    u = Table.concat([t, Table.from_dicts([{"tensor": "d", "extra": 1.0}])])
+    assert u.columns == ("tensor", "bits", "sqnr_db", "ok", "extra")
+    assert u.column("extra") == [None, None, None, 1.0]
+    text = str(t)
+    assert text.splitlines()[0].split() == list(t.columns) and "inf" in text
+
+
+def test_table_bad_input():
+    with pytest.raises(ValueError, match="row 0"):
+        Table(("a", "b"), ((1,),))
+    with pytest.raises(TypeError, match="column 'a'"):
+        Table(("a",), ((np.ones(3),),))
+    with pytest.raises(ValueError, match="distinct"):
+        Table(("a", "a"))
+    with pytest.raises(KeyError, match="nope"):
+        Table.from_dicts(_RECORDS).column("nope")
+
+
+# --- error_vs_bits: analytic and independent oracles --------------------------------------------
+
+_X_UNIFORM = np.random.default_rng(0).uniform(-1, 1, 50_000).astype(np.float32)
+_X_GAUSS = np.random.default_rng(1).normal(size=50_000).astype(np.float32)
+
+
+def test_sqnr_rises_6db_per_bit_on_uniform_data():
+    bits = np.arange(4, 13)
+    t = error_vs_bits({"gauss": _X_GAUSS, "uniform": _X_UNIFORM}, bits=bits)
+    uni = np.array(t.where(tensor="uniform").column("sqnr_db"))
+    # Analytic: step s = a / qmax on U(-a, a): SQNR = 10 log10((a^2 / 3) / (s^2 / 12)).
+    amax = np.abs(_X_UNIFORM).max()
+    qmax = 2.0 ** (bits - 1) - 1
+    np.testing.assert_allclose(uni, 20 * np.log10(2 * qmax / amax), atol=0.1)
+    slope = np.polyfit(bits, uni, 1)[0]
+    assert abs(slope - 6.02) <= 0.3, slope
+    # N(0, 1) reported beside it: the min-max range wastes levels on the tails, so lower SQNR.
+    gauss = np.array(t.where(tensor="gauss").column("sqnr_db"))
+    assert gauss.shape == uni.shape and np.all(gauss < uni - 3)
+
+
+def _numpy_fake_quant(x, bits, axis, symmetric):
+    """float64 NumPy re-implementation of the min-max quantizer (round half to even)."""
+    x = x.astype(np.float64)
+    red = None if axis is None else tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    lo = np.minimum(x.min(axis=red, keepdims=axis is not None), 0)
+    hi = np.maximum(x.max(axis=red, keepdims=axis is not None), 0)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if symmetric:
+        scale, zp = np.maximum(-lo, hi) / qmax, 0.0
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    return scale * (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rows_match_numpy_quantizer(granularity, symmetric):
+    x = np.random.default_rng(2).normal(0.3, 1.0, (24, 6)).astype(np.float32)
+    bits = [2, 3, 5, 8]
+    t = error_vs_bits(x, bits=bits, granularities=granularity, symmetric=symmetric)
+    axis = -1 if granularity == "per_channel" else None
+    for b, row in zip(bits, t.to_dicts(), strict=True):
+        y = _numpy_fake_quant(x, b, axis, symmetric)
+        err = x - y
+        assert row["bits"] == b and row["granularity"] == granularity
+        np.testing.assert_allclose(row["mse"], np.mean(err**2), rtol=1e-4)
+        np.testing.assert_allclose(row["max_abs"], np.abs(err).max(), rtol=1e-4)
+        want_sqnr = 10 * np.log10(np.sum(x.astype(float) ** 2) / np.sum(err**2))
+        np.testing.assert_allclose(row["sqnr_db"], want_sqnr, atol=1e-3)
+
+
+def test_float_family_matches_ml_dtypes():
+    t = error_vs_bits(_X_GAUSS[:4096], families=["fp8_e4m3", "fp8_e5m2"])
+    for name, dtype in (("fp8_e4m3", ml_dtypes.float8_e4m3fn), ("fp8_e5m2", ml_dtypes.float8_e5m2)):
+        row = t.where(family=name).to_dicts()[0]
+        x = _X_GAUSS[:4096]
+        scale = np.float32(np.abs(x).max() / float(ml_dtypes.finfo(dtype).max))
+        y = (x / scale).astype(dtype).astype(np.float32) * scale
+        assert row["bits"] == 8
+        np.testing.assert_allclose(row["mse"], np.mean((x - y) ** 2), rtol=1e-5)
+
+
+def test_mse_calibration_beats_minmax():
+    x = _X_GAUSS[:512].reshape(16, 32)
+    t = error_vs_bits(x, bits=[3, 4, 6], calibrations=["minmax", "mse"])
+    mm = np.array(t.where(calibration="minmax").column("mse"))
+    best = np.array(t.where(calibration="mse").column("mse"))
+    assert np.all(best <= mm)  # the MSE search includes the min-max range (alpha = 1)
+
+
+@pytest.mark.slow
+def test_every_calibration_runs():
+    x = _X_GAUSS[:2048].reshape(64, 32)
+    t = error_vs_bits(x, bits=[3, 4], calibrations=["minmax", "mse", "aciq", "percentile", "kl"])
+    assert len(t) == 10 and np.all(np.isfinite(t.column("sqnr_db")))
+
+
+# --- the traced sweep: one program, chunked, sharded ---------------------------------------------
+
+
+class _CountingSpec(QuantSpec):
+    traces = 0  # class attribute: counts traces of __call__ (test-only bookkeeping)
+
+    def __call__(self, bits, x):
+        type(self).traces += 1
+        return super().__call__(bits, x)
+
+
+def test_vmapped_sweep_equals_static_widths_and_compiles_once():
+    spec = _CountingSpec(granularity="per_channel", symmetric=False)
+    x = jnp.asarray(_X_GAUSS[:1024].reshape(32, 32))
+    bits = [2, 5, 8, 16]
+    got = {c: map_over_bits(spec, bits, (x,), chunk_size=c) for c in (None, 1)}
+    traced_before = _CountingSpec.traces
+    again = map_over_bits(spec, [3, 6, 9, 12], (x,), chunk_size=1)  # same shapes
+    assert _CountingSpec.traces == traced_before  # cached: no new trace, no new compile
+    assert again["sqnr_db"].shape == (4,) and np.all(np.diff(again["sqnr_db"]) > 0)
+    for k in got[None]:
+        np.testing.assert_allclose(got[1][k], got[None][k], rtol=1e-6, err_msg=k)
+    for i in (0, 3):  # a static-bits program per width, as an independent compilation
+        want = _static_width(QuantSpec(granularity="per_channel", symmetric=False), bits[i], x)
+        for k in want:
+            np.testing.assert_allclose(got[None][k][i], want[k], rtol=1e-6, err_msg=k)
+
+
+def test_chunking_bounds_peak_memory():
+    spec = QuantSpec()
+    x = (jnp.asarray(_X_GAUSS),)
+    one = peak_bytes(spec, [8], x)
+    chunked = peak_bytes(spec, np.arange(2, 17), x, chunk_size=1)
+    full = peak_bytes(spec, np.arange(2, 17), x)
+    assert 0 < one <= chunked <= 2 * one < full
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"bits must be integers in \[2, 16\]"):
+        error_vs_bits(_X_UNIFORM, bits=[1, 4])
+    with pytest.raises(ValueError, match="bits"):
+        error_vs_bits(_X_UNIFORM, bits=[17])
+    with pytest.raises(ValueError, match="family"):
+        error_vs_bits(_X_UNIFORM, families="int5")
+    with pytest.raises(ValueError, match="granularity"):
+        error_vs_bits(_X_UNIFORM, granularities="per_row")
+    with pytest.raises(ValueError, match="calibration"):
+        error_vs_bits(_X_UNIFORM, calibrations="best")
+    with pytest.raises(ValueError, match="float array leaf"):
+        error_vs_bits({"i": jnp.arange(3)})
+    with pytest.raises(ValueError, match="chunk_size"):
+        map_over_bits(QuantSpec(), [4], (jnp.ones(3),), chunk_size=0)
+    with pytest.raises(ValueError, match="devices"):
+        bits_mesh([])
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from jquant.sweep import error_vs_bits, bits_mesh
+    assert jax.device_count() == 4, jax.devices()
+    x = np.random.default_rng(3).normal(size=(16, 8)).astype(np.float32)
+    t = error_vs_bits({"w": x}, bits=list(range(2, 9)), granularities="per_channel",
+                      chunk_size=1, mesh=bits_mesh())
+    print(json.dumps(t.column("mse") + t.column("sqnr_db")))
+    """
+)
+
+
+def test_sharded_over_four_devices_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    sharded = json.loads(out.stdout.strip().splitlines()[-1])
+    x = np.random.default_rng(3).normal(size=(16, 8)).astype(np.float32)
+    t = error_vs_bits({"w": x}, bits=list(range(2, 9)), granularities="per_channel")
+    np.testing.assert_allclose(sharded, t.column("mse") + t.column("sqnr_db"), rtol=1e-6)
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def _is_png(path, min_width=100):
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[1] >= min_width
+    return img
+
+
+def test_plots_write_pngs(tmp_path):
+    t = error_vs_bits(_X_UNIFORM[:1000], bits=[2, 4, 8])
+    _is_png(plots.sqnr_vs_bits(t, str(tmp_path / "sqnr.png")))
+    acc = Table.from_dicts([{"bits": b, "accuracy": 0.1 * b} for b in (2, 4, 8)])
+    _is_png(plots.metric_vs_bits(acc, str(tmp_path / "acc.png"), "accuracy"))
+    sens = Table.from_dicts(
+        [{"layer": n, "accuracy_drop": d, "sqnr_db": s} for n, d, s in [("a", 0.1, 9.0)]]
+    )
+    _is_png(plots.sensitivity_bars(sens, str(tmp_path / "sens.png")))
+    mp = Table.from_dicts([{"size_bytes": s, "accuracy": a} for s, a in [(1, 0.5), (2, 0.7)]])
+    _is_png(plots.pareto_front(mp, str(tmp_path / "pareto.png")))
+    with pytest.raises(ValueError, match="lacks columns"):
+        plots.metric_vs_bits(acc, str(tmp_path / "x.png"), "loss")
+
+
+def test_pareto_mask_matches_brute_force():
+    rng = np.random.default_rng(4)
+    size, score = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 40).astype(float)
+    mask = plots.pareto_mask(size, score)
+    for i in range(40):
+        dominated = any(
+            size[j] <= size[i]
+            and score[j] >= score[i]
+            and (size[j] < size[i] or score[j] > score[i])
+            for j in range(40)
+        )
+        assert mask[i] == (not dominated)
