@@ -648,6 +648,9 @@ def _pool_geometry(x, window, strides, padding):
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         if len(pads) != len(window):
             raise ValueError(f"padding must have {len(window)} (low, high) pairs, got {padding!r}")
+        if any(lo >= k or hi >= k for (lo, hi), k in zip(pads, window, strict=True)):
+            # otherwise a window could hold padding only, with no element to average
+            raise ValueError(f"padding must be smaller than the window {window}, got {padding!r}")
         pads = ((0, 0), *pads, (0, 0))
     return dims, full_strides, pads
 

@@ -146,17 +146,17 @@ def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> Q
     amax = jnp.maximum(-rmin, rmax)
     zero = jnp.zeros_like(amax)
     if isinstance(fmt, FloatFormat):
-        scale, zp = amax / fmt.max, zero
+        scale, zp = _divide(amax, fmt.max), zero
     elif isinstance(fmt, BinaryFormat):
         scale, zp = amax, zero
     elif fmt.midrise:
-        scale, zp = amax / (fmt.qmax + 0.5), zero
+        scale, zp = _divide(amax, fmt.qmax + 0.5), zero
     elif symmetric:
-        scale, zp = amax / fmt.qmax, zero
+        scale, zp = _divide(amax, fmt.qmax), zero
     else:
-        scale = (rmax - rmin) / (fmt.qmax - fmt.qmin)
+        scale = _divide(rmax - rmin, fmt.qmax - fmt.qmin)
         safe = jnp.where(scale > 0, scale, 1.0)
-        zp = jnp.clip(jnp.round(fmt.qmin - rmin / safe), fmt.qmin, fmt.qmax)
+        zp = jnp.clip(jnp.round(fmt.qmin - _divide(rmin, safe)), fmt.qmin, fmt.qmax)
     tiny = jnp.finfo(jnp.float32).tiny
     scale = jnp.where(scale >= tiny, scale, 1.0)
     return QParams(scale=scale.astype(jnp.float32), zero_point=zp.astype(jnp.float32))

@@ -60,9 +60,16 @@ def load_paper(name: str) -> ModuleType:
     if name not in known:
         raise ValueError(f"unknown paper {name!r}; known papers: {', '.join(known) or 'none'}")
     path = papers_dir() / name / "reproduce.py"
-    spec = importlib.util.spec_from_file_location(f"jquant_papers_{name}", path)
+    module_name = f"jquant_papers_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Registered before running, as a regular import does (dataclasses look their module up).
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     if not callable(getattr(module, "main", None)):
         raise ValueError(f"paper {name!r}: {path} must define main(out_dir, quick=False)")
     return module

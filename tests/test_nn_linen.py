@@ -194,7 +194,7 @@ def test_pooling_keeps_input_qparams(kind):
     x = np.asarray(X)
     _, s, zp = np_fq_affine(x, x.min(), x.max())
     q = np.clip(np.round(x / s) + zp, -128, 127)
-    qp = np.pad(q, ((0, 0), (1, 1), (0, 0)), constant_values=np.nan)  # SAME: 16 -> 8 outputs
+    qp = np.pad(q, ((0, 0), (0, 1), (0, 0)), constant_values=np.nan)  # SAME: 16 -> 8, pad (0, 1)
     win = np.stack([qp[:, 2 * i : 2 * i + 3] for i in range(8)], 1)  # (N, 8, 3, C)
     if kind == "avg":
         n = np.sum(~np.isnan(win), 2)

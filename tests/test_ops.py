@@ -192,18 +192,20 @@ def test_dense_int_equals_onnxruntime_matmul_integer():
 
 @settings(max_examples=15)
 @given(
-    m=st.integers(1, 5),
-    k=st.integers(1, 33),
-    n=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
     lhs_sym=st.booleans(),
     shift=st.floats(-2, 2),
+    log_scale=st.floats(-3, 3),
 )
-def test_dense_int_matches_simulate_property(m, k, n, lhs_sym, shift):
-    x, w = _normal(m * k, (m, k), shift=shift), _normal(n + k, (k, n))
+def test_dense_int_matches_simulate_property(seed, lhs_sym, shift, log_scale):
+    """Fixed shapes (one compile per config), random data: int == simulate, equal gradients."""
+    x = _normal(seed, (5, 33), scale=10.0**log_scale, shift=shift)
+    w = _normal(seed + 1, (33, 4))
     lq = QuantConfig(symmetric=lhs_sym, axis=0)
-    a = ops.dot_general(x, w, DENSE_DN, lhs_quant=lq, rhs_quant=PER_CHANNEL_LAST)
-    b = ops.dot_general(x, w, DENSE_DN, lhs_quant=lq, rhs_quant=PER_CHANNEL_LAST, mode="int")
+    (a, ga), (b, gb) = (_dense(x, w, lq, PER_CHANNEL_LAST, m) for m in ("simulate", "int"))
     _close(b, a)
+    for u, v in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6 * np.abs(u).max())
 
 
 def test_batched_dot_general_int_per_batch_scales():
@@ -373,7 +375,9 @@ def test_simulate_conv_is_lax_conv_of_numpy_fake_quant_and_ste_gradient():
     qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
     fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
     fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
-    float_conv = functools.partial(_conv_call, kw=kw, lhs_quant=None, rhs_quant=None, mode="int")
+    float_conv = functools.partial(
+        _conv_call, kw=kw, lhs_quant=None, rhs_quant=None, mode="simulate"
+    )
     y, (gx, gw) = _conv(x, w, _hashable(kw), lq, rq, "int")
     _close(y, float_conv(fx, fw))
     # STE: the gradient is the float conv's gradient evaluated at the fake-quantized operands
@@ -398,7 +402,7 @@ def test_conv_int_equals_onnxruntime_conv_integer(kw, group):
     qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
     _, cx = _np_fake_quant(x, qx.scale, qx.zero_point, 0, 255)
     _, cw = _np_fake_quant(w, qw.scale, 0, -128, 127)
-    assert 0 < float(qx.zero_point) < 255
+    assert 0 < float(qx.zero_point.reshape(())) < 255
     (t, b), (left, right) = kw["padding"]
     node = helper.make_node(
         "ConvInteger",
@@ -415,7 +419,8 @@ def test_conv_int_equals_onnxruntime_conv_integer(kw, group):
         [TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT8],
         TensorProto.INT32,
     )
-    expected = (np.float32(qx.scale.reshape(())) * qw.scale) * acc.astype(np.float32)
+    s_w = np.asarray(qw.scale).reshape(1, -1, 1, 1)
+    expected = (np.float32(qx.scale.reshape(())) * s_w) * acc.astype(np.float32)
     got = _conv_call(x, w, kw, lq, rq, "int")
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
@@ -455,7 +460,9 @@ def test_int_mode_jaxpr_runs_int8_products_into_int32(op):
     fn = functools.partial(fn, lhs_quant=AFFINE, rhs_quant=PER_CHANNEL_LAST)
     for mode in ("int", "simulate"):
         products = [
-            e for e in _eqns(jax.make_jaxpr(fn)(*args, mode=mode).jaxpr) if e.primitive.name == op
+            e
+            for e in _eqns(jax.make_jaxpr(functools.partial(fn, mode=mode))(*args).jaxpr)
+            if e.primitive.name == op
         ]
         assert products, mode
         int8 = [
@@ -473,30 +480,32 @@ def test_int_mode_jaxpr_runs_int8_products_into_int32(op):
 
 
 def test_linen_dense_and_conv_injection():
+    """int-mode ops injected into linen Dense / Conv give the ops' numbers, and gradients."""
     x = jnp.asarray(_normal(19, (2, 6, 6, 3), shift=0.3))
-    for mode in ("simulate", "int"):
-        dense = nn.Dense(5, dot_general=ops.quantized_dot_general(AFFINE, PER_CHANNEL_LAST, mode))
-        conv = nn.Conv(
-            4,
-            (3, 3),
-            feature_group_count=1,
-            conv_general_dilated=ops.quantized_conv_general_dilated(AFFINE, PER_CHANNEL_LAST, mode),
-        )
+    dense = nn.Dense(5, dot_general=ops.quantized_dot_general(AFFINE, PER_CHANNEL_LAST, "int"))
+    qconv = ops.quantized_conv_general_dilated(AFFINE, PER_CHANNEL_LAST, "int")
+    conv = nn.Conv(4, (3, 3), conv_general_dilated=qconv)
+
+    @jax.jit
+    def run(x):
         vd = dense.init(jax.random.key(0), x)
         vc = conv.init(jax.random.key(1), x)
-        yd = jax.jit(dense.apply)(vd, x)
-        kd = vd["params"]["kernel"]
+        kd, kc = vd["params"]["kernel"], vc["params"]["kernel"]
         ed = ops.dot_general(
             x, kd, (((3,), (0,)), ((), ())), lhs_quant=AFFINE, rhs_quant=PER_CHANNEL_LAST
         )
-        _close(yd, ed + vd["params"]["bias"])
-        yc = jax.jit(conv.apply)(vc, x)
-        ec = _conv_call(
-            x, vc["params"]["kernel"], dict(padding="SAME"), AFFINE, PER_CHANNEL_LAST, "simulate"
+        ec = _conv_call(x, kc, dict(padding="SAME"), AFFINE, PER_CHANNEL_LAST, "simulate")
+        grads = jax.grad(lambda v: jnp.sum(conv.apply(v, x) ** 2))(vc)
+        return (
+            (dense.apply(vd, x), ed + vd["params"]["bias"]),
+            (conv.apply(vc, x), ec + vc["params"]["bias"]),
+            grads["params"]["kernel"],
         )
-        _close(yc, ec + vc["params"]["bias"])
-        grads = jax.grad(lambda v, m=conv: jnp.sum(m.apply(v, x) ** 2))(vc)
-        assert np.abs(grads["params"]["kernel"]).sum() > 0
+
+    (yd, ed), (yc, ec), gk = run(x)
+    _close(yd, ed)
+    _close(yc, ec)
+    assert np.abs(gk).sum() > 0
 
 
 def test_nnx_linear_and_conv_injection():
@@ -505,15 +514,25 @@ def test_nnx_linear_and_conv_injection():
     dw = ops.quantized_conv_general_dilated(SYM, PER_CHANNEL_LAST, "int")
     conv = nnx.Conv(4, 4, (3, 3), feature_group_count=4, conv_general_dilated=dw, rngs=rngs)
     lin = nnx.Linear(4, 3, dot_general=ops.quantized_dot_general(AFFINE, SYM, "int"), rngs=rngs)
-    y = lin(conv(x))
+
+    @nnx.jit
+    def run(conv, lin, x):
+        grads = nnx.grad(lambda m: jnp.sum(lin(m(x)) ** 2))(conv)
+        return conv(x), lin(conv(x)), grads.kernel[...]
+
+    y, z, gk = run(conv, lin, x)
     kc = conv.kernel[...]
-    ec = _conv_call(
-        x, kc, dict(padding="SAME", feature_group_count=4), SYM, PER_CHANNEL_LAST, "simulate"
-    )
-    _close(conv(x), ec + conv.bias[...])
-    assert y.shape == (2, 5, 5, 3)
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(conv)
-    assert np.abs(grads.kernel[...]).sum() > 0
+    ec = _conv(
+        x,
+        kc,
+        _hashable(dict(padding="SAME", feature_group_count=4)),
+        SYM,
+        PER_CHANNEL_LAST,
+        "simulate",
+    )[0]
+    _close(y, ec + conv.bias[...])
+    assert z.shape == (2, 5, 5, 3)
+    assert np.abs(gk).sum() > 0
 
 
 # --- pooling ----------------------------------------------------------------------------------
@@ -537,7 +556,7 @@ def test_pool_matches_tflite_golden(golden, name):
     got = pool(x, qp, jq.int8, *args, mode="int")
     assert got.dtype == jnp.int8
     np.testing.assert_array_equal(got, y)
-    np.testing.assert_array_equal(y, g("y_xnn"))
+    np.testing.assert_array_equal(y, g("y_xnn").reshape(y.shape))
     # simulate: float in (the dequantized input), float out, the same numbers
     xf = jq.dequantize(x, qp)
     np.testing.assert_array_equal(pool(xf, qp, jq.int8, *args), jq.dequantize(y, qp))
@@ -568,7 +587,7 @@ def test_avg_pool_rounds_half_away_over_valid_elements():
     q[0, :2, :2, 0] = [[-3, -2], [-2, -2]]  # sum -9 over 4 -> -2.25 -> -2; ties exercised below
     q[1, :2, :2, 1] = [[1, 2], [1, 2]]  # 6 / 4 = 1.5 -> 2 (half away)
     q[1, :2, :2, 2] = [[-1, -2], [-1, -2]]  # -1.5 -> -2
-    pad = ((1, 2), (0, 1))
+    pad = ((1, 1), (0, 1))
     got = ops.avg_pool(q, jq.QParams(0.1, 3.0), jq.int8, (2, 2), (2, 2), pad, mode="int")
     np.testing.assert_array_equal(got, _np_tflite_avg_pool(q, 2, 2, pad))
     got = ops.avg_pool(q, jq.QParams(0.1, 3.0), jq.int8, (3, 3), (1, 1), "SAME", mode="int")
@@ -598,5 +617,7 @@ def test_pool_errors():
         ops.avg_pool(jnp.ones((1, 4, 4, 1)), qp, jq.int8, (2, 2), mode="int")
     with pytest.raises(ValueError, match="window"):
         ops.max_pool(jnp.ones((4, 4, 1)), qp, jq.int8, (2, 2))
+    with pytest.raises(ValueError, match="smaller than the window"):
+        ops.avg_pool(jnp.ones((1, 5, 5, 1)), qp, jq.int8, (2, 2), (2, 2), ((2, 0), (0, 0)))
     with pytest.raises(ValueError, match="IntFormat"):
         ops.max_pool(jnp.ones((1, 4, 4, 1)), qp, jq.fp8_e4m3, (2, 2))

@@ -359,7 +359,7 @@ _stochastic_q = jax.jit(
 
 def test_stochastic_rounding_is_unbiased():
     v = np.array([0.1, 0.25, 0.5, 0.9, -0.3, -1.7, 2.0, 7.5], np.float32)
-    n = 4000
+    n = 2000
     q = np.asarray(_stochastic_q(jax.random.split(jax.random.key(0), n), v * 0.5))
     # every sample is floor(v) or floor(v) + 1
     assert np.all((q == np.floor(v)) | (q == np.floor(v) + 1))
@@ -369,22 +369,19 @@ def test_stochastic_rounding_is_unbiased():
     assert np.all(q[:, 6] == 2)  # integers never move
     # the same key gives the same draw, another key another draw
     k1, k2 = jax.random.split(jax.random.key(1))
-    x = jnp.full((200,), 0.25)
-    a = jq.quantize(x, jq.QParams(1.0), jq.int8, rounding="stochastic", key=k1)
-    b = jq.quantize(x, jq.QParams(1.0), jq.int8, rounding="stochastic", key=k1)
-    c = jq.quantize(x, jq.QParams(1.0), jq.int8, rounding="stochastic", key=k2)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert np.any(np.asarray(a) != np.asarray(c))
+    a, b, c = (np.asarray(_stochastic_q(jnp.stack([k]), v * 0.5)) for k in (k1, k1, k2))
+    np.testing.assert_array_equal(a, b)
+    assert np.any(a != c)
 
 
 def test_stochastic_fake_quant_is_unbiased():
     x = jnp.float32(0.3)
-    keys = jax.random.split(jax.random.key(2), 4000)
+    keys = jax.random.split(jax.random.key(2), 2000)
     y = jax.jit(
         jax.vmap(lambda k: jq.fake_quant(x, jq.QParams(1.0), jq.int8, rounding="stochastic", key=k))
     )(keys)
     assert set(np.unique(np.asarray(y)).tolist()) == {0.0, 1.0}
-    assert abs(float(y.mean()) - 0.3) <= 5 * np.sqrt(0.21 / 4000)
+    assert abs(float(y.mean()) - 0.3) <= 5 * np.sqrt(0.21 / 2000)
 
 
 # --- NaN, Inf ---------------------------------------------------------------------------------

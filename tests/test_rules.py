@@ -44,7 +44,10 @@ def test_rule_formats_and_configs():
     assert QuantRule(".*").weight_config(4).axis == 3  # per output channel (HWIO / IO)
     assert QuantRule(".*", act=None).act_config() is None
     assert QuantRule(".*", keep_float=True).weight_config(2) is None
-    assert QuantRule(".*", act=IntFormat(2, signed=False), act_estimator="pact").act_config().estimator == "pact"
+    assert (
+        QuantRule(".*", act=IntFormat(2, signed=False), act_estimator="pact").act_config().estimator
+        == "pact"
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,6 +82,8 @@ def test_set_bits_overrides_one_layer_only():
     assert m["dense1"].weight == IntFormat(3)
     assert m["dense1"].act == IntFormat(4, signed=False)  # keeps signedness of the old format
     assert m["conv2"].weight == IntFormat(8) and m["conv1"].keep_float
-    assert not match_rules(set_bits(rules, "conv1", weight_bits=2), PATHS).assignment[
-        "conv1"
-    ].keep_float
+    assert (
+        not match_rules(set_bits(rules, "conv1", weight_bits=2), PATHS)
+        .assignment["conv1"]
+        .keep_float
+    )

@@ -86,12 +86,17 @@ def or_zero(v: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(v), v, 0.0)
 
 
-def check_int_format(fmt: Format, method: str, *, signed: bool = False) -> IntFormat:
-    """Raises unless ``fmt`` is an IntFormat (and signed, if asked): ``method`` needs a grid."""
+def check_format(fmt) -> None:
+    """TypeError unless ``fmt`` is an IntFormat, BinaryFormat or FloatFormat."""
     if not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
         raise TypeError(
             f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
         )
+
+
+def check_int_format(fmt: Format, method: str, *, signed: bool = False) -> IntFormat:
+    """Raises unless ``fmt`` is an IntFormat (and signed, if asked): ``method`` needs a grid."""
+    check_format(fmt)
     if not isinstance(fmt, IntFormat):
         raise ValueError(
             f"{method} needs a uniform integer grid: fmt must be an IntFormat, got {fmt}"

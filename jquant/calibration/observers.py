@@ -21,11 +21,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jquant.calibration import histograms
 from jquant.calibration.grouping import (
     Axis,
     check_data,
+    check_format,
     finite_min_max,
     kept_axes,
     or_zero,
@@ -33,7 +35,7 @@ from jquant.calibration.grouping import (
 )
 from jquant.calibration.ranges import check_percentile, kl_format_levels
 from jquant.calibration.search import check_search, mse_clip_factor
-from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+from jquant.formats import Format
 from jquant.quant import QParams, qparams_from_range
 
 __all__ = [
@@ -91,20 +93,41 @@ def _counters(x: jax.Array, count, nonfinite):
     return _saturating_add(count, finite), _saturating_add(nonfinite, x.size - finite)
 
 
-def _from_bounds(bounds) -> Callable[..., QParams]:
-    def result(state, fmt: Format, *, symmetric: bool = False) -> QParams:
-        rmin, rmax = bounds(state, fmt, symmetric=symmetric)
-        return qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
+def _observer(init, update, check, core, **static) -> Observer:
+    """Assembles an Observer from module-level functions (compiled once per configuration):
+    ``update(x, state)``, ``check(fmt, symmetric, **static)`` validating in Python,
+    and ``core(state, fmt, symmetric, **static) -> (rmin, rmax)`` jitted with ``fmt`` a pytree
+    argument (sweeping ``bits`` does not recompile)."""
 
-    return result
+    def bounds(state, fmt: Format | None = None, *, symmetric: bool = False):
+        check(fmt, symmetric, **static)
+        return core(state, fmt, bool(symmetric), **static)
+
+    def result(state, fmt: Format, *, symmetric: bool = False) -> QParams:
+        check(fmt, symmetric, **static)
+        check_format(fmt)
+        return _qparams(core, state, fmt, bool(symmetric), tuple(sorted(static.items())))
+
+    return Observer(init, update, result, bounds)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _qparams(core, state, fmt, symmetric, static) -> QParams:
+    rmin, rmax = core(state, fmt, symmetric, **dict(static))
+    return qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
+
+
+# ----------------------------------------------------------------------------- min / max
 
 
 def _minmax_init(axis: Axis):
     def init(x: jax.Array) -> MinMaxState:
         x = check_data(x)
         shape = stat_shape(x.shape, kept_axes(axis, x.ndim))
-        zero = jnp.zeros((), jnp.int32)
-        return MinMaxState(jnp.full(shape, jnp.inf), jnp.full(shape, -jnp.inf), zero, zero)
+        zero = np.zeros((), np.int32)
+        return MinMaxState(
+            np.full(shape, np.inf, np.float32), np.full(shape, -np.inf, np.float32), zero, zero
+        )
 
     return init
 
@@ -112,19 +135,28 @@ def _minmax_init(axis: Axis):
 def _batch_range(x: jax.Array, state: MinMaxState, axis: Axis):
     x = check_data(x)
     kept = kept_axes(axis, x.ndim)
-    if stat_shape(x.shape, kept) != state.min.shape:
+    if stat_shape(x.shape, kept) != np.shape(state.min):
         raise ValueError(
             f"x of shape {x.shape} does not match the observer state of shape "
-            f"{state.min.shape} (axis={axis!r})"
+            f"{np.shape(state.min)} (axis={axis!r})"
         )
-    return x, finite_min_max(x, kept)
+    return x, finite_min_max(jnp.asarray(x, jnp.float32), kept)
 
 
-def _minmax_bounds(state: MinMaxState, fmt: Format = None, *, symmetric: bool = False):
+def _no_check(fmt, symmetric, **static) -> None:
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("symmetric", "axis", "decay"))
+def _minmax_core(state: MinMaxState, fmt, symmetric: bool, axis=None, decay=None):
     return or_zero(state.min), or_zero(state.max)
 
 
-_minmax_result = _from_bounds(_minmax_bounds)
+@functools.partial(jax.jit, static_argnames="axis")
+def _running_update(x: jax.Array, state: MinMaxState, axis: Axis = None) -> MinMaxState:
+    x, (lo, hi) = _batch_range(x, state, axis)
+    count, nonfinite = _counters(x, state.count, state.nonfinite)
+    return MinMaxState(jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite)
 
 
 def running_minmax(axis: Axis = None) -> Observer:
@@ -132,14 +164,21 @@ def running_minmax(axis: Axis = None) -> Observer:
 
     ``axis``: axes that keep their own range (per channel), as in :func:`minmax`.
     """
-    kept_axes(axis, 32)  # validate early: type and repeats
+    axis = _hashable_axis(axis)
+    update = functools.partial(_running_update, axis=axis)
+    return _observer(_minmax_init(axis), update, _no_check, _minmax_core, axis=axis)
 
-    def update(x: jax.Array, state: MinMaxState) -> MinMaxState:
-        x, (lo, hi) = _batch_range(x, state, axis)
-        count, nonfinite = _counters(x, state.count, state.nonfinite)
-        return MinMaxState(jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite)
 
-    return Observer(_minmax_init(axis), jax.jit(update), _minmax_result, _minmax_bounds)
+@functools.partial(jax.jit, static_argnames=("axis", "decay"))
+def _ema_update(x: jax.Array, state: MinMaxState, axis: Axis, decay: float) -> MinMaxState:
+    x, (lo, hi) = _batch_range(x, state, axis)
+
+    def average(old, new):
+        mixed = jnp.where(jnp.isfinite(old), decay * old + (1.0 - decay) * new, new)
+        return jnp.where(jnp.isfinite(new), mixed, old)
+
+    count, nonfinite = _counters(x, state.count, state.nonfinite)
+    return MinMaxState(average(state.min, lo), average(state.max, hi), count, nonfinite)
 
 
 def ema_minmax(decay: float = 0.99, axis: Axis = None) -> Observer:
@@ -150,19 +189,114 @@ def ema_minmax(decay: float = 0.99, axis: Axis = None) -> Observer:
     """
     if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0 <= decay < 1:
         raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-    kept_axes(axis, 32)
+    axis, decay = _hashable_axis(axis), float(decay)
+    update = functools.partial(_ema_update, axis=axis, decay=decay)
+    return _observer(_minmax_init(axis), update, _no_check, _minmax_core, axis=axis, decay=decay)
 
-    def update(x: jax.Array, state: MinMaxState) -> MinMaxState:
-        x, (lo, hi) = _batch_range(x, state, axis)
 
-        def average(old, new):
-            mixed = jnp.where(jnp.isfinite(old), decay * old + (1.0 - decay) * new, new)
-            return jnp.where(jnp.isfinite(new), mixed, old)
+def _hashable_axis(axis: Axis) -> Axis:
+    kept_axes(axis, 64)  # validates type and repeats; the range is checked against x later
+    return tuple(axis) if isinstance(axis, list) else axis
 
-        count, nonfinite = _counters(x, state.count, state.nonfinite)
-        return MinMaxState(average(state.min, lo), average(state.max, hi), count, nonfinite)
 
-    return Observer(_minmax_init(axis), jax.jit(update), _minmax_result, _minmax_bounds)
+# ----------------------------------------------------------------------------- histogram
+
+
+def _histogram_init(num_bins: int):
+    def init(x: jax.Array) -> HistogramState:
+        check_data(x)
+        zero = np.zeros((), np.int32)
+        inf = np.float32(np.inf)
+        counts = np.zeros(2 * num_bins, np.float32)
+        return HistogramState(counts, np.float32(0.0), inf, -inf, zero, zero)
+
+    return init
+
+
+@jax.jit
+def _histogram_update(x: jax.Array, state: HistogramState) -> HistogramState:
+    x = jnp.asarray(check_data(x), jnp.float32)
+    finite = jnp.isfinite(x)
+    lo, hi = finite_min_max(x, ())
+    amax = jnp.maximum(state.amax, jnp.maximum(or_zero(-lo), or_zero(hi)))
+    counts = jnp.where(
+        amax > state.amax,
+        histograms.rebin(state.counts, -state.amax, state.amax, -amax, amax),
+        state.counts,
+    )
+    values = jnp.where(finite, x, 0.0).ravel()
+    weights = finite.ravel().astype(jnp.float32)
+    counts = counts + histograms.bin_counts(values, weights, -amax, amax, counts.shape[0])
+    count, nonfinite = _counters(x, state.count, state.nonfinite)
+    return HistogramState(
+        counts, amax, jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite
+    )
+
+
+def _histogram_check(fmt, symmetric: bool, *, method, percentile, **unused) -> None:
+    if method == "kl":
+        kl_format_levels(fmt, unused["num_bins"])
+    if method == "percentile" and not symmetric:
+        check_percentile(percentile, symmetric=False)
+    if method == "mse":
+        check_format(fmt)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "symmetric",
+        "method",
+        "percentile",
+        "num_bins",
+        "num_candidates",
+        "num_rounds",
+    ),
+)
+def _histogram_core(
+    state: HistogramState,
+    fmt: Format,
+    symmetric: bool,
+    *,
+    method: str,
+    percentile: float,
+    num_bins: int,
+    num_candidates: int,
+    num_rounds: int,
+):
+    rmin, rmax = or_zero(state.min), or_zero(state.max)
+    width = state.amax / num_bins
+    if method == "percentile":
+        q = percentile / 100.0
+        if symmetric:
+            a = histograms.quantile(histograms.fold(state.counts), 0.0, width, q)
+            a = jnp.minimum(a, jnp.maximum(-rmin, rmax))
+            return -a, a
+        lower, upper = (
+            jnp.clip(histograms.quantile(state.counts, -state.amax, width, v), rmin, rmax)
+            for v in (1.0 - q, q)
+        )
+        return lower, upper
+    if method == "kl":
+        levels = histograms.kl_levels(fmt)
+        if fmt.signed:
+            t = histograms.kl_threshold(histograms.fold(state.counts), state.amax, levels)
+            return -t, t
+        t = histograms.kl_threshold(histograms.positive_part(state.counts), state.amax, levels)
+        return jnp.zeros_like(t), t
+    centres = -state.amax + (jnp.arange(2 * num_bins, dtype=jnp.float32) + 0.5) * width
+    lo, hi = jnp.minimum(rmin, 0.0), jnp.maximum(rmax, 0.0)
+    alpha = mse_clip_factor(
+        centres,
+        state.counts,
+        lo,
+        hi,
+        fmt,
+        symmetric=symmetric,
+        num_candidates=num_candidates,
+        num_rounds=num_rounds,
+    )
+    return alpha * lo, alpha * hi
 
 
 def histogram(
@@ -178,97 +312,30 @@ def histogram(
     ``num_bins`` bins on each side of 0, so ``|x|`` has ``num_bins`` bins as in TensorRT.
     When a batch exceeds ``amax`` the range grows to the new ``max |x|`` exactly and the old
     counts are re-binned (:func:`~jquant.calibration.histograms.rebin`: mass spread evenly
-    inside each old bin), so ``amax`` is always the stream's ``max |x|`` and, when no
-    re-binning occurs, the bins are those of the one-shot estimators on the concatenated data.
-    ``bounds`` serves:
+    inside each old bin), so ``amax`` is always the stream's ``max |x|``; without re-binning
+    the bins are those of the one-shot estimators on the concatenated data, and each re-binning
+    moves old mass by less than one old bin. ``bounds`` / ``result`` serve:
 
-    - ``percentile``: inverse of the piecewise-linear CDF, two-sided or of ``|x|``
-      (``symmetric``), within one bin width of :func:`~jquant.calibration.percentile`;
-    - ``mse``: the search of :func:`~jquant.calibration.mse` with bin centres weighted by counts
-      (base range the exact stream min / max);
-    - ``kl``: :func:`~jquant.calibration.kl` on the folded histogram.
+    - ``percentile``: NumPy's linear percentile read off the histogram, two-sided or of ``|x|``
+      (``symmetric``): within one bin width of :func:`~jquant.calibration.percentile`;
+    - ``mse``: the search of :func:`~jquant.calibration.mse` on bin centres weighted by counts
+      (base range: the exact stream min / max);
+    - ``kl``: :func:`~jquant.calibration.kl` on the folded histogram (``|x|``), or on its
+      positive part for unsigned formats.
     """
     if method not in HISTOGRAM_METHODS:
         raise ValueError(f"method must be one of {HISTOGRAM_METHODS}, got {method!r}")
     if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 2:
         raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
     check_search(num_candidates, num_rounds)
-    if method == "percentile":
-        check_percentile(percentile, symmetric=True)
-    total_bins = 2 * num_bins
-
-    def init(x: jax.Array) -> HistogramState:
-        check_data(x)
-        zero = jnp.zeros((), jnp.int32)
-        inf = jnp.float32(jnp.inf)
-        return HistogramState(
-            jnp.zeros(total_bins, jnp.float32), jnp.float32(0.0), inf, -inf, zero, zero
-        )
-
-    def update(x: jax.Array, state: HistogramState) -> HistogramState:
-        x = check_data(x)
-        finite = jnp.isfinite(x)
-        lo, hi = finite_min_max(x, ())
-        amax = jnp.maximum(state.amax, jnp.maximum(or_zero(-lo), or_zero(hi)))
-        counts = jnp.where(
-            amax > state.amax,
-            histograms.rebin(state.counts, -state.amax, state.amax, -amax, amax),
-            state.counts,
-        )
-        values = jnp.where(finite, x, 0.0).ravel()
-        counts = counts + histograms.bin_counts(
-            values, finite.ravel().astype(jnp.float32), -amax, amax, total_bins
-        )
-        count, nonfinite = _counters(x, state.count, state.nonfinite)
-        return HistogramState(
-            counts, amax, jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite
-        )
-
-    def bounds(state: HistogramState, fmt: Format = None, *, symmetric: bool = False):
-        if method == "kl":
-            kl_format_levels(fmt, num_bins)
-        if method == "percentile" and not symmetric:
-            check_percentile(percentile, symmetric=False)
-        if method == "mse" and not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
-            raise TypeError(
-                f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
-            )
-        return bounds_core(state, fmt, symmetric)
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def bounds_core(state: HistogramState, fmt: Format, symmetric: bool):
-        rmin, rmax = or_zero(state.min), or_zero(state.max)
-        width = state.amax / num_bins
-        if method == "percentile":
-            if symmetric:
-                q = percentile / 100.0
-                a = histograms.quantile(histograms.fold(state.counts), 0.0, width, q)
-                a = jnp.minimum(a, jnp.maximum(-rmin, rmax))
-                return -a, a
-            lower, upper = (
-                jnp.clip(histograms.quantile(state.counts, -state.amax, width, q), rmin, rmax)
-                for q in (1.0 - percentile / 100.0, percentile / 100.0)
-            )
-            return lower, upper
-        if method == "kl":
-            levels = histograms.kl_levels(fmt)
-            if fmt.signed:
-                t = histograms.kl_threshold(histograms.fold(state.counts), state.amax, levels)
-                return -t, t
-            t = histograms.kl_threshold(histograms.positive_part(state.counts), state.amax, levels)
-            return jnp.zeros_like(t), t
-        centres = -state.amax + (jnp.arange(total_bins, dtype=jnp.float32) + 0.5) * width
-        lo, hi = jnp.minimum(rmin, 0.0), jnp.maximum(rmax, 0.0)
-        alpha = mse_clip_factor(
-            centres,
-            state.counts,
-            lo,
-            hi,
-            fmt,
-            symmetric=symmetric,
-            num_candidates=num_candidates,
-            num_rounds=num_rounds,
-        )
-        return alpha * lo, alpha * hi
-
-    return Observer(init, jax.jit(update), _from_bounds(bounds), bounds)
+    percentile = check_percentile(percentile, symmetric=True) if method == "percentile" else 0.0
+    static = {
+        "method": method,
+        "percentile": percentile,
+        "num_bins": num_bins,
+        "num_candidates": num_candidates,
+        "num_rounds": num_rounds,
+    }
+    return _observer(
+        _histogram_init(num_bins), _histogram_update, _histogram_check, _histogram_core, **static
+    )

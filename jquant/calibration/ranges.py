@@ -20,6 +20,7 @@ from jquant.calibration.grouping import (
     Axis,
     as_groups,
     check_data,
+    check_format,
     check_int_format,
     finite_min_max,
     kept_axes,
@@ -27,7 +28,7 @@ from jquant.calibration.grouping import (
     stat_shape,
 )
 from jquant.calibration.search import check_search, mse_clip_factor
-from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+from jquant.formats import Format
 
 __all__ = ["minmax", "absmax", "percentile", "mse", "kl", "aciq", "aciq_clip", "ACIQ_PRIORS"]
 
@@ -144,10 +145,7 @@ def mse(
     >>> lo, hi = jax.vmap(lambda f: mse(x, f, symmetric=True))(widths)  # doctest: +SKIP
     """
     check_search(num_candidates, num_rounds)
-    if not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
-        raise TypeError(
-            f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
-        )
+    check_format(fmt)
     x = check_data(x)
     return _mse(x, fmt, kept_axes(axis, x.ndim), symmetric, num_candidates, num_rounds)
 

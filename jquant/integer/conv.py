@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.integer.checks import check_int8, check_zero_point
+from jquant.integer.checks import check_int8
 from jquant.integer.padding import explicit_padding, pair
-from jquant.integer.requant import Requant, linear_output
+from jquant.integer.requant import Requant, linear_epilogue
 
 __all__ = ["conv2d"]
 
@@ -70,11 +70,23 @@ def conv2d(
             f"with groups={groups}, x's channels ({c}) must equal groups * w.shape[2] "
             f"({w.shape[2]}) and w's outputs ({o}) must be a multiple of groups"
         )
+    epilogue = linear_epilogue(
+        w,
+        b,
+        x_scale=x_scale,
+        x_zp=x_zp,
+        w_scale=w_scale,
+        out_scale=out_scale,
+        out_zp=out_zp,
+        activation=activation,
+        requant=requant,
+    )
     strides = pair("strides", strides)
     dilation = pair("dilation", dilation)
     pads = explicit_padding(x.shape[1:3], w.shape[:2], strides, dilation, padding)
-    zp = check_zero_point("x_zp", x_zp)
-    x_pad = lax.pad(x, zp.astype(jnp.int8), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    x_pad = lax.pad(
+        x, epilogue.x_zp.astype(jnp.int8), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))
+    )
     acc = lax.conv_general_dilated(
         x_pad,
         w,
@@ -85,15 +97,4 @@ def conv2d(
         feature_group_count=groups,
         preferred_element_type=jnp.int32,
     )
-    return linear_output(
-        acc,
-        w,
-        b,
-        x_scale=x_scale,
-        x_zp=zp,
-        w_scale=w_scale,
-        out_scale=out_scale,
-        out_zp=out_zp,
-        activation=activation,
-        requant=requant,
-    )
+    return epilogue(acc)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.integer.checks import check_int8
-from jquant.integer.requant import Requant, linear_output
+from jquant.integer.requant import Requant, linear_epilogue
 
 __all__ = ["dense"]
 
@@ -41,9 +41,7 @@ def dense(
         raise ValueError(
             f"x must be (..., in) and w (in, out) with matching in, got {x.shape} and {w.shape}"
         )
-    acc = lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return linear_output(
-        acc,
+    epilogue = linear_epilogue(
         w,
         b,
         x_scale=x_scale,
@@ -54,3 +52,5 @@ def dense(
         activation=activation,
         requant=requant,
     )
+    acc = lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return epilogue(acc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,8 +158,24 @@ def resolve_requant(requant: str | Requant, x_scale, w_scale, out_scale) -> Requ
     return requant_from_scales(x_scale, w_scale, out_scale, requant)
 
 
-def linear_output(
-    acc: jax.Array,
+class LinearEpilogue(NamedTuple):
+    """Validated constants of the output stage of conv / dense (see :func:`linear_epilogue`)."""
+
+    w_sum: jax.Array
+    b: jax.Array
+    x_zp: jax.Array
+    rq: Requant
+    out_zp: jax.Array
+    act_min: jax.Array
+    act_max: jax.Array
+
+    def __call__(self, acc: jax.Array) -> jax.Array:
+        """``requantize(acc - x_zp * sum(w) + b)``, clamped to the activation's range."""
+        acc = acc - self.x_zp * self.w_sum + self.b
+        return requantize(acc, self.rq, self.out_zp, self.act_min, self.act_max)
+
+
+def linear_epilogue(
     w: jax.Array,
     b,
     *,
@@ -169,9 +186,9 @@ def linear_output(
     out_zp,
     activation: str | None,
     requant: str | Requant,
-) -> jax.Array:
-    """Output stage shared by conv and dense: from ``acc = sum x w`` (raw int8 codes, int32)
-    to ``requantize(acc - x_zp * sum(w) + b)`` clamped by the fused activation.
+) -> LinearEpilogue:
+    """Checks the arguments of conv / dense and prepares their output stage, before any
+    computation: from ``acc = sum x w`` (raw int8 codes, int32) to int8 codes.
 
     ``sum_k (x_k - x_zp) w_kc = sum_k x_k w_kc - x_zp sum_k w_kc`` (the sum over every kernel
     tap, padding included: padded inputs hold ``x_zp``, i.e. real 0). ``w`` has output
@@ -189,7 +206,6 @@ def linear_output(
             f"requant multipliers must have shape (), (1,) or ({channels},), "
             f"got {np.shape(rq.multiplier)}"
         )
-    w_sum = jnp.sum(w.astype(jnp.int32).reshape(-1, channels), axis=0)
-    acc = acc - x_zp * w_sum + b
     lo, hi = activation_range(activation, out_scale, out_zp, rq.mode)
-    return requantize(acc, rq, out_zp, lo, hi)
+    w_sum = jnp.sum(w.astype(jnp.int32).reshape(-1, channels), axis=0)
+    return LinearEpilogue(w_sum, b, x_zp, rq, check_zero_point("out_zp", out_zp), lo, hi)

@@ -224,7 +224,7 @@ def _deep_merge(base: Mapping, override: Mapping) -> dict:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedModel:
     """A plain Linen model run with quantization rules (see :func:`quantize_model`).
 

@@ -66,11 +66,12 @@ def with_bits(
     return dataclasses.replace(rule, **changes)
 
 
-def _batches(x: jax.Array, batch_size: int):
+def _batches(x, batch_size: int):
+    """Equal batches of ``x`` (the last zero-padded; NumPy, so no per-shape op compiles)."""
+    x = np.asarray(x)
     n = x.shape[0]
-    pad = -n % batch_size
-    xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-    return [xp[s : s + batch_size] for s in range(0, n + pad, batch_size)], n
+    xp = np.concatenate([x, np.zeros((-n % batch_size, *x.shape[1:]), x.dtype)])
+    return [xp[s : s + batch_size] for s in range(0, len(xp), batch_size)], n
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,7 +99,7 @@ class PTQ:
         """Attaches observers for ``rules`` and folds ``calib_x`` (in batches) into them."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        calib_x = jnp.asarray(calib_x)
+        calib_x = np.asarray(calib_x)
         if calib_x.ndim < 1 or calib_x.shape[0] == 0:
             raise ValueError(f"calib_x must hold at least one example, got {calib_x.shape}")
         example = calib_x[:1]
@@ -136,24 +137,27 @@ class PTQ:
         else:
             qm, variables = self.quantized(rules)
             fn = jax.jit(lambda v, xb: qm.apply(v, xb))
-        parts, n = _batches(jnp.asarray(x), self.batch_size)
-        return jnp.concatenate([fn(variables, xb) for xb in parts])[:n]
+        parts, n = _batches(x, self.batch_size)
+        return np.concatenate([np.asarray(fn(variables, xb)) for xb in parts])[:n]
 
 
-def score(logits: jax.Array, y: jax.Array, reference: jax.Array | None) -> dict[str, float]:
-    """Accuracy, loss and, against ``reference`` logits, KL and SQNR (dB)."""
-    out = {
-        "accuracy": float(jnp.mean(jnp.argmax(logits, -1) == y)),
-        "loss": float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))),
+@jax.jit
+def _score(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, jax.Array]:
+    return {
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+        "loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)),
+        "kl": jnp.mean(metrics.kl(reference, logits)),
+        "sqnr_db": metrics.sqnr_db(reference, logits),
     }
-    if reference is not None:
-        out["kl"] = float(jnp.mean(metrics.kl(reference, logits)))
-        out["sqnr_db"] = float(metrics.sqnr_db(reference, logits))
-    return out
+
+
+def score(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, float]:
+    """Accuracy, loss and, against ``reference`` logits, mean KL and SQNR (dB)."""
+    return {k: float(v) for k, v in _score(logits, y, reference).items()}
 
 
 def _check_data(x, y) -> tuple[jax.Array, jax.Array]:
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape (len(x),) = ({x.shape[0]},), got {y.shape}")
     return x, y

@@ -4,9 +4,9 @@ Clipping ``x`` to ``[-alpha, alpha]`` and quantizing into ``2^M`` uniform cells 
 ``2 alpha / 2^M`` gives, for a symmetric density (their eqs. 5 and 7, in units of the spread:
 ``t = alpha / b`` for Laplace(0, b), ``t = alpha / sigma`` for N(0, sigma^2))::
 
-    laplace:   E[(x - Q(x))^2] / b^2     = 2 e^{-t}                                  + t^2 / (3 * 4^M)
-    gaussian:  E[(x - Q(x))^2] / sigma^2 = (t^2 + 1) erfc(t / sqrt 2)
-                                           - sqrt(2 / pi) t e^{-t^2 / 2}             + t^2 / (3 * 4^M)
+    laplace:   MSE / b^2     = 2 e^{-t}                                             + t^2 / (3 4^M)
+    gaussian:  MSE / sigma^2 = (t^2 + 1) erfc(t / sqrt 2) - sqrt(2 / pi) t e^{-t^2/2}
+                                                                                    + t^2 / (3 4^M)
 
 (clipping noise of both tails + uniform rounding noise). ACIQ picks the ``t*`` minimising the
 model (``jquant.calibration.aciq``); we compare it with the empirical MSE-optimal clip

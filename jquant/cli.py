@@ -1,0 +1,283 @@
+"""The ``jquant`` command line: ``jquant <command> [options]`` (also ``python -m jquant``).
+
+Commands are entries of :data:`COMMANDS`, each a :class:`Command` with a name, a help line, a
+function that adds its options to an ``argparse`` subparser and a function that runs it; a new
+subcommand is one more entry. Bad options exit with status 2 and a message naming the option
+(argparse's convention), before any work starts.
+
+``jquant sweep`` (the default configuration needs no arguments): train (or load the cached
+weights of) a zoo model on a data set, then
+
+- sweep its weights and its layers' activations over the widths, granularities and
+  calibration methods (:func:`jquant.sweep.error_vs_bits`; one compiled program per curve);
+- evaluate the post-training-quantized model with weights and activations at each width
+  (:func:`jquant.sweep.model_vs_bits`);
+- print both tables and write ``tensors.{csv,json}``, ``model.{csv,json}``,
+  ``sqnr_vs_bits.png`` and ``accuracy_vs_bits.png`` into ``--out``. Files are written into a
+  temporary folder beside ``--out`` and moved into place at the end, so a failed run leaves
+  nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from jquant.formats import MAX_BITS, MIN_BITS
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "parse_bits", "parse_choices"]
+
+MODELS = ("mlp", "cnn", "cnn_bn")  # jquant.models.config.MODEL_NAMES (checked in a test)
+DATASETS = ("mnist1d", "digits")  # jquant.data.DATASETS (checked in a test)
+GRANULARITIES = ("per_tensor", "per_channel")
+CALIBRATIONS = ("minmax", "percentile", "mse", "kl", "aciq")
+# Activation calibrations that jquant.nn's observers offer (for the model sweep).
+MODEL_CALIBRATIONS = ("minmax", "percentile", "mse", "kl")
+
+
+class Command(NamedTuple):
+    """A subcommand: ``configure(parser)`` adds options; ``run(args) -> exit status``."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def parse_bits(text: str) -> list[int]:
+    """``"2-8"`` -> ``[2, ..., 8]``; ``"2,4,8"`` -> ``[2, 4, 8]``; each in ``[2, 16]``."""
+    try:
+        widths: list[int] = []
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            if sep:
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError
+                widths.extend(range(a, b + 1))
+            else:
+                widths.append(int(lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a width list: use a range 'A-B' or a list 'A,B,C' of integers"
+        ) from None
+    bad = [b for b in widths if not MIN_BITS <= b <= MAX_BITS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"widths must be integers in [{MIN_BITS}, {MAX_BITS}], got {text!r} ({bad} outside)"
+        )
+    return sorted(set(widths))
+
+
+def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type for a comma-separated list of names from ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in allowed]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose from {', '.join(allowed)} (comma-separated)"
+            )
+        return list(dict.fromkeys(names))
+
+    return parse
+
+
+def _check_out(out: str) -> pathlib.Path:
+    """``out`` as an absolute path whose nearest existing ancestor is a writable folder."""
+    path = pathlib.Path(out).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{out!r} exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"{out!r} cannot be written: {str(probe)!r} is not a writable folder"
+        )
+    return path
+
+
+def _configure_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=MODELS, default="cnn", help="zoo model (default: cnn)")
+    p.add_argument(
+        "--data", choices=DATASETS, default="mnist1d", help="data set (default: mnist1d)"
+    )
+    p.add_argument(
+        "--bits", type=parse_bits, default="2-8", help="widths: '2-8' or '2,4,8' (default: 2-8)"
+    )
+    p.add_argument(
+        "--granularity",
+        type=parse_choices(GRANULARITIES),
+        default=",".join(GRANULARITIES),
+        help="per_tensor and/or per_channel, comma-separated (default: both)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=parse_choices(CALIBRATIONS),
+        default="minmax",
+        help=f"range estimators for the tensor sweep, from {', '.join(CALIBRATIONS)}; the "
+        "model sweep uses the first (minmax if the layers have no such observer)",
+    )
+    p.add_argument(
+        "--out",
+        type=_check_out,
+        default="jquant-sweep",
+        help="output folder (default: ./jquant-sweep)",
+    )
+    p.add_argument("--steps", type=_positive, default=1500, help="training steps if not cached")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
+    p.add_argument("--calib-examples", type=_positive, default=1024, help="calibration examples")
+    p.add_argument(
+        "--cache", default=None, help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _activations(model, variables, x) -> dict:
+    """Outputs of every submodule (Flax's ``capture_intermediates``), by module path."""
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    acts = {}
+    for key, value in _flat(state["intermediates"]).items():
+        name = key.removesuffix("/__call__")
+        if name != "__call__":  # the model's own output: the logits
+            acts[name] = value[0] if isinstance(value, tuple) else value
+    return acts
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from jquant import data
+    from jquant.models.train import train_or_load
+    from jquant.nn.rules import QuantRule
+    from jquant.sweep import Table, error_vs_bits, plots
+    from jquant.sweep.model_vs_bits import model_vs_bits
+
+    progress = not args.no_progress
+    say = print if progress else (lambda *a, **k: None)
+    ds = data.load(args.data)
+    say(f"[jquant] {args.model} on {args.data}: training ({args.steps} steps) or loading cache")
+    trained = train_or_load(args.model, ds, args.seed, args.steps, cache=args.cache)
+    x_eval, y_eval = ds.x_test[: args.eval_examples], ds.y_test[: args.eval_examples]
+    x_cal = ds.x_train[: args.calib_examples]
+
+    kernels = {k: v for k, v in _flat(trained.variables["params"]).items() if k.endswith("kernel")}
+    acts = _activations(trained.model, trained.variables, x_cal[:256])
+    common = dict(
+        bits=args.bits,
+        granularities=args.granularity,
+        calibrations=args.calibration,
+        progress=progress,
+        chunk_size=4,
+    )
+    tw = error_vs_bits(kernels, **common)
+    ta = error_vs_bits(acts, **common)
+    tensors = Table.from_dicts(
+        [{"kind": "weight", **r} for r in tw.to_dicts()]
+        + [{"kind": "activation", **r} for r in ta.to_dicts()]
+    ).with_meta(peak_bytes=max(tw.meta["peak_bytes"], ta.meta["peak_bytes"]))
+
+    calib = next((c for c in args.calibration if c in MODEL_CALIBRATIONS), "minmax")
+    model_table = model_vs_bits(
+        trained.model,
+        trained.variables,
+        x_eval,
+        y_eval,
+        args.bits,
+        calib_x=x_cal,
+        rules=(QuantRule(".*", calibration=calib),),
+        granularities=args.granularity,
+        progress=progress,
+    ).with_meta(model=args.model, data=args.data, **trained.metrics)
+
+    print(tensors.where(granularity=args.granularity[0]).format())
+    print()
+    print(model_table.format())
+    out: pathlib.Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the results are for sharing
+    try:
+        tensors.to_csv(str(staging / "tensors.csv"))
+        tensors.to_json(str(staging / "tensors.json"))
+        model_table.to_csv(str(staging / "model.csv"))
+        model_table.to_json(str(staging / "model.json"))
+        plots.sqnr_vs_bits(
+            tensors.where(calibration=args.calibration[0]),
+            str(staging / "sqnr_vs_bits.png"),
+            group_by=("kind", "tensor", "granularity"),
+        )
+        quantized = model_table.where(target="weights+acts")
+        plots.metric_vs_bits(
+            quantized, str(staging / "accuracy_vs_bits.png"), "accuracy", group_by=("granularity",)
+        )
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"\n[jquant] wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return 0
+
+
+def _flat(tree) -> dict:
+    import flax
+
+    return flax.traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Renames ``staging`` to ``out`` (atomic) or, if ``out`` exists, moves each file in."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "sweep",
+        "what each bit costs: tensor SQNR and model accuracy against bit width",
+        _configure_sweep,
+        _run_sweep,
+    ),
+)
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    """The ``jquant`` parser with one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="jquant", description="jquant: quantization research in JAX"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in commands:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jquant`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Model conversion: a quantized Flax model -> an integer-only program (data + interpreter).
+
+>>> program = convert(qmodel, variables, x[:1], output_qparams=qp)   # doctest: +SKIP
+>>> y = program.dequantize_output(jax.jit(run)(program, program.quantize_input(x)))  # +SKIP
+>>> save(program, "model.safetensors"); program = load("model.safetensors")  # +SKIP
+"""
+
+from jquant.convert.build import convert, output_qparams_from_data
+from jquant.convert.io import load, read_tensors, save, write_tensors
+from jquant.convert.program import (
+    AccumulatorInfo,
+    Conv,
+    Dense,
+    LayerSpec,
+    Pool,
+    Program,
+    Reshape,
+    accumulator_report,
+    run,
+    validate,
+)
+from jquant.convert.trace import Node, trace_layers
+
+__all__ = [
+    "AccumulatorInfo",
+    "Conv",
+    "Dense",
+    "LayerSpec",
+    "Node",
+    "Pool",
+    "Program",
+    "Reshape",
+    "accumulator_report",
+    "convert",
+    "load",
+    "output_qparams_from_data",
+    "read_tensors",
+    "run",
+    "save",
+    "trace_layers",
+    "validate",
+    "write_tensors",
+]

@@ -1,0 +1,348 @@
+"""The integer program: a frozen tuple of layer specs (a pytree) and its interpreter :func:`run`.
+
+A converted model is data. Each layer spec holds its integer constants as leaves (int8
+weights, int32 bias, zero points, :class:`~jquant.integer.Requant` multipliers, and the float32
+scales they came from, kept for inspection) and its geometry as static fields. :func:`run`
+folds the specs over an int8 batch with the kernels of :mod:`jquant.integer`::
+
+    x_0 = program.quantize_input(x)          # q = clip(round(x / s_in) + z_in)
+    x_{k+1} = layer_k(x_k)                   # int8 -> int8, int32 accumulators inside
+    y = program.dequantize_output(x_L)       # s_out (q - z_out)
+
+Linear layers compute ``clamp(requant(sum (x - x_zp) w + b) + out_zp)`` (TFLite int8 spec);
+pooling keeps the input's scale and zero point; reshape only moves codes. 1-D convolutions
+and pools (``(N, L, C)`` activations) run as 2-D ones with ``H = 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant import integer
+from jquant.formats import IntFormat
+from jquant.quant import QParams, dequantize, quantize
+
+__all__ = [
+    "Conv",
+    "Dense",
+    "Pool",
+    "Reshape",
+    "Program",
+    "LayerSpec",
+    "AccumulatorInfo",
+    "run",
+    "accumulator_report",
+    "validate",
+]
+
+INT8_RANGE = (-128, 127)
+
+
+def _spec(data: tuple[str, ...], meta: tuple[str, ...]):
+    """Frozen dataclass registered as a pytree: ``data`` fields are leaves, ``meta`` static."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls = jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+        cls.data_fields, cls.meta_fields = data, meta
+        return cls
+
+    return wrap
+
+
+def _clamp(y: jax.Array, clamp: tuple[int, int]) -> jax.Array:
+    """Clamps int8 codes to a narrower format's range (no-op for int8)."""
+    if tuple(clamp) == INT8_RANGE:
+        return y
+    return jnp.clip(y, jnp.int8(clamp[0]), jnp.int8(clamp[1]))
+
+
+_LINEAR_DATA = ("w", "b", "x_zp", "out_zp", "requant", "x_scale", "w_scale", "out_scale")
+
+
+@_spec(
+    _LINEAR_DATA,
+    ("path", "activation", "clamp", "strides", "padding", "dilation", "groups", "spatial"),
+)
+class Conv:
+    """int8 convolution (TFLite ``CONV_2D``), NHWC x HWIO, requantized to ``out_scale``.
+
+    Attributes:
+      path: module path in the source model (for reports and errors).
+      w: int8 ``(KH, KW, C / groups, O)``; a 1-D conv has ``KH = 1``.
+      b: int32 ``(O,)`` at scale ``x_scale * w_scale``.
+      x_zp, out_zp: int32 zero points of the input and output codes.
+      requant: multipliers ``M[o] = x_scale * w_scale[o] / out_scale``.
+      x_scale, w_scale, out_scale: float32 scales (``w_scale`` per output channel).
+      activation: fused ``None`` or ``"relu"``.
+      clamp: ``(qmin, qmax)`` of the output format (``(-128, 127)`` for int8).
+      strides, dilation: pairs; padding: ``((t, b), (l, r))``; groups: feature groups.
+      spatial: 1 (``(N, L, C)`` activations) or 2 (``(N, H, W, C)``).
+    """
+
+    path: str
+    w: jax.Array
+    b: jax.Array
+    x_zp: jax.Array
+    out_zp: jax.Array
+    requant: integer.Requant
+    x_scale: jax.Array
+    w_scale: jax.Array
+    out_scale: jax.Array
+    activation: str | None = None
+    clamp: tuple[int, int] = INT8_RANGE
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    spatial: int = 2
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x4 = x[:, None] if self.spatial == 1 else x
+        y = integer.conv2d(
+            x4,
+            self.w,
+            self.b,
+            x_zp=self.x_zp,
+            out_zp=self.out_zp,
+            strides=self.strides,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            activation=self.activation,
+            requant=self.requant,
+        )
+        y = _clamp(y, self.clamp)
+        return y[:, 0] if self.spatial == 1 else y
+
+
+@_spec(_LINEAR_DATA, ("path", "activation", "clamp"))
+class Dense:
+    """int8 dense layer (TFLite ``FULLY_CONNECTED``): ``w`` int8 ``(in, out)``; the other
+    fields as :class:`Conv`."""
+
+    path: str
+    w: jax.Array
+    b: jax.Array
+    x_zp: jax.Array
+    out_zp: jax.Array
+    requant: integer.Requant
+    x_scale: jax.Array
+    w_scale: jax.Array
+    out_scale: jax.Array
+    activation: str | None = None
+    clamp: tuple[int, int] = INT8_RANGE
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = integer.dense(
+            x,
+            self.w,
+            self.b,
+            x_zp=self.x_zp,
+            out_zp=self.out_zp,
+            activation=self.activation,
+            requant=self.requant,
+        )
+        return _clamp(y, self.clamp)
+
+
+POOL_KINDS = ("max", "avg")
+
+
+@_spec((), ("path", "kind", "window", "strides", "padding", "spatial"))
+class Pool:
+    """TFLite int8 max / average pooling: the output keeps the input's scale and zero point.
+
+    ``avg``: ``round_half_away(sum / n)`` over the ``n`` valid elements of each window.
+    """
+
+    path: str
+    kind: str
+    window: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    spatial: int = 2
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pool = integer.max_pool if self.kind == "max" else integer.avg_pool
+        x4 = x[:, None] if self.spatial == 1 else x
+        y = pool(x4, self.window, self.strides, self.padding)
+        return y[:, 0] if self.spatial == 1 else y
+
+
+@_spec((), ("path", "shape"))
+class Reshape:
+    """``x.reshape(N, *shape)``: moves codes, keeps scale and zero point (e.g. flatten)."""
+
+    path: str
+    shape: tuple[int, ...]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], *self.shape)
+
+
+LayerSpec = Conv | Dense | Pool | Reshape
+SPECS: dict[str, type] = {"conv": Conv, "dense": Dense, "pool": Pool, "reshape": Reshape}
+
+
+@_spec(
+    ("layers", "input_scale", "input_zp", "output_scale", "output_zp"),
+    ("input_shape", "input_clamp", "rounding"),
+)
+class Program:
+    """An integer-only program: layer specs plus the input and output quantizers.
+
+    Attributes:
+      layers: tuple of :class:`Conv` / :class:`Dense` / :class:`Pool` / :class:`Reshape`.
+      input_scale, input_zp: quantizer of the float input (float32 / int32 scalars).
+      output_scale, output_zp: scale and zero point of the int8 output codes.
+      input_shape: shape of one example (without the batch axis).
+      input_clamp: ``(qmin, qmax)`` of the input format.
+      rounding: rounding of the input quantizer (``jquant.quant.ROUNDING_MODES``).
+    """
+
+    layers: tuple
+    input_scale: jax.Array
+    input_zp: jax.Array
+    output_scale: jax.Array
+    output_zp: jax.Array
+    input_shape: tuple[int, ...]
+    input_clamp: tuple[int, int] = INT8_RANGE
+    rounding: str = "nearest_even"
+
+    def quantize_input(self, x: jax.Array) -> jax.Array:
+        """int8 ``clip(round(x / input_scale) + input_zp, qmin, qmax)``."""
+        bits = (self.input_clamp[1] - self.input_clamp[0] + 1).bit_length() - 1
+        qp = QParams(self.input_scale, self.input_zp.astype(jnp.float32))
+        return quantize(x, qp, IntFormat(bits), rounding=self.rounding).astype(jnp.int8)
+
+    def dequantize_output(self, q: jax.Array) -> jax.Array:
+        """float32 ``output_scale * (q - output_zp)``."""
+        return dequantize(q, QParams(self.output_scale, self.output_zp.astype(jnp.float32)))
+
+    @property
+    def output_qparams(self) -> QParams:
+        """QParams of the output codes (int8 format)."""
+        return QParams(self.output_scale, self.output_zp.astype(jnp.float32))
+
+
+def run(program: Program, x: jax.Array) -> jax.Array:
+    """Runs the integer program on int8 inputs: ``x_{k+1} = layer_k(x_k)``, int8 out.
+
+    Pure and jit-able (``jax.jit(run)(program, x)``); every arithmetic step is integer.
+
+    Args:
+      program: a :class:`Program` (from :func:`jquant.convert.convert` or :func:`load`).
+      x: int8 codes of shape ``(N, *program.input_shape)``, e.g. ``program.quantize_input(x)``.
+
+    Returns:
+      int8 output codes ``(N, ...)``; :meth:`Program.dequantize_output` gives floats.
+
+    Raises:
+      TypeError: ``program`` is not a Program or ``x`` is not int8 (at trace time).
+      ValueError: ``x`` has the wrong shape.
+    """
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a jquant.convert.Program, got {type(program).__name__}")
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.int8:
+        raise TypeError(
+            f"x must be an int8 array (use program.quantize_input(x) on float inputs), "
+            f"got {dtype if dtype is not None else type(x).__name__}"
+        )
+    if tuple(x.shape[1:]) != tuple(program.input_shape):
+        raise ValueError(
+            f"x must have shape (N, *{tuple(program.input_shape)}), got {tuple(x.shape)}"
+        )
+    for layer in program.layers:
+        x = layer(x)
+    return x
+
+
+class AccumulatorInfo(NamedTuple):
+    """Worst-case int32 accumulator of one linear layer: ``bound = max_c 255 sum|w| + |b|``
+    and ``bits``, the signed width that holds it (``ceil(log2(bound + 1)) + 1``)."""
+
+    path: str
+    bound: int
+    bits: int
+
+
+def _accumulator_info(layer: Conv | Dense) -> AccumulatorInfo:
+    bound = int(np.max(integer.accumulator_bound(np.asarray(layer.w), np.asarray(layer.b))))
+    return AccumulatorInfo(layer.path, bound, bound.bit_length() + 1)
+
+
+def accumulator_report(program: Program) -> list[AccumulatorInfo]:
+    """Per conv / dense layer, the worst-case accumulator (see :class:`AccumulatorInfo`);
+    a program that passed :func:`validate` has every ``bits <= 32``."""
+    return [_accumulator_info(layer) for layer in program.layers if isinstance(layer, Conv | Dense)]
+
+
+def _check_zp(where: str, name: str, zp, clamp=INT8_RANGE) -> None:
+    zp = np.asarray(zp)
+    if zp.shape != () or zp.dtype.kind not in "iu" or not clamp[0] <= int(zp) <= clamp[1]:
+        raise ValueError(
+            f"{where}: {name} must be an integer scalar in [{clamp[0]}, {clamp[1]}], got {zp!r}"
+        )
+
+
+def _check_scales(where: str, name: str, s) -> None:
+    s = np.asarray(s)
+    if s.dtype.kind != "f" or not np.all(np.isfinite(s) & (s > 0)):
+        raise ValueError(f"{where}: {name} must be finite float(s) > 0, got {s!r}")
+
+
+def _check_dtype(where: str, name: str, a, dtype) -> None:
+    if np.asarray(a).dtype != np.dtype(dtype):
+        raise TypeError(f"{where}: {name} must be {np.dtype(dtype)}, got {np.asarray(a).dtype}")
+
+
+def _validate_linear(layer: Conv | Dense) -> None:
+    where = f"layer {layer.path!r}"
+    _check_dtype(where, "w", layer.w, np.int8)
+    _check_dtype(where, "b", layer.b, np.int32)
+    _check_zp(where, "x_zp", layer.x_zp)
+    _check_zp(where, "out_zp", layer.out_zp, layer.clamp)
+    for name in ("x_scale", "w_scale", "out_scale"):
+        _check_scales(where, name, getattr(layer, name))
+    if layer.activation not in (None, "relu"):
+        raise ValueError(f"{where}: activation must be None or 'relu', got {layer.activation!r}")
+    try:
+        integer.check_accumulator(np.asarray(layer.w), np.asarray(layer.b))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def validate(program: Program) -> Program:
+    """Checks a concrete program: dtypes, scales ``> 0``, zero points in range, int32-safe
+    accumulators. Returns it; raises ValueError / TypeError naming the layer otherwise."""
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a jquant.convert.Program, got {type(program).__name__}")
+    _check_scales("program", "input_scale", program.input_scale)
+    _check_scales("program", "output_scale", program.output_scale)
+    _check_zp("program", "input_zp", program.input_zp, program.input_clamp)
+    _check_zp("program", "output_zp", program.output_zp)
+    for layer in program.layers:
+        if isinstance(layer, Conv | Dense):
+            _validate_linear(layer)
+        elif isinstance(layer, Pool):
+            if layer.kind not in POOL_KINDS:
+                raise ValueError(f"layer {layer.path!r}: pool kind must be in {POOL_KINDS}")
+        elif not isinstance(layer, Reshape):
+            raise TypeError(f"program.layers holds a {type(layer).__name__}, not a layer spec")
+    return program
+
+
+def spec_name(layer: Any) -> str:
+    """The registry name (``"conv"``, ...) of a layer spec."""
+    for name, cls in SPECS.items():
+        if isinstance(layer, cls):
+            return name
+    raise TypeError(f"not a layer spec: {type(layer).__name__}")
+

@@ -1,0 +1,235 @@
+"""Reads a Linen model's layer sequence from its jaxpr.
+
+The model is traced once (``jax.make_jaxpr``) with an interceptor that wraps every
+``nn.Conv`` / ``nn.Dense`` / ``nn.BatchNorm`` call in a named scope ``jquant_layer_<i>``, so
+each equation knows which layer call (if any) it belongs to. Equations outside those scopes
+are the glue between layers and must be one of: relu (``jax.nn.relu`` / ``max(x, 0)``), max
+or average pooling (``reduce_window``), reshape, or no-op casts. The result is a flat list of
+:class:`Node` s; anything else (a layer norm, a residual connection, a softmax) raises
+ValueError naming the module path it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+
+__all__ = ["Node", "trace_layers"]
+
+_MARK = "jquant_layer_"
+_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm)
+_NOOPS = ("copy", "copy_p")
+
+
+class Node(NamedTuple):
+    """One step of a sequential model.
+
+    ``kind``: ``conv`` | ``dense`` | ``batch_norm`` (with ``module``, the bound Flax module,
+    and ``info``: the conv's lax parameters, or BatchNorm's call kwargs) | ``relu`` |
+    ``max_pool`` / ``avg_pool`` (``info``: window, strides, padding of the spatial axes) |
+    ``reshape`` (``info``: the new per-example shape).
+    """
+
+    kind: str
+    path: str
+    module: Any = None
+    info: Any = None
+
+
+def _where(eqn) -> str:
+    """The module path of an equation, from its name stack (root class and markers removed)."""
+    parts = [p for p in str(eqn.source_info.name_stack).split("/") if p]
+    parts = [p for p in parts[1:] if not p.startswith(_MARK)]
+    return "/".join(parts) or "<top level>"
+
+
+def _marker(eqn) -> int | None:
+    found = re.findall(_MARK + r"(\d+)", str(eqn.source_info.name_stack))
+    return int(found[-1]) if found else None
+
+
+def _single_inner(eqn):
+    """The only equation of a call-like equation's inner jaxpr (relu is ``custom_jvp(jit(max))``)."""
+    for key in ("call_jaxpr", "jaxpr"):
+        inner = eqn.params.get(key)
+        if inner is not None:
+            inner = getattr(inner, "jaxpr", inner)
+            return inner.eqns[0] if len(inner.eqns) == 1 else None
+    return None
+
+
+def _is_zero(v) -> bool:
+    return isinstance(v, jex_core.Literal) and np.all(np.asarray(v.val) == 0)
+
+
+def _is_relu(eqn) -> bool:
+    while eqn is not None and eqn.primitive.name != "max":
+        eqn = _single_inner(eqn)
+    return eqn is not None and sum(_is_zero(v) for v in eqn.invars) == 1
+
+
+def _unsupported(eqn, what: str = "") -> ValueError:
+    return ValueError(
+        f"unsupported operation {eqn.primitive.name!r}{what} in module {_where(eqn)!r}: the "
+        "integer program supports sequential Conv / Dense (+ BatchNorm, relu), max / average "
+        "pooling and reshape"
+    )
+
+
+def _window(eqn, ndim: int) -> dict:
+    """Spatial window, strides and padding of a channels-last ``reduce_window``."""
+    p = eqn.params
+    dims, strides, pads = p["window_dimensions"], p["window_strides"], p["padding"]
+    outer = (0, ndim - 1)
+    if (
+        any(dims[a] != 1 or strides[a] != 1 or tuple(pads[a]) != (0, 0) for a in outer)
+        or any(d != 1 for d in p["base_dilation"])
+        or any(d != 1 for d in p["window_dilation"])
+        or ndim not in (3, 4)
+    ):
+        raise _unsupported(eqn, " (only spatial, undilated NWC / NHWC pooling)")
+    return {
+        "window": tuple(dims[1:-1]),
+        "strides": tuple(strides[1:-1]),
+        "padding": tuple(tuple(q) for q in pads[1:-1]),
+    }
+
+
+def _check_conv(eqn, path: str) -> dict:
+    p = eqn.params
+    dn, nd = p["dimension_numbers"], len(eqn.invars[0].aval.shape)
+    channels_last = (0, nd - 1, *range(1, nd - 1))
+    if (
+        tuple(dn.lhs_spec) != channels_last
+        or tuple(dn.out_spec) != channels_last
+        or tuple(dn.rhs_spec) != (nd - 1, nd - 2, *range(nd - 2))
+        or any(d != 1 for d in p["lhs_dilation"])
+        or p["batch_group_count"] != 1
+        or nd not in (3, 4)
+    ):
+        raise ValueError(
+            f"layer {path!r}: only 1-D / 2-D channels-last convolutions without input "
+            f"dilation are supported, got dimension numbers {dn} on a rank-{nd} input"
+        )
+    return {
+        "strides": tuple(p["window_strides"]),
+        "padding": tuple(tuple(q) for q in p["padding"]),
+        "dilation": tuple(p["rhs_dilation"]),
+        "groups": int(p["feature_group_count"]),
+    }
+
+
+def _layer_node(module, kwargs, group, current) -> tuple[Node, Any]:
+    """The node of one intercepted layer call and the variable holding its output."""
+    path = "/".join(module.path)
+    uses = [v for e in group for v in e.invars if v is current]
+    if not uses:
+        raise ValueError(f"layer {path!r} does not consume the previous layer's output")
+    if isinstance(module, nn.BatchNorm):
+        kind, info = "batch_norm", dict(kwargs)
+    else:
+        kind = "conv" if isinstance(module, nn.Conv) else "dense"
+        prim = "conv_general_dilated" if kind == "conv" else "dot_general"
+        core = [e for e in group if e.primitive.name == prim]
+        if len(core) != 1 or core[0].invars[0] is not current:
+            raise ValueError(
+                f"layer {path!r}: expected one {prim} applied to the layer input directly "
+                "(circular / causal padding and input transforms are not supported)"
+            )
+        info = _check_conv(core[0], path) if kind == "conv" else None
+        if kind == "dense":
+            ((lc, rc), (lb, rb)) = core[0].params["dimension_numbers"]
+            if lb or rb or tuple(rc) != (0,) or tuple(lc) != (len(current.aval.shape) - 1,):
+                raise ValueError(f"layer {path!r}: only x @ kernel over the last axis is supported")
+    return Node(kind, path, module, info), group[-1].outvars[0]
+
+
+def _glue_node(eqns, i: int, current, batch: int) -> tuple[Node | None, Any, int]:
+    """The node of the glue equation ``eqns[i]`` (None for a no-op), its output, next index."""
+    eqn = eqns[i]
+    name, path = eqn.primitive.name, _where(eqn)
+    operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+    if len(eqn.outvars) != 1 or operands != [current] or len(operands) != 1:
+        if any(v is current for v in operands):
+            raise _unsupported(eqn)
+        raise ValueError(
+            f"operation {name!r} in module {path!r} does not act on the previous layer's output "
+            "alone: only sequential models are supported"
+        )
+    out, ndim = eqn.outvars[0], len(current.aval.shape)
+    if name in _NOOPS or (
+        name == "convert_element_type" and eqn.params["new_dtype"] == current.aval.dtype
+    ):
+        return None, out, i + 1
+    if name == "reshape":
+        shape = tuple(eqn.params["new_sizes"])
+        if shape[0] != batch or eqn.params.get("dimensions") is not None:
+            raise ValueError(f"reshape in module {path!r} must keep the batch axis, got {shape}")
+        return Node("reshape", path, info=shape[1:]), out, i + 1
+    if _is_relu(eqn):
+        return Node("relu", path), out, i + 1
+    if name == "reduce_window_max":
+        return Node("max_pool", path, info=_window(eqn, ndim)), out, i + 1
+    if name == "reduce_window_sum" and i + 1 < len(eqns):
+        geo, div = _window(eqn, ndim), eqns[i + 1]
+        n = math.prod(geo["window"])
+        divisor = [v for v in div.invars if isinstance(v, jex_core.Literal)]
+        if (
+            div.primitive.name == "div"
+            and div.invars[0] is out
+            and len(divisor) == 1
+            and float(np.asarray(divisor[0].val)) == n
+            and all(p == (0, 0) for p in geo["padding"])
+        ):
+            return Node("avg_pool", path, info=geo), div.outvars[0], i + 2
+        raise _unsupported(eqn, " (only unpadded average pooling, sum / window size)")
+    raise _unsupported(eqn)
+
+
+def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> list[Node]:
+    """The model's steps, in order, from one trace of ``model.apply(variables, x)``.
+
+    Raises:
+      ValueError: a non-sequential graph or an operation other than the supported ones,
+        naming its module path.
+    """
+    records: list[tuple[nn.Module, dict]] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not module.path or not isinstance(module, _LAYERS):
+            return next_fun(*args, **kwargs)
+        records.append((module, dict(kwargs)))
+        with jax.named_scope(f"{_MARK}{len(records) - 1}"):
+            return next_fun(*args, **kwargs)
+
+    def forward(x):
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, x, **apply_kwargs)
+
+    jaxpr = jax.make_jaxpr(forward)(x).jaxpr
+    if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
+        raise ValueError("the model must map one input array to one output array")
+    current, batch, nodes, eqns, i = jaxpr.invars[0], x.shape[0], [], jaxpr.eqns, 0
+    while i < len(eqns):
+        mark = _marker(eqns[i])
+        if mark is None:
+            node, current, i = _glue_node(eqns, i, current, batch)
+            if node is not None:
+                nodes.append(node)
+            continue
+        j = i
+        while j < len(eqns) and _marker(eqns[j]) == mark:
+            j += 1
+        node, current = _layer_node(*records[mark], eqns[i:j], current)
+        nodes.append(node)
+        i = j
+    if jaxpr.outvars[0] is not current:
+        raise ValueError("the model's output is not the result of its last layer")
+    return nodes

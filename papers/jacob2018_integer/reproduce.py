@@ -1,0 +1,136 @@
+"""Jacob et al. (2018), integer-arithmetic-only inference: the fixed-point requantization.
+
+Section 2.2 of the paper: the real multiplier ``M = S1 S2 / S3`` of a quantized layer lies in
+``(0, 1)`` and is stored as ``M = 2^-n M0`` with ``M0`` in ``[0.5, 1)`` held as a Q31 int32;
+``x * M`` is then an int32 x int32 -> int64 product, its rounded high word (gemmlowp's
+``SaturatingRoundingDoublingHighMul``), and a rounding right shift by ``n``
+(``RoundingDivideByPOT``, round half away from zero: ``-12 / 2^3 -> -2``, where a plain
+arithmetic shift after adding half, ``(-12 + 4) >> 3``, gives ``-1``).
+
+This script tabulates, through ``jquant.integer.fixed_point``:
+
+- ``multipliers``: ``(M0, n)`` of typical multipliers, ``M0 / 2^31`` in ``[0.5, 1)`` and the
+  relative representation error (at most ``2^-31``);
+- ``rounding``: the paper's rounding example and its neighbours, three ways;
+- ``requant``: ``x * M`` on random int32 accumulators in the three requantization modes
+  (``double``: gemmlowp / TFLite reference; ``single``: TFLITE_SINGLE_ROUNDING; ``fp32``:
+  XNNPACK / ONNX Runtime), against the exactly rounded real product.
+
+Not yet reproduced: the MNIST-1D float vs integer-only accuracy (their Table 4.1 analogue),
+which needs ``jquant.convert`` (the integer-only program with BN folding); see README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from fractions import Fraction
+
+import numpy as np
+
+from jquant.integer import fixed_point as fp
+from jquant.reproduce import save_figure, script_main, write_tables
+from jquant.sweep import Table
+
+MULTIPLIERS = (0.75, 0.5, 0.999999, 2.0**-10, 1.0 / 3.0, 0.0123456, 3.1e-4, 1.7e-6)
+ROUNDING_CASES = (-13, -12, -11, -4, 4, 11, 12, 13)
+ROUNDING_EXPONENT = 3
+
+
+def _exact_round_half_away(v: Fraction) -> int:
+    """Nearest integer to the rational ``v``, ties away from zero."""
+    n = abs(v)
+    r = int(n + Fraction(1, 2))  # floor(|v| + 1/2)
+    return r if v >= 0 else -r
+
+
+def multiplier_rows() -> list[dict]:
+    m0, shift = fp.quantize_multiplier(np.array(MULTIPLIERS))
+    rows = []
+    for m, q, s in zip(MULTIPLIERS, m0.tolist(), shift.tolist(), strict=True):
+        rep = Fraction(q) * Fraction(2) ** (s - 31)
+        rows.append(
+            {
+                "M": m,
+                "M0_int32": q,
+                "M0": q / 2.0**31,
+                "n": -s,
+                "relative_error": float(abs(rep - Fraction(m)) / Fraction(m)),
+            }
+        )
+    return rows
+
+
+def rounding_rows() -> list[dict]:
+    x = np.array(ROUNDING_CASES, np.int32)
+    e = ROUNDING_EXPONENT
+    ours = np.asarray(fp.rounding_divide_by_pot(x, e)).tolist()
+    return [
+        {
+            "x": int(v),
+            "exponent": e,
+            "exact": float(v) / 2**e,
+            "rounding_divide_by_pot": o,
+            "add_half_then_shift": (int(v) + 2 ** (e - 1)) >> e,
+            "round_half_away": _exact_round_half_away(Fraction(int(v), 2**e)),
+        }
+        for v, o in zip(x, ours, strict=True)
+    ]
+
+
+def requant_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-(2**24), 2**24, size=n, dtype=np.int64).astype(np.int32)
+    rows = []
+    for m in MULTIPLIERS:
+        m0, shift = fp.quantize_multiplier(m)
+        exact_m = Fraction(int(m0)) * Fraction(2) ** (int(shift) - 31)
+        want = np.array([_exact_round_half_away(int(v) * exact_m) for v in x.tolist()])
+        real = x.astype(np.float64) * m
+        for mode in fp.MULTIPLIER_MODES:
+            mult = np.float32(m) if mode == "fp32" else m0
+            got = np.asarray(fp.multiply_by_quantized_multiplier(x, mult, shift, mode))
+            rows.append(
+                {
+                    "M": m,
+                    "mode": mode,
+                    "samples": n,
+                    "equal_to_rounded_product": float(np.mean(got == want)),
+                    "max_abs_diff": int(np.max(np.abs(got.astype(np.int64) - want))),
+                    "max_abs_error_vs_real": float(np.max(np.abs(got - real))),
+                }
+            )
+    return rows
+
+
+def _plot(table: Table):
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        ax.loglog(table.column("M"), np.maximum(table.column("relative_error"), 1e-20), "o")
+        ax.axhline(2.0**-31, color="k", lw=0.8, label="2^-31")
+        ax.set_xlabel("multiplier M")
+        ax.set_ylabel("|M0 2^-n - M| / M")
+        ax.set_title("Q31 fixed-point multiplier (Jacob et al. 2018, sec. 2.2)")
+        ax.legend()
+
+    return draw
+
+
+def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
+    """The three tables (2,000 accumulators per multiplier when ``quick``, else 100,000)."""
+    tables = {
+        "multipliers": Table.from_dicts(multiplier_rows()),
+        "rounding": Table.from_dicts(rounding_rows()),
+        "requant": Table.from_dicts(requant_rows(2_000 if quick else 100_000)),
+    }
+    has_convert = importlib.util.find_spec("jquant.convert") is not None
+    tables["requant"] = tables["requant"].with_meta(
+        paper="Jacob et al. 2018",
+        mnist1d_integer_only="not run: needs jquant.convert" if not has_convert else "todo",
+    )
+    save_figure(out_dir, "jacob2018_multipliers", _plot(tables["multipliers"]))
+    return write_tables(out_dir, tables)
+
+
+if __name__ == "__main__":
+    script_main(main, __doc__.splitlines()[0])

@@ -1,0 +1,121 @@
+"""Tests of jquant.nn.nnx: NNX layers equal the Linen ones, QuantStat state, phases, saving."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, serialization
+
+from jquant.formats import IntFormat
+from jquant.models import linen as mlinen
+from jquant.models import nnx as mnnx
+from jquant.nn import QuantRule, QuantStat
+from jquant.nn import linen as ql
+from jquant.nn import nnx as qn
+
+X = jax.random.normal(jax.random.key(1), (4, 16, 2))
+BATCHES = [X, 1.5 * jax.random.normal(jax.random.key(2), (4, 16, 2))]
+CFG = mlinen.CNNConfig(features=(8, 8), dense=(16,))
+RULES = (
+    QuantRule("conv1", keep_float=True),
+    QuantRule("head", weight="int8", act="int8", mode="int"),
+    QuantRule(".*", weight="int4", act=IntFormat(4, signed=False), estimator="lsq"),
+)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(linen QuantizedModel, its calibrated variables, calibrated NNX copy), same weights."""
+    cnn = mlinen.CNN(CFG)
+    v = jax.jit(cnn.init)(jax.random.key(0), X)
+    qm, _ = ql.quantize_model(cnn, RULES, X)
+    qv = qm.calibrate(qm.attach(v, X), BATCHES)
+    nm = mnnx.linen_to_nnx(v, mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(5)))
+    qnm, match = qn.quantize_model(nm, RULES)
+    assert match.unused == ()
+    qn.calibrate(qnm, BATCHES)
+    return qm, qv, qnm
+
+
+@pytest.mark.parametrize("phase", ["eval", "train"])
+def test_linen_and_nnx_identical(pair, phase):
+    qm, qv, qnm = pair
+    y_linen = jax.jit(qm.with_phase(phase).apply)(qv, X)
+    qn.set_phase(qnm, phase)
+    y_nnx = nnx.jit(lambda m, x: m(x))(qnm, X)
+    np.testing.assert_array_equal(y_nnx, y_linen)
+    assert not np.allclose(y_linen, jax.jit(qm.model.apply)(qv, X), atol=1e-3)
+
+
+def test_state_types_and_enumeration(pair):
+    qm, qv, qnm = pair
+    assert type(qnm.conv1) is nnx.Conv  # keep_float: untouched
+    assert isinstance(qnm.conv2, qn.QConv) and isinstance(qnm.head, qn.QLinear)
+    stats = nnx.state(qnm, QuantStat).to_pure_dict()
+    assert set(stats) == {"conv2", "dense1", "head"}
+    np.testing.assert_array_equal(
+        stats["conv2"]["input_qparams"]["scale"],
+        qv["quant_stats"]["conv2"]["input_qparams"]["scale"],
+    )
+    linen_layers = qm.layers(qv)
+    nnx_layers = qn.quantized_layers(qnm)
+    assert [layer.path for layer in nnx_layers] == [layer.path for layer in linen_layers]
+    for a, b in zip(nnx_layers, linen_layers, strict=True):
+        assert a.rule == b.rule
+        leaves_a, leaves_b = jax.tree_util.tree_leaves(a[2:]), jax.tree_util.tree_leaves(b[2:])
+        assert len(leaves_a) == len(leaves_b)
+        for x, y in zip(leaves_a, leaves_b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_original_model_unchanged():
+    nm = mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(0))
+    qnm, _ = qn.quantize_model(nm, QuantRule(".*"))
+    assert type(nm.conv2) is nnx.Conv and isinstance(qnm.conv2, qn.QConv)
+    qnm.conv2.kernel.value = qnm.conv2.kernel.value + 1.0
+    assert not np.array_equal(nm.conv2.kernel.value, qnm.conv2.kernel.value)
+
+
+def test_gradients_reach_weights_and_learned_scales(pair):
+    _, _, qnm = pair
+    qn.set_phase(qnm, "train")
+
+    @nnx.jit
+    def grads(m):
+        return nnx.grad(lambda m: jnp.sum(m(X) ** 2))(m)
+
+    g = grads(qnm)
+    for layer in ("conv2", "dense1"):
+        for name in ("kernel", "kernel_scale", "input_scale"):
+            leaf = np.asarray(g[layer][name].value)
+            assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), (layer, name)
+
+
+def test_save_restore_identical_outputs(pair):
+    _, _, qnm = pair
+    qn.set_phase(qnm, "eval")
+    blob = serialization.to_bytes(nnx.state(qnm).to_pure_dict())  # msgpack, no pickle
+    nm = mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(9))  # other weights, other calibration
+    other, _ = qn.quantize_model(nm, RULES)
+    qn.calibrate(other, [X * 0.1])
+    state = nnx.state(other)
+    state.replace_by_pure_dict(serialization.from_bytes(state.to_pure_dict(), blob))
+    nnx.update(other, state)
+    qn.set_phase(other, "eval")
+    f = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_array_equal(f(other, X), f(qnm, X))
+
+
+def test_errors():
+    nm = mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(0))
+    qnm, _ = qn.quantize_model(nm, QuantRule(".*"))
+    with pytest.raises(ValueError, match=r"never calibrated: \['conv1', 'conv2'"):
+        qn.set_phase(qnm, "eval")
+    with pytest.raises(ValueError, match="batches yielded no batch"):
+        qn.calibrate(qnm, iter(()))
+    with pytest.raises(ValueError, match="phase must be one of"):
+        qn.set_phase(qnm, "deploy")
+    with pytest.warns(UserWarning, match="matched no layer"):
+        qn.quantize_model(nm, (QuantRule(".*"), QuantRule("conv7")))
+    with pytest.raises(TypeError, match="flax.nnx.Module"):
+        qn.quantize_model(mlinen.CNN(CFG), QuantRule(".*"))
