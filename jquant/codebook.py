@@ -19,6 +19,7 @@ sums over the sorted samples) or in closed form (``"gaussian"`` with unit varian
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -163,9 +164,20 @@ def optimal_uniform_step(
     """Step of the MSE-optimal uniform quantizer with ``N`` levels (Max 1960, Table II).
 
     Golden-section search of ``codebook_mse(uniform_levels(N, step))`` over the step, which is
-    unimodal in the step. Returns ``(step, mse)``.
+    unimodal in the step. Returns ``(step, mse)``. Named distributions compile once per
+    ``(n_levels, distribution, iters)``.
     """
-    m = get_moments(distribution)
+    if isinstance(distribution, str):
+        return _optimal_uniform_step_named(n_levels, distribution, iters)
+    return _optimal_uniform_step(n_levels, get_moments(distribution), iters)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _optimal_uniform_step_named(n_levels: int, name: str, iters: int):
+    return _optimal_uniform_step(n_levels, get_moments(name), iters)
+
+
+def _optimal_uniform_step(n_levels: int, m: Moments, iters: int):
 
     def loss(step):
         return codebook_mse(uniform_levels(n_levels, step), m)
@@ -191,8 +203,18 @@ def lloyd_max(
     Starts from the optimal-ish uniform grid (or ``init``) and runs ``iters`` centroid
     updates under ``lax.fori_loop``. Returns ``(levels, mse)``.
     """
-    m = get_moments(distribution)
     levels = uniform_levels(n_levels, 4.0 / n_levels) if init is None else _check_levels(init)
+    if isinstance(distribution, str):
+        return _lloyd_max_named(levels, distribution, iters)
+    return _lloyd_max(levels, get_moments(distribution), iters)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _lloyd_max_named(levels: jax.Array, name: str, iters: int):
+    return _lloyd_max(levels, get_moments(name), iters)
+
+
+def _lloyd_max(levels: jax.Array, m: Moments, iters: int):
     inf = jnp.array([jnp.inf], jnp.float32)
 
     def body(_, y):
