@@ -28,8 +28,7 @@ import time
 import jax
 import numpy as np
 
-from jquant.sweep import error_vs_bits
-from jquant.sweep import sharding
+from jquant.sweep import error_vs_bits, sharding
 from jquant.sweep.error_vs_bits import QuantSpec
 
 WIDTHS = np.arange(2, 17)

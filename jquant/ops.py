@@ -150,14 +150,14 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
     return qparams_from_range(rmin, rmax, cfg.fmt, symmetric=cfg.symmetric)
 
 
-def _operand_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
-    """Validated QParams (float32 arrays) for one operand, or None when it is not quantized."""
+def _given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
+    """Validated given QParams (float32 arrays), or None (dynamic, or not quantized)."""
     if cfg is None:
         if qp is not None:
             raise ValueError(f"{name}_qparams was given but {name}_quant is None")
         return None
     if qp is None:
-        return dynamic_qparams(x, cfg)
+        return None
     check_qparams(x, qp, cfg.fmt)
     qp = QParams(jnp.asarray(qp.scale, jnp.float32), jnp.asarray(qp.zero_point, jnp.float32))
     if cfg.symmetric:
@@ -167,6 +167,18 @@ def _operand_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
                 f"{name}_quant is symmetric, so {name}_qparams.zero_point must be 0, got {zp}"
             )
     return qp
+
+
+def _qparams_shape(x, cfg: QuantConfig, qp: QParams | None) -> tuple[int, ...]:
+    """Shape of the QParams that ``x`` will use (dynamic ones: size 1 on the reduced axes)."""
+    if qp is not None:
+        return qp.shape
+    kept = cfg.axes(x.ndim)
+    return tuple(n if a in kept else 1 for a, n in enumerate(x.shape))
+
+
+def _resolve_qparams(x, cfg: QuantConfig | None, qp: QParams | None):
+    return dynamic_qparams(x, cfg) if cfg is not None and qp is None else qp
 
 
 def _fake_quant(x, qp: QParams | None, cfg: QuantConfig | None):
@@ -220,14 +232,14 @@ def _expand_to(a, ndim: int):
     return a.reshape((1,) * (ndim - a.ndim) + a.shape)
 
 
-def _check_constant_along(name: str, qp: QParams, ndim: int, axes, what: str) -> None:
+def _check_constant_along(name: str, qp_shape, ndim: int, axes, what: str) -> None:
     """Raises unless scale and zero point have size 1 along ``axes`` (they must factor out)."""
-    shape = (1,) * (ndim - len(qp.shape)) + qp.shape
+    shape = (1,) * (ndim - len(qp_shape)) + tuple(qp_shape)
     bad = [a for a in axes if shape[a] != 1]
     if bad:
         raise ValueError(
             f"mode='int' needs {name}'s scale/zero point to be constant along {what} {bad} "
-            f"(got shape {qp.shape}); quantize per tensor or per non-contracting axis"
+            f"(got shape {tuple(qp_shape)}); quantize per tensor or per non-contracting axis"
         )
 
 
@@ -368,13 +380,19 @@ def dot_general(
         _check_int_config("lhs", lhs_quant)
         _check_int_config("rhs", rhs_quant)
         _out_dtype(lhs, rhs, preferred_element_type)
-    qp_l = _operand_qparams("lhs", lhs, lhs_quant, lhs_qparams)
-    qp_r = _operand_qparams("rhs", rhs, rhs_quant, rhs_qparams)
+    qp_l = _given_qparams("lhs", lhs, lhs_quant, lhs_qparams)
+    qp_r = _given_qparams("rhs", rhs, rhs_quant, rhs_qparams)
+    if mode == "int":
+        shape_l, shape_r = (
+            _qparams_shape(lhs, lhs_quant, qp_l),
+            _qparams_shape(rhs, rhs_quant, qp_r),
+        )
+        _check_constant_along("lhs", shape_l, lhs.ndim, dn[0][0], "contracting axes")
+        _check_constant_along("rhs", shape_r, rhs.ndim, dn[0][1], "contracting axes")
+    qp_l, qp_r = _resolve_qparams(lhs, lhs_quant, qp_l), _resolve_qparams(rhs, rhs_quant, qp_r)
     st = _DotStatic(dn, precision, preferred_element_type, lhs_quant, rhs_quant, out_sharding)
     if mode == "simulate":
         return _dot_simulate(st, lhs, rhs, qp_l, qp_r)
-    _check_constant_along("lhs", qp_l, lhs.ndim, dn[0][0], "contracting axes")
-    _check_constant_along("rhs", qp_r, rhs.ndim, dn[0][1], "contracting axes")
     return _int_with_simulated_grad(_dot_int, _dot_simulate, st, lhs, rhs, qp_l, qp_r)
 
 
@@ -550,25 +568,27 @@ def conv_general_dilated(
                 f"symmetric with a signed format, got {rhs_quant}"
             )
         _out_dtype(lhs, rhs, preferred_element_type)
-    qp_l = _operand_qparams("lhs", lhs, lhs_quant, lhs_qparams)
-    qp_r = _operand_qparams("rhs", rhs, rhs_quant, rhs_qparams)
+    qp_l = _given_qparams("lhs", lhs, lhs_quant, lhs_qparams)
+    qp_r = _given_qparams("rhs", rhs, rhs_quant, rhs_qparams)
+    if mode == "int":
+        lhs_varying = (dn.lhs_spec[0],) if st.batch_group_count == 1 else ()
+        _check_constant_along(
+            "lhs",
+            _qparams_shape(lhs, lhs_quant, qp_l),
+            lhs.ndim,
+            [d for d in range(lhs.ndim) if d not in lhs_varying],
+            "axes other than the batch axis",
+        )
+        _check_constant_along(
+            "rhs",
+            _qparams_shape(rhs, rhs_quant, qp_r),
+            rhs.ndim,
+            [d for d in range(rhs.ndim) if d != dn.rhs_spec[0]],
+            "axes other than the output-feature axis",
+        )
+    qp_l, qp_r = _resolve_qparams(lhs, lhs_quant, qp_l), _resolve_qparams(rhs, rhs_quant, qp_r)
     if mode == "simulate":
         return _conv_simulate(st, lhs, rhs, qp_l, qp_r)
-    lhs_varying = (dn.lhs_spec[0],) if st.batch_group_count == 1 else ()
-    _check_constant_along(
-        "lhs",
-        qp_l,
-        lhs.ndim,
-        [d for d in range(lhs.ndim) if d not in lhs_varying],
-        "axes other than the batch axis",
-    )
-    _check_constant_along(
-        "rhs",
-        qp_r,
-        rhs.ndim,
-        [d for d in range(rhs.ndim) if d != dn.rhs_spec[0]],
-        "axes other than the output-feature axis",
-    )
     return _int_with_simulated_grad(_conv_int, _conv_simulate, st, lhs, rhs, qp_l, qp_r)
 
 

@@ -43,6 +43,9 @@ def _np_fake_quant(x, scale, zp, qmin, qmax):
     return scale * (q - zp), q
 
 
+_qparams = jax.jit(ops.dynamic_qparams, static_argnums=1)
+
+
 def _close(actual, desired, rel=1e-5):
     """Equal up to float32 rounding of a sum: tolerance relative to the output's magnitude."""
     desired = np.asarray(desired)
@@ -73,7 +76,7 @@ def test_quant_config_is_hashable_and_validates():
 def test_dynamic_qparams_match_numpy_range(symmetric, axis):
     x = _normal(0, (3, 4, 5), shift=0.3)
     cfg = QuantConfig(symmetric=symmetric, axis=axis)
-    qp = ops.dynamic_qparams(x, cfg)
+    qp = _qparams(x, cfg)
     kept = () if axis is None else np.atleast_1d(axis)
     red = tuple(a for a in range(3) if a not in kept)
     lo, hi = np.minimum(x.min(red, keepdims=True), 0), np.maximum(x.max(red, keepdims=True), 0)
@@ -84,7 +87,7 @@ def test_dynamic_qparams_match_numpy_range(symmetric, axis):
         zp = np.clip(np.round(-128 - lo / scale), -128, 127)
     np.testing.assert_allclose(qp.scale, scale, rtol=1e-6)
     np.testing.assert_array_equal(qp.zero_point, zp)
-    grad = jax.grad(lambda v: ops.dynamic_qparams(v, cfg).scale.sum())(x)
+    grad = jax.jit(jax.grad(lambda v: ops.dynamic_qparams(v, cfg).scale.sum()))(x)
     assert not np.any(grad)  # stop_gradient'ed
 
 
@@ -107,34 +110,43 @@ def _with_vjp(f, x, w):
     return y, vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("lhs_quant", "rhs_quant", "mode"))
-def _dense(x, w, lhs_quant, rhs_quant, mode):
-    """The quantized dense product and its gradients (STE in both modes)."""
-    f = functools.partial(
-        ops.dot_general,
-        dimension_numbers=DENSE_DN,
-        lhs_quant=lhs_quant,
-        rhs_quant=rhs_quant,
-        mode=mode,
-    )
-    return _with_vjp(f, x, w)
+def _all_modes(f, x, w):
+    """Per mode, ``(y, grads)``; and the float op (quantizers None): one compile for all."""
+    out = {m: _with_vjp(functools.partial(f, mode=m), x, w) for m in ops.MODES}
+    out["float"] = f(x, w, lhs_quant=None, rhs_quant=None, mode="simulate")
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("lhs_quant", "rhs_quant"))
+def _dense(x, w, lhs_quant, rhs_quant):
+    f = functools.partial(ops.dot_general, dimension_numbers=DENSE_DN)
+    return _all_modes(functools.partial(_rebind, f, lhs_quant, rhs_quant), x, w)
+
+
+def _rebind(f, lhs_quant, rhs_quant, x, w, mode, **override):
+    kw = dict(lhs_quant=lhs_quant, rhs_quant=rhs_quant) | override
+    return f(x, w, mode=mode, **kw)
+
+
+DENSE_SHAPES = ((8, 24), (24, 6))
 
 
 def test_simulate_dense_matches_numpy_fake_quant():
-    x, w = _normal(1, (6, 16), shift=0.5), _normal(2, (16, 5))
+    x, w = _normal(1, DENSE_SHAPES[0], shift=0.5), _normal(2, DENSE_SHAPES[1])
     lq, rq = DENSE_CASES["affine_lhs"]
-    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    qx, qw = _qparams(x, lq), _qparams(w, rq)
     fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
     fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
-    _close(_dense(x, w, lq, rq, "simulate")[0], fx.astype(np.float64) @ fw)
+    _close(_dense(x, w, lq, rq)["simulate"][0], fx.astype(np.float64) @ fw)
 
 
 @pytest.mark.parametrize("case", DENSE_CASES)
 def test_dense_int_matches_simulate_and_gradients_agree(case):
     lq, rq = DENSE_CASES[case]
-    x, w = _normal(3, (8, 24), shift=0.7), _normal(4, (24, 6), shift=-0.2)
-    (sim, g_sim), (int_, g_int) = _dense(x, w, lq, rq, "simulate"), _dense(x, w, lq, rq, "int")
-    assert not np.allclose(sim, x @ w, rtol=1e-3)  # quantization really happened
+    x, w = _normal(3, DENSE_SHAPES[0], shift=0.7), _normal(4, DENSE_SHAPES[1], shift=-0.2)
+    out = _dense(x, w, lq, rq)
+    (sim, g_sim), (int_, g_int) = out["simulate"], out["int"]
+    assert not np.allclose(sim, out["float"], rtol=1e-3)  # quantization really happened
     _close(int_, sim)
     for a, b in zip(g_sim, g_int, strict=True):
         assert np.abs(a).sum() > 0
@@ -144,12 +156,12 @@ def test_dense_int_matches_simulate_and_gradients_agree(case):
 def test_dense_ste_gradient_is_analytic():
     """STE: dL/dx = G fq(w)^T and dL/dw = fq(x)^T G, with fq the forward's fake quantizer."""
     lq, rq = DENSE_CASES["affine_lhs"]
-    x, w = _normal(5, (4, 8)), _normal(6, (8, 3))
-    gx, gw = _dense(x, w, lq, rq, "int")[1]
-    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    x, w = _normal(5, DENSE_SHAPES[0]), _normal(6, DENSE_SHAPES[1])
+    gx, gw = _dense(x, w, lq, rq)["int"][1]
+    qx, qw = _qparams(x, lq), _qparams(w, rq)
     fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
     fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
-    g = np.cos(np.arange(12, dtype=np.float32)).reshape(4, 3)
+    g = np.cos(np.arange(48, dtype=np.float32)).reshape(8, 6)
     np.testing.assert_allclose(gx, g @ fw.T, rtol=1e-5)
     np.testing.assert_allclose(gw, fx.T @ g, rtol=1e-5)
 
@@ -171,8 +183,8 @@ def _ort_run(node, inputs, types, out_type):
 def test_dense_int_equals_onnxruntime_matmul_integer():
     """int mode == s_l s_r * MatMulInteger(q_l - z_l, q_r - z_r), ORT's exact int32 product."""
     lq, rq = AFFINE, QuantConfig(symmetric=False, axis=1)
-    x, w = _normal(7, (5, 40), shift=1.0), _normal(8, (40, 7))
-    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    x, w = _normal(7, DENSE_SHAPES[0], shift=1.0), _normal(8, DENSE_SHAPES[1])
+    qx, qw = _qparams(x, lq), _qparams(w, rq)
     _, cx = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
     _, cw = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
     zx, zw = (
@@ -187,7 +199,7 @@ def test_dense_int_equals_onnxruntime_matmul_integer():
         TensorProto.INT32,
     )
     expected = (np.float32(qx.scale) * qw.scale) * acc.astype(np.float32)
-    np.testing.assert_allclose(_dense(x, w, lq, rq, "int")[0], expected, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(_dense(x, w, lq, rq)["int"][0], expected, rtol=1e-6, atol=0)
 
 
 @settings(max_examples=15)
@@ -199,10 +211,11 @@ def test_dense_int_equals_onnxruntime_matmul_integer():
 )
 def test_dense_int_matches_simulate_property(seed, lhs_sym, shift, log_scale):
     """Fixed shapes (one compile per config), random data: int == simulate, equal gradients."""
-    x = _normal(seed, (5, 33), scale=10.0**log_scale, shift=shift)
-    w = _normal(seed + 1, (33, 4))
+    x = _normal(seed, DENSE_SHAPES[0], scale=10.0**log_scale, shift=shift)
+    w = _normal(seed + 1, DENSE_SHAPES[1])
     lq = QuantConfig(symmetric=lhs_sym, axis=0)
-    (a, ga), (b, gb) = (_dense(x, w, lq, PER_CHANNEL_LAST, m) for m in ("simulate", "int"))
+    out = _dense(x, w, lq, PER_CHANNEL_LAST)
+    (a, ga), (b, gb) = out["simulate"], out["int"]
     _close(b, a)
     for u, v in zip(ga, gb, strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6 * np.abs(u).max())
@@ -213,8 +226,9 @@ def test_batched_dot_general_int_per_batch_scales():
     dn = (((2,), (1,)), ((0,), (0,)))
     x, w = _normal(9, (3, 4, 16), shift=0.4), _normal(10, (3, 16, 5))
     lq, rq = QuantConfig(symmetric=False, axis=(0, 1)), QuantConfig(axis=(0, 2))
-    a = ops.dot_general(x, w, dn, lhs_quant=lq, rhs_quant=rq)
-    b = ops.dot_general(x, w, dn, lhs_quant=lq, rhs_quant=rq, mode="int")
+    dot = functools.partial(ops.dot_general, dimension_numbers=dn, lhs_quant=lq, rhs_quant=rq)
+    a = jax.jit(dot)(x, w)
+    b = jax.jit(functools.partial(dot, mode="int"))(x, w)
     assert b.shape == (3, 4, 5)
     _close(b, a)
 
@@ -237,8 +251,8 @@ def test_given_learned_qparams_get_equal_gradients_in_both_modes():
         return jnp.sum(jnp.sin(y))
 
     sx, sw = jnp.float32(0.02), jnp.full((1, 4), 0.01, jnp.float32)
-    g_sim = jax.grad(loss, (0, 1))(sx, sw, "simulate")
-    g_int = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(sx, sw, "int")
+    grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)
+    g_sim, g_int = grad(sx, sw, "simulate"), grad(sx, sw, "int")
     assert np.abs(g_sim[0]) > 0 and np.all(np.abs(g_sim[1]) > 0)
     for a, b in zip(g_sim, g_int, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)
@@ -329,8 +343,6 @@ CONV_CASES = {
     ),
 }
 
-_CONV_STATIC = ("kw", "lhs_quant", "rhs_quant", "mode")
-
 
 def _conv_call(x, w, kw, lhs_quant, rhs_quant, mode):
     kw = dict(kw)
@@ -343,13 +355,10 @@ def _hashable(kw: dict) -> tuple:
     return tuple(sorted(kw.items()))
 
 
-@functools.partial(jax.jit, static_argnames=_CONV_STATIC)
-def _conv(x, w, kw, lhs_quant, rhs_quant, mode):
-    """The quantized conv and its gradients."""
-    f = functools.partial(
-        _conv_call, kw=dict(kw), lhs_quant=lhs_quant, rhs_quant=rhs_quant, mode=mode
-    )
-    return _with_vjp(f, x, w)
+@functools.partial(jax.jit, static_argnames=("kw", "lhs_quant", "rhs_quant"))
+def _conv(x, w, kw, lhs_quant, rhs_quant):
+    f = functools.partial(_conv_call, kw=dict(kw))
+    return _all_modes(functools.partial(_rebind, f, lhs_quant, rhs_quant), x, w)
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -357,11 +366,8 @@ def test_conv_int_matches_simulate_and_gradients_agree(case):
     xs, ws, kw, lq, rq = CONV_CASES[case]
     x, w = _normal(13, xs, shift=0.8), _normal(14, ws, scale=0.5)
     kw = _hashable(kw)
-    (sim, g_sim), (int_, g_int) = (
-        _conv(x, w, kw, lq, rq, "simulate"),
-        _conv(x, w, kw, lq, rq, "int"),
-    )
-    ref = _conv_call(x, w, dict(kw), None, None, "simulate")
+    out = _conv(x, w, kw, lq, rq)
+    (sim, g_sim), (int_, g_int), ref = out["simulate"], out["int"], out["float"]
     assert sim.shape == ref.shape and not np.allclose(sim, ref, rtol=1e-3)
     _close(int_, sim)
     for a, b in zip(g_sim, g_int, strict=True):
@@ -372,13 +378,13 @@ def test_conv_int_matches_simulate_and_gradients_agree(case):
 def test_simulate_conv_is_lax_conv_of_numpy_fake_quant_and_ste_gradient():
     xs, ws, kw, lq, rq = CONV_CASES["grouped"]
     x, w = _normal(15, xs, shift=0.5), _normal(16, ws)
-    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    qx, qw = _qparams(x, lq), _qparams(w, rq)
     fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
     fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
     float_conv = functools.partial(
         _conv_call, kw=kw, lhs_quant=None, rhs_quant=None, mode="simulate"
     )
-    y, (gx, gw) = _conv(x, w, _hashable(kw), lq, rq, "int")
+    y, (gx, gw) = _conv(x, w, _hashable(kw), lq, rq)["int"]
     _close(y, float_conv(fx, fw))
     # STE: the gradient is the float conv's gradient evaluated at the fake-quantized operands
     ex, ew = _with_vjp(float_conv, fx, fw)[1]
@@ -399,7 +405,7 @@ def test_conv_int_equals_onnxruntime_conv_integer(kw, group):
     lq, rq = QuantConfig(fmt=jq.uint8, symmetric=False), QuantConfig(axis=0)
     x, w = _normal(17, (2, 4, 7, 6), shift=1.5), _normal(18, (6, 4 // group, 3, 3))
     kw = dict(kw, dimension_numbers=("NCHW", "OIHW", "NCHW"))
-    qx, qw = ops.dynamic_qparams(x, lq), ops.dynamic_qparams(w, rq)
+    qx, qw = _qparams(x, lq), _qparams(w, rq)
     _, cx = _np_fake_quant(x, qx.scale, qx.zero_point, 0, 255)
     _, cw = _np_fake_quant(w, qw.scale, 0, -128, 127)
     assert 0 < float(qx.zero_point.reshape(())) < 255
@@ -421,7 +427,9 @@ def test_conv_int_equals_onnxruntime_conv_integer(kw, group):
     )
     s_w = np.asarray(qw.scale).reshape(1, -1, 1, 1)
     expected = (np.float32(qx.scale.reshape(())) * s_w) * acc.astype(np.float32)
-    got = _conv_call(x, w, kw, lq, rq, "int")
+    got = jax.jit(functools.partial(_conv_call, kw=kw, lhs_quant=lq, rhs_quant=rq, mode="int"))(
+        x, w
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -509,6 +517,7 @@ def test_linen_dense_and_conv_injection():
 
 
 def test_nnx_linear_and_conv_injection():
+    """int-mode ops injected into nnx.Conv (depthwise) / nnx.Linear, under nnx.jit."""
     x = jnp.asarray(_normal(20, (2, 5, 5, 4)))
     rngs = nnx.Rngs(0)
     dw = ops.quantized_conv_general_dilated(SYM, PER_CHANNEL_LAST, "int")
@@ -517,20 +526,17 @@ def test_nnx_linear_and_conv_injection():
 
     @nnx.jit
     def run(conv, lin, x):
+        h = conv(x)
+        kw = dict(padding="SAME", feature_group_count=4)
+        eh = _conv_call(x, conv.kernel[...], kw, SYM, PER_CHANNEL_LAST, "simulate")
+        dn = (((3,), (0,)), ((), ()))
+        ez = ops.dot_general(h, lin.kernel[...], dn, lhs_quant=AFFINE, rhs_quant=SYM)
         grads = nnx.grad(lambda m: jnp.sum(lin(m(x)) ** 2))(conv)
-        return conv(x), lin(conv(x)), grads.kernel[...]
+        return (h, eh + conv.bias[...]), (lin(h), ez + lin.bias[...]), grads.kernel[...]
 
-    y, z, gk = run(conv, lin, x)
-    kc = conv.kernel[...]
-    ec = _conv(
-        x,
-        kc,
-        _hashable(dict(padding="SAME", feature_group_count=4)),
-        SYM,
-        PER_CHANNEL_LAST,
-        "simulate",
-    )[0]
-    _close(y, ec + conv.bias[...])
+    (h, eh), (z, ez), gk = run(conv, lin, x)
+    _close(h, eh)
+    _close(z, ez)
     assert z.shape == (2, 5, 5, 3)
     assert np.abs(gk).sum() > 0
 
@@ -538,6 +544,12 @@ def test_nnx_linear_and_conv_injection():
 # --- pooling ----------------------------------------------------------------------------------
 
 POOL_CASES = ["avgpool2x2", "avgpool3x3_same_s1", "maxpool2x2", "maxpool3x3_same_s2"]
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "fmt", "window", "strides", "padding", "mode"))
+def _pool(x, qp, kind, fmt, window, strides, padding, mode="simulate"):
+    pool = ops.avg_pool if kind == "avg" else ops.max_pool
+    return pool(x, qp, fmt, window, strides, padding, mode)
 
 
 @pytest.fixture(scope="module")
@@ -551,15 +563,16 @@ def test_pool_matches_tflite_golden(golden, name):
     x = g("x").reshape((-1, *g("x").shape[2:]))
     y = g("y_ref").reshape((-1, *g("y_ref").shape[2:]))
     qp = jq.QParams(g("input_scale").reshape(()), g("input_zp").reshape(()).astype(np.float32))
-    pool = ops.avg_pool if name.startswith("avg") else ops.max_pool
+    pool = functools.partial(_pool, kind=name[:3])
     args = (tuple(g("cfg/pool_size")), tuple(g("cfg/strides")), str(g("cfg/padding")).upper())
-    got = pool(x, qp, jq.int8, *args, mode="int")
+    got = pool(x, qp, fmt=jq.int8, window=args[0], strides=args[1], padding=args[2], mode="int")
     assert got.dtype == jnp.int8
     np.testing.assert_array_equal(got, y)
     np.testing.assert_array_equal(y, g("y_xnn").reshape(y.shape))
     # simulate: float in (the dequantized input), float out, the same numbers
     xf = jq.dequantize(x, qp)
-    np.testing.assert_array_equal(pool(xf, qp, jq.int8, *args), jq.dequantize(y, qp))
+    sim = pool(xf, qp, fmt=jq.int8, window=args[0], strides=args[1], padding=args[2])
+    np.testing.assert_array_equal(sim, jq.dequantize(y, qp))
 
 
 def _np_tflite_avg_pool(q, k, stride, pad):
@@ -588,25 +601,28 @@ def test_avg_pool_rounds_half_away_over_valid_elements():
     q[1, :2, :2, 1] = [[1, 2], [1, 2]]  # 6 / 4 = 1.5 -> 2 (half away)
     q[1, :2, :2, 2] = [[-1, -2], [-1, -2]]  # -1.5 -> -2
     pad = ((1, 1), (0, 1))
-    got = ops.avg_pool(q, jq.QParams(0.1, 3.0), jq.int8, (2, 2), (2, 2), pad, mode="int")
+    avg = functools.partial(_pool, kind="avg", fmt=jq.int8, mode="int")
+    got = avg(q, jq.QParams(0.1, 3.0), window=(2, 2), strides=(2, 2), padding=pad)
     np.testing.assert_array_equal(got, _np_tflite_avg_pool(q, 2, 2, pad))
-    got = ops.avg_pool(q, jq.QParams(0.1, 3.0), jq.int8, (3, 3), (1, 1), "SAME", mode="int")
+    got = avg(q, jq.QParams(0.1, 3.0), window=(3, 3), strides=(1, 1), padding="SAME")
     np.testing.assert_array_equal(got, _np_tflite_avg_pool(q, 3, 1, ((1, 1), (1, 1))))
-    valid = ops.avg_pool(q, jq.QParams(0.1), jq.int8, (2, 2), (2, 2), "VALID", mode="int")
+    valid = avg(q, jq.QParams(0.1), window=(2, 2), strides=(2, 2), padding="VALID")
     assert valid[1, 0, 0, 1] == 2 and valid[1, 0, 0, 2] == -2
 
 
 def test_pool_simulate_gradients_are_float_pool_gradients():
     x = jnp.asarray(_normal(22, (1, 4, 4, 2)))
     qp = jq.QParams(jnp.float32(0.05), jnp.float32(-3.0))
-    g_avg = jax.grad(lambda v: jnp.sum(ops.avg_pool(v, qp, jq.int8, (3, 3), (1, 1), "SAME")))(x)
+    g_avg = jax.jit(
+        jax.grad(lambda v: jnp.sum(ops.avg_pool(v, qp, jq.int8, (3, 3), (1, 1), "SAME")))
+    )(x)
     # d/dx of sum of window means: each x contributes 1/n of every window it is in
     ones = jnp.ones_like(x)
     dims, pads = (1, 3, 3, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     n = lax.reduce_window(ones, 0.0, lax.add, dims, (1,) * 4, pads)
     expected = lax.reduce_window(1.0 / n, 0.0, lax.add, dims, (1,) * 4, pads)
     np.testing.assert_allclose(g_avg, expected, rtol=1e-6)
-    g_max = jax.grad(lambda v: jnp.sum(ops.max_pool(v, qp, jq.int8, (2, 2), (2, 2))))(x)
+    g_max = jax.jit(jax.grad(lambda v: jnp.sum(ops.max_pool(v, qp, jq.int8, (2, 2), (2, 2)))))(x)
     winners = x.reshape(1, 2, 2, 2, 2, 2).max((2, 4), keepdims=True) == x.reshape(1, 2, 2, 2, 2, 2)
     np.testing.assert_array_equal(g_max, winners.reshape(x.shape).astype(np.float32))
 

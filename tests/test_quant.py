@@ -46,7 +46,7 @@ def np_fake_quant(x, scale, zp, fmt):
     return np.float32(scale) * (q - np.float32(zp))
 
 
-INT_FORMATS = [jq.int4, jq.uint8, jq.int8, jq.IntFormat(3, narrow=True), jq.IntFormat(12)]
+INT_FORMATS = [jq.uint8, jq.IntFormat(3, narrow=True), jq.IntFormat(12)]
 
 
 # --- qparams_from_range -----------------------------------------------------------------------
@@ -91,23 +91,33 @@ def test_qparams_from_range_widens_to_include_zero():
     assert float(a.zero_point) == jq.int8.qmax
 
 
-@pytest.mark.parametrize("fmt", [jq.int8, jq.uint4, jq.IntFormat(4, midrise=True), jq.fp8_e4m3])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_zero_range_gives_finite_scale(fmt, symmetric):
-    for r in (0.0, 1e-45, -1e-44):
-        qp = jq.qparams_from_range(r, r, fmt, symmetric=symmetric)
-        assert np.isfinite(float(qp.scale)) and float(qp.scale) > 0
-        assert np.isfinite(float(qp.zero_point))
-        y = jq.fake_quant(jnp.zeros(3), qp, fmt)
-        assert np.all(np.isfinite(np.asarray(y)))
+def test_zero_range_gives_finite_scale():
+    fmts = [jq.int8, jq.uint4, jq.IntFormat(4, midrise=True), jq.fp8_e4m3, jq.binary]
+    r = jnp.array([0.0, 1e-45, -1e-44])
+
+    @jax.jit
+    def run(r):
+        out = []
+        for fmt in fmts:
+            for symmetric in (False, True):
+                qp = jq.qparams_from_range(r, r, fmt, symmetric=symmetric)
+                out.append((qp.scale, qp.zero_point, jq.fake_quant(jnp.zeros(3), qp, fmt)))
+        return out
+
+    for scale, zp, y in run(r):
+        assert np.all(np.isfinite(np.asarray(scale))) and np.all(np.asarray(scale) > 0)
+        assert np.all(np.isfinite(np.asarray(zp))) and np.all(np.isfinite(np.asarray(y)))
+    # zero itself stays exact where the grid has a zero level (not midrise, not binary)
+    for i in (0, 1, 2, 3, 6, 7):
+        np.testing.assert_array_equal(np.asarray(run(r)[i][2]), 0.0)
 
 
 def test_qparams_from_range_per_axis_arrays():
     rmin, rmax = np.array([-1.0, -2.0, 0.5], np.float32), np.array([1.0, 0.5, 3.0], np.float32)
-    qp = jq.qparams_from_range(rmin, rmax, jq.uint8)
+    qp = _qparams(rmin, rmax, jq.uint8)
     assert qp.scale.shape == (3,) and qp.zero_point.shape == (3,)
     for i in range(3):
-        one = jq.qparams_from_range(rmin[i], rmax[i], jq.uint8)
+        one = _qparams(rmin[i], rmax[i], jq.uint8)
         assert float(qp.scale[i]) == float(one.scale)
         assert float(qp.zero_point[i]) == float(one.zero_point)
 
@@ -174,9 +184,12 @@ def test_grid_points_round_trip_exactly(k, scale, zp_frac, fmt):
 
 
 class GranularityTest(chex.TestCase):
-    """Per-axis and per-block QParams against the NumPy quantizer applied slice by slice."""
+    """Per-axis and per-block QParams against the NumPy quantizer applied slice by slice.
 
-    @chex.variants(with_jit=True, without_jit=True)
+    (with_jit only: eager dispatch costs seconds here; tests/test_estimators.py runs both.)
+    """
+
+    @chex.variants(with_jit=True)
     def test_per_axis(self):
         rng = np.random.default_rng(1)
         x = (rng.standard_normal((4, 6, 5)) * 3).astype(np.float32)
@@ -189,7 +202,7 @@ class GranularityTest(chex.TestCase):
             np.testing.assert_array_equal(np.asarray(q), np_quantize(x, scale, zp, fmt))
             np.testing.assert_allclose(np.asarray(y), np_fake_quant(x, scale, zp, fmt), rtol=1e-6)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_per_block(self):
         rng = np.random.default_rng(2)
         x = (rng.standard_normal((3, 16)) * 2).astype(np.float32)
@@ -247,25 +260,25 @@ def test_vmap_over_traced_bits_equals_static_bits(signed, symmetric):
         q = jq.quantize(x, qp, fmt).astype(jnp.int32)
         return q, jq.fake_quant(x, qp, fmt), jq.dequantize(q, qp)
 
-    traced = jax.jit(jax.vmap(run))(jq.IntFormat(jnp.arange(2, 17), signed=signed))
-    static = jax.jit(lambda: [run(jq.IntFormat(b, signed=signed)) for b in BITS])()
+    traced_fmt = jq.IntFormat(jnp.arange(2, 17), signed=signed)
+    traced = jax.jit(jax.vmap(run))(traced_fmt)
+    some = [2, 3, 8, 13, 16]  # compiling all 15 static programs costs more than it adds
+    static = jax.jit(lambda: [run(jq.IntFormat(b, signed=signed)) for b in some])()
+    for b, outs in zip(some, static, strict=True):
+        for t, s in zip(traced, outs, strict=True):
+            np.testing.assert_array_equal(np.asarray(t[b - 2]), np.asarray(s), err_msg=f"bits={b}")
+    # every width against the NumPy quantizer with Python-int qmin / qmax
     for i, b in enumerate(BITS):
-        for t, s in zip(traced, static[i], strict=True):
-            np.testing.assert_array_equal(np.asarray(t[i]), np.asarray(s), err_msg=f"bits={b}")
-    # and the static results are the NumPy quantizer's
-    for b, (q, _, _) in zip(BITS, static, strict=True):
         f = jq.IntFormat(b, signed=signed)
-        qp = jq.qparams_from_range(rmin, rmax, f, symmetric=symmetric)
-        np.testing.assert_array_equal(
-            np.asarray(q), np_quantize(x, qp.scale, qp.zero_point, f), err_msg=f"bits={b}"
+        qp = _qparams(rmin, rmax, f, symmetric=symmetric)
+        q, y = (
+            np_quantize(x, qp.scale, qp.zero_point, f),
+            np_fake_quant(x, qp.scale, qp.zero_point, f),
         )
-
-
-def test_traced_bits_storage_is_int32():
-    q = jax.vmap(lambda f: jq.quantize(jnp.ones(3), jq.QParams(1.0), f))(
-        jq.IntFormat(jnp.arange(2, 5))
-    )
-    assert q.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(traced[0][i]), q, err_msg=f"bits={b}")
+        np.testing.assert_allclose(np.asarray(traced[1][i]), y, rtol=1e-6, err_msg=f"bits={b}")
+    q = jax.jit(jax.vmap(lambda f: jq.quantize(x, jq.QParams(1.0), f)))(traced_fmt)
+    assert q.dtype == jnp.int32  # traced bits store as int32
 
 
 # --- onnxruntime QuantizeLinear ---------------------------------------------------------------
@@ -359,7 +372,7 @@ _stochastic_q = jax.jit(
 
 def test_stochastic_rounding_is_unbiased():
     v = np.array([0.1, 0.25, 0.5, 0.9, -0.3, -1.7, 2.0, 7.5], np.float32)
-    n = 2000
+    n = 1000
     q = np.asarray(_stochastic_q(jax.random.split(jax.random.key(0), n), v * 0.5))
     # every sample is floor(v) or floor(v) + 1
     assert np.all((q == np.floor(v)) | (q == np.floor(v) + 1))
@@ -368,20 +381,19 @@ def test_stochastic_rounding_is_unbiased():
     assert np.all(np.abs(q.mean(axis=0) - v) <= 5 * sd + 1e-9)
     assert np.all(q[:, 6] == 2)  # integers never move
     # the same key gives the same draw, another key another draw
-    k1, k2 = jax.random.split(jax.random.key(1))
-    a, b, c = (np.asarray(_stochastic_q(jnp.stack([k]), v * 0.5)) for k in (k1, k1, k2))
-    np.testing.assert_array_equal(a, b)
-    assert np.any(a != c)
+    again = np.asarray(_stochastic_q(jax.random.split(jax.random.key(0), n), v * 0.5))
+    np.testing.assert_array_equal(again, q)
+    assert np.any(q[0] != q[1]) or np.any(q[1] != q[2])
 
 
 def test_stochastic_fake_quant_is_unbiased():
     x = jnp.float32(0.3)
-    keys = jax.random.split(jax.random.key(2), 2000)
+    keys = jax.random.split(jax.random.key(2), 1000)
     y = jax.jit(
         jax.vmap(lambda k: jq.fake_quant(x, jq.QParams(1.0), jq.int8, rounding="stochastic", key=k))
     )(keys)
     assert set(np.unique(np.asarray(y)).tolist()) == {0.0, 1.0}
-    assert abs(float(y.mean()) - 0.3) <= 5 * np.sqrt(0.21 / 2000)
+    assert abs(float(y.mean()) - 0.3) <= 5 * np.sqrt(0.21 / 1000)
 
 
 # --- NaN, Inf ---------------------------------------------------------------------------------
@@ -445,8 +457,8 @@ def test_bad_types_and_rounding():
 def test_learned_zero_point_between_integers_is_rounded():
     # an LSQ+ offset after an update is not an integer; it is used rounded
     x = jnp.linspace(-2, 2, 9)
-    a = jq.fake_quant(x, jq.QParams(0.1, 3.3), jq.int8)
-    b = jq.fake_quant(x, jq.QParams(0.1, 3.0), jq.int8)
+    a = _fake_quant(x, jq.QParams(0.1, 3.3), jq.int8)
+    b = _fake_quant(x, jq.QParams(0.1, 3.0), jq.int8)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

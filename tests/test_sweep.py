@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -270,3 +271,54 @@ def test_pareto_mask_matches_brute_force():
             for j in range(40)
         )
         assert mask[i] == (not dominated)
+
+
+# --- model sweeps: PTQ through jquant.nn against float models with NumPy-quantized kernels -----
+
+
+def _tiny_mlp():
+    from jquant.models.config import MLPConfig
+    from jquant.models.linen import MLP
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 48).astype(np.int32)
+    model = MLP(MLPConfig(num_classes=3, hidden=(8,)))
+    variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
+    return model, variables, x, y
+
+
+def _logit_sqnr(model, variables, x, quantize_layers, bits):
+    params = {
+        k: {**v, "kernel": _numpy_fake_quant(np.asarray(v["kernel"]), bits, -1, True)}
+        if k in quantize_layers
+        else v
+        for k, v in variables["params"].items()
+    }
+    ref = np.asarray(model.apply(variables, x), np.float64)
+    got = np.asarray(model.apply({"params": params}, x), np.float64)
+    return 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)), got
+
+
+def test_model_vs_bits_and_sensitivity_match_numpy_quantized_kernels():
+    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.sensitivity import sensitivity
+
+    model, variables, x, y = _tiny_mlp()
+    t = model_vs_bits(model, variables, x, y, bits=[3], targets="weights")
+    assert t.column("target") == ["float", "weights"] and t.column("bits") == [32, 3]
+    want_sqnr, logits = _logit_sqnr(model, variables, x, {"dense1", "head"}, 3)
+    row = t.to_dicts()[1]
+    np.testing.assert_allclose(row["sqnr_db"], want_sqnr, atol=0.02)
+    assert row["accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == y), abs=1e-6)
+
+    s = sensitivity(model, variables, x, y, bits=3, target="weights")
+    assert s.column("layer") == ["dense1", "head"] and s.column("params") == [48, 24]
+    for r in s.to_dicts():
+        want, _ = _logit_sqnr(model, variables, x, {r["layer"]}, 3)
+        np.testing.assert_allclose(r["sqnr_db"], want, atol=0.02)
+        kernel = np.asarray(variables["params"][r["layer"]]["kernel"])
+        err = kernel - _numpy_fake_quant(kernel, 3, -1, True)
+        want_w = 10 * np.log10(np.sum(kernel.astype(float) ** 2) / np.sum(err**2))
+        np.testing.assert_allclose(r["weight_sqnr_db"], want_w, atol=1e-3)
+        assert r["accuracy_drop"] == pytest.approx(s.meta["float_accuracy"] - r["accuracy"])

@@ -5,7 +5,7 @@
 >>> save(program, "model.safetensors"); program = load("model.safetensors")  # +SKIP
 """
 
-from jquant.convert.build import convert, output_qparams_from_data
+from jquant.convert.build import convert, output_qparams_from_data, with_quantized_bias
 from jquant.convert.io import load, read_tensors, save, write_tensors
 from jquant.convert.program import (
     AccumulatorInfo,
@@ -39,5 +39,6 @@ __all__ = [
     "save",
     "trace_layers",
     "validate",
+    "with_quantized_bias",
     "write_tensors",
 ]

@@ -35,7 +35,7 @@ from jquant.nn.linen import QuantizedLayer, QuantizedModel
 from jquant.nn.state import STATS
 from jquant.quant import QParams, qparams_from_range, quantize
 
-__all__ = ["convert", "output_qparams_from_data"]
+__all__ = ["convert", "output_qparams_from_data", "with_quantized_bias"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +154,17 @@ def _subtree(tree: Mapping, path: str) -> Mapping:
     return tree
 
 
+def _folded(stage: _Stage, q: QuantizedLayer, variables, x_scale):
+    """``(codes, w_scale float32, float bias, int bias)`` of a layer with its BN folded in."""
+    codes, w_scale = _weight_codes(q)
+    bias = np.zeros(codes.shape[-1]) if q.bias is None else np.asarray(q.bias, np.float64)
+    if stage.bn is not None:
+        codes, w_scale, bias = _fold_batch_norm(stage.bn, variables, codes, w_scale, bias)
+    w_scale = w_scale.astype(np.float32)
+    b_int = np.round(bias / (np.float64(x_scale) * w_scale.astype(np.float64)))
+    return codes, w_scale, bias, b_int
+
+
 def _linear_spec(
     stage: _Stage,
     q: QuantizedLayer,
@@ -163,13 +174,8 @@ def _linear_spec(
     mode: str,
 ) -> Conv | Dense:
     path, node = q.path, stage.layer
-    codes, w_scale = _weight_codes(q)
-    bias = np.zeros(codes.shape[-1]) if q.bias is None else np.asarray(q.bias, np.float64)
-    if stage.bn is not None:
-        codes, w_scale, bias = _fold_batch_norm(stage.bn, variables, codes, w_scale, bias)
     (x_scale, x_zp, _), (y_scale, y_zp, clamp) = x_qp, y_qp
-    w_scale = w_scale.astype(np.float32)
-    b_int = np.round(bias / (np.float64(x_scale) * w_scale.astype(np.float64)))
+    codes, w_scale, _, b_int = _folded(stage, q, variables, x_scale)
     if np.any(np.abs(b_int) > INT32_MAX):
         raise ValueError(f"layer {path!r}: bias / (x_scale * w_scale) does not fit int32")
     w, b = codes.astype(np.int8), b_int.astype(np.int32)
@@ -241,6 +247,22 @@ def _quantized_layers(qmodel: QuantizedModel, variables, stages) -> list[Quantiz
     return out
 
 
+def _plan(qmodel, variables, example_x, apply_kwargs):
+    """Traced stages, their quantized layers and each layer's input ``_signed`` QParams."""
+    float_vars = {k: v for k, v in variables.items() if k != STATS}
+    before, stages = _stages(trace_layers(qmodel.model, float_vars, example_x, **apply_kwargs))
+    layers = _quantized_layers(qmodel, variables, stages)
+    act_qps = [_signed(q.input_qparams, _act_format(q.path, q.rule.act)) for q in layers]
+    return before, stages, layers, act_qps
+
+
+def _check_model(qmodel) -> None:
+    if not isinstance(qmodel, QuantizedModel):
+        raise TypeError(
+            f"qmodel must be a jquant.nn.linen.QuantizedModel, got {type(qmodel).__name__}"
+        )
+
+
 def convert(
     qmodel: QuantizedModel,
     variables: Mapping[str, Any],
@@ -274,8 +296,7 @@ def convert(
       ValueError: unsupported layers or operations (naming the module path), unquantized or
         uncalibrated layers, bad scales / zero points, a possible int32 overflow.
     """
-    if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"qmodel must be a jquant.nn.linen.QuantizedModel, got {type(qmodel)}")
+    _check_model(qmodel)
     if mode not in MULTIPLIER_MODES:
         raise ValueError(f"mode must be one of {MULTIPLIER_MODES}, got {mode!r}")
     if not isinstance(output_qparams, QParams):
@@ -284,13 +305,8 @@ def convert(
             f"{type(output_qparams).__name__}"
         )
     variables = dict(variables)
-    float_vars = {k: v for k, v in variables.items() if k != STATS}
     example_x = jnp.asarray(example_x)
-    before, stages = _stages(trace_layers(qmodel.model, float_vars, example_x, **apply_kwargs))
-    layers = _quantized_layers(qmodel, variables, stages)
-    act_qps = []
-    for q in layers:
-        act_qps.append(_signed(q.input_qparams, _act_format(q.path, q.rule.act)))
+    before, stages, layers, act_qps = _plan(qmodel, variables, example_x, apply_kwargs)
     act_qps.append(_signed(output_qparams, IntFormat(8)))
     specs: list = [_glue_spec(n) for n in before]
     for k, (stage, q) in enumerate(zip(stages, layers, strict=True)):
@@ -330,3 +346,49 @@ def output_qparams_from_data(
     qp = qparams_from_range(jnp.float32(lo), jnp.float32(hi), IntFormat(8))
     return QParams(jnp.asarray(qp.scale), jnp.asarray(qp.zero_point))
 
+
+def _add(tree: Mapping, path: str, name: str, delta: np.ndarray) -> dict:
+    """``tree`` (nested dicts) with ``delta`` added to the leaf ``path/name``."""
+    head, _, rest = path.partition("/")
+    out = dict(tree)
+    if rest:
+        out[head] = _add(tree[head], rest, name, delta)
+    else:
+        sub = dict(tree[head])
+        sub[name] = (np.asarray(sub[name], np.float64) + delta).astype(np.float32)
+        out[head] = sub
+    return out
+
+
+def with_quantized_bias(
+    qmodel: QuantizedModel,
+    variables: Mapping[str, Any],
+    example_x: jax.Array,
+    **apply_kwargs,
+) -> dict[str, Any]:
+    """Variables whose biases take the values of the program's int32 biases, so that the
+    fake-quant model (phase ``eval``) simulates bias quantization as well.
+
+    Each layer's folded bias ``b`` (BatchNorm included) becomes ``s_x s_w round(b / (s_x s_w))``
+    by adding the difference to the layer's ``bias`` or, after a BatchNorm, to the BN's shift
+    ``bias`` (beta). The fake-quant model then differs from the integer program only by the
+    rounding of the requantization multipliers and float32 accumulation.
+
+    Raises:
+      ValueError: as :func:`convert`, or a layer whose bias has nowhere to go.
+    """
+    _check_model(qmodel)
+    variables = dict(variables)
+    _, stages, layers, act_qps = _plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
+    params = variables["params"]
+    for stage, q, (x_scale, _, _) in zip(stages, layers, act_qps, strict=True):
+        _, w_scale, bias, b_int = _folded(stage, q, variables, x_scale)
+        delta = b_int * np.float64(x_scale) * w_scale.astype(np.float64) - bias
+        owner = stage.bn.path if stage.bn is not None else q.path
+        if "bias" not in _subtree(params, owner):
+            if np.any(delta != 0):
+                raise ValueError(f"layer {owner!r} has no bias parameter to carry the rounding")
+            continue
+        params = _add(params, owner, "bias", delta)
+    variables["params"] = params
+    return variables

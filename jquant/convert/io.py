@@ -160,4 +160,3 @@ def load(path: str | os.PathLike) -> Program:
         rounding=meta["rounding"],
     )
     return validate(program)
-

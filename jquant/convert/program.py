@@ -345,4 +345,3 @@ def spec_name(layer: Any) -> str:
         if isinstance(layer, cls):
             return name
     raise TypeError(f"not a layer spec: {type(layer).__name__}")
-

@@ -55,7 +55,7 @@ def _marker(eqn) -> int | None:
 
 
 def _single_inner(eqn):
-    """The only equation of a call-like equation's inner jaxpr (relu is ``custom_jvp(jit(max))``)."""
+    """The only equation inside a call-like equation (relu is ``custom_jvp(jit(max))``)."""
     for key in ("call_jaxpr", "jaxpr"):
         inner = eqn.params.get(key)
         if inner is not None:

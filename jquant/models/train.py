@@ -123,7 +123,7 @@ def nnx_apply_fn(graphdef: nnx.GraphDef) -> ApplyFn:
     """Adapts an NNX module (from :func:`split_nnx`) called as ``model(x, train=...)``."""
 
     def apply(params, model_state, x, train):
-        model = nnx.merge(graphdef, params, model_state)
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         logits = model(x, train=train)
         return logits, nnx.split(model, nnx.Param, ...)[2]
 

@@ -218,9 +218,3 @@ def model_vs_bits(
         logits = ptq.logits([with_bits(r, b, t, g) for r in rules], x)
         rows.append({"target": t, "granularity": g, "bits": b, **score(logits, y, ref)})
     return Table.from_dicts(rows)
-
-
-def kernel_sizes(variables: Mapping[str, Any]) -> dict[str, int]:
-    """Number of kernel weights of every layer, by module path (``params/.../kernel``)."""
-    flat = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
-    return {k[: -len("/kernel")]: int(np.size(v)) for k, v in flat.items() if k.endswith("/kernel")}
