@@ -33,8 +33,26 @@ SHAPES = {"mnist1d": (40, 1), "digits": (8, 8, 1)}
 CASES = [(name, data_name) for name in MODEL_NAMES for data_name in SHAPES]
 
 
-def _init(model, shape, seed=0):
-    return model.init(jax.random.key(seed), jnp.zeros((1, *shape)))
+def _random_variables(model, shape, seed=0):
+    """Variables of ``model`` filled by NumPy (no PRNG compiles); BN variances positive."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: (
+            jnp.asarray(
+                rng.uniform(0.5, 1.5, a.shape)
+                if path[-1].key == "var"
+                else rng.normal(size=a.shape),
+                a.dtype,
+            )
+            / np.sqrt(max(a.shape[:-1], default=1))
+        ),
+        abstract,
+    )
+
+
+def _abstract_nnx(name, shape, num_classes=10):
+    return nnx.eval_shape(lambda: nnx_models.make_model(name, shape, num_classes, rngs=nnx.Rngs(0)))
 
 
 def _assert_trees_equal(a, b, **tol):
@@ -50,7 +68,7 @@ def _assert_trees_equal(a, b, **tol):
 def test_linen_layout(name, data_name):
     shape = SHAPES[data_name]
     model = linen.make_model(name, shape, 10)
-    variables = jax.eval_shape(_init, model, shape)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
     params = variables["params"]
     out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, *shape))), variables)
     assert out.shape == (3, 10)
@@ -101,12 +119,8 @@ def _np_forward_cnn1d(variables, x, cfg):
 def test_cnn1d_against_numpy(pool, batch_norm):
     cfg = CNNConfig(features=(4, 3), dense=(5,), pool=pool, batch_norm=batch_norm)
     model = linen.CNN(cfg)
-    x = jax.random.normal(jax.random.key(1), (2, 10, 2))
-    variables = model.init(jax.random.key(0), x)
-    # Non-trivial running statistics, so that the eval-mode BN formula is exercised.
-    variables = jax.tree_util.tree_map_with_path(
-        lambda path, v: v + 0.3 * jax.random.uniform(jax.random.key(len(path)), v.shape), variables
-    )
+    x = np.random.default_rng(1).normal(size=(2, 10, 2)).astype(np.float32)
+    variables = _random_variables(model, (10, 2))  # non-trivial BN statistics too
     np.testing.assert_allclose(
         model.apply(variables, x), _np_forward_cnn1d(variables, x, cfg), rtol=1e-5, atol=1e-5
     )
@@ -114,8 +128,8 @@ def test_cnn1d_against_numpy(pool, batch_norm):
 
 def test_mlp_against_numpy():
     model = linen.MLP(MLPConfig(num_classes=3, hidden=(4,)))
-    x = jax.random.normal(jax.random.key(1), (2, 3, 2))
-    p = jax.tree.map(np.asarray, _init(model, (3, 2))["params"])
+    x = np.random.default_rng(1).normal(size=(2, 3, 2)).astype(np.float32)
+    p = jax.tree.map(np.asarray, _random_variables(model, (3, 2))["params"])
     h = np.maximum(np.asarray(x).reshape(2, 6) @ p["dense1"]["kernel"] + p["dense1"]["bias"], 0)
     expected = h @ p["head"]["kernel"] + p["head"]["bias"]
     np.testing.assert_allclose(model.apply({"params": p}, x), expected, rtol=1e-5, atol=1e-6)
@@ -125,11 +139,9 @@ def test_mlp_against_numpy():
 def test_linen_equals_nnx_after_copy(name, data_name):
     shape = SHAPES[data_name]
     lin = linen.make_model(name, shape, 10)
-    variables = _init(lin, shape, seed=0)
-    nnx_model = nnx_models.make_model(name, shape, 10, rngs=nnx.Rngs(1))
-    x = jax.random.normal(jax.random.key(2), (3, *shape))
-    assert not np.allclose(nnx_model(x), lin.apply(variables, x))  # different init before copy
-    copied = linen_to_nnx(variables, nnx_model)
+    variables = _random_variables(lin, shape)
+    x = np.random.default_rng(2).normal(size=(3, *shape)).astype(np.float32)
+    copied = linen_to_nnx(variables, _abstract_nnx(name, shape))
     np.testing.assert_allclose(copied(x), lin.apply(variables, x), rtol=1e-6, atol=1e-6)
     _assert_trees_equal(nnx_to_linen(copied), variables)
     if name == "cnn_bn":  # training mode: batch statistics and their running averages agree
@@ -142,27 +154,28 @@ def test_linen_equals_nnx_after_copy(name, data_name):
 
 def test_linen_to_nnx_leaves_its_input_and_rejects_mismatches():
     shape = SHAPES["mnist1d"]
-    nnx_model = nnx_models.make_model("cnn", shape, 10, rngs=nnx.Rngs(1))
+    nnx_model = linen_to_nnx(
+        _random_variables(linen.make_model("cnn", shape, 10), shape, seed=0),
+        _abstract_nnx("cnn", shape),
+    )
     before = nnx_to_linen(nnx_model)
-    variables = _init(linen.make_model("cnn", shape, 10), shape)
+    variables = _random_variables(linen.make_model("cnn", shape, 10), shape, seed=1)
     linen_to_nnx(variables, nnx_model)
     _assert_trees_equal(nnx_to_linen(nnx_model), before)
     with pytest.raises(ValueError, match="only in"):
-        linen_to_nnx(_init(linen.make_model("mlp", shape, 10), shape), nnx_model)
-    wrong = _init(linen.make_model("cnn", shape, 7), shape)
-    with pytest.raises(ValueError, match="shape of head/kernel"):
+        linen_to_nnx(_random_variables(linen.make_model("mlp", shape, 10), shape), nnx_model)
+    wrong = _random_variables(linen.make_model("cnn", shape, 7), shape)
+    with pytest.raises(ValueError, match="shape of head/"):
         linen_to_nnx(wrong, nnx_model)
 
 
 def test_init_is_deterministic_by_seed():
     shape = SHAPES["digits"]
-    model = linen.make_model("cnn", shape, 10)
-    _assert_trees_equal(_init(model, shape, seed=3), _init(model, shape, seed=3))
-    a, b = _init(model, shape, seed=3), _init(model, shape, seed=4)
-    assert not np.array_equal(a["params"]["conv1"]["kernel"], b["params"]["conv1"]["kernel"])
-    n1 = nnx_models.make_model("cnn", shape, 10, rngs=nnx.Rngs(5))
-    n2 = nnx_models.make_model("cnn", shape, 10, rngs=nnx.Rngs(5))
-    _assert_trees_equal(nnx_to_linen(n1), nnx_to_linen(n2))
+    model = linen.make_model("mlp", shape, 10)
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *shape))))
+    a, b = init(jax.random.key(3)), init(jax.random.key(4))
+    _assert_trees_equal(init(jax.random.key(3)), a)
+    assert not np.array_equal(a["params"]["dense1"]["kernel"], b["params"]["dense1"]["kernel"])
 
 
 @pytest.mark.parametrize(
@@ -184,20 +197,21 @@ def test_bad_arguments_raise_value_error(factory, bad):
 
 
 def test_cross_entropy_formula():
-    logits = jax.random.normal(jax.random.key(0), (5, 4))
-    labels = jnp.array([0, 3, 1, 1, 2])
-    z = np.asarray(logits, np.float64)
+    z = np.random.default_rng(0).normal(size=(5, 4))
+    logits, labels = jnp.asarray(z, jnp.float32), jnp.array([0, 3, 1, 1, 2])
     expected = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(5), np.asarray(labels)])
     np.testing.assert_allclose(train.cross_entropy(logits, labels), expected, rtol=1e-6)
 
 
 def test_train_step_linen_equals_nnx_with_batch_stats():
-    """One SGD step of the BN CNN, through the Linen and the NNX adapters."""
-    shape = SHAPES["digits"]
-    lin = linen.make_model("cnn_bn", shape, 10)
-    variables = _init(lin, shape)
-    copied = linen_to_nnx(variables, nnx_models.make_model("cnn_bn", shape, 10, rngs=nnx.Rngs(0)))
-    x = jax.random.normal(jax.random.key(2), (4, *shape))
+    """One SGD step of a small BN CNN, through the Linen and the NNX adapters."""
+    shape = (6, 2)
+    cfg = CNNConfig(features=(3,), kernel_size=(3,), dense=(), batch_norm=True)
+    lin = linen.CNN(cfg)
+    variables = _random_variables(lin, shape)
+    abstract = nnx.eval_shape(lambda: nnx_models.CNN(cfg, shape, rngs=nnx.Rngs(0)))
+    copied = linen_to_nnx(variables, abstract)
+    x = np.random.default_rng(2).normal(size=(4, *shape)).astype(np.float32)
     y = jnp.array([0, 1, 2, 3])
     opt = optax.sgd(0.1)
 
@@ -215,8 +229,9 @@ def test_train_step_linen_equals_nnx_with_batch_stats():
         logits, _ = lin.apply({"params": params, **lstate}, x, train=True, mutable=["batch_stats"])
         return train.cross_entropy(logits, y)
 
-    expected = jax.tree.map(lambda p, g: p - 0.1 * g, lp, jax.grad(loss)(lp))
-    np.testing.assert_allclose(lin_metrics["loss"], loss(lp), rtol=1e-6)
+    loss_value, grads = jax.jit(jax.value_and_grad(loss))(lp)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, lp, grads)
+    np.testing.assert_allclose(lin_metrics["loss"], loss_value, rtol=1e-6)
     np.testing.assert_allclose(nnx_metrics["loss"], lin_metrics["loss"], rtol=1e-5)
     _assert_trees_equal(lin_state.params, expected, rtol=1e-5, atol=1e-6)
     trained = nnx.merge(graphdef, nnx_state.params, nnx_state.model_state)
@@ -235,7 +250,7 @@ def digits():
 
 def test_short_training_lowers_the_loss(digits):
     model = linen.make_model("mlp", digits.input_shape, 10)
-    params, model_state = split_linen(_init(model, digits.input_shape))
+    params, model_state = split_linen(_random_variables(model, digits.input_shape))
     opt = make_optimizer(1e-2, 60)
     apply_fn = linen_apply_fn(model)
     before = evaluate(apply_fn, params, model_state, digits.x_test, digits.y_test)
@@ -258,11 +273,11 @@ def test_short_training_lowers_the_loss(digits):
 
 def test_evaluate_matches_numpy(digits):
     model = linen.make_model("mlp", digits.input_shape, 10)
-    variables = _init(model, digits.input_shape)
+    variables = _random_variables(model, digits.input_shape)
     params, model_state = split_linen(variables)
     x, y = digits.x_test[:50], digits.y_test[:50]
     got = evaluate(linen_apply_fn(model), params, model_state, x, y, batch_size=16)  # padded
-    z = np.asarray(model.apply(variables, x), np.float64)
+    z = np.asarray(jax.jit(model.apply)(variables, x), np.float64)
     log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
     np.testing.assert_allclose(got["loss"], -log_p[np.arange(50), np.asarray(y)].mean(), rtol=1e-5)
     assert got["accuracy"] == np.mean(z.argmax(1) == np.asarray(y))
@@ -296,10 +311,22 @@ def test_train_or_load_cache_round_trip(digits, tmp_path):
     again = train_or_load("mlp", digits, 0, 20, retrain=True, **kwargs)
     _assert_trees_equal(again.variables, first.variables)  # training is deterministic
     assert again.metrics["train_seconds"] != first.metrics["train_seconds"]
-    other = train_or_load("mlp", digits, 1, 20, **kwargs)
-    assert len(list((tmp_path / "models").glob("*.msgpack"))) == 2
-    assert not np.array_equal(other.variables["params"]["head"]["kernel"],
-                              first.variables["params"]["head"]["kernel"])  # fmt: skip
+
+
+def test_cache_path_is_keyed_by_the_config(digits, tmp_path):
+    cfg = train.TrainConfig(steps=20, batch_size=64)
+    path = train.cache_path("mlp", digits, 0, cfg, cache=tmp_path)
+    assert path.parent == tmp_path / "models" and path.name.startswith("mlp-digits-")
+    assert train.cache_path("mlp", digits, 0, train.TrainConfig(20, 64), cache=tmp_path) == path
+    other_split = data.load_digits(seed=1)
+    variants = [
+        train.cache_path("mlp", digits, 1, cfg, cache=tmp_path),
+        train.cache_path("cnn", digits, 0, cfg, cache=tmp_path),
+        train.cache_path("mlp", digits, 0, train.TrainConfig(21, 64), cache=tmp_path),
+        train.cache_path("mlp", digits, 0, train.TrainConfig(20, 64, 3e-3), cache=tmp_path),
+        train.cache_path("mlp", other_split, 0, cfg, cache=tmp_path),  # same name, other data
+    ]
+    assert len({path, *variants}) == 6
 
 
 @pytest.mark.slow

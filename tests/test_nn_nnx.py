@@ -94,12 +94,15 @@ def test_gradients_reach_weights_and_learned_scales(pair):
 def test_save_restore_identical_outputs(pair):
     _, _, qnm = pair
     qn.set_phase(qnm, "eval")
-    blob = serialization.to_bytes(nnx.state(qnm).to_pure_dict())  # msgpack, no pickle
+    # msgpack of the state's leaves, no pickle. (nnx's replace_by_pure_dict cannot restore
+    # Variables whose value is a pytree, as the observer states and calibrated QParams are.)
+    blob = serialization.to_bytes(jax.tree_util.tree_leaves(nnx.state(qnm)))
     nm = mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(9))  # other weights, other calibration
     other, _ = qn.quantize_model(nm, RULES)
     qn.calibrate(other, [X * 0.1])
     state = nnx.state(other)
-    state.replace_by_pure_dict(serialization.from_bytes(state.to_pure_dict(), blob))
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    state = jax.tree_util.tree_unflatten(treedef, serialization.from_bytes(leaves, blob))
     nnx.update(other, state)
     qn.set_phase(other, "eval")
     f = nnx.jit(lambda m, x: m(x))

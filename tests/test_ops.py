@@ -110,9 +110,10 @@ def _with_vjp(f, x, w):
     return y, vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
 
 
-def _all_modes(f, x, w):
+def _all_modes(f, x, w, lhs_quant, rhs_quant):
     """Per mode, ``(y, grads)``; and the float op (quantizers None): one compile for all."""
-    out = {m: _with_vjp(functools.partial(f, mode=m), x, w) for m in ops.MODES}
+    q = functools.partial(f, lhs_quant=lhs_quant, rhs_quant=rhs_quant)
+    out = {m: _with_vjp(functools.partial(q, mode=m), x, w) for m in ops.MODES}
     out["float"] = f(x, w, lhs_quant=None, rhs_quant=None, mode="simulate")
     return out
 
@@ -120,12 +121,7 @@ def _all_modes(f, x, w):
 @functools.partial(jax.jit, static_argnames=("lhs_quant", "rhs_quant"))
 def _dense(x, w, lhs_quant, rhs_quant):
     f = functools.partial(ops.dot_general, dimension_numbers=DENSE_DN)
-    return _all_modes(functools.partial(_rebind, f, lhs_quant, rhs_quant), x, w)
-
-
-def _rebind(f, lhs_quant, rhs_quant, x, w, mode, **override):
-    kw = dict(lhs_quant=lhs_quant, rhs_quant=rhs_quant) | override
-    return f(x, w, mode=mode, **kw)
+    return _all_modes(f, x, w, lhs_quant, rhs_quant)
 
 
 DENSE_SHAPES = ((8, 24), (24, 6))
@@ -357,8 +353,7 @@ def _hashable(kw: dict) -> tuple:
 
 @functools.partial(jax.jit, static_argnames=("kw", "lhs_quant", "rhs_quant"))
 def _conv(x, w, kw, lhs_quant, rhs_quant):
-    f = functools.partial(_conv_call, kw=dict(kw))
-    return _all_modes(functools.partial(_rebind, f, lhs_quant, rhs_quant), x, w)
+    return _all_modes(functools.partial(_conv_call, kw=dict(kw)), x, w, lhs_quant, rhs_quant)
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

@@ -257,28 +257,23 @@ def test_vmap_over_traced_bits_equals_static_bits(signed, symmetric):
 
     def run(fmt):
         qp = jq.qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
-        q = jq.quantize(x, qp, fmt).astype(jnp.int32)
-        return q, jq.fake_quant(x, qp, fmt), jq.dequantize(q, qp)
+        q = jq.quantize(x, qp, fmt)
+        return q, jq.fake_quant(x, qp, fmt), jq.dequantize(q, qp), qp
 
     traced_fmt = jq.IntFormat(jnp.arange(2, 17), signed=signed)
     traced = jax.jit(jax.vmap(run))(traced_fmt)
+    assert traced[0].dtype == jnp.int32  # traced bits store as int32
     some = [2, 3, 8, 13, 16]  # compiling all 15 static programs costs more than it adds
     static = jax.jit(lambda: [run(jq.IntFormat(b, signed=signed)) for b in some])()
     for b, outs in zip(some, static, strict=True):
-        for t, s in zip(traced, outs, strict=True):
+        for t, s in zip(jax.tree.leaves(traced), jax.tree.leaves(outs), strict=True):
             np.testing.assert_array_equal(np.asarray(t[b - 2]), np.asarray(s), err_msg=f"bits={b}")
     # every width against the NumPy quantizer with Python-int qmin / qmax
     for i, b in enumerate(BITS):
         f = jq.IntFormat(b, signed=signed)
-        qp = _qparams(rmin, rmax, f, symmetric=symmetric)
-        q, y = (
-            np_quantize(x, qp.scale, qp.zero_point, f),
-            np_fake_quant(x, qp.scale, qp.zero_point, f),
-        )
-        np.testing.assert_array_equal(np.asarray(traced[0][i]), q, err_msg=f"bits={b}")
-        np.testing.assert_allclose(np.asarray(traced[1][i]), y, rtol=1e-6, err_msg=f"bits={b}")
-    q = jax.jit(jax.vmap(lambda f: jq.quantize(x, jq.QParams(1.0), f)))(traced_fmt)
-    assert q.dtype == jnp.int32  # traced bits store as int32
+        s, z = np.asarray(traced[3].scale[i]), np.asarray(traced[3].zero_point[i])
+        np.testing.assert_array_equal(np.asarray(traced[0][i]), np_quantize(x, s, z, f))
+        np.testing.assert_allclose(np.asarray(traced[1][i]), np_fake_quant(x, s, z, f), rtol=1e-6)
 
 
 # --- onnxruntime QuantizeLinear ---------------------------------------------------------------

@@ -206,9 +206,9 @@ def _histogram_init(num_bins: int):
     def init(x: jax.Array) -> HistogramState:
         check_data(x)
         zero = np.zeros((), np.int32)
-        inf = np.float32(np.inf)
+        inf = np.full((), np.inf, np.float32)
         counts = np.zeros(2 * num_bins, np.float32)
-        return HistogramState(counts, np.float32(0.0), inf, -inf, zero, zero)
+        return HistogramState(counts, np.zeros((), np.float32), inf, -inf, zero, zero)
 
     return init
 

@@ -37,7 +37,8 @@ def write_tensors(
     header: dict = {"__metadata__": dict(metadata)}
     blobs, offset = [], 0
     for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)
+        a = a if a.flags.c_contiguous else a.copy(order="C")
         if a.dtype not in _NAMES:
             raise TypeError(f"tensor {name!r}: dtype {a.dtype} not in {sorted(_DTYPES)}")
         raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -25,6 +25,7 @@ quantized model is trained (QAT) by the same :func:`make_train_step`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx, serialization
 
+from jquant.models import config as config_lib
 from jquant.models import linen as linen_models
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "make_train_step",
     "fit",
     "evaluate",
+    "cache_path",
     "train_or_load",
 ]
 
@@ -193,6 +196,12 @@ def _step_indices(key: jax.Array, n: int, batch_size: int, steps: int) -> np.nda
     return np.concatenate(perms).reshape(-1, batch_size)[:steps]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _run_step(step_fn, state, x, y, i):
+    # step_fn is static (hashed by identity): fit calls that pass the same step share a compile.
+    return step_fn(state, x[i], y[i])
+
+
 def fit(
     step_fn: Callable,
     state: TrainState,
@@ -221,20 +230,22 @@ def fit(
     if batch_size > len(x):
         raise ValueError(f"batch_size must be <= the number of examples {len(x)}, got {batch_size}")
     idx = jnp.asarray(_step_indices(key, len(x), batch_size, steps))
-
-    @jax.jit
-    def run(state, x, y, i):
-        return step_fn(state, x[i], y[i])
-
     history, pending = [], []
     for t in range(steps):
-        state, metrics = run(state, x, y, idx[t])
+        state, metrics = _run_step(step_fn, state, x, y, idx[t])
         pending.append(metrics)
         if (t + 1) % log_every == 0 or t + 1 == steps:
             means = jax.tree.map(lambda *m: float(np.mean(m)), *pending)
             history.append({"step": t + 1, **means})
             pending = []
     return state, history
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(apply_fn, params, model_state, x, y, mask):
+    logits, _ = apply_fn(params, model_state, x, False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(losses * mask), jnp.sum((jnp.argmax(logits, -1) == y) * mask)
 
 
 def evaluate(
@@ -255,18 +266,10 @@ def evaluate(
     xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
     yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
     mask = jnp.arange(n + pad) < n
-
-    @jax.jit
-    def sums(xb, yb, mb):
-        logits, _ = apply_fn(params, model_state, xb, False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-        return jnp.sum(losses * mb), jnp.sum((jnp.argmax(logits, -1) == yb) * mb)
-
     loss = correct = 0.0
     for s in range(0, n + pad, batch_size):
-        batch_loss, batch_correct = sums(
-            xp[s : s + batch_size], yp[s : s + batch_size], mask[s : s + batch_size]
-        )
+        batch = (xp[s : s + batch_size], yp[s : s + batch_size], mask[s : s + batch_size])
+        batch_loss, batch_correct = _eval_sums(apply_fn, params, model_state, *batch)
         loss, correct = loss + float(batch_loss), correct + float(batch_correct)
     return {"loss": loss / n, "accuracy": correct / n}
 
@@ -316,6 +319,34 @@ def _fingerprint(*arrays: jax.Array) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_path(
+    model_name: str,
+    data: DatasetLike,
+    seed: int,
+    config: TrainConfig,
+    *,
+    cache: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """Where :func:`train_or_load` keeps these trained weights.
+
+    ``<cache>/models/<model>-<data>-<hash>.msgpack``, the hash covering the model config, the
+    data's name and a fingerprint of its arrays, the seed, the :class:`TrainConfig` and
+    :data:`CACHE_VERSION`.
+    """
+    model_config = config_lib.model_config(model_name, data.input_shape, data.num_classes)
+    key_fields = {
+        "version": CACHE_VERSION,
+        "model": model_name,
+        "model_config": repr(model_config),
+        "data": data.name,
+        "data_fingerprint": _fingerprint(data.x_train, data.y_train, data.x_test, data.y_test),
+        "seed": int(seed),
+        "train": dataclasses.asdict(config),
+    }
+    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_dir(cache) / "models" / f"{model_name}-{data.name}-{digest}.msgpack"
+
+
 def train_or_load(
     model_name: str,
     data: DatasetLike,
@@ -331,9 +362,10 @@ def train_or_load(
 ) -> Trained:
     """Trains zoo model ``model_name`` on ``data`` in float, or loads the cached result.
 
-    The cache file ``<cache>/models/<model>-<data>-<hash>.msgpack`` (flax msgpack, no pickle)
-    is keyed by the model config, the data's name and content fingerprint, the seed and the
-    :class:`TrainConfig`; ``cache`` defaults to ``$JQUANT_CACHE`` or ``~/.cache/jquant``.
+    The weights are kept in flax msgpack (no pickle) at :func:`cache_path`, keyed by the
+    model config, the data's name and content fingerprint, the seed and the
+    :class:`TrainConfig`; ``cache`` defaults to ``$JQUANT_CACHE`` or ``~/.cache/jquant``;
+    ``retrain=True`` trains and overwrites the file even if it exists.
     ``seed`` draws both the initial weights and the batch order.
 
     Returns:
@@ -342,24 +374,14 @@ def train_or_load(
     """
     model = linen_models.make_model(model_name, data.input_shape, data.num_classes)
     config = TrainConfig(steps, batch_size, learning_rate, schedule, weight_decay)
-    key_fields = {
-        "version": CACHE_VERSION,
-        "model": model_name,
-        "model_config": repr(model.config),
-        "data": data.name,
-        "data_fingerprint": _fingerprint(data.x_train, data.y_train, data.x_test, data.y_test),
-        "seed": int(seed),
-        "train": dataclasses.asdict(config),
-    }
-    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir(cache) / "models" / f"{model_name}-{data.name}-{digest}.msgpack"
+    path = cache_path(model_name, data, seed, config, cache=cache)
     if path.exists() and not retrain:
         restored = serialization.msgpack_restore(path.read_bytes())
         variables = jax.tree.map(jnp.asarray, restored["variables"])
         return Trained(model, variables, {k: float(v) for k, v in restored["metrics"].items()})
 
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    variables = model.init(init_key, data.x_train[:1])
+    variables = jax.jit(model.init)(init_key, data.x_train[:1])
     params, model_state = split_linen(variables)
     optimizer = make_optimizer(learning_rate, steps, schedule=schedule, weight_decay=weight_decay)
     apply_fn = linen_apply_fn(model)
@@ -380,7 +402,7 @@ def train_or_load(
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
         "train_loss": history[-1]["loss"],
-        "train_seconds": seconds,
+        "train_seconds": seconds,  # wall time of fit, compilation included
     }
     variables = {"params": state.params, **state.model_state}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,386 @@
+"""Tests of jquant.convert: Flax model -> integer program, run, save / load, errors.
+
+Main oracle: the fake-quant model (phase ``eval``) with its biases rounded to the program's
+int32 grid (``with_quantized_bias``), its logits quantized with the program's output QParams,
+equals the integer program bit for bit in the ``single`` and ``fp32`` requantization modes,
+and within 1 LSB in ``double`` (gemmlowp rounds twice). The file format is checked by parsing
+it by hand (safetensors layout); jaxprs show that ``run`` is integer-only.
+"""
+
+import json
+import struct
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jquant import convert as C
+from jquant.formats import int8
+from jquant.models.config import CNNConfig, MLPConfig
+from jquant.models.linen import CNN, MLP
+from jquant.nn import QuantRule
+from jquant.nn import linen as ql
+from jquant.quant import QParams, quantize
+
+RUN = jax.jit(C.run)
+
+
+def _randomize_bn(variables, key):
+    """Non-trivial BatchNorm statistics and affine parameters, one gamma negative, one zero."""
+    variables = jax.tree.map(lambda a: a, variables)
+    for name in [k for k in variables.get("batch_stats", {})]:
+        key, k1, k2, k3, k4 = jax.random.split(key, 5)
+        st, p = variables["batch_stats"][name], variables["params"][name]
+        c = st["mean"].shape[0]
+        st["mean"] = 0.3 * jax.random.normal(k1, (c,))
+        st["var"] = jax.random.uniform(k2, (c,), minval=0.2, maxval=3.0)
+        p["scale"] = jax.random.uniform(k3, (c,), minval=0.5, maxval=2.0).at[0].set(-1.3)
+        p["scale"] = p["scale"].at[1].set(0.0)
+        p["bias"] = 0.2 * jax.random.normal(k4, (c,))
+    return variables
+
+
+def _setup(model, x, rules=QuantRule(".*"), seed=0):
+    variables = model.init(jax.random.key(seed), x[:2])
+    variables = _randomize_bn(variables, jax.random.key(seed + 1))
+    qmodel, _ = ql.quantize_model(model, rules, x[:2])
+    v = qmodel.calibrate(qmodel.attach(variables, x[:2]), [x[: len(x) // 2], x[len(x) // 2 :]])
+    oqp = C.output_qparams_from_data(qmodel, v, [x])
+    return qmodel, v, oqp
+
+
+def _fake_quant_codes(qmodel, v, x, oqp):
+    """Output codes of the fake-quant model with int32-grid biases."""
+    vb = C.with_quantized_bias(qmodel, v, x[:1])
+    y = qmodel.with_phase("eval").apply(vb, x)
+    return np.asarray(quantize(y, oqp, int8)).astype(np.int32)
+
+
+def _program_codes(program, x):
+    return np.asarray(RUN(program, program.quantize_input(x))).astype(np.int32)
+
+
+X1D = jax.random.normal(jax.random.key(7), (48, 16, 1))
+X2D = jax.random.normal(jax.random.key(8), (48, 8, 8, 1))
+MODELS = {
+    "cnn_bn_1d": (CNN(CNNConfig(features=(8, 8), dense=(16,), batch_norm=True)), X1D),
+    "cnn_1d": (CNN(CNNConfig(features=(8,), dense=())), X1D),
+    "cnn_2d": (CNN(CNNConfig(features=(4, 6), kernel_size=(3, 3), dense=(8,))), X2D),
+    "mlp": (MLP(MLPConfig(hidden=(16, 16))), X2D),
+}
+
+
+_SLOW = pytest.mark.slow
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cnn_bn_1d",
+        "cnn_2d",
+        pytest.param("mlp", marks=_SLOW),
+        pytest.param("cnn_1d", marks=_SLOW),
+    ],
+)
+def setup(request):
+    model, x = MODELS[request.param]
+    return (request.param, x, *_setup(model, x))
+
+
+def test_program_matches_fake_quant_model(setup):
+    name, x, qmodel, v, oqp = setup
+    want = _fake_quant_codes(qmodel, v, x, oqp)
+    assert want.shape == (len(x), 10) and len(np.unique(want)) > 20  # not saturated
+    for mode in ("single", "fp32", "double"):
+        program = C.convert(qmodel, v, x[:1], output_qparams=oqp, mode=mode)
+        assert program.input_shape == x.shape[1:]
+        got = _program_codes(program, x)
+        diff = np.abs(got - want)
+        if mode == "double":  # gemmlowp rounds twice: near-ties may move by one code
+            assert diff.max() <= 1
+            assert np.mean(diff > 0) < 0.2
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=mode)
+
+
+def test_program_structure_and_bn_folding(setup):
+    name, x, qmodel, v, oqp = setup
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+    kinds = [type(layer).__name__ for layer in program.layers]
+    linear = [layer for layer in program.layers if isinstance(layer, C.Conv | C.Dense)]
+    assert [layer.path for layer in linear] == [q.path for q in qmodel.layers(v)]
+    assert kinds.count("Pool") == sum(isinstance(layer, C.Conv) for layer in linear)
+    for layer in linear:
+        assert layer.w.dtype == np.int8 and layer.b.dtype == np.int32
+        assert np.abs(layer.w.astype(int)).max() <= 127  # symmetric narrow codes
+        assert layer.w_scale.shape == (layer.w.shape[-1],)
+        # activations after every hidden layer are relu-clamped; the head is not
+        assert layer.activation == (None if layer.path == "head" else "relu")
+    if name == "cnn_bn_1d":
+        conv1 = linear[0]
+        k = np.asarray(v["params"]["bn1"]["scale"])
+        q = next(q for q in qmodel.layers(v) if q.path == "conv1")
+        raw = np.asarray(quantize(q.kernel, q.kernel_qparams, int8)).astype(int)
+        # negative gamma flips the codes of channel 0; zero gamma zeroes channel 1
+        np.testing.assert_array_equal(conv1.w[0, :, :, 0], -raw[:, :, 0])
+        assert not np.any(conv1.w[..., 1])
+        np.testing.assert_array_equal(conv1.w[0, :, :, 2:], raw[:, :, 2:] * np.sign(k[2:]))
+
+
+def test_accumulator_report_is_255_sum_abs_w_plus_abs_b(setup):
+    _, x, qmodel, v, oqp = setup
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+    report = C.accumulator_report(program)
+    for info, layer in zip(report, [m for m in program.layers if hasattr(m, "w")], strict=True):
+        w = np.asarray(layer.w).astype(object).reshape(-1, layer.w.shape[-1])
+        bound = max(255 * sum(abs(int(a)) for a in w[:, c]) + abs(int(layer.b[c])) for c in
+                    range(w.shape[1]))  # fmt: skip
+        assert info.path == layer.path and info.bound == bound
+        assert 2 ** (info.bits - 2) <= bound < 2 ** (info.bits - 1)
+
+
+def test_run_is_integer_only(setup):
+    _, x, qmodel, v, oqp = setup
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp, mode="double")
+    xq = program.quantize_input(x[:4])
+    jaxpr = jax.make_jaxpr(C.run)(program, xq)
+    dtypes = set()
+    prims = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            prims.append(eqn)
+            dtypes.update(str(o.aval.dtype) for o in eqn.outvars)
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert not any(d.startswith(("float", "bfloat")) for d in dtypes), dtypes
+    heavy = [e for e in prims if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    assert heavy
+    for e in heavy:
+        assert [str(a.aval.dtype) for a in e.invars] == ["int8", "int8"]
+        assert str(e.outvars[0].aval.dtype) == "int32"
+
+
+def test_save_load_roundtrip_and_file_layout(setup, tmp_path):
+    _, x, qmodel, v, oqp = setup
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp, mode="single")
+    path = tmp_path / "p.safetensors"
+    size = C.save(program, path)
+    raw = path.read_bytes()
+    assert size == len(raw)
+    # parse the safetensors layout by hand
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header.pop("__metadata__")["jquant_program"])
+    assert [e["path"] for e in meta["layers"]] == [layer.path for layer in program.layers]
+    body = raw[8 + n :]
+    ends = sorted(e["data_offsets"] for e in header.values())
+    assert ends[0][0] == 0 and ends[-1][1] == len(body)
+    assert all(a[1] == b[0] for a, b in zip(ends, ends[1:], strict=False))  # contiguous
+    i = next(i for i, layer in enumerate(program.layers) if hasattr(layer, "w"))
+    entry = header[f"layers.{i}.w"]
+    assert entry["dtype"] == "I8"
+    lo, hi = entry["data_offsets"]
+    w = np.frombuffer(body[lo:hi], np.int8).reshape(entry["shape"])
+    np.testing.assert_array_equal(w, program.layers[i].w)
+
+    loaded = C.load(path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(program)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(program), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(_program_codes(loaded, x), _program_codes(program, x))
+
+
+def test_quantize_dequantize_helpers(setup):
+    _, x, qmodel, v, oqp = setup
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+    q1 = min(qmodel.layers(v), key=lambda q: 0 if q.path in ("conv1", "dense1") else 1)
+    want = np.asarray(quantize(x, q1.input_qparams, int8))
+    np.testing.assert_array_equal(np.asarray(program.quantize_input(x)), want)
+    codes = jnp.arange(-128, 128, dtype=jnp.int8)
+    s, z = float(oqp.scale), float(oqp.zero_point)
+    np.testing.assert_allclose(
+        np.asarray(program.dequantize_output(codes)), s * (np.arange(-128, 128) - z), rtol=1e-6
+    )
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    model, x = MODELS["cnn_bn_1d"]
+    qmodel, v, oqp = _setup(model, x)
+    return x, qmodel, v, oqp, C.convert(qmodel, v, x[:1], output_qparams=oqp)
+
+
+def test_run_rejects_non_int8_and_bad_shapes(small):
+    x, *_, program = small
+    with pytest.raises(TypeError, match="x must be an int8 array"):
+        RUN(program, x)
+    with pytest.raises(TypeError, match="int8"):
+        RUN(program, program.quantize_input(x).astype(jnp.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        RUN(program, program.quantize_input(x)[:, :8])
+    with pytest.raises(TypeError, match="Program"):
+        C.run({"layers": ()}, program.quantize_input(x))
+
+
+@pytest.mark.parametrize(
+    "qp, match",
+    [
+        (QParams(jnp.float32(0.0), jnp.float32(0.0)), "out_scale must be finite and > 0"),
+        (QParams(jnp.float32(-1.0), jnp.float32(0.0)), "out_scale must be finite and > 0"),
+        (QParams(jnp.float32(0.1), jnp.float32(300.0)), r"output_zp must be .*\[-128, 127\]"),
+        (QParams(jnp.float32(0.1), jnp.float32(0.5)), "zero point must be an integer"),
+    ],
+)
+def test_convert_rejects_bad_output_qparams(small, qp, match):
+    x, qmodel, v, _, _ = small
+    with pytest.raises(ValueError, match=match):
+        C.convert(qmodel, v, x[:1], output_qparams=qp)
+
+
+def test_convert_rejects_bad_calibrated_scales(small):
+    x, qmodel, v, oqp, _ = small
+    bad = jax.tree.map(lambda a: a, v)
+    bad["quant_stats"]["dense1" if "dense1" in bad["quant_stats"] else "head"]["input_qparams"][
+        "scale"
+    ] = jnp.float32(0.0)
+    with pytest.raises(ValueError, match="x_scale must be finite and > 0"):
+        C.convert(qmodel, bad, x[:1], output_qparams=oqp)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        C.convert(qmodel, v, x[:1], output_qparams=oqp, mode="float")
+    with pytest.raises(TypeError, match="QuantizedModel"):
+        C.convert(qmodel.model, v, x[:1], output_qparams=oqp)
+    with pytest.raises(TypeError, match="output_qparams"):
+        C.convert(qmodel, v, x[:1], output_qparams=(0.1, 0))
+
+
+class _Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="wide")(x.reshape(x.shape[0], -1))
+
+
+def _uncalibrated(model, x, stats=None):
+    """Quantized model and plain variables, plus hand-written ``quant_stats`` (state.py's
+    layout) instead of a calibration run: enough for conversion."""
+    qmodel, _ = ql.quantize_model(model, QuantRule(".*"), x, on_unused="ignore")
+    variables = dict(model.init(jax.random.key(0), x))
+    if stats is not None:
+        variables["quant_stats"] = stats
+    return qmodel, variables, QParams(jnp.float32(0.1), jnp.float32(0.0))
+
+
+def test_accumulator_overflow_caught_at_conversion():
+    # 255 * 127 * 70000 > 2^31 - 1: every weight of the column saturates at +-127
+    x = jnp.ones((1, 70000))
+    qp = {"scale": jnp.float32(0.01), "zero_point": jnp.float32(0.0)}
+    qmodel, v, oqp = _uncalibrated(_Wide(), x, {"wide": {"input_qparams": qp}})
+    v["params"] = {"wide": {**v["params"]["wide"], "kernel": jnp.ones((70000, 2))}}
+    with pytest.raises(ValueError, match=r"layer 'wide'.*int32 accumulator may overflow"):
+        C.convert(qmodel, v, x[:1], output_qparams=oqp)
+
+
+class _WithLayerNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4, name="d1")(x)
+        x = nn.LayerNorm(name="norm")(x)
+        return nn.Dense(3, name="d2")(x)
+
+
+class _WithTanh(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="d2")(jnp.tanh(nn.Dense(4, name="d1")(x)))
+
+
+class _Residual(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="d1")(x)
+        return nn.Dense(6, name="d2")(h) + h
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (_WithLayerNorm(), r"in module 'norm'"),
+        (_WithTanh(), r"unsupported operation 'tanh'"),
+        (_Residual(), r"'add' in module .*|sequential"),
+    ],
+)
+def test_unsupported_layers_are_named(model, match):
+    x = jnp.ones((1, 6))
+    qmodel, v, oqp = _uncalibrated(model, x)
+    with pytest.raises(ValueError, match=match):
+        C.convert(qmodel, v, x[:1], output_qparams=oqp)
+
+
+def test_float_and_uncalibrated_layers_are_named(small):
+    x, qmodel, v, oqp, _ = small
+    rules = (QuantRule("head", keep_float=True), QuantRule(".*"))
+    kept, _ = ql.quantize_model(qmodel.model, rules, x[:2])
+    with pytest.raises(ValueError, match=r"layer 'head' is not quantized"):
+        C.convert(kept, v, x[:1], output_qparams=oqp)
+    fresh = {k: val for k, val in v.items() if k != "quant_stats"}
+    with pytest.raises(ValueError, match=r"layer 'conv1' has no input QParams"):
+        C.convert(qmodel, fresh, x[:1], output_qparams=oqp)
+
+
+def test_load_rejects_foreign_and_corrupt_files(small, tmp_path):
+    *_, program = small
+    other = tmp_path / "other.safetensors"
+    C.write_tensors(other, {"a": np.zeros(3, np.float32)}, {})
+    with pytest.raises(ValueError, match="not a saved jquant program"):
+        C.load(other)
+    good = tmp_path / "p.safetensors"
+    C.save(program, good)
+    raw = bytearray(good.read_bytes())
+    (tmp_path / "short").write_bytes(raw[:4])
+    with pytest.raises(ValueError, match="too short"):
+        C.load(tmp_path / "short")
+    (tmp_path / "trunc").write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match="bad entry"):
+        C.load(tmp_path / "trunc")
+    bad = C.Program(
+        **{**{f: getattr(program, f) for f in ("layers", "input_scale", "output_scale")},
+           "input_zp": np.int32(200), "output_zp": program.output_zp,
+           "input_shape": program.input_shape},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"input_zp must be .*\[-128, 127\]"):
+        C.save(bad, tmp_path / "bad")
+
+
+# --- acceptance on the trained MNIST-1D CNN (slow: trains on a cold cache) ---------------
+
+
+@pytest.mark.slow
+def test_mnist1d_cnn_acceptance():
+    from jquant.data import load_mnist1d
+    from jquant.models import train as T
+
+    data = load_mnist1d()
+    trained = T.train_or_load("cnn", data, 0, 3000)
+    x0 = data.x_train[:2]
+    qmodel, _ = ql.quantize_model(trained.model, QuantRule(".*"), x0)
+    calib = [data.x_train[i * 128 : (i + 1) * 128] for i in range(8)]
+    v = qmodel.calibrate(qmodel.attach(trained.variables, x0), calib)
+    oqp = C.output_qparams_from_data(qmodel, v, calib)
+    want = _fake_quant_codes(qmodel, v, data.x_test, oqp)
+    y = np.asarray(data.y_test)
+    for mode in ("double", "single", "fp32"):
+        program = C.convert(qmodel, v, x0, output_qparams=oqp, mode=mode)
+        got = _program_codes(program, data.x_test)
+        assert np.abs(got - want).max() <= 1, mode
+        agree = np.mean(got.argmax(1) == want.argmax(1))
+        acc_int, acc_fq = np.mean(got.argmax(1) == y), np.mean(want.argmax(1) == y)
+        assert abs(acc_int - acc_fq) <= 0.002, (mode, acc_int, acc_fq)
+        assert agree >= (0.995 if mode == "double" else 0.999), (mode, agree)
