@@ -287,12 +287,12 @@ CONV_CASES = {
         AFFINE,
         PER_CHANNEL_LAST,
     ),
-    "valid_stride2": (
+    "valid_stride2_dilated_sym_tensor": (
         (2, 9, 8, 3),
         (3, 3, 3, 4),
-        dict(padding="VALID", window_strides=(2, 2)),
-        AFFINE,
-        PER_CHANNEL_LAST,
+        dict(padding="VALID", window_strides=(2, 2), rhs_dilation=(2, 1)),
+        SYM,
+        SYM,
     ),
     "dilated_explicit_pad": (
         (1, 8, 8, 2),
@@ -356,7 +356,14 @@ def _conv(x, w, kw, lhs_quant, rhs_quant):
     return _all_modes(functools.partial(_conv_call, kw=dict(kw)), x, w, lhs_quant, rhs_quant)
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
+# covered by the others too; run with -m slow
+SLOW_CONV_CASES = ("same_sym_tensor", "same_affine_channel", "dilated_explicit_pad")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CONV_CASES else c for c in CONV_CASES],
+)
 def test_conv_int_matches_simulate_and_gradients_agree(case):
     xs, ws, kw, lq, rq = CONV_CASES[case]
     x, w = _normal(13, xs, shift=0.8), _normal(14, ws, scale=0.5)

@@ -173,6 +173,7 @@ def mixed_precision(
     max_configs: int = 512,
     full_path: bool = False,
     sensitivity_table: Table | None = None,
+    ptq: PTQ | None = None,
     batch_size: int = 512,
     progress: bool = False,
 ) -> Table:
@@ -197,6 +198,8 @@ def mixed_precision(
       sensitivity_table: greedy only: a :func:`jquant.sweep.sensitivity` table of this model,
         with a row per layer and candidate width, computed with the same ``rules``, ``target``
         and ``granularity`` (reused, e.g. across budgets; default: computed here).
+      ptq: ``PTQ.calibrated(model, variables, calib_x, rules)``, reused instead of
+        calibrating again (calibration compiles the most; pass the same model and variables).
       batch_size, progress: as in :func:`jquant.sweep.model_vs_bits`.
 
     Returns:
@@ -274,7 +277,10 @@ def mixed_precision(
             for combo in itertools.product(widths, repeat=len(layers))
         ]
 
-    ptq = PTQ.calibrated(model, variables, calib, rules, batch_size=batch_size)
+    if ptq is None:
+        ptq = PTQ.calibrated(model, variables, calib, rules, batch_size=batch_size)
+    elif not isinstance(ptq, PTQ) or ptq.model is not model:
+        raise ValueError(f"ptq must be a PTQ of this model (PTQ.calibrated), got {ptq!r}")
     ref = ptq.logits(None, x)
     float_accuracy = score(ref, y, ref)["accuracy"]
     if progress:

@@ -1,0 +1,169 @@
+"""Benchmark of jquant.convert: the integer program vs the float model (MNIST-1D CNN).
+
+Times batch-256 inference, jitted and warmed up, in interleaved rounds (machine load hits all
+variants alike): the float Linen model, the fake-quant model (phase ``eval``), and the integer
+program (``run`` on int8 codes; and end to end with ``quantize_input`` / ``dequantize_output``)
+in each requantization mode. Reports medians and ratios to float (target: integer <= 1.0x),
+the saved program's size vs the float checkpoint written the same way (safetensors layout,
+float32; target <= 0.27x), and test accuracies. JSON goes to
+``benchmarks/results/integer.json``.
+
+    python benchmarks/integer.py            # trained CNN (cached by train_or_load), 15 rounds
+    python benchmarks/integer.py --quick    # 5 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from jquant import convert as C
+from jquant.data import load_mnist1d
+from jquant.models import train as T
+from jquant.nn import QuantRule
+from jquant.nn import linen as ql
+
+BATCH = 256
+TIME_TARGET = 1.0
+SIZE_TARGET = 0.27
+MODES = ("double", "single", "fp32")
+
+
+def _time_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
+    for fn in fns.values():  # compile and warm up
+        for _ in range(2):
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v, np.float32)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 15")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3000, help="float training steps (cached)")
+    parser.add_argument(
+        "--out", default=str(pathlib.Path(__file__).parent / "results" / "integer.json")
+    )
+    args = parser.parse_args()
+    rounds = args.rounds or (5 if args.quick else 15)
+
+    data = load_mnist1d()
+    trained = T.train_or_load("cnn", data, 0, args.steps)
+    x0 = data.x_train[:2]
+    qmodel, _ = ql.quantize_model(trained.model, QuantRule(".*"), x0)
+    calib = [data.x_train[i * 128 : (i + 1) * 128] for i in range(8)]
+    v = qmodel.calibrate(qmodel.attach(trained.variables, x0), calib)
+    oqp = C.output_qparams_from_data(qmodel, v, calib)
+    programs = {m: C.convert(qmodel, v, x0, output_qparams=oqp, mode=m) for m in MODES}
+
+    x = data.x_test[:BATCH]
+    float_fn = jax.jit(trained.model.apply)
+    fq_fn = jax.jit(qmodel.with_phase("eval").apply)
+    run = jax.jit(C.run)
+    end_to_end = jax.jit(lambda p, x: p.dequantize_output(C.run(p, p.quantize_input(x))))
+    fns = {
+        "float": lambda: float_fn(trained.variables, x),
+        "fake-quant": lambda: fq_fn(v, x),
+    }
+    for m, p in programs.items():
+        xq = p.quantize_input(x)
+        fns[f"int {m}"] = lambda p=p, xq=xq: run(p, xq)
+        fns[f"int {m} e2e"] = lambda p=p: end_to_end(p, x)
+    times = _time_rounds(fns, rounds)
+    base = float(np.median(times["float"]))
+    rows = []
+    for name, ts in times.items():
+        med = float(np.median(ts))
+        is_int = name.startswith("int")
+        rows.append(
+            dict(
+                variant=name,
+                median_ms=med * 1e3,
+                min_ms=float(np.min(ts)) * 1e3,
+                ratio_to_float=med / base,
+                target=TIME_TARGET if is_int else None,
+                target_met=bool(med / base <= TIME_TARGET) if is_int else None,
+            )
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prog_bytes = C.save(programs["double"], pathlib.Path(tmp) / "program.safetensors")
+        float_bytes = C.write_tensors(
+            pathlib.Path(tmp) / "float.safetensors", _flat(trained.variables), {}
+        )
+    size = dict(
+        program_bytes=prog_bytes,
+        float_checkpoint_bytes=float_bytes,
+        ratio=prog_bytes / float_bytes,
+        target=SIZE_TARGET,
+        target_met=bool(prog_bytes / float_bytes <= SIZE_TARGET),
+        weights=int(sum(np.size(w) for w in jax.tree.leaves(trained.variables["params"]))),
+    )
+
+    y = np.asarray(data.y_test)
+    accuracy = {
+        "float": float(np.mean(np.asarray(float_fn(trained.variables, data.x_test)).argmax(1) == y))
+    }
+    accuracy["fake-quant"] = float(np.mean(np.asarray(fq_fn(v, data.x_test)).argmax(1) == y))
+    for m, p in programs.items():
+        codes = np.asarray(run(p, p.quantize_input(data.x_test)))
+        accuracy[f"int {m}"] = float(np.mean(codes.argmax(1) == y))
+
+    print(f"{'variant':16} {'median ms':>10} {'x float':>8}  target (batch {BATCH})")
+    for r in rows:
+        target = (
+            ""
+            if r["target"] is None
+            else f"<= {r['target']}: " + ("met" if r["target_met"] else "NOT met")
+        )
+        print(f"{r['variant']:16} {r['median_ms']:10.3f} {r['ratio_to_float']:8.3f}  {target}")
+    print(
+        f"size: program {prog_bytes} B, float {float_bytes} B, ratio {size['ratio']:.3f} "
+        f"(target <= {SIZE_TARGET}: {'met' if size['target_met'] else 'NOT met'})"
+    )
+    print("test accuracy: " + ", ".join(f"{k} {100 * a:.2f}%" for k, a in accuracy.items()))
+    meta = dict(
+        rounds=rounds,
+        batch=BATCH,
+        model="MNIST-1D CNN (jquant.models 'cnn'), int8 weights per channel, int8 activations",
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        load_average=os.getloadavg(),
+        gpu="not available in this session",
+    )
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(dict(meta=meta, timing=rows, size=size, accuracy=accuracy), indent=2) + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
