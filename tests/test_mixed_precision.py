@@ -128,6 +128,7 @@ def test_infinite_and_smallest_budgets(mlp, ptq):
     assert t.meta["chosen_size_bytes"] == smallest and t.column("chosen")[-1] is True
 
 
+@pytest.mark.slow  # two calibrations (sensitivity's and ours) + 6 compiled evaluations
 def test_greedy_lowers_the_less_sensitive_layer_first(mlp):
     model, variables, x, y = mlp
     # One outlier in dense1's kernel: per tensor, at 4 bits its other weights round to 0.
@@ -158,6 +159,7 @@ def test_greedy_lowers_the_less_sensitive_layer_first(mlp):
     assert (kl["dense1", 4] - kl["dense1", 8]) / 24 > (kl["head", 4] - kl["head", 8]) / 12
 
 
+@pytest.mark.slow  # 9 compiled evaluations
 def test_pareto_method_matches_brute_force(mlp, ptq):
     model, variables, x, y = mlp
     budget = 90.0

@@ -15,23 +15,70 @@ This script differentiates ``jquant.fake_quant(..., estimator="lsq" | "pact")`` 
 element (``jax.jacobian`` with respect to the scale) at 2, 3, 4 and 8 bits and compares every
 element with the closed forms above; the table holds the largest absolute difference.
 
-Not yet reproduced: the QAT accuracy tables (STE vs PACT vs LSQ on MNIST-1D over 3 seeds),
-which need ``jquant.nn``'s QAT layers; see README.md.
+QAT on MNIST-1D (their Table 1 analogue): the zoo CNN trained in float
+(``jquant.models.train.train_or_load``) is quantized by rules (``jquant.nn.linen``), calibrated
+(min/max) and fine-tuned at 2, 3, 4 and 8 bits (weights and activations inside, 8 bits in
+``conv1`` and ``head``, as both papers keep the first and last layer at 8 bits) with three
+estimators, over 3 seeds (each seed its own float model and batch order):
+
+- ``ste``: fixed calibrated ranges, straight-through gradient;
+- ``pact``: activations unsigned in ``[0, alpha]``, ``alpha`` learned (Choi et al. eq. 3),
+  weights STE;
+- ``lsq``: every step size learned (Esser et al. eq. 3, scaled by ``g``).
+
+The optimizer is ``jquant.examples.mnist1d_qat.qat_optimizer`` (Adam, cosine schedule, scales
+at 1e-5). ``lsq_pact_qat_runs`` holds every (bits, method, seed); ``lsq_pact_qat`` the mean,
+sample standard deviation, min and max over seeds; ``lsq_pact_published`` the ImageNet
+numbers we compare orderings with.
 """
 
 from __future__ import annotations
 
 import pathlib
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jquant as jq
+from jquant.data import load_mnist1d
+from jquant.examples.mnist1d_qat import qat_optimizer, rules_for
+from jquant.models import train as T
+from jquant.nn import QuantRule
+from jquant.nn import linen as ql
 from jquant.reproduce import save_figure, script_main, write_tables
 from jquant.sweep import Table
 
 BITS = (2, 3, 4, 8)
+METHODS = ("ste", "pact", "lsq")
+# Esser et al. 2019 (ICLR 2020), Table 1: ImageNet top-1 (%) of ResNet-18 (full precision
+# 70.5), LSQ and PACT (the latter as they quote Choi et al. 2018); "-": not reported.
+PUBLISHED_TOP1 = {
+    "lsq": {2: 67.6, 3: 70.2, 4: 71.1, 8: 71.1},
+    "pact": {2: 64.4, 3: 68.1, 4: 69.2, 8: None},
+}
+PUBLISHED_FLOAT_TOP1 = 70.5
+
+
+@dataclasses.dataclass(frozen=True)
+class QATSetup:
+    """Sizes of the QAT experiment (``QUICK`` is the tests' few-step version)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    bits: tuple[int, ...] = BITS
+    methods: tuple[str, ...] = METHODS
+    model: str = "cnn"
+    float_steps: int = T.RECOMMENDED_STEPS["mnist1d"]
+    qat_steps: int = 300
+    learning_rate: float = 1e-3
+    calib_batches: int = 8
+    batch_size: int = 128
+
+
+FULL = QATSetup()
+QUICK = QATSetup(seeds=(0,), bits=(4,), float_steps=30, qat_steps=3, calib_batches=1)
 
 
 def lsq_closed_form(x: np.ndarray, s: float, fmt: jq.IntFormat) -> np.ndarray:
@@ -79,6 +126,136 @@ def gradient_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def method_rules(method: str, bits: int) -> tuple[QuantRule, ...]:
+    """Rules of ``method`` at ``bits`` (8 bits in ``conv1`` / ``head``; see module docstring)."""
+    if method in ("ste", "lsq"):
+        return rules_for(bits, method)
+    if method == "pact":
+        edge = QuantRule("conv1|head", weight="int8", act="int8")
+        inner = QuantRule(
+            ".*",
+            weight=jq.IntFormat(bits),
+            act=jq.IntFormat(bits, signed=False),
+            act_estimator="pact",
+        )
+        return (edge, inner)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def ptq_then_qat(
+    trained: T.Trained,
+    data,
+    rules,
+    *,
+    steps: int,
+    learning_rate: float,
+    calib_batches: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """``{"ptq", "qat"}`` test accuracies: calibrate min/max on ``calib_batches`` training
+    batches, evaluate, fine-tune ``steps`` steps (:func:`qat_optimizer`), evaluate."""
+    x0 = data.x_train[:2]
+    qmodel, _ = ql.quantize_model(trained.model, rules, x0, on_unused="ignore")
+    calib = [data.x_train[i * batch_size : (i + 1) * batch_size] for i in range(calib_batches)]
+    params, state = T.split_linen(qmodel.calibrate(qmodel.attach(trained.variables, x0), calib))
+    ev = T.linen_apply_fn(qmodel.with_phase("eval"))
+    out = {"ptq": T.evaluate(ev, params, state, data.x_test, data.y_test)["accuracy"]}
+    opt = qat_optimizer(learning_rate, steps)
+    step = T.make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
+    st, _ = T.fit(
+        step,
+        T.TrainState.create(params, state, opt),
+        data.x_train,
+        data.y_train,
+        steps=steps,
+        batch_size=batch_size,
+        key=jax.random.key(seed),
+    )
+    out["qat"] = T.evaluate(ev, st.params, st.model_state, data.x_test, data.y_test)["accuracy"]
+    return out
+
+
+def qat_rows(setup: QATSetup, log=print) -> list[dict]:
+    """One row per (seed, bits, method): float, PTQ and QAT test accuracy."""
+    data = load_mnist1d()
+    rows = []
+    for seed in setup.seeds:
+        trained = T.train_or_load(setup.model, data, seed, setup.float_steps)
+        for bits in setup.bits:
+            for method in setup.methods:
+                acc = ptq_then_qat(
+                    trained,
+                    data,
+                    method_rules(method, bits),
+                    steps=setup.qat_steps,
+                    learning_rate=setup.learning_rate,
+                    calib_batches=setup.calib_batches,
+                    batch_size=setup.batch_size,
+                    seed=seed * 100 + bits,
+                )
+                row = {"bits": bits, "method": method, "seed": seed}
+                row.update(float=trained.metrics["test_accuracy"], **acc)
+                log(f"seed {seed} w{bits}a{bits} {method}: {row}")
+                rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict], keys=("bits", "method"), values=("float", "ptq", "qat")):
+    """Mean, sample std (ddof=1; 0 for one seed), min and max of ``values`` per ``keys``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        row = dict(zip(keys, key, strict=True)) | {"seeds": len(rs)}
+        for v in values:
+            a = np.array([r[v] for r in rs], np.float64)
+            std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+            row |= {
+                f"{v}_mean": a.mean(),
+                f"{v}_std": std,
+                f"{v}_min": a.min(),
+                f"{v}_max": a.max(),
+            }
+        out.append(row)
+    return out
+
+
+def published_rows() -> list[dict]:
+    return [
+        {
+            "bits": b,
+            "method": m,
+            "imagenet_top1": PUBLISHED_TOP1[m][b],
+            "float_top1": PUBLISHED_FLOAT_TOP1,
+        }
+        for b in BITS
+        for m in PUBLISHED_TOP1
+    ]
+
+
+def _plot_qat(summary: Table):
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for m in METHODS:
+            t = summary.where(method=m)
+            if len(t):
+                ax.errorbar(
+                    t.column("bits"),
+                    t.column("qat_mean"),
+                    t.column("qat_std"),
+                    marker="o",
+                    capsize=3,
+                    label=m,
+                )
+        ax.set_xlabel("bits (weights and activations)")
+        ax.set_ylabel("MNIST-1D test accuracy after QAT")
+        ax.legend()
+
+    return draw
+
+
 def _plot(x: np.ndarray, s: float, fmt: jq.IntFormat):
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
@@ -92,14 +269,26 @@ def _plot(x: np.ndarray, s: float, fmt: jq.IntFormat):
 
 
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
-    """Gradient checks on 1,000 elements when ``quick``, else 100,000."""
-    table = Table.from_dicts(gradient_rows(1_000 if quick else 100_000)).with_meta(
-        paper="Esser et al. 2019 (LSQ), Choi et al. 2018 (PACT)",
-        qat_tables="not run: needs jquant.nn QAT layers",
-    )
+    """Gradient checks on 1,000 elements when ``quick``, else 100,000; QAT at ``QUICK`` or
+    ``FULL`` size."""
+    paper = "Esser et al. 2019 (LSQ), Choi et al. 2018 (PACT)"
+    setup = QUICK if quick else FULL
+    table = Table.from_dicts(gradient_rows(1_000 if quick else 100_000)).with_meta(paper=paper)
+    runs = qat_rows(setup)
+    meta = dict(paper=paper, **{k: str(v) for k, v in dataclasses.asdict(setup).items()})
+    summary = Table.from_dicts(summarize(runs)).with_meta(**meta)
     x = np.linspace(-4.0, 4.0, 2001)
     save_figure(out_dir, "lsq_pact_gradients", _plot(x, 1.0, jq.IntFormat(2)))
-    return write_tables(out_dir, {"lsq_pact_gradients": table})
+    save_figure(out_dir, "lsq_pact_qat", _plot_qat(summary))
+    tables = {
+        "lsq_pact_gradients": table,
+        "lsq_pact_qat_runs": Table.from_dicts(runs).with_meta(**meta),
+        "lsq_pact_qat": summary,
+        "lsq_pact_published": Table.from_dicts(published_rows()).with_meta(
+            source="Esser et al. 2019, Table 1 (ResNet-18, ImageNet top-1 %)"
+        ),
+    }
+    return write_tables(out_dir, tables)
 
 
 if __name__ == "__main__":

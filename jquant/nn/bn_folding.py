@@ -1,0 +1,190 @@
+"""Batch-norm folding: the pure fold, and a Linen conv + BN layer trained with folded,
+quantized weights (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018, section 3.2).
+
+With ``sigma = sqrt(var + eps)``, BatchNorm after a conv with kernel ``W`` and bias ``b`` is
+the conv with the folded kernel and bias::
+
+    W_fold = W * gamma / sigma          (per output channel, the last kernel axis)
+    b_fold = beta + (b - mean) * gamma / sigma
+
+Inference quantizes ``W_fold``, so QAT must too. :class:`QConvBN` in training computes the
+batch statistics ``(mu_B, sigma_B)`` of the float conv ``conv(x, W)``, folds ``W`` with the
+*running* ``sigma_R`` (the weights inference will use, stable from step to step), quantizes
+them and rescales the output by ``sigma_R / sigma_B`` so that the layer still normalizes with
+the batch statistics::
+
+    y = conv(fq(x), fq(W gamma / sigma_R)) * sigma_R / sigma_B + beta - gamma mu_B / sigma_B
+
+With running statistics (eval, or training after "freezing" BN) the correction is 1::
+
+    y = conv(fq(x), fq(W gamma / sigma_R)) + beta - gamma mu_R / sigma_R
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jquant.nn.inject import QuantOp
+from jquant.nn.linen import DEFAULT_RULE, _Slots
+from jquant.nn.rules import QuantRule
+from jquant.nn.state import check_phase
+
+__all__ = ["fold_bn", "QConvBN"]
+
+BATCH_STATS = "batch_stats"
+
+
+def _bn_factor(scale: jax.Array, var: jax.Array, eps: float) -> jax.Array:
+    """``gamma / sqrt(var + eps)``."""
+    return scale * lax.rsqrt(var + eps)
+
+
+def fold_bn(
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    scale: jax.Array,
+    bias_bn: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    eps: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
+    """Folds an inference BatchNorm into the preceding conv / dense layer.
+
+    ``W_fold = W * gamma / sqrt(var + eps)`` along the last kernel axis (output channels) and
+    ``b_fold = beta + (b - mean) * gamma / sqrt(var + eps)``, so that
+    ``conv(x, W_fold) + b_fold == BN(conv(x, W) + b)`` with the BN's running statistics.
+
+    Args:
+      kernel: conv (``HWIO``) or dense (``IO``) kernel; the last axis is the output channel.
+      bias: the layer's bias, or None (no bias, i.e. 0).
+      scale, bias_bn, mean, var: BN ``gamma``, ``beta``, running mean and variance, each of
+        shape ``(kernel.shape[-1],)``.
+      eps: BN epsilon, >= 0.
+
+    Returns:
+      ``(W_fold, b_fold)``.
+
+    >>> k, b = fold_bn(jnp.ones((1, 2)), None, jnp.array([2.0, 1.0]), jnp.zeros(2),
+    ...                jnp.array([1.0, 0.0]), jnp.array([4.0, 1.0]), eps=0.0)
+    >>> k.tolist(), b.tolist()
+    ([[1.0, 1.0]], [-1.0, 0.0])
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 1:
+        raise ValueError(f"kernel must have an output-channel axis, got shape {kernel.shape}")
+    channels = (kernel.shape[-1],)
+    named = {"scale": scale, "bias_bn": bias_bn, "mean": mean, "var": var}
+    if bias is not None:
+        named["bias"] = bias
+    for name, v in named.items():
+        if jnp.shape(v) != channels:
+            raise ValueError(
+                f"{name} must have shape {channels} (kernel's last axis), got {jnp.shape(v)}"
+            )
+    if not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
+    factor = _bn_factor(jnp.asarray(scale), jnp.asarray(var), eps)
+    b = 0.0 if bias is None else jnp.asarray(bias)
+    return kernel * factor, jnp.asarray(bias_bn) + (b - jnp.asarray(mean)) * factor
+
+
+def _conv_dims(ndim: int) -> lax.ConvDimensionNumbers:
+    """Channels-last input / output (``NHWC``) and ``HWIO`` kernel, for any spatial rank."""
+    spatial = tuple(range(1, ndim - 1))
+    return lax.ConvDimensionNumbers(
+        (0, ndim - 1, *spatial), (ndim - 1, ndim - 2, *range(ndim - 2)), (0, ndim - 1, *spatial)
+    )
+
+
+class QConvBN(nn.Module):
+    """Conv (no bias) followed by BatchNorm, run with the BN folded into quantized weights.
+
+    Training (batch statistics ``mu_B``, ``sigma_B`` of ``conv(x, W)``, running ones updated
+    with ``r <- momentum r + (1 - momentum) batch``)::
+
+        y = conv(fq(x), fq(W gamma / sigma_R)) * sigma_R / sigma_B + beta - gamma mu_B / sigma_B
+
+    Running statistics (eval, or frozen BN during QAT)::
+
+        y = conv(fq(x), fq(W gamma / sigma_R)) + beta - gamma mu_R / sigma_R
+
+    ``fq`` follows ``rule`` and ``phase`` as in :class:`jquant.nn.linen.QConv` (identity in
+    the float and calibrate phases). Variables: ``params`` ``kernel`` (``HWIO``), ``scale``
+    (gamma), ``bias`` (beta); ``batch_stats`` ``mean``, ``var``; ``quant_stats`` as QConv.
+
+    Attributes:
+      features, kernel_size, strides, padding, feature_group_count: as ``nn.Conv``.
+      use_running_average: BN with running statistics (no update); None: the call's argument,
+        else running statistics in the calibrate and eval phases and batch statistics in the
+        float and train phases. Set it in the train phase to freeze BN (Krishnamoorthi).
+      momentum, epsilon: as ``nn.BatchNorm``.
+      rule, phase: as QConv.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    feature_group_count: int = 1
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+    rule: QuantRule = DEFAULT_RULE
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        check_phase(self.phase)
+        nsp = len(self.kernel_size)
+        if x.ndim != nsp + 2:
+            raise ValueError(
+                f"QConvBN with kernel_size {tuple(self.kernel_size)} needs inputs of rank "
+                f"{nsp + 2} (batch, spatial..., channels), got shape {x.shape}"
+            )
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            use_running_average = self.phase in ("calibrate", "eval")
+        strides = (self.strides,) * nsp if isinstance(self.strides, int) else self.strides
+        padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
+        conv_kw = dict(
+            window_strides=tuple(strides),
+            padding=padding,
+            dimension_numbers=_conv_dims(x.ndim),
+            feature_group_count=self.feature_group_count,
+        )
+        in_features = x.shape[-1] // self.feature_group_count
+        kernel = self.param(
+            "kernel", self.kernel_init, (*self.kernel_size, in_features, self.features)
+        )
+        gamma = self.param("scale", self.scale_init, (self.features,))
+        beta = self.param("bias", self.bias_init, (self.features,))
+        ra_mean = self.variable(BATCH_STATS, "mean", jnp.zeros, (self.features,))
+        ra_var = self.variable(BATCH_STATS, "var", jnp.ones, (self.features,))
+
+        w_fold, b_fold = fold_bn(
+            kernel, None, gamma, beta, ra_mean.value, ra_var.value, self.epsilon
+        )
+        y = QuantOp(_Slots(self), self.rule, self.phase, "conv")(x, w_fold, **conv_kw)
+        if use_running_average:
+            return y + b_fold
+
+        sigma_r = jnp.sqrt(ra_var.value + self.epsilon)  # the statistics W was folded with
+        y_float = lax.conv_general_dilated(x, kernel, **conv_kw)
+        axes = tuple(range(y_float.ndim - 1))
+        mu_b, var_b = jnp.mean(y_float, axis=axes), jnp.var(y_float, axis=axes)
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mu_b)
+            ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var_b)
+        factor_b = _bn_factor(gamma, var_b, self.epsilon)
+        return y * (sigma_r * lax.rsqrt(var_b + self.epsilon)) + (beta - mu_b * factor_b)

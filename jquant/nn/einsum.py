@@ -1,0 +1,159 @@
+"""Quantized ``flax.linen.Einsum``: both operands (input and kernel) quantized by a rule.
+
+A two-operand einsum without ellipsis, repeated letters or letters summed inside one operand
+is a ``dot_general`` followed by a transpose, so :class:`QEinsum` runs it through
+:func:`jquant.ops.dot_general` (``"simulate"`` or ``"int"`` mode)::
+
+    y = transpose(dot_general(fq_in(x), fq_w(W), dims)) + b      (train / eval)
+    y = einsum(x, W) + b                                          (float / calibrate)
+
+The kernel's per-channel scales are along its non-contracted axes (those whose letters reach
+the output), whatever their position, e.g. ``"bd,hd->bh"`` has one scale per ``h``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jquant import ops
+from jquant.nn.linen import DEFAULT_RULE, _Slots
+from jquant.nn.rules import QuantRule
+from jquant.nn.state import check_phase, tensor_qparams
+
+__all__ = ["EinsumDims", "einsum_dims", "QEinsum"]
+
+
+class EinsumDims(NamedTuple):
+    """``lax.dot_general`` form of a two-operand einsum.
+
+    ``dimension_numbers`` for ``dot_general(lhs, rhs, ...)``, whose output (batch axes, lhs
+    free axes, rhs free axes) becomes the einsum's output by ``transpose(perm)``;
+    ``rhs_kept`` are the rhs axes that are not contracted (per-channel axes of a kernel).
+    """
+
+    dimension_numbers: tuple
+    perm: tuple[int, ...]
+    rhs_kept: tuple[int, ...]
+
+
+def einsum_dims(einsum_str: str) -> EinsumDims:
+    """Parses ``"lhs,rhs->out"`` into :class:`EinsumDims`.
+
+    Letters in both operands and not in the output are contracted, in both and in the output
+    are batch axes, in one operand are free and must reach the output.
+
+    >>> einsum_dims("bd,hd->bh").dimension_numbers
+    (((1,), (1,)), ((), ()))
+
+    Raises:
+      ValueError: not of the form ``"lhs,rhs->out"``, ellipsis, a letter repeated within an
+        operand or in the output, a letter summed inside one operand, or an output letter
+        found in neither operand.
+    """
+    if not isinstance(einsum_str, str):
+        raise TypeError(f"einsum_str must be a str, got {type(einsum_str).__name__}")
+    s = einsum_str.replace(" ", "")
+    if "..." in s or s.count("->") != 1 or s.count(",") != 1:
+        raise ValueError(
+            f"einsum_str must be 'lhs,rhs->out' with explicit letters (no ellipsis), "
+            f"got {einsum_str!r}"
+        )
+    operands, out = s.split("->")
+    lhs, rhs = operands.split(",")
+    for name, term in (("lhs", lhs), ("rhs", rhs), ("output", out)):
+        if not term.isalpha() and term:
+            raise ValueError(f"einsum_str {einsum_str!r}: {name} {term!r} must be letters")
+        if len(set(term)) != len(term):
+            raise ValueError(
+                f"einsum_str {einsum_str!r}: {name} {term!r} repeats a letter (traces and "
+                "diagonals are not a dot_general)"
+            )
+    for name, term, other in (("lhs", lhs, rhs), ("rhs", rhs, lhs)):
+        summed = [c for c in term if c not in other and c not in out]
+        if summed:
+            raise ValueError(
+                f"einsum_str {einsum_str!r}: letters {summed} of the {name} are summed within "
+                "it; sum them before the einsum"
+            )
+    missing = [c for c in out if c not in lhs and c not in rhs]
+    if missing:
+        raise ValueError(f"einsum_str {einsum_str!r}: output letters {missing} are in no operand")
+    contract = [c for c in lhs if c in rhs and c not in out]
+    batch = [c for c in lhs if c in rhs and c in out]
+    lhs_free = [c for c in lhs if c not in rhs]
+    rhs_free = [c for c in rhs if c not in lhs]
+    dn = (
+        (tuple(lhs.index(c) for c in contract), tuple(rhs.index(c) for c in contract)),
+        (tuple(lhs.index(c) for c in batch), tuple(rhs.index(c) for c in batch)),
+    )
+    produced = batch + lhs_free + rhs_free
+    perm = tuple(produced.index(c) for c in out)
+    rhs_kept = tuple(i for i, c in enumerate(rhs) if c not in contract)
+    return EinsumDims(dn, perm, rhs_kept)
+
+
+class QEinsum(nn.Einsum):
+    """``nn.Einsum`` (input ``x`` as lhs, kernel ``W`` of ``shape`` as rhs) quantized by
+    ``rule``: ``y = einsum(fq_in(x), fq_w(W)) + b`` in train / eval, float otherwise.
+
+    Activations use the rule's calibrated (or learned) per-tensor QParams, the kernel its own
+    range, per channel along its non-contracted axes when the rule says ``per_channel``.
+    ``rule.mode="int"`` runs int8 x int8 -> int32 (:func:`jquant.ops.dot_general`).
+
+    >>> layer = QEinsum((5, 6, 7), "abc,cde->abde", rule=QuantRule(".*"), phase="float")
+    """
+
+    rule: QuantRule = DEFAULT_RULE
+    phase: str = "float"
+
+    def weight_config(self, dims: EinsumDims) -> ops.QuantConfig | None:
+        """The kernel's QuantConfig: the rule's, with per-channel axes = ``dims.rhs_kept``."""
+        cfg = self.rule.weight_config(len(self.shape))
+        if cfg is None or cfg.axis is None:
+            return cfg
+        return dataclasses.replace(cfg, axis=dims.rhs_kept or None)
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+        check_phase(self.phase)
+        einsum_str = nn.merge_param("einsum_str", self.einsum_str, einsum_str)
+        dims = einsum_dims(einsum_str)
+        kernel = self.param("kernel", self.kernel_init, self.shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias_shape, broadcast_shape = self._get_bias_shape(
+                einsum_str.replace(" ", ""), inputs, kernel
+            )
+            bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype)
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+
+        act_cfg = None if self.rule.keep_float else self.rule.act_config()
+        w_cfg = None if self.rule.keep_float else self.weight_config(dims)
+        slots = _Slots(self)
+        qa = tensor_qparams(slots, "input", inputs, act_cfg, self.phase, self.rule.calibration)
+        qw = tensor_qparams(slots, "kernel", kernel, w_cfg, self.phase, None)
+        kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
+        if self.phase in ("float", "calibrate") or self.rule.keep_float:
+            y = lax.dot_general(inputs, kernel, dims.dimension_numbers, **kw)
+        else:
+            y = ops.dot_general(
+                inputs,
+                kernel,
+                dims.dimension_numbers,
+                **kw,
+                lhs_quant=act_cfg,
+                rhs_quant=w_cfg,
+                lhs_qparams=qa,
+                rhs_qparams=qw,
+                mode=self.rule.mode,
+            )
+        y = jnp.transpose(y, dims.perm)
+        if bias is not None:
+            y = y + jnp.reshape(bias, broadcast_shape)
+        return y

@@ -1,0 +1,199 @@
+"""Tests of jquant.nn.bn_folding: fold_bn and the QConvBN layer.
+
+Oracles: Flax's own nn.Conv + nn.BatchNorm (float outputs, running-stat updates and
+gradients), and a NumPy conv of NumPy-fake-quantized operands (quantized eval and train).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from jquant.nn.bn_folding import QConvBN, fold_bn
+from jquant.nn.rules import QuantRule
+
+EPS = 1e-5
+C_IN, C_OUT = 3, 4
+
+
+def _data():
+    ks = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(ks[0], (2, 5, 5, C_IN))
+    params = {
+        "kernel": jax.random.normal(ks[1], (3, 3, C_IN, C_OUT)) * 0.5,
+        "scale": jax.random.uniform(ks[2], (C_OUT,), minval=0.5, maxval=2.0),
+        "bias": jax.random.normal(ks[3], (C_OUT,)),
+    }
+    stats = {
+        "mean": jax.random.normal(ks[4], (C_OUT,)),
+        "var": jax.random.uniform(ks[5], (C_OUT,), minval=0.5, maxval=3.0),
+    }
+    return x, params, stats
+
+
+class _ConvBN(nn.Module):
+    """The float reference: Flax's Conv then BatchNorm."""
+
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x, use_running_average):
+        y = nn.Conv(C_OUT, (3, 3), padding="VALID", use_bias=self.use_bias)(x)
+        return nn.BatchNorm(use_running_average=use_running_average, momentum=0.99, epsilon=EPS)(y)
+
+
+def _flax_vars(params, stats, conv_bias=None):
+    conv = {"kernel": params["kernel"]}
+    if conv_bias is not None:
+        conv["bias"] = conv_bias
+    return {
+        "params": {
+            "Conv_0": conv,
+            "BatchNorm_0": {"scale": params["scale"], "bias": params["bias"]},
+        },
+        "batch_stats": {"BatchNorm_0": stats},
+    }
+
+
+def _np_conv(x, w):
+    """VALID, stride-1 NHWC x HWIO convolution in float64."""
+    win = sliding_window_view(np.asarray(x, np.float64), w.shape[:2], axis=(1, 2))
+    return np.einsum("nhwcij,ijco->nhwo", win, np.asarray(w, np.float64))
+
+
+def _np_fake_quant(x, scale, zp, qmin, qmax):
+    return (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+def test_fold_bn_equals_conv_then_bn_in_eval():
+    x, params, stats = _data()
+    conv_bias = jnp.linspace(-1.0, 1.0, C_OUT)
+    ref = _ConvBN(use_bias=True).apply(_flax_vars(params, stats, conv_bias), x, True)
+    k, b = fold_bn(
+        params["kernel"],
+        conv_bias,
+        params["scale"],
+        params["bias"],
+        stats["mean"],
+        stats["var"],
+        EPS,
+    )
+    np.testing.assert_allclose(_np_conv(x, k) + b, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scale": jnp.ones(3)}, "scale must have shape"),
+        ({"bias": jnp.ones(2)}, "bias must have shape"),
+        ({"eps": -1.0}, "eps must be"),
+    ],
+)
+def test_fold_bn_rejects_bad_input(kwargs, match):
+    args = dict(kernel=jnp.ones((1, 4)), bias=None, scale=jnp.ones(4), bias_bn=jnp.zeros(4))
+    args.update(mean=jnp.zeros(4), var=jnp.ones(4), eps=EPS)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fold_bn(**args)
+
+
+def _layer(phase, **kw):
+    return QConvBN(C_OUT, (3, 3), padding="VALID", phase=phase, epsilon=EPS, **kw)
+
+
+def test_float_training_matches_flax_conv_bn_outputs_stats_and_grads():
+    # Running statistics far from the batch ones: the fold with sigma_R and the
+    # sigma_R / sigma_B correction must cancel exactly in float.
+    x, params, stats = _data()
+    ours = {"params": params, "batch_stats": stats}
+
+    def loss_ours(p):
+        y, upd = _layer("float").apply({**ours, "params": p}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, upd["batch_stats"])
+
+    def loss_ref(p):
+        v = {**_flax_vars(params, stats), "params": p}
+        y, upd = _ConvBN().apply(v, x, False, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, upd["batch_stats"]["BatchNorm_0"])
+
+    (_, (y, st)), g = jax.value_and_grad(loss_ours, has_aux=True)(params)
+    ref_params = _flax_vars(params, stats)["params"]
+    (_, (y_ref, st_ref)), g_ref = jax.value_and_grad(loss_ref, has_aux=True)(ref_params)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    np.testing.assert_allclose(st["mean"], st_ref["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st["var"], st_ref["var"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(st["mean"], stats["mean"])  # the statistics did move
+    np.testing.assert_allclose(g["kernel"], g_ref["Conv_0"]["kernel"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(g["scale"], g_ref["BatchNorm_0"]["scale"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(g["bias"], g_ref["BatchNorm_0"]["bias"], rtol=1e-3, atol=1e-4)
+
+
+def test_quantized_eval_and_train_equal_fake_quant_conv_with_folded_weights():
+    x, params, stats = _data()
+    variables = _layer("calibrate").init(jax.random.key(1), x)
+    variables = {**variables, "params": params, "batch_stats": stats}
+    _, upd = _layer("calibrate").apply(variables, x, mutable=["quant_stats"])
+    variables = {**variables, **upd}
+
+    xn = np.asarray(x, np.float64)
+    lo, hi = min(xn.min(), 0.0), max(xn.max(), 0.0)  # int8 affine minmax, 0 exact
+    s_x = (hi - lo) / 255
+    zp_x = np.clip(np.round(-128 - lo / s_x), -128, 127)
+    stored = variables["quant_stats"]["input_qparams"]
+    np.testing.assert_allclose(stored["scale"], s_x, rtol=1e-6)
+    np.testing.assert_allclose(stored["zero_point"], zp_x)
+    xq = _np_fake_quant(xn, s_x, zp_x, -128, 127)
+
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    sigma_r = np.sqrt(np.asarray(stats["var"], np.float64) + EPS)
+    w_fold = p["kernel"] * p["scale"] / sigma_r
+    s_w = np.abs(w_fold).max(axis=(0, 1, 2)) / 127  # symmetric per output channel
+    conv_q = _np_conv(xq, _np_fake_quant(w_fold, s_w, 0, -128, 127))
+
+    y_eval = _layer("eval").apply(variables, x)
+    b_fold = p["bias"] - p["scale"] * np.asarray(stats["mean"]) / sigma_r
+    np.testing.assert_allclose(y_eval, conv_q + b_fold, atol=2e-5)
+
+    y_train, _ = _layer("train").apply(variables, x, mutable=["batch_stats"])
+    y_float = _np_conv(xn, p["kernel"])
+    mu_b, sigma_b = y_float.mean(axis=(0, 1, 2)), np.sqrt(y_float.var(axis=(0, 1, 2)) + EPS)
+    expected = conv_q * sigma_r / sigma_b + p["bias"] - p["scale"] * mu_b / sigma_b
+    np.testing.assert_allclose(y_train, expected, atol=2e-5)
+    # Quantization changed the result (the oracle is not the float layer).
+    assert np.abs(_np_conv(xn, w_fold) + b_fold - y_eval).max() > 1e-3
+
+
+def test_qat_gradients_reach_kernel_and_bn_params():
+    x, params, stats = _data()
+    rule = QuantRule(".*", weight="int4", act=None)
+    variables = {"params": params, "batch_stats": stats}
+
+    def loss(p, frozen):
+        y, _ = _layer("train", rule=rule, use_running_average=frozen).apply(
+            {**variables, "params": p}, x, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(y))
+
+    for frozen in (False, True):
+        g = jax.grad(loss)(params, frozen)
+        for name, v in g.items():
+            assert np.all(np.isfinite(v)), (frozen, name)
+            assert np.abs(v).max() > 1e-4, (frozen, name)
+
+
+def test_running_stats_not_updated_when_frozen_or_eval():
+    x, params, stats = _data()
+    variables = {"params": params, "batch_stats": stats}
+    _, upd = _layer("float", use_running_average=True).apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(upd["batch_stats"]["mean"], stats["mean"])
+
+
+def test_bad_phase_and_rank_raise():
+    x, params, stats = _data()
+    variables = {"params": params, "batch_stats": stats}
+    with pytest.raises(ValueError, match="phase"):
+        _layer("training").apply(variables, x)
+    with pytest.raises(ValueError, match="rank 4"):
+        _layer("float").apply(variables, x[0])
