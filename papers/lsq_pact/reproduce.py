@@ -34,9 +34,8 @@ numbers we compare orderings with.
 
 from __future__ import annotations
 
-import pathlib
-
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
