@@ -6,6 +6,8 @@
 64
 """
 
+from jquant import calibration, codebook, integer, metrics, ops
+from jquant.calibration import Observer, calibrate
 from jquant.estimators import ESTIMATORS, fake_quant, pact_qparams
 from jquant.formats import (
     NAMED_FORMATS,
@@ -26,6 +28,12 @@ from jquant.formats import (
     int16,
     uint4,
     uint8,
+)
+from jquant.ops import (
+    QuantConfig,
+    dynamic_qparams,
+    quantized_conv_general_dilated,
+    quantized_dot_general,
 )
 from jquant.quant import (
     ROUNDING_MODES,

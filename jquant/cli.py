@@ -250,6 +250,59 @@ def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
         os.replace(f, out / f.name)
 
 
+def _configure_reproduce(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="paper folder under papers/ (see --list)")
+    p.add_argument("--list", action="store_true", help="list the reproducible papers and exit")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="output folder")
+    p.add_argument("--quick", action="store_true", help="reduced-size run")
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from jquant import reproduce
+
+    names = reproduce.list_papers()
+    if args.list:
+        print("\n".join(names))
+        return 0
+    if args.name not in names:
+        print(
+            f"jquant reproduce: error: NAME must be one of {', '.join(names)}; got {args.name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    out = args.out or pathlib.Path("jquant_out") / args.name
+    reproduce.run_paper(args.name, out, quick=args.quick)
+    return 0
+
+
+def _benchmarks_dir() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="benchmark script under benchmarks/ (see --list)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    names = sorted(f.stem for f in _benchmarks_dir().glob("*.py"))
+    if args.list:
+        print("\n".join(names))
+        return 0
+    if args.name not in names:
+        print(
+            f"jquant bench: error: NAME must be one of {', '.join(names)}; got {args.name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    sys.argv = [args.name, *args.rest]
+    runpy.run_path(str(_benchmarks_dir() / f"{args.name}.py"), run_name="__main__")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "sweep",
@@ -257,6 +310,10 @@ COMMANDS: tuple[Command, ...] = (
         _configure_sweep,
         _run_sweep,
     ),
+    Command(
+        "reproduce", "reproduce a published table (papers/)", _configure_reproduce, _run_reproduce
+    ),
+    Command("bench", "run a benchmark script (benchmarks/)", _configure_bench, _run_bench),
 )
 
 

@@ -140,3 +140,16 @@ def test_sweep_end_to_end_tiny(tmp_path):
         if bits == 8:
             assert value > sqnr[(kind, name, 3)] + 20  # 5 more bits: about 30 dB
     assert "accuracy" in run.stdout and "sqnr_db" in run.stdout
+
+
+def test_reproduce_and_bench_commands(capsys):
+    from jquant import cli, reproduce
+
+    assert cli.main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == reproduce.list_papers() and "max1960" in listed
+    assert cli.main(["reproduce", "no_such_paper"]) == 2
+    assert "NAME must be one of" in capsys.readouterr().err
+    assert cli.main(["bench", "--list"]) == 0
+    assert {"ops", "sweep", "integer"} <= set(capsys.readouterr().out.split())
+    assert cli.main(["bench", "no_such_bench"]) == 2

@@ -46,10 +46,10 @@ def _randomize_bn(variables, key):
 def _setup(model, x, seed=0):
     """Calibrated quantized model, the fake-quant logits with int32-grid biases, and output
     QParams from their range: ``(qmodel, variables, output_qparams, expected codes)``."""
-    variables = model.init(jax.random.key(seed), x[:2])
-    variables = _randomize_bn(variables, jax.random.key(seed + 1))
     qmodel, _ = ql.quantize_model(model, QuantRule(".*"), x[:2])
-    v = qmodel.calibrate(qmodel.attach(variables, x[:2]), [x[: len(x) // 2], x[len(x) // 2 :]])
+    variables = jax.jit(qmodel.init)(jax.random.key(seed), x[:2])  # params, stats, observers
+    variables = _randomize_bn(variables, jax.random.key(seed + 1))
+    v = qmodel.calibrate(variables, [x[: len(x) // 2], x[len(x) // 2 :]])
     vb = C.with_quantized_bias(qmodel, v, x[:1])
     y = jax.jit(qmodel.with_phase("eval").apply)(vb, x)
     oqp = qparams_from_range(jnp.min(y), jnp.max(y), int8)
@@ -278,7 +278,7 @@ def _uncalibrated(model, x, stats=None):
     """Quantized model and plain variables, plus hand-written ``quant_stats`` (state.py's
     layout) instead of a calibration run: enough for conversion."""
     qmodel, _ = ql.quantize_model(model, QuantRule(".*"), x, on_unused="ignore")
-    variables = dict(model.init(jax.random.key(0), x))
+    variables = dict(jax.jit(model.init)(jax.random.key(0), x))
     if stats is not None:
         variables["quant_stats"] = stats
     return qmodel, variables, QParams(jnp.float32(0.1), jnp.float32(0.0))

@@ -135,7 +135,10 @@ def test_mlp_against_numpy():
     np.testing.assert_allclose(model.apply({"params": p}, x), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("name", "data_name"), CASES)
+@pytest.mark.parametrize(
+    ("name", "data_name"),
+    [("mlp", "digits"), ("cnn", "mnist1d"), ("cnn_bn", "mnist1d"), ("cnn_bn", "digits")],
+)
 def test_linen_equals_nnx_after_copy(name, data_name):
     shape = SHAPES[data_name]
     lin = linen.make_model(name, shape, 10)
@@ -167,15 +170,6 @@ def test_linen_to_nnx_leaves_its_input_and_rejects_mismatches():
     wrong = _random_variables(linen.make_model("cnn", shape, 7), shape)
     with pytest.raises(ValueError, match="shape of head/"):
         linen_to_nnx(wrong, nnx_model)
-
-
-def test_init_is_deterministic_by_seed():
-    shape = SHAPES["digits"]
-    model = linen.make_model("mlp", shape, 10)
-    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *shape))))
-    a, b = init(jax.random.key(3)), init(jax.random.key(4))
-    _assert_trees_equal(init(jax.random.key(3)), a)
-    assert not np.array_equal(a["params"]["dense1"]["kernel"], b["params"]["dense1"]["kernel"])
 
 
 @pytest.mark.parametrize(

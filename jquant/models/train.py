@@ -319,6 +319,12 @@ def _fingerprint(*arrays: jax.Array) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model: nn.Module, key: jax.Array, x: jax.Array) -> dict:
+    # Linen modules hash by their config: one compile per architecture and input shape.
+    return model.init(key, x)
+
+
 def cache_path(
     model_name: str,
     data: DatasetLike,
@@ -381,7 +387,7 @@ def train_or_load(
         return Trained(model, variables, {k: float(v) for k, v in restored["metrics"].items()})
 
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    variables = jax.jit(model.init)(init_key, data.x_train[:1])
+    variables = _init_variables(model, init_key, data.x_train[:1])
     params, model_state = split_linen(variables)
     optimizer = make_optimizer(learning_rate, steps, schedule=schedule, weight_decay=weight_decay)
     apply_fn = linen_apply_fn(model)

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jquant as jq
 from jquant.data import load_mnist1d
@@ -77,7 +80,7 @@ class QATSetup:
 
 
 FULL = QATSetup()
-QUICK = QATSetup(seeds=(0,), bits=(4,), float_steps=30, qat_steps=3, calib_batches=1)
+QUICK = QATSetup(seeds=(0,), bits=(4,), model="mlp", float_steps=30, qat_steps=3, calib_batches=1)
 
 
 def lsq_closed_form(x: np.ndarray, s: float, fmt: jq.IntFormat) -> np.ndarray:
@@ -141,61 +144,85 @@ def method_rules(method: str, bits: int) -> tuple[QuantRule, ...]:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+class Quantized(NamedTuple):
+    """One architecture under one rule set, with its QAT step and evaluation function built
+    once, so that every seed reuses their compilations (jitted on function identity)."""
+
+    qmodel: ql.QuantizedModel
+    optimizer: optax.GradientTransformation
+    train_step: Callable
+    eval_fn: T.ApplyFn
+
+
+def quantized(model, rules, x0, *, steps: int, learning_rate: float) -> Quantized:
+    """Quantizes ``model`` by ``rules``; QAT optimizer :func:`qat_optimizer` over ``steps``."""
+    qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="ignore")
+    opt = qat_optimizer(learning_rate, max(steps, 1))
+    step = T.make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
+    return Quantized(qmodel, opt, step, T.linen_apply_fn(qmodel.with_phase("eval")))
+
+
 def ptq_then_qat(
-    trained: T.Trained,
+    q: Quantized,
+    variables,
     data,
-    rules,
     *,
     steps: int,
-    learning_rate: float,
     calib_batches: int,
     batch_size: int,
     seed: int,
 ) -> dict[str, float]:
-    """``{"ptq", "qat"}`` test accuracies: calibrate min/max on ``calib_batches`` training
-    batches, evaluate, fine-tune ``steps`` steps (:func:`qat_optimizer`), evaluate."""
+    """``{"ptq", "qat"}`` test accuracies of the float ``variables`` quantized by ``q``:
+    calibrate min/max on the first ``calib_batches`` training batches, evaluate (PTQ),
+    fine-tune ``steps`` steps on batches drawn with ``seed``, evaluate (QAT; skipped when
+    ``steps == 0``)."""
     x0 = data.x_train[:2]
-    qmodel, _ = ql.quantize_model(trained.model, rules, x0, on_unused="ignore")
     calib = [data.x_train[i * batch_size : (i + 1) * batch_size] for i in range(calib_batches)]
-    params, state = T.split_linen(qmodel.calibrate(qmodel.attach(trained.variables, x0), calib))
-    ev = T.linen_apply_fn(qmodel.with_phase("eval"))
-    out = {"ptq": T.evaluate(ev, params, state, data.x_test, data.y_test)["accuracy"]}
-    opt = qat_optimizer(learning_rate, steps)
-    step = T.make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
-    st, _ = T.fit(
-        step,
-        T.TrainState.create(params, state, opt),
-        data.x_train,
-        data.y_train,
-        steps=steps,
-        batch_size=batch_size,
-        key=jax.random.key(seed),
-    )
-    out["qat"] = T.evaluate(ev, st.params, st.model_state, data.x_test, data.y_test)["accuracy"]
+    params, state = T.split_linen(q.qmodel.calibrate(q.qmodel.attach(variables, x0), calib))
+    out = {"ptq": T.evaluate(q.eval_fn, params, state, data.x_test, data.y_test)["accuracy"]}
+    if steps:
+        st, _ = T.fit(
+            q.train_step,
+            T.TrainState.create(params, state, q.optimizer),
+            data.x_train,
+            data.y_train,
+            steps=steps,
+            batch_size=batch_size,
+            key=jax.random.key(seed),
+        )
+        ev = T.evaluate(q.eval_fn, st.params, st.model_state, data.x_test, data.y_test)
+        out["qat"] = ev["accuracy"]
     return out
 
 
 def qat_rows(setup: QATSetup, log=print) -> list[dict]:
-    """One row per (seed, bits, method): float, PTQ and QAT test accuracy."""
+    """One row per (bits, method, seed): float, PTQ and QAT test accuracy."""
     data = load_mnist1d()
+    trained = [T.train_or_load(setup.model, data, s, setup.float_steps) for s in setup.seeds]
+    x0 = data.x_train[:2]
     rows = []
-    for seed in setup.seeds:
-        trained = T.train_or_load(setup.model, data, seed, setup.float_steps)
-        for bits in setup.bits:
-            for method in setup.methods:
+    for bits in setup.bits:
+        for method in setup.methods:
+            q = quantized(
+                trained[0].model,
+                method_rules(method, bits),
+                x0,
+                steps=setup.qat_steps,
+                learning_rate=setup.learning_rate,
+            )
+            for seed, tr in zip(setup.seeds, trained, strict=True):
                 acc = ptq_then_qat(
-                    trained,
+                    q,
+                    tr.variables,
                     data,
-                    method_rules(method, bits),
                     steps=setup.qat_steps,
-                    learning_rate=setup.learning_rate,
                     calib_batches=setup.calib_batches,
                     batch_size=setup.batch_size,
                     seed=seed * 100 + bits,
                 )
                 row = {"bits": bits, "method": method, "seed": seed}
-                row.update(float=trained.metrics["test_accuracy"], **acc)
-                log(f"seed {seed} w{bits}a{bits} {method}: {row}")
+                row.update(float=tr.metrics["test_accuracy"], **acc)
+                log(f"w{bits}a{bits} {method} seed {seed}: {row}")
                 rows.append(row)
     return rows
 
