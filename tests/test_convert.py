@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jquant import convert as C
-from jquant.formats import int8
+from jquant.formats import IntFormat, int8
 from jquant.models.config import CNNConfig, MLPConfig
 from jquant.models.linen import CNN, MLP
 from jquant.nn import QuantRule
@@ -43,10 +43,10 @@ def _randomize_bn(variables, key):
     return variables
 
 
-def _setup(model, x, seed=0):
+def _setup(model, x, rules, seed=0):
     """Calibrated quantized model, the fake-quant logits with int32-grid biases, and output
     QParams from their range: ``(qmodel, variables, output_qparams, expected codes)``."""
-    qmodel, _ = ql.quantize_model(model, QuantRule(".*"), x[:2])
+    qmodel, _ = ql.quantize_model(model, rules, x[:2])
     variables = jax.jit(qmodel.init)(jax.random.key(seed), x[:2])  # params, stats, observers
     variables = _randomize_bn(variables, jax.random.key(seed + 1))
     v = qmodel.calibrate(variables, [x[: len(x) // 2], x[len(x) // 2 :]])
@@ -63,11 +63,21 @@ def _program_codes(program, x):
 
 X1D = jax.random.normal(jax.random.key(7), (48, 16, 1))
 X2D = jax.random.normal(jax.random.key(8), (48, 8, 8, 1))
+# (model, inputs, rules): 4-bit inner layers (narrow clamps) in the BN CNN, unsigned
+# activations (shifted onto the int8 grid) in the 2-D CNN
 MODELS = {
-    "cnn_bn_1d": (CNN(CNNConfig(features=(8, 8), dense=(16,), batch_norm=True)), X1D),
-    "cnn_1d": (CNN(CNNConfig(features=(8,), dense=())), X1D),
-    "cnn_2d": (CNN(CNNConfig(features=(4, 6), kernel_size=(3, 3), dense=(8,))), X2D),
-    "mlp": (MLP(MLPConfig(hidden=(16, 16))), X2D),
+    "cnn_bn_1d": (
+        CNN(CNNConfig(features=(8, 8), dense=(16,), batch_norm=True)),
+        X1D,
+        (QuantRule("conv1|head"), QuantRule(".*", weight=IntFormat(4), act=IntFormat(4))),
+    ),
+    "cnn_1d": (CNN(CNNConfig(features=(8,), dense=())), X1D, (QuantRule(".*"),)),
+    "cnn_2d": (
+        CNN(CNNConfig(features=(4, 6), kernel_size=(3, 3), dense=(8,))),
+        X2D,
+        (QuantRule(".*", act="uint8"),),
+    ),
+    "mlp": (MLP(MLPConfig(hidden=(16, 16))), X2D, (QuantRule(".*"),)),
 }
 
 
@@ -78,8 +88,7 @@ _MODES = {"cnn_bn_1d": ("single", "double"), "cnn_2d": ("fp32",)}
 
 @functools.cache
 def _cached(name):
-    model, x = MODELS[name]
-    return (name, x, *_setup(model, x))
+    return (name, MODELS[name][1], *_setup(*MODELS[name]))
 
 
 @pytest.fixture(
@@ -124,7 +133,9 @@ def test_program_structure_and_bn_folding(setup):
         assert layer.w_scale.shape == (layer.w.shape[-1],)
         # activations after every hidden layer are relu-clamped; the head is not
         assert layer.activation == (None if layer.path == "head" else "relu")
-    if name == "cnn_bn_1d":
+    if name == "cnn_bn_1d":  # int4 inputs of conv2 and dense1: outputs clamp to [-8, 7]
+        assert [layer.clamp for layer in linear] == [(-8, 7), (-8, 7), (-128, 127), (-128, 127)]
+        assert np.abs(np.asarray(linear[1].w, int)).max() <= 7
         conv1 = linear[0]
         k = np.asarray(v["params"]["bn1"]["scale"])
         q = next(q for q in qmodel.layers(v) if q.path == "conv1")
@@ -205,9 +216,12 @@ def test_save_load_roundtrip_and_file_layout(setup, tmp_path):
 def test_quantize_dequantize_helpers(setup):
     _, x, qmodel, v, oqp, _ = setup
     program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
-    q1 = min(qmodel.layers(v), key=lambda q: 0 if q.path in ("conv1", "dense1") else 1)
-    want = np.asarray(quantize(x, q1.input_qparams, int8))
-    np.testing.assert_array_equal(np.asarray(program.quantize_input(x)), want)
+    q1 = qmodel.layers(v)[0]
+    fmt = q1.rule.act  # unsigned codes move down by 2^(b-1) onto the int8 grid
+    want = np.asarray(quantize(x, q1.input_qparams, fmt)).astype(int) - (not fmt.signed) * 128
+    got = program.quantize_input(x)
+    assert got.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(got), want)
     codes = jnp.arange(-128, 128, dtype=jnp.int8)
     s, z = float(oqp.scale), float(oqp.zero_point)
     np.testing.assert_allclose(

@@ -45,27 +45,31 @@ def test_einsum_dims_rejects_non_dot_general(eq):
         einsum_dims(eq)
 
 
-def _init(eq, xs, ks, phase="float", rule=QuantRule(".*")):
-    x = jax.random.normal(jax.random.key(0), xs)
+DEFAULT = QuantRule(".*")
+
+
+def _apply(layer, v, x, **kw):
+    """``layer.apply`` under one jit (eager Flax compiles every primitive separately)."""
+    return jax.jit(lambda v, x: layer.apply(v, x, **kw))(v, x)
+
+
+def _init(eq, xs, ks, phase="float", rule=DEFAULT):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=xs), jnp.float32)
     layer = QEinsum(ks, eq, rule=rule, phase=phase, bias_init=nn.initializers.normal(1.0))
-    return x, layer, layer.init(jax.random.key(1), x)
-
-
-@pytest.mark.parametrize("eq, xs, ks", CASES[:3])
-def test_float_phase_is_flax_einsum(eq, xs, ks):
-    x, layer, v = _init(eq, xs, ks)
-    ref = nn.Einsum(ks, eq)
-    ref_shapes = jax.tree_util.tree_map(jnp.shape, ref.init(jax.random.key(1), x)["params"])
-    assert jax.tree_util.tree_map(jnp.shape, v["params"]) == ref_shapes
-    np.testing.assert_allclose(layer.apply(v, x), ref.apply({"params": v["params"]}, x), atol=1e-6)
+    return x, layer, jax.jit(layer.init)(jax.random.key(1), x)
 
 
 @pytest.mark.parametrize("eq, xs, ks", [CASES[1], CASES[2]])
-def test_eval_is_einsum_of_fake_quantized_operands_in_both_modes(eq, xs, ks):
+def test_float_and_eval_are_einsums_of_float_and_fake_quantized_operands(eq, xs, ks):
     x, layer, v = _init(eq, xs, ks, phase="calibrate")
-    _, upd = layer.apply(v, x, mutable=["quant_stats"])
+    ref = nn.Einsum(ks, eq)
+    ref_shapes = jax.tree_util.tree_map(jnp.shape, jax.eval_shape(ref.init, jax.random.key(1), x))
+    assert jax.tree_util.tree_map(jnp.shape, v["params"]) == ref_shapes["params"]
+    y_float, upd = _apply(layer, v, x, mutable=["quant_stats"])
+    y_ref = np.asarray(_apply(ref, {"params": v["params"]}, x), np.float64)
+    np.testing.assert_allclose(y_float, y_ref, atol=1e-6)
     v = {**v, **upd}
-    xn, w, b = (np.asarray(a, np.float64) for a in (x, v["params"]["kernel"], v["params"]["bias"]))
+    xn, w = np.asarray(x, np.float64), np.asarray(v["params"]["kernel"], np.float64)
     lo, hi = min(xn.min(), 0.0), max(xn.max(), 0.0)
     s_x = (hi - lo) / 255
     zp_x = np.clip(np.round(-128 - lo / s_x), -128, 127)
@@ -76,10 +80,9 @@ def test_eval_is_einsum_of_fake_quantized_operands_in_both_modes(eq, xs, ks):
     y_q = np.einsum(
         eq, _np_fake_quant(xn, s_x, zp_x, -128, 127), _np_fake_quant(w, s_w, 0, -128, 127)
     )
-    zero_kernel = {"kernel": jnp.zeros(ks), "bias": v["params"]["bias"]}
-    bias = nn.Einsum(ks, eq).apply({"params": zero_kernel}, x)  # Flax broadcasts the bias
+    bias = y_ref - np.einsum(eq, xn, w)  # Flax's bias, broadcast its way
     for mode in ("simulate", "int"):
-        y = layer.clone(phase="eval", rule=QuantRule(".*", mode=mode)).apply(v, x)
+        y = _apply(layer.clone(phase="eval", rule=QuantRule(".*", mode=mode)), v, x)
         np.testing.assert_allclose(y, y_q + bias, atol=1e-5, err_msg=mode)
     assert np.abs(np.einsum(eq, xn, w) + bias - y).max() > 1e-3  # quantization did something
 
@@ -87,10 +90,12 @@ def test_eval_is_einsum_of_fake_quantized_operands_in_both_modes(eq, xs, ks):
 def test_train_gradients_reach_kernel_bias_and_learned_scale():
     rule = QuantRule(".*", estimator="lsq")
     x, layer, v = _init("bd,hd->bh", (3, 4), (5, 4), phase="calibrate", rule=rule)
-    _, upd = layer.apply(v, x, mutable=["quant_stats"])
+    _, upd = _apply(layer, v, x, mutable=["quant_stats"])
     v = {**v, **upd}
     train = layer.clone(phase="train")
-    g = jax.grad(lambda p: jnp.sum(jnp.sin(train.apply({**v, "params": p}, x))))(v["params"])
+    g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(train.apply({**v, "params": p}, x)))))(
+        v["params"]
+    )
     assert set(g) == {"kernel", "bias", "input_scale", "kernel_scale"}
     for name, gv in g.items():
         assert np.all(np.isfinite(gv)) and np.abs(gv).max() > 1e-5, name
@@ -99,6 +104,6 @@ def test_train_gradients_reach_kernel_bias_and_learned_scale():
 def test_keep_float_rule_and_bad_phase():
     x, layer, v = _init("bd,dh->bh", (3, 4), (4, 5))
     kf = layer.clone(phase="eval", rule=QuantRule(".*", keep_float=True))
-    np.testing.assert_allclose(kf.apply(v, x), layer.apply(v, x), atol=0)
+    np.testing.assert_allclose(_apply(kf, v, x), _apply(layer, v, x), atol=0)
     with pytest.raises(ValueError, match="phase"):
         layer.clone(phase="bogus").apply(v, x)

@@ -242,14 +242,14 @@ def digits():
     return data.load("digits")
 
 
-def test_short_training_lowers_the_loss(digits):
+def test_short_training_lowers_the_loss_deterministically(digits):
     model = linen.make_model("mlp", digits.input_shape, 10)
     params, model_state = split_linen(_random_variables(model, digits.input_shape))
     opt = make_optimizer(1e-2, 60)
     apply_fn = linen_apply_fn(model)
-    before = evaluate(apply_fn, params, model_state, digits.x_test, digits.y_test)
-    state, history = fit(
-        make_train_step(apply_fn, opt),
+    step = make_train_step(apply_fn, opt)
+    run = lambda: fit(
+        step,
         TrainState.create(params, model_state, opt),
         digits.x_train,
         digits.y_train,
@@ -258,11 +258,15 @@ def test_short_training_lowers_the_loss(digits):
         key=jax.random.key(0),
         log_every=20,
     )
+    state, history = run()
+    before = evaluate(apply_fn, params, model_state, digits.x_test, digits.y_test)
     after = evaluate(apply_fn, state.params, state.model_state, digits.x_test, digits.y_test)
     assert [h["step"] for h in history] == [20, 40, 60]
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert after["loss"] < 0.5 * before["loss"]
     assert after["accuracy"] > 0.8 > before["accuracy"]
+    again, _ = run()  # same step function: no recompilation
+    _assert_trees_equal(again.params, state.params)
 
 
 def test_evaluate_matches_numpy(digits):
@@ -302,9 +306,6 @@ def test_train_or_load_cache_round_trip(digits, tmp_path):
     loaded = train_or_load("mlp", digits, 0, 20, **kwargs)
     _assert_trees_equal(loaded.variables, first.variables)
     assert loaded.metrics == first.metrics  # train_seconds too: loaded, not retrained
-    again = train_or_load("mlp", digits, 0, 20, retrain=True, **kwargs)
-    _assert_trees_equal(again.variables, first.variables)  # training is deterministic
-    assert again.metrics["train_seconds"] != first.metrics["train_seconds"]
 
 
 def test_cache_path_is_keyed_by_the_config(digits, tmp_path):

@@ -336,3 +336,125 @@ def test_lsq_pact_gradients_match_closed_forms(tmp_path_factory):
         assert r["pact_max_abs_diff"] == 0.0  # Choi et al. eq. 3: 1[x >= alpha]
         assert 0.05 < r["lsq_clipped_fraction"] < 0.5  # both branches were exercised
         assert 0.05 < r["pact_clipped_fraction"] < 0.5
+
+
+# --- 5. LSQ / PACT: QAT tables (quick: one width, PACT, MLP) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def lsq_pact(tmp_path_factory):
+    return _run("lsq_pact", tmp_path_factory)
+
+
+def test_lsq_pact_qat_tables(lsq_pact):
+    tables, out = lsq_pact
+    _check_outputs(tables, out)
+    q = reproduce.load_paper("lsq_pact").QUICK
+    runs = tables["lsq_pact_qat_runs"].to_dicts()
+    assert sorted((r["bits"], r["method"], r["seed"]) for r in runs) == sorted(
+        (b, m, s) for b in q.bits for m in q.methods for s in q.seeds
+    )
+    for r in runs:
+        assert r["float"] > 0.2  # trained past chance (0.1) even in 30 steps
+        assert abs(r["ptq"] - r["float"]) <= 0.05  # 4-bit weights, 8-bit edges: small loss
+        assert r["qat"] > 0.2  # fine-tuning with a learned clip does not break the model
+    for s in tables["lsq_pact_qat"].to_dicts():
+        mine = [r["qat"] for r in runs if (r["bits"], r["method"]) == (s["bits"], s["method"])]
+        assert s["qat_mean"] == pytest.approx(np.mean(mine))
+        assert (s["qat_min"], s["qat_max"]) == (min(mine), max(mine))
+
+
+def test_lsq_pact_summary_against_numpy():
+    paper = reproduce.load_paper("lsq_pact")
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "bits": b,
+            "method": m,
+            "seed": s,
+            "float": rng.random(),
+            "ptq": rng.random(),
+            "qat": rng.random(),
+        }
+        for b in (2, 8)
+        for m in ("ste", "lsq")
+        for s in range(3)
+    ]
+    for s in paper.summarize(rows):
+        a = np.array(
+            [r["ptq"] for r in rows if (r["bits"], r["method"]) == (s["bits"], s["method"])]
+        )
+        assert s["seeds"] == 3
+        assert s["ptq_mean"] == pytest.approx(a.sum() / 3)
+        assert s["ptq_std"] == pytest.approx(np.sqrt(((a - a.mean()) ** 2).sum() / 2))
+
+
+def test_lsq_pact_published_ordering():
+    # Esser et al. 2019, Table 1: LSQ >= PACT at every width both report.
+    pub = reproduce.load_paper("lsq_pact").PUBLISHED_TOP1
+    for b, lsq in pub["lsq"].items():
+        if pub["pact"][b] is not None:
+            assert lsq >= pub["pact"][b]
+
+
+# --- 4. Krishnamoorthi (2018): per-layer collapse when channel ranges differ -------------------
+
+
+def _cnn_bn_variables(seed=0):
+    import jax
+
+    from jquant.models import linen as zoo
+
+    model = zoo.make_model("cnn_bn", (40, 1), 10)
+    v = model.init(jax.random.key(seed), np.zeros((1, 40, 1), np.float32))
+    rng = np.random.default_rng(seed)  # non-trivial running statistics
+    stats = {
+        k: {
+            "mean": rng.normal(size=s["mean"].shape).astype(np.float32),
+            "var": rng.uniform(0.5, 2.0, s["var"].shape).astype(np.float32),
+        }
+        for k, s in v["batch_stats"].items()
+    }
+    return model, {**v, "batch_stats": stats}
+
+
+def test_krishnamoorthi_rescale_keeps_the_float_network():
+    paper = reproduce.load_paper("krishnamoorthi2018")
+    model, v = _cnn_bn_variables()
+    x = np.random.default_rng(1).normal(size=(16, 40, 1)).astype(np.float32)
+    w = paper.rescale_conv_bn(v)
+    k = np.asarray(w["params"]["conv1"]["kernel"] / v["params"]["conv1"]["kernel"])[0, 0]
+    assert k.min() == pytest.approx(1.0) and k.max() == pytest.approx(1000.0, rel=1e-5)
+    a, b = model.apply(v, x), model.apply(w, x)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def test_krishnamoorthi_rescale_per_channel_codes_kept_per_layer_zeroed():
+    import jquant as jq
+
+    paper = reproduce.load_paper("krishnamoorthi2018")
+    _, v = _cnn_bn_variables()
+    before = np.asarray(v["params"]["conv1"]["kernel"])
+    after = np.asarray(paper.rescale_conv_bn(v)["params"]["conv1"]["kernel"])
+
+    def codes(w, axis):
+        m = np.max(np.abs(w), axis=axis, keepdims=True)
+        return np.asarray(
+            jq.quantize(w, jq.qparams_from_range(-m, m, jq.int8, symmetric=True), jq.int8)
+        )
+
+    # Per channel: each channel's scale grows by k_c, so the codes stay (up to rounding ties).
+    assert np.mean(codes(after, (0, 1)) == codes(before, (0, 1))) > 0.98
+    # Per layer: the k = 1 channel shares a scale 1000x too large and rounds to zero.
+    assert np.all(codes(after, None)[..., 0] == 0)
+    assert np.any(codes(before, None)[..., 0] != 0)
+
+
+@pytest.mark.slow
+def test_krishnamoorthi_collapse_trained(tmp_path_factory):
+    tables, out = _run("krishnamoorthi2018", tmp_path_factory)
+    _check_outputs(tables, out)
+    rows = {r["granularity"]: r for r in tables["krishnamoorthi2018_runs"].to_dicts()}
+    assert rows["per_channel"]["float"] == rows["per_tensor"]["float"] > 0.5
+    assert abs(rows["per_channel"]["quantized"] - rows["per_channel"]["float"]) <= 0.02
+    assert rows["per_tensor"]["quantized"] < rows["per_channel"]["quantized"] - 0.05

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant import integer
-from jquant.formats import IntFormat
+from jquant.formats import int8
 from jquant.quant import QParams, dequantize, quantize
 
 __all__ = [
@@ -217,18 +217,18 @@ class Program:
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
         """int8 ``clip(round(x / input_scale) + input_zp, qmin, qmax)``."""
-        bits = (self.input_clamp[1] - self.input_clamp[0] + 1).bit_length() - 1
-        qp = QParams(self.input_scale, self.input_zp.astype(jnp.float32))
-        return quantize(x, qp, IntFormat(bits), rounding=self.rounding).astype(jnp.int8)
+        qp = QParams(self.input_scale, jnp.asarray(self.input_zp, jnp.float32))
+        q = quantize(x, qp, int8, rounding=self.rounding)
+        return _clamp(q, self.input_clamp)
 
     def dequantize_output(self, q: jax.Array) -> jax.Array:
         """float32 ``output_scale * (q - output_zp)``."""
-        return dequantize(q, QParams(self.output_scale, self.output_zp.astype(jnp.float32)))
+        return dequantize(q, self.output_qparams)
 
     @property
     def output_qparams(self) -> QParams:
         """QParams of the output codes (int8 format)."""
-        return QParams(self.output_scale, self.output_zp.astype(jnp.float32))
+        return QParams(self.output_scale, jnp.asarray(self.output_zp, jnp.float32))
 
 
 def run(program: Program, x: jax.Array) -> jax.Array:

@@ -28,16 +28,19 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
+from jquant.nn import nnx as jnnx
 from jquant.nn.inject import QuantOp
 from jquant.nn.linen import DEFAULT_RULE, _Slots
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import check_phase
 
-__all__ = ["fold_bn", "QConvBN"]
+__all__ = ["fold_bn", "QConvBN", "NnxQConvBN"]
 
 BATCH_STATS = "batch_stats"
+_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's default
 
 
 def _bn_factor(scale: jax.Array, var: jax.Array, eps: float) -> jax.Array:
@@ -102,6 +105,48 @@ def _conv_dims(ndim: int) -> lax.ConvDimensionNumbers:
     )
 
 
+def _conv_bn(quant_conv, x, kernel, gamma, beta, mean_r, var_r, conv_kw, eps, momentum, running):
+    """The folded conv + BN of :class:`QConvBN` (module docstring): ``(y, mean, var)`` with
+    the updated running statistics (unchanged when ``running``)."""
+    w_fold, b_fold = fold_bn(kernel, None, gamma, beta, mean_r, var_r, eps)
+    y = quant_conv(x, w_fold, **conv_kw)
+    if running:
+        return y + b_fold, mean_r, var_r
+    sigma_r = jnp.sqrt(var_r + eps)  # the statistics W was folded with
+    y_float = lax.conv_general_dilated(x, kernel, **conv_kw)
+    axes = tuple(range(y_float.ndim - 1))
+    mu_b, var_b = jnp.mean(y_float, axis=axes), jnp.var(y_float, axis=axes)
+    new_mean = momentum * mean_r + (1 - momentum) * lax.stop_gradient(mu_b)
+    new_var = momentum * var_r + (1 - momentum) * lax.stop_gradient(var_b)
+    y = y * (sigma_r * lax.rsqrt(var_b + eps)) + (beta - mu_b * _bn_factor(gamma, var_b, eps))
+    return y, new_mean, new_var
+
+
+def _conv_kw(x, kernel_size, strides, padding, feature_group_count) -> dict:
+    """``lax.conv_general_dilated`` keywords of a channels-last conv, checking ``x``'s rank."""
+    nsp = len(kernel_size)
+    if x.ndim != nsp + 2:
+        raise ValueError(
+            f"QConvBN with kernel_size {tuple(kernel_size)} needs inputs of rank "
+            f"{nsp + 2} (batch, spatial..., channels), got shape {x.shape}"
+        )
+    strides = (strides,) * nsp if isinstance(strides, int) else tuple(strides)
+    return dict(
+        window_strides=strides,
+        padding=padding if isinstance(padding, str) else tuple(padding),
+        dimension_numbers=_conv_dims(x.ndim),
+        feature_group_count=feature_group_count,
+    )
+
+
+def _running(phase: str, *choices: bool | None) -> bool:
+    """First non-None of ``choices``, else running statistics in calibrate / eval."""
+    for c in choices:
+        if c is not None:
+            return c
+    return phase in ("calibrate", "eval")
+
+
 class QConvBN(nn.Module):
     """Conv (no bias) followed by BatchNorm, run with the BN folded into quantized weights.
 
@@ -135,7 +180,7 @@ class QConvBN(nn.Module):
     use_running_average: bool | None = None
     momentum: float = 0.99
     epsilon: float = 1e-5
-    kernel_init: Callable = nn.initializers.lecun_normal()
+    kernel_init: Callable = _KERNEL_INIT
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
     rule: QuantRule = DEFAULT_RULE
@@ -144,24 +189,10 @@ class QConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         check_phase(self.phase)
-        nsp = len(self.kernel_size)
-        if x.ndim != nsp + 2:
-            raise ValueError(
-                f"QConvBN with kernel_size {tuple(self.kernel_size)} needs inputs of rank "
-                f"{nsp + 2} (batch, spatial..., channels), got shape {x.shape}"
-            )
-        if use_running_average is None:
-            use_running_average = self.use_running_average
-        if use_running_average is None:
-            use_running_average = self.phase in ("calibrate", "eval")
-        strides = (self.strides,) * nsp if isinstance(self.strides, int) else self.strides
-        padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
-        conv_kw = dict(
-            window_strides=tuple(strides),
-            padding=padding,
-            dimension_numbers=_conv_dims(x.ndim),
-            feature_group_count=self.feature_group_count,
+        conv_kw = _conv_kw(
+            x, self.kernel_size, self.strides, self.padding, self.feature_group_count
         )
+        use_running_average = _running(self.phase, use_running_average, self.use_running_average)
         in_features = x.shape[-1] // self.feature_group_count
         kernel = self.param(
             "kernel", self.kernel_init, (*self.kernel_size, in_features, self.features)
@@ -171,20 +202,81 @@ class QConvBN(nn.Module):
         ra_mean = self.variable(BATCH_STATS, "mean", jnp.zeros, (self.features,))
         ra_var = self.variable(BATCH_STATS, "var", jnp.ones, (self.features,))
 
-        w_fold, b_fold = fold_bn(
-            kernel, None, gamma, beta, ra_mean.value, ra_var.value, self.epsilon
+        y, mean, var = _conv_bn(
+            QuantOp(_Slots(self), self.rule, self.phase, "conv"),
+            x,
+            kernel,
+            gamma,
+            beta,
+            ra_mean.value,
+            ra_var.value,
+            conv_kw,
+            self.epsilon,
+            self.momentum,
+            use_running_average,
         )
-        y = QuantOp(_Slots(self), self.rule, self.phase, "conv")(x, w_fold, **conv_kw)
-        if use_running_average:
-            return y + b_fold
+        if not use_running_average and not self.is_initializing():
+            ra_mean.value, ra_var.value = mean, var
+        return y
 
-        sigma_r = jnp.sqrt(ra_var.value + self.epsilon)  # the statistics W was folded with
-        y_float = lax.conv_general_dilated(x, kernel, **conv_kw)
-        axes = tuple(range(y_float.ndim - 1))
-        mu_b, var_b = jnp.mean(y_float, axis=axes), jnp.var(y_float, axis=axes)
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mu_b)
-            ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var_b)
-        factor_b = _bn_factor(gamma, var_b, self.epsilon)
-        return y * (sigma_r * lax.rsqrt(var_b + self.epsilon)) + (beta - mu_b * factor_b)
+
+class NnxQConvBN(jnnx._QuantLayer):
+    """NNX twin of :class:`QConvBN` (same formulas): ``kernel`` (``HWIO``), ``scale``,
+    ``bias`` are ``nnx.Param``; running ``mean`` / ``var`` are ``nnx.BatchStat``; input
+    statistics are ``QuantStat`` attributes. ``use_running_average`` (None: by phase) and the
+    call's argument choose running or batch statistics as in the Linen layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: str | Sequence[tuple[int, int]] = "SAME",
+        feature_group_count: int = 1,
+        use_running_average: bool | None = None,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        kernel_init: Callable = _KERNEL_INIT,
+        rule: QuantRule = DEFAULT_RULE,
+        phase: str = "float",
+        quant_path: str = "",
+        rngs: nnx.Rngs,
+    ):
+        self._init_quant(rule, phase, quant_path)
+        shape = (*kernel_size, in_features // feature_group_count, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
+        self.scale = nnx.Param(jnp.ones((out_features,)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.mean = nnx.BatchStat(jnp.zeros((out_features,)))
+        self.var = nnx.BatchStat(jnp.ones((out_features,)))
+        self.kernel_size = tuple(kernel_size)
+        self.strides, self.padding = strides, padding
+        self.feature_group_count = feature_group_count
+        self.use_running_average = use_running_average
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        check_phase(self.phase)
+        conv_kw = _conv_kw(
+            x, self.kernel_size, self.strides, self.padding, self.feature_group_count
+        )
+        running = _running(self.phase, use_running_average, self.use_running_average)
+        y, mean, var = _conv_bn(
+            QuantOp(jnnx._Slots(self), self.rule, self.phase, "conv"),
+            x,
+            self.kernel.value,
+            self.scale.value,
+            self.bias.value,
+            self.mean.value,
+            self.var.value,
+            conv_kw,
+            self.epsilon,
+            self.momentum,
+            running,
+        )
+        if not running:
+            self.mean.value, self.var.value = mean, var
+        return y

@@ -295,11 +295,11 @@ def _plot(x: np.ndarray, s: float, fmt: jq.IntFormat):
 
 
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
-    """Gradient checks on 1,000 elements when ``quick``, else 100,000; QAT at ``QUICK`` or
-    ``FULL`` size."""
+    """Gradient checks on 1,000 elements when ``quick``, else 10,000 (``jax.jacobian`` holds
+    an n x n array); QAT at :data:`QUICK` or :data:`FULL` size."""
     paper = "Esser et al. 2019 (LSQ), Choi et al. 2018 (PACT)"
     setup = QUICK if quick else FULL
-    table = Table.from_dicts(gradient_rows(1_000 if quick else 100_000)).with_meta(paper=paper)
+    table = Table.from_dicts(gradient_rows(1_000 if quick else 10_000)).with_meta(paper=paper)
     runs = qat_rows(setup)
     meta = dict(paper=paper, **{k: str(v) for k, v in dataclasses.asdict(setup).items()})
     summary = Table.from_dicts(summarize(runs)).with_meta(**meta)
