@@ -83,7 +83,8 @@ MODELS = {
 
 _SLOW = pytest.mark.slow
 # requantization modes checked per model in the default run (all three under -m slow)
-_MODES = {"cnn_bn_1d": ("single", "double"), "cnn_2d": ("fp32",)}
+# (double rounding moves near-ties by one code, which 4-bit layers amplify: no double there)
+_MODES = {"cnn_bn_1d": ("single",), "cnn_2d": ("fp32", "double")}
 
 
 @functools.cache
