@@ -132,7 +132,7 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
         default="jquant-sweep",
         help="output folder (default: ./jquant-sweep)",
     )
-    p.add_argument("--steps", type=_positive, default=1500, help="training steps if not cached")
+    p.add_argument("--steps", type=_positive, default=600, help="training steps if not cached")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
     p.add_argument("--calib-examples", type=_positive, default=1024, help="calibration examples")
