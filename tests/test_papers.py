@@ -458,3 +458,19 @@ def test_krishnamoorthi_collapse_trained(tmp_path_factory):
     assert rows["per_channel"]["float"] == rows["per_tensor"]["float"] > 0.5
     assert abs(rows["per_channel"]["quantized"] - rows["per_channel"]["float"]) <= 0.02
     assert rows["per_tensor"]["quantized"] < rows["per_channel"]["quantized"] - 0.05
+
+
+# --- 3. Jacob et al. (2018): float vs integer-only program (Table 4.1 analogue, quick) ---------
+
+
+def test_jacob_integer_only_matches_fake_quant(jacob):
+    for r in jacob[0]["integer_only"].to_dicts():
+        # The program's logits are the fake-quant logits rounded to the output grid (half a
+        # step); int32 bias and fixed-point requantization rounding can move an intermediate
+        # code by one, which the next layers carry: within 2 output steps (the full CNN run
+        # shows 1.2).
+        assert r["max_abs_logit_diff"] <= 2 * r["output_scale"]
+        assert r["saturated_fraction"] < 0.01
+        assert abs(r["integer_only"] - r["fake_quant_w8a8"]) <= 0.02
+        assert abs(r["fake_quant_w8a8"] - r["float"]) <= 0.02  # w8a8 PTQ costs little
+        assert r["same_prediction"] >= 0.9  # the rest: ties on the 8-bit output grid
