@@ -155,7 +155,8 @@ def test_midrise_grid_has_half_integer_levels_and_no_zero():
     s = float(qp.scale)
     # top level (qmax + 1/2) * s is the range end
     assert s == pytest.approx(1.0 / 3.5, rel=1e-7)
-    x = jnp.linspace(-2.0, 2.0, 401)
+    # offset so that no x is an exact tie between two levels (0 is one: -s/2 vs +s/2)
+    x = jnp.linspace(-2.0, 2.0, 401) + 0.003
     y = np.asarray(_fake_quant(x, qp, fmt))
     levels = (np.arange(fmt.qmin, fmt.qmax + 1) + 0.5) * s
     np.testing.assert_allclose(np.unique(y), levels, rtol=1e-6)

@@ -169,7 +169,8 @@ def test_vmapped_sweep_equals_static_widths_and_compiles_once():
     assert _CountingSpec.traces == traced_before  # cached: no new trace, no new compile
     assert again["sqnr_db"].shape == (4,) and np.all(np.diff(again["sqnr_db"]) > 0)
     for k in got[None]:
-        np.testing.assert_allclose(got[1][k], got[None][k], rtol=1e-6, err_msg=k)
+        # chunked and unchunked programs may sum in another order: float32 rounding only
+        np.testing.assert_allclose(got[1][k], got[None][k], rtol=1e-5, err_msg=k)
     for i in (0, 3):  # a static-bits program per width, as an independent compilation
         want = _static_width(QuantSpec(granularity="per_channel", symmetric=False), bits[i], x)
         for k in want:
@@ -228,7 +229,8 @@ def test_sharded_over_four_devices_matches_one_device():
     sharded = json.loads(out.stdout.strip().splitlines()[-1])
     x = np.random.default_rng(3).normal(size=(16, 8)).astype(np.float32)
     t = error_vs_bits({"w": x}, bits=list(range(2, 9)), granularities="per_channel")
-    np.testing.assert_allclose(sharded, t.column("mse") + t.column("sqnr_db"), rtol=1e-6)
+    # the sharded program may reduce in another order: equal up to float32 rounding
+    np.testing.assert_allclose(sharded, t.column("mse") + t.column("sqnr_db"), rtol=1e-5)
 
 
 # --- plots --------------------------------------------------------------------------------------

@@ -287,12 +287,7 @@ class QuantizedModel:
         Raises:
           ValueError: when ``batches`` yields nothing.
         """
-        calib = self.with_phase("calibrate")
-
-        @jax.jit
-        def step(v, batch):
-            return calib.apply(v, batch, mutable=[STATS], **apply_kwargs)[1][STATS]
-
+        step = self._calibrate_step(apply_kwargs)
         variables, n = dict(variables), 0
         for batch in batches:
             if max_batches is not None and n >= max_batches:
@@ -302,6 +297,23 @@ class QuantizedModel:
         if n == 0:
             raise ValueError("calibrate needs data: batches yielded no batch")
         return learned_from_calibration(variables)
+
+    def _calibrate_step(self, apply_kwargs: dict) -> Callable:
+        """The jitted calibrate step, compiled once per model and keyword arguments."""
+        calib = self.with_phase("calibrate")
+
+        def step(v, batch):
+            return calib.apply(v, batch, mutable=[STATS], **apply_kwargs)[1][STATS]
+
+        try:
+            key = tuple(sorted(apply_kwargs.items()))
+            hash(key)
+        except TypeError:  # unhashable keyword values: no caching
+            return jax.jit(step)
+        cache = self.__dict__.setdefault("_calibrate_steps", {})
+        if key not in cache:
+            cache[key] = jax.jit(step)
+        return cache[key]
 
     def layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
         """The quantized layers with their paths, rules, weights and eval-time QParams."""
