@@ -174,7 +174,7 @@ def test_vmapped_sweep_equals_static_widths_and_compiles_once():
     for i in (0, 3):  # a static-bits program per width, as an independent compilation
         want = _static_width(QuantSpec(granularity="per_channel", symmetric=False), bits[i], x)
         for k in want:
-            np.testing.assert_allclose(got[None][k][i], want[k], rtol=1e-6, err_msg=k)
+            np.testing.assert_allclose(got[None][k][i], want[k], rtol=1e-5, err_msg=k)
 
 
 def test_chunking_bounds_peak_memory():
