@@ -250,6 +250,20 @@ def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
         os.replace(f, out / f.name)
 
 
+def _list_or_check(command: str, args: argparse.Namespace, names: list[str]) -> int | None:
+    """``--list`` prints ``names`` (status 0); an unknown NAME is a usage error (status 2)."""
+    if args.list:
+        print("\n".join(names))
+        return 0
+    if args.name not in names:
+        print(
+            f"jquant {command}: error: NAME must be one of {', '.join(names)}; got {args.name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    return None
+
+
 def _configure_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="paper folder under papers/ (see --list)")
     p.add_argument("--list", action="store_true", help="list the reproducible papers and exit")
@@ -260,16 +274,9 @@ def _configure_reproduce(p: argparse.ArgumentParser) -> None:
 def _run_reproduce(args: argparse.Namespace) -> int:
     from jquant import reproduce
 
-    names = reproduce.list_papers()
-    if args.list:
-        print("\n".join(names))
-        return 0
-    if args.name not in names:
-        print(
-            f"jquant reproduce: error: NAME must be one of {', '.join(names)}; got {args.name!r}",
-            file=sys.stderr,
-        )
-        return 2
+    status = _list_or_check("reproduce", args, reproduce.list_papers())
+    if status is not None:
+        return status
     out = args.out or pathlib.Path("jquant_out") / args.name
     reproduce.run_paper(args.name, out, quick=args.quick)
     return 0
@@ -288,16 +295,9 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    names = sorted(f.stem for f in _benchmarks_dir().glob("*.py"))
-    if args.list:
-        print("\n".join(names))
-        return 0
-    if args.name not in names:
-        print(
-            f"jquant bench: error: NAME must be one of {', '.join(names)}; got {args.name!r}",
-            file=sys.stderr,
-        )
-        return 2
+    status = _list_or_check("bench", args, sorted(f.stem for f in _benchmarks_dir().glob("*.py")))
+    if status is not None:
+        return status
     sys.argv = [args.name, *args.rest]
     runpy.run_path(str(_benchmarks_dir() / f"{args.name}.py"), run_name="__main__")
     return 0
