@@ -1,10 +1,10 @@
 """Model conversion: a quantized Flax model -> an integer-only program (data + interpreter).
 
-    program = convert(qmodel, variables, x[:1], output_qparams=qp)
-    codes = jax.jit(run)(program, program.quantize_input(x))     # int8 in, int8 out
-    logits = program.dequantize_output(codes)
-    save(program, "model.safetensors"); program = load("model.safetensors")
-    accumulator_report(program)     # worst-case accumulator width per layer
+program = convert(qmodel, variables, x[:1], output_qparams=qp)
+codes = jax.jit(run)(program, program.quantize_input(x))     # int8 in, int8 out
+logits = program.dequantize_output(codes)
+save(program, "model.safetensors"); program = load("model.safetensors")
+accumulator_report(program)     # worst-case accumulator width per layer
 """
 
 from jquant.convert.build import convert, output_qparams_from_data, with_quantized_bias
