@@ -38,6 +38,7 @@ from jax import lax
 
 from jquant.estimators import ESTIMATORS, fake_quant
 from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat, int8
+from jquant.integer import rounded_average
 from jquant.quant import ROUNDING_MODES, QParams, check_qparams, qparams_from_range, quantize
 
 __all__ = [
@@ -681,14 +682,13 @@ def _check_pool_format(fmt) -> None:
 
 
 def _avg_codes(q, geometry):
-    """TFLite's int8 average: ``(acc + sign(acc) * (n / 2)) / n`` in C integer arithmetic,
-    ``acc`` the sum of the codes over the ``n`` unpadded window elements."""
+    """TFLite's int8 average (:func:`jquant.integer.rounded_average`) of the sum of the codes
+    over the ``n`` unpadded window elements."""
     dims, strides, pads = geometry
     acc = lax.reduce_window(q.astype(jnp.int32), 0, lax.add, dims, strides, pads)
     ones = jnp.ones((1, *q.shape[1:-1], 1), jnp.int32)
     n = lax.reduce_window(ones, 0, lax.add, dims, strides, pads)
-    half = n // 2
-    return lax.div(jnp.where(acc > 0, acc + half, acc - half), n)
+    return rounded_average(acc, n)
 
 
 def _max_codes(q, geometry):

@@ -562,3 +562,14 @@ def test_calibrate_bad_input_raises():
         cal.calibrate(model.apply, variables, [x], max_batches=0, progress=False)
     with pytest.raises(ValueError, match="collection"):
         cal.calibrate(model.apply, {"params": variables["params"]}, [x], progress=False)
+
+
+def test_aciq_mse_is_minimised_at_aciq_clip_and_checks_prior():
+    from jquant.calibration import aciq_clip, aciq_mse
+
+    for prior in ("gaussian", "laplace"):
+        t = float(aciq_clip(4, prior))
+        at = float(aciq_mse(t, 4, prior))
+        assert at < float(aciq_mse(t * 0.97, 4, prior)) and at < float(aciq_mse(t * 1.03, 4, prior))
+    with pytest.raises(ValueError, match="prior"):
+        aciq_mse(1.0, 4, "cauchy")

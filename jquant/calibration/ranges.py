@@ -30,7 +30,17 @@ from jquant.calibration.grouping import (
 from jquant.calibration.search import check_search, mse_clip_factor
 from jquant.formats import Format
 
-__all__ = ["minmax", "absmax", "percentile", "mse", "kl", "aciq", "aciq_clip", "ACIQ_PRIORS"]
+__all__ = [
+    "minmax",
+    "absmax",
+    "percentile",
+    "mse",
+    "kl",
+    "aciq",
+    "aciq_clip",
+    "aciq_mse",
+    "ACIQ_PRIORS",
+]
 
 Range = tuple[jax.Array, jax.Array]
 ACIQ_PRIORS = ("gaussian", "laplace")
@@ -245,20 +255,23 @@ def aciq_clip(bits, prior: str = "gaussian") -> jax.Array:
     return _aciq_clip(bits, prior)
 
 
+def aciq_mse(t, bits, prior: str = "gaussian") -> jax.Array:
+    """Banner et al.'s analytical MSE of clipping at ``t`` spreads with ``2^bits`` bins, per
+    unit spread squared (the expressions in :func:`aciq_clip`'s docstring)."""
+    if prior not in ACIQ_PRIORS:
+        raise ValueError(f"prior must be one of {ACIQ_PRIORS}, got {prior!r}")
+    rounding = t * t / (3.0 * jnp.exp2(2.0 * jnp.asarray(bits, jnp.float32)))
+    if prior == "laplace":
+        return 2.0 * jnp.exp(-t) + rounding
+    clipping = (t * t + 1.0) * jax.scipy.special.erfc(t / np.sqrt(2.0)) - np.sqrt(
+        2.0 / np.pi
+    ) * t * jnp.exp(-0.5 * t * t)
+    return clipping + rounding
+
+
 @_jit("prior")
 def _aciq_clip(bits, prior: str) -> jax.Array:
-    quant_gain = 1.0 / (3.0 * jnp.exp2(2.0 * jnp.asarray(bits, jnp.float32)))
-
-    def noise(t):
-        if prior == "laplace":
-            clip = 2.0 * jnp.exp(-t)
-        else:
-            clip = (t * t + 1.0) * jax.scipy.special.erfc(t / np.sqrt(2.0)) - np.sqrt(
-                2.0 / np.pi
-            ) * t * jnp.exp(-0.5 * t * t)
-        return clip + t * t * quant_gain
-
-    return _convex_argmin(noise, 0.0, 40.0)
+    return _convex_argmin(lambda t: aciq_mse(t, bits, prior), 0.0, 40.0)
 
 
 def aciq(x: jax.Array, fmt: Format, *, prior: str = "gaussian", axis: Axis = None) -> Range:

@@ -18,7 +18,7 @@ from jquant.integer.fixed_point import (
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
 )
-from jquant.integer.pool import avg_pool, global_avg_pool, max_pool
+from jquant.integer.pool import avg_pool, global_avg_pool, max_pool, rounded_average
 from jquant.integer.requant import (
     ACTIVATIONS,
     Requant,
@@ -29,6 +29,7 @@ from jquant.integer.requant import (
 )
 
 __all__ = [
+    "rounded_average",
     "ACTIVATIONS",
     "MULTIPLIER_MODES",
     "AddRequant",

@@ -20,7 +20,7 @@ from jquant.integer.checks import check_int8
 from jquant.integer.padding import explicit_padding, pair
 from jquant.integer.requant import activation_range
 
-__all__ = ["avg_pool", "max_pool", "global_avg_pool"]
+__all__ = ["avg_pool", "max_pool", "global_avg_pool", "rounded_average"]
 
 
 def _valid_counts(n: int, window: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
@@ -41,6 +41,12 @@ def _prepare(x, window, strides, padding):
         if n + p[0] + p[1] < k:
             raise ValueError(f"window {window} is larger than the padded input along axis {axis}")
     return x, window, strides, pads
+
+
+def rounded_average(acc: jax.Array, n: jax.Array) -> jax.Array:
+    """TFLite's int8 average of a window sum: ``(acc + sign(acc) * (n / 2)) / n`` in C integer
+    arithmetic (truncating division), i.e. ``acc / n`` rounded half away from zero."""
+    return lax.div(jnp.where(acc > 0, acc + n // 2, acc - n // 2), n)  # lax.div truncates
 
 
 def _clamp(y, activation, x_scale, x_zp, mode):
@@ -87,7 +93,7 @@ def avg_pool(
         for n, k, s, p in zip(x.shape[1:3], window, strides, pads, strict=True)
     )
     n = jnp.broadcast_to(jnp.asarray(np.outer(rows, cols)[:, :, None], jnp.int32), acc.shape)
-    y = lax.div(jnp.where(acc > 0, acc + n // 2, acc - n // 2), n)  # lax.div truncates
+    y = rounded_average(acc, n)
     return _clamp(y, activation, x_scale, x_zp, mode)
 
 

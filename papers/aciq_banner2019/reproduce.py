@@ -25,8 +25,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.scipy.special import erfc
 
 import jquant as jq
 from jquant import calibration, metrics
@@ -42,17 +40,6 @@ PUBLISHED_CLIP = {
     "gaussian": {2: 1.71, 3: 2.15, 4: 2.55},
 }
 METHODS = ("aciq", "mse", "minmax")
-
-
-def model_mse(t, bits, prior: str):
-    """Banner's analytical MSE (module docstring), per unit spread squared."""
-    rounding = t * t / (3.0 * jnp.exp2(2.0 * jnp.asarray(bits, jnp.float32)))
-    if prior == "laplace":
-        return 2.0 * jnp.exp(-t) + rounding
-    clipping = (t * t + 1.0) * erfc(t / np.sqrt(2.0)) - np.sqrt(2.0 / np.pi) * t * jnp.exp(
-        -0.5 * t * t
-    )
-    return clipping + rounding
 
 
 def samples(prior: str, n: int, seed: int = 0) -> jax.Array:
@@ -86,7 +73,7 @@ class ClipComparison:
             qp = jq.qparams_from_range(-alpha * full_scale, alpha * full_scale, fmt)
             out[f"{name}_clip"] = alpha / spread
             out[f"{name}_mse"] = metrics.mse(x, jq.fake_quant(x, qp, fmt)) / spread**2
-            out[f"{name}_model_mse"] = model_mse(alpha / spread, bits, self.prior)
+            out[f"{name}_model_mse"] = calibration.aciq_mse(alpha / spread, bits, self.prior)
         return out
 
 
