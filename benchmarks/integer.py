@@ -5,7 +5,8 @@ variants alike): the float Linen model, the fake-quant model (phase ``eval``), a
 program (``run`` on int8 codes; and end to end with ``quantize_input`` / ``dequantize_output``)
 in each requantization mode. Reports medians and ratios to float (target: integer <= 1.0x),
 the saved program's size vs the float checkpoint written the same way (safetensors layout,
-float32; target <= 0.27x), and test accuracies. JSON goes to
+float32; target <= 0.27x), test accuracies, and the argmax agreement of each program with
+the fake-quant model and with ``convert.simulation`` (its requantization). JSON goes to
 ``benchmarks/results/integer.json``.
 
     python benchmarks/integer.py            # trained CNN (cached by train_or_load), 15 rounds
@@ -27,9 +28,11 @@ import numpy as np
 
 from jquant import convert as C
 from jquant.data import load_mnist1d
+from jquant.formats import int8
 from jquant.models import train as T
 from jquant.nn import QuantRule
 from jquant.nn import linen as ql
+from jquant.quant import quantize
 
 BATCH = 256
 TIME_TARGET = 1.0
@@ -129,9 +132,19 @@ def main() -> None:
         "float": float(np.mean(np.asarray(float_fn(trained.variables, data.x_test)).argmax(1) == y))
     }
     accuracy["fake-quant"] = float(np.mean(np.asarray(fq_fn(v, data.x_test)).argmax(1) == y))
+    fq_codes = np.asarray(quantize(fq_fn(v, data.x_test), oqp, int8))
+    agreement = {}
     for m, p in programs.items():
         codes = np.asarray(run(p, p.quantize_input(data.x_test)))
         accuracy[f"int {m}"] = float(np.mean(codes.argmax(1) == y))
+        sim = jax.jit(C.simulation(qmodel, v, x0, output_qparams=oqp, mode=m))(data.x_test)
+        sim_codes = np.asarray(quantize(sim, oqp, int8))
+        agreement[m] = dict(
+            argmax_vs_fake_quant=float(np.mean(codes.argmax(1) == fq_codes.argmax(1))),
+            max_lsb_vs_fake_quant=int(np.abs(codes.astype(int) - fq_codes).max()),
+            argmax_vs_simulation=float(np.mean(codes.argmax(1) == sim_codes.argmax(1))),
+            codes_equal_simulation=bool(np.array_equal(codes, sim_codes)),
+        )
 
     print(f"{'variant':16} {'median ms':>10} {'x float':>8}  target (batch {BATCH})")
     for r in rows:
@@ -145,6 +158,8 @@ def main() -> None:
         f"size: program {prog_bytes} B, float {float_bytes} B, ratio {size['ratio']:.3f} "
         f"(target <= {SIZE_TARGET}: {'met' if size['target_met'] else 'NOT met'})"
     )
+    for m, a in agreement.items():
+        print(f"agreement {m}: " + ", ".join(f"{k} {val}" for k, val in a.items()))
     print("test accuracy: " + ", ".join(f"{k} {100 * a:.2f}%" for k, a in accuracy.items()))
     meta = dict(
         rounds=rounds,
@@ -160,7 +175,11 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps(dict(meta=meta, timing=rows, size=size, accuracy=accuracy), indent=2) + "\n"
+        json.dumps(
+            dict(meta=meta, timing=rows, size=size, accuracy=accuracy, agreement=agreement),
+            indent=2,
+        )
+        + "\n"
     )
     print(f"wrote {out}")
 

@@ -413,6 +413,44 @@ def test_add_matches_reference(rng, mode):
         np.testing.assert_array_equal(np.asarray(ours), np_add(a, b, sa, za, sb, zb, sy, zy, mode))
 
 
+def np_add_fp32(a, b, sa, za, sb, zb, sy, zy, lo=-128, hi=127):
+    """XNNPACK-style float32 add in NumPy: each product and the sum rounded to float32, then
+    clamped and rounded half to even."""
+    ma, mb = np.float32(sa) / np.float32(sy), np.float32(sb) / np.float32(sy)
+    pa = (a.astype(np.int32) - za).astype(np.float32) * ma
+    pb = (b.astype(np.int32) - zb).astype(np.float32) * mb
+    y = np.clip(pa + pb, np.float32(lo - zy), np.float32(hi - zy))
+    assert y.dtype == np.float32
+    return (np.rint(y).astype(np.int32) + zy).astype(np.int8)
+
+
+def test_add_fp32_matches_numpy_float32():
+    a = np.arange(-128, 128, dtype=np.int8).reshape(16, 16)
+    b = np.flip(a.T, 0).copy()
+    fn = jax.jit(
+        lambda a, b, rq, zy: (
+            qi.add(a, b, a_zp=3, b_zp=-5, out_zp=zy, requant=rq),
+            qi.add(a, b, a_zp=3, b_zp=-5, out_zp=zy, requant=rq, activation="relu"),
+        )
+    )
+    # (0.5, 0.25, 1.0): exact float32 products, many sums exactly on .5 (half-even ties)
+    for sa, sb, sy, zy in [(0.5, 0.25, 1.0, 0), (0.0311, 0.0173, 0.047, -7), (0.1, 0.2, 0.3, 9)]:
+        rq = qi.add_requant(sa, sb, sy, "fp32")
+        plain, relu = fn(a, b, rq, np.int32(zy))
+        want = np_add_fp32(a, b, sa, 3, sb, -5, sy, zy)
+        np.testing.assert_array_equal(np.asarray(plain), want)
+        np.testing.assert_array_equal(
+            np.asarray(relu), np_add_fp32(a, b, sa, 3, sb, -5, sy, zy, zy)
+        )
+        assert np.any(want < zy) and np.any((want > -128) & (want < 127))
+    # half to even, not half away: (a - 3) * 0.5 + (b + 5) * 0.25 on exact ties
+    ties = (a.astype(int) - 3) * 0.5 + (b.astype(int) + 5) * 0.25
+    tie = np.abs(ties - np.floor(ties) - 0.5) == 0
+    assert tie.sum() > 10
+    even = np.asarray(fn(a, b, qi.add_requant(0.5, 0.25, 1.0, "fp32"), np.int32(0))[0])
+    np.testing.assert_array_equal(even[tie], np.clip(np.rint(ties[tie]), -128, 127))
+
+
 def test_add_precomputed_constants_and_relu():
     a = np.arange(-128, 128, dtype=np.int8).reshape(16, 16)
     b = a.T.copy()
@@ -502,7 +540,7 @@ def _bad_calls():
         (ValueError, "requant", lambda: qi.conv2d(x, w, requant="float", **q)),
         (ValueError, "same shape", lambda: qi.add(a, a[:1], **aq)),
         (ValueError, "a_scale", lambda: qi.add(a, a, **dict(aq, a_scale=0))),
-        (ValueError, "requant", lambda: qi.add(a, a, requant="fp32", **aq)),
+        (ValueError, "requant", lambda: qi.add(a, a, requant="float", **aq)),
         (TypeError, "b must be an int8", lambda: qi.add(a, a.astype(np.int32), **aq)),
         (ValueError, "window", lambda: qi.avg_pool(x, 5)),
         (TypeError, "x must be an int8", lambda: qi.max_pool(x.astype(np.int16), 2)),

@@ -5,10 +5,13 @@ codes = jax.jit(run)(program, program.quantize_input(x))     # int8 in, int8 out
 logits = program.dequantize_output(codes)
 save(program, "model.safetensors"); program = load("model.safetensors")
 accumulator_report(program)     # worst-case accumulator width per layer
+sim = simulation(qmodel, variables, x[:1], output_qparams=qp, mode="double")  # fake-quant
+    # model with the program's requantization: quantize(sim(x)) == run(...) bit for bit
 """
 
 from jquant.convert.build import convert, output_qparams_from_data, with_quantized_bias
 from jquant.convert.io import load, read_tensors, save, write_tensors
+from jquant.convert.nnx import convert_nnx, linen_twin
 from jquant.convert.program import (
     AccumulatorInfo,
     Conv,
@@ -21,6 +24,7 @@ from jquant.convert.program import (
     run,
     validate,
 )
+from jquant.convert.simulate import simulation
 from jquant.convert.trace import Node, trace_layers
 
 __all__ = [
@@ -34,11 +38,14 @@ __all__ = [
     "Reshape",
     "accumulator_report",
     "convert",
+    "convert_nnx",
+    "linen_twin",
     "load",
     "output_qparams_from_data",
     "read_tensors",
     "run",
     "save",
+    "simulation",
     "trace_layers",
     "validate",
     "with_quantized_bias",

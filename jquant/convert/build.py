@@ -374,6 +374,12 @@ def with_quantized_bias(
     ``bias`` (beta). The fake-quant model then differs from the integer program only by the
     rounding of the requantization multipliers and float32 accumulation.
 
+    Bias quantization needs no rule option for checking a conversion:
+    :func:`jquant.convert.simulation` recovers ``acc + round(b / (s_x s_w))`` from the float
+    output, so it simulates the int32 bias (and the requantization) of the plain variables bit
+    for bit. This function serves the plain fake-quant model (phase ``eval``) and QAT
+    fine-tuning that should see the int32-grid bias.
+
     Raises:
       ValueError: as :func:`convert`, or a layer whose bias has nowhere to go.
     """

@@ -4,13 +4,26 @@ File layout (the safetensors format, written and read with NumPy only)::
 
     u64 little-endian n | n bytes of JSON header | raw little-endian tensor bytes
 
-The header maps each tensor name to ``{"dtype", "shape", "data_offsets"}`` and carries
-``"__metadata__": {"jquant_program": <JSON>}``, the program's static structure (layer kinds,
-paths, geometry, requantization mode). int8 weights are stored as int8.
+A program is stored compactly, as three packed tensors and its static structure:
+
+- ``i8``: every layer's int8 weights, flattened and concatenated (int8 stays int8);
+- ``i32``: the program's input / output zero points, then per linear layer its int32 bias,
+  ``x_zp`` and ``out_zp``;
+- ``f32``: the program's input / output scales, then per linear layer ``x_scale``,
+  ``w_scale`` (per channel) and ``out_scale``;
+- ``"__metadata__": {"jquant_program": <JSON>}``: layer kinds, paths, weight shapes, the
+  geometry fields that differ from their defaults, and the requantization mode.
+
+The requantization constants are not stored: :func:`load` recomputes them host-side from the
+stored float32 scales with :func:`jquant.integer.requant_from_scales` (``quantize_multiplier``
+in float64 for ``double`` / ``single``), exactly as :func:`jquant.convert.convert` computed
+them, so a loaded program runs bit for bit like the saved one. :func:`save` checks this and
+refuses a program whose constants do not follow from its scales.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -19,14 +32,32 @@ from collections.abc import Mapping
 import numpy as np
 
 from jquant import integer
-from jquant.convert.program import SPECS, Program, spec_name, validate
+from jquant.convert.program import SPECS, Conv, Dense, Program, spec_name, validate
 
 __all__ = ["save", "load", "write_tensors", "read_tensors"]
 
 _DTYPES = {"I8": np.int8, "U8": np.uint8, "I32": np.int32, "F32": np.float32, "F64": np.float64}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _META_KEY = "jquant_program"
-_VERSION = 1
+_VERSION = 2
+# packed tensors: name -> dtype
+_PACKS = {"i8": np.int8, "i32": np.int32, "f32": np.float32}
+# per linear layer, in file order: (pack, field)
+_LINEAR_FIELDS = (
+    ("i8", "w"),
+    ("i32", "b"),
+    ("i32", "x_zp"),
+    ("i32", "out_zp"),
+    ("f32", "x_scale"),
+    ("f32", "w_scale"),
+    ("f32", "out_scale"),
+)
+_PROGRAM_FIELDS = (
+    ("i32", "input_zp"),
+    ("i32", "output_zp"),
+    ("f32", "input_scale"),
+    ("f32", "output_scale"),
+)
 
 
 def write_tensors(
@@ -34,7 +65,7 @@ def write_tensors(
 ) -> int:
     """Writes ``tensors`` (int8, uint8, int32, float32, float64) and string ``metadata`` in the
     safetensors layout. Returns the file size in bytes."""
-    header: dict = {"__metadata__": dict(metadata)}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     blobs, offset = [], 0
     for name, a in tensors.items():
         a = np.asarray(a)
@@ -89,73 +120,140 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
+def _non_default_meta(layer) -> dict:
+    """The static fields of ``layer`` other than ``path`` that differ from their defaults."""
+    out = {}
+    for f in dataclasses.fields(layer):
+        if f.name in layer.meta_fields and f.name != "path":
+            value = getattr(layer, f.name)
+            if f.default is dataclasses.MISSING or value != f.default:
+                out[f.name] = value
+    return out
+
+
+def _check_recomputable(layer: Conv | Dense) -> None:
+    rq = layer.requant
+    again = integer.requant_from_scales(layer.x_scale, layer.w_scale, layer.out_scale, rq.mode)
+    for name in ("multiplier", "shift"):
+        a, b = np.asarray(getattr(rq, name)), np.asarray(getattr(again, name))
+        if a.dtype != b.dtype or not np.array_equal(np.broadcast_to(a, b.shape), b):
+            raise ValueError(
+                f"layer {layer.path!r}: requant.{name} does not follow from the layer's scales "
+                "(requant_from_scales(x_scale, w_scale, out_scale, mode)); save stores only "
+                "the scales and recomputes the constants at load"
+            )
+
+
 def save(program: Program, path: str | os.PathLike) -> int:
-    """Writes ``program`` to ``path`` (safetensors layout); returns the file size in bytes."""
+    """Writes ``program`` to ``path`` (safetensors layout, packed, see the module docstring);
+    returns the file size in bytes.
+
+    Raises:
+      ValueError / TypeError: the program fails :func:`validate`, or a layer's requantization
+        constants are not ``requant_from_scales`` of its scales.
+    """
     validate(program)
-    tensors = {}
-    for name in ("input_scale", "input_zp", "output_scale", "output_zp"):
-        tensors[name] = np.asarray(getattr(program, name))
-    layers = []
-    for i, layer in enumerate(program.layers):
-        entry = {"type": spec_name(layer)}
-        entry.update({f: getattr(layer, f) for f in layer.meta_fields})
-        for f in layer.data_fields:
-            value = getattr(layer, f)
-            if isinstance(value, integer.Requant):
-                entry["requant_mode"] = value.mode
-                tensors[f"layers.{i}.{f}.multiplier"] = np.asarray(value.multiplier)
-                tensors[f"layers.{i}.{f}.shift"] = np.asarray(value.shift)
-            else:
-                tensors[f"layers.{i}.{f}"] = np.asarray(value)
+    packs: dict[str, list[np.ndarray]] = {k: [] for k in _PACKS}
+    for pack, name in _PROGRAM_FIELDS:
+        packs[pack].append(np.asarray(getattr(program, name)).reshape(-1))
+    layers, modes = [], set()
+    for layer in program.layers:
+        entry: list = [spec_name(layer), layer.path, _non_default_meta(layer)]
+        if isinstance(layer, Conv | Dense):
+            _check_recomputable(layer)
+            modes.add(layer.requant.mode)
+            entry.append(list(np.shape(layer.w)))
+            for pack, name in _LINEAR_FIELDS:
+                packs[pack].append(np.asarray(getattr(layer, name)).reshape(-1))
         layers.append(entry)
+    if len(modes) > 1:
+        raise ValueError(f"save needs one requantization mode for all layers, got {sorted(modes)}")
     meta = {
         "version": _VERSION,
+        "mode": modes.pop() if modes else "double",
         "input_shape": program.input_shape,
         "input_clamp": program.input_clamp,
         "rounding": program.rounding,
         "layers": layers,
     }
-    return write_tensors(path, tensors, {_META_KEY: json.dumps(meta)})
+    tensors = {k: np.concatenate(v).astype(_PACKS[k]) for k, v in packs.items() if v}
+    return write_tensors(path, tensors, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
+
+
+class _Reader:
+    """Consumes the packed tensors in file order."""
+
+    def __init__(self, path, tensors: Mapping[str, np.ndarray]):
+        self.path, self.tensors = path, tensors
+        self.offsets = dict.fromkeys(_PACKS, 0)
+
+    def take(self, pack: str, shape: tuple[int, ...]) -> np.ndarray:
+        a = self.tensors.get(pack)
+        if a is None or a.dtype != _PACKS[pack] or a.ndim != 1:
+            raise ValueError(f"{self.path}: missing or malformed packed tensor {pack!r}")
+        begin = self.offsets[pack]
+        end = begin + int(np.prod(shape))
+        if end > a.size:
+            raise ValueError(f"{self.path}: packed tensor {pack!r} is too short")
+        self.offsets[pack] = end
+        return a[begin:end].reshape(shape)
+
+    def check_done(self) -> None:
+        for pack, used in self.offsets.items():
+            size = self.tensors[pack].size if pack in self.tensors else 0
+            if used != size:
+                raise ValueError(f"{self.path}: packed tensor {pack!r} has {size - used} extra")
+
+
+def _read_linear(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
+    channels = w_shape[-1]
+    shapes = {"w": tuple(w_shape), "b": (channels,), "w_scale": (channels,)}
+    for pack, name in _LINEAR_FIELDS:
+        a = reader.take(pack, shapes.get(name, (1,)))
+        kwargs[name] = a if name in shapes else a.reshape(())
+    try:
+        kwargs["requant"] = integer.requant_from_scales(
+            kwargs["x_scale"], kwargs["w_scale"], kwargs["out_scale"], mode
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{reader.path}: layer {kwargs['path']!r}: {e}") from None
+    return cls(**kwargs)
 
 
 def load(path: str | os.PathLike) -> Program:
-    """Reads a program written by :func:`save` and validates it (:func:`validate`).
+    """Reads a program written by :func:`save`, recomputes its requantization constants from
+    the stored scales, and validates it (:func:`validate`).
 
     Raises:
-      ValueError: not a jquant program file, an unknown version or layer type, missing
-        tensors, or a program that fails validation.
+      ValueError: not a jquant program file, an unknown version or layer type, missing or
+        malformed tensors, or a program that fails validation.
     """
     tensors, metadata = read_tensors(path)
     if _META_KEY not in metadata:
         raise ValueError(f"{path}: no {_META_KEY!r} metadata: not a saved jquant program")
-    meta = json.loads(metadata[_META_KEY])
+    try:
+        meta = json.loads(metadata[_META_KEY])
+    except ValueError as e:
+        raise ValueError(f"{path}: {_META_KEY!r} metadata is not JSON ({e})") from None
     if meta.get("version") != _VERSION:
         raise ValueError(f"{path}: program version {meta.get('version')}, expected {_VERSION}")
-
-    def tensor(name):
-        if name not in tensors:
-            raise ValueError(f"{path}: missing tensor {name!r}")
-        return tensors[name]
-
+    reader = _Reader(path, tensors)
+    top = {name: reader.take(pack, (1,)).reshape(()) for pack, name in _PROGRAM_FIELDS}
     layers = []
-    for i, entry in enumerate(meta["layers"]):
-        cls = SPECS.get(entry.get("type"))
+    for entry in meta["layers"]:
+        kind, layer_path, static = entry[0], entry[1], entry[2]
+        cls = SPECS.get(kind)
         if cls is None:
-            raise ValueError(f"{path}: unknown layer type {entry.get('type')!r}")
-        kwargs = {f: _tuples(entry[f]) for f in cls.meta_fields}
-        for f in cls.data_fields:
-            if f == "requant":
-                kwargs[f] = integer.Requant(
-                    tensor(f"layers.{i}.{f}.multiplier"),
-                    tensor(f"layers.{i}.{f}.shift"),
-                    entry["requant_mode"],
-                )
-            else:
-                kwargs[f] = tensor(f"layers.{i}.{f}")
-        layers.append(cls(**kwargs))
+            raise ValueError(f"{path}: unknown layer type {kind!r}")
+        kwargs = {"path": layer_path, **{k: _tuples(v) for k, v in static.items()}}
+        if cls in (Conv, Dense):
+            layers.append(_read_linear(cls, reader, entry[3], meta["mode"], kwargs))
+        else:
+            layers.append(cls(**kwargs))
+    reader.check_done()
     program = Program(
         layers=tuple(layers),
-        **{n: tensor(n) for n in ("input_scale", "input_zp", "output_scale", "output_zp")},
+        **top,
         input_shape=_tuples(meta["input_shape"]),
         input_clamp=_tuples(meta["input_clamp"]),
         rounding=meta["rounding"],

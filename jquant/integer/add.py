@@ -10,10 +10,15 @@ scale ``2 max(s_a, s_b) / 2^20`` in int32, summed, and rescaled to the output::
 with ``MBQM`` = :func:`~jquant.integer.fixed_point.multiply_by_quantized_multiplier` and the
 multipliers computed in float64.
 
-There is no ``fp32`` add: XNNPACK and ONNX Runtime add with integer multipliers of their own
-(not emulated yet), and the float formula ``(s_a (a - a_zp) + s_b (b - b_zp)) / s_y`` cannot
-be evaluated bit-exactly under XLA on CPU, which contracts ``x * y + z`` into an FMA and
-rewrites division by a broadcast scalar as multiplication by its reciprocal.
+``fp32`` (XNNPACK-style float requantization, as ONNX Runtime's ``QLinearAdd``): float32
+multipliers ``m_a = s_a / s_y`` and ``m_b = s_b / s_y`` computed host-side in float32, then,
+each step rounded to float32::
+
+    y = clamp(round_half_even(float32((a - a_zp) m_a) + float32((b - b_zp) m_b)) + y_zp)
+
+XLA on CPU contracts ``x * y + z`` into an FMA (one rounding instead of two); an
+``optimization_barrier`` between the products and their sum keeps the two float32 roundings of
+the formula, so the result equals a NumPy float32 evaluation bit for bit.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from jquant.integer.requant import Requant, activation_range, requant_from_multi
 
 __all__ = ["ADD_MODES", "AddRequant", "add_requant", "add"]
 
-ADD_MODES = ("double", "single")
+ADD_MODES = ("double", "single", "fp32")
 LEFT_SHIFT = 20  # TFLite's headroom for int8 inputs (15 for int16)
 
 
@@ -55,7 +60,8 @@ class AddRequant:
 
 
 def add_requant(a_scale, b_scale, out_scale, mode: str = "double") -> AddRequant:
-    """:class:`AddRequant` from the scales, host-side in float64 (modes ``double`` / ``single``)."""
+    """:class:`AddRequant` from the scales, host-side: float64 for ``double`` / ``single``
+    (TFLite), float32 ``s_a / s_y`` and ``s_b / s_y`` for ``fp32`` (``out`` is then unused: 1)."""
     if mode not in ADD_MODES:
         raise ValueError(f"requant must be one of {ADD_MODES} for add, got {mode!r}")
     sa, sb, sy = (
@@ -69,6 +75,11 @@ def add_requant(a_scale, b_scale, out_scale, mode: str = "double") -> AddRequant
             "be concrete (not traced); pass a precomputed AddRequant under jit instead"
         )
     sa, sb, sy = (s.astype(np.float32) for s in scales)
+    if mode == "fp32":
+        one = requant_from_multiplier(np.float32(1.0), mode)
+        return AddRequant(
+            requant_from_multiplier(sa / sy, mode), requant_from_multiplier(sb / sy, mode), one, 0
+        )
     twice_max = np.float64(2 * np.maximum(sa, sb))
     return AddRequant(
         requant_from_multiplier(np.float64(sa) / twice_max, mode),
@@ -98,7 +109,7 @@ def add(
       a, b: int8 arrays of equal shape.
       a_scale, a_zp, b_scale, b_zp, out_scale, out_zp: per-tensor quantization parameters.
       activation: None, ``"relu"`` or ``"relu6"`` (fused output clamp).
-      requant: ``"double"`` | ``"single"`` or a precomputed :class:`AddRequant`.
+      requant: ``"double"`` | ``"single"`` | ``"fp32"`` or a precomputed :class:`AddRequant`.
 
     Returns:
       int8 array of ``a``'s shape.
@@ -115,6 +126,13 @@ def add(
     db = b.astype(jnp.int32) - check_zero_point("b_zp", b_zp)
     zp = check_zero_point("out_zp", out_zp)
     lo, hi = activation_range(activation, out_scale, out_zp, rq.mode)
+
+    if rq.mode == "fp32":
+        pa = da.astype(jnp.float32) * jnp.asarray(rq.a.multiplier, jnp.float32)
+        pb = db.astype(jnp.float32) * jnp.asarray(rq.b.multiplier, jnp.float32)
+        pa, pb = jax.lax.optimization_barrier((pa, pb))  # no FMA: round each product
+        y = jnp.clip(pa + pb, (lo - zp).astype(jnp.float32), (hi - zp).astype(jnp.float32))
+        return (jnp.round(y).astype(jnp.int32) + zp).astype(jnp.int8)
 
     def scaled(d, r: Requant):
         return multiply_by_quantized_multiplier(
