@@ -454,10 +454,36 @@ def test_krishnamoorthi_rescale_per_channel_codes_kept_per_layer_zeroed():
 def test_krishnamoorthi_collapse_trained(tmp_path_factory):
     tables, out = _run("krishnamoorthi2018", tmp_path_factory)
     _check_outputs(tables, out)
-    rows = {r["granularity"]: r for r in tables["krishnamoorthi2018_runs"].to_dicts()}
-    assert rows["per_channel"]["float"] == rows["per_tensor"]["float"] > 0.5
-    assert abs(rows["per_channel"]["quantized"] - rows["per_channel"]["float"]) <= 0.02
-    assert rows["per_tensor"]["quantized"] < rows["per_channel"]["quantized"] - 0.05
+    rows = {r["column"]: r for r in tables["krishnamoorthi2018_runs"].to_dicts()}
+    assert len({r["float"] for r in rows.values()}) == 1 and rows["sym per-channel"]["float"] > 0.5
+    for name in ("asym per-layer", "sym per-channel", "sym per-channel rescaled"):
+        assert abs(rows[name]["quantized"] - rows[name]["float"]) <= 0.02, name
+    collapsed = rows["asym per-layer rescaled"]["quantized"]
+    assert collapsed < rows["sym per-channel rescaled"]["quantized"] - 0.05
+
+
+def test_krishnamoorthi_columns_match_published_tables():
+    paper = reproduce.load_paper("krishnamoorthi2018")
+    ours = {(c.table, c.column) for c in paper.COLUMNS if c.table != "collapse"}
+    for net, tables in paper.PUBLISHED.items():
+        pub = {(t, col) for t, cols in tables.items() if t != "float" for col in cols}
+        assert pub == ours, net
+        for t, cols in tables.items():
+            if t != "float":
+                assert all(0 < v <= tables["float"] for v in cols.values()), (net, t)
+    mb = paper.PUBLISHED["Mobilenet-v1_1_224"]
+    # their finding: per-layer weights collapse on MobileNet; QAT recovers it (Table 4)
+    assert mb["table3"]["asym per-layer"] < 0.01 < 0.5 < mb["table3"]["asym per-channel"]
+    assert mb["table4"]["asym per-layer QAT"] > 0.9 * mb["float"]
+    # every column's scheme says what its name says
+    for c in paper.COLUMNS:
+        if "per-layer" in c.column:
+            assert (c.scheme.granularity, c.scheme.symmetric) == ("per_tensor", False)
+        if "sym per-channel" in c.column and "asym" not in c.column:
+            assert (c.scheme.granularity, c.scheme.symmetric) == ("per_channel", True)
+        assert c.qat == ("QAT" in c.column)
+    rule = paper.Scheme(None, 8).rule()
+    assert rule.weight is None and rule.act.bits == 8
 
 
 # --- 3. Jacob et al. (2018): float vs integer-only program (Table 4.1 analogue, quick) ---------
@@ -474,3 +500,29 @@ def test_jacob_integer_only_matches_fake_quant(jacob):
         assert abs(r["integer_only"] - r["fake_quant_w8a8"]) <= 0.02
         assert abs(r["fake_quant_w8a8"] - r["float"]) <= 0.02  # w8a8 PTQ costs little
         assert r["same_prediction"] >= 0.9  # the rest: ties on the 8-bit output grid
+
+
+def test_jacob_qat_bn_folding_quick(jacob):
+    (r,) = jacob[0]["qat_bn_folding"].to_dicts()
+    # The QConvBN model (BN folded into fake-quantized weights) and the zoo cnn_bn with the
+    # same variables, quantized per channel, compute the same eval function: folding a
+    # per-channel factor into a symmetric per-channel quantizer only rescales its scale (up
+    # to float rounding at quantization ties, where a code may move by one).
+    assert r["max_abs_logit_diff_folded_vs_zoo"] <= 2 * r["output_scale"]
+    assert r["qat_folded_bn"] == pytest.approx(r["zoo_fake_quant"], abs=0.005)
+    assert abs(r["integer_only"] - r["zoo_fake_quant"]) <= 0.02
+    assert r["same_prediction"] >= 0.9
+    assert r["float"] > 0.2 and abs(r["ptq_w8a8"] - r["float"]) <= 0.03
+
+
+def test_jacob_folded_layout_roundtrip():
+    import jax
+
+    paper = reproduce.load_paper("jacob2018_integer")
+    _, v = _cnn_bn_variables()
+    folded = paper.to_folded(v)
+    assert sorted(folded["batch_stats"]) == ["conv1", "conv2"]
+    assert sorted(folded["params"]["conv1"]) == ["bias", "kernel", "scale"]
+    back = paper.to_zoo(folded)
+    assert jax.tree.structure(back) == jax.tree.structure(v)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.all(a == b)), back, v)))

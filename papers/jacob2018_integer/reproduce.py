@@ -22,14 +22,25 @@ This script tabulates, through ``jquant.integer.fixed_point``:
   ``jquant.convert`` builds from it (int8 codes, int32 biases, ``double`` requantization),
   run on the int8-quantized test set; test accuracy of each and the fraction of test examples
   where the integer program's prediction equals the fake-quant model's, over 3 seeds.
+- ``qat_bn_folding`` (their Table 4.1 with training, sec. 3 and 3.2): the float ``cnn_bn``
+  (conv -> BatchNorm -> relu -> pool) fine-tuned with quantization-aware training where each
+  conv + BN is a :class:`jquant.nn.bn_folding.QConvBN`: the BN is folded into the weights
+  before they are fake-quantized, ``y = conv(fq(x), fq(W gamma / sigma_R)) sigma_R / sigma_B +
+  beta - gamma mu_B / sigma_B`` (running sigma_R in the weights, the batch statistics corrected
+  in the output), straight-through gradients. The trained variables are mapped back onto the
+  zoo's ``cnn_bn`` layout, which ``jquant.convert`` turns into the integer-only program (BN
+  folded into the int8 codes and per-channel scales). Float, PTQ, QAT fake-quant and
+  integer-only test accuracy per seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Mapping
 from fractions import Fraction
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -37,8 +48,11 @@ from jquant import convert as cv
 from jquant.data import load_mnist1d
 from jquant.integer import fixed_point as fp
 from jquant.models import train as T
+from jquant.models.config import CNNConfig
 from jquant.nn import QuantRule
 from jquant.nn import linen as ql
+from jquant.nn.bn_folding import QConvBN
+from jquant.nn.state import STATS
 from jquant.reproduce import save_figure, script_main, write_tables
 from jquant.sweep import Table
 
@@ -162,6 +176,144 @@ def integer_only_rows(setup: IntegerSetup) -> list[dict]:
     return rows
 
 
+class FoldedCNN(nn.Module):
+    """The zoo's ``cnn_bn`` (:class:`jquant.models.linen.CNN` with BatchNorm) hand-built from
+    jquant layers: each ``conv_i -> bn_i`` is one :class:`QConvBN` named ``conv_i``, the dense
+    layers are ``QDense``. Same variables as ``cnn_bn`` up to the renaming of
+    :func:`to_folded` / :func:`to_zoo`; ``train`` selects batch statistics."""
+
+    config: CNNConfig
+    rule: QuantRule = ql.DEFAULT_RULE
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg, q = self.config, {"rule": self.rule, "phase": self.phase}
+        pool = nn.avg_pool if cfg.pool == "avg" else nn.max_pool
+        for i, channels in enumerate(cfg.features, 1):
+            x = QConvBN(
+                channels,
+                cfg.kernel_size,
+                momentum=cfg.bn_momentum,
+                epsilon=cfg.bn_epsilon,
+                name=f"conv{i}",
+                **q,
+            )(x, use_running_average=not train)
+            x = pool(nn.relu(x), cfg.window, strides=cfg.window, padding="VALID")
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(cfg.dense, 1):
+            x = nn.relu(ql.QDense(width, name=f"dense{i}", **q)(x))
+        return ql.QDense(cfg.num_classes, name="head", **q)(x)
+
+
+def _bn_pairs(variables: Mapping) -> list[str]:
+    return sorted(k[2:] for k in variables["batch_stats"] if k.startswith("bn"))
+
+
+def to_folded(zoo: Mapping) -> dict:
+    """``cnn_bn`` variables (``conv_i/kernel``, ``bn_i/{scale, bias}``, ``batch_stats/bn_i``)
+    in the :class:`FoldedCNN` layout (``conv_i/{kernel, scale, bias}``, ``batch_stats/conv_i``)."""
+    params = dict(zoo["params"])
+    stats = {}
+    for i in _bn_pairs(zoo):
+        bn = params.pop(f"bn{i}")
+        params[f"conv{i}"] = {**params[f"conv{i}"], "scale": bn["scale"], "bias": bn["bias"]}
+        stats[f"conv{i}"] = zoo["batch_stats"][f"bn{i}"]
+    return {**zoo, "params": params, "batch_stats": stats}
+
+
+def to_zoo(folded: Mapping) -> dict:
+    """The inverse of :func:`to_folded` (other collections, e.g. ``quant_stats``, as they are:
+    their paths are the same)."""
+    params = dict(folded["params"])
+    stats = {}
+    for name, st in folded["batch_stats"].items():
+        conv = dict(params[name])
+        params["bn" + name[4:]] = {"scale": conv.pop("scale"), "bias": conv.pop("bias")}
+        params[name] = conv
+        stats["bn" + name[4:]] = st
+    return {**folded, "params": params, "batch_stats": stats}
+
+
+@dataclasses.dataclass(frozen=True)
+class QATSetup:
+    """Sizes of the QAT + BN folding experiment (``QUICK_QAT``: 30 float steps, 5 QAT steps)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    float_steps: int = T.RECOMMENDED_STEPS["mnist1d"]
+    qat_steps: int = 200
+    learning_rate: float = 1e-3
+    calib_batches: int = 8
+    batch_size: int = 128
+
+
+FULL_QAT = QATSetup()
+QUICK_QAT = QATSetup(seeds=(0,), float_steps=30, qat_steps=5, calib_batches=1)
+
+
+def _calibrate(model: nn.Module, variables: dict, batches) -> dict:
+    step = jax.jit(lambda v, x: model.apply(v, x, mutable=[STATS])[1][STATS])
+    for x in batches:
+        variables = {**variables, STATS: step(variables, x)}
+    return variables
+
+
+def qat_bn_rows(setup: QATSetup) -> list[dict]:
+    """Float, PTQ (fake-quant), QAT with folded BN (fake-quant) and integer-only accuracy."""
+    data = load_mnist1d()
+    x0, bs, y = data.x_train[:2], setup.batch_size, np.asarray(data.y_test)
+    calib = [data.x_train[i * bs : (i + 1) * bs] for i in range(setup.calib_batches)]
+    rule = QuantRule(".*")  # TFLite: int8 weights symmetric per channel, activations affine
+    tr0 = T.train_or_load("cnn_bn", data, setup.seeds[0], setup.float_steps)
+    folded = FoldedCNN(tr0.model.config, rule)
+    fresh = jax.jit(folded.init)(jax.random.key(0), x0)
+    opt = T.make_optimizer(setup.learning_rate, setup.qat_steps)
+    train_step = T.make_train_step(T.linen_apply_fn(folded.clone(phase="train")), opt)
+    eval_fn = T.linen_apply_fn(folded.clone(phase="eval"))
+    qzoo, _ = ql.quantize_model(tr0.model, rule, x0, on_unused="raise")
+    zoo_eval = jax.jit(qzoo.with_phase("eval").apply)
+    run = jax.jit(cv.run)
+    rows = []
+    for seed in setup.seeds:
+        tr = T.train_or_load("cnn_bn", data, seed, setup.float_steps)
+        v = _calibrate(folded.clone(phase="calibrate"), {**fresh, **to_folded(tr.variables)}, calib)
+        params, state = T.split_linen(v)
+        ptq = T.evaluate(eval_fn, params, state, data.x_test, data.y_test)["accuracy"]
+        st, _ = T.fit(
+            train_step,
+            T.TrainState.create(params, state, opt),
+            data.x_train,
+            data.y_train,
+            steps=setup.qat_steps,
+            batch_size=bs,
+            key=jax.random.key(1000 + seed),
+        )
+        qat_logits, _ = eval_fn(st.params, st.model_state, data.x_test, False)
+        zoo = to_zoo({"params": st.params, **st.model_state})
+        fake = np.asarray(zoo_eval(zoo, data.x_test))
+        out_qp = cv.output_qparams_from_data(qzoo, zoo, calib)
+        program = cv.convert(qzoo, zoo, x0, output_qparams=out_qp)
+        integer = np.asarray(
+            program.dequantize_output(run(program, program.quantize_input(data.x_test)))
+        )
+        rows.append(
+            {
+                "seed": seed,
+                "float": tr.metrics["test_accuracy"],
+                "ptq_w8a8": ptq,
+                "qat_folded_bn": float(np.mean(np.asarray(qat_logits).argmax(-1) == y)),
+                "zoo_fake_quant": float(np.mean(fake.argmax(-1) == y)),
+                "integer_only": float(np.mean(integer.argmax(-1) == y)),
+                "same_prediction": float(np.mean(integer.argmax(-1) == fake.argmax(-1))),
+                "max_abs_logit_diff_folded_vs_zoo": float(
+                    np.max(np.abs(np.asarray(qat_logits) - fake))
+                ),
+                "output_scale": float(program.output_scale),
+            }
+        )
+    return rows
+
+
 def _plot(table: Table):
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
@@ -187,6 +339,9 @@ def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     tables["integer_only"] = Table.from_dicts(
         integer_only_rows(QUICK_INT if quick else FULL_INT)
     ).with_meta(paper="Jacob et al. 2018, Table 4.1 analogue (MNIST-1D, PTQ w8a8)")
+    tables["qat_bn_folding"] = Table.from_dicts(
+        qat_bn_rows(QUICK_QAT if quick else FULL_QAT)
+    ).with_meta(paper="Jacob et al. 2018, Table 4.1 analogue (MNIST-1D, QAT, BN folded)")
     save_figure(out_dir, "jacob2018_multipliers", _plot(tables["multipliers"]))
     return write_tables(out_dir, tables)
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -146,12 +146,14 @@ def method_rules(method: str, bits: int) -> tuple[QuantRule, ...]:
 
 class Quantized(NamedTuple):
     """One architecture under one rule set, with its QAT step and evaluation function built
-    once, so that every seed reuses their compilations (jitted on function identity)."""
+    once, so that every seed reuses their compilations (jitted on function identity), and the
+    fresh quantization variables (``quant_stats``, learned scales) every seed starts from."""
 
     qmodel: ql.QuantizedModel
     optimizer: optax.GradientTransformation
     train_step: Callable
     eval_fn: T.ApplyFn
+    fresh: dict
 
 
 def quantized(model, rules, x0, *, steps: int, learning_rate: float) -> Quantized:
@@ -159,7 +161,16 @@ def quantized(model, rules, x0, *, steps: int, learning_rate: float) -> Quantize
     qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="ignore")
     opt = qat_optimizer(learning_rate, max(steps, 1))
     step = T.make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
-    return Quantized(qmodel, opt, step, T.linen_apply_fn(qmodel.with_phase("eval")))
+    fresh = jax.jit(qmodel.init)(jax.random.key(0), x0)
+    return Quantized(qmodel, opt, step, T.linen_apply_fn(qmodel.with_phase("eval")), fresh)
+
+
+def _merged(base, override):
+    """``base`` with ``override``'s leaves written over it, nested dicts merged key by key
+    (what ``QuantizedModel.attach`` returns, without re-running ``init`` per seed)."""
+    if not (isinstance(base, Mapping) and isinstance(override, Mapping)):
+        return override
+    return {**base, **{k: _merged(base.get(k), v) for k, v in override.items()}}
 
 
 def ptq_then_qat(
@@ -176,9 +187,8 @@ def ptq_then_qat(
     calibrate min/max on the first ``calib_batches`` training batches, evaluate (PTQ),
     fine-tune ``steps`` steps on batches drawn with ``seed``, evaluate (QAT; skipped when
     ``steps == 0``)."""
-    x0 = data.x_train[:2]
     calib = [data.x_train[i * batch_size : (i + 1) * batch_size] for i in range(calib_batches)]
-    params, state = T.split_linen(q.qmodel.calibrate(q.qmodel.attach(variables, x0), calib))
+    params, state = T.split_linen(q.qmodel.calibrate(_merged(q.fresh, variables), calib))
     out = {"ptq": T.evaluate(q.eval_fn, params, state, data.x_test, data.y_test)["accuracy"]}
     if steps:
         st, _ = T.fit(
