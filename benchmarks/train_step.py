@@ -7,7 +7,8 @@ Variants, all measured in this process on the same model, batch and optimizer:
 - ``int``: the same with ``mode="int"`` (int8 x int8 -> int32 forward, STE backward);
 - ``qwix_int8``: Qwix's ``QtProvider`` with int8 weights and activations (if importable).
 
-Prints medians (ms) of ``--repeats`` timed steps after warm-up, and ratios to float; writes
+Prints medians (ms) of ``--repeats`` timed steps after warm-up (the variants interleaved, one
+step each per round), and ratios to float; writes
 ``benchmarks/results/train_step.json``. ``--quick`` uses fewer repeats.
 """
 
@@ -28,17 +29,22 @@ from jquant.nn import QuantRule
 from jquant.nn import linen as ql
 
 
-def _timed(step, state, x, y, repeats: int) -> float:
-    for _ in range(3):  # warm-up (compile)
-        state, _ = step(state, x, y)
-    jax.block_until_ready(state)
-    times = []
+def _timed(steps: dict, x, y, repeats: int) -> dict[str, float]:
+    """Median ms per step of each ``(step, state)``, timed in interleaved rounds after warm-up
+    so that machine load hits every variant alike."""
+    states = {}
+    for name, (step, state) in steps.items():
+        for _ in range(3):  # warm-up (compile)
+            state, _ = step(state, x, y)
+        states[name] = jax.block_until_ready(state)
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, m = step(state, x, y)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, (step, _) in steps.items():
+            t0 = time.perf_counter()
+            states[name], m = step(states[name], x, y)
+            jax.block_until_ready((states[name], m))
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def _step_for(apply_model, variables, opt):
@@ -47,14 +53,13 @@ def _step_for(apply_model, variables, opt):
     return step, T.TrainState.create(params, state, opt)
 
 
-def _qwix(model, x, y, opt, repeats):
+def _qwix(model, x, opt):
     import qwix
 
     rule = qwix.QtRule(module_path=".*", weight_qtype="int8", act_qtype="int8")
     qmodel = qwix.quantize_model(model, qwix.QtProvider([rule]))
     variables = qmodel.init(jax.random.key(0), x)
-    step, st = _step_for(qmodel, variables, opt)
-    return _timed(step, st, x, y, repeats)
+    return _step_for(qmodel, variables, opt)
 
 
 def main(argv=None) -> None:
@@ -69,16 +74,17 @@ def main(argv=None) -> None:
     y = jax.random.randint(jax.random.key(1), (args.batch,), 0, 10)
     opt = optax.adam(1e-3)
     variables = jax.jit(model.init)(jax.random.key(2), x)
-    ms = {"float": _timed(*_step_for(model, variables, opt), x, y, repeats)}
+    steps = {"float": _step_for(model, variables, opt)}
     for mode in ("simulate", "int"):
         qm, _ = ql.quantize_model(model, QuantRule(".*", mode=mode), x)
         qv = qm.calibrate(qm.attach(variables, x), [x])
-        ms[mode] = _timed(*_step_for(qm.with_phase("train"), qv, opt), x, y, repeats)
+        steps[mode] = _step_for(qm.with_phase("train"), qv, opt)
     errors = {}
     try:
-        ms["qwix_int8"] = _qwix(model, x, y, opt, repeats)
+        steps["qwix_int8"] = _qwix(model, x, opt)
     except Exception as e:  # report why Qwix could not run with these jax / flax versions
         errors["qwix_int8"] = f"{type(e).__name__}: {e}"
+    ms = _timed(steps, x, y, repeats)
     rows = {k: {"ms": v, "ratio_to_float": v / ms["float"]} for k, v in ms.items()}
     print(f"{'variant':<12}{'ms/step':>10}{'x float':>10}")
     for k, r in rows.items():

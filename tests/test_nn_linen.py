@@ -157,6 +157,31 @@ def test_gradients_reach_weights_and_learned_scales():
             assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), (layer, name)
 
 
+def test_learned_scales_stay_positive():
+    """A step size pushed through zero still quantizes on the grid of ``|s|``."""
+    dense = nn.Dense(3)
+    x = jax.random.normal(jax.random.key(3), (8, 5))
+    rules = QuantRule(".*", weight="int4", act="int4", estimator="lsq")
+    qm, _ = ql.quantize_model(dense, rules, x)
+    v = qm.calibrate(qm.attach(jax.jit(dense.init)(jax.random.key(0), x), x), [x])
+    train = qm.with_phase("train")
+
+    def flip(v):
+        p = {k: -a if k.endswith("_scale") else a for k, a in v["params"].items()}
+        return {**v, "params": p}
+
+    for phase in (train, qm.with_phase("eval")):
+        np.testing.assert_array_equal(phase.apply(flip(v), x), phase.apply(v, x))
+    g = jax.grad(lambda p: jnp.sum(train.apply({**v, "params": p}, x) ** 2))
+    g_pos, g_neg = g(v["params"]), g(flip(v)["params"])
+    for name in ("kernel_scale", "input_scale"):
+        assert np.any(g_pos[name] != 0)
+        # d/dp |p| = sign(p): the gradient flips with the parameter's sign.
+        np.testing.assert_allclose(g_neg[name], -g_pos[name], rtol=1e-6)
+    zero = {**v, "params": {**v["params"], "input_scale": jnp.zeros(())}}
+    assert np.all(np.isfinite(train.apply(zero, x)))
+
+
 def test_save_restore_gives_identical_outputs():
     cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
     rules = QuantRule(".*", calibration="ema", estimator="lsq_plus", act_symmetric=False)

@@ -42,6 +42,7 @@ __all__ = [
     "LEARNED",
     "QuantStat",
     "Slots",
+    "positive_scale",
     "check_phase",
     "make_observer",
     "tensor_qparams",
@@ -105,13 +106,25 @@ def _per_tensor(qp: QParams, cfg: QuantConfig) -> QParams:
     return QParams(jnp.reshape(qp.scale, ()), jnp.reshape(qp.zero_point, ()))
 
 
+def positive_scale(param: jax.Array) -> jax.Array:
+    """The scale a learned step-size parameter stands for: ``|param| + tiny``.
+
+    An optimizer step can push an LSQ / PACT parameter through zero. ``|.|`` keeps the grid
+    valid while leaving the gradient's magnitude as the estimator defines it (its sign follows
+    the parameter, so the step still moves ``|param|`` the right way); ``tiny`` (float32's
+    smallest normal) only keeps an exact zero from dividing by zero.
+    """
+    param = jnp.asarray(param)
+    return jnp.abs(param) + jnp.finfo(param.dtype).tiny
+
+
 def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) -> QParams:
     """QParams whose scale (and, for LSQ+, zero point) are parameters, created from init_qp."""
     init_qp = jax.tree_util.tree_map(jax.lax.stop_gradient, init_qp)
     scale = slots.param(f"{name}_scale", lambda: init_qp.scale)
     if cfg.estimator == "lsq_plus":
         zp = slots.param(f"{name}_zero_point", lambda: init_qp.zero_point)
-    return QParams(scale, zp)
+    return QParams(positive_scale(scale), zp)
 
 
 def tensor_qparams(
@@ -195,7 +208,7 @@ def frozen_qparams(
         if f"{t}_scale" in params:
             base = fallback or QParams(params[f"{t}_scale"], 0.0)
             zp = params.get(f"{t}_zero_point", base.zero_point)
-            return QParams(jnp.asarray(params[f"{t}_scale"]), jnp.asarray(zp))
+            return QParams(positive_scale(params[f"{t}_scale"]), jnp.asarray(zp))
         return fallback
 
     stored = stats.get("input_qparams")
