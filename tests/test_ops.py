@@ -65,8 +65,8 @@ def test_quant_config_is_hashable_and_validates():
         QuantConfig(rounding="stochastic")
     with pytest.raises(TypeError, match="axis"):
         QuantConfig(axis=1.5)
-    with pytest.raises(ValueError, match="bits"):
-        QuantConfig(fmt=jq.IntFormat(jnp.asarray(4)))
+    with pytest.raises(TypeError, match="unhashable"):  # array bits (a sweep) are not static
+        hash(QuantConfig(fmt=jq.IntFormat(jnp.asarray(4))))
     with pytest.raises(ValueError, match="out of range"):
         ops.dynamic_qparams(jnp.ones((2, 3)), QuantConfig(axis=2))
 
@@ -330,6 +330,27 @@ CONV_CASES = {
         AFFINE,
         PER_CHANNEL_LAST,
     ),
+    # 1-D convs run as 2-D ones over a unit axis in int mode (XLA:CPU's fast kernel)
+    "conv1d_strided_affine": (
+        (3, 13, 4),
+        (3, 4, 5),
+        dict(padding=((2, 1),), window_strides=(2,), dimension_numbers=("NWC", "WIO", "NWC")),
+        AFFINE,
+        PER_CHANNEL_LAST,
+    ),
+    "conv1d_per_sample_dilated": (
+        (3, 9, 2),
+        (3, 2, 3),
+        dict(
+            padding=((1, 2),),
+            window_strides=(1,),
+            lhs_dilation=(2,),
+            rhs_dilation=(2,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        ),
+        QuantConfig(symmetric=False, axis=0),
+        PER_CHANNEL_LAST,
+    ),
     "uint8_lhs_nchw": (
         (2, 3, 6, 6),
         (4, 3, 3, 3),
@@ -459,11 +480,14 @@ def _eqns(jaxpr):
                     yield from _eqns(sub)
 
 
-@pytest.mark.parametrize("op", ["dot_general", "conv_general_dilated"])
+@pytest.mark.parametrize("op", ["dot_general", "conv_general_dilated", "conv1d"])
 def test_int_mode_jaxpr_runs_int8_products_into_int32(op):
     if op == "dot_general":
         args = (jnp.ones((4, 8)), jnp.ones((8, 3)))
         fn = functools.partial(ops.dot_general, dimension_numbers=DENSE_DN)
+    elif op == "conv1d":
+        args = (jnp.ones((2, 13, 4)), jnp.ones((3, 4, 5)))
+        fn = functools.partial(_conv_call, kw=CONV_CASES["conv1d_strided_affine"][2])
     else:
         args = (jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 6)))
         fn = functools.partial(_conv_call, kw=CONV_CASES["grouped"][2])
@@ -472,7 +496,8 @@ def test_int_mode_jaxpr_runs_int8_products_into_int32(op):
         products = [
             e
             for e in _eqns(jax.make_jaxpr(functools.partial(fn, mode=mode))(*args).jaxpr)
-            if e.primitive.name == op
+            if e.primitive.name
+            == ("dot_general" if op == "dot_general" else "conv_general_dilated")
         ]
         assert products, mode
         int8 = [
@@ -484,6 +509,8 @@ def test_int_mode_jaxpr_runs_int8_products_into_int32(op):
         ]
         # int: every product of the forward pass is int8 x int8 -> int32; simulate: none is
         assert len(int8) == (len(products) if mode == "int" else 0), mode
+        if op == "conv1d" and mode == "int":  # lifted to 2-D for XLA:CPU's fast int8 kernel
+            assert all(e.invars[0].aval.ndim == 4 for e in int8)
 
 
 # --- Flax injection ---------------------------------------------------------------------------
@@ -638,3 +665,38 @@ def test_pool_errors():
         ops.avg_pool(jnp.ones((1, 5, 5, 1)), qp, jq.int8, (2, 2), (2, 2), ((2, 0), (0, 0)))
     with pytest.raises(ValueError, match="IntFormat"):
         ops.max_pool(jnp.ones((1, 4, 4, 1)), qp, jq.fp8_e4m3, (2, 2))
+
+
+# --- traced bits in a QuantConfig (sweeps) ----------------------------------------------------
+
+
+def test_quant_config_is_a_pytree_with_traced_bits_in_simulate_mode():
+    cfg = QuantConfig(jq.IntFormat(4), symmetric=False, axis=-1, estimator="clipped_ste")
+    leaves, treedef = jax.tree_util.tree_flatten(cfg)
+    assert leaves == [4] and jax.tree_util.tree_unflatten(treedef, leaves) == cfg
+    lhs, rhs = jnp.asarray(_normal(40, (3, 5))), jnp.asarray(_normal(41, (5, 4)))
+    dn = (((1,), (0,)), ((), ()))
+
+    def product(c, l_, r_):  # the config crosses jit as an argument, bits as its leaf
+        return ops.dot_general(l_, r_, dn, lhs_quant=c, rhs_quant=c)
+
+    swept = jax.jit(jax.vmap(product, in_axes=(0, None, None)))(
+        QuantConfig(jq.IntFormat(jnp.array([2, 5, 8])), symmetric=False, axis=-1), lhs, rhs
+    )
+    for i, b in enumerate((2, 5, 8)):  # oracle: each width on its own, static config
+        static = QuantConfig(jq.IntFormat(b), symmetric=False, axis=-1)
+        want = ops.dot_general(lhs, rhs, dn, lhs_quant=static, rhs_quant=static)
+        np.testing.assert_allclose(swept[i], want, rtol=1e-6, atol=1e-6)
+
+
+def test_traced_bits_in_int_mode_raise():
+    lhs, rhs = jnp.ones((2, 3)), jnp.ones((3, 2))
+    dn = (((1,), (0,)), ((), ()))
+
+    def run(b):
+        cfg = QuantConfig(jq.IntFormat(b))
+        return ops.dot_general(lhs, rhs, dn, lhs_quant=cfg, rhs_quant=cfg, mode="int")
+
+    with pytest.raises(ValueError, match="static bit width.*mode='simulate'"):
+        jax.jit(run)(jnp.int32(8))
+    np.testing.assert_allclose(run(8), lhs @ rhs, rtol=0.02)  # static bits still run in int
