@@ -11,9 +11,15 @@ weights of) a zoo model on a data set, then
 - sweep its weights and its layers' activations over the widths, granularities and
   calibration methods (:func:`jquant.sweep.error_vs_bits`; one compiled program per curve);
 - evaluate the post-training-quantized model with weights and activations at each width
-  (:func:`jquant.sweep.model_vs_bits`);
-- print both tables and write ``tensors.{csv,json}``, ``model.{csv,json}``,
-  ``sqnr_vs_bits.png`` and ``accuracy_vs_bits.png`` into ``--out``. Files are written into a
+  (:func:`jquant.sweep.model_vs_bits`; one compiled program per granularity, traced widths);
+- quantize one layer at a time (:func:`jquant.sweep.sensitivity`) and walk the greedy
+  mixed-precision path from every layer at the widest to every layer at the narrowest width
+  (:func:`jquant.sweep.mixed_precision`, ``full_path=True``, no budget), both at the first
+  granularity;
+- print the tables and write ``tensors.{csv,json}``, ``model.{csv,json}``,
+  ``sensitivity.{csv,json}``, ``mixed_precision.{csv,json}``, ``sqnr_vs_bits.png``,
+  ``accuracy_vs_bits.png``, ``sensitivity.png`` (per layer, at the width closest to 4) and
+  ``pareto_front.png`` (accuracy against model size) into ``--out``. Files are written into a
   temporary folder beside ``--out`` and moved into place at the end, so a failed run leaves
   nothing half-written.
 """
@@ -21,6 +27,7 @@ weights of) a zoo model on a data set, then
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import shutil
@@ -168,7 +175,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from jquant.models.train import train_or_load
     from jquant.nn.rules import QuantRule
     from jquant.sweep import Table, error_vs_bits, plots
+    from jquant.sweep.mixed_precision import mixed_precision
     from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.sensitivity import sensitivity
 
     progress = not args.no_progress
     say = print if progress else (lambda *a, **k: None)
@@ -195,17 +204,22 @@ def _run_sweep(args: argparse.Namespace) -> int:
     ).with_meta(peak_bytes=max(tw.meta["peak_bytes"], ta.meta["peak_bytes"]))
 
     calib = next((c for c in args.calibration if c in MODEL_CALIBRATIONS), "minmax")
+    evaluation = dict(calib_x=x_cal, rules=(QuantRule(".*", calibration=calib),))
+    model_args = (trained.model, trained.variables, x_eval, y_eval)
     model_table = model_vs_bits(
-        trained.model,
-        trained.variables,
-        x_eval,
-        y_eval,
-        args.bits,
-        calib_x=x_cal,
-        rules=(QuantRule(".*", calibration=calib),),
-        granularities=args.granularity,
-        progress=progress,
+        *model_args, args.bits, granularities=args.granularity, progress=progress, **evaluation
     ).with_meta(model=args.model, data=args.data, **trained.metrics)
+    per_layer = dict(target="weights+acts", granularity=args.granularity[0], **evaluation)
+    sens = sensitivity(*model_args, args.bits, progress=progress, **per_layer)
+    mixed = mixed_precision(
+        *model_args,
+        candidate_bits=args.bits,
+        budget_bytes=math.inf,
+        full_path=True,
+        sensitivity_table=sens,
+        **per_layer,
+    )
+    sens_bits = min(args.bits, key=lambda b: (abs(b - 4), b))
 
     print(tensors.where(granularity=args.granularity[0]).format())
     print()
@@ -219,6 +233,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
         tensors.to_json(str(staging / "tensors.json"))
         model_table.to_csv(str(staging / "model.csv"))
         model_table.to_json(str(staging / "model.json"))
+        for name, table in (("sensitivity", sens), ("mixed_precision", mixed)):
+            table.to_csv(str(staging / f"{name}.csv"))
+            table.to_json(str(staging / f"{name}.json"))
+        plots.sensitivity_bars(sens.where(bits=sens_bits), str(staging / "sensitivity.png"))
+        plots.pareto_front(mixed, str(staging / "pareto_front.png"))
         plots.sqnr_vs_bits(
             tensors.where(calibration=args.calibration[0]),
             str(staging / "sqnr_vs_bits.png"),

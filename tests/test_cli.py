@@ -120,10 +120,16 @@ def test_sweep_end_to_end_tiny(tmp_path):
             "model.json",
             "sqnr_vs_bits.png",
             "accuracy_vs_bits.png",
+            "sensitivity.csv",
+            "sensitivity.json",
+            "sensitivity.png",
+            "mixed_precision.csv",
+            "mixed_precision.json",
+            "pareto_front.png",
         ]
     )
     assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []  # no staging left
-    for png in ("sqnr_vs_bits.png", "accuracy_vs_bits.png"):
+    for png in ("sqnr_vs_bits.png", "accuracy_vs_bits.png", "sensitivity.png", "pareto_front.png"):
         img = matplotlib.image.imread(out_dir / png)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     with open(out_dir / "model.csv") as f:
@@ -140,6 +146,14 @@ def test_sweep_end_to_end_tiny(tmp_path):
         if bits == 8:
             assert value > sqnr[(kind, name, 3)] + 20  # 5 more bits: about 30 dB
     assert "accuracy" in run.stdout and "sqnr_db" in run.stdout
+    sens = json.loads((out_dir / "sensitivity.json").read_text())["rows"]
+    assert sorted({r["bits"] for r in sens}) == [3, 8] and len(sens) == 2 * len(
+        {r["layer"] for r in sens}
+    )
+    mixed = json.loads((out_dir / "mixed_precision.json").read_text())
+    sizes = [r["size_bytes"] for r in mixed["rows"]]
+    # the greedy path: one layer lowered from 8 to 3 bits per step, all widest to all narrowest
+    assert len(sizes) == len(mixed["meta"]["layers"]) + 1 and sizes == sorted(sizes, reverse=True)
 
 
 def test_reproduce_and_bench_commands(capsys):

@@ -159,7 +159,6 @@ def test_greedy_lowers_the_less_sensitive_layer_first(mlp):
     assert (kl["dense1", 4] - kl["dense1", 8]) / 24 > (kl["head", 4] - kl["head", 8]) / 12
 
 
-@pytest.mark.slow  # 9 compiled evaluations
 def test_pareto_method_matches_brute_force(mlp, ptq):
     model, variables, x, y = mlp
     budget = 90.0

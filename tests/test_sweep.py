@@ -1,13 +1,16 @@
 """Tests of jquant.sweep: the results table, error_vs_bits, sharding over bits, plots."""
 
 import csv
+import functools
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -311,6 +314,7 @@ def test_model_vs_bits_and_sensitivity_match_numpy_quantized_kernels():
     assert t.column("target") == ["float", "weights"] and t.column("bits") == [32, 3]
     want_sqnr, logits = _logit_sqnr(model, variables, x, {"dense1", "head"}, 3)
     row = t.to_dicts()[1]
+    assert t.meta["peak_bytes"] > 0
     np.testing.assert_allclose(row["sqnr_db"], want_sqnr, atol=0.02)
     assert row["accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == y), abs=1e-6)
 
@@ -324,3 +328,46 @@ def test_model_vs_bits_and_sensitivity_match_numpy_quantized_kernels():
         want_w = 10 * np.log10(np.sum(kernel.astype(float) ** 2) / np.sum(err**2))
         np.testing.assert_allclose(r["weight_sqnr_db"], want_w, atol=1e-3)
         assert r["accuracy_drop"] == pytest.approx(s.meta["float_accuracy"] - r["accuracy"])
+
+
+class _CountingNet(nn.Module):
+    """Conv -> relu -> Dense; counts how often it is traced (test-only bookkeeping)."""
+
+    traces = [0]
+
+    @nn.compact
+    def __call__(self, x):
+        self.traces[0] += 1
+        x = nn.relu(nn.Conv(4, (3,), name="conv")(x))
+        return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_model_sweep_is_one_program_equal_to_static_widths(caplog):
+    from jquant.nn.rules import QuantRule
+    from jquant.sweep.model_vs_bits import PTQ, logits_vs_bits, score, uniform_rules
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(40, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    model = _CountingNet()
+    variables = model.init(jax.random.key(1), jnp.asarray(x[:1]))
+    rules = (QuantRule(".*", calibration="percentile"),)
+    ptq = PTQ.calibrated(model, variables, x, rules, batch_size=16)  # 3 batches, last padded
+    ref = ptq.logits(None, x)
+    static = {}
+    for b in (2, 8):  # the oracle: one static-width program per width
+        before = _CountingNet.traces[0]
+        static[b] = ptq.logits(uniform_rules(rules, "weights+acts", "per_channel", b), x)
+        one_width = _CountingNet.traces[0] - before
+    rules_at = functools.partial(uniform_rules, rules, "weights+acts", "per_channel")
+    before = _CountingNet.traces[0]
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        swept, peak = logits_vs_bits(ptq, rules_at, np.arange(2, 9), x)
+    compiles = [r for r in caplog.messages if "compilation of jit(_sweep_body)" in r]
+    # seven widths are traced like a single width, and compiled once (host transfers aside)
+    assert _CountingNet.traces[0] - before == one_width and len(compiles) == 1
+    assert swept.shape == (7, 40, 3) and peak > 0
+    for b, want in static.items():
+        np.testing.assert_allclose(swept[b - 2], want, rtol=1e-5, atol=1e-5)
+        assert score(swept[b - 2], y, ref) == pytest.approx(score(want, y, ref), rel=1e-4)
+        assert score(swept[b - 2], y, ref)["accuracy"] == score(want, y, ref)["accuracy"]

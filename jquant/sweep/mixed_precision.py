@@ -20,19 +20,20 @@ Two ways to choose the widths ``b_L`` from ``candidate_bits``:
   (``len(candidate_bits) ** len(layers)``, at most ``max_configs``).
 
 Each configuration is evaluated jointly (all layers at their widths, through the Flax rules)
-for accuracy, loss, KL and logit SQNR. The chosen configuration is, for ``"greedy"``, the
-first point of the path that fits the budget, and for ``"pareto"`` the most accurate
-assignment that fits (ties: the smaller, then the earlier).
+for accuracy, loss, KL and logit SQNR; all configurations are one compiled program mapped over
+a traced ``(configs, layers)`` array of widths (:func:`~jquant.sweep.model_vs_bits.logits_vs_bits`).
+The chosen configuration is, for ``"greedy"``, the first point of the path that fits the
+budget, and for ``"pareto"`` the most accurate assignment that fits (ties: the smaller, then
+the earlier).
 :func:`jquant.sweep.plots.pareto_front` draws the table.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import itertools
 import math
 import numbers
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,8 +42,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jquant.nn.rules import GRANULARITIES, QuantRule, first_match
-from jquant.sweep.model_vs_bits import PTQ, _check_data, score, with_bits
+from jquant.nn.rules import GRANULARITIES, QuantRule
+from jquant.sweep.model_vs_bits import PTQ, _check_data, layer_rules, logits_vs_bits, score
 from jquant.sweep.plots import pareto_mask
 from jquant.sweep.results import Table
 from jquant.sweep.sensitivity import layer_paths, sensitivity
@@ -95,19 +96,6 @@ def _check_budget(budget_bytes: Any, budget_fraction: Any, float_bytes: float) -
     if not value > 0:  # also catches NaN
         raise ValueError(f"{name} must be > 0 (inf allowed), got {value!r}")
     return float(value) if name == "budget_bytes" else float(value) * float_bytes
-
-
-def _joint_rules(
-    rules: Sequence[QuantRule], layer_bits: Mapping[str, int], target: str, granularity: str
-) -> tuple[QuantRule, ...]:
-    """One exact-path rule per layer with its width, in front of the base ``rules``."""
-    own = tuple(
-        with_bits(
-            dataclasses.replace(first_match(rules, p), pattern=re.escape(p)), b, target, granularity
-        )
-        for p, b in layer_bits.items()
-    )
-    return (*own, *rules)
 
 
 def _costs(
@@ -176,6 +164,8 @@ def mixed_precision(
     ptq: PTQ | None = None,
     batch_size: int = 512,
     progress: bool = False,
+    chunk_size: int | None = None,
+    mesh=None,
 ) -> Table:
     """Per-layer widths under a size budget, with the accuracy of each configuration explored.
 
@@ -200,15 +190,16 @@ def mixed_precision(
         and ``granularity`` (reused, e.g. across budgets; default: computed here).
       ptq: ``PTQ.calibrated(model, variables, calib_x, rules)``, reused instead of
         calibrating again (calibration compiles the most; pass the same model and variables).
-      batch_size, progress: as in :func:`jquant.sweep.model_vs_bits`.
+      batch_size, progress, chunk_size, mesh: as in :func:`jquant.sweep.model_vs_bits`
+        (``chunk_size``: configurations vmapped at once).
 
     Returns:
       Table, one row per configuration explored (in order): ``step, changed, bits/<layer>...,
       size_bytes, accuracy, loss, kl, sqnr_db, fits, pareto, chosen``. ``changed`` is the layer
       the greedy step lowered; ``fits``: ``size_bytes <= budget``; ``pareto``: not dominated in
       (size, accuracy) among the rows. ``meta``: ``method, budget_bytes, float_bytes,
-      float_accuracy, layers, chosen_bits, chosen_size_bytes, chosen_accuracy`` and, for greedy,
-      ``sensitivity`` (the per-layer table's rows).
+      float_accuracy, layers, chosen_bits, chosen_size_bytes, chosen_accuracy, peak_bytes``
+      and, for greedy, ``sensitivity`` (the per-layer table's rows).
 
     Raises:
       ValueError: a bad budget (not one of the two, not > 0, or below the size with every
@@ -283,13 +274,18 @@ def mixed_precision(
         raise ValueError(f"ptq must be a PTQ of this model (PTQ.calibrated), got {ptq!r}")
     ref = ptq.logits(None, x)
     float_accuracy = score(ref, y, ref)["accuracy"]
+    rules_at = functools.partial(
+        layer_rules, tuple(rules), tuple(layers), target, granularity, tuple(rules)
+    )
+    table = np.array([[layer_bits[p] for p in layers] for layer_bits, _ in configs], np.int32)
+    all_logits, peak = logits_vs_bits(ptq, rules_at, table, x, chunk_size=chunk_size, mesh=mesh)
+    evaluated = zip(configs, all_logits, strict=True)
     if progress:
         from tqdm.auto import tqdm
 
-        configs = tqdm(configs, desc="mixed_precision", unit="config")
+        evaluated = tqdm(evaluated, total=len(configs), desc="mixed_precision", unit="config")
     rows = []
-    for step, (layer_bits, changed) in enumerate(configs):
-        logits = ptq.logits(_joint_rules(rules, layer_bits, target, granularity), x)
+    for step, ((layer_bits, changed), logits) in enumerate(evaluated):
         size = model_size_bytes(variables, layer_bits)
         rows.append(
             {
@@ -326,4 +322,5 @@ def mixed_precision(
         chosen_bits=chosen,
         chosen_size_bytes=rows[best]["size_bytes"],
         chosen_accuracy=rows[best]["accuracy"],
+        peak_bytes=peak,
     )

@@ -7,21 +7,26 @@ Post-training quantization through the rules of :mod:`jquant.nn` (``quantize_mod
 2. for each configuration (width ``b``, weight granularity, what is quantized), every rule
    gets ``IntFormat(b)`` for its weights and/or activations, each layer's input QParams are
    recomputed from its observer state for that format (``observer.result(state, fmt)``), and
-   the model is evaluated in the ``eval`` phase::
+   the model is evaluated in the ``eval`` phase (``mode="simulate"``)::
 
        accuracy = mean(argmax(logits_q) == y)
        loss     = mean cross-entropy(logits_q, y)
        kl       = mean KL(softmax(logits_float) || softmax(logits_q))
        sqnr_db  = 10 log10(sum logits_float^2 / sum (logits_float - logits_q)^2)
 
-``jquant.ops.QuantConfig`` keeps ``bits`` static (it selects int8 kernels), so each
-configuration is its own compiled program here; tensor sweeps
-(:func:`jquant.sweep.error_vs_bits`) trace the width instead.
+The width is traced: for each (target, granularity) one compiled program evaluates every width
+(:class:`QuantizedLogits` through :func:`jquant.sweep.sharding.map_over_bits`: ``chunk_size``
+widths vmapped at a time, sharded over a ``mesh``); inside it the data run in batches of
+``batch_size`` (``lax.map``), so memory is about ``chunk_size`` batches' activations.
+Every calibration method supports traced widths; ``"mse"`` picks its clip by a search whose
+float rounding may differ by an ulp from the static-width program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,12 +40,21 @@ from flax import traverse_util
 from jquant import metrics
 from jquant.formats import IntFormat
 from jquant.nn.linen import QuantizedModel, quantize_model
-from jquant.nn.rules import GRANULARITIES, QuantRule
+from jquant.nn.rules import GRANULARITIES, QuantRule, first_match
 from jquant.nn.state import STATS, make_observer, qparams_to_dict
 from jquant.sweep.results import Table
-from jquant.sweep.sharding import check_bits_list
+from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes
 
-__all__ = ["TARGETS", "PTQ", "model_vs_bits", "with_bits"]
+__all__ = [
+    "TARGETS",
+    "PTQ",
+    "QuantizedLogits",
+    "layer_rules",
+    "logits_vs_bits",
+    "model_vs_bits",
+    "uniform_rules",
+    "with_bits",
+]
 
 TARGETS = ("weights+acts", "weights", "acts")
 FLOAT_BITS = 32
@@ -51,7 +65,8 @@ def with_bits(
 ) -> QuantRule:
     """``rule`` with ``IntFormat(bits)`` on what ``target`` names and float on the rest.
 
-    ``bits=None`` leaves the rule's formats as they are; ``keep_float`` rules pass through.
+    ``bits`` may be traced (a sweep inside ``jit`` / ``vmap``); ``bits=None`` leaves the rule's
+    formats as they are; ``keep_float`` rules pass through.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -64,6 +79,35 @@ def with_bits(
         changes["weight"] = IntFormat(bits) if target != "acts" else None
         changes["act"] = IntFormat(bits) if target != "weights" else None
     return dataclasses.replace(rule, **changes)
+
+
+def uniform_rules(
+    rules: Sequence[QuantRule], target: str, granularity: str | None, bits
+) -> tuple[QuantRule, ...]:
+    """Every rule at width ``bits`` (a scalar, possibly traced) on ``target``."""
+    return tuple(with_bits(r, bits, target, granularity) for r in rules)
+
+
+def layer_rules(
+    rules: Sequence[QuantRule],
+    layers: Sequence[str],
+    target: str,
+    granularity: str | None,
+    tail: Sequence[QuantRule],
+    bits,
+) -> tuple[QuantRule, ...]:
+    """One exact-path rule per layer, ``layers[i]`` at width ``bits[i]`` (possibly traced;
+    the rule is a copy of the one of ``rules`` that matches it), in front of ``tail``."""
+    own = tuple(
+        with_bits(
+            dataclasses.replace(first_match(rules, p), pattern=re.escape(p)),
+            bits[i],
+            target,
+            granularity,
+        )
+        for i, p in enumerate(layers)
+    )
+    return (*own, *tail)
 
 
 def _batches(x, batch_size: int):
@@ -113,21 +157,7 @@ class PTQ:
 
     def quantized(self, rules: Sequence[QuantRule]) -> tuple[QuantizedModel, dict[str, Any]]:
         """The eval-phase model for ``rules`` and variables whose input QParams match them."""
-        qm, match = quantize_model(self.model, tuple(rules), self.example, on_unused="ignore")
-        stats = traverse_util.flatten_dict(dict(self.variables.get(STATS, {})), sep="/")
-        for path, rule in match.assignment.items():
-            cfg = None if rule is None else rule.act_config()
-            key = f"{path}/input_observer"
-            if cfg is None or key not in stats:
-                continue
-            qp = make_observer(rule.calibration).result(
-                stats[key], cfg.fmt, symmetric=cfg.symmetric
-            )
-            for name, value in qparams_to_dict(qp).items():
-                old = stats[f"{path}/input_qparams/{name}"]
-                stats[f"{path}/input_qparams/{name}"] = jnp.reshape(value, jnp.shape(old))
-        variables = {**self.variables, STATS: traverse_util.unflatten_dict(stats, sep="/")}
-        return qm.with_phase("eval"), variables
+        return _eval_model(self.model, self.example, self.variables, rules)
 
     def logits(self, rules: Sequence[QuantRule] | None, x: jax.Array) -> jax.Array:
         """Logits of ``x`` with ``rules`` applied (None: the float model)."""
@@ -139,6 +169,66 @@ class PTQ:
             fn = jax.jit(lambda v, xb: qm.apply(v, xb))
         parts, n = _batches(x, self.batch_size)
         return np.concatenate([np.asarray(fn(variables, xb)) for xb in parts])[:n]
+
+
+def _eval_model(
+    model: nn.Module, example, variables: Mapping[str, Any], rules: Sequence[QuantRule]
+) -> tuple[QuantizedModel, dict[str, Any]]:
+    """:meth:`PTQ.quantized` on any variables; traceable (rules may carry traced widths)."""
+    qm, match = quantize_model(model, tuple(rules), example, on_unused="ignore")
+    stats = traverse_util.flatten_dict(dict(variables.get(STATS, {})), sep="/")
+    for path, rule in match.assignment.items():
+        cfg = None if rule is None else rule.act_config()
+        key = f"{path}/input_observer"
+        if cfg is None or key not in stats:
+            continue
+        qp = make_observer(rule.calibration).result(stats[key], cfg.fmt, symmetric=cfg.symmetric)
+        for name, value in qparams_to_dict(qp).items():
+            old = stats[f"{path}/input_qparams/{name}"]
+            stats[f"{path}/input_qparams/{name}"] = jnp.reshape(value, jnp.shape(old))
+    variables = {**variables, STATS: traverse_util.unflatten_dict(stats, sep="/")}
+    return qm.with_phase("eval"), variables
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedLogits:
+    """``fn(bits, variables, batches)`` for :func:`~jquant.sweep.sharding.map_over_bits`: the
+    logits of every batch (``batches``: ``(n_batches, batch, ...)``) in the eval phase under
+    ``rules_at(bits)``, with input QParams recomputed from the observers for those formats.
+
+    Compared by identity: one instance is one compiled program, whatever the widths.
+    """
+
+    model: nn.Module
+    example: np.ndarray
+    rules_at: Callable[[jax.Array], Sequence[QuantRule]]
+
+    def __call__(self, bits: jax.Array, variables: Mapping[str, Any], batches: jax.Array):
+        qm, v = _eval_model(self.model, self.example, variables, self.rules_at(bits))
+        return jax.lax.map(lambda xb: qm.apply(v, xb), batches)
+
+
+def logits_vs_bits(
+    ptq: PTQ,
+    rules_at: Callable[[jax.Array], Sequence[QuantRule]],
+    bits: np.ndarray,
+    x: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    mesh=None,
+) -> tuple[np.ndarray, int]:
+    """Logits of ``x`` under ``rules_at(b)`` for every ``b`` in ``bits`` (widths ``(n,)`` or
+    rows of widths ``(n, k)``), in one compiled program; and its peak memory in bytes.
+
+    Returns:
+      ``(logits of shape (n, len(x), classes), peak_bytes)``.
+    """
+    fn = QuantizedLogits(ptq.model, ptq.example, rules_at)
+    parts, n = _batches(x, ptq.batch_size)
+    args = (ptq.variables, np.stack(parts))
+    out = map_over_bits(fn, bits, args, chunk_size=chunk_size, mesh=mesh)
+    peak = peak_bytes(fn, bits, args, chunk_size=chunk_size, mesh=mesh)
+    return out.reshape(out.shape[0], -1, *out.shape[3:])[:, :n], peak
 
 
 @jax.jit
@@ -176,6 +266,8 @@ def model_vs_bits(
     targets: str | Sequence[str] = ("weights+acts",),
     batch_size: int = 512,
     progress: bool = False,
+    chunk_size: int | None = None,
+    mesh=None,
 ) -> Table:
     """Accuracy, loss, KL and logit SQNR of a PTQ model at each width (see module docstring).
 
@@ -188,11 +280,14 @@ def model_vs_bits(
       granularities: weight granularities, ``"per_channel"`` and/or ``"per_tensor"``.
       targets: what is quantized: ``"weights+acts"``, ``"weights"``, ``"acts"``.
       batch_size: evaluation batch (the last is padded, so each program compiles once).
-      progress: tqdm progress bar over configurations.
+      progress: tqdm progress bar over the (target, granularity) programs.
+      chunk_size: widths vmapped at once (memory ~ chunk_size batches); None: all at once.
+      mesh: ``jquant.sweep.sharding.bits_mesh()`` to shard the widths over devices.
 
     Returns:
       Table with columns ``target, granularity, bits, accuracy, loss, kl, sqnr_db``; the first
-      row is the float model (``target="float"``, ``bits=32``).
+      row is the float model (``target="float"``, ``bits=32``). ``meta["peak_bytes"]``: the
+      largest sweep program's memory high-water mark (XLA's analysis).
     """
     widths = check_bits_list(bits)
     x, y = _check_data(x, y)
@@ -209,12 +304,16 @@ def model_vs_bits(
     )
     ref = ptq.logits(None, x)
     rows = [{"target": "float", "granularity": "", "bits": FLOAT_BITS, **score(ref, y, ref)}]
-    configs = [(t, g, int(b)) for t in tgts for g in grans for b in widths]
+    programs = [(t, g) for t in tgts for g in grans]
     if progress:
         from tqdm.auto import tqdm
 
-        configs = tqdm(configs, desc="model_vs_bits", unit="config")
-    for t, g, b in configs:
-        logits = ptq.logits([with_bits(r, b, t, g) for r in rules], x)
-        rows.append({"target": t, "granularity": g, "bits": b, **score(logits, y, ref)})
-    return Table.from_dicts(rows)
+        programs = tqdm(programs, desc="model_vs_bits", unit="program")
+    peak = 0
+    for t, g in programs:
+        rules_at = functools.partial(uniform_rules, tuple(rules), t, g)
+        logits, p = logits_vs_bits(ptq, rules_at, widths, x, chunk_size=chunk_size, mesh=mesh)
+        peak = max(peak, p)
+        for b, z in zip(widths, logits, strict=True):
+            rows.append({"target": t, "granularity": g, "bits": int(b), **score(z, y, ref)})
+    return Table.from_dicts(rows).with_meta(peak_bytes=peak)

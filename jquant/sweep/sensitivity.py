@@ -8,12 +8,14 @@ For each quantized layer ``L`` (a Dense / Conv path matched by the rules) and wi
     weight_sqnr_db: SQNR of L's kernel alone under the same weight quantizer
 
 Layers with the largest drop (lowest SQNR) deserve the most bits (see mixed precision).
+
+Each layer is one compiled program that evaluates every width (traced ``bits``, as in
+:func:`jquant.sweep.model_vs_bits`); the kernel SQNRs are one program per kernel shape.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,13 +24,19 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jquant import metrics
 from jquant.nn.linen import quantize_model
 from jquant.nn.rules import QuantRule, first_match
-from jquant.sweep.error_vs_bits import QuantSpec, fake_quant_tensor
-from jquant.sweep.model_vs_bits import PTQ, TARGETS, _check_data, score, with_bits
+from jquant.sweep.error_vs_bits import QuantSpec
+from jquant.sweep.model_vs_bits import (
+    PTQ,
+    TARGETS,
+    _check_data,
+    layer_rules,
+    logits_vs_bits,
+    score,
+)
 from jquant.sweep.results import Table
-from jquant.sweep.sharding import check_bits_list
+from jquant.sweep.sharding import check_bits_list, map_over_bits
 
 __all__ = ["layer_paths", "sensitivity"]
 
@@ -52,6 +60,8 @@ def sensitivity(
     granularity: str = "per_channel",
     batch_size: int = 512,
     progress: bool = False,
+    chunk_size: int | None = None,
+    mesh=None,
 ) -> Table:
     """Accuracy drop and SQNR when only one layer is quantized, for every layer and width.
 
@@ -60,11 +70,13 @@ def sensitivity(
       x, y: evaluation inputs and labels; ``calib_x``: calibration inputs (default ``x``).
       bits: one width or several.
       rules: base rules (which layers count, calibration); ``target`` and ``granularity``
-        as in :func:`jquant.sweep.model_vs_bits`.
+        as in :func:`jquant.sweep.model_vs_bits`; so are ``batch_size``, ``progress`` (over
+        layers), ``chunk_size`` and ``mesh``.
 
     Returns:
       Table ``layer, bits, params, accuracy, accuracy_drop, loss, kl, sqnr_db,
-      weight_sqnr_db`` (one row per layer and width).
+      weight_sqnr_db`` (one row per layer and width); ``meta``: ``float_accuracy`` and
+      ``peak_bytes`` (the largest sweep program's memory high-water mark).
     """
     widths = check_bits_list(bits)
     if target not in TARGETS:
@@ -76,33 +88,39 @@ def sensitivity(
     ref = ptq.logits(None, x)
     base = score(ref, y, ref)
     kernels = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
-    jobs = [(p, int(b)) for p in layer_paths(model, rules, ptq.example) for b in widths]
+    layers = layer_paths(model, rules, ptq.example)
     if progress:
         from tqdm.auto import tqdm
 
-        jobs = tqdm(jobs, desc="sensitivity", unit="layer")
-    rows = []
-    for path, b in jobs:
-        rule = dataclasses.replace(first_match(rules, path), pattern=re.escape(path))
-        only = (with_bits(rule, b, target, granularity), QuantRule(".*", keep_float=True))
-        s = score(ptq.logits(only, x), y, ref)
+        layers = tqdm(layers, desc="sensitivity", unit="layer")
+    only = (QuantRule(".*", keep_float=True),)
+    rows, peak = [], 0
+    for path in layers:
+        rules_at = functools.partial(layer_rules, tuple(rules), (path,), target, granularity, only)
+        logits, p = logits_vs_bits(
+            ptq, rules_at, widths[:, None], x, chunk_size=chunk_size, mesh=mesh
+        )
+        peak = max(peak, p)
         kernel = jax.numpy.asarray(kernels[f"{path}/kernel"], jax.numpy.float32)
         if target == "acts":
-            w_sqnr = float("inf")
+            w_sqnr = np.full(widths.shape, np.inf)
         else:
+            rule = first_match(rules, path)
             spec = QuantSpec(granularity=granularity, symmetric=rule.weight_symmetric)
-            w_sqnr = float(metrics.sqnr_db(kernel, fake_quant_tensor(kernel, b, spec)))
-        rows.append(
-            {
-                "layer": path,
-                "bits": b,
-                "params": int(np.size(kernel)),
-                "accuracy": s["accuracy"],
-                "accuracy_drop": base["accuracy"] - s["accuracy"],
-                "loss": s["loss"],
-                "kl": s["kl"],
-                "sqnr_db": s["sqnr_db"],
-                "weight_sqnr_db": w_sqnr,
-            }
-        )
-    return Table.from_dicts(rows).with_meta(float_accuracy=base["accuracy"])
+            w_sqnr = map_over_bits(spec, widths, (kernel,), mesh=mesh)["sqnr_db"]
+        for b, z, ws in zip(widths, logits, w_sqnr, strict=True):
+            s = score(z, y, ref)
+            rows.append(
+                {
+                    "layer": path,
+                    "bits": int(b),
+                    "params": int(np.size(kernel)),
+                    "accuracy": s["accuracy"],
+                    "accuracy_drop": base["accuracy"] - s["accuracy"],
+                    "loss": s["loss"],
+                    "kl": s["kl"],
+                    "sqnr_db": s["sqnr_db"],
+                    "weight_sqnr_db": float(ws),
+                }
+            )
+    return Table.from_dicts(rows).with_meta(float_accuracy=base["accuracy"], peak_bytes=peak)

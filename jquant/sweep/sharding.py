@@ -59,6 +59,15 @@ def check_bits_list(bits: Any, name: str = "bits") -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _check_bits_rows(bits: Any) -> np.ndarray:
+    """Widths of shape ``(n,)`` (one per evaluation) or ``(n, k)`` (a row of ``k`` per
+    evaluation, e.g. one per layer), each in ``[MIN_BITS, MAX_BITS]``, as int32."""
+    arr = np.asarray(bits)
+    if arr.ndim == 2 and arr.shape[0] > 0 and arr.shape[1] > 0:
+        return check_bits_list(arr.reshape(-1)).reshape(arr.shape)
+    return check_bits_list(bits)
+
+
 def _local_sweep(fn: Callable, batch_size: int | None, bits: jax.Array, args: Any) -> Any:
     size = bits.shape[0]
     batch = size if batch_size is None else min(batch_size, size)
@@ -84,18 +93,18 @@ def _shardings(mesh: Mesh, args: Any):
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(fn: Callable, batch_size: int | None, mesh: Mesh | None, n_bits: int, abstract):
+def _compiled(fn: Callable, batch_size: int | None, mesh: Mesh | None, bits_shape: tuple, abstract):
     """The compiled sweep for one (fn, chunking, mesh, input shapes); compiled once, reused."""
     treedef, avals = abstract
     args = jax.tree_util.tree_unflatten(treedef, avals)
     body = functools.partial(_sweep_body, fn, batch_size, mesh)
     jitted = jax.jit(body) if mesh is None else jax.jit(body, in_shardings=_shardings(mesh, args))
-    return jitted.lower(jax.ShapeDtypeStruct((n_bits,), jnp.int32), args).compile()
+    return jitted.lower(jax.ShapeDtypeStruct(bits_shape, jnp.int32), args).compile()
 
 
 def _prepare(fn, bits, args, chunk_size, mesh):
     """Validated widths, padded widths and args on their devices, and the compiled program."""
-    bits = check_bits_list(bits)
+    bits = _check_bits_rows(bits)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -106,12 +115,13 @@ def _prepare(fn, bits, args, chunk_size, mesh):
         raise ValueError(f"mesh must have the single axis {BITS_AXIS!r}, got {mesh.axis_names}")
     mesh = None if mesh is None or mesh.size == 1 else mesh
     n_dev = 1 if mesh is None else mesh.size
-    padded = math.ceil(bits.size / n_dev) * n_dev
-    bits_p = jnp.asarray(np.concatenate([bits, np.full(padded - bits.size, bits[-1], np.int32)]))
+    n = bits.shape[0]
+    padded = math.ceil(n / n_dev) * n_dev
+    bits_p = jnp.asarray(np.concatenate([bits, np.repeat(bits[-1:], padded - n, axis=0)]))
     args = jax.tree_util.tree_map(jnp.asarray, args)
     leaves, treedef = jax.tree_util.tree_flatten(args)
     abstract = (treedef, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves))
-    compiled = _compiled(fn, chunk_size, mesh, padded, abstract)
+    compiled = _compiled(fn, chunk_size, mesh, bits_p.shape, abstract)
     if mesh is not None:
         bits_p, args = jax.device_put((bits_p, args), _shardings(mesh, args))
     return bits, bits_p, args, compiled
@@ -128,8 +138,10 @@ def map_over_bits(
     """``[fn(b, *args) for b in bits]`` stacked along a new leading axis, in one program.
 
     Args:
-      fn: ``fn(bits, *args) -> pytree of arrays``; ``bits`` is a traced int32 scalar.
-      bits: widths in ``[2, 16]``.
+      fn: ``fn(bits, *args) -> pytree of arrays``; ``bits`` is a traced int32 scalar (or a
+        row of ``k`` widths when ``bits`` is two-dimensional).
+      bits: widths in ``[2, 16]``, shape ``(n,)``, or ``(n, k)`` for ``n`` evaluations that
+        each take ``k`` widths (e.g. one per layer, for mixed precision).
       args: tuple (pytree) of arrays, the same for every width (replicated over devices).
       chunk_size: widths vmapped at once on each device (memory ~ chunk_size single widths);
         None vmaps all of a device's widths at once.
@@ -144,7 +156,7 @@ def map_over_bits(
     """
     bits, bits_p, args, compiled = _prepare(fn, bits, args, chunk_size, mesh)
     out = compiled(bits_p, args)
-    return jax.tree_util.tree_map(lambda o: np.asarray(o)[: bits.size], out)
+    return jax.tree_util.tree_map(lambda o: np.asarray(o)[: bits.shape[0]], out)
 
 
 def peak_bytes(
