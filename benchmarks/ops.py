@@ -1,9 +1,15 @@
 """Benchmark of jquant.ops: float vs ``simulate`` vs ``int`` conv and dense on this machine.
 
-Cases: 3x3 conv (batch 32, 32x32, 64 -> 64 channels, SAME, NHWC) and dense (batch 256,
-1024 -> 1024), forward and forward+backward (gradients w.r.t. both operands). Quantization:
-activations affine int8 per tensor (``--lhs symmetric`` for symmetric), weights symmetric int8
-per output channel, ranges computed from the tensors (dynamic).
+Cases: 3x3 conv (batch 32, 32x32, 64 -> 64 channels, SAME, NHWC), dense (batch 256,
+1024 -> 1024) and the MNIST-1D CNN's 1-D conv (batch 128, 20 steps, 32 -> 32, width 5, NWC),
+forward and forward+backward (gradients w.r.t. both operands). Quantization: activations affine
+int8 per tensor (``--lhs symmetric`` for symmetric), weights symmetric int8 per output channel,
+ranges computed from the tensors (dynamic). Forward only, two more variants:
+
+- ``int_static``: ``int`` with the activation QParams computed ahead of time (calibrated, as
+  deployed), so no min/max pass;
+- ``lax_int8``: the bare ``lax`` int8 x int8 -> int32 product on ready-made codes: the floor
+  that XLA sets for ``int`` on this machine (no quantize, no rescale).
 
 Each variant is jitted and warmed up, then the variants of one case run in interleaved rounds
 (so machine load hits all alike); the table reports medians and ratios to float, and the JSON
@@ -29,8 +35,9 @@ import numpy as np
 from jax import lax
 
 from jquant import ops
+from jquant.quant import quantize
 
-NHWC = ("NHWC", "HWIO", "NHWC")
+CONV_DN = {"conv": ("NHWC", "HWIO", "NHWC"), "conv1d": ("NWC", "WIO", "NWC")}
 DENSE_DN = (((1,), (0,)), ((), ()))
 TARGETS = {
     ("conv", "fwd+bwd", "simulate"): 1.15,
@@ -39,29 +46,36 @@ TARGETS = {
 }
 
 
-def _product(op: str, mode: str | None, lhs_quant, rhs_quant):
-    """``f(x, w)`` for one op; ``mode=None`` is the float lax op."""
-    if op == "conv":
-        if mode is None:
+def _product(op: str, mode: str | None, lhs_quant, rhs_quant, lhs_qparams=None):
+    """``f(x, w)`` for one op; ``mode=None`` is the float lax op, ``mode="lax_int8"`` the bare
+    int8 x int8 -> int32 lax op on codes (XLA's floor for ``int``)."""
+    if op in CONV_DN:
+        dn = CONV_DN[op]
+        strides = (1,) * (len(dn[0]) - 2)
+        if mode in (None, "lax_int8"):
+            pet = None if mode is None else jnp.int32
             return lambda x, w: lax.conv_general_dilated(
-                x, w, (1, 1), "SAME", dimension_numbers=NHWC
+                x, w, strides, "SAME", dimension_numbers=dn, preferred_element_type=pet
             )
         return functools.partial(
             ops.conv_general_dilated,
-            window_strides=(1, 1),
+            window_strides=strides,
             padding="SAME",
-            dimension_numbers=NHWC,
+            dimension_numbers=dn,
             lhs_quant=lhs_quant,
             rhs_quant=rhs_quant,
+            lhs_qparams=lhs_qparams,
             mode=mode,
         )
-    if mode is None:
-        return lambda x, w: lax.dot_general(x, w, DENSE_DN)
+    if mode in (None, "lax_int8"):
+        pet = None if mode is None else jnp.int32
+        return lambda x, w: lax.dot_general(x, w, DENSE_DN, preferred_element_type=pet)
     return functools.partial(
         ops.dot_general,
         dimension_numbers=DENSE_DN,
         lhs_quant=lhs_quant,
         rhs_quant=rhs_quant,
+        lhs_qparams=lhs_qparams,
         mode=mode,
     )
 
@@ -73,15 +87,15 @@ def _compiled(f, passes: str):
     return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
 
 
-def _time_rounds(fns: dict, args, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():  # compile and warm up
+def _time_rounds(fns: dict, args: dict, rounds: int) -> dict[str, list[float]]:
+    for name, fn in fns.items():  # compile and warm up
         for _ in range(2):
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(fn(*args[name]))
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(fn(*args[name]))
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -103,16 +117,28 @@ def main() -> None:
     shapes = {
         "conv": (jax.random.normal(keys[0], (32, 32, 32, 64)), (3, 3, 64, 64)),
         "dense": (jax.random.normal(keys[1], (256, 1024)), (1024, 1024)),
+        # the MNIST-1D CNN's second layer
+        "conv1d": (jax.random.normal(keys[3], (128, 20, 32)), (5, 32, 32)),
     }
     rows = []
     for op, (x, w_shape) in shapes.items():
         w = jax.random.normal(keys[2], w_shape) / np.sqrt(np.prod(w_shape[:-1]))
+        static = ops.dynamic_qparams(x, lhs_quant)  # as calibrated once, ahead of time
+        codes = (
+            quantize(x, static, lhs_quant.fmt).astype(jnp.int8),
+            quantize(w, ops.dynamic_qparams(w, rhs_quant), rhs_quant.fmt).astype(jnp.int8),
+        )
         for passes in ("fwd", "fwd+bwd"):
             fns = {
                 str(mode or "float"): _compiled(_product(op, mode, lhs_quant, rhs_quant), passes)
                 for mode in (None, "simulate", "int")
             }
-            times = _time_rounds(fns, (x, w), rounds)
+            inputs = {name: (x, w) for name in fns}
+            if passes == "fwd":
+                fns["int_static"] = jax.jit(_product(op, "int", lhs_quant, rhs_quant, static))
+                fns["lax_int8"] = jax.jit(_product(op, "lax_int8", None, None))
+                inputs |= {"int_static": (x, w), "lax_int8": codes}
+            times = _time_rounds(fns, inputs, rounds)
             base = float(np.median(times["float"]))
             for name, ts in times.items():
                 med = float(np.median(ts))

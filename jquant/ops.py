@@ -522,29 +522,46 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
         return a.reshape(shape)
 
     q_l, z_l = _int8_codes(lhs, qp_l, st.lhs_quant)
-    q_r, _ = _int8_codes(rhs, qp_r, st.rhs_quant)
+    q_r, z_r = _int8_codes(rhs, qp_r, st.rhs_quant)
     int_conv = functools.partial(st.conv, preferred_element_type=jnp.int32, precision=None)
+    groups, n_out = st.feature_group_count, rhs.shape[rhs_spec[0]]
+
+    def window_sums(q):  # sum of q over each window and input group, per output channel
+        ones = jnp.ones((*rhs.shape[:-1], groups), jnp.int8)  # channels last: HWIO
+        return jnp.repeat(int_conv(q, ones), n_out // groups, axis=out_spec[1])
+
+    z_r = None if z_r is None else along(z_r, rhs.ndim, rhs_spec[0], out_spec[1])
     lhs_dilated = st.lhs_dilation is not None and any(d != 1 for d in st.lhs_dilation)
     if z_l is None:
         acc = int_conv(q_l, q_r)
+        if z_r is not None:
+            acc = acc - z_r * window_sums(q_l)
     elif z_l.size == 1 and not lhs_dilated:
         # Real padding is 0, i.e. the code z_l: pad the codes with z_l, then every window is
-        # full and the correction is z_l * (sum of each output channel's kernel).
+        # full and sum (q_l - z_l)(q_r - z_r) expands over the K taps of a window.
         pads = _explicit_pads(st, lhs.shape, rhs.shape)
         config = [(0, 0, 0)] * lhs.ndim
         for d, (lo, hi) in zip(lhs_spec[2:], pads, strict=True):
             config[d] = (lo, hi, 0)
         z8 = z_l.reshape(()).astype(jnp.int8)
-        acc = int_conv(lax.pad(q_l, z8, config), q_r, padding=[(0, 0)] * len(pads))
+        q_l = lax.pad(q_l, z8, config)
+        int_conv = functools.partial(int_conv, padding=[(0, 0)] * len(pads))
+        acc = int_conv(q_l, q_r)
         kernel_sum = jnp.sum(q_r, tuple(d for d in range(rhs.ndim) if d != rhs_spec[0]), jnp.int32)
         acc = acc - z_l.reshape(()) * along(kernel_sum, 1, 0, out_spec[1])
+        if z_r is not None:
+            k = int(np.prod(rhs.shape)) // n_out
+            acc = acc - z_r * (window_sums(q_l) - k * z_l.reshape(()))
     else:
-        # Per-sample zero points or input dilation: the correction counts, per output position,
-        # the kernel taps that hit real (not padded, not inserted) inputs: a conv of ones.
+        # Per-sample zero points or input dilation: the corrections count, per output position,
+        # only the kernel taps that hit real (not padded, not inserted) inputs: convs of ones.
         ones_shape = list(lhs.shape)
         ones_shape[lhs_spec[0]] = st.batch_group_count
-        taps = int_conv(jnp.ones(ones_shape, jnp.int8), q_r)
-        acc = int_conv(q_l, q_r) - along(z_l, lhs.ndim, lhs_spec[0], out_spec[0]) * taps
+        ones_l = jnp.ones(ones_shape, jnp.int8)
+        z_l = along(z_l, lhs.ndim, lhs_spec[0], out_spec[0])
+        acc = int_conv(q_l, q_r) - z_l * int_conv(ones_l, q_r)
+        if z_r is not None:
+            acc = acc - z_r * (window_sums(q_l) - z_l * window_sums(ones_l))
     scale = along(qp_l.scale, lhs.ndim, lhs_spec[0], out_spec[0]) * along(
         qp_r.scale, rhs.ndim, rhs_spec[0], out_spec[1]
     )
@@ -585,9 +602,12 @@ def conv_general_dilated(
     ``mode="int"`` computes ``s_l s_r conv(q_l - z_l, q_r)`` with int8 codes and an int32
     accumulator. Padding is 0 in the real domain, i.e. the code ``z_l``: the codes are padded
     with ``z_l`` and ``z_l * sum(kernel)`` subtracted (per-sample zero points and input dilation
-    subtract ``z_l * conv(1, q_r)`` instead). It needs both configs, static integer formats of
-    <= 8 bits, an ``rhs`` without zero point (symmetric, signed), ``lhs`` QParams constant
-    except along the batch axis and ``rhs`` QParams constant except along the output features.
+    subtract ``z_l * conv(1, q_r)`` instead). A weight zero point ``z_r`` subtracts
+    ``z_r * (window sums of q_l - z_l * taps)``, the window sums being a conv with an all-ones
+    kernel (one output per feature group). It needs both configs, static integer formats of
+    <= 8 bits, ``lhs`` QParams constant except along the batch axis, ``rhs`` QParams constant
+    except along the output features, and a symmetric signed ``rhs`` if ``batch_group_count >
+    1``.
 
     Arguments are those of ``lax.conv_general_dilated`` plus ``lhs_quant``, ``rhs_quant``,
     ``lhs_qparams``, ``rhs_qparams`` and ``mode`` as in :func:`dot_general`. Gradients in
@@ -627,10 +647,10 @@ def conv_general_dilated(
     if mode == "int":
         _check_int_config("lhs", lhs_quant)
         _check_int_config("rhs", rhs_quant)
-        if _has_zero_point(rhs_quant):
+        if _has_zero_point(rhs_quant) and batch_group_count != 1:
             raise ValueError(
-                f"mode='int' conv needs rhs (weights) without zero point: rhs_quant must be "
-                f"symmetric with a signed format, got {rhs_quant}"
+                f"mode='int' conv with batch_group_count={batch_group_count} needs rhs "
+                f"(weights) without zero point: symmetric with a signed format, got {rhs_quant}"
             )
         _out_dtype(lhs, rhs, preferred_element_type)
     qp_l = _given_qparams("lhs", lhs, lhs_quant, lhs_qparams)

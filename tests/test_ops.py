@@ -351,6 +351,28 @@ CONV_CASES = {
         QuantConfig(symmetric=False, axis=0),
         PER_CHANNEL_LAST,
     ),
+    # weight zero points: every correction term of sum (q_l - z_l)(q_r - z_r)
+    "affine_weights_grouped": (
+        (2, 6, 6, 4),
+        (3, 3, 2, 6),
+        dict(padding="SAME", feature_group_count=2, window_strides=(2, 1)),
+        AFFINE,
+        QuantConfig(symmetric=False, axis=3),
+    ),
+    "affine_weights_per_sample_dilated": (
+        (3, 5, 5, 2),
+        (3, 3, 2, 3),
+        dict(padding=((2, 2), (1, 2)), lhs_dilation=(2, 2)),
+        QuantConfig(symmetric=False, axis=0),
+        QuantConfig(fmt=jq.uint8, symmetric=False, axis=3),
+    ),
+    "sym_lhs_affine_weights_1d": (
+        (3, 13, 4),
+        (3, 4, 5),
+        dict(padding="SAME", window_strides=(1,), dimension_numbers=("NWC", "WIO", "NWC")),
+        SYM,
+        QuantConfig(symmetric=False),
+    ),
     "uint8_lhs_nchw": (
         (2, 3, 6, 6),
         (4, 3, 3, 3),
@@ -423,31 +445,37 @@ def test_simulate_conv_is_lax_conv_of_numpy_fake_quant_and_ste_gradient():
         (dict(padding=((1, 1), (1, 1)), feature_group_count=2), 2),
     ],
 )
-def test_conv_int_equals_onnxruntime_conv_integer(kw, group):
-    """int mode == s_l s_r * ConvInteger(q_l - z_l, q_r): ORT pads with the zero point."""
-    lq, rq = QuantConfig(fmt=jq.uint8, symmetric=False), QuantConfig(axis=0)
-    x, w = _normal(17, (2, 4, 7, 6), shift=1.5), _normal(18, (6, 4 // group, 3, 3))
+@pytest.mark.parametrize("weight_zp", [False, True])
+def test_conv_int_equals_onnxruntime_conv_integer(kw, group, weight_zp):
+    """int mode == s_l s_r * ConvInteger(q_l - z_l, q_r - z_r): ORT pads with the zero point."""
+    lq = QuantConfig(fmt=jq.uint8, symmetric=False)
+    rq = QuantConfig(fmt=jq.uint8, symmetric=False) if weight_zp else QuantConfig(axis=0)
+    x, w = _normal(17, (2, 4, 7, 6), shift=1.5), _normal(18, (6, 4 // group, 3, 3), shift=0.3)
     kw = dict(kw, dimension_numbers=("NCHW", "OIHW", "NCHW"))
     qx, qw = _qparams(x, lq), _qparams(w, rq)
     _, cx = _np_fake_quant(x, qx.scale, qx.zero_point, 0, 255)
-    _, cw = _np_fake_quant(w, qw.scale, 0, -128, 127)
+    w_range = (0, 255) if weight_zp else (-128, 127)
+    _, cw = _np_fake_quant(w, qw.scale, qw.zero_point, *w_range)
     assert 0 < float(qx.zero_point.reshape(())) < 255
+    w_zp = np.asarray(qw.zero_point).reshape(-1)[:1]
+    assert not weight_zp or 0 < w_zp[0] < 255
     (t, b), (left, right) = kw["padding"]
     node = helper.make_node(
         "ConvInteger",
-        ["x", "w", "xz"],
+        ["x", "w", "xz", "wz"] if weight_zp else ["x", "w", "xz"],
         ["y"],
         pads=[t, left, b, right],
         strides=list(kw.get("window_strides", (1, 1))),
         dilations=list(kw.get("rhs_dilation", (1, 1))),
         group=group,
     )
-    acc = _ort_run(
-        node,
-        [cx.astype(np.uint8), cw.astype(np.int8), np.array(qx.zero_point, np.uint8).reshape(())],
-        [TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT8],
-        TensorProto.INT32,
-    )
+    w_type = (np.uint8, TensorProto.UINT8) if weight_zp else (np.int8, TensorProto.INT8)
+    x_zp = np.array(qx.zero_point, np.uint8).reshape(())
+    inputs = [cx.astype(np.uint8), cw.astype(w_type[0]), x_zp]
+    types = [TensorProto.UINT8, w_type[1], TensorProto.UINT8]
+    if weight_zp:
+        inputs, types = inputs + [w_zp.astype(np.uint8).reshape(())], types + [w_type[1]]
+    acc = _ort_run(node, inputs, types, TensorProto.INT32)
     s_w = np.asarray(qw.scale).reshape(1, -1, 1, 1)
     expected = (np.float32(qx.scale.reshape(())) * s_w) * acc.astype(np.float32)
     got = jax.jit(functools.partial(_conv_call, kw=kw, lhs_quant=lq, rhs_quant=rq, mode="int"))(
@@ -461,7 +489,7 @@ def test_conv_int_errors():
     conv = functools.partial(ops.conv_general_dilated, x, w, (1, 1), "SAME", mode="int")
     conv = functools.partial(conv, dimension_numbers=NHWC)
     with pytest.raises(ValueError, match="without zero point"):
-        conv(lhs_quant=SYM, rhs_quant=AFFINE)
+        conv(lhs_quant=SYM, rhs_quant=AFFINE, batch_group_count=2)
     with pytest.raises(ValueError, match="output-feature"):
         conv(lhs_quant=SYM, rhs_quant=QuantConfig(axis=2))
     with pytest.raises(ValueError, match="batch axis"):
