@@ -182,6 +182,28 @@ def test_learned_scales_stay_positive():
     assert np.all(np.isfinite(train.apply(zero, x)))
 
 
+def test_attach_and_calibrate_trace_once_per_model():
+    traces = []
+
+    class Counting(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            traces.append(x.shape)
+            return nn.Dense(3)(x)
+
+    x = jnp.ones((2, 4))
+    qm, _ = ql.quantize_model(Counting(), QuantRule(".*"), x)
+    variables = Counting().init(jax.random.key(0), x)
+    traces.clear()
+    v = qm.calibrate(qm.attach(variables, x), [x, 2 * x])
+    # init, then the calibrate step twice: the first batch creates the qparams entries
+    assert len(traces) == 3
+    for _ in range(2):
+        v = qm.calibrate(qm.attach(variables, x), [x, 2 * x])
+    assert len(traces) == 3
+    assert v["quant_stats"]["Dense_0"]["input_qparams"]["scale"] > 0
+
+
 def test_save_restore_gives_identical_outputs():
     cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
     rules = QuantRule(".*", calibration="ema", estimator="lsq_plus", act_symmetric=False)

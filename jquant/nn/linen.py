@@ -9,7 +9,13 @@ activations and pool them the TFLite way (the output keeps the input's scale and
 :func:`quantize_model` quantizes a plain model (one that knows nothing of jquant) through
 Flax's ``nn.intercept_methods``: every ``nn.Dense`` / ``nn.Conv`` call whose module path
 matches a rule runs as the corresponding jquant layer, on the same scope, so the variables
-are the plain model's plus ``quant_stats`` and any learned scales. Nothing global changes::
+are the plain model's plus ``quant_stats`` and any learned scales. Pooling in a plain model
+is a function call (``nn.max_pool`` / ``nn.avg_pool``), which no Flax mechanism intercepts, so
+it stays float: max pooling is unchanged by that (a max of grid values is a grid value, and
+the next layer's input quantizer rounds it the same way), while TFLite's integer average
+pooling rounds the mean code once more; use :class:`QAvgPool` in the model for that, and
+:func:`jquant.convert.convert` gives the deployed integer average in any case. Nothing global
+changes::
 
     qmodel, match = quantize_model(CNN(), rules, x)   # match.unused: rules that hit nothing
     variables = qmodel.attach(float_variables, x)    # adds quant_stats / learned scales
@@ -270,8 +276,8 @@ class QuantizedModel:
     def attach(self, variables: Mapping[str, Any], *args, rng=None, **kwargs) -> dict[str, Any]:
         """``variables`` of the plain model plus fresh quantization state (stats, scales)."""
         rng = jax.random.key(0) if rng is None else rng
-        fresh = jax.jit(functools.partial(self.init, **kwargs))(rng, *args)
-        return _deep_merge(fresh, variables)
+        init = self._jitted("init", lambda: functools.partial(self.init, **kwargs), kwargs)
+        return _deep_merge(init(rng, *args), variables)
 
     def calibrate(
         self,
@@ -305,14 +311,19 @@ class QuantizedModel:
         def step(v, batch):
             return calib.apply(v, batch, mutable=[STATS], **apply_kwargs)[1][STATS]
 
+        return self._jitted("calibrate", lambda: step, apply_kwargs)
+
+    def _jitted(self, kind: str, make: Callable[[], Callable], kwargs: dict) -> Callable:
+        """``jax.jit(make())``, kept per model, ``kind`` and keyword arguments so that repeated
+        calls reuse one compiled program (a fresh ``jax.jit`` object would compile again)."""
         try:
-            key = tuple(sorted(apply_kwargs.items()))
+            key = (kind, tuple(sorted(kwargs.items())))
             hash(key)
         except TypeError:  # unhashable keyword values: no caching
-            return jax.jit(step)
-        cache = self.__dict__.setdefault("_calibrate_steps", {})
+            return jax.jit(make())
+        cache = self.__dict__.setdefault("_jit_cache", {})
         if key not in cache:
-            cache[key] = jax.jit(step)
+            cache[key] = jax.jit(make())
         return cache[key]
 
     def layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
