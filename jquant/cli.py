@@ -14,19 +14,35 @@ weights of) a zoo model on a data set, then
   (:func:`jquant.sweep.model_vs_bits`; one compiled program per granularity, traced widths);
 - quantize one layer at a time (:func:`jquant.sweep.sensitivity`) and walk the greedy
   mixed-precision path from every layer at the widest to every layer at the narrowest width
-  (:func:`jquant.sweep.mixed_precision`, ``full_path=True``, no budget), both at the first
-  granularity;
+  (:func:`jquant.sweep.mixed_precision`, ``full_path=True``), both at the first granularity;
+  with ``--budget`` the first configuration on the path that fits the model-size budget is
+  the chosen one (column ``chosen``, a star in ``pareto_front.png``, a line printed);
+  without it, no budget (the all-widest configuration is chosen);
 - print the tables and write ``tensors.{csv,json}``, ``model.{csv,json}``,
   ``sensitivity.{csv,json}``, ``mixed_precision.{csv,json}``, ``sqnr_vs_bits.png``,
   ``accuracy_vs_bits.png``, ``sensitivity.png`` (per layer, at the width closest to 4) and
   ``pareto_front.png`` (accuracy against model size) into ``--out``. Files are written into a
   temporary folder beside ``--out`` and moved into place at the end, so a failed run leaves
   nothing half-written.
+
+``--budget`` is the model-size budget for mixed precision, in the size
+``sum_L params_L * b_L / 8 + 4 * (other parameters)`` bytes of
+:func:`jquant.sweep.mixed_precision.model_size_bytes`: a plain number is a fraction of the
+size with every quantized layer at 8 bits (``--budget 0.5``: half the int8 model), a number
+followed by ``B`` is bytes (``--budget 3000B``). A value that is not a positive finite number
+exits with status 2 before any work; a budget below the size with every layer at the
+narrowest ``--bits`` width exits with status 2 once the model is loaded, before the sweeps
+and before anything is written.
+
+Several hosts: after ``jax.distributed.initialize()`` every process runs the same command; the
+sweeps shard their widths over all processes' devices (:mod:`jquant.sweep.sharding`) and only
+process 0 prints the tables and writes ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import pathlib
@@ -38,7 +54,18 @@ from typing import NamedTuple
 
 from jquant.formats import MAX_BITS, MIN_BITS
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main", "parse_bits", "parse_choices"]
+__all__ = [
+    "COMMANDS",
+    "Budget",
+    "Command",
+    "budget_bytes",
+    "build_parser",
+    "main",
+    "parse_bits",
+    "parse_budget",
+    "parse_choices",
+    "write_results",
+]
 
 MODELS = ("mlp", "cnn", "cnn_bn")  # jquant.models.config.MODEL_NAMES (checked in a test)
 DATASETS = ("mnist1d", "digits")  # jquant.data.DATASETS (checked in a test)
@@ -80,6 +107,32 @@ def parse_bits(text: str) -> list[int]:
             f"widths must be integers in [{MIN_BITS}, {MAX_BITS}], got {text!r} ({bad} outside)"
         )
     return sorted(set(widths))
+
+
+class Budget(NamedTuple):
+    """A model-size budget: ``value`` bytes, or ``value`` times the all-8-bit size."""
+
+    value: float
+    unit: str  # "fraction" (of the size with every quantized layer at 8 bits) or "bytes"
+
+    def to_bytes(self, size_8bit: float) -> float:
+        """The budget in bytes, given the size with every quantized layer at 8 bits."""
+        return self.value * size_8bit if self.unit == "fraction" else self.value
+
+
+def parse_budget(text: str) -> Budget:
+    """``"0.5"`` -> half the all-8-bit model size; ``"3000B"`` -> 3000 bytes; each > 0, finite."""
+    number, unit = (text[:-1], "bytes") if text.strip().endswith("B") else (text, "fraction")
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a budget: use a positive fraction of the 8-bit model size "
+            "(e.g. 0.5) or a positive number of bytes followed by B (e.g. 3000B)"
+        )
+    return Budget(value, unit)
 
 
 def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
@@ -139,6 +192,14 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
         default="jquant-sweep",
         help="output folder (default: ./jquant-sweep)",
     )
+    p.add_argument(
+        "--budget",
+        type=parse_budget,
+        default=None,
+        help="model-size budget for mixed precision: a fraction of the size with every layer "
+        "at 8 bits (0.5) or bytes (3000B); the table and pareto_front.png mark the chosen "
+        "configuration (default: no budget)",
+    )
     p.add_argument("--steps", type=_positive, default=600, help="training steps if not cached")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
@@ -170,22 +231,53 @@ def _activations(model, variables, x) -> dict:
     return acts
 
 
+def budget_bytes(budget: Budget | None, variables, layers: Sequence[str], bits: Sequence[int]):
+    """``budget`` in bytes for a model whose quantized layers are ``layers`` (``inf``: None).
+
+    Raises ValueError when it is below the size with every layer at the narrowest width.
+    """
+    from jquant.sweep.mixed_precision import model_size_bytes
+
+    if budget is None:
+        return math.inf
+    size_8bit = model_size_bytes(variables, dict.fromkeys(layers, 8))
+    value = budget.to_bytes(size_8bit)
+    smallest = model_size_bytes(variables, dict.fromkeys(layers, min(bits)))
+    if value < smallest:
+        raise ValueError(
+            f"{value:g} bytes is below the smallest size of this model, {smallest:g} bytes with "
+            f"every layer at {min(bits)} bits (the 8-bit size is {size_8bit:g} bytes)"
+        )
+    return value
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
     from jquant import data
     from jquant.models.train import train_or_load
     from jquant.nn.rules import QuantRule
-    from jquant.sweep import Table, error_vs_bits, plots
+    from jquant.sweep import Table, error_vs_bits
     from jquant.sweep.mixed_precision import mixed_precision
     from jquant.sweep.model_vs_bits import model_vs_bits
-    from jquant.sweep.sensitivity import sensitivity
+    from jquant.sweep.sensitivity import layer_paths, sensitivity
+    from jquant.sweep.sharding import is_main_process
 
-    progress = not args.no_progress
+    main_process = is_main_process()
+    progress = not args.no_progress and main_process
     say = print if progress else (lambda *a, **k: None)
     ds = data.load(args.data)
     say(f"[jquant] {args.model} on {args.data}: training ({args.steps} steps) or loading cache")
     trained = train_or_load(args.model, ds, args.seed, args.steps, cache=args.cache)
     x_eval, y_eval = ds.x_test[: args.eval_examples], ds.y_test[: args.eval_examples]
     x_cal = ds.x_train[: args.calib_examples]
+
+    calib = next((c for c in args.calibration if c in MODEL_CALIBRATIONS), "minmax")
+    evaluation = dict(calib_x=x_cal, rules=(QuantRule(".*", calibration=calib),))
+    layers = layer_paths(trained.model, evaluation["rules"], x_cal[:1])
+    try:
+        budget = budget_bytes(args.budget, trained.variables, layers, args.bits)
+    except ValueError as e:
+        print(f"jquant sweep: error: argument --budget: {e}", file=sys.stderr)
+        return 2
 
     kernels = {k: v for k, v in _flat(trained.variables["params"]).items() if k.endswith("kernel")}
     acts = _activations(trained.model, trained.variables, x_cal[:256])
@@ -203,8 +295,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
         + [{"kind": "activation", **r} for r in ta.to_dicts()]
     ).with_meta(peak_bytes=max(tw.meta["peak_bytes"], ta.meta["peak_bytes"]))
 
-    calib = next((c for c in args.calibration if c in MODEL_CALIBRATIONS), "minmax")
-    evaluation = dict(calib_x=x_cal, rules=(QuantRule(".*", calibration=calib),))
     model_args = (trained.model, trained.variables, x_eval, y_eval)
     model_table = model_vs_bits(
         *model_args, args.bits, granularities=args.granularity, progress=progress, **evaluation
@@ -214,44 +304,77 @@ def _run_sweep(args: argparse.Namespace) -> int:
     mixed = mixed_precision(
         *model_args,
         candidate_bits=args.bits,
-        budget_bytes=math.inf,
+        budget_bytes=budget,
         full_path=True,
         sensitivity_table=sens,
         **per_layer,
     )
-    sens_bits = min(args.bits, key=lambda b: (abs(b - 4), b))
-
+    if not main_process:
+        return 0
     print(tensors.where(granularity=args.granularity[0]).format())
     print()
     print(model_table.format())
-    out: pathlib.Path = args.out
+    if args.budget is not None:
+        m = mixed.meta
+        print(
+            f"\n[jquant] mixed precision under {m['budget_bytes']:g} bytes: chosen "
+            f"{m['chosen_bits']}, {m['chosen_size_bytes']:g} bytes, "
+            f"accuracy {m['chosen_accuracy']:.4f} (row `chosen` of mixed_precision.csv)"
+        )
+    tables = {"tensors": tensors, "model": model_table, "sensitivity": sens}
+    tables["mixed_precision"] = mixed
+    written = write_results(args.out, tables, functools.partial(_draw, args, tables))
+    print(f"\n[jquant] wrote {', '.join(written)} to {args.out}")
+    return 0
+
+
+def _draw(args: argparse.Namespace, tables: dict, folder: pathlib.Path) -> None:
+    """The sweep's PNG figures, drawn into ``folder``."""
+    from jquant.sweep import plots
+
+    sens = tables["sensitivity"]
+    sens_bits = min(args.bits, key=lambda b: (abs(b - 4), b))
+    plots.sensitivity_bars(sens.where(bits=sens_bits), str(folder / "sensitivity.png"))
+    plots.pareto_front(tables["mixed_precision"], str(folder / "pareto_front.png"))
+    plots.sqnr_vs_bits(
+        tables["tensors"].where(calibration=args.calibration[0]),
+        str(folder / "sqnr_vs_bits.png"),
+        group_by=("kind", "tensor", "granularity"),
+    )
+    quantized = tables["model"].where(target="weights+acts")
+    plots.metric_vs_bits(
+        quantized, str(folder / "accuracy_vs_bits.png"), "accuracy", group_by=("granularity",)
+    )
+
+
+def write_results(
+    out: pathlib.Path, tables: dict, draw: Callable[[pathlib.Path], None] | None = None
+) -> list[str]:
+    """Writes ``<name>.csv`` and ``<name>.json`` of each table and ``draw(folder)``'s figures
+    into ``out``, on process 0 only (:func:`jquant.sweep.sharding.is_main_process`); returns
+    the names written (none on other processes).
+
+    Files go into a temporary folder beside ``out``, moved into place at the end, so a failed
+    run leaves nothing half-written.
+    """
+    from jquant.sweep.sharding import is_main_process
+
+    if not is_main_process():
+        return []
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the results are for sharing
     try:
-        tensors.to_csv(str(staging / "tensors.csv"))
-        tensors.to_json(str(staging / "tensors.json"))
-        model_table.to_csv(str(staging / "model.csv"))
-        model_table.to_json(str(staging / "model.json"))
-        for name, table in (("sensitivity", sens), ("mixed_precision", mixed)):
+        for name, table in tables.items():
             table.to_csv(str(staging / f"{name}.csv"))
             table.to_json(str(staging / f"{name}.json"))
-        plots.sensitivity_bars(sens.where(bits=sens_bits), str(staging / "sensitivity.png"))
-        plots.pareto_front(mixed, str(staging / "pareto_front.png"))
-        plots.sqnr_vs_bits(
-            tensors.where(calibration=args.calibration[0]),
-            str(staging / "sqnr_vs_bits.png"),
-            group_by=("kind", "tensor", "granularity"),
-        )
-        quantized = model_table.where(target="weights+acts")
-        plots.metric_vs_bits(
-            quantized, str(staging / "accuracy_vs_bits.png"), "accuracy", group_by=("granularity",)
-        )
+        if draw is not None:
+            draw(staging)
+        names = sorted(p.name for p in staging.iterdir())
         _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"\n[jquant] wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
-    return 0
+    return names
 
 
 def _flat(tree) -> dict:

@@ -26,6 +26,65 @@ def test_parse_bits(text, want):
     assert cli.parse_bits(text) == want
 
 
+@pytest.mark.parametrize(
+    "text, want",
+    [("0.5", (0.5, "fraction")), ("1.25", (1.25, "fraction")), ("3000B", (3000.0, "bytes"))],
+)
+def test_parse_budget(text, want):
+    assert cli.parse_budget(text) == cli.Budget(*want)
+
+
+def test_budget_bytes_from_parameter_shapes():
+    from test_sweep import _tiny_mlp
+
+    _, variables, _, _ = _tiny_mlp()
+    layers = ["dense1", "head"]
+    # by hand: kernels 6x8 + 8x3 = 72 weights at b bits; biases 8 + 3 at 32 bits
+    size_8bit = 72 + 11 * 4
+    assert cli.budget_bytes(cli.Budget(0.75, "fraction"), variables, layers, [3, 8]) == (
+        0.75 * size_8bit
+    )
+    assert cli.budget_bytes(cli.Budget(100.0, "bytes"), variables, layers, [3, 8]) == 100.0
+    assert cli.budget_bytes(None, variables, layers, [3, 8]) == float("inf")
+    smallest = 72 * 3 / 8 + 11 * 4  # 71 bytes with every layer at 3 bits
+    assert cli.budget_bytes(cli.Budget(smallest, "bytes"), variables, layers, [3, 8]) == 71.0
+    with pytest.raises(ValueError, match="below the smallest size of this model, 71 bytes"):
+        cli.budget_bytes(cli.Budget(70.9, "bytes"), variables, layers, [3, 8])
+    with pytest.raises(ValueError, match="every layer at 3 bits"):
+        cli.budget_bytes(cli.Budget(0.6, "fraction"), variables, layers, [3, 8])
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+    import jax
+
+    from jquant.sweep import Table
+    from jquant.sweep.sharding import is_main_process
+
+    tables = {"model": Table.from_dicts([{"bits": 8, "accuracy": 0.5}])}
+
+    def draw(folder):
+        (folder / "figure.png").write_bytes(b"png")
+
+    assert is_main_process()
+    with monkeypatch.context() as m:  # pretend to be the second process of a multi-host run
+        m.setattr(jax, "process_index", lambda *a, **k: 1)
+        assert not is_main_process()
+        assert cli.write_results(tmp_path / "out", tables, draw) == []
+    assert os.listdir(tmp_path) == []
+    written = cli.write_results(tmp_path / "out", tables, draw)
+    assert written == ["figure.png", "model.csv", "model.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == written
+    assert (tmp_path / "out" / "model.csv").read_text().splitlines() == ["bits,accuracy", "8,0.5"]
+
+    def broken(folder):
+        draw(folder)
+        raise RuntimeError("plot failed")
+
+    with pytest.raises(RuntimeError, match="plot failed"):
+        cli.write_results(tmp_path / "again", tables, broken)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing half-written, no staging left
+
+
 def _exit_code(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -43,6 +102,12 @@ def _exit_code(argv, capsys):
         (["sweep", "--granularity", "per_row"], "choose from per_tensor, per_channel"),
         (["sweep", "--calibration", "best"], "choose from minmax"),
         (["sweep", "--steps", "0"], "positive integer"),
+        (["sweep", "--budget", "0"], "is not a budget"),
+        (["sweep", "--budget", "-0.5"], "is not a budget"),
+        (["sweep", "--budget", "nan"], "is not a budget"),
+        (["sweep", "--budget", "inf"], "is not a budget"),
+        (["sweep", "--budget", "half"], "is not a budget"),
+        (["sweep", "--budget", "0B"], "is not a budget"),
         ([], "required"),
     ],
 )
@@ -82,7 +147,7 @@ def test_console_script_bad_bits_subprocess(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_sweep_end_to_end_tiny(tmp_path):
+def test_sweep_end_to_end_tiny(tmp_path, capsys):
     out_dir = tmp_path / "results"
     cmd = [
         sys.executable,
@@ -109,7 +174,7 @@ def test_sweep_end_to_end_tiny(tmp_path):
         str(out_dir),
         "--no-progress",
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([*cmd, "--budget", "0.8"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     names = sorted(os.listdir(out_dir))
     assert names == sorted(
@@ -154,6 +219,20 @@ def test_sweep_end_to_end_tiny(tmp_path):
     sizes = [r["size_bytes"] for r in mixed["rows"]]
     # the greedy path: one layer lowered from 8 to 3 bits per step, all widest to all narrowest
     assert len(sizes) == len(mixed["meta"]["layers"]) + 1 and sizes == sorted(sizes, reverse=True)
+    # --budget 0.8: 80% of the all-8-bit size (the path's first row); the chosen configuration
+    # is the first on the path that fits, and the only row marked
+    budget = 0.8 * sizes[0]
+    assert mixed["meta"]["budget_bytes"] == pytest.approx(budget)
+    chosen = [r["chosen"] for r in mixed["rows"]]
+    first_fit = next(i for i, s in enumerate(sizes) if s <= budget)
+    assert 0 < first_fit and chosen == [i == first_fit for i in range(len(sizes))]
+    assert f"{mixed['meta']['chosen_size_bytes']:g} bytes" in run.stdout and "chosen" in run.stdout
+
+    # a budget below the all-3-bit size: exit 2 once the (cached) model is loaded, nothing written
+    argv = [*cmd[3:], "--budget", "1B"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "other")
+    assert cli.main(argv) == 2
+    assert "--budget" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_reproduce_and_bench_commands(capsys):

@@ -236,6 +236,69 @@ def test_sharded_over_four_devices_matches_one_device():
     np.testing.assert_allclose(sharded, t.column("mse") + t.column("sqnr_db"), rtol=1e-5)
 
 
+_SHARDED_MODEL = textwrap.dedent(
+    """
+    import functools, json
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    from jquant.nn.rules import QuantRule
+    from jquant.sweep.model_vs_bits import (PTQ, QuantizedLogits, _batches, model_vs_bits,
+                                            uniform_rules)
+    from jquant.sweep.sharding import bits_mesh, compiled_sweep, map_over_bits
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3,), name="conv")(x))
+            return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(32, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 32).astype(np.int32)
+    model = Net()
+    variables = model.init(jax.random.key(2), jnp.asarray(x[:1]))
+    bits = [2, 3, 4, 8]
+    table = model_vs_bits(model, variables, x, y, bits, batch_size=16)  # default mesh
+    # the same sweep program model_vs_bits compiles, built here to read its logits and shardings
+    ptq = PTQ.calibrated(model, variables, x, batch_size=16)
+    rules_at = functools.partial(uniform_rules, (QuantRule(".*"),), "weights+acts", "per_channel")
+    fn = QuantizedLogits(model, ptq.example, rules_at)
+    args = (ptq.variables, np.stack(_batches(x, 16)[0]))
+    sharded = map_over_bits(fn, bits, args)
+    spec = compiled_sweep(fn, bits, args).input_shardings[0][0]
+    one_mesh = bits_mesh(jax.devices()[:1])
+    one = map_over_bits(fn, bits, args, mesh=one_mesh)
+    one_spec = compiled_sweep(fn, bits, args, mesh=one_mesh).input_shardings[0][0]
+    print(json.dumps({
+        "accuracy": table.column("accuracy")[1:], "bits": table.column("bits")[1:],
+        "devices": table.meta["devices"], "spec": str(spec.spec),
+        "spec_devices": len(spec.device_set), "one_devices": len(one_spec.device_set),
+        "y": y.tolist(), "sharded": sharded.tolist(), "one": one.tolist()}))
+    """
+)
+
+
+def test_model_sweep_sharded_over_four_devices_matches_one_device():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED_MODEL], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # the sharding is real: the widths' axis of the compiled program spans the 4 devices
+    assert got["devices"] == 4 and got["spec"] == "P('bits',)" and got["spec_devices"] == 4
+    assert got["one_devices"] == 1
+    sharded, one, y = np.asarray(got["sharded"]), np.asarray(got["one"]), np.asarray(got["y"])
+    assert sharded.shape == one.shape == (4, 2, 16, 3)  # (bits, batch, batch_size, classes)
+    sharded, one = sharded.reshape(4, 32, 3), one.reshape(4, 32, 3)
+    assert got["bits"] == [2, 3, 4, 8]
+    np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-6)
+    # model_vs_bits (sharded) scores exactly the one-device logits' accuracy, counted in NumPy
+    assert got["accuracy"] == [float(np.mean(np.argmax(z, -1) == y)) for z in one]
+
+
 # --- plots --------------------------------------------------------------------------------------
 
 
@@ -259,7 +322,19 @@ def test_plots_write_pngs(tmp_path):
     )
     _is_png(plots.sensitivity_bars(sens, str(tmp_path / "sens.png")))
     mp = Table.from_dicts([{"size_bytes": s, "accuracy": a} for s, a in [(1, 0.5), (2, 0.7)]])
-    _is_png(plots.pareto_front(mp, str(tmp_path / "pareto.png")))
+    plain = _is_png(plots.pareto_front(mp, str(tmp_path / "pareto.png")))
+    picked = Table.from_dicts(
+        [
+            {"size_bytes": s, "accuracy": a, "chosen": c}
+            for s, a, c in [(1, 0.5, True), (2, 0.7, False)]
+        ]
+    ).with_meta(budget_bytes=1.5)
+    marked = _is_png(plots.pareto_front(picked, str(tmp_path / "chosen.png")))
+
+    def gold(img):  # the chosen star is filled with matplotlib's "gold" (1, 0.843, 0)
+        return np.sum(np.all(np.abs(img[..., :3] - [1.0, 0.843, 0.0]) < 0.02, axis=-1))
+
+    assert gold(plain) == 0 and gold(marked) > 20
     with pytest.raises(ValueError, match="lacks columns"):
         plots.metric_vs_bits(acc, str(tmp_path / "x.png"), "loss")
 

@@ -3,7 +3,11 @@
 - :func:`error_vs_bits`: error metrics of any pytree of arrays against width, format family,
   granularity and calibration, in one compiled program per curve (traced bits).
 - :class:`Table`: the results type (dicts, CSV, JSON, pandas).
-- :mod:`jquant.sweep.sharding`: chunked, device-sharded evaluation over bit widths.
+- :mod:`jquant.sweep.model_vs_bits`, :mod:`~jquant.sweep.sensitivity`,
+  :mod:`~jquant.sweep.mixed_precision`: a Flax model's accuracy against width, per layer, and
+  per-layer widths under a size budget, each one compiled program over traced widths.
+- :mod:`jquant.sweep.sharding`: chunked evaluation over bit widths, sharded over a Mesh of all
+  devices (several hosts through ``jax.distributed``).
 - :mod:`jquant.sweep.plots`: matplotlib figures of the tables.
 """
 
@@ -16,4 +20,11 @@ from jquant.sweep.error_vs_bits import (
     fake_quant_tensor,
 )
 from jquant.sweep.results import Table
-from jquant.sweep.sharding import bits_mesh, map_over_bits, peak_bytes
+from jquant.sweep.sharding import (
+    bits_mesh,
+    compiled_sweep,
+    is_main_process,
+    map_over_bits,
+    peak_bytes,
+    sweep_mesh,
+)

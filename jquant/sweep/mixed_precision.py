@@ -47,7 +47,7 @@ from jquant.sweep.model_vs_bits import PTQ, _check_data, layer_rules, logits_vs_
 from jquant.sweep.plots import pareto_mask
 from jquant.sweep.results import Table
 from jquant.sweep.sensitivity import layer_paths, sensitivity
-from jquant.sweep.sharding import check_bits_list
+from jquant.sweep.sharding import check_bits_list, sweep_mesh
 
 __all__ = ["METHODS", "METRICS", "bits_column", "mixed_precision", "model_size_bytes"]
 
@@ -198,7 +198,8 @@ def mixed_precision(
       size_bytes, accuracy, loss, kl, sqnr_db, fits, pareto, chosen``. ``changed`` is the layer
       the greedy step lowered; ``fits``: ``size_bytes <= budget``; ``pareto``: not dominated in
       (size, accuracy) among the rows. ``meta``: ``method, budget_bytes, float_bytes,
-      float_accuracy, layers, chosen_bits, chosen_size_bytes, chosen_accuracy, peak_bytes``
+      float_accuracy, layers, chosen_bits, chosen_size_bytes, chosen_accuracy, peak_bytes,
+      devices`` (how many devices the configurations were split over)
       and, for greedy, ``sensitivity`` (the per-layer table's rows).
 
     Raises:
@@ -206,6 +207,7 @@ def mixed_precision(
         layer at the narrowest width), method, metric, target or ``max_configs``.
     """
     widths = sorted({int(b) for b in check_bits_list(candidate_bits, "candidate_bits")})
+    mesh = sweep_mesh(mesh)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if metric not in METRICS:
@@ -248,6 +250,8 @@ def mixed_precision(
                 target=target,
                 granularity=granularity,
                 batch_size=batch_size,
+                chunk_size=chunk_size,
+                mesh=mesh,
             )
         cost = _costs(sens, layers, widths, metric)
         params = {p: int(np.size(flat_params[f"{p}/kernel"])) for p in layers}
@@ -323,4 +327,5 @@ def mixed_precision(
         chosen_size_bytes=rows[best]["size_bytes"],
         chosen_accuracy=rows[best]["accuracy"],
         peak_bytes=peak,
+        devices=mesh.size,
     )

@@ -43,7 +43,7 @@ from jquant.nn.linen import QuantizedModel, quantize_model
 from jquant.nn.rules import GRANULARITIES, QuantRule, first_match
 from jquant.nn.state import STATS, make_observer, qparams_to_dict
 from jquant.sweep.results import Table
-from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes
+from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes, sweep_mesh
 
 __all__ = [
     "TARGETS",
@@ -282,14 +282,17 @@ def model_vs_bits(
       batch_size: evaluation batch (the last is padded, so each program compiles once).
       progress: tqdm progress bar over the (target, granularity) programs.
       chunk_size: widths vmapped at once (memory ~ chunk_size batches); None: all at once.
-      mesh: ``jquant.sweep.sharding.bits_mesh()`` to shard the widths over devices.
+      mesh: a ``jquant.sweep.sharding.bits_mesh(...)`` to shard the widths over; None: all
+        devices (``bits_mesh()``; one device runs unsharded).
 
     Returns:
       Table with columns ``target, granularity, bits, accuracy, loss, kl, sqnr_db``; the first
       row is the float model (``target="float"``, ``bits=32``). ``meta["peak_bytes"]``: the
-      largest sweep program's memory high-water mark (XLA's analysis).
+      largest sweep program's memory high-water mark (XLA's analysis, per device);
+      ``meta["devices"]``: how many devices the widths were split over.
     """
     widths = check_bits_list(bits)
+    mesh = sweep_mesh(mesh)
     x, y = _check_data(x, y)
     grans = (granularities,) if isinstance(granularities, str) else tuple(granularities)
     tgts = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -316,4 +319,4 @@ def model_vs_bits(
         peak = max(peak, p)
         for b, z in zip(widths, logits, strict=True):
             rows.append({"target": t, "granularity": g, "bits": int(b), **score(z, y, ref)})
-    return Table.from_dicts(rows).with_meta(peak_bytes=peak)
+    return Table.from_dicts(rows).with_meta(peak_bytes=peak, devices=mesh.size)

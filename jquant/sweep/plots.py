@@ -7,7 +7,8 @@ returns ``path``:
   ``6.02 dB/bit`` reference ``SQNR = 20 log10(2^b)`` of a full-scale uniform signal;
 - :func:`metric_vs_bits`: any column against width (accuracy, loss, ...);
 - :func:`sensitivity_bars`: per-layer accuracy drop and SQNR;
-- :func:`pareto_front`: accuracy against model size, with the non-dominated points joined.
+- :func:`pareto_front`: accuracy against model size, with the non-dominated points joined,
+  the chosen configuration starred and the size budget drawn when the table has them.
 """
 
 from __future__ import annotations
@@ -134,9 +135,18 @@ def pareto_mask(size: Sequence[float], score: Sequence[float]) -> np.ndarray:
 
 
 def pareto_front(
-    table: Table, path: str, *, size: str = "size_bytes", score: str = "accuracy"
+    table: Table,
+    path: str,
+    *,
+    size: str = "size_bytes",
+    score: str = "accuracy",
+    chosen: str = "chosen",
 ) -> str:
-    """Scatter of ``score`` against ``size``; the Pareto-optimal points are joined by a line."""
+    """Scatter of ``score`` against ``size``; the Pareto-optimal points are joined by a line.
+
+    When the table has a boolean column ``chosen`` (as :func:`jquant.sweep.mixed_precision`'s
+    does), its true row is starred; a finite ``meta["budget_bytes"]`` is a vertical line.
+    """
     _check_columns(table, size, score)
     s = np.asarray(table.column(size), float)
     a = np.asarray(table.column(score), float)
@@ -146,6 +156,14 @@ def pareto_front(
     ax = fig.add_subplot()
     ax.scatter(s, a, s=12, alpha=0.5, label="candidates")
     ax.plot(s[front][order], a[front][order], "r-o", ms=4, label="Pareto front")
+    budget = table.meta.get("budget_bytes")
+    if isinstance(budget, (int, float)) and math.isfinite(budget):
+        ax.axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} B")
+    if chosen in table.columns:
+        pick = np.asarray(table.column(chosen), bool)
+        ax.scatter(
+            s[pick], a[pick], marker="*", s=160, c="gold", edgecolors="k", zorder=3, label="chosen"
+        )
     ax.set_xlabel(size)
     ax.set_ylabel(score)
     ax.grid(alpha=0.3)

@@ -36,7 +36,7 @@ from jquant.sweep.model_vs_bits import (
     score,
 )
 from jquant.sweep.results import Table
-from jquant.sweep.sharding import check_bits_list, map_over_bits
+from jquant.sweep.sharding import check_bits_list, map_over_bits, sweep_mesh
 
 __all__ = ["layer_paths", "sensitivity"]
 
@@ -76,9 +76,11 @@ def sensitivity(
     Returns:
       Table ``layer, bits, params, accuracy, accuracy_drop, loss, kl, sqnr_db,
       weight_sqnr_db`` (one row per layer and width); ``meta``: ``float_accuracy`` and
-      ``peak_bytes`` (the largest sweep program's memory high-water mark).
+      ``peak_bytes`` (the largest sweep program's memory high-water mark) and ``devices``
+      (how many devices the widths were split over).
     """
     widths = check_bits_list(bits)
+    mesh = sweep_mesh(mesh)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     x, y = _check_data(x, y)
@@ -123,4 +125,6 @@ def sensitivity(
                     "weight_sqnr_db": float(ws),
                 }
             )
-    return Table.from_dicts(rows).with_meta(float_accuracy=base["accuracy"], peak_bytes=peak)
+    return Table.from_dicts(rows).with_meta(
+        float_accuracy=base["accuracy"], peak_bytes=peak, devices=mesh.size
+    )

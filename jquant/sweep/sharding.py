@@ -9,9 +9,32 @@
   width's work instead of ``len(bits)`` copies (``chunk_size=None``: all local widths at once);
 - over a :class:`jax.sharding.Mesh` with more than one device, the widths are split along the
   mesh axis ``"bits"`` with ``jax.shard_map`` (``args`` are replicated), padded to a multiple
-  of the device count with copies of the last width and trimmed afterwards. The default mesh is
-  all local devices (several GPUs, a TPU host, or forced host devices on CPU); a multi-host run
-  initialises ``jax.distributed`` and passes ``bits_mesh(jax.devices())``.
+  of the device count with copies of the last width and trimmed afterwards. ``mesh=None`` (the
+  default everywhere in :mod:`jquant.sweep`) is :func:`bits_mesh` over ``jax.devices()``: all
+  local devices on one host (several GPUs, a TPU host, or forced host devices on CPU), and
+  one device runs the plain program, unsharded.
+
+Several hosts (multi-controller JAX): every process runs the same script, the same calls with
+the same arguments (SPMD); the default mesh then spans the devices of all processes, each
+process evaluates the widths on its own devices, and the results are gathered to every process
+(``jax.experimental.multihost_utils.process_allgather``, only when an output is not fully
+addressable, i.e. only when ``jax.process_count() > 1``). Write files on one process only
+(:func:`is_main_process`; ``jquant sweep`` does)::
+
+    # on every host, e.g. `python sweep.py` launched by SLURM / mpirun / a TPU pod runner
+    import jax
+    jax.distributed.initialize()       # coordinator address, process count and id from the
+                                       # cluster environment, or pass them explicitly
+    from jquant.sweep import model_vs_bits
+    from jquant.sweep.sharding import bits_mesh, is_main_process
+    table = model_vs_bits(model, variables, x, y, bits=range(2, 9), mesh=bits_mesh())
+    if is_main_process():
+        table.to_csv("model.csv")
+
+``bits_mesh()`` is the global mesh (``jax.devices()``, every process's devices); pass
+``bits_mesh(jax.local_devices())`` to keep a sweep on one host's devices, or
+``bits_mesh(jax.devices()[:1])`` to run it unsharded. Inputs (``args``) are host NumPy or
+JAX arrays with the same value on every process; they are replicated onto the mesh.
 
 ``fn`` must be hashable and compare equal across calls that should share a compilation (a
 module-level function or a frozen dataclass with ``__call__``); ``args`` is any pytree of arrays.
@@ -27,22 +50,51 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jquant.formats import MAX_BITS, MIN_BITS
 
-__all__ = ["BITS_AXIS", "bits_mesh", "check_bits_list", "map_over_bits", "peak_bytes"]
+__all__ = [
+    "BITS_AXIS",
+    "bits_mesh",
+    "check_bits_list",
+    "compiled_sweep",
+    "is_main_process",
+    "map_over_bits",
+    "peak_bytes",
+    "sweep_mesh",
+]
 
 BITS_AXIS = "bits"
 
 
 def bits_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-dimensional mesh with axis ``"bits"`` over ``devices`` (default: all local ones)."""
-    devices = list(jax.local_devices() if devices is None else devices)
+    """A one-dimensional mesh with axis ``"bits"`` over ``devices`` (default: ``jax.devices()``,
+    all local devices on one host, every process's devices after ``jax.distributed``)."""
+    devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one device, got an empty sequence")
     return Mesh(np.array(devices), (BITS_AXIS,))
+
+
+def sweep_mesh(mesh: Mesh | None = None) -> Mesh:
+    """The mesh a sweep runs on: ``mesh``, or :func:`bits_mesh` for None; its ``size`` is the
+    number of devices the widths are split over (1: the unsharded program). Raises on anything
+    but a mesh with the single axis ``"bits"``."""
+    if mesh is None:
+        mesh = bits_mesh()
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    if mesh.axis_names != (BITS_AXIS,):
+        raise ValueError(f"mesh must have the single axis {BITS_AXIS!r}, got {mesh.axis_names}")
+    return mesh
+
+
+def is_main_process() -> bool:
+    """True on the process that writes results: process 0 (always true on a single host)."""
+    return jax.process_index() == 0
 
 
 def check_bits_list(bits: Any, name: str = "bits") -> np.ndarray:
@@ -102,29 +154,55 @@ def _compiled(fn: Callable, batch_size: int | None, mesh: Mesh | None, bits_shap
     return jitted.lower(jax.ShapeDtypeStruct(bits_shape, jnp.int32), args).compile()
 
 
+def _put(args: Any, shardings: Any) -> Any:
+    """``args`` placed with ``shardings``; across processes, each supplies its own devices'
+    shards (``device_put`` of one host's array cannot reach other hosts' devices)."""
+    if jax.process_count() == 1:
+        return jax.device_put(args, shardings)
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.make_array_from_callback(a.shape, s, np.asarray(a).__getitem__),
+        args,
+        shardings,
+    )
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """``x`` as a NumPy array; gathered from every process when this one holds only a part."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _prepare(fn, bits, args, chunk_size, mesh):
-    """Validated widths, padded widths and args on their devices, and the compiled program."""
+    """Validated widths, padded widths, args as arrays, the mesh and the compiled program."""
     bits = _check_bits_rows(bits)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    if mesh is not None and mesh.axis_names != (BITS_AXIS,):
-        raise ValueError(f"mesh must have the single axis {BITS_AXIS!r}, got {mesh.axis_names}")
-    mesh = None if mesh is None or mesh.size == 1 else mesh
+    mesh = sweep_mesh(mesh)
+    mesh = None if mesh.size == 1 else mesh
     n_dev = 1 if mesh is None else mesh.size
     n = bits.shape[0]
     padded = math.ceil(n / n_dev) * n_dev
-    bits_p = jnp.asarray(np.concatenate([bits, np.repeat(bits[-1:], padded - n, axis=0)]))
+    bits_p = np.concatenate([bits, np.repeat(bits[-1:], padded - n, axis=0)])
     args = jax.tree_util.tree_map(jnp.asarray, args)
     leaves, treedef = jax.tree_util.tree_flatten(args)
     abstract = (treedef, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves))
-    compiled = _compiled(fn, chunk_size, mesh, bits_p.shape, abstract)
-    if mesh is not None:
-        bits_p, args = jax.device_put((bits_p, args), _shardings(mesh, args))
-    return bits, bits_p, args, compiled
+    return bits, bits_p, args, mesh, _compiled(fn, chunk_size, mesh, bits_p.shape, abstract)
+
+
+def compiled_sweep(
+    fn: Callable[..., Any],
+    bits: Sequence[int] | np.ndarray,
+    args: tuple = (),
+    *,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+) -> jax.stages.Compiled:
+    """The compiled program :func:`map_over_bits` runs for these arguments (cached): its
+    ``input_shardings`` / ``output_shardings`` show how the widths are split over devices."""
+    return _prepare(fn, bits, args, chunk_size, mesh)[4]
 
 
 def map_over_bits(
@@ -145,18 +223,23 @@ def map_over_bits(
       args: tuple (pytree) of arrays, the same for every width (replicated over devices).
       chunk_size: widths vmapped at once on each device (memory ~ chunk_size single widths);
         None vmaps all of a device's widths at once.
-      mesh: a ``bits_mesh(...)``; None runs on the default device.
+      mesh: a ``bits_mesh(...)``; None: ``bits_mesh()``, every device (see the module
+        docstring); a one-device mesh runs unsharded.
 
     Returns:
-      ``fn``'s output pytree with a leading axis of length ``len(bits)`` (NumPy arrays).
+      ``fn``'s output pytree with a leading axis of length ``len(bits)`` (NumPy arrays, the
+      same on every process).
 
     >>> import jquant as jq
     >>> map_over_bits(lambda b, x: jq.IntFormat(b).qmax * x, [2, 8], (1.0,)).tolist()
     [1.0, 127.0]
     """
-    bits, bits_p, args, compiled = _prepare(fn, bits, args, chunk_size, mesh)
-    out = compiled(bits_p, args)
-    return jax.tree_util.tree_map(lambda o: np.asarray(o)[: bits.shape[0]], out)
+    bits, bits_p, args, mesh, compiled = _prepare(fn, bits, args, chunk_size, mesh)
+    if mesh is None:
+        out = compiled(jnp.asarray(bits_p), args)
+    else:
+        out = compiled(*_put((bits_p, args), _shardings(mesh, args)))
+    return jax.tree_util.tree_map(lambda o: _to_host(o)[: bits.shape[0]], out)
 
 
 def peak_bytes(
@@ -173,8 +256,7 @@ def peak_bytes(
     when sharded): the buffers live at once at the program's high-water mark; -1 when the
     backend does not report it. The program is the one ``map_over_bits`` runs (cached).
     """
-    compiled = _prepare(fn, bits, args, chunk_size, mesh)[3]
-    m = compiled.memory_analysis()
+    m = compiled_sweep(fn, bits, args, chunk_size=chunk_size, mesh=mesh).memory_analysis()
     if m is None:
         return -1
     return int(
