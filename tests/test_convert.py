@@ -334,7 +334,10 @@ def test_convert_rejects_bad_calibrated_scales(small):
         C.convert(qmodel, bad, x[:1], output_qparams=oqp)
     with pytest.raises(ValueError, match="mode must be one of"):
         C.convert(qmodel, v, x[:1], output_qparams=oqp, mode="float")
-    with pytest.raises(TypeError, match="QuantizedModel"):
+    with pytest.raises(TypeError, match="QuantizedModel or a Linen model"):
+        C.convert({"model": qmodel}, v, x[:1], output_qparams=oqp)
+    # a plain model is accepted only when built from jquant layers
+    with pytest.raises(ValueError, match=r"layer 'conv1' is not quantized \(no rule"):
         C.convert(qmodel.model, v, x[:1], output_qparams=oqp)
     with pytest.raises(TypeError, match="output_qparams"):
         C.convert(qmodel, v, x[:1], output_qparams=(0.1, 0))
@@ -380,11 +383,11 @@ class _WithTanh(nn.Module):
         return nn.Dense(3, name="d2")(jnp.tanh(nn.Dense(4, name="d1")(x)))
 
 
-class _Residual(nn.Module):
+class _Product(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(6, name="d1")(x)
-        return nn.Dense(6, name="d2")(h) + h
+        return nn.Dense(6, name="d2")(h) * h
 
 
 @pytest.mark.parametrize(
@@ -392,7 +395,7 @@ class _Residual(nn.Module):
     [
         (_WithLayerNorm(), r"in module 'norm'"),
         (_WithTanh(), r"unsupported operation 'tanh'"),
-        (_Residual(), r"'add' in module .*|sequential"),
+        (_Product(), r"unsupported operation 'mul'"),
     ],
 )
 def test_unsupported_layers_are_named(model, match):
@@ -469,3 +472,189 @@ def test_mnist1d_cnn_acceptance():
         sim = np.asarray(quantize(sim, oqp, int8)).astype(np.int32)
         np.testing.assert_array_equal(got, sim, err_msg=mode)
         assert np.mean(got.argmax(1) == sim.argmax(1)) >= 0.999, mode
+
+
+# --- residual connections: the program is a DAG with integer adds --------------------------
+
+
+class _ResCNN(nn.Module):
+    """conv -> relu -> conv + skip -> relu -> max pool -> dense (plain Flax)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(6, (3,), name="conv1")(x))
+        y = nn.relu(nn.Conv(6, (3,), name="conv2")(h) + h)
+        y = nn.max_pool(y, (2,), strides=(2,))
+        return nn.Dense(10, name="head")(y.reshape(y.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def residual():
+    x = X1D
+    qmodel, v, oqp, want = _setup(_ResCNN(), x, (QuantRule(".*"),))
+    rq = C.residual_qparams_from_data(qmodel, v, [x[:24], x[24:]])
+    return x, qmodel, v, oqp, want, rq
+
+
+def test_residual_cnn_converts_to_a_dag_with_an_add(residual):
+    x, qmodel, v, oqp, _, rq = residual
+    assert sorted(rq) == ["conv2"]  # conv2's output is read by the add alone
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq)
+    kinds = [type(layer).__name__ for layer in program.layers]
+    assert kinds == ["Conv", "Conv", "Add", "Pool", "Reshape", "Dense"]
+    # v1 = conv1(x), v2 = conv2(v1), v3 = relu(v2 + v1): the skip reads v1 again
+    assert program.inputs == ((0,), (1,), (2, 1), (3,), (4,), (5,))
+    conv1, conv2, add, _, _, head = program.layers
+    assert add.activation == "relu" and conv2.activation is None
+    # scales: the skip at conv2's input quantizer, conv2's output at its measured range,
+    # the add's output at the head's input quantizer (TFLite: ADD requantizes to its own)
+    assert add.b_scale == conv1.out_scale == conv2.x_scale and add.b_zp == conv2.x_zp
+    assert add.a_scale == conv2.out_scale == np.float32(rq["conv2"].scale)
+    assert add.out_scale == head.x_scale and add.out_zp == head.x_zp
+    # without residual_qparams: symmetric int8 over the add's output range
+    default = C.convert(qmodel, v, x[:1], output_qparams=oqp).layers[1]
+    top = max(
+        abs(add.out_scale * (-128 - int(add.out_zp))), abs(add.out_scale * (127 - int(add.out_zp)))
+    )
+    assert int(default.out_zp) == 0
+    np.testing.assert_allclose(default.out_scale, top / 127, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["double", "single", "fp32"])
+def test_residual_program_equals_simulation_and_is_near_fake_quant(residual, mode):
+    x, qmodel, v, oqp, want, rq = residual
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp, mode=mode, residual_qparams=rq)
+    got = _program_codes(program, x)
+    sim = C.simulation(qmodel, v, x[:1], output_qparams=oqp, mode=mode, residual_qparams=rq)
+    codes = np.asarray(quantize(jax.jit(sim)(x), oqp, int8)).astype(np.int32)
+    np.testing.assert_array_equal(codes, got)
+    # the fake-quant model adds the float skip h to conv2's float output; the program adds
+    # int8 codes of both (h at conv2's input scale, conv2's output at its own): each rounding
+    # moves the head's input by up to half a code, so logits move by up to two codes
+    diff = np.abs(got - want)
+    assert diff.max() <= 2 and np.mean(diff > 0) < 0.5, (diff.max(), np.mean(diff > 0))
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
+    assert len(np.unique(got)) > 20
+
+
+def test_residual_program_save_load_and_integer_only(residual, tmp_path):
+    x, qmodel, v, oqp, _, rq = residual
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp, mode="fp32", residual_qparams=rq)
+    path = tmp_path / "res.safetensors"
+    C.save(program, path)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = json.loads(header.pop("__metadata__")["jquant_program"])
+    assert meta["version"] == 3 and meta["inputs"] == [list(r) for r in program.inputs]
+    assert sorted(header) == ["f32", "i32", "i8"]  # the add's constants are recomputed
+    loaded = C.load(path)
+    assert loaded.inputs == program.inputs
+    assert jax.tree.structure(loaded) == jax.tree.structure(program)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(program), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(_program_codes(loaded, x), _program_codes(program, x))
+    jaxpr = jax.make_jaxpr(C.run)(program, program.quantize_input(x[:2]))
+    floats = [
+        e.primitive.name
+        for e in jaxpr.jaxpr.eqns
+        if any(str(o.aval.dtype).startswith("float") for o in e.outvars)
+    ]
+    # fp32 requantization multiplies in float32 (XNNPACK); double mode is integer-only
+    assert floats
+    program_d = C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq)
+    jaxpr = jax.make_jaxpr(C.run)(program_d, program_d.quantize_input(x[:2]))
+    assert not any(
+        str(o.aval.dtype).startswith("float") for e in jaxpr.jaxpr.eqns for o in e.outvars
+    )
+
+
+def test_program_inputs_are_validated(residual):
+    x, qmodel, v, oqp, _, rq = residual
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq)
+    bad = dataclasses.replace(program, inputs=((0,), (1,), (2, 4), (3,), (4,), (5,)))
+    with pytest.raises(ValueError, match=r"'<top level>' \(number 2\) must read 2 earlier"):
+        C.validate(bad)
+    with pytest.raises(ValueError, match="inputs of 2 layers"):
+        C.validate(dataclasses.replace(program, inputs=((0,), (1,))))
+    with pytest.raises(ValueError, match=r"residual_qparams names \['head'\]"):
+        C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams={"head": oqp})
+
+
+# --- QConvBN (conv + BN trained with folded, quantized weights) ----------------------------
+
+
+class _FoldedNet(nn.Module):
+    """Built from jquant layers: QConvBN -> relu -> max pool -> QDense."""
+
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        from jquant.nn.bn_folding import QConvBN
+
+        q = {"rule": QuantRule(".*"), "phase": self.phase}
+        x = QConvBN(6, (3,), name="conv1", **q)(x, use_running_average=not train)
+        x = nn.max_pool(nn.relu(x), (2,), strides=(2,))
+        return ql.QDense(10, name="head", **q)(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def folded():
+    x = X1D
+    model = _FoldedNet()
+    v = dict(jax.jit(model.init)(jax.random.key(0), x[:2]))
+    key = jax.random.split(jax.random.key(3), 4)
+    c = 6  # BN statistics and affine parameters away from the identity, one gamma negative
+    v["batch_stats"] = {
+        "conv1": {
+            "mean": 0.3 * jax.random.normal(key[0], (c,)),
+            "var": jax.random.uniform(key[1], (c,), minval=0.2, maxval=3.0),
+        }
+    }
+    p = dict(v["params"]["conv1"])
+    p["scale"] = jax.random.uniform(key[2], (c,), minval=0.5, maxval=2.0).at[0].set(-1.3)
+    p["bias"] = 0.2 * jax.random.normal(key[3], (c,))
+    v["params"] = {**v["params"], "conv1": p}
+    calib = jax.jit(lambda v, x: _FoldedNet("calibrate").apply(v, x, mutable=["quant_stats"]))
+    for batch in (x[:24], x[24:]):
+        v["quant_stats"] = calib(v, batch)[1]["quant_stats"]
+    return x, v
+
+
+@pytest.mark.parametrize("mode", ["double", "single", "fp32"])
+def test_qconvbn_model_converts_like_its_eval_forward(folded, mode):
+    from jquant.nn.bn_folding import fold_bn
+
+    x, v = folded
+    model = _FoldedNet()  # built in phase float: convert traces it in float, runs it in eval
+    vb = C.with_quantized_bias(model, v, x[:1])
+    y = jax.jit(_FoldedNet("eval").apply)(vb, x)
+    oqp = qparams_from_range(jnp.min(y), jnp.max(y), int8)
+    want = np.asarray(quantize(y, oqp, int8)).astype(np.int32)
+    program = C.convert(model, v, x[:1], output_qparams=oqp, mode=mode)
+    assert [type(layer).__name__ for layer in program.layers] == [
+        "Conv", "Pool", "Reshape", "Dense"
+    ]  # fmt: skip
+    conv = program.layers[0]
+    # the weight codes are those of the folded kernel W gamma / sigma_R, per-channel symmetric
+    p, st = v["params"]["conv1"], v["batch_stats"]["conv1"]
+    w_fold, b_fold = fold_bn(p["kernel"], None, p["scale"], p["bias"], st["mean"], st["var"])
+    s_w = np.abs(np.asarray(w_fold)).reshape(-1, 6).max(0) / 127
+    np.testing.assert_allclose(conv.w_scale, s_w, rtol=1e-6)
+    np.testing.assert_array_equal(
+        conv.w[0].astype(int), np.round(np.asarray(w_fold) / s_w).astype(int)
+    )
+    np.testing.assert_array_equal(
+        conv.b,
+        np.round(np.asarray(b_fold, np.float64) / (conv.x_scale * conv.w_scale.astype(np.float64))),
+    )
+    got = _program_codes(program, x)
+    sim = C.simulation(model, v, x[:1], output_qparams=oqp, mode=mode)
+    np.testing.assert_array_equal(np.asarray(quantize(jax.jit(sim)(x), oqp, int8)), got)
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and np.mean(got.argmax(1) == want.argmax(1)) >= 0.999
+    if mode != "double":  # one rounding, as the fake-quant model
+        np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 20

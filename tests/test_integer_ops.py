@@ -275,7 +275,7 @@ def test_same_padding_puts_the_extra_row_after():
 # ------------------------------------------------------------------------------ onnxruntime
 
 
-def _ort_run(node, feeds, opset=21):
+def _ort_run(node, feeds, opset=21, domains=()):
     inputs = [
         helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
         for k, v in feeds.items()
@@ -283,7 +283,8 @@ def _ort_run(node, feeds, opset=21):
     graph = helper.make_graph(
         [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.INT8, None)]
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in domains)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)[0]
@@ -340,6 +341,77 @@ def test_dense_fp32_equals_onnxruntime_qlinearmatmul(rng):
     want = _ort_run(node, feeds)
     ours = jax.jit(functools.partial(qi.dense, requant="fp32", **q))(x, w)
     np.testing.assert_array_equal(np.asarray(ours), want)
+
+
+def _ort_qlinear_add(a, b, sa, za, sb, zb, sy, zy):
+    """onnxruntime ``com.microsoft.QLinearAdd`` (CPU provider, MLAS kernel)."""
+    names = ["a", "as", "az", "b", "bs", "bz", "ys", "yz"]
+    node = helper.make_node("QLinearAdd", names, ["y"], domain="com.microsoft")
+    f32, i8 = (lambda v: np.array(v, np.float32)), (lambda v: np.array(v, np.int8))
+    values = [a, f32(sa), i8(za), b, f32(sb), i8(zb), f32(sy), i8(zy)]
+    feeds = dict(zip(names, values, strict=True))
+    return _ort_run(node, feeds, opset=13, domains=("com.microsoft",))
+
+
+def np_mlas_add(a, b, sa, za, sb, zb, sy, zy, fused):
+    """MLAS ``QLinearAdd`` (onnxruntime/core/mlas/lib/qladd*.cpp) in NumPy: float32 ratios
+    ``r_a = s_a / s_y``, ``r_b = s_b / s_y``, the zero points folded into a float32 constant
+    ``c = z_y - (r_a z_a + r_b z_b)`` and the raw codes (not ``a - z_a``) scaled::
+
+        y = clamp(round_half_even(c + a r_a + b r_b))
+
+    ``fused``: with fused multiply-adds ``fma(a, r_a, fma(b, r_b, c))`` (the AVX2 kernel),
+    else each product and sum rounded to float32 (the SSE2 kernel). float64 evaluates each
+    fma exactly (an int8 times a float32 plus a float32 fits 53 bits here), then rounds once.
+    """
+    f32 = np.float32
+    ra, rb = f32(sa) / f32(sy), f32(sb) / f32(sy)
+    c = f32(f32(zy) - f32(f32(ra * f32(za)) + f32(rb * f32(zb))))
+    av, bv = a.astype(np.float64), b.astype(np.float64)
+    if fused:
+        inner = (bv * np.float64(rb) + np.float64(c)).astype(f32)
+        y = (av * np.float64(ra) + inner.astype(np.float64)).astype(f32)
+    else:
+        y = (c + a.astype(f32) * ra) + b.astype(f32) * rb
+    return np.clip(np.rint(y), -128, 127).astype(np.int8)
+
+
+_ADD_SCALES = [  # (s_a, z_a, s_b, z_b, s_y, z_y)
+    (0.03, 7, 0.011, -9, 0.05, 3),
+    (0.0311, 0, 0.0173, 0, 0.047, -7),
+    (0.1, -3, 0.2, 5, 0.3, 9),
+    (0.02, 12, 0.05, -30, 0.06, -20),
+]
+
+
+def test_add_fp32_vs_onnxruntime_qlinearadd(rng):
+    # ONNX Runtime's QLinearAdd does not compute the XNNPACK formula of our fp32 mode
+    # (round(f32((a - z_a) m_a) + f32((b - z_b) m_b)) + z_y): MLAS scales the raw codes and
+    # folds the zero points into one float32 constant, with FMAs on AVX2 (np_mlas_add). The
+    # two round the same real number differently only near a tie: what holds is checked.
+    a, b = _rand_int8(rng, (4096,)), _rand_int8(rng, (4096,))
+    fn = jax.jit(lambda a, b, rq, za, zb, zy: qi.add(a, b, a_zp=za, b_zp=zb, out_zp=zy, requant=rq))
+    for sa, za, sb, zb, sy, zy in _ADD_SCALES:
+        want = _ort_qlinear_add(a, b, sa, za, sb, zb, sy, zy)
+        # 1. onnxruntime is the documented MLAS formula, bit for bit (AVX2 or SSE2 kernel)
+        kernels = [np_mlas_add(a, b, sa, za, sb, zb, sy, zy, fused) for fused in (True, False)]
+        assert any(np.array_equal(want, k) for k in kernels), (sa, sb, sy)
+        # 2. our fp32 mode is within one code, and differs only at near-ties of the real value
+        rq = qi.add_requant(sa, sb, sy, "fp32")
+        ours = np.asarray(fn(a, b, rq, np.int32(za), np.int32(zb), np.int32(zy)))
+        diff = ours.astype(int) - want
+        # (0.02, 0.05, 0.06): ratios 1/3 and 5/6 put many real values exactly on .5
+        assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 0.05
+        real = (a.astype(np.float64) - za) * np.float32(sa) + (b - np.float64(zb)) * np.float32(sb)
+        real = real / np.float32(sy)
+        frac = np.abs(real - np.floor(real) - 0.5)
+        assert np.all(frac[diff != 0] < 1e-4)
+        np.testing.assert_array_equal(ours, np_add_fp32(a, b, sa, za, sb, zb, sy, zy))
+    # 3. power-of-two ratios: every product and sum is exact in float32 in both formulas,
+    # so both round the exact value half to even: bit for bit, many ties included
+    rq = qi.add_requant(0.5, 0.25, 1.0, "fp32")
+    ours = np.asarray(fn(a, b, rq, np.int32(3), np.int32(-5), np.int32(2)))
+    np.testing.assert_array_equal(ours, _ort_qlinear_add(a, b, 0.5, 3, 0.25, -5, 1.0, 2))
 
 
 # ------------------------------------------------------------------------------ pooling

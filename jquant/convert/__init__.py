@@ -1,6 +1,11 @@
 """Model conversion: a quantized Flax model -> an integer-only program (data + interpreter).
 
+The model: a rule-quantized ``QuantizedModel`` or a Linen model built from jquant layers
+(``QDense``, ``QConv``, ``QConvBN``); Conv / Dense (+ BatchNorm, relu), pooling, reshape and
+residual adds (the program is then a small DAG: ``program.inputs``).
+
 program = convert(qmodel, variables, x[:1], output_qparams=qp)
+    # residual blocks: residual_qparams=residual_qparams_from_data(qmodel, variables, batches)
 codes = jax.jit(run)(program, program.quantize_input(x))     # int8 in, int8 out
 logits = program.dequantize_output(codes)
 save(program, "model.safetensors"); program = load("model.safetensors")
@@ -9,11 +14,17 @@ sim = simulation(qmodel, variables, x[:1], output_qparams=qp, mode="double")  # 
     # model with the program's requantization: quantize(sim(x)) == run(...) bit for bit
 """
 
-from jquant.convert.build import convert, output_qparams_from_data, with_quantized_bias
+from jquant.convert.build import (
+    convert,
+    output_qparams_from_data,
+    residual_qparams_from_data,
+    with_quantized_bias,
+)
 from jquant.convert.io import load, read_tensors, save, write_tensors
 from jquant.convert.nnx import convert_nnx, linen_twin
 from jquant.convert.program import (
     AccumulatorInfo,
+    Add,
     Conv,
     Dense,
     LayerSpec,
@@ -29,6 +40,7 @@ from jquant.convert.trace import Node, trace_layers
 
 __all__ = [
     "AccumulatorInfo",
+    "Add",
     "Conv",
     "Dense",
     "LayerSpec",
@@ -43,6 +55,7 @@ __all__ = [
     "load",
     "output_qparams_from_data",
     "read_tensors",
+    "residual_qparams_from_data",
     "run",
     "save",
     "simulation",

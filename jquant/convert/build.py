@@ -1,8 +1,18 @@
 """Flax model (calibrated or QAT-trained, rules included) -> integer :class:`Program`.
 
+Every activation of the program is one int8 tensor with one scale and zero point. Its
+QParams are, in this order: the input quantizer of the Conv / Dense layers that read it
+(which must agree; pools and reshapes keep their input's QParams), ``output_qparams`` for the
+model's output, or, for a value read only by residual adds, the add's output QParams. A
+residual block ``relu(conv2(h) + h) -> dense`` thus requantizes ``conv2``'s output to the
+dense layer's input scale, and the add rescales both inputs to that scale (TFLite ``ADD``).
+The fake-quant model carries floats here (``conv2``'s output and the skip ``h`` are not
+quantized until the dense layer's input quantizer), so the program differs from it by the
+rounding of ``h`` and of ``conv2``'s output; :func:`jquant.convert.simulation` reproduces the
+program bit for bit.
+
 For each quantized Conv / Dense, with input scale ``s_x``, per-channel weight scale ``s_w``
-and the output scale ``s_y`` (the next layer's input quantizer, or ``output_qparams`` for the
-last layer)::
+and the output scale ``s_y``::
 
     q_w = quantize(W, s_w)                     (the codes the fake-quant model uses)
     BatchNorm after the layer:  k = gamma / sqrt(var + eps),
@@ -12,71 +22,93 @@ last layer)::
 
 Folding the BN factor into the scale instead of the weights keeps the weight codes equal to
 those of the simulated layer, so the integer program computes what the fake-quant model
-computes up to the rounding of the bias and of ``M``. Relu right after a layer (or its
-BatchNorm) is fused as the output clamp; pooling and reshapes follow as their own steps.
+computes up to the rounding of the bias and of ``M``. A :class:`~jquant.nn.bn_folding.QConvBN`
+is converted from the folded kernel and bias its eval forward quantizes. Relu right after a
+layer (or its BatchNorm, or an add) is fused as the output clamp; pooling and reshapes follow
+as their own steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jquant import integer
-from jquant.convert.program import Conv, Dense, Pool, Program, Reshape, validate
-from jquant.convert.trace import Node, trace_layers
+from jquant.convert import source
+from jquant.convert.program import Add, Conv, Dense, Pool, Program, Reshape, validate
+from jquant.convert.trace import Node
 from jquant.formats import IntFormat
 from jquant.integer.fixed_point import INT32_MAX, MULTIPLIER_MODES
 from jquant.nn.linen import QuantizedLayer, QuantizedModel
-from jquant.nn.state import STATS
 from jquant.quant import QParams, qparams_from_range, quantize
 
-__all__ = ["convert", "output_qparams_from_data", "with_quantized_bias"]
+__all__ = [
+    "convert",
+    "output_qparams_from_data",
+    "residual_qparams_from_data",
+    "with_quantized_bias",
+]
+
+
+_LINEAR = ("conv", "dense", "conv_bn")
+_SCALE_KEEPING = ("max_pool", "avg_pool", "reshape")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Stage:
-    """A linear layer with what follows it: optional BatchNorm, fused relu, pools/reshapes."""
+class _Op:
+    """One program step: a linear layer with its folded BatchNorm and fused relu, an add with
+    its fused relu, a pool or a reshape. ``inputs`` / ``out``: graph values (trace numbers)."""
 
-    layer: Node
+    node: Node
+    inputs: tuple[int, ...]
+    out: int
     bn: Node | None = None
     relu: bool = False
-    after: tuple[Node, ...] = ()
 
 
-def _stages(nodes: list[Node]) -> tuple[tuple[Node, ...], list[_Stage]]:
-    """Splits the node list into the steps before the first layer and one stage per layer."""
-    before: list[Node] = []
-    stages: list[_Stage] = []
-    for node in nodes:
-        if node.kind in ("conv", "dense"):
-            stages.append(_Stage(node))
+def _ops(nodes: list[Node]) -> list[_Op]:
+    """Fuses each BatchNorm into the Conv / Dense it follows and each relu into the layer or
+    add it follows; each fused node must be the only consumer of what it follows."""
+    consumers: dict[int, list[int]] = {}
+    for k, node in enumerate(nodes):
+        for v in node.inputs:
+            consumers.setdefault(v, []).append(k)
+
+    def sole(v: int, kind: str) -> int | None:
+        c = consumers.get(v, [])
+        return c[0] if len(c) == 1 and nodes[c[0]].kind == kind else None
+
+    ops, fused = [], set()
+    for k, node in enumerate(nodes):
+        if k in fused:
             continue
-        last = stages[-1] if stages else None
         if node.kind == "batch_norm":
-            if last is None or last.bn is not None or last.relu or last.after:
-                raise ValueError(
-                    f"BatchNorm {node.path!r} must directly follow a Conv or Dense to be folded"
-                )
-            stages[-1] = dataclasses.replace(last, bn=node)
-        elif node.kind == "relu":
-            if last is None or last.relu or last.after:
-                raise ValueError(
-                    f"relu in {node.path!r} must directly follow a Conv / Dense (or its "
-                    "BatchNorm) to be fused into its output clamp"
-                )
-            stages[-1] = dataclasses.replace(last, relu=True)
-        elif last is None:
-            before.append(node)
-        else:
-            stages[-1] = dataclasses.replace(last, after=(*last.after, node))
-    if not stages:
+            raise ValueError(
+                f"BatchNorm {node.path!r} must directly follow a Conv or Dense, as the only "
+                "consumer of its output, to be folded"
+            )
+        if node.kind == "relu":
+            raise ValueError(
+                f"relu in {node.path!r} must directly follow a Conv / Dense (or its BatchNorm) "
+                "or an add, as the only consumer of its output, to be fused into its clamp"
+            )
+        out, bn, relu = k + 1, None, False
+        if node.kind in ("conv", "dense") and (j := sole(out, "batch_norm")) is not None:
+            bn, out = nodes[j], j + 1
+            fused.add(j)
+        if node.kind in (*_LINEAR, "add") and (j := sole(out, "relu")) is not None:
+            relu, out = True, j + 1
+            fused.add(j)
+        ops.append(_Op(node, node.inputs, out, bn, relu))
+    if not any(op.node.kind in _LINEAR for op in ops):
         raise ValueError("the model has no Conv or Dense layer to convert")
-    return tuple(before), stages
+    return ops
 
 
 def _act_format(path: str, fmt) -> IntFormat:
@@ -154,35 +186,33 @@ def _subtree(tree: Mapping, path: str) -> Mapping:
     return tree
 
 
-def _folded(stage: _Stage, q: QuantizedLayer, variables, x_scale):
+def _folded(op: _Op, q: QuantizedLayer, variables, x_scale):
     """``(codes, w_scale float32, float bias, int bias)`` of a layer with its BN folded in."""
     codes, w_scale = _weight_codes(q)
     bias = np.zeros(codes.shape[-1]) if q.bias is None else np.asarray(q.bias, np.float64)
-    if stage.bn is not None:
-        codes, w_scale, bias = _fold_batch_norm(stage.bn, variables, codes, w_scale, bias)
+    if op.bn is not None:
+        codes, w_scale, bias = _fold_batch_norm(op.bn, variables, codes, w_scale, bias)
     w_scale = w_scale.astype(np.float32)
     b_int = np.round(bias / (np.float64(x_scale) * w_scale.astype(np.float64)))
     return codes, w_scale, bias, b_int
 
 
-def _linear_spec(
-    stage: _Stage,
-    q: QuantizedLayer,
-    variables,
-    x_qp: tuple,
-    y_qp: tuple,
-    mode: str,
-) -> Conv | Dense:
-    path, node = q.path, stage.layer
+def _wrapped(path: str, fn, *args):
+    """``fn(*args)``, its TypeError / ValueError prefixed with the layer's path."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {path!r}: {e}") from None
+
+
+def _linear_spec(op: _Op, q: QuantizedLayer, variables, x_qp: tuple, y_qp: tuple, mode: str):
+    path, node = q.path, op.node
     (x_scale, x_zp, _), (y_scale, y_zp, clamp) = x_qp, y_qp
-    codes, w_scale, _, b_int = _folded(stage, q, variables, x_scale)
+    codes, w_scale, _, b_int = _folded(op, q, variables, x_scale)
     if np.any(np.abs(b_int) > INT32_MAX):
         raise ValueError(f"layer {path!r}: bias / (x_scale * w_scale) does not fit int32")
     w, b = codes.astype(np.int8), b_int.astype(np.int32)
-    try:
-        requant = integer.requant_from_scales(x_scale, w_scale, y_scale, mode)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"layer {path!r}: {e}") from None
+    requant = _wrapped(path, integer.requant_from_scales, x_scale, w_scale, y_scale, mode)
     common = dict(
         path=path,
         b=b,
@@ -192,7 +222,7 @@ def _linear_spec(
         x_scale=np.float32(x_scale),
         w_scale=w_scale,
         out_scale=np.float32(y_scale),
-        activation="relu" if stage.relu else None,
+        activation="relu" if op.relu else None,
         clamp=clamp,
     )
     if node.kind == "dense":
@@ -207,6 +237,23 @@ def _linear_spec(
         groups=info["groups"],
         spatial=spatial,
         **common,
+    )
+
+
+def _add_spec(op: _Op, a_qp: tuple, b_qp: tuple, y_qp: tuple, mode: str) -> Add:
+    (sa, za, _), (sb, zb, _), (sy, zy, clamp) = a_qp, b_qp, y_qp
+    path = op.node.path
+    return Add(
+        path=path,
+        a_zp=np.int32(za),
+        b_zp=np.int32(zb),
+        out_zp=np.int32(zy),
+        requant=_wrapped(path, integer.add_requant, sa, sb, sy, mode),
+        a_scale=np.float32(sa),
+        b_scale=np.float32(sb),
+        out_scale=np.float32(sy),
+        activation="relu" if op.relu else None,
+        clamp=clamp,
     )
 
 
@@ -225,67 +272,170 @@ def _glue_spec(node: Node) -> Pool | Reshape:
     )
 
 
-def _quantized_layers(qmodel: QuantizedModel, variables, stages) -> list[QuantizedLayer]:
-    layers = {q.path: q for q in qmodel.layers(variables)}
-    out = []
-    for stage in stages:
-        path = stage.layer.path
-        if path not in layers:
-            rule = qmodel.match.assignment.get(path)
-            why = "no rule matches it" if rule is None else f"its rule {rule.pattern!r} keeps it"
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The program's steps; per linear step its QuantizedLayer; per graph value its
+    ``_signed`` QParams (``value_qp``)."""
+
+    ops: list[_Op]
+    layers: dict[int, QuantizedLayer]
+    value_qp: Callable[[int], tuple]
+    first: QuantizedLayer  # the layer whose input quantizer quantizes the program's input
+    residual: tuple[str, ...]  # layers whose output only residual adds read
+
+
+class _Groups:
+    """Union-find over graph values: pools and reshapes keep their input's scale."""
+
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def find(self, v: int) -> int:
+        while self.parent.get(v, v) != v:
+            v = self.parent[v]
+        return v
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(b)] = self.find(a)
+
+
+def _producer(ops: list[_Op], v: int) -> str:
+    return next((op.node.path for op in ops if op.out == v), "<input>")
+
+
+def _symmetric_over(qp: tuple) -> tuple:
+    """Symmetric int8 ``_signed`` QParams covering the range of ``qp``'s grid:
+    ``scale = max(|lo|, |hi|) / 127``, zero point 0."""
+    scale, zp, (qmin, qmax) = qp
+    top = max(abs(float(scale) * (qmin - zp)), abs(float(scale) * (qmax - zp)))
+    return np.float32(top / 127.0), 0, (-128, 127)
+
+
+def _value_qps(
+    ops: list[_Op], layers: dict, out_qp: tuple | None, given: Mapping[str, tuple]
+) -> tuple[Callable[[int], tuple], tuple[str, ...]]:
+    """Each graph value's QParams (module docstring): the input quantizer of the Conv / Dense
+    layers it feeds (they must agree), else ``out_qp`` for the model's output, else, for a
+    value only residual adds read, ``given[producer path]`` or symmetric int8 over the range
+    of the add's output. Also returns the paths of the layers whose outputs only adds read."""
+    groups = _Groups()
+    for op in ops:
+        if op.node.kind in _SCALE_KEEPING:
+            groups.union(op.inputs[0], op.out)
+    feeds: dict[int, list[tuple[str, tuple]]] = {}
+    adds: dict[int, list[_Op]] = {}
+    for k, op in enumerate(ops):
+        if op.node.kind in _LINEAR:
+            q = layers[k]
+            qp = _signed(q.input_qparams, _act_format(q.path, q.rule.act))
+            feeds.setdefault(groups.find(op.inputs[0]), []).append((q.path, qp))
+        elif op.node.kind == "add":
+            for v in op.inputs:
+                adds.setdefault(groups.find(v), []).append(op)
+    final = groups.find(ops[-1].out)
+    residual = tuple(_producer(ops, g) for g in adds if g not in feeds and g != final and g != 0)
+    memo: dict[int, tuple] = {}
+
+    def resolve(g: int) -> tuple:
+        if g in memo:
+            return memo[g]
+        if g in feeds:
+            (path, qp), *rest = feeds[g]
+            for other, qp2 in rest:
+                if (float(qp[0]), *qp[1:]) != (float(qp2[0]), *qp2[1:]):
+                    raise ValueError(
+                        f"layers {path!r} and {other!r} read the same activation with different "
+                        f"input QParams (scale, zero point, range) {qp} and {qp2}: the integer "
+                        "program holds one int8 tensor per activation"
+                    )
+            if g == final and out_qp is not None:
+                raise ValueError(f"the model's output also feeds layer {path!r}")
+            memo[g] = qp
+        elif g == final and out_qp is not None:
+            memo[g] = out_qp
+        elif g in adds and _producer(ops, g) in given:
+            memo[g] = given[_producer(ops, g)]
+        elif g in adds:
+            memo[g] = _symmetric_over(resolve(groups.find(adds[g][0].out)))
+        else:
             raise ValueError(
-                f"layer {path!r} is not quantized ({why} float); an integer-only program "
-                "needs every Conv / Dense quantized"
+                f"the output of {_producer(ops, g)!r} feeds no quantized Conv / Dense, add or "
+                "the model's output: no quantizer gives its scale"
             )
-        q = layers[path]
-        if q.input_qparams is None:
-            raise ValueError(
-                f"layer {path!r} has no input QParams: calibrate the model (phase "
-                "'calibrate') or quantize its activations (rule.act) before converting"
-            )
-        out.append(q)
-    return out
+        return memo[g]
+
+    return (lambda v: resolve(groups.find(v))), residual
 
 
-def _plan(qmodel, variables, example_x, apply_kwargs):
-    """Traced stages, their quantized layers and each layer's input ``_signed`` QParams."""
-    float_vars = {k: v for k, v in variables.items() if k != STATS}
-    before, stages = _stages(trace_layers(qmodel.model, float_vars, example_x, **apply_kwargs))
-    layers = _quantized_layers(qmodel, variables, stages)
-    act_qps = [_signed(q.input_qparams, _act_format(q.path, q.rule.act)) for q in layers]
-    return before, stages, layers, act_qps
-
-
-def _check_model(qmodel) -> None:
-    if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(
-            f"qmodel must be a jquant.nn.linen.QuantizedModel, got {type(qmodel).__name__}"
+def _plan(
+    qmodel, variables, example_x, apply_kwargs, out_qp: tuple | None = None, given=None
+) -> _Plan:
+    """Traced and fused steps, their quantized layers, the QParams of every value."""
+    nodes = source.trace(qmodel, variables, example_x, apply_kwargs)
+    ops = _ops(nodes)
+    linear = [k for k, op in enumerate(ops) if op.node.kind in _LINEAR]
+    infos = source.layer_info(qmodel, variables, [ops[k].node for k in linear])
+    layers = dict(zip(linear, infos, strict=True))
+    at_input = {0}  # the input and its pools / reshapes: one scale
+    for op in ops:
+        if op.node.kind in _SCALE_KEEPING and op.inputs[0] in at_input:
+            at_input.add(op.out)
+    first = next((layers[k] for k in linear if ops[k].inputs[0] in at_input), None)
+    if first is None:
+        raise ValueError(
+            "the model's input must feed a quantized Conv / Dense directly: its input "
+            "quantizer quantizes the program's input"
         )
+    given = {
+        path: _signed(_checked_qparams(f"residual_qparams[{path!r}]", qp), IntFormat(8))
+        for path, qp in (given or {}).items()
+    }
+    value_qp, residual = _value_qps(ops, layers, out_qp, given)
+    unknown = sorted(set(given) - set(residual))
+    if unknown:
+        raise ValueError(
+            f"residual_qparams names {unknown}, but only the outputs of {list(residual)} are "
+            "read by residual adds alone"
+        )
+    return _Plan(ops, layers, value_qp, first, residual)
+
+
+def _checked_qparams(name: str, qp) -> QParams:
+    if not isinstance(qp, QParams):
+        raise TypeError(f"{name} must be a jquant.QParams, got {type(qp).__name__}")
+    return qp
 
 
 def convert(
-    qmodel: QuantizedModel,
+    qmodel: QuantizedModel | nn.Module,
     variables: Mapping[str, Any],
     example_x: jax.Array,
     *,
     output_qparams: QParams,
     mode: str = "double",
+    residual_qparams: Mapping[str, QParams] | None = None,
     **apply_kwargs,
 ) -> Program:
     """Converts a calibrated / QAT-trained quantized Linen model into an integer :class:`Program`.
 
     Weights become int8 codes (symmetric per output channel, as the rule quantizes them),
-    biases int32 at ``s_x * s_w[c]``, BatchNorm is folded, relu fused; each layer's output is
-    requantized to the next layer's input quantizer and the last layer's to
-    ``output_qparams``. Every accumulator is checked: ``255 sum|w| + |b| <= 2^31 - 1``.
+    biases int32 at ``s_x * s_w[c]``, BatchNorm is folded (a :class:`QConvBN`'s exactly as its
+    eval forward folds it), relu fused; each value is requantized to the input quantizer of
+    the layers it feeds, the model's output to ``output_qparams`` and a value feeding only
+    residual adds to the add's output scale (module docstring). Every accumulator is
+    checked: ``255 sum|w| + |b| <= 2^31 - 1``.
 
     Args:
-      qmodel: the :class:`jquant.nn.linen.QuantizedModel` (rules included).
+      qmodel: a :class:`jquant.nn.linen.QuantizedModel` (rules included), or a Linen model
+        built from jquant layers (``QDense``, ``QConv``, ``QConvBN``; any phase).
       variables: its variables, calibrated (``quant_stats``) and/or QAT-trained.
       example_x: an example input batch (its shape fixes the program's input shape).
       output_qparams: per-tensor int8 QParams of the logits, e.g. from
         :func:`output_qparams_from_data`.
       mode: requantization: ``"double"`` (TFLite reference), ``"single"`` or ``"fp32"``.
+      residual_qparams: QParams of the outputs of layers (by path) that only residual adds
+        read, e.g. from :func:`residual_qparams_from_data`; default: symmetric int8 over the
+        range of the add's output.
       **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
     Returns:
@@ -296,7 +446,7 @@ def convert(
       ValueError: unsupported layers or operations (naming the module path), unquantized or
         uncalibrated layers, bad scales / zero points, a possible int32 overflow.
     """
-    _check_model(qmodel)
+    source.check_model(qmodel)
     if mode not in MULTIPLIER_MODES:
         raise ValueError(f"mode must be one of {MULTIPLIER_MODES}, got {mode!r}")
     if not isinstance(output_qparams, QParams):
@@ -306,14 +456,24 @@ def convert(
         )
     variables = dict(variables)
     example_x = jnp.asarray(example_x)
-    before, stages, layers, act_qps = _plan(qmodel, variables, example_x, apply_kwargs)
-    act_qps.append(_signed(output_qparams, IntFormat(8)))
-    specs: list = [_glue_spec(n) for n in before]
-    for k, (stage, q) in enumerate(zip(stages, layers, strict=True)):
-        specs.append(_linear_spec(stage, q, variables, act_qps[k], act_qps[k + 1], mode))
-        specs.extend(_glue_spec(n) for n in stage.after)
-    in_scale, in_zp, in_clamp = act_qps[0]
-    out_scale, out_zp, _ = act_qps[-1]
+    out_qp = _signed(output_qparams, IntFormat(8))
+    plan = _plan(qmodel, variables, example_x, apply_kwargs, out_qp, residual_qparams)
+    qp = plan.value_qp
+    values, specs, reads = {0: 0}, [], []
+    for k, op in enumerate(plan.ops):
+        reads.append(tuple(values[v] for v in op.inputs))
+        kind = op.node.kind
+        if kind in _LINEAR:
+            q = plan.layers[k]
+            specs.append(_linear_spec(op, q, variables, qp(op.inputs[0]), qp(op.out), mode))
+        elif kind == "add":
+            specs.append(_add_spec(op, *(qp(v) for v in (*op.inputs, op.out)), mode))
+        else:
+            specs.append(_glue_spec(op.node))
+        values[op.out] = len(specs)
+    inputs = tuple(reads)
+    in_scale, in_zp, in_clamp = qp(0)
+    out_scale, out_zp, _ = qp(plan.ops[-1].out)
     program = Program(
         layers=tuple(specs),
         input_scale=np.float32(in_scale),
@@ -322,7 +482,8 @@ def convert(
         output_zp=np.int32(out_zp),
         input_shape=tuple(int(d) for d in example_x.shape[1:]),
         input_clamp=in_clamp,
-        rounding=layers[0].rule.act_config().rounding,
+        rounding=plan.first.rule.act_config().rounding,
+        inputs=None if inputs == tuple((k,) for k in range(len(specs))) else inputs,
     )
     return validate(program)
 
@@ -335,8 +496,7 @@ def output_qparams_from_data(
 ) -> QParams:
     """Affine int8 QParams of the model's output (phase ``eval``) over ``batches``:
     ``qparams_from_range(min y, max y, int8)``, the output quantizer of the last layer."""
-    ev = qmodel.with_phase("eval")
-    fwd = jax.jit(lambda v, x: ev.apply(v, x, **apply_kwargs))
+    fwd = jax.jit(lambda v, x: source.eval_forward(qmodel, v, apply_kwargs)(x))
     lo, hi = np.inf, -np.inf
     for x in batches:
         y = np.asarray(fwd(variables, x))
@@ -345,6 +505,60 @@ def output_qparams_from_data(
         raise ValueError("output_qparams_from_data needs data: batches yielded no batch")
     qp = qparams_from_range(jnp.float32(lo), jnp.float32(hi), IntFormat(8))
     return QParams(jnp.asarray(qp.scale), jnp.asarray(qp.zero_point))
+
+
+def residual_qparams_from_data(
+    qmodel: QuantizedModel | nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable[jax.Array],
+    **apply_kwargs,
+) -> dict[str, QParams]:
+    """Affine int8 QParams of the output of each layer that only residual adds read, from its
+    range in the fake-quant model (phase ``eval``) over ``batches``:
+    ``qparams_from_range(min y, max y, int8)`` (the output observer such a value lacks).
+
+    Returns ``{layer path: QParams}`` for :func:`convert`'s ``residual_qparams`` (empty for a
+    model without such layers)."""
+    source.check_model(qmodel)
+    variables = dict(variables)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("residual_qparams_from_data needs data: batches yielded no batch")
+    plan = _plan(qmodel, variables, jnp.asarray(batches[0][:1]), apply_kwargs)
+    # the module whose output is the value: the BatchNorm folded into the layer, else it
+    ends = {
+        (plan.ops[k].bn or plan.ops[k].node).path: plan.ops[k].node.path
+        for k in plan.layers
+        if plan.ops[k].node.path in plan.residual
+    }
+    forward = source.eval_forward(qmodel, variables, apply_kwargs)
+
+    def ranges(x):
+        found: dict[str, tuple] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            path = "/".join(context.module.path)
+            if context.method_name == "__call__" and path in ends:
+                found[ends[path]] = (jnp.min(y), jnp.max(y))
+            return y
+
+        with nn.intercept_methods(interceptor):
+            forward(x)
+        return found
+
+    step = jax.jit(ranges)
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for x in batches:
+        for path, (a, b) in step(x).items():
+            lo[path] = min(lo.get(path, np.inf), float(a))
+            hi[path] = max(hi.get(path, -np.inf), float(b))
+    out = {}
+    for path in lo:
+        qp = qparams_from_range(jnp.float32(lo[path]), jnp.float32(hi[path]), IntFormat(8))
+        out[path] = QParams(jnp.asarray(qp.scale), jnp.asarray(qp.zero_point))
+    return out
 
 
 def _add(tree: Mapping, path: str, name: str, delta: np.ndarray) -> dict:
@@ -383,14 +597,17 @@ def with_quantized_bias(
     Raises:
       ValueError: as :func:`convert`, or a layer whose bias has nowhere to go.
     """
-    _check_model(qmodel)
+    source.check_model(qmodel)
     variables = dict(variables)
-    _, stages, layers, act_qps = _plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
+    plan = _plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
     params = variables["params"]
-    for stage, q, (x_scale, _, _) in zip(stages, layers, act_qps, strict=True):
-        _, w_scale, bias, b_int = _folded(stage, q, variables, x_scale)
-        delta = b_int * np.float64(x_scale) * w_scale.astype(np.float64) - bias
-        owner = stage.bn.path if stage.bn is not None else q.path
+    for k, q in plan.layers.items():
+        op = plan.ops[k]
+        _, w_scale, bias, b_int = _folded(op, q, variables, plan.value_qp(op.inputs[0])[0])
+        delta = (
+            b_int * np.float64(plan.value_qp(op.inputs[0])[0]) * w_scale.astype(np.float64) - bias
+        )
+        owner = op.bn.path if op.bn is not None else q.path
         if "bias" not in _subtree(params, owner):
             if np.any(delta != 0):
                 raise ValueError(f"layer {owner!r} has no bias parameter to carry the rounding")

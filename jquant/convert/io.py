@@ -8,17 +8,21 @@ A program is stored compactly, as three packed tensors and its static structure:
 
 - ``i8``: every layer's int8 weights, flattened and concatenated (int8 stays int8);
 - ``i32``: the program's input / output zero points, then per linear layer its int32 bias,
-  ``x_zp`` and ``out_zp``;
+  ``x_zp`` and ``out_zp``, per add ``a_zp``, ``b_zp`` and ``out_zp``;
 - ``f32``: the program's input / output scales, then per linear layer ``x_scale``,
-  ``w_scale`` (per channel) and ``out_scale``;
+  ``w_scale`` (per channel) and ``out_scale``, per add ``a_scale``, ``b_scale``, ``out_scale``;
 - ``"__metadata__": {"jquant_program": <JSON>}``: layer kinds, paths, weight shapes, the
-  geometry fields that differ from their defaults, and the requantization mode.
+  geometry fields that differ from their defaults, the requantization mode and, for a
+  program that is not a plain sequence, ``inputs`` (the values each layer reads).
 
 The requantization constants are not stored: :func:`load` recomputes them host-side from the
-stored float32 scales with :func:`jquant.integer.requant_from_scales` (``quantize_multiplier``
-in float64 for ``double`` / ``single``), exactly as :func:`jquant.convert.convert` computed
-them, so a loaded program runs bit for bit like the saved one. :func:`save` checks this and
-refuses a program whose constants do not follow from its scales.
+stored float32 scales with :func:`jquant.integer.requant_from_scales` /
+:func:`jquant.integer.add_requant` (``quantize_multiplier`` in float64 for ``double`` /
+``single``), exactly as :func:`jquant.convert.convert` computed them, so a loaded program runs
+bit for bit like the saved one. :func:`save` checks this and refuses a program whose
+constants do not follow from its scales.
+
+Version 3 (residual adds, ``inputs``) reads version 2 files (sequences without adds) as well.
 """
 
 from __future__ import annotations
@@ -29,17 +33,19 @@ import os
 import struct
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 from jquant import integer
-from jquant.convert.program import SPECS, Conv, Dense, Program, spec_name, validate
+from jquant.convert.program import SPECS, Add, Conv, Dense, Program, spec_name, validate
 
 __all__ = ["save", "load", "write_tensors", "read_tensors"]
 
 _DTYPES = {"I8": np.int8, "U8": np.uint8, "I32": np.int32, "F32": np.float32, "F64": np.float64}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _META_KEY = "jquant_program"
-_VERSION = 2
+_VERSION = 3
+_READS = (2, 3)
 # packed tensors: name -> dtype
 _PACKS = {"i8": np.int8, "i32": np.int32, "f32": np.float32}
 # per linear layer, in file order: (pack, field)
@@ -50,6 +56,14 @@ _LINEAR_FIELDS = (
     ("i32", "out_zp"),
     ("f32", "x_scale"),
     ("f32", "w_scale"),
+    ("f32", "out_scale"),
+)
+_ADD_FIELDS = (
+    ("i32", "a_zp"),
+    ("i32", "b_zp"),
+    ("i32", "out_zp"),
+    ("f32", "a_scale"),
+    ("f32", "b_scale"),
     ("f32", "out_scale"),
 )
 _PROGRAM_FIELDS = (
@@ -131,16 +145,25 @@ def _non_default_meta(layer) -> dict:
     return out
 
 
-def _check_recomputable(layer: Conv | Dense) -> None:
+def _requant_again(layer: Conv | Dense | Add, mode: str):
+    """The requantization constants :func:`load` computes from the layer's scales."""
+    if isinstance(layer, Add):
+        return integer.add_requant(layer.a_scale, layer.b_scale, layer.out_scale, mode)
+    return integer.requant_from_scales(layer.x_scale, layer.w_scale, layer.out_scale, mode)
+
+
+def _check_recomputable(layer: Conv | Dense | Add) -> None:
     rq = layer.requant
-    again = integer.requant_from_scales(layer.x_scale, layer.w_scale, layer.out_scale, rq.mode)
-    for name in ("multiplier", "shift"):
-        a, b = np.asarray(getattr(rq, name)), np.asarray(getattr(again, name))
+    again = _requant_again(layer, rq.mode)
+    for (name, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(rq), jax.tree.leaves(again), strict=True
+    ):
+        a, b = np.asarray(a), np.asarray(b)
         if a.dtype != b.dtype or not np.array_equal(np.broadcast_to(a, b.shape), b):
             raise ValueError(
-                f"layer {layer.path!r}: requant.{name} does not follow from the layer's scales "
-                "(requant_from_scales(x_scale, w_scale, out_scale, mode)); save stores only "
-                "the scales and recomputes the constants at load"
+                f"layer {layer.path!r}: requant{jax.tree_util.keystr(name)} does not follow "
+                "from the layer's scales (requant_from_scales / add_requant of its scales and "
+                "mode); save stores only the scales and recomputes the constants at load"
             )
 
 
@@ -159,12 +182,13 @@ def save(program: Program, path: str | os.PathLike) -> int:
     layers, modes = [], set()
     for layer in program.layers:
         entry: list = [spec_name(layer), layer.path, _non_default_meta(layer)]
-        if isinstance(layer, Conv | Dense):
+        if isinstance(layer, Conv | Dense | Add):
             _check_recomputable(layer)
             modes.add(layer.requant.mode)
+        if isinstance(layer, Conv | Dense):
             entry.append(list(np.shape(layer.w)))
-            for pack, name in _LINEAR_FIELDS:
-                packs[pack].append(np.asarray(getattr(layer, name)).reshape(-1))
+        for pack, name in _fields(layer):
+            packs[pack].append(np.asarray(getattr(layer, name)).reshape(-1))
         layers.append(entry)
     if len(modes) > 1:
         raise ValueError(f"save needs one requantization mode for all layers, got {sorted(modes)}")
@@ -176,6 +200,8 @@ def save(program: Program, path: str | os.PathLike) -> int:
         "rounding": program.rounding,
         "layers": layers,
     }
+    if program.inputs is not None:
+        meta["inputs"] = program.inputs
     tensors = {k: np.concatenate(v).astype(_PACKS[k]) for k, v in packs.items() if v}
     return write_tensors(path, tensors, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
 
@@ -205,16 +231,25 @@ class _Reader:
                 raise ValueError(f"{self.path}: packed tensor {pack!r} has {size - used} extra")
 
 
-def _read_linear(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
-    channels = w_shape[-1]
-    shapes = {"w": tuple(w_shape), "b": (channels,), "w_scale": (channels,)}
-    for pack, name in _LINEAR_FIELDS:
+def _fields(layer) -> tuple[tuple[str, str], ...]:
+    """The packed fields of a layer spec, in file order."""
+    if isinstance(layer, Conv | Dense) or layer in (Conv, Dense):
+        return _LINEAR_FIELDS
+    return _ADD_FIELDS if isinstance(layer, Add) or layer is Add else ()
+
+
+def _read_requantized(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
+    """A Conv / Dense / Add spec from the packed tensors, its constants recomputed."""
+    shapes = {}
+    if w_shape is not None:
+        channels = w_shape[-1]
+        shapes = {"w": tuple(w_shape), "b": (channels,), "w_scale": (channels,)}
+    for pack, name in _fields(cls):
         a = reader.take(pack, shapes.get(name, (1,)))
         kwargs[name] = a if name in shapes else a.reshape(())
+    kwargs["requant"] = None
     try:
-        kwargs["requant"] = integer.requant_from_scales(
-            kwargs["x_scale"], kwargs["w_scale"], kwargs["out_scale"], mode
-        )
+        kwargs["requant"] = _requant_again(cls(**kwargs), mode)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{reader.path}: layer {kwargs['path']!r}: {e}") from None
     return cls(**kwargs)
@@ -235,8 +270,8 @@ def load(path: str | os.PathLike) -> Program:
         meta = json.loads(metadata[_META_KEY])
     except ValueError as e:
         raise ValueError(f"{path}: {_META_KEY!r} metadata is not JSON ({e})") from None
-    if meta.get("version") != _VERSION:
-        raise ValueError(f"{path}: program version {meta.get('version')}, expected {_VERSION}")
+    if meta.get("version") not in _READS:
+        raise ValueError(f"{path}: program version {meta.get('version')}, expected one of {_READS}")
     reader = _Reader(path, tensors)
     top = {name: reader.take(pack, (1,)).reshape(()) for pack, name in _PROGRAM_FIELDS}
     layers = []
@@ -246,8 +281,9 @@ def load(path: str | os.PathLike) -> Program:
         if cls is None:
             raise ValueError(f"{path}: unknown layer type {kind!r}")
         kwargs = {"path": layer_path, **{k: _tuples(v) for k, v in static.items()}}
-        if cls in (Conv, Dense):
-            layers.append(_read_linear(cls, reader, entry[3], meta["mode"], kwargs))
+        if cls in (Conv, Dense, Add):
+            w_shape = entry[3] if cls in (Conv, Dense) else None
+            layers.append(_read_requantized(cls, reader, w_shape, meta["mode"], kwargs))
         else:
             layers.append(cls(**kwargs))
     reader.check_done()
@@ -257,5 +293,6 @@ def load(path: str | os.PathLike) -> Program:
         input_shape=_tuples(meta["input_shape"]),
         input_clamp=_tuples(meta["input_clamp"]),
         rounding=meta["rounding"],
+        inputs=_tuples(meta["inputs"]) if "inputs" in meta else None,
     )
     return validate(program)

@@ -1,4 +1,4 @@
-"""The integer program: a frozen tuple of layer specs (a pytree) and its interpreter :func:`run`.
+"""The integer program: a small DAG of layer specs (a pytree) and its interpreter :func:`run`.
 
 A converted model is data. Each layer spec holds its integer constants as leaves (int8
 weights, int32 bias, zero points, :class:`~jquant.integer.Requant` multipliers, and the float32
@@ -6,8 +6,12 @@ scales they came from, kept for inspection) and its geometry as static fields. :
 folds the specs over an int8 batch with the kernels of :mod:`jquant.integer`::
 
     x_0 = program.quantize_input(x)          # q = clip(round(x / s_in) + z_in)
-    x_{k+1} = layer_k(x_k)                   # int8 -> int8, int32 accumulators inside
-    y = program.dequantize_output(x_L)       # s_out (q - z_out)
+    v_{k+1} = layer_k(v_i, ...)              # i in inputs[k]; int8 -> int8, int32 inside
+    y = program.dequantize_output(v_L)       # s_out (q - z_out)
+
+Values are numbered: ``v_0`` is the input, ``v_{k+1}`` the output of ``layers[k]``, which
+reads the values named by ``program.inputs[k]`` (``None``: the sequence ``inputs[k] = (k,)``).
+An :class:`Add` (residual connection) reads two values; every other spec reads one.
 
 Linear layers compute ``clamp(requant(sum (x - x_zp) w + b) + out_zp)`` (TFLite int8 spec);
 pooling keeps the input's scale and zero point; reshape only moves codes. 1-D convolutions
@@ -32,6 +36,7 @@ __all__ = [
     "Dense",
     "Pool",
     "Reshape",
+    "Add",
     "Program",
     "LayerSpec",
     "AccumulatorInfo",
@@ -186,13 +191,61 @@ class Reshape:
         return x.reshape(x.shape[0], *self.shape)
 
 
-LayerSpec = Conv | Dense | Pool | Reshape
-SPECS: dict[str, type] = {"conv": Conv, "dense": Dense, "pool": Pool, "reshape": Reshape}
+@_spec(
+    ("a_zp", "b_zp", "out_zp", "requant", "a_scale", "b_scale", "out_scale"),
+    ("path", "activation", "clamp"),
+)
+class Add:
+    """int8 elementwise add of two values (TFLite ``ADD``): each input rescaled to
+    ``out_scale`` (:func:`jquant.integer.add`, ``requant`` from
+    :func:`jquant.integer.add_requant`)::
+
+        y = clamp(round((s_a (a - a_zp) + s_b (b - b_zp)) / s_y) + y_zp)
+
+    Attributes:
+      a_zp, b_zp, out_zp: int32 zero points; a_scale, b_scale, out_scale: float32 scales.
+      requant: the :class:`~jquant.integer.AddRequant` of the three scales.
+      activation, clamp, path: as :class:`Conv`.
+    """
+
+    path: str
+    a_zp: jax.Array
+    b_zp: jax.Array
+    out_zp: jax.Array
+    requant: integer.AddRequant
+    a_scale: jax.Array
+    b_scale: jax.Array
+    out_scale: jax.Array
+    activation: str | None = None
+    clamp: tuple[int, int] = INT8_RANGE
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        y = integer.add(
+            a,
+            b,
+            a_zp=self.a_zp,
+            b_zp=self.b_zp,
+            out_scale=self.out_scale,
+            out_zp=self.out_zp,
+            activation=self.activation,
+            requant=self.requant,
+        )
+        return _clamp(y, self.clamp)
+
+
+LayerSpec = Conv | Dense | Pool | Reshape | Add
+SPECS: dict[str, type] = {
+    "conv": Conv,
+    "dense": Dense,
+    "pool": Pool,
+    "reshape": Reshape,
+    "add": Add,
+}
 
 
 @_spec(
     ("layers", "input_scale", "input_zp", "output_scale", "output_zp"),
-    ("input_shape", "input_clamp", "rounding"),
+    ("input_shape", "input_clamp", "rounding", "inputs"),
 )
 class Program:
     """An integer-only program: layer specs plus the input and output quantizers.
@@ -204,6 +257,8 @@ class Program:
       input_shape: shape of one example (without the batch axis).
       input_clamp: ``(qmin, qmax)`` of the input format.
       rounding: rounding of the input quantizer (``jquant.quant.ROUNDING_MODES``).
+      inputs: per layer, the numbers of the values it reads (module docstring); None for a
+        sequence.
     """
 
     layers: tuple
@@ -214,6 +269,13 @@ class Program:
     input_shape: tuple[int, ...]
     input_clamp: tuple[int, int] = INT8_RANGE
     rounding: str = "nearest_even"
+    inputs: tuple[tuple[int, ...], ...] | None = None
+
+    def layer_inputs(self) -> tuple[tuple[int, ...], ...]:
+        """``inputs``, with the sequence ``((0,), (1,), ...)`` spelled out when None."""
+        if self.inputs is None:
+            return tuple((k,) for k in range(len(self.layers)))
+        return self.inputs
 
     def quantize_input(self, x: jax.Array) -> jax.Array:
         """int8 ``clip(round(x / input_scale) + input_zp, qmin, qmax)``."""
@@ -232,7 +294,8 @@ class Program:
 
 
 def run(program: Program, x: jax.Array) -> jax.Array:
-    """Runs the integer program on int8 inputs: ``x_{k+1} = layer_k(x_k)``, int8 out.
+    """Runs the integer program on int8 inputs: ``v_{k+1} = layer_k(v_i, ...)`` over the
+    values named by ``program.inputs`` (module docstring); returns the last value, int8.
 
     Pure and jit-able (``jax.jit(run)(program, x)``); every arithmetic step is integer.
 
@@ -259,9 +322,10 @@ def run(program: Program, x: jax.Array) -> jax.Array:
         raise ValueError(
             f"x must have shape (N, *{tuple(program.input_shape)}), got {tuple(x.shape)}"
         )
-    for layer in program.layers:
-        x = layer(x)
-    return x
+    values = [x]
+    for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
+        values.append(layer(*(values[i] for i in reads)))
+    return values[-1]
 
 
 class AccumulatorInfo(NamedTuple):
@@ -319,9 +383,37 @@ def _validate_linear(layer: Conv | Dense) -> None:
         raise ValueError(f"{where}: {e}") from None
 
 
+def _validate_add(layer: Add) -> None:
+    where = f"layer {layer.path!r}"
+    for name in ("a_zp", "b_zp"):
+        _check_zp(where, name, getattr(layer, name))
+    _check_zp(where, "out_zp", layer.out_zp, layer.clamp)
+    for name in ("a_scale", "b_scale", "out_scale"):
+        _check_scales(where, name, getattr(layer, name))
+    if layer.activation not in (None, "relu"):
+        raise ValueError(f"{where}: activation must be None or 'relu', got {layer.activation!r}")
+
+
+def _validate_inputs(program: Program) -> None:
+    """Each layer reads earlier values only: two for an Add, one otherwise."""
+    if program.inputs is not None and len(program.inputs) != len(program.layers):
+        raise ValueError(
+            f"program.inputs names the inputs of {len(program.inputs)} layers, but there are "
+            f"{len(program.layers)} layers"
+        )
+    for k, (layer, reads) in enumerate(zip(program.layers, program.layer_inputs(), strict=True)):
+        arity = 2 if isinstance(layer, Add) else 1
+        if len(reads) != arity or not all(isinstance(i, int) and 0 <= i <= k for i in reads):
+            raise ValueError(
+                f"layer {layer.path!r} (number {k}) must read {arity} earlier value(s) among "
+                f"0..{k}, got inputs {reads!r}"
+            )
+
+
 def validate(program: Program) -> Program:
     """Checks a concrete program: dtypes, scales ``> 0``, zero points in range, int32-safe
-    accumulators. Returns it; raises ValueError / TypeError naming the layer otherwise."""
+    accumulators, inputs naming earlier values. Returns it; raises ValueError / TypeError
+    naming the layer otherwise."""
     if not isinstance(program, Program):
         raise TypeError(f"program must be a jquant.convert.Program, got {type(program).__name__}")
     _check_scales("program", "input_scale", program.input_scale)
@@ -331,11 +423,14 @@ def validate(program: Program) -> Program:
     for layer in program.layers:
         if isinstance(layer, Conv | Dense):
             _validate_linear(layer)
+        elif isinstance(layer, Add):
+            _validate_add(layer)
         elif isinstance(layer, Pool):
             if layer.kind not in POOL_KINDS:
                 raise ValueError(f"layer {layer.path!r}: pool kind must be in {POOL_KINDS}")
         elif not isinstance(layer, Reshape):
             raise TypeError(f"program.layers holds a {type(layer).__name__}, not a layer spec")
+    _validate_inputs(program)
     return program
 
 

@@ -29,10 +29,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 
 from jquant import integer
-from jquant.convert.build import _check_model, _plan, convert
-from jquant.convert.program import Conv, Dense
+from jquant.convert import source
+from jquant.convert.build import _plan, convert
+from jquant.convert.program import Add, Conv, Dense
+from jquant.convert.trace import _where
 from jquant.nn.inject import QuantOp
 from jquant.nn.linen import QuantizedModel
 from jquant.quant import QParams
@@ -50,16 +53,77 @@ def _requantized(layer: Conv | Dense, y: jax.Array) -> jax.Array:
     lo = jnp.maximum(lo, layer.clamp[0])
     hi = jnp.minimum(hi, layer.clamp[1])
     codes = integer.requantize(acc, layer.requant, layer.out_zp, lo, hi).astype(jnp.int32)
-    return jnp.asarray(layer.out_scale, jnp.float32) * (codes - layer.out_zp).astype(jnp.float32)
+    return _on_grid(codes, layer.out_scale, layer.out_zp)
+
+
+def _on_grid(codes: jax.Array, scale, zp) -> jax.Array:
+    """``s (q - z)`` in float32."""
+    return jnp.asarray(scale, jnp.float32) * (codes.astype(jnp.int32) - zp).astype(jnp.float32)
+
+
+def _codes(v: jax.Array, scale, zp) -> jax.Array:
+    """int8 ``round(v / s) + z`` of a value on the grid ``s (q - z)``."""
+    return (jnp.round(v / jnp.asarray(scale, jnp.float32)).astype(jnp.int32) + zp).astype(jnp.int8)
+
+
+def _simulated_add(spec: Add, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The program's add of the codes of ``a`` and ``b``, back on the output grid."""
+    codes = spec(_codes(a, spec.a_scale, spec.a_zp), _codes(b, spec.b_scale, spec.b_zp))
+    return _on_grid(codes, spec.out_scale, spec.out_zp)
+
+
+def _with_adds(fn: Callable, adds: list[Add]) -> Callable:
+    """``fn`` evaluated equation by equation from its jaxpr, each residual add (an ``add`` of
+    two values computed from the input, of one shape, in the module of the next ``adds``
+    spec, in order) replaced by :func:`_simulated_add`."""
+
+    def apply(x: jax.Array) -> jax.Array:
+        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(x.shape, x.dtype))
+        jaxpr = closed.jaxpr
+        env = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+        env[jaxpr.invars[0]] = x
+        tainted = {jaxpr.invars[0]}
+        pending = list(adds)
+
+        def read(v):
+            return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+        for eqn in jaxpr.eqns:
+            args = [read(v) for v in eqn.invars]
+            operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+            if any(v in tainted for v in operands):
+                tainted.update(eqn.outvars)
+            if (
+                pending
+                and eqn.primitive.name == "add"
+                and len(operands) == 2
+                and all(v in tainted for v in operands)
+                and operands[0].aval.shape == operands[1].aval.shape
+                and _where(eqn) == pending[0].path
+            ):
+                outs = [_simulated_add(pending.pop(0), *args)]
+            else:
+                outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            env.update(zip(eqn.outvars, outs, strict=True))
+        if pending:
+            raise ValueError(
+                f"simulation found no residual add for layer {pending[0].path!r} in the "
+                "fake-quant model's jaxpr"
+            )
+        return read(jaxpr.outvars[0])
+
+    return apply
 
 
 def simulation(
-    qmodel: QuantizedModel,
+    qmodel: QuantizedModel | nn.Module,
     variables: Mapping[str, Any],
     example_x: jax.Array,
     *,
     output_qparams: QParams,
     mode: str = "double",
+    residual_qparams: Mapping[str, QParams] | None = None,
     **apply_kwargs,
 ) -> Callable[[jax.Array], jax.Array]:
     """The fake-quant model (phase ``eval``) with each layer's output requantized as the
@@ -68,11 +132,16 @@ def simulation(
 
         y_k -> s_{k+1} (clamp(MBQM(round(y_k / (s_x s_w)), M_k) + z_{k+1}) - z_{k+1})
 
+    and each residual add ``a + b`` replaced by the program's integer add of the codes
+    ``round(a / s_a) + z_a`` and ``round(b / s_b) + z_b`` (both operands are on their grids:
+    requantized layer outputs, relus and max pools of them), back on the output grid.
+
     The constants are computed host-side here (``variables`` must be concrete); the returned
     function is pure and jit-able.
 
     Args:
-      qmodel, variables, example_x, output_qparams, mode, **apply_kwargs: as :func:`convert`.
+      qmodel, variables, example_x, output_qparams, mode, residual_qparams, **apply_kwargs:
+        as :func:`convert`.
 
     Returns:
       ``apply(x) -> float32 logits`` on the output grid ``output_scale (q - output_zp)``:
@@ -81,17 +150,24 @@ def simulation(
     Raises:
       as :func:`convert`.
     """
-    _check_model(qmodel)
+    source.check_model(qmodel)
     variables = dict(variables)
     example_x = jnp.asarray(example_x)
     program = convert(
-        qmodel, variables, example_x, output_qparams=output_qparams, mode=mode, **apply_kwargs
+        qmodel,
+        variables,
+        example_x,
+        output_qparams=output_qparams,
+        mode=mode,
+        residual_qparams=residual_qparams,
+        **apply_kwargs,
     )
-    _, stages, _, _ = _plan(qmodel, variables, example_x, apply_kwargs)
+    plan = _plan(qmodel, variables, example_x, apply_kwargs)
     linear = [layer for layer in program.layers if isinstance(layer, Conv | Dense)]
-    # the module whose output is the stage's float result: the BatchNorm, else the layer
+    # the module whose output is the step's float result: the BatchNorm, else the layer
     ends = {
-        (stage.bn or stage.layer).path: layer for stage, layer in zip(stages, linear, strict=True)
+        (plan.ops[k].bn or plan.ops[k].node).path: layer
+        for k, layer in zip(sorted(plan.layers), linear, strict=True)
     }
 
     def interceptor(next_fun, args, kwargs, context):
@@ -99,6 +175,9 @@ def simulation(
         y = next_fun(*args, **kwargs)
         layer = ends.get("/".join(module.path)) if context.method_name == "__call__" else None
         if layer is None:
+            return y
+        # a jquant layer built in another phase runs its eval clone inside (layer_phase)
+        if isinstance(module, source.JQUANT_LAYERS) and module.phase != "eval":
             return y
         # a quantized Dense / Conv runs twice through the interceptors (the plain call and
         # the clone with the QuantOp injected): requantize once, the clone's output
@@ -108,10 +187,11 @@ def simulation(
             return y
         return _requantized(layer, y)
 
-    evaluate = qmodel.with_phase("eval")
+    forward = source.eval_forward(qmodel, variables, apply_kwargs)
 
     def apply(x: jax.Array) -> jax.Array:
         with nn.intercept_methods(interceptor):
-            return evaluate.apply(variables, x, **apply_kwargs)
+            return forward(x)
 
-    return apply
+    adds = [layer for layer in program.layers if isinstance(layer, Add)]
+    return _with_adds(apply, adds) if adds else apply

@@ -1,12 +1,14 @@
-"""Reads a Linen model's layer sequence from its jaxpr.
+"""Reads a Linen model's layer graph from its jaxpr.
 
 The model is traced once (``jax.make_jaxpr``) with an interceptor that wraps every
-``nn.Conv`` / ``nn.Dense`` / ``nn.BatchNorm`` call in a named scope ``jquant_layer_<i>``, so
-each equation knows which layer call (if any) it belongs to. Equations outside those scopes
-are the glue between layers and must be one of: relu (``jax.nn.relu`` / ``max(x, 0)``), max
-or average pooling (``reduce_window``), reshape, or no-op casts. The result is a flat list of
-:class:`Node` s; anything else (a layer norm, a residual connection, a softmax) raises
-ValueError naming the module path it came from.
+``nn.Conv`` / ``nn.Dense`` / ``nn.BatchNorm`` / :class:`~jquant.nn.bn_folding.QConvBN` call
+in a named scope ``jquant_layer_<i>``, so each equation knows which layer call (if any) it
+belongs to. Equations outside those scopes are the glue between layers and must be one of:
+relu (``jax.nn.relu`` / ``max(x, 0)``), max or average pooling (``reduce_window``), reshape,
+no-op casts, or the elementwise ``add`` of two activations of one shape (a residual
+connection). The result is a list of :class:`Node` s in execution order, each naming the
+values it reads (a small DAG); anything else (a layer norm, a softmax) raises ValueError
+naming the module path it came from.
 """
 
 from __future__ import annotations
@@ -20,26 +22,33 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
+from jquant.nn.bn_folding import QConvBN
+
 __all__ = ["Node", "trace_layers"]
 
 _MARK = "jquant_layer_"
-_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm)
+_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm, QConvBN)
 _NOOPS = ("copy", "copy_p")
 
 
 class Node(NamedTuple):
-    """One step of a sequential model.
+    """One step of the model's graph.
 
     ``kind``: ``conv`` | ``dense`` | ``batch_norm`` (with ``module``, the bound Flax module,
-    and ``info``: the conv's lax parameters, or BatchNorm's call kwargs) | ``relu`` |
-    ``max_pool`` / ``avg_pool`` (``info``: window, strides, padding of the spatial axes) |
-    ``reshape`` (``info``: the new per-example shape).
+    and ``info``: the conv's lax parameters, or BatchNorm's call kwargs) | ``conv_bn`` (a
+    :class:`QConvBN`; ``info`` as ``conv``) | ``relu`` | ``max_pool`` / ``avg_pool``
+    (``info``: window, strides, padding of the spatial axes) | ``reshape`` (``info``: the new
+    per-example shape) | ``add`` (two inputs).
+
+    ``inputs``: the values the node reads: ``0`` is the model's input, ``k + 1`` the output
+    of node ``k``.
     """
 
     kind: str
     path: str
     module: Any = None
     info: Any = None
+    inputs: tuple[int, ...] = ()
 
 
 def _where(eqn) -> str:
@@ -77,8 +86,8 @@ def _is_relu(eqn) -> bool:
 def _unsupported(eqn, what: str = "") -> ValueError:
     return ValueError(
         f"unsupported operation {eqn.primitive.name!r}{what} in module {_where(eqn)!r}: the "
-        "integer program supports sequential Conv / Dense (+ BatchNorm, relu), max / average "
-        "pooling and reshape"
+        "integer program supports Conv / Dense (+ BatchNorm, relu), max / average pooling, "
+        "reshape and the add of two activations of one shape"
     )
 
 
@@ -125,57 +134,74 @@ def _check_conv(eqn, path: str) -> dict:
     }
 
 
-def _layer_node(module, kwargs, group, current) -> tuple[Node, Any]:
+def _layer_node(module, kwargs, group, values: dict) -> tuple[Node, Any]:
     """The node of one intercepted layer call and the variable holding its output."""
     path = "/".join(module.path)
-    uses = [v for e in group for v in e.invars if v is current]
-    if not uses:
-        raise ValueError(f"layer {path!r} does not consume the previous layer's output")
+    uses = {values[v] for e in group for v in e.invars if _known(v, values)}
+    if len(uses) != 1:
+        raise ValueError(
+            f"layer {path!r} must consume exactly one activation of the model, got {len(uses)}"
+        )
     if isinstance(module, nn.BatchNorm):
-        kind, info = "batch_norm", dict(kwargs)
-    else:
-        kind = "conv" if isinstance(module, nn.Conv) else "dense"
-        prim = "conv_general_dilated" if kind == "conv" else "dot_general"
-        core = [e for e in group if e.primitive.name == prim]
-        if len(core) != 1 or core[0].invars[0] is not current:
-            raise ValueError(
-                f"layer {path!r}: expected one {prim} applied to the layer input directly "
-                "(circular / causal padding and input transforms are not supported)"
-            )
-        info = _check_conv(core[0], path) if kind == "conv" else None
-        if kind == "dense":
-            ((lc, rc), (lb, rb)) = core[0].params["dimension_numbers"]
-            if lb or rb or tuple(rc) != (0,) or tuple(lc) != (len(current.aval.shape) - 1,):
-                raise ValueError(f"layer {path!r}: only x @ kernel over the last axis is supported")
-    return Node(kind, path, module, info), group[-1].outvars[0]
+        return Node("batch_norm", path, module, dict(kwargs), tuple(uses)), group[-1].outvars[0]
+    kind = "dense" if isinstance(module, nn.Dense) else "conv"
+    prim = "conv_general_dilated" if kind == "conv" else "dot_general"
+    core = [e for e in group if e.primitive.name == prim]
+    if len(core) != 1 or not _known(core[0].invars[0], values):
+        raise ValueError(
+            f"layer {path!r}: expected one {prim} applied to the layer input directly "
+            "(circular / causal padding and input transforms are not supported)"
+        )
+    current = core[0].invars[0]
+    info = _check_conv(core[0], path) if kind == "conv" else None
+    if kind == "dense":
+        ((lc, rc), (lb, rb)) = core[0].params["dimension_numbers"]
+        if lb or rb or tuple(rc) != (0,) or tuple(lc) != (len(current.aval.shape) - 1,):
+            raise ValueError(f"layer {path!r}: only x @ kernel over the last axis is supported")
+    if isinstance(module, QConvBN):
+        kind = "conv_bn"
+    return Node(kind, path, module, info, (values[current],)), group[-1].outvars[0]
 
 
-def _glue_node(eqns, i: int, current, batch: int) -> tuple[Node | None, Any, int]:
-    """The node of the glue equation ``eqns[i]`` (None for a no-op), its output, next index."""
+def _known(v, values: dict) -> bool:
+    return not isinstance(v, jex_core.Literal) and v in values
+
+
+def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
+    """The node of the glue equation ``eqns[i]`` (kind ``noop``: a cast that keeps the value),
+    its output variable and the index of the next equation."""
     eqn = eqns[i]
     name, path = eqn.primitive.name, _where(eqn)
     operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
-    if len(eqn.outvars) != 1 or operands != [current] or len(operands) != 1:
-        if any(v is current for v in operands):
+    known = [v for v in operands if v in values]
+    if len(eqn.outvars) == 1 and name == "add" and len(known) == 2 == len(operands):
+        a, b = known
+        if a.aval.shape != b.aval.shape:
+            raise _unsupported(eqn, f" of shapes {a.aval.shape} and {b.aval.shape} (no broadcast)")
+        return Node("add", path, inputs=(values[a], values[b])), eqn.outvars[0], i + 1
+    if len(eqn.outvars) != 1 or len(known) != 1 or len(operands) != 1:
+        if known:
             raise _unsupported(eqn)
         raise ValueError(
-            f"operation {name!r} in module {path!r} does not act on the previous layer's output "
-            "alone: only sequential models are supported"
+            f"operation {name!r} in module {path!r} does not act on the model's activations "
+            "alone (constants computed from the input are not supported)"
         )
+    current = known[0]
     out, ndim = eqn.outvars[0], len(current.aval.shape)
+    one = (values[current],)
     if name in _NOOPS or (
         name == "convert_element_type" and eqn.params["new_dtype"] == current.aval.dtype
     ):
-        return None, out, i + 1
+        return Node("noop", path, inputs=(values[current],)), out, i + 1
     if name == "reshape":
         shape = tuple(eqn.params["new_sizes"])
         if shape[0] != batch or eqn.params.get("dimensions") is not None:
             raise ValueError(f"reshape in module {path!r} must keep the batch axis, got {shape}")
-        return Node("reshape", path, info=shape[1:]), out, i + 1
+        return Node("reshape", path, info=shape[1:], inputs=one), out, i + 1
     if _is_relu(eqn):
-        return Node("relu", path), out, i + 1
+        return Node("relu", path, inputs=one), out, i + 1
     if name == "reduce_window_max":
-        return Node("max_pool", path, info=_window(eqn, ndim)), out, i + 1
+        return Node("max_pool", path, info=_window(eqn, ndim), inputs=one), out, i + 1
     if name == "reduce_window_sum" and i + 1 < len(eqns):
         geo, div = _window(eqn, ndim), eqns[i + 1]
         n = math.prod(geo["window"])
@@ -187,17 +213,20 @@ def _glue_node(eqns, i: int, current, batch: int) -> tuple[Node | None, Any, int
             and float(np.asarray(divisor[0].val)) == n
             and all(p == (0, 0) for p in geo["padding"])
         ):
-            return Node("avg_pool", path, info=geo), div.outvars[0], i + 2
+            return Node("avg_pool", path, info=geo, inputs=one), div.outvars[0], i + 2
         raise _unsupported(eqn, " (only unpadded average pooling, sum / window size)")
     raise _unsupported(eqn)
 
 
 def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> list[Node]:
-    """The model's steps, in order, from one trace of ``model.apply(variables, x)``.
+    """The model's graph, in execution order, from one trace of ``model.apply(variables, x)``.
+
+    Each node's ``inputs`` names the values it reads (:class:`Node`); the model's output is
+    the last node's.
 
     Raises:
-      ValueError: a non-sequential graph or an operation other than the supported ones,
-        naming its module path.
+      ValueError: an operation other than the supported ones, naming its module path, or an
+        output that is not the last node's.
     """
     records: list[tuple[nn.Module, dict]] = []
 
@@ -216,20 +245,26 @@ def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> l
     jaxpr = jax.make_jaxpr(forward)(x).jaxpr
     if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
         raise ValueError("the model must map one input array to one output array")
-    current, batch, nodes, eqns, i = jaxpr.invars[0], x.shape[0], [], jaxpr.eqns, 0
+    # values: jaxpr variable -> value number (0: the input, k + 1: node k's output)
+    values, batch, nodes, eqns, i = {jaxpr.invars[0]: 0}, x.shape[0], [], jaxpr.eqns, 0
     while i < len(eqns):
         mark = _marker(eqns[i])
         if mark is None:
-            node, current, i = _glue_node(eqns, i, current, batch)
-            if node is not None:
-                nodes.append(node)
+            if not any(_known(v, values) for v in eqns[i].invars):
+                i += 1  # computes on constants only (e.g. folded parameters)
+                continue
+            node, out, i = _glue_node(eqns, i, values, batch)
+        else:
+            j = i
+            while j < len(eqns) and _marker(eqns[j]) == mark:
+                j += 1
+            node, out = _layer_node(*records[mark], eqns[i:j], values)
+            i = j
+        if node.kind == "noop":  # the output is the same value
+            values[out] = node.inputs[0]
             continue
-        j = i
-        while j < len(eqns) and _marker(eqns[j]) == mark:
-            j += 1
-        node, current = _layer_node(*records[mark], eqns[i:j], current)
         nodes.append(node)
-        i = j
-    if jaxpr.outvars[0] is not current:
+        values[out] = len(nodes)
+    if values.get(jaxpr.outvars[0]) != len(nodes) or not nodes:
         raise ValueError("the model's output is not the result of its last layer")
     return nodes
