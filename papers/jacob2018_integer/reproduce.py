@@ -27,9 +27,10 @@ This script tabulates, through ``jquant.integer.fixed_point``:
   conv + BN is a :class:`jquant.nn.bn_folding.QConvBN`: the BN is folded into the weights
   before they are fake-quantized, ``y = conv(fq(x), fq(W gamma / sigma_R)) sigma_R / sigma_B +
   beta - gamma mu_B / sigma_B`` (running sigma_R in the weights, the batch statistics corrected
-  in the output), straight-through gradients. The trained variables are mapped back onto the
-  zoo's ``cnn_bn`` layout, which ``jquant.convert`` turns into the integer-only program (BN
-  folded into the int8 codes and per-channel scales). Float, PTQ, QAT fake-quant and
+  in the output), straight-through gradients. ``jquant.convert`` turns the trained QConvBN
+  model into the integer-only program (BN folded into the int8 codes and per-channel scales
+  as in its eval forward). As a cross-check the same variables, mapped onto the zoo's
+  ``cnn_bn`` layout, run as the rule-quantized plain model. Float, PTQ, QAT fake-quant and
   integer-only test accuracy per seed.
 """
 
@@ -272,6 +273,7 @@ def qat_bn_rows(setup: QATSetup) -> list[dict]:
     eval_fn = T.linen_apply_fn(folded.clone(phase="eval"))
     qzoo, _ = ql.quantize_model(tr0.model, rule, x0, on_unused="raise")
     zoo_eval = jax.jit(qzoo.with_phase("eval").apply)
+    folded = folded.clone(phase="eval")
     run = jax.jit(cv.run)
     rows = []
     for seed in setup.seeds:
@@ -289,25 +291,32 @@ def qat_bn_rows(setup: QATSetup) -> list[dict]:
             key=jax.random.key(1000 + seed),
         )
         qat_logits, _ = eval_fn(st.params, st.model_state, data.x_test, False)
-        zoo = to_zoo({"params": st.params, **st.model_state})
-        fake = np.asarray(zoo_eval(zoo, data.x_test))
-        out_qp = cv.output_qparams_from_data(qzoo, zoo, calib)
-        program = cv.convert(qzoo, zoo, x0, output_qparams=out_qp)
+        qat_logits = np.asarray(qat_logits)
+        trained = {"params": st.params, **st.model_state}
+        # cross-check: the same variables on the zoo layout, whose nn.BatchNorm jquant folds
+        fake = np.asarray(zoo_eval(to_zoo(trained), data.x_test))
+        # the QAT model itself converts: QConvBN folds as in its eval forward
+        out_qp = cv.output_qparams_from_data(folded, trained, calib)
+        program = cv.convert(folded, trained, x0, output_qparams=out_qp)
         integer = np.asarray(
             program.dequantize_output(run(program, program.quantize_input(data.x_test)))
         )
+        lo, hi = (np.asarray(program.dequantize_output(np.int8(v))) for v in (-128, 127))
         rows.append(
             {
                 "seed": seed,
                 "float": tr.metrics["test_accuracy"],
                 "ptq_w8a8": ptq,
-                "qat_folded_bn": float(np.mean(np.asarray(qat_logits).argmax(-1) == y)),
+                "qat_folded_bn": float(np.mean(qat_logits.argmax(-1) == y)),
                 "zoo_fake_quant": float(np.mean(fake.argmax(-1) == y)),
                 "integer_only": float(np.mean(integer.argmax(-1) == y)),
-                "same_prediction": float(np.mean(integer.argmax(-1) == fake.argmax(-1))),
-                "max_abs_logit_diff_folded_vs_zoo": float(
-                    np.max(np.abs(np.asarray(qat_logits) - fake))
+                "same_prediction": float(np.mean(integer.argmax(-1) == qat_logits.argmax(-1))),
+                "max_abs_logit_diff_folded_vs_zoo": float(np.max(np.abs(qat_logits - fake))),
+                # logits beyond the calibrated output range saturate in int8
+                "max_abs_logit_diff_integer_vs_folded": float(
+                    np.max(np.abs(integer - np.clip(qat_logits, lo, hi)))
                 ),
+                "saturated_fraction": float(np.mean((qat_logits < lo) | (qat_logits > hi))),
                 "output_scale": float(program.output_scale),
             }
         )
