@@ -222,14 +222,20 @@ _SHARDED = textwrap.dedent(
 )
 
 
-def test_sharded_over_four_devices_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["JAX_PLATFORMS"] = "cpu"
+def _on_four_host_devices(script: str, xla_flags: str = "") -> dict | list:
+    """Runs ``script`` in a fresh process with 4 forced CPU devices; its last printed line
+    (JSON) decoded."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=4 {xla_flags}".strip()
     out = subprocess.run(
-        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    sharded = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_over_four_devices_matches_one_device():
+    sharded = _on_four_host_devices(_SHARDED)
     x = np.random.default_rng(3).normal(size=(16, 8)).astype(np.float32)
     t = error_vs_bits({"w": x}, bits=list(range(2, 9)), granularities="per_channel")
     # the sharded program may reduce in another order: equal up to float32 rounding
@@ -280,13 +286,7 @@ _SHARDED_MODEL = textwrap.dedent(
 
 
 def test_model_sweep_sharded_over_four_devices_matches_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARDED_MODEL], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _on_four_host_devices(_SHARDED_MODEL, "--xla_backend_optimization_level=0")
     # the sharding is real: the widths' axis of the compiled program spans the 4 devices
     assert got["devices"] == 4 and got["spec"] == "P('bits',)" and got["spec_devices"] == 4
     assert got["one_devices"] == 1
