@@ -11,6 +11,25 @@ ranges computed from the tensors (dynamic). Forward only, two more variants:
 - ``lax_int8``: the bare ``lax`` int8 x int8 -> int32 product on ready-made codes: the floor
   that XLA sets for ``int`` on this machine (no quantize, no rescale).
 
+Baselines from other libraries, forward and forward+backward, when installed (``bench`` extra),
+int8 x int8 with dynamic absmax / min-max ranges and a float backward pass (straight-through):
+
+- ``aqt_int8``: AQT (``aqt.jax.v2``). Dense: ``config.dot_general_make(lhs_bits=8,
+  rhs_bits=8, bwd_bits=None)`` with the lhs calibrated per tensor (``calib_shared_axes=
+  "per_tensor"``), the rhs per output channel (AQT's default). Conv:
+  ``aqt_conv_general.conv_general_dilated_make(spatial, 8, 8)``, which fixes the lhs scale per
+  example and the rhs per output channel, and runs the conv in float on the integer values.
+  AQT's int numerics are symmetric only, so its lhs is symmetric even with ``--lhs affine``.
+- ``qwix_int8``: Qwix's op-level quantized-training ops ``dot_general_qt`` /
+  ``conv_general_qt`` (``qwix._src.core``; the public ``qwix.dot_general`` takes ready QArrays
+  and has no backward rule), lhs per tensor (``absmax``, or ``minmax`` for ``--lhs affine``),
+  rhs per output channel.
+
+A gradient section runs each int8 conv on a small case and records, in the JSON under
+``conv_gradients``, the largest gradient w.r.t. lhs and rhs (AQT's conv has no custom VJP, so
+its gradient goes through ``round`` and the stop-gradient'ed scale: zero) and, for jquant, the
+largest deviation from the float conv's gradient at the dequantized operands (STE).
+
 Each variant is jitted and warmed up, then the variants of one case run in interleaved rounds
 (so machine load hits all alike); the table reports medians and ratios to float, and the JSON
 goes to ``benchmarks/results/ops.json``.
@@ -23,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -35,10 +55,30 @@ import numpy as np
 from jax import lax
 
 from jquant import ops
-from jquant.quant import quantize
+from jquant.quant import dequantize, quantize
+
+try:
+    from aqt.jax.v2 import aqt_conv_general
+    from aqt.jax.v2 import config as aqt_config
+except ImportError:  # the bench extra is optional
+    aqt_conv_general = aqt_config = None
+try:
+    from qwix._src.core.conv_general_qt import ConvGeneralQtConfig, conv_general_qt
+    from qwix._src.core.dot_general_qt import DotGeneralQtConfig, dot_general_qt
+except ImportError:
+    dot_general_qt = conv_general_qt = None
 
 CONV_DN = {"conv": ("NHWC", "HWIO", "NHWC"), "conv1d": ("NWC", "WIO", "NWC")}
 DENSE_DN = (((1,), (0,)), ((), ()))
+_AQT_CONFIG = (
+    "dense dot_general_make(8, 8, bwd_bits=None), lhs per tensor, rhs per output channel;"
+    " conv conv_general_dilated_make(spatial, 8, 8), lhs per example, rhs per output channel,"
+    " float conv on integer values; symmetric absmax"
+)
+_QWIX_CONFIG = (
+    "dot_general_qt / conv_general_qt, int8, lhs per tensor (absmax or minmax), rhs"
+    " absmax per output channel, float backward"
+)
 TARGETS = {
     ("conv", "fwd+bwd", "simulate"): 1.15,
     ("dense", "fwd+bwd", "simulate"): 1.15,
@@ -80,6 +120,52 @@ def _product(op: str, mode: str | None, lhs_quant, rhs_quant, lhs_qparams=None):
     )
 
 
+def _aqt_product(op: str):
+    """AQT's int8 x int8 ``f(x, w)`` (symmetric; see the module docstring), or None."""
+    if aqt_config is None:
+        return None
+    if op in CONV_DN:
+        spatial = len(CONV_DN[op][0]) - 2
+        conv = aqt_conv_general.make_conv_general_dilated(
+            aqt_conv_general.conv_general_dilated_make(spatial, lhs_bits=8, rhs_bits=8)
+        )
+        return lambda x, w: conv(
+            x,
+            w,
+            (1,) * spatial,
+            "SAME",
+            dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, CONV_DN[op]),
+        )
+    cfg = aqt_config.dot_general_make(lhs_bits=8, rhs_bits=8, bwd_bits=None)
+    cfg.fwd.dg_quantizer.lhs.calib_shared_axes = "per_tensor"
+    return lambda x, w: cfg(x, w, DENSE_DN)
+
+
+def _qwix_product(op: str, lhs_symmetric: bool):
+    """Qwix's int8 x int8 quantized-training ``f(x, w)``: lhs per tensor, rhs per output
+    channel; or None."""
+    if dot_general_qt is None:
+        return None
+    kw = dict(
+        lhs_qtype=jnp.int8,
+        rhs_qtype=jnp.int8,
+        lhs_calibration_method="absmax" if lhs_symmetric else "minmax",
+        lhs_disable_channelwise_axes=True,
+    )
+    if op in CONV_DN:
+        cfg, dn = ConvGeneralQtConfig(**kw), CONV_DN[op]
+        strides = (1,) * (len(dn[0]) - 2)
+        return lambda x, w: conv_general_qt(x, w, cfg, strides, "SAME", dimension_numbers=dn)
+    cfg = DotGeneralQtConfig(**kw)
+    return lambda x, w: dot_general_qt(x, w, DENSE_DN, cfg)
+
+
+def _baselines(op: str, lhs_symmetric: bool) -> dict:
+    """The other libraries' int8 ``f(x, w)`` for ``op`` that are installed."""
+    fns = {"aqt_int8": _aqt_product(op), "qwix_int8": _qwix_product(op, lhs_symmetric)}
+    return {name: f for name, f in fns.items() if f is not None}
+
+
 def _compiled(f, passes: str):
     if passes == "fwd":
         return jax.jit(f)
@@ -98,6 +184,39 @@ def _time_rounds(fns: dict, args: dict, rounds: int) -> dict[str, list[float]]:
             jax.block_until_ready(fn(*args[name]))
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _conv_gradients(lhs_quant, rhs_quant) -> dict:
+    """Gradients of ``sum(conv(x, w)^2)`` w.r.t. ``(x, w)`` of every int8 conv on a small case.
+
+    Per variant: ``max|dL/dx|``, ``max|dL/dw|``; for jquant also ``max|g - g_ste| / max|g_ste|``,
+    with ``g_ste`` the float conv's gradient at the dequantized operands ``x_hat = s (q - z)``.
+    """
+    keys = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(keys[0], (2, 8, 8, 4)) + 0.5
+    w = jax.random.normal(keys[1], (3, 3, 4, 8)) / 6
+    fns = {
+        str(mode or "float"): _product("conv", mode, lhs_quant, rhs_quant)
+        for mode in (None, "simulate", "int")
+    } | _baselines("conv", lhs_quant.symmetric)
+    grads = {name: _compiled(f, "fwd+bwd")(x, w) for name, f in fns.items()}
+    dequantized = []
+    for v, cfg in ((x, lhs_quant), (w, rhs_quant)):
+        qp = ops.dynamic_qparams(v, cfg)
+        dequantized.append(dequantize(quantize(v, qp, cfg.fmt), qp, cfg.fmt))
+    ste = _compiled(fns.pop("float"), "fwd+bwd")(*dequantized)
+    facts = {}
+    for name in fns:
+        gx, gw = grads[name]
+        facts[name] = dict(
+            max_abs_grad_lhs=float(jnp.abs(gx).max()), max_abs_grad_rhs=float(jnp.abs(gw).max())
+        )
+        if name in ops.MODES:
+            facts[name]["max_rel_dev_from_ste"] = max(
+                float(jnp.abs(g - e).max() / jnp.abs(e).max())
+                for g, e in zip(grads[name], ste, strict=True)
+            )
+    return facts
 
 
 def main() -> None:
@@ -133,12 +252,23 @@ def main() -> None:
                 str(mode or "float"): _compiled(_product(op, mode, lhs_quant, rhs_quant), passes)
                 for mode in (None, "simulate", "int")
             }
+            fns |= {
+                name: _compiled(f, passes)
+                for name, f in _baselines(op, lhs_quant.symmetric).items()
+            }
             inputs = {name: (x, w) for name in fns}
             if passes == "fwd":
                 fns["int_static"] = jax.jit(_product(op, "int", lhs_quant, rhs_quant, static))
                 fns["lax_int8"] = jax.jit(_product(op, "lax_int8", None, None))
                 inputs |= {"int_static": (x, w), "lax_int8": codes}
             times = _time_rounds(fns, inputs, rounds)
+            # an all-zero gradient lets XLA drop the backward pass: flag it next to its time
+            zero_grads = {
+                name: None
+                if passes == "fwd"
+                else not any(bool(jnp.any(g)) for g in fn(*inputs[name]))
+                for name, fn in fns.items()
+            }
             base = float(np.median(times["float"]))
             for name, ts in times.items():
                 med = float(np.median(ts))
@@ -153,19 +283,30 @@ def main() -> None:
                         ratio_to_float=med / base,
                         target=target,
                         target_met=None if target is None else bool(med / base <= target),
+                        zero_gradients=zero_grads[name],
                     )
                 )
 
-    print(f"{'op':6} {'pass':8} {'variant':9} {'median ms':>10} {'x float':>8}  target")
+    print(f"{'op':6} {'pass':8} {'variant':10} {'median ms':>10} {'x float':>8}  target")
     for r in rows:
         target = (
             ""
             if r["target"] is None
             else f"<= {r['target']}: " + ("met" if r["target_met"] else "NOT met")
         )
+        if r["zero_gradients"]:
+            target += "gradients all zero (no backward pass to time)"
         print(
-            f"{r['op']:6} {r['passes']:8} {r['variant']:9} {r['median_ms']:10.2f} "
+            f"{r['op']:6} {r['passes']:8} {r['variant']:10} {r['median_ms']:10.2f} "
             f"{r['ratio_to_float']:8.3f}  {target}"
+        )
+    grads = _conv_gradients(lhs_quant, rhs_quant)
+    print("\nconv gradients (small case): max|dL/dlhs|, max|dL/drhs|, jquant vs STE oracle")
+    for name, g in grads.items():
+        dev = g.get("max_rel_dev_from_ste")
+        print(
+            f"{name:10} {g['max_abs_grad_lhs']:10.4g} {g['max_abs_grad_rhs']:10.4g}"
+            + ("" if dev is None else f"  rel. dev. from STE {dev:.2e}")
         )
     meta = dict(
         rounds=rounds,
@@ -176,10 +317,16 @@ def main() -> None:
         machine=platform.processor() or platform.machine(),
         cpus=os.cpu_count(),
         load_average=os.getloadavg(),
+        aqt_int8=None
+        if aqt_config is None
+        else f"aqtp {importlib.metadata.version('aqtp')}: {_AQT_CONFIG}",
+        qwix_int8=None
+        if dot_general_qt is None
+        else f"qwix {importlib.metadata.version('qwix')}: {_QWIX_CONFIG}",
     )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    out.write_text(json.dumps(dict(meta=meta, results=rows, conv_gradients=grads), indent=2) + "\n")
     print(f"wrote {out}")
 
 

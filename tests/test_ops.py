@@ -728,3 +728,39 @@ def test_traced_bits_in_int_mode_raise():
     with pytest.raises(ValueError, match="static bit width.*mode='simulate'"):
         jax.jit(run)(jnp.int32(8))
     np.testing.assert_allclose(run(8), lhs @ rhs, rtol=0.02)  # static bits still run in int
+
+
+# --- AQT's int8 conv (optional bench extra) ---------------------------------------------------
+
+
+def test_aqt_conv_gradients_are_zero_and_jquant_gives_the_ste_gradient():
+    """AQT's int8 conv (``aqt.jax.v2.aqt_conv_general``) has no custom VJP, so its gradient
+    goes through ``round`` and the stop-gradient'ed scale: zero w.r.t. both operands. With AQT's
+    granularity (symmetric int8, lhs per example, rhs per output channel) jquant's conv gives
+    the float conv's gradient at the fake-quantized operands (STE)."""
+    aqt_conv = pytest.importorskip("aqt.jax.v2.aqt_conv_general")
+    x, w = _normal(50, (2, 6, 6, 4), shift=0.5), _normal(51, (3, 3, 4, 8), scale=0.3)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    aqt = aqt_conv.make_conv_general_dilated(aqt_conv.conv_general_dilated_make(2, 8, 8))
+    y_aqt, (gx_aqt, gw_aqt) = _with_vjp(
+        lambda a, b: aqt(a, b, (1, 1), "SAME", dimension_numbers=dn), x, w
+    )
+    kw = _hashable(dict(padding="SAME"))
+    lq, rq = QuantConfig(axis=0), PER_CHANNEL_LAST
+    out = _conv(x, w, kw, lq, rq)
+    (y, (gx, gw)), ref = out["int"], out["float"]
+    # a real int8 conv (its scale is max|x| / 127.5, jquant's max|x| / 127: not equal numbers)
+    assert not np.allclose(y_aqt, ref, rtol=1e-4)
+    np.testing.assert_allclose(y_aqt, ref, atol=0.02 * np.abs(ref).max())
+    np.testing.assert_allclose(y, ref, atol=0.02 * np.abs(ref).max())
+    assert not np.any(gx_aqt) and not np.any(gw_aqt)
+    qx, qw = _qparams(x, lq), _qparams(w, rq)
+    fx, _ = _np_fake_quant(x, qx.scale, qx.zero_point, -128, 127)
+    fw, _ = _np_fake_quant(w, qw.scale, qw.zero_point, -128, 127)
+    float_conv = functools.partial(
+        _conv_call, kw=kw, lhs_quant=None, rhs_quant=None, mode="simulate"
+    )
+    ex, ew = _with_vjp(float_conv, fx, fw)[1]
+    assert np.abs(gx).sum() > 0 and np.abs(gw).sum() > 0
+    np.testing.assert_allclose(gx, ex, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw, ew, rtol=1e-4, atol=1e-5)
