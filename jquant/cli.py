@@ -334,7 +334,11 @@ def _draw(args: argparse.Namespace, tables: dict, folder: pathlib.Path) -> None:
 
     sens = tables["sensitivity"]
     sens_bits = min(args.bits, key=lambda b: (abs(b - 4), b))
-    plots.sensitivity_bars(sens.where(bits=sens_bits), str(folder / "sensitivity.png"))
+    plots.sensitivity_bars(
+        sens.where(bits=sens_bits),
+        str(folder / "sensitivity.png"),
+        title=f"per-layer sensitivity, one layer at {sens_bits} bits",
+    )
     plots.pareto_front(tables["mixed_precision"], str(folder / "pareto_front.png"))
     plots.sqnr_vs_bits(
         tables["tensors"].where(calibration=args.calibration[0]),

@@ -95,7 +95,12 @@ def sqnr_vs_bits(table: Table, path: str, **kwargs) -> str:
 
 
 def sensitivity_bars(
-    table: Table, path: str, *, layer: str = "layer", drop: str = "accuracy_drop"
+    table: Table,
+    path: str,
+    *,
+    layer: str = "layer",
+    drop: str = "accuracy_drop",
+    title: str = "per-layer sensitivity",
 ) -> str:
     """Per-layer bars of ``drop`` (left) and, when present, ``sqnr_db`` (right)."""
     _check_columns(table, layer, drop)
@@ -113,7 +118,7 @@ def sensitivity_bars(
     for ax in axes:
         ax.set_yticks(pos, names, fontsize=7)
         ax.grid(alpha=0.3, axis="x")
-    axes[0].set_title("per-layer sensitivity")
+    axes[0].set_title(title)
     return _save(fig, path)
 
 
