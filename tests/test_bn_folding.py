@@ -238,3 +238,85 @@ def test_nnx_layer_matches_linen_layer_quantized_eval(setup):
     _, q = _apply(_layer("calibrate"), variables, x, mutable=["quant_stats"])
     np.testing.assert_allclose(y, _apply(_layer("eval"), {**variables, **q}, x), atol=1e-5)
     np.testing.assert_array_equal(layer.mean.value, stats["mean"])  # no update in eval
+
+
+def test_quantize_model_fold_bn_equals_hand_built_qconvbn(setup):
+    """A plain Conv -> BatchNorm model, rule-quantized with ``fold_bn=True``, computes what
+    the hand-built QConvBN computes: calibrated statistics, eval and train outputs, the
+    running-statistic update and the gradients, from the same weights."""
+    from jquant.nn import linen as ql
+
+    x, params, stats, hand = setup
+    # per-tensor weights: folding the per-channel BN factor changes the weight grid (with
+    # per-channel scales it would only rescale it), so the control below can tell
+    rule = QuantRule(".*", weight="int4", act="int8", weight_granularity="per_tensor")
+    qm, _ = ql.quantize_model(_ConvBN(), rule, x, False, fold_bn=True)
+    assert qm.folds == (("Conv_0", "BatchNorm_0", EPS),)
+    plain, _ = ql.quantize_model(_ConvBN(), rule, x, False)
+    assert plain.folds == ()
+    with pytest.raises(TypeError, match="fold_bn"):
+        ql.quantize_model(_ConvBN(), rule, x, False, fold_bn="yes")
+    # a conv with a bias is not folded (QConvBN's convs have none)
+    assert ql.quantize_model(_ConvBN(use_bias=True), rule, x, False, fold_bn=True)[0].folds == ()
+    v = qm.calibrate(
+        qm.attach(_flax_vars(params, stats), x, use_running_average=False),
+        [x],
+        use_running_average=False,
+    )
+    hand = {
+        **hand,
+        "quant_stats": _apply(_layer("calibrate", rule=rule), hand, x, mutable=["quant_stats"])[1][
+            "quant_stats"
+        ],
+    }
+    for a, b in zip(
+        jax.tree.leaves(v["quant_stats"]["Conv_0"]),
+        jax.tree.leaves(hand["quant_stats"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    def to_hand(v):
+        p = v["params"]
+        return {
+            "params": {**p["Conv_0"], **p["BatchNorm_0"]},
+            "batch_stats": v["batch_stats"]["BatchNorm_0"],
+            "quant_stats": v["quant_stats"]["Conv_0"],
+        }
+
+    got = _apply(qm.with_phase("eval"), v, x, True)
+    want = _apply(_layer("eval", rule=rule), to_hand(v), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the fold is not the plain quantized conv then a float BN
+    assert not np.allclose(got, _apply(plain.with_phase("eval"), v, x, True), atol=1e-3)
+
+    train = qm.with_phase("train")
+    out, upd = _apply(train, v, x, False, mutable=["batch_stats"])
+    h_out, h_upd = _apply(_layer("train", rule=rule), to_hand(v), x, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, h_out, rtol=1e-5, atol=1e-5)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(
+            upd["batch_stats"]["BatchNorm_0"][k], h_upd["batch_stats"][k], rtol=1e-6
+        )
+
+    def loss(apply, variables):
+        return jnp.sum(apply(variables) ** 2)
+
+    g = jax.jit(
+        jax.grad(
+            lambda p: loss(
+                lambda w: train.apply(w, x, False, mutable=["batch_stats"])[0], {**v, "params": p}
+            )
+        )
+    )(v["params"])
+    hv = to_hand(v)
+    h_layer = _layer("train", rule=rule)
+    hg = jax.jit(
+        jax.grad(
+            lambda p: loss(
+                lambda w: h_layer.apply(w, x, mutable=["batch_stats"])[0], {**hv, "params": p}
+            )
+        )
+    )(hv["params"])
+    np.testing.assert_allclose(g["Conv_0"]["kernel"], hg["kernel"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g["BatchNorm_0"]["scale"], hg["scale"], rtol=1e-4, atol=1e-5)

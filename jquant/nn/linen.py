@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
@@ -115,6 +116,38 @@ def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callab
     op = QuantOp(_Slots(module), rule, phase, kind)
     clone = module.clone(parent=module.scope, **{field: op})
     return call(clone, *args, **kw)
+
+
+@dataclasses.dataclass(eq=False)
+class _FoldedOp:
+    """The conv op of a Conv whose BatchNorm is folded: ``op(x, W * gamma / sigma_R)``; it
+    also keeps the float ``conv(x, W)`` (the BatchNorm's batch statistics) in ``float_out``."""
+
+    op: QuantOp
+    factor: jax.Array  # gamma / sigma_R per output channel, the kernel's last axis
+    float_out: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+        kw = {k: v for k, v in kwargs.items() if k != "out_sharding" or v is not None}
+        self.float_out.append(jax.lax.conv_general_dilated(lhs, rhs, *args, **kw))
+        return self.op(lhs, rhs * self.factor, *args, **kwargs)
+
+
+class _Folding(NamedTuple):
+    """A folded Conv's results, kept for its BatchNorm: the float conv output (the BN's
+    input), the quantized conv of the folded kernel, and the BN constants it used."""
+
+    y_float: jax.Array
+    y_quant: jax.Array
+    factor: jax.Array
+
+
+def _bn_constants(bn: Mapping, features: int):
+    """``(gamma, beta, mean_R, var_R)`` of a BatchNorm's variables (defaults if absent)."""
+    params, stats = bn.get("params", {}), bn["batch_stats"]
+    gamma = params.get("scale", jnp.ones((features,)))
+    beta = params.get("bias", jnp.zeros((features,)))
+    return gamma, beta, stats["mean"], stats["var"]
 
 
 class QDense(nn.Dense):
@@ -243,21 +276,76 @@ class QuantizedModel:
     rules: tuple[QuantRule, ...]
     match: RuleMatch
     phase: str = "float"
+    folds: tuple[tuple[str, str, float], ...] = ()  # (conv path, its BatchNorm's, epsilon)
 
     def __post_init__(self):
         check_phase(self.phase)
 
-    def _interceptor(self, next_fun, args, kwargs, context):
+    def _interceptor(self, stash: dict, next_fun, args, kwargs, context):
         module = context.module
+        path = "/".join(module.path)
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if isinstance(module, nn.BatchNorm) and path in stash:
+            return self._folded_bn(module, stash.pop(path), next_fun, args, kwargs)
         target = _target(module)
-        if context.method_name != "__call__" or target is None:
-            return next_fun(*args, **kwargs)
-        if isinstance(getattr(module, target[0]), QuantOp):  # our own clone: run Flax's code
-            return next_fun(*args, **kwargs)
-        rule = first_match(self.rules, "/".join(module.path))
+        if target is None or isinstance(getattr(module, target[0]), QuantOp | _FoldedOp):
+            return next_fun(*args, **kwargs)  # not ours to quantize, or our own clone
+        rule = first_match(self.rules, path)
         if rule is None:
             return next_fun(*args, **kwargs)
+        fold = next((f for f in self.folds if f[0] == path), None)
+        if fold is not None and self.phase != "float" and not module.is_initializing():
+            return self._folded_conv(module, rule, fold, stash, next_fun, args, kwargs)
         return _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
+
+    def _folded_conv(self, conv, rule, fold, stash, next_fun, args, kwargs):
+        """Jacob et al. (2018) sec. 3.2, as :class:`jquant.nn.bn_folding.QConvBN`: the conv
+        runs with ``fq(W gamma / sigma_R)``; its BatchNorm (:meth:`_folded_bn`) finishes."""
+        _, bn_path, eps = fold
+        root = conv.scope.root.variables()
+        bn = {c: _subtree(root.get(c, {}), bn_path) for c in ("params", "batch_stats")}
+        gamma, _, _, var_r = _bn_constants(bn, conv.features)
+        factor = gamma * jax.lax.rsqrt(var_r + eps)
+        op = _FoldedOp(QuantOp(_Slots(conv), rule, self.phase, "conv"), factor)
+        y_quant = type(conv).__call__(
+            conv.clone(parent=conv.scope, conv_general_dilated=op), *args, **kwargs
+        )
+        # conv(x, W), laid out as the Conv's output (a bias-free Conv only reshapes): the BN's
+        # input and its batch statistics
+        y_float = op.float_out[0].reshape(y_quant.shape)
+        stash[bn_path] = _Folding(y_float, y_quant, factor)
+        return y_float
+
+    def _folded_bn(self, bn: nn.BatchNorm, folding: _Folding, next_fun, args, kwargs):
+        """The BatchNorm after a folded conv (:class:`jquant.nn.bn_folding.QConvBN`'s formula)::
+
+        running: y = conv_q + beta - gamma mu_R / sigma_R
+        batch:   y = conv_q sigma_R / sigma_B + beta - gamma mu_B / sigma_B
+        """
+        x = args[0] if args else kwargs["x"]
+        if x is not folding.y_float:  # something ran between the conv and its BatchNorm
+            raise ValueError(
+                f"fold_bn: BatchNorm {'/'.join(bn.path)!r} no longer reads its conv's output"
+            )
+        flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        running = self.phase in ("calibrate", "eval") or bool(
+            nn.merge_param("use_running_average", bn.use_running_average, flag)
+        )
+        eps = bn.epsilon
+        gamma, beta, mean_r, var_r = _bn_constants(bn.variables, x.shape[-1])
+        if running:
+            return folding.y_quant + (beta - mean_r * folding.factor)
+        axes = tuple(range(x.ndim - 1))
+        mu_b, var_b = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+        if not bn.is_initializing():
+            m = bn.momentum
+            stop = jax.lax.stop_gradient
+            bn.put_variable("batch_stats", "mean", m * mean_r + (1 - m) * stop(mu_b))
+            bn.put_variable("batch_stats", "var", m * var_r + (1 - m) * stop(var_b))
+        sigma_r = jnp.sqrt(var_r + eps)
+        inv_b = jax.lax.rsqrt(var_b + eps)
+        return folding.y_quant * (sigma_r * inv_b) + (beta - mu_b * gamma * inv_b)
 
     def with_phase(self, phase: str) -> QuantizedModel:
         """The same model in another phase: float, calibrate, train or eval."""
@@ -265,12 +353,12 @@ class QuantizedModel:
 
     def init(self, rngs, *args, **kwargs) -> dict[str, Any]:
         """``model.init`` with the rules applied (creates ``quant_stats`` and learned scales)."""
-        with nn.intercept_methods(self._interceptor):
+        with nn.intercept_methods(functools.partial(self._interceptor, {})):
             return self.model.init(rngs, *args, **kwargs)
 
     def apply(self, variables, *args, **kwargs):
         """``model.apply`` with the rules applied in this model's phase."""
-        with nn.intercept_methods(self._interceptor):
+        with nn.intercept_methods(functools.partial(self._interceptor, {})):
             return self.model.apply(variables, *args, **kwargs)
 
     def attach(self, variables: Mapping[str, Any], *args, rng=None, **kwargs) -> dict[str, Any]:
@@ -348,12 +436,18 @@ def quantize_model(
     *example_args,
     phase: str = "float",
     on_unused: str = "warn",
+    fold_bn: bool = False,
     **example_kwargs,
 ) -> tuple[QuantizedModel, RuleMatch]:
     """Quantizes a plain Linen model by rules matched on its Dense / Conv module paths.
 
     Linen builds submodules lazily, so the paths are found by tracing ``model.init`` on the
     example inputs (shapes only, ``jax.eval_shape``).
+
+    With ``fold_bn=True`` every quantized bias-free ``nn.Conv`` whose output goes straight
+    into an ``nn.BatchNorm`` (over the channel axis) trains with the BN folded into its
+    quantized weights, exactly as :class:`jquant.nn.bn_folding.QConvBN` (Jacob et al. 2018,
+    sec. 3.2): in the train, calibrate and eval phases, and with the plain model's variables.
 
     Args:
       model: any ``flax.linen`` module.
@@ -372,15 +466,31 @@ def quantize_model(
     rules = check_rules(rules)
     if not example_args and not example_kwargs:
         raise TypeError("quantize_model(linen_model, rules, *example_args): pass example inputs")
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
     paths: list[str] = []
+    conv_outputs: dict[int, str] = {}  # id of a bias-free Conv's output -> its path
+    folds: list[tuple[str, str, float]] = []
 
     def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and _target(context.module) is not None:
-            paths.append("/".join(context.module.path))
-        return next_fun(*args, **kwargs)
+        module, out = context.module, next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
+        path = "/".join(module.path)
+        if _target(module) is not None:
+            paths.append(path)
+            if isinstance(module, nn.Conv) and not module.use_bias:
+                conv_outputs[id(out)] = path
+        elif isinstance(module, nn.BatchNorm) and args and id(args[0]) in conv_outputs:
+            if module.axis == -1 and module.axis_name is None:
+                folds.append((conv_outputs.pop(id(args[0])), path, float(module.epsilon)))
+        return out
 
     with nn.intercept_methods(record):
         jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args, **example_kwargs))
     match = match_rules(rules, dict.fromkeys(paths))
     report_unused(match, on_unused)
-    return QuantizedModel(model, rules, match, phase), match
+    if fold_bn:
+        folds = [f for f in folds if (r := match.assignment.get(f[0])) and not r.keep_float]
+    qmodel = QuantizedModel(model, rules, match, phase, tuple(folds) if fold_bn else ())
+    return qmodel, match
