@@ -658,3 +658,30 @@ def test_qconvbn_model_converts_like_its_eval_forward(folded, mode):
     if mode != "double":  # one rounding, as the fake-quant model
         np.testing.assert_array_equal(got, want)
     assert len(np.unique(got)) > 20
+
+
+class _ConvBNHead(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = nn.Conv(8, (3,), use_bias=False)(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=not train)(y))
+        return nn.Dense(10)(y.reshape(y.shape[0], -1))
+
+
+def test_fold_bn_model_converts():
+    """A plain Conv -> BatchNorm model trained with ``quantize_model(fold_bn=True)`` converts:
+    the program equals ``simulation`` bit for bit and its eval model within 1 LSB."""
+    x = jax.random.normal(jax.random.key(0), (64, 16, 2))
+    model = _ConvBNHead()
+    v = model.init(jax.random.key(1), x)
+    v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+    qm, _ = ql.quantize_model(model, QuantRule(".*"), x, fold_bn=True)
+    assert qm.folds
+    qv = qm.calibrate(qm.attach(v, x), [x])
+    oqp = C.output_qparams_from_data(qm, qv, [x])
+    program = C.convert(qm, qv, x[:2], output_qparams=oqp, mode="fp32")
+    got = _program_codes(program, x)
+    sim = jax.jit(C.simulation(qm, qv, x[:2], output_qparams=oqp, mode="fp32"))(x)
+    np.testing.assert_array_equal(got, np.asarray(quantize(sim, oqp, int8)).astype(np.int32))
+    want = np.asarray(quantize(qm.with_phase("eval").apply(qv, x), oqp, int8)).astype(np.int32)
+    assert np.abs(got - want).max() <= 1
