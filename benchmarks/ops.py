@@ -91,32 +91,16 @@ def _product(op: str, mode: str | None, lhs_quant, rhs_quant, lhs_qparams=None):
     int8 x int8 -> int32 lax op on codes (XLA's floor for ``int``)."""
     if op in CONV_DN:
         dn = CONV_DN[op]
-        strides = (1,) * (len(dn[0]) - 2)
-        if mode in (None, "lax_int8"):
-            pet = None if mode is None else jnp.int32
-            return lambda x, w: lax.conv_general_dilated(
-                x, w, strides, "SAME", dimension_numbers=dn, preferred_element_type=pet
-            )
-        return functools.partial(
-            ops.conv_general_dilated,
-            window_strides=strides,
-            padding="SAME",
-            dimension_numbers=dn,
-            lhs_quant=lhs_quant,
-            rhs_quant=rhs_quant,
-            lhs_qparams=lhs_qparams,
-            mode=mode,
-        )
+        geometry = dict(window_strides=(1,) * (len(dn[0]) - 2), padding="SAME")
+        lax_op = functools.partial(lax.conv_general_dilated, **geometry, dimension_numbers=dn)
+        ours = functools.partial(ops.conv_general_dilated, **geometry, dimension_numbers=dn)
+    else:
+        lax_op = functools.partial(lax.dot_general, dimension_numbers=DENSE_DN)
+        ours = functools.partial(ops.dot_general, dimension_numbers=DENSE_DN)
     if mode in (None, "lax_int8"):
-        pet = None if mode is None else jnp.int32
-        return lambda x, w: lax.dot_general(x, w, DENSE_DN, preferred_element_type=pet)
+        return functools.partial(lax_op, preferred_element_type=None if mode is None else jnp.int32)
     return functools.partial(
-        ops.dot_general,
-        dimension_numbers=DENSE_DN,
-        lhs_quant=lhs_quant,
-        rhs_quant=rhs_quant,
-        lhs_qparams=lhs_qparams,
-        mode=mode,
+        ours, lhs_quant=lhs_quant, rhs_quant=rhs_quant, lhs_qparams=lhs_qparams, mode=mode
     )
 
 

@@ -470,13 +470,15 @@ def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
     conv on the MNIST-1D CNN's 1-D layers and 40x on an NCHW 3x3 conv (``benchmarks/ops.py``).
     """
     lhs_spec, rhs_spec, out_spec = st.dimension_numbers
-    spatial = len(lhs_spec) - 2
-    unit = (0,) if spatial == 1 else ()
-    n = 2 + spatial + len(unit)
+    lift = len(lhs_spec) == 3  # 1-D: a unit spatial axis follows the real one
+    n = len(lhs_spec) + int(lift)  # rank of the int8 operands
 
-    def to_int_layout(a, perm, at):  # transpose to channels last, then the unit axis
+    def to_int_layout(a, perm, unit_axis):
         a = jnp.transpose(_expand_to(a, len(perm)), perm)
-        return jnp.expand_dims(a, at) if unit else a
+        return jnp.expand_dims(a, unit_axis) if lift else a
+
+    def with_unit(t, value):  # per-spatial-axis parameters gain the unit axis's
+        return (*t, value) if lift and t is not None else t
 
     perm_l = (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])
     perm_r = (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])
@@ -485,22 +487,18 @@ def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
     qp_r = QParams(*(to_int_layout(a, perm_r, 1) for a in (qp_r.scale, qp_r.zero_point)))
     nhwc = (0, n - 1, *range(1, n - 1))
     hwio = (n - 1, n - 2, *range(n - 2))
-
-    def more(t, value):
-        return None if t is None else (*t, *(value for _ in unit))
-
-    padding = st.padding if isinstance(st.padding, str) else more(tuple(st.padding), (0, 0))
+    padding = st.padding if isinstance(st.padding, str) else with_unit(tuple(st.padding), (0, 0))
     st2 = dataclasses.replace(
         st,
-        window_strides=more(st.window_strides, 1),
+        window_strides=with_unit(st.window_strides, 1),
         padding=padding,
-        lhs_dilation=more(st.lhs_dilation, 1),
-        rhs_dilation=more(st.rhs_dilation, 1),
+        lhs_dilation=with_unit(st.lhs_dilation, 1),
+        rhs_dilation=with_unit(st.rhs_dilation, 1),
         dimension_numbers=lax.ConvDimensionNumbers(nhwc, hwio, nhwc),
     )
 
     def restore(out):
-        out = jnp.squeeze(out, 2) if unit else out
+        out = jnp.squeeze(out, 2) if lift else out
         return jnp.transpose(out, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
 
     return (st2, lhs_, rhs_, qp_l, qp_r), restore

@@ -70,11 +70,33 @@ def _clamp(y: jax.Array, clamp: tuple[int, int]) -> jax.Array:
 _LINEAR_DATA = ("w", "b", "x_zp", "out_zp", "requant", "x_scale", "w_scale", "out_scale")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Linear:
+    """The fields :class:`Conv` and :class:`Dense` share (see :class:`Conv`)."""
+
+    path: str
+    w: jax.Array
+    b: jax.Array
+    x_zp: jax.Array
+    out_zp: jax.Array
+    requant: integer.Requant
+    x_scale: jax.Array
+    w_scale: jax.Array
+    out_scale: jax.Array
+    activation: str | None = None
+    clamp: tuple[int, int] = INT8_RANGE
+
+
+def _as_2d(fn, x: jax.Array, spatial: int) -> jax.Array:
+    """``fn`` of a 2-D (NHWC) kernel applied to ``(N, L, C)`` activations as ``H = 1``."""
+    return fn(x[:, None])[:, 0] if spatial == 1 else fn(x)
+
+
 @_spec(
     _LINEAR_DATA,
     ("path", "activation", "clamp", "strides", "padding", "dilation", "groups", "spatial"),
 )
-class Conv:
+class Conv(_Linear):
     """int8 convolution (TFLite ``CONV_2D``), NHWC x HWIO, requantized to ``out_scale``.
 
     Attributes:
@@ -90,17 +112,6 @@ class Conv:
       spatial: 1 (``(N, L, C)`` activations) or 2 (``(N, H, W, C)``).
     """
 
-    path: str
-    w: jax.Array
-    b: jax.Array
-    x_zp: jax.Array
-    out_zp: jax.Array
-    requant: integer.Requant
-    x_scale: jax.Array
-    w_scale: jax.Array
-    out_scale: jax.Array
-    activation: str | None = None
-    clamp: tuple[int, int] = INT8_RANGE
     strides: tuple[int, int] = (1, 1)
     padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
     dilation: tuple[int, int] = (1, 1)
@@ -108,40 +119,28 @@ class Conv:
     spatial: int = 2
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x4 = x[:, None] if self.spatial == 1 else x
-        y = integer.conv2d(
-            x4,
-            self.w,
-            self.b,
-            x_zp=self.x_zp,
-            out_zp=self.out_zp,
-            strides=self.strides,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            activation=self.activation,
-            requant=self.requant,
-        )
-        y = _clamp(y, self.clamp)
-        return y[:, 0] if self.spatial == 1 else y
+        def conv(x4):
+            return integer.conv2d(
+                x4,
+                self.w,
+                self.b,
+                x_zp=self.x_zp,
+                out_zp=self.out_zp,
+                strides=self.strides,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=self.groups,
+                activation=self.activation,
+                requant=self.requant,
+            )
+
+        return _clamp(_as_2d(conv, x, self.spatial), self.clamp)
 
 
 @_spec(_LINEAR_DATA, ("path", "activation", "clamp"))
-class Dense:
+class Dense(_Linear):
     """int8 dense layer (TFLite ``FULLY_CONNECTED``): ``w`` int8 ``(in, out)``; the other
     fields as :class:`Conv`."""
-
-    path: str
-    w: jax.Array
-    b: jax.Array
-    x_zp: jax.Array
-    out_zp: jax.Array
-    requant: integer.Requant
-    x_scale: jax.Array
-    w_scale: jax.Array
-    out_scale: jax.Array
-    activation: str | None = None
-    clamp: tuple[int, int] = INT8_RANGE
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = integer.dense(
@@ -175,9 +174,7 @@ class Pool:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         pool = integer.max_pool if self.kind == "max" else integer.avg_pool
-        x4 = x[:, None] if self.spatial == 1 else x
-        y = pool(x4, self.window, self.strides, self.padding)
-        return y[:, 0] if self.spatial == 1 else y
+        return _as_2d(lambda x4: pool(x4, self.window, self.strides, self.padding), x, self.spatial)
 
 
 @_spec((), ("path", "shape"))

@@ -283,9 +283,9 @@ class QuantizedModel:
 
     def _interceptor(self, stash: dict, next_fun, args, kwargs, context):
         module = context.module
-        path = "/".join(module.path)
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
         if isinstance(module, nn.BatchNorm) and path in stash:
             return self._folded_bn(module, stash.pop(path), next_fun, args, kwargs)
         target = _target(module)

@@ -270,10 +270,10 @@ def qat_bn_rows(setup: QATSetup) -> list[dict]:
     fresh = jax.jit(folded.init)(jax.random.key(0), x0)
     opt = T.make_optimizer(setup.learning_rate, setup.qat_steps)
     train_step = T.make_train_step(T.linen_apply_fn(folded.clone(phase="train")), opt)
-    eval_fn = T.linen_apply_fn(folded.clone(phase="eval"))
+    folded_eval = folded.clone(phase="eval")
+    eval_fn = T.linen_apply_fn(folded_eval)
     qzoo, _ = ql.quantize_model(tr0.model, rule, x0, on_unused="raise")
     zoo_eval = jax.jit(qzoo.with_phase("eval").apply)
-    folded = folded.clone(phase="eval")
     run = jax.jit(cv.run)
     rows = []
     for seed in setup.seeds:
@@ -296,8 +296,8 @@ def qat_bn_rows(setup: QATSetup) -> list[dict]:
         # cross-check: the same variables on the zoo layout, whose nn.BatchNorm jquant folds
         fake = np.asarray(zoo_eval(to_zoo(trained), data.x_test))
         # the QAT model itself converts: QConvBN folds as in its eval forward
-        out_qp = cv.output_qparams_from_data(folded, trained, calib)
-        program = cv.convert(folded, trained, x0, output_qparams=out_qp)
+        out_qp = cv.output_qparams_from_data(folded_eval, trained, calib)
+        program = cv.convert(folded_eval, trained, x0, output_qparams=out_qp)
         integer = np.asarray(
             program.dequantize_output(run(program, program.quantize_input(data.x_test)))
         )
