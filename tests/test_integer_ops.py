@@ -1,7 +1,7 @@
 """Tests for the int8 kernels of jquant.integer: conv2d, dense, pooling, add, requantization.
 
 Oracles:
-- golden TFLite outputs (``../shared/golden/tflite_int8_ops.npz``): 0 mismatches, ``double``
+- golden TFLite outputs (``tests/data/tflite_int8_ops.npz``): 0 mismatches, ``double``
   against the reference kernels, ``fp32`` against XNNPACK;
 - onnxruntime ``QLinearConv`` / ``QLinearMatMul`` on random data == ``fp32``, bit for bit;
 - NumPy int64 convolutions and window loops, requantized by the big-integer C reference of
@@ -10,6 +10,7 @@ Oracles:
 """
 
 import functools
+import hashlib
 import pathlib
 import re
 
@@ -23,7 +24,7 @@ from test_fixed_point import c_div, c_mbqm, c_quantize_multiplier, c_round_half_
 
 from jquant import integer as qi
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1].parent / "shared/golden/tflite_int8_ops.npz"
+GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "tflite_int8_ops.npz"
 GOLDEN_CASES = [
     "avgpool2x2",
     "avgpool3x3_same_s1",
@@ -42,7 +43,7 @@ MODES = ("double", "single", "fp32")
 @pytest.fixture(scope="module")
 def golden():
     if not GOLDEN.exists():
-        pytest.fail(f"golden TFLite vectors missing: expected {GOLDEN} (shared/ beside the repo)")
+        pytest.fail(f"golden TFLite vectors missing: expected {GOLDEN} (tests/data/README.md)")
     with np.load(GOLDEN) as f:
         return dict(f)
 
@@ -128,6 +129,21 @@ def _rand_int8(rng, shape, lo=-128):
 
 def test_golden_file_has_the_expected_cases(golden):
     assert sorted({k.split("/")[0] for k in golden}) == GOLDEN_CASES
+
+
+@pytest.mark.parametrize(
+    "name, sha256",
+    [
+        ("tflite_int8_ops.npz", "bd89846bb87faf4124916aee8dba67634cde9c0453cdf77411270cdb42fe70c1"),
+        (
+            "tflite_int8_ops_v2.npz",
+            "2bd49915fd2bd3d71a45d08732d04ea4eb5fe034ac1e185520df3f126384c071",
+        ),
+    ],
+)
+def test_golden_copies_are_the_published_files(name, sha256):
+    """The in-repo copies are byte for byte the golden set (tests/data/README.md)."""
+    assert hashlib.sha256((GOLDEN.parent / name).read_bytes()).hexdigest() == sha256
 
 
 def _golden_call(d, name, mode):

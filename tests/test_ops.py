@@ -6,6 +6,7 @@ gradient, and the agreement of the ``simulate`` and ``int`` modes.
 """
 
 import functools
+import pathlib
 
 import flax.linen as nn
 import hypothesis.strategies as st
@@ -23,7 +24,7 @@ import jquant as jq
 from jquant import ops
 from jquant.ops import QuantConfig
 
-GOLDEN = "/work/shared/golden/tflite_int8_ops.npz"
+GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "tflite_int8_ops.npz"
 DENSE_DN = (((1,), (0,)), ((), ()))
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -610,7 +611,8 @@ def _pool(x, qp, kind, fmt, window, strides, padding, mode="simulate"):
 
 @pytest.fixture(scope="module")
 def golden():
-    return np.load(GOLDEN)
+    with np.load(GOLDEN) as f:
+        return dict(f)
 
 
 @pytest.mark.parametrize("name", POOL_CASES)
@@ -738,7 +740,8 @@ def test_aqt_conv_gradients_are_zero_and_jquant_gives_the_ste_gradient():
     goes through ``round`` and the stop-gradient'ed scale: zero w.r.t. both operands. With AQT's
     granularity (symmetric int8, lhs per example, rhs per output channel) jquant's conv gives
     the float conv's gradient at the fake-quantized operands (STE)."""
-    aqt_conv = pytest.importorskip("aqt.jax.v2.aqt_conv_general")
+    from aqt.jax.v2 import aqt_conv_general as aqt_conv  # a test dependency: never skipped
+
     x, w = _normal(50, (2, 6, 6, 4), shift=0.5), _normal(51, (3, 3, 4, 8), scale=0.3)
     dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
     aqt = aqt_conv.make_conv_general_dilated(aqt_conv.conv_general_dilated_make(2, 8, 8))
