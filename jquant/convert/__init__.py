@@ -36,9 +36,11 @@ from jquant.convert.program import (
     validate,
 )
 from jquant.convert.simulate import simulation
+from jquant.convert.targets import TARGETS, requant_for, retarget
 from jquant.convert.trace import Node, trace_layers
 
 __all__ = [
+    "TARGETS",
     "AccumulatorInfo",
     "Add",
     "Conv",
@@ -56,6 +58,8 @@ __all__ = [
     "output_qparams_from_data",
     "read_tensors",
     "residual_qparams_from_data",
+    "requant_for",
+    "retarget",
     "run",
     "save",
     "simulation",
