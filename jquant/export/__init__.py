@@ -3,11 +3,14 @@
 program = jquant.convert.convert(qmodel, variables, x[:1], output_qparams=qp)
 jquant.export.to_tflite(program, "model.tflite")          # LiteRT: int8 in and out
 jquant.export.to_tflite(program, "model.tflite", io="float")  # float32 in and out
+jquant.export.to_onnx(program, "model.onnx")              # QLinearConv, QLinearAdd, ...
+jquant.export.to_onnx(program, "model.onnx", form="qdq")  # float ops between Q / DQ
 
 Which rounding each runtime applies per op: :mod:`jquant.convert.targets`
 (``retarget(program, "litert_ref" | "xnnpack")`` is the program that runtime computes).
 """
 
+from jquant.export.onnx import ONNX_FORMS, onnx_model, to_onnx
 from jquant.export.tflite import IO_TYPES, tflite_bytes, to_tflite
 
-__all__ = ["IO_TYPES", "tflite_bytes", "to_tflite"]
+__all__ = ["IO_TYPES", "ONNX_FORMS", "onnx_model", "tflite_bytes", "to_onnx", "to_tflite"]

@@ -35,15 +35,15 @@ from __future__ import annotations
 import importlib
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import flatbuffers
-import jax
 import numpy as np
 
 from jquant.convert.program import INT8_RANGE, Add, Conv, Dense, Pool, Program, Reshape, validate
+from jquant.export.files import write_atomically
+from jquant.export.values import value_qparams, value_shapes
 
 __all__ = ["IO_TYPES", "to_tflite", "tflite_bytes"]
 
@@ -304,26 +304,6 @@ class _Writer:
         return y
 
 
-def _value_shapes(program: Program) -> list[tuple[int, ...]]:
-    """Shape of every program value ``v_k`` for a batch of 1."""
-    shapes = [(1, *program.input_shape)]
-    for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
-        args = [jax.ShapeDtypeStruct(shapes[i], np.int8) for i in reads]
-        shapes.append(tuple(jax.eval_shape(layer, *args).shape))
-    return shapes
-
-
-def _value_qparams(program: Program) -> list[tuple[float, int]]:
-    """``(scale, zero point)`` of every program value: the producer's output quantizer."""
-    qps = [(float(program.input_scale), int(program.input_zp))]
-    for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
-        if isinstance(layer, Conv | Dense | Add):
-            qps.append((float(layer.out_scale), int(layer.out_zp)))
-        else:  # pooling and reshape keep their input's quantizer
-            qps.append(qps[reads[0]])
-    return qps
-
-
 def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
     """The ``.tflite`` flatbuffer of ``program`` (module docstring), as bytes.
 
@@ -347,7 +327,7 @@ def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
         )
     graph = _Graph()
     w = _Writer(graph)
-    shapes, qps = _value_shapes(program), _value_qparams(program)
+    shapes, qps = value_shapes(program), value_qparams(program)
     x = graph.activation("input", shapes[0][1:], *qps[0])
     entry = x
     if io == "float":
@@ -376,22 +356,10 @@ def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
 def to_tflite(program: Program, path: str | os.PathLike, *, io: str = "int8") -> int:
     """Writes ``program`` as a ``.tflite`` file (:func:`tflite_bytes`); returns its size.
 
-    The file is written to a temporary file beside ``path`` and renamed, so a failure leaves
-    nothing half-written.
+    The bytes go to a temporary file beside ``path``, then renamed: nothing is left
+    half-written.
 
     Raises:
       ValueError: as :func:`tflite_bytes`, or ``path``'s folder does not exist.
     """
-    data = tflite_bytes(program, io=io)
-    path = pathlib.Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return len(data)
+    return write_atomically(pathlib.Path(path), tflite_bytes(program, io=io))

@@ -1,22 +1,27 @@
-"""jquant.export.to_tflite: the .tflite file runs in LiteRT and equals the program bit for bit.
+"""jquant.export: the .tflite and ONNX files run in LiteRT and onnxruntime as the program does.
 
-Oracle: the LiteRT interpreter (``ai-edge-litert``), independent of jquant, running the
-exported file with its reference kernels (``BUILTIN_REF``) and with its default XNNPACK
-delegate. Each runtime must give exactly the program's codes once the program is retargeted
-to that runtime's per-op rounding (``jquant.convert.retarget``: ``litert_ref`` rounds CONV_2D
-twice and FULLY_CONNECTED once; XNNPACK uses the float32 multiplier everywhere).
+Oracles, independent of jquant: the LiteRT interpreter (``ai-edge-litert``) running the
+exported .tflite with its reference kernels (``BUILTIN_REF``) and with its default XNNPACK
+delegate, and onnxruntime's CPU provider running the ONNX models. Each runtime must give
+exactly the program's codes once the program is retargeted to that runtime's per-op rounding
+(``jquant.convert.retarget``: ``litert_ref`` rounds CONV_2D twice and FULLY_CONNECTED once;
+XNNPACK and onnxruntime use the float32 multiplier), except onnxruntime's average pool, which
+rounds its float mean half to even where TFLite rounds half away from zero.
 """
 
 import flax.linen as nn
 import jax
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import tflite
 from ai_edge_litert import interpreter as litert
 from test_convert import MODELS, X1D, X2D, _program_codes, _ResCNN, _setup
 
 from jquant import convert as C
-from jquant.export import tflite_bytes, to_tflite
+from jquant import integer as qi
+from jquant.export import onnx_model, tflite_bytes, to_onnx, to_tflite
 from jquant.nn import QuantRule
 
 RUNTIMES = {
@@ -140,3 +145,85 @@ def test_retarget_rejects_unknown_targets(program):
         C.retarget(program, "tensorrt")
     with pytest.raises(ValueError, match="target kinds"):
         C.retarget(program, {"matmul": "double"})
+
+
+# ------------------------------------------------------------------------------ ONNX
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def _has_avg_pool(program) -> bool:
+    return any(isinstance(s, C.Pool) and s.kind == "avg" for s in program.layers)
+
+
+@pytest.mark.parametrize("form", ["qoperator", "qdq"])
+def test_onnxruntime_equals_the_program(program, form):
+    program, x = program
+    prog = C.retarget(program, "onnxruntime")
+    want = _program_codes(prog, x)
+    model = onnx_model(prog, form=form)
+    ops = {n.op_type for n in model.graph.node}
+    assert ("QLinearConv" in ops) == (form == "qoperator")
+    got = _ort(model, np.asarray(prog.quantize_input(x))).astype(np.int32).reshape(want.shape)
+    if not _has_avg_pool(prog):
+        np.testing.assert_array_equal(got, want)
+    else:  # QLinearAveragePool / AveragePool round the float mean half to even (see below)
+        assert np.abs(got - want).max() <= 1
+        assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.99
+
+
+def test_onnxruntime_average_pool_rounds_the_float_mean_half_to_even(rng):
+    """Where the ONNX program's codes differ: onnxruntime's QLinearAveragePool dequantizes,
+    averages in float32 and requantizes half to even. With a power-of-two scale every float
+    step is exact and it equals the mean of the codes rounded half to even (NumPy), where
+    TFLite's integer average rounds it half away from zero. (Other scales add float32
+    rounding near the ties.)"""
+    x = rng.integers(-128, 128, (64, 6, 8, 8)).astype(np.int8)  # NCHW
+    node = onnx.helper.make_node(
+        "QLinearAveragePool", ["x", "s", "z", "s", "z"], ["y"], domain="com.microsoft",
+        kernel_shape=[2, 2], strides=[2, 2], count_include_pad=0,
+    )  # fmt: skip
+    graph = onnx.helper.make_graph(
+        [node], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT8, x.shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT8, None)],
+        initializer=[onnx.numpy_helper.from_array(np.float32(0.0625), "s"),
+                     onnx.numpy_helper.from_array(np.int8(3), "z")],
+    )  # fmt: skip
+    opsets = [onnx.helper.make_opsetid("", 13), onnx.helper.make_opsetid("com.microsoft", 1)]
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    raw = x.astype(np.float64).reshape(64, 6, 4, 2, 4, 2).mean(axis=(3, 5))
+    np.testing.assert_array_equal(got, np.rint(raw).astype(np.int8))
+    tflite = qi.avg_pool(x.transpose(0, 2, 3, 1), (2, 2), (2, 2), "VALID").transpose(0, 3, 1, 2)
+    away = np.sign(raw) * np.floor(np.abs(raw) + 0.5)
+    np.testing.assert_array_equal(np.asarray(tflite), away.astype(np.int8))
+    assert np.mean(np.asarray(tflite) != got) > 0.05  # the two runtimes differ at the ties
+
+
+def test_onnx_files_pass_the_checker_and_refuse_what_they_cannot_express(program, tmp_path):
+    program, _ = program
+    for form in ("qoperator", "qdq"):
+        n = to_onnx(program, tmp_path / f"{form}.onnx", form=form)
+        onnx.checker.check_model(str(tmp_path / f"{form}.onnx"))
+        assert n == (tmp_path / f"{form}.onnx").stat().st_size
+    with pytest.raises(ValueError, match="form must be one of"):
+        onnx_model(program, form="qlinear")
+    with pytest.raises(ValueError, match="opset must be in"):
+        onnx_model(program, opset=9)
+    with pytest.raises(ValueError, match="does not exist"):
+        to_onnx(program, tmp_path / "missing" / "m.onnx")
+
+
+def test_onnx_refuses_a_narrow_clamp(tmp_path):
+    model, x, rules = MODELS["cnn_bn_1d"]
+    qmodel, v, oqp, _ = _setup(model, x, rules)
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+    with pytest.raises(ValueError, match=r"layer '.*': output clamp \(-8, 7\)"):
+        to_onnx(program, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

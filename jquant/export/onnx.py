@@ -1,0 +1,261 @@
+"""An integer program -> an ONNX model, in the QOperator or the QDQ form.
+
+Both forms take the program's int8 input codes and return its int8 output codes, in the
+program's layout (``(N, L, C)`` / ``(N, H, W, C)`` / ``(N, F)``); ONNX's convolutions and
+pools are channels-first, so each runs between two ``Transpose`` ops (1-D layers lifted to 2-D
+with ``H = 1``, as the program runs them).
+
+``form="qoperator"`` (integer operators; onnxruntime's MLAS kernels):
+
+=============  ============================================================================
+program spec   ONNX
+=============  ============================================================================
+Conv           ``QLinearConv`` (per-channel int8 weights, int32 bias, ``group``); a fused
+               relu as ``Clip(y, z_y, 127)``
+Dense          ``QLinearConv`` with a 1x1 kernel on ``(N, in, 1, 1)``: ``QLinearMatMul``
+               has no bias
+Pool           ``MaxPool`` on int8; ``com.microsoft.QLinearAveragePool``
+               (``count_include_pad=0``)
+Reshape        ``Reshape``
+Add            ``com.microsoft.QLinearAdd``, relu as above
+=============  ============================================================================
+
+onnxruntime requantizes QLinearConv with the float32 multiplier: the program retargeted to
+``"onnxruntime"`` (``fp32``) gives the same codes. Its QLinearAdd and QLinearAveragePool round
+their own float formulas (the zero points folded into a float32 constant; the average in float
+and rounded half to even, where TFLite rounds half away from zero), so they can differ by one
+code from TFLite's integer ADD and AVERAGE_POOL_2D near ties.
+
+``form="qdq"``: float operators between ``DequantizeLinear`` and ``QuantizeLinear`` (the weights
+and biases stored as int8 / int32 with per-channel ``DequantizeLinear(axis=0)``), which a
+runtime may fuse into integer kernels or run in float: the output is close to the program's,
+not bit-exact (float accumulation, one rounding).
+
+Reference: the ONNX operator specification (opset 13 and 21) and onnxruntime's contrib ops.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jquant.convert.program import INT8_RANGE, Add, Conv, Dense, Pool, Program, Reshape, validate
+from jquant.export.files import write_atomically
+from jquant.export.values import value_qparams, value_shapes
+
+__all__ = ["ONNX_FORMS", "onnx_model", "to_onnx"]
+
+ONNX_FORMS = ("qoperator", "qdq")
+_MS = "com.microsoft"
+_TO_NCHW, _TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+
+
+def _explicit(padding) -> list[int]:
+    """ONNX ``pads``: all begins, then all ends."""
+    pads = [tuple(int(p) for p in pad) for pad in padding]
+    return [p[0] for p in pads] + [p[1] for p in pads]
+
+
+class _Builder:
+    """Nodes and initializers of one ONNX graph, with fresh names."""
+
+    def __init__(self, form: str) -> None:
+        self.form = form
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def name(self, what: str) -> str:
+        self.n += 1
+        return f"{what}_{self.n}"
+
+    def const(self, what: str, value: np.ndarray) -> str:
+        name = self.name(what)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], domain=domain or None, **attrs))
+        return out
+
+    def qp(self, scale, zp) -> list[str]:
+        return [self.const("scale", np.float32(scale)), self.const("zp", np.int8(zp))]
+
+    def reshape(self, x: str, shape) -> str:
+        return self.node("Reshape", [x, self.const("shape", np.int64([-1, *shape[1:]]))])
+
+    def to_nchw(self, x: str, shape, spatial: int) -> str:
+        if spatial == 1:  # (N, L, C) -> (N, 1, L, C)
+            x = self.reshape(x, (shape[0], 1, *shape[1:]))
+        return self.node("Transpose", [x], perm=list(_TO_NCHW))
+
+    def from_nchw(self, y: str, shape, spatial: int) -> str:
+        y = self.node("Transpose", [y], perm=list(_TO_NHWC))
+        return self.reshape(y, shape) if spatial == 1 else y
+
+    def relu(self, y: str, scale, zp) -> str:
+        if self.form == "qdq":
+            return y  # the float Relu was applied before QuantizeLinear
+        lo, hi = self.const("lo", np.int8(zp)), self.const("hi", np.int8(INT8_RANGE[1]))
+        return self.node("Clip", [y, lo, hi])
+
+    def dq(self, x: str, scale, zp) -> str:
+        return self.node("DequantizeLinear", [x, *self.qp(scale, zp)])
+
+    def q(self, y: str, scale, zp) -> str:
+        return self.node("QuantizeLinear", [y, *self.qp(scale, zp)])
+
+    # -- layers ------------------------------------------------------------------------------
+
+    def conv(self, x: str, x_qp, w: np.ndarray, layer: Conv | Dense, attrs: dict) -> str:
+        """A QLinearConv (or its QDQ form) on NCHW ``x`` with OIHW int8 ``w``."""
+        o = w.shape[0]
+        w_scale = np.broadcast_to(np.asarray(layer.w_scale, np.float32), (o,))
+        b = np.asarray(layer.b, np.int32)
+        relu = layer.activation == "relu"
+        y_qp = (float(layer.out_scale), int(layer.out_zp))
+        if self.form == "qoperator":
+            w_in = [
+                self.const("w", w),
+                self.const("w_scale", w_scale),
+                self.const("w_zp", np.zeros(o, np.int8)),
+            ]
+            y = self.node(
+                "QLinearConv",
+                [x, *self.qp(*x_qp), *w_in, *self.qp(*y_qp), self.const("b", b)],
+                **attrs,
+            )
+            return self.relu(y, *y_qp) if relu else y
+        b_scale = (np.float64(layer.x_scale) * w_scale.astype(np.float64)).astype(np.float32)
+        wf = self.node(
+            "DequantizeLinear",
+            [
+                self.const("w", w),
+                self.const("w_scale", w_scale),
+                self.const("w_zp", np.zeros(o, np.int8)),
+            ],
+            axis=0,
+        )
+        bf = self.node(
+            "DequantizeLinear",
+            [
+                self.const("b", b),
+                self.const("b_scale", b_scale),
+                self.const("b_zp", np.zeros(o, np.int32)),
+            ],
+            axis=0,
+        )
+        y = self.node("Conv", [self.dq(x, *x_qp), wf, bf], **attrs)
+        return self.q(self.node("Relu", [y]) if relu else y, *y_qp)
+
+    def pool(self, x: str, qp, layer: Pool) -> str:
+        attrs = dict(kernel_shape=list(layer.window), strides=list(layer.strides),
+                     pads=_explicit(layer.padding))  # fmt: skip
+        if layer.kind == "max":
+            return self.node("MaxPool", [x], **attrs)
+        if self.form == "qoperator":
+            qps = [*self.qp(*qp), *self.qp(*qp)]
+            return self.node(
+                "QLinearAveragePool", [x, *qps], domain=_MS, count_include_pad=0, **attrs
+            )
+        y = self.node("AveragePool", [self.dq(x, *qp)], count_include_pad=0, **attrs)
+        return self.q(y, *qp)
+
+    def add(self, a: str, b: str, a_qp, b_qp, layer: Add) -> str:
+        y_qp = (float(layer.out_scale), int(layer.out_zp))
+        relu = layer.activation == "relu"
+        if self.form == "qoperator":
+            y = self.node(
+                "QLinearAdd", [a, *self.qp(*a_qp), b, *self.qp(*b_qp), *self.qp(*y_qp)], domain=_MS
+            )
+            return self.relu(y, *y_qp) if relu else y
+        y = self.node("Add", [self.dq(a, *a_qp), self.dq(b, *b_qp)])
+        return self.q(self.node("Relu", [y]) if relu else y, *y_qp)
+
+
+def _check(layer) -> None:
+    clamp = getattr(layer, "clamp", INT8_RANGE)
+    if tuple(int(c) for c in clamp) != INT8_RANGE:
+        raise ValueError(
+            f"layer {layer.path!r}: output clamp {tuple(clamp)} (a format narrower than int8) "
+            "has no ONNX int8 equivalent; convert with int8 activations"
+        )
+    if getattr(layer, "activation", None) not in (None, "relu"):
+        raise ValueError(f"layer {layer.path!r}: activation {layer.activation!r} is not exported")
+
+
+def onnx_model(program: Program, *, form: str = "qoperator", opset: int = 21) -> onnx.ModelProto:
+    """The ONNX model of ``program`` (module docstring), checked with ``onnx.checker``.
+
+    Args:
+      program: a valid integer program.
+      form: ``"qoperator"`` or ``"qdq"``.
+      opset: the default-domain opset (13 to 21).
+
+    Raises:
+      ValueError: an unknown ``form`` or ``opset``, or a layer ONNX int8 cannot express (its
+        path named): an output clamp narrower than int8, an activation other than relu.
+    """
+    if form not in ONNX_FORMS:
+        raise ValueError(f"form must be one of {ONNX_FORMS}, got {form!r}")
+    if not 13 <= opset <= 21:
+        raise ValueError(f"opset must be in [13, 21], got {opset}")
+    validate(program)
+    g = _Builder(form)
+    shapes, qps = value_shapes(program), value_qparams(program)
+    values = ["input"]
+    for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
+        _check(layer)
+        x, x_shape, x_qp = values[reads[0]], shapes[reads[0]], qps[reads[0]]
+        out_shape = shapes[len(values)]
+        if isinstance(layer, Conv):
+            w = np.ascontiguousarray(np.transpose(np.asarray(layer.w), (3, 2, 0, 1)))  # OIHW
+            attrs = dict(strides=list(layer.strides), dilations=list(layer.dilation),
+                         pads=_explicit(layer.padding), group=int(layer.groups))  # fmt: skip
+            y = g.conv(g.to_nchw(x, x_shape, layer.spatial), x_qp, w, layer, attrs)
+            y = g.from_nchw(y, out_shape, layer.spatial)
+        elif isinstance(layer, Dense):
+            w = np.asarray(layer.w).T[:, :, None, None]  # (out, in, 1, 1)
+            y = g.conv(g.reshape(x, (*x_shape, 1, 1)), x_qp, np.ascontiguousarray(w), layer, {})
+            y = g.reshape(y, out_shape)
+        elif isinstance(layer, Pool):
+            y = g.pool(g.to_nchw(x, x_shape, layer.spatial), x_qp, layer)
+            y = g.from_nchw(y, out_shape, layer.spatial)
+        elif isinstance(layer, Reshape):
+            y = g.reshape(x, out_shape)
+        else:
+            y = g.add(x, values[reads[1]], x_qp, qps[reads[1]], layer)
+        values.append(y)
+    g.nodes[-1].output[0] = "output"
+    int8_value = (
+        lambda name, shape: helper.make_tensor_value_info(  # noqa: E731
+            name, TensorProto.INT8, ["N", *shape[1:]]
+        )
+    )
+    graph = helper.make_graph(
+        g.nodes, "jquant", [int8_value("input", shapes[0])], [int8_value("output", shapes[-1])],
+        initializer=g.inits,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(_MS, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="jquant")
+    model.ir_version = 10 if opset <= 21 else model.ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def to_onnx(
+    program: Program, path: str | os.PathLike, *, form: str = "qoperator", opset: int = 21
+) -> int:
+    """Writes :func:`onnx_model` to ``path`` (a temporary file, then renamed: nothing is left
+    half-written); returns the file's size in bytes.
+
+    Raises:
+      ValueError: as :func:`onnx_model`, or ``path``'s folder does not exist.
+    """
+    data = onnx_model(program, form=form, opset=opset).SerializeToString()
+    return write_atomically(pathlib.Path(path), data)
