@@ -41,9 +41,7 @@ def section(doc: str, heading: str) -> str:
     title is ``heading``, up to the next heading of the same or a higher level."""
     text = (ROOT / doc).read_text()
     fenced = [m.span() for m in _FENCED.finditer(text)]
-    heads = [
-        m for m in _HEADING.finditer(text) if not any(a <= m.start() < b for a, b in fenced)
-    ]
+    heads = [m for m in _HEADING.finditer(text) if not any(a <= m.start() < b for a, b in fenced)]
     for i, m in enumerate(heads):
         if m.group(2) == heading:
             level = len(m.group(1))
