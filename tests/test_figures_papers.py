@@ -1,0 +1,308 @@
+"""Every figure in papers/{max1960,sqnr_6db,aciq_banner2019,jacob2018_integer,
+krishnamoorthi2018}/README.md, section by section, against the committed results files.
+
+Each ``_<paper>`` function below returns, per ``##`` section of that paper's README, the
+figures the section prints (computed here from ``papers/<paper>/results/*.json`` and formatted
+to the printed precision) and the numbers that are setup (widths, seeds, step counts,
+citations, test tolerances). :func:`figures.check_section` fails when a figure drifts from its
+results file or the section prints a number with nothing behind it. Published numbers come
+from the committed transcriptions (``published.json`` and the like, each naming its source).
+No paper is rerun here: this reads files only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import pytest
+from figures import ROOT, check_section, load
+
+Section = tuple[Mapping[str, str], Iterable[str]]  # (figures, setup)
+
+
+# --- formatting, to the printed precision ------------------------------------------------------
+
+
+def _tidy(s: str) -> str:
+    """Exponents as printed: ``8.5e-05`` -> ``8.5e-5``, ``1e+03`` -> ``1e3``."""
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", s)
+
+
+def sig(x: float, n: int) -> str:
+    """``x`` to ``n`` significant digits, trailing zeros dropped, exponent as ``8.5e-5``."""
+    return _tidy(f"{x:.{n}g}")
+
+
+def sig0(x: float, n: int) -> str:
+    """``x`` to ``n`` significant digits, trailing zeros kept (``0.5860``)."""
+    return f"{x:#.{n}g}"
+
+
+def exp1(x: float) -> str:
+    """``x`` to one significant digit in scientific notation, as printed: ``2e-4``."""
+    return _tidy(f"{x:.0e}")
+
+
+def pct(x: float) -> str:
+    """A fraction in percent to one decimal: 0.9323 -> ``93.2``."""
+    return f"{100 * x:.1f}"
+
+
+def mean_std(xs: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1)."""
+    a = np.asarray(list(xs), float)
+    return float(a.mean()), float(a.std(ddof=1))
+
+
+def pm(xs: Iterable[float], suffix: str = "") -> str:
+    """Fractions as ``mean +- std`` in percent (sample std), e.g. ``93.2 +- 0.3 %``."""
+    m, s = mean_std(xs)
+    return f"{pct(m)} +- {pct(s)}{suffix}"
+
+
+def rows(path: str, **where) -> list[dict]:
+    """The rows of a results table whose columns equal ``where``."""
+    return [r for r in load(path)["rows"] if all(r[k] == v for k, v in where.items())]
+
+
+def one(path: str, **where) -> dict:
+    """The single row of a results table matching ``where``."""
+    (r,) = rows(path, **where)
+    return r
+
+
+def table_row(*cells: str) -> str:
+    """A markdown table row ``| a | b | ... |``."""
+    return "| " + " | ".join(cells) + " |"
+
+
+# --- 1. Max (1960) -----------------------------------------------------------------------------
+
+MAX = "papers/max1960/results/max1960.json"
+MAX_PUB = "papers/max1960/results/published.json"
+
+
+def _max1960() -> dict[str, Section]:
+    pub = {r["levels"]: r for r in load(MAX_PUB)["rows"]}
+    ours = {r["levels"]: r for r in rows(MAX, distribution="gaussian")}
+    lap = {r["levels"]: r for r in rows(MAX, distribution="laplace")}
+    samples = int(math.log2(load(MAX)["meta"]["samples"]))
+    step_err = max(abs(ours[n]["uniform_step_closed_form"] - pub[n]["uniform_step"]) for n in pub)
+    worst = max(
+        pub, key=lambda n: abs(ours[n]["uniform_step_closed_form"] - pub[n]["uniform_step"])
+    )
+
+    def last_digit_low(n: int) -> str:
+        p = pub[n]["lloyd_max_mse"]
+        ulp = 10.0 ** (math.floor(math.log10(p)) - 3)  # printed to 4 significant digits
+        return str(round((ours[n]["lloyd_max_mse_closed_form"] - p) / ulp))
+
+    def gain(r: dict) -> str:
+        return f"{r['lloyd_max_sqnr_db'] - r['uniform_sqnr_db']:.1f}"
+
+    gauss_sampled = max(
+        abs(r["uniform_mse_calibrated"] - r["uniform_mse_closed_form"]) for r in ours.values()
+    )
+    lap_tail = max(
+        (r["uniform_mse_closed_form"] - r["uniform_mse_calibrated"]) / r["uniform_mse_closed_form"]
+        for n, r in lap.items()
+        if n >= 31
+    )
+    return {
+        "Claim": ({}, ["6", "1", "1960"]),
+        "Published": (
+            {
+                f"N={n}": table_row(
+                    str(n),
+                    sig0(p["uniform_step"], 4),
+                    sig0(p["uniform_mse"], 4),
+                    sig0(p["lloyd_max_mse"], 4),
+                )
+                for n, p in pub.items()
+            },
+            ["1960"],
+        ),
+        "Ours": (
+            {
+                "samples": f"2^{samples}",
+                **{
+                    f"N={n}": table_row(
+                        str(n),
+                        *(
+                            sig(ours[n][c], 5)
+                            for c in (
+                                "uniform_step_closed_form",
+                                "uniform_step_calibrated",
+                                "uniform_mse_closed_form",
+                                "uniform_mse_calibrated",
+                                "lloyd_max_mse_closed_form",
+                            )
+                        ),
+                    )
+                    for n in pub
+                },
+            },
+            # calibration grid (32 candidates x 3 rounds), the N = 2^b, 2^b - 1 grids, N(0, 1)
+            ["32", "3", "2", "1", "0"],
+        ),
+        "Agreement": (
+            {
+                "step error": f"agrees to {exp1(step_err)}",
+                "worst step": f"N = {worst} step {sig0(pub[worst]['uniform_step'], 4)} vs exact "
+                f"{sig(ours[worst]['uniform_step_closed_form'], 5)}",
+                "Lloyd-Max": "ours ("
+                + ", ".join(sig(ours[n]["lloyd_max_mse_closed_form"], 5) for n in pub)
+                + ")",
+                "Max printed": f"Max printed {sig0(pub[8]['lloyd_max_mse'], 4)} and "
+                f"{sig0(pub[16]['lloyd_max_mse'], 4)}",
+                "last digit": f"low by {last_digit_low(8)} (N = 8) and by {last_digit_low(16)} "
+                "(N = 16)",
+                "gain": f"N = 32: {gain(lap[32])} dB vs {gain(ours[32])} dB",
+                "gauss sampled": f"agree to {exp1(gauss_sampled)} absolute",
+                "laplace tail": f"({100 * lap_tail:.2f} %)",
+            },
+            # the tests' tolerances and the N they cover
+            ["4", "8", "16", "5e-4", "2e-6", "3", "0.1", "2", "20", "31", "32"],
+        ),
+        "Run": ({}, ["4", "8", "16", "3", "2", "18"]),
+    }
+
+
+def test_max1960_published_transcription_is_the_scripts():
+    """The transcription, the script's constant and the results' published columns agree."""
+    from jquant import reproduce
+
+    script = reproduce.load_paper("max1960").PUBLISHED
+    pub = load(MAX_PUB)
+    assert "Max" in pub["source"] and "Table" in pub["source"]
+    for p in pub["rows"]:
+        n = p["levels"]
+        assert script[n] == {k: p[k] for k in ("uniform_step", "uniform_mse", "lloyd_max_mse")}
+        r = one(MAX, distribution="gaussian", levels=n)
+        for k in ("uniform_step", "uniform_mse", "lloyd_max_mse"):
+            assert r[f"{k}_published"] == p[k]
+
+
+def test_max1960_uniform_mse_to_every_printed_digit():
+    """The README's claim: both routes round to Max's printed uniform MSE."""
+    for p in load(MAX_PUB)["rows"]:
+        r = one(MAX, distribution="gaussian", levels=p["levels"])
+        for col in ("uniform_mse_closed_form", "uniform_mse_calibrated"):
+            assert sig0(r[col], 4) == sig0(p["uniform_mse"], 4), (p["levels"], col)
+
+
+# --- 2. The 6.02 dB per bit law ----------------------------------------------------------------
+
+SQNR = "papers/sqnr_6db/results/sqnr_6db.json"
+
+
+def _sqnr_6db() -> dict[str, Section]:
+    meta = load(SQNR)["meta"]
+    r = {x["bits"]: x for x in load(SQNR)["rows"]}
+    b = np.array(sorted(r))
+
+    def col(name: str) -> np.ndarray:
+        return np.array([r[k][name] for k in b])
+
+    per_bit = col("uniform_law_db") / b
+    sine_offset = col("sine_law_db") - col("uniform_law_db")
+    uniform_dev = np.abs(col("uniform_full_scale_db") - col("uniform_law_db")).max()
+    sine_dev = np.abs(col("sine_full_scale_db") - col("sine_law_db"))
+    gauss_dev = np.abs(col("gaussian_minmax_db") - col("gaussian_minmax_law_db"))
+    below = (col("uniform_law_db") - col("gaussian_minmax_db"))[b >= 3]
+    gain = dict(
+        zip(b.tolist(), col("gaussian_mse_clip_db") - col("gaussian_minmax_db"), strict=True)
+    )
+    # the sample max c/sigma, from the min-max law column: law = 20 log10((2^b - 1) sqrt 3 / c)
+    c = 10 ** ((20 * np.log10(2.0**b - 1) + 10 * np.log10(3) - col("gaussian_minmax_law_db")) / 20)
+    np.testing.assert_allclose(c, c[0], rtol=1e-6)  # one sample, one maximum
+    pub4 = next(x for x in load(MAX_PUB)["rows"] if x["levels"] == 4)
+    assert abs(10 * np.log10(1 / pub4["uniform_mse"]) - r[2]["gaussian_mse_clip_db"]) < 0.01
+    return {
+        "Claim": (
+            {
+                "dB per bit": f"{per_bit[0]:.4f} b dB",
+                "sine": f"{per_bit[0]:.4f} b + {sine_offset[0]:.4f} dB",
+            },
+            ["1948", "2008"],
+        ),
+        "Ours": (
+            {
+                "samples": f"2^{int(math.log2(meta['samples']))} samples",
+                "uniform exact": f"{per_bit[0]:.4f} b dB to {exp1(uniform_dev)} dB",
+                "slope": f"(fitted slope {meta['slope_uniform_full_scale_db_per_bit']:.4f} dB/bit)",
+                "min-max 2 bits": f"({r[2]['uniform_minmax_db']:.2f} dB at 2",
+                "full scale 2 bits": f"instead of {r[2]['uniform_full_scale_db']:.2f})",
+                "law": f"= {per_bit[0]:.4f} b + 20 log10",
+                **{
+                    f"bits={k}": table_row(
+                        str(k),
+                        *(
+                            f"{r[k][n]:.3f}"
+                            for n in (
+                                "uniform_law_db",
+                                "uniform_full_scale_db",
+                                "sine_law_db",
+                                "sine_full_scale_db",
+                            )
+                        ),
+                        f"{r[k]['gaussian_minmax_db']:.2f}",
+                        f"{r[k]['gaussian_mse_clip_db']:.2f} "
+                        f"({r[k]['gaussian_mse_clip_sigma']:.2f})",
+                    )
+                    for k in (2, 4, 8, 12, 16)
+                },
+                "header": f"| bits | {per_bit[0]:.2f} b |",
+            },
+            # widths, quick sample size, the grids' 2^b - 1, 20 log10 and s^2/12
+            ["2", "16", "1", "20", "12"],
+        ),
+        "Agreement": (
+            {
+                "sine offset": f"+{sine_offset[0]:.2f} dB law",
+                "sine 12": f"within {sine_dev[b >= 12].max():.2f} dB from 12 bits",
+                "sine 8": f"{sine_dev[b >= 8].max():.1f} dB from 8 bits",
+                "sine 2": f"{sine_dev[0]:.1f} dB low at 2 bits",
+                "c": f"{c[0]:.1f} sigma for 2^{int(math.log2(meta['samples']))} quantiles",
+                "gauss law": f"within {exp1(gauss_dev[b >= 3].max())} dB from 3 bits",
+                "below": f"{below.min():.0f} to {below.max():.0f} dB below",
+                "gain": f"+{gain[2]:.1f} dB at 2 bits, +{gain[4]:.1f} dB at 4, "
+                f"+{gain[8]:.1f} dB at 8",
+                "gain 12": f"at most {max(v for k, v in gain.items() if k >= 12):.2f} dB from 12",
+                "max1960": f"(MSE {sig0(pub4['uniform_mse'], 4)}, "
+                f"{r[2]['gaussian_mse_clip_db']:.2f} dB",
+            },
+            # the tests' tolerances; the law's constants (4.77 = 10 log10 3); bit widths
+            ["5e-3", "5e-4", "4", "2", "1", "20", "4.77"],
+        ),
+        "Run": ({}, ["4", "16"]),
+    }
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
+    "papers/max1960/README.md": _max1960,
+    "papers/sqnr_6db/README.md": _sqnr_6db,
+}
+CASES = [(doc, h) for doc, fn in PAPERS.items() for h in fn()]
+
+
+@pytest.mark.parametrize("doc, heading", CASES, ids=[f"{d.split('/')[1]}:{h}" for d, h in CASES])
+def test_section_figures_match_results(doc, heading):
+    figures, setup = PAPERS[doc]()[heading]
+    check_section(doc, heading, figures, setup)
+
+
+@pytest.mark.parametrize("doc", list(PAPERS))
+def test_every_section_is_checked(doc):
+    """Each ``##`` section of the README has its figures checked, and nothing is printed
+    outside a section (between the title and the first ``##``)."""
+    text = (ROOT / doc).read_text()
+    heads = re.findall(r"^## (.*?)\s*$", text, flags=re.M)
+    assert heads == list(PAPERS[doc]()), doc
+    title, _, rest = text.partition("\n## ")
+    assert title.count("\n") <= 1, f"{doc}: text before the first section"
