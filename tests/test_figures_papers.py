@@ -282,11 +282,104 @@ def _sqnr_6db() -> dict[str, Section]:
     }
 
 
+# --- 3. Banner et al. (2019), ACIQ -------------------------------------------------------------
+
+ACIQ = "papers/aciq_banner2019/results/aciq_banner2019.json"
+ACIQ_PUB = "papers/aciq_banner2019/results/published.json"
+
+
+def _aciq_mse(x: float) -> str:
+    """The ACIQ table's MSE: 4 significant digits, ``8.52e-5`` below 1e-3."""
+    return sig(x, 4) if x >= 1e-3 else _tidy(f"{x:.2e}")
+
+
+def _aciq_banner2019() -> dict[str, Section]:
+    pub = {(p["prior"], p["bits"]): p["alpha_star"] for p in load(ACIQ_PUB)["rows"]}
+    r = {(x["prior"], x["bits"]): x for x in load(ACIQ)["rows"]}
+    samples = int(math.log2(load(ACIQ)["meta"]["samples"]))
+    low = [x for k, x in r.items() if k[1] <= 4]
+    vs_minmax = [x["minmax_mse"] / x["aciq_mse"] for x in low]
+    vs_mse = [100 * (x["aciq_mse"] / x["mse_mse"] - 1) for x in r.values()]
+    model56 = [
+        100 * abs(x["aciq_mse"] / x["aciq_model_mse"] - 1) for k, x in r.items() if k[1] in (5, 6)
+    ]
+    model2 = [100 * (x["aciq_mse"] / x["aciq_model_mse"] - 1) for k, x in r.items() if k[1] == 2]
+    max_step = next(x for x in load(MAX_PUB)["rows"] if x["levels"] == 4)["uniform_step"]
+    emp2 = r[("gaussian", 2)]["mse_clip"]
+
+    def t_star(prior: str, bits: int) -> str:
+        return sig(r[(prior, bits)]["aciq_t_star"], 5)
+
+    table = {}
+    for prior, bits in [
+        ("gaussian", 2),
+        ("gaussian", 4),
+        ("gaussian", 8),
+        ("laplace", 2),
+        ("laplace", 3),
+        ("laplace", 4),
+    ]:
+        x = r[(prior, bits)]
+        paper = f" ({pub[(prior, bits)]})" if (prior, bits) in pub else ""
+        assert x["published_clip"] == pub.get((prior, bits))  # the run carries the transcription
+        table[f"{prior} {bits}"] = table_row(
+            prior,
+            str(bits),
+            t_star(prior, bits) + paper,
+            *(_aciq_mse(x[c]) for c in ("aciq_mse", "mse_mse", "minmax_mse", "aciq_model_mse")),
+        )
+    exact = [k for k, v in pub.items() if f"{r[k]['aciq_t_star']:.2f}" == f"{v:.2f}"]
+    truncated = [k for k in pub if k not in exact]
+    assert sorted(truncated) == [("gaussian", 4), ("laplace", 3)]
+    for k in truncated:  # one unit low in the last printed digit: truncation, not rounding
+        assert math.floor(r[k]["aciq_t_star"] * 100) / 100 == pytest.approx(pub[k])
+    return {
+        "Claim": (
+            {
+                f"M={m}": table_row(
+                    str(m), f"{pub[('laplace', m)]:.2f}", f"{pub[('gaussian', m)]:.2f}"
+                )
+                for m in (2, 3, 4)
+            },
+            ["4", "2019", "0"],
+        ),
+        "Ours": (
+            {
+                "samples": f"(2^{samples};",
+                "samples again": f"full run, 2^{samples} samples",
+                **table,
+            },
+            ["1", "2", "16", "8"],
+        ),
+        "Agreement": (
+            {
+                "match": ", ".join(f"{pub[k]:.2f}" for k in exact) + " match",
+                "laplace 3": f"Laplace M = 3 is {t_star('laplace', 3)} "
+                f"(printed {pub[('laplace', 3)]:.2f})",
+                "gaussian 4": f"Gaussian M = 4 is {t_star('gaussian', 4)}",
+                "printed 4": f"(printed {pub[('gaussian', 4)]:.2f}): the paper",
+                "vs minmax": f"({min(vs_minmax):.0f}x-{max(vs_minmax):.0f}x lower",
+                "vs mse": f"within {min(vs_mse):.0f}-{max(vs_mse):.0f} % of the empirical",
+                "model 5, 6": f"(within {max(model56):.0f} %)",
+                "model 2": f"is {min(model2):.0f}-{max(model2):.0f} % above it",
+                "empirical 2": f"is {emp2:.2f} sigma, within "
+                f"{100 * abs(emp2 / (2 * max_step) - 1):.1f} %",
+                "max1960": f"step {sig0(max_step, 4)} (paper max1960), "
+                f"not {pub[('gaussian', 2)]:.2f}",
+            },
+            # the tests' tolerance; widths; "2 x" Max's 4-level step
+            ["0.01", "2", "4", "5", "6", "7"],
+        ),
+        "Run": ({}, []),
+    }
+
+
 # --- the registry ------------------------------------------------------------------------------
 
 PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
     "papers/max1960/README.md": _max1960,
     "papers/sqnr_6db/README.md": _sqnr_6db,
+    "papers/aciq_banner2019/README.md": _aciq_banner2019,
 }
 CASES = [(doc, h) for doc, fn in PAPERS.items() for h in fn()]
 
