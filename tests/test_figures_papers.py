@@ -374,12 +374,123 @@ def _aciq_banner2019() -> dict[str, Section]:
     }
 
 
+# --- 4. Jacob et al. (2018) --------------------------------------------------------------------
+
+JACOB = "papers/jacob2018_integer/results/"
+
+
+def _jacob2018_integer() -> dict[str, Section]:
+    third = one(JACOB + "multipliers.json", M=1 / 3)
+    rel = [r["relative_error"] for r in load(JACOB + "multipliers.json")["rows"]]
+    assert max(rel) <= 2.0**-31  # "a relative error <= 2^-31"
+    half = one(JACOB + "rounding.json", x=-12)
+    requant = load(JACOB + "requant.json")["rows"]
+    assert all(r["max_abs_diff"] <= 1 for r in requant)  # every mode within one unit
+    double = one(JACOB + "requant.json", M=1 / 3, mode="double")
+    assert one(JACOB + "requant.json", M=1 / 3, mode="single")["equal_to_rounded_product"] == 1.0
+
+    ptq = load(JACOB + "integer_only.json")["rows"]
+    qat = load(JACOB + "qat_bn_folding.json")["rows"]
+    pub = load(JACOB + "published.json")["rows"]
+
+    def col(rs: list[dict], name: str) -> list[float]:
+        return [r[name] for r in rs]
+
+    def span(xs: Iterable[float], fmt: str = ".2f") -> str:
+        return f"{min(xs):{fmt}} to {max(xs):{fmt}}"
+
+    def loss(rs: list[dict], a: str, b: str) -> str:
+        return f"{100 * (mean_std(col(rs, a))[0] - mean_std(col(rs, b))[0]):.1f}"
+
+    steps_ptq = [r["max_abs_logit_diff"] / r["output_scale"] for r in ptq]
+    steps_qat = [r["max_abs_logit_diff_integer_vs_folded"] / r["output_scale"] for r in qat]
+    folded_vs_zoo = col(qat, "max_abs_logit_diff_folded_vs_zoo")
+    assert max(d / r["output_scale"] for d, r in zip(folded_vs_zoo, qat, strict=True)) < 1
+    assert col(qat, "qat_folded_bn") == col(qat, "zoo_fake_quant")  # identical accuracies
+    pub_loss = [p["float"] - p["integer_quantized"] for p in pub]
+    seeds = [str(r["seed"]) for r in ptq]
+    assert seeds == [str(r["seed"]) for r in qat] == ["0", "1", "2"]
+    return {
+        "Claim": ({}, ["2018", "2.2", "0", "1", "0.5", "4.1"]),
+        "Ours": (
+            {
+                "1/3": f"M0 = {third['M0_int32']}, n = {third['n']}, "
+                f"error {sig(third['relative_error'], 2)}",
+                "half up": f"arithmetically gives {half['add_half_then_shift']}",
+                "double misses": f"{100 * (1 - double['equal_to_rounded_product']):.0f} % of cases",
+            },
+            # [0.5, 1), 2^31, 2^-31, M = 1/3, n >= 1
+            ["0.5", "1", "2", "31", "-31", "3"],
+        ),
+        "Agreement": ({}, []),
+        "Integer-only MNIST-1D": (
+            {
+                "table": table_row(
+                    *(
+                        pm(col(ptq, c), " %")
+                        for c in ("float", "fake_quant_w8a8", "integer_only", "same_prediction")
+                    )
+                ),
+                "logit diff": f"fake-quant: {span(col(ptq, 'max_abs_logit_diff'))}, about "
+                f"{np.mean(steps_ptq):.1f} output steps",
+                "output scale": f"output scale is {span(col(ptq, 'output_scale'))})",
+                "loss": f"({loss(ptq, 'float', 'integer_only')} points here)",
+            },
+            # float steps, seeds, calibration batches, 8-bit grids, quick MLP steps
+            ["4.1", "600", *seeds, "8", "30"],
+        ),
+        "QAT with BatchNorm folding": (
+            {
+                "table": table_row(
+                    *(
+                        pm(col(qat, c))
+                        for c in (
+                            "float",
+                            "ptq_w8a8",
+                            "qat_folded_bn",
+                            "integer_only",
+                            "same_prediction",
+                        )
+                    )
+                ),
+                "seeds": f"in all {len(qat)} seeds",
+                "folded vs zoo": f"(largest difference {sig(min(folded_vs_zoo), 2)} to "
+                f"{max(folded_vs_zoo):.2f}",
+                "within float": f"within {loss(qat, 'float', 'integer_only')} points of float",
+                "logits": f"{span(col(qat, 'max_abs_logit_diff_integer_vs_folded'))} of its",
+                "steps": f"(about {np.mean(steps_qat):.1f} output steps",
+                "saturated": f"the {span([100 * x for x in col(qat, 'saturated_fraction')])} % "
+                "of logits",
+            },
+            # x2 conv blocks, float / QAT steps, 8 calibration batches, Adam 1e-3, seeds, 8-bit
+            ["4.1", "2", "600", "200", "8", "1e-3", *seeds],
+        ),
+        "Differences from the paper": ({}, ["4.1", "3.2"]),
+        "Published Table 4.1": (
+            {
+                "depth": table_row("ResNet depth", *(str(p["resnet_depth"]) for p in pub)),
+                "float": table_row("floating-point accuracy", *(f"{p['float']:.1f}%" for p in pub)),
+                "int": table_row(
+                    "integer-quantized accuracy", *(f"{p['integer_quantized']:.1f}%" for p in pub)
+                ),
+                "their loss": f"lose {span(pub_loss, '.1f')} points",
+                "our loss": f"ours loses {loss(qat, 'float', 'integer_only')}",
+                "our loss PTQ": f"to {loss(ptq, 'float', 'integer_only')} (PTQ)",
+            },
+            # the paper's "within 2%", class counts
+            ["2", "1000", "10"],
+        ),
+        "Run": ({}, []),
+    }
+
+
 # --- the registry ------------------------------------------------------------------------------
 
 PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
     "papers/max1960/README.md": _max1960,
     "papers/sqnr_6db/README.md": _sqnr_6db,
     "papers/aciq_banner2019/README.md": _aciq_banner2019,
+    "papers/jacob2018_integer/README.md": _jacob2018_integer,
 }
 CASES = [(doc, h) for doc, fn in PAPERS.items() for h in fn()]
 
