@@ -12,6 +12,7 @@ No paper is rerun here: this reads files only.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -484,6 +485,187 @@ def _jacob2018_integer() -> dict[str, Section]:
     }
 
 
+# --- 5. Krishnamoorthi (2018) ------------------------------------------------------------------
+
+KR = "papers/krishnamoorthi2018/results/krishnamoorthi2018.json"
+KR_RUNS = "papers/krishnamoorthi2018/results/krishnamoorthi2018_runs.json"
+KR_PUB = "papers/krishnamoorthi2018/results/krishnamoorthi2018_published.json"
+KR_TABLES = ("table2", "table3", "table4", "table5", "table6")
+
+
+def _published_fraction(v: float) -> str:
+    """As the paper prints a top-1 fraction: 0.7 -> ``0.70``, 0.591 -> ``0.591``."""
+    return f"{v:.2f}" if round(v, 2) == v else f"{v:g}"
+
+
+def _krishnamoorthi2018() -> dict[str, Section]:
+    summary = load(KR)
+    runs = load(KR_RUNS)["rows"]
+    cols = {(r["dataset"], r["table"], r["column"]): r for r in summary["rows"]}
+    for (ds, table, column), r in cols.items():  # the summary is the runs' mean +- sample std
+        q = [
+            x["quantized"]
+            for x in runs
+            if (x["dataset"], x["table"], x["column"]) == (ds, table, column)
+        ]
+        m, sd = mean_std(q)
+        assert (len(q), m, sd) == (
+            r["seeds"],
+            pytest.approx(r["quantized_mean"]),
+            pytest.approx(r["quantized_std"]),
+        )
+
+    def q(ds: str, table: str, column: str) -> str:
+        return pct(cols[(ds, table, column)]["quantized_mean"])
+
+    def qs(ds: str, table: str, column: str) -> str:
+        r = cols[(ds, table, column)]
+        return f"{pct(r['quantized_mean'])} +- {pct(r['quantized_std'])}"
+
+    def ours_cell(ds: str, table: str) -> str:
+        names = [c for d, t, c in cols if (d, t) == (ds, table)]
+        if table in ("table2", "table3", "table4"):  # one shared (largest) std per cell
+            sd = max(cols[(ds, table, c)]["quantized_std"] for c in names)
+            return " / ".join(q(ds, table, c) for c in names) + f" (+- {pct(sd)})"
+        if table == "collapse":
+            bold = qs(ds, table, "asym per-layer rescaled")
+            return f"**{bold}** / {qs(ds, table, 'sym per-channel rescaled')}"
+        return " / ".join(qs(ds, table, c) for c in names)
+
+    datasets = ("mnist1d", "digits")
+    ours = {
+        t: "| " + " | ".join(ours_cell(ds, t) for ds in datasets) + " |"
+        for t in (*KR_TABLES, "collapse")
+    }
+    floats = {ds: cols[(ds, "table2", "asym per-layer")] for ds in datasets}
+    assert all(r["float_mean"] == floats[r["dataset"]]["float_mean"] for r in cols.values())
+
+    pub_rows = load(KR_PUB)["rows"]
+    nets = list(dict.fromkeys(r["network"] for r in pub_rows))
+
+    def pub_cell(net: str, table: str) -> str:
+        return " / ".join(
+            _published_fraction(r["top1"])
+            for r in pub_rows
+            if (r["network"], r["table"]) == (net, table)
+        )
+
+    pub = {t: "| " + " | ".join(pub_cell(n, t) for n in nets) + " |" for t in KR_TABLES}
+    pub_float = {n: next(r["float_top1"] for r in pub_rows if r["network"] == n) for n in nets}
+    pub_of = {(r["network"], r["table"], r["column"]): r["top1"] for r in pub_rows}
+    mb = "Mobilenet-v1_1_224"
+
+    per_channel_ptq = [
+        abs(r["quantized_mean"] - r["float_mean"])
+        for (ds, t, c), r in cols.items()
+        if t in ("table2", "table3") and c.endswith("per-channel")
+    ]
+    # "Symmetric vs asymmetric ... all within one std"; "Table 4's QAT gains are within one std"
+    for ds in datasets:
+        for t in ("table2", "table3"):
+            a, b = cols[(ds, t, "sym per-channel")], cols[(ds, t, "asym per-channel")]
+            assert abs(a["quantized_mean"] - b["quantized_mean"]) <= max(
+                a["quantized_std"], b["quantized_std"]
+            )
+        for ptq_col, qat_col in [
+            ("asym per-layer PTQ", "asym per-layer QAT"),
+            ("sym per-channel PTQ", "sym per-channel QAT"),
+        ]:
+            a, b = cols[(ds, "table4", ptq_col)], cols[(ds, "table4", qat_col)]
+            assert abs(a["quantized_mean"] - b["quantized_mean"]) <= max(
+                a["quantized_std"], b["quantized_std"]
+            )
+    rescaled = [
+        x["quantized"]
+        for x in runs
+        if (x["dataset"], x["table"], x["column"])
+        == ("mnist1d", "collapse", "asym per-layer rescaled")
+    ]
+    schemes = {
+        ds: len(
+            {
+                (r["w_bits"], r["a_bits"], r["granularity"], r["symmetric"])
+                for (d, _, _), r in cols.items()
+                if d == ds
+            }
+        )
+        for ds in datasets
+    }
+    assert schemes["mnist1d"] == schemes["digits"]
+    seconds = summary["meta"]["seconds"]
+    mnist, digits = "mnist1d", "digits"
+
+    def fl(ds: str) -> str:
+        return f"{pct(floats[ds]['float_mean'])} +- {pct(floats[ds]['float_std'])}"
+
+    def mb3(column: str) -> str:
+        return _published_fraction(pub_of[(mb, "table3", column)])
+
+    m3, m5, m6, mc = (
+        functools.partial(q, mnist, t) for t in ("table3", "table5", "table6", "collapse")
+    )
+    d3, d5, dc = (functools.partial(q, digits, t) for t in ("table3", "table5", "collapse"))
+    return {
+        "Claims": ({}, ["1806.08342", "8", "2", "3", "4", "5", "6"]),
+        "Published numbers": (
+            {
+                "float": "| 1 | float | "
+                + " | ".join(_published_fraction(pub_float[n]) for n in nets)
+                + " |",
+                **{f"Table {t}": pub[t] for t in KR_TABLES},
+            },
+            # "top-1", the tables and columns the text names, the w/a bit widths
+            ["1806.08342", "1", "2", "3", "4", "5", "6", "8"],
+        ),
+        "Ours": (
+            {
+                "float": f"{fl(mnist)} (MNIST-1D) and {fl(digits)} (digits)",
+                **{f"ours {t}": ours[t] for t in (*KR_TABLES, "collapse")},
+                "seeds": f"over the {floats[mnist]['seeds']} seeds",
+                "qat steps": f"{summary['meta']['qat_steps']} steps of straight-through",
+            },
+            # float steps, seeds, x2 blocks, calibration batches, lr, table numbers, bit widths
+            ["600", "300", "0", "1", "2", "8", "1e-3", "3", "4", "5", "6"],
+        ),
+        "Where our trend agrees": (
+            {
+                "per-channel": f"within {max(per_channel_ptq) * 100:.1f} points of float",
+                "act only": f"({m3('activation only')} / {d3('activation only')})",
+                "w4": f"(MNIST-1D {m5('sym per-channel PTQ')} vs {m5('asym per-layer PTQ')}, "
+                f"digits {d5('sym per-channel PTQ')} vs {d5('asym per-layer PTQ')})",
+                "w4 qat": f"({m5('sym per-channel QAT')}, {d5('sym per-channel QAT')})",
+                "a4": f"PTQ (8,4) {m6('(8,4) PTQ')} vs PTQ (4,8)",
+                "a4 w4": f"per channel {m5('sym per-channel PTQ')}), QAT helps ({m6('(8,4) QAT')})",
+                "a4 vs w4 qat": f"4-bit weights ({m6('(4,8) QAT')})",
+                "collapse mnist": f"{mc('asym per-layer')} to {mc('asym per-layer rescaled')} "
+                f"({100 * min(rescaled):.0f} to {100 * max(rescaled):.0f} % by seed)",
+                "collapse digits": f"from {dc('asym per-layer')} to "
+                f"{dc('asym per-layer rescaled')}",
+            },
+            # claim 1, Tables 2-3, 5, 6, bit widths, the rescaling 1 to 1000
+            ["1", "2", "3", "4", "5", "6", "8", "1000"],
+        ),
+        "Where it does not": (
+            {
+                "no collapse": f"({mc('asym per-layer')} vs {mc('sym per-channel')})",
+                "their 0.001": f"their {mb3('asym per-layer')} either",
+                "gap": f"({mb3('sym per-channel')} vs {mb3('asym per-channel')}, Table 3)",
+                "digits a4": f"as good as float ({q(digits, 'table6', '(8,4) PTQ')})",
+            },
+            # 8 bits, "1" in "v1", 3 decades (1 to 1000), Tables 3, 4, 6, (8,4)
+            ["8", "1", "3", "4", "6"],
+        ),
+        "Cost": (
+            {
+                "schemes": f"({schemes['mnist1d']} per data set)",
+                "seconds": f"{seconds:.0f} s ({int(seconds // 60)} min {int(seconds % 60)} s)",
+            },
+            ["6", "2"],  # 2 data sets x 3 seeds float models; a 2-core machine
+        ),
+        "Run": ({}, ["30"]),
+    }
+
+
 # --- the registry ------------------------------------------------------------------------------
 
 PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
@@ -491,6 +673,7 @@ PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
     "papers/sqnr_6db/README.md": _sqnr_6db,
     "papers/aciq_banner2019/README.md": _aciq_banner2019,
     "papers/jacob2018_integer/README.md": _jacob2018_integer,
+    "papers/krishnamoorthi2018/README.md": _krishnamoorthi2018,
 }
 CASES = [(doc, h) for doc, fn in PAPERS.items() for h in fn()]
 
