@@ -120,7 +120,9 @@ def _laplace_uniform_float64(n: int) -> tuple[float, float]:
     return r.x, r.fun
 
 
-def test_max1960_outputs(max1960):
+def test_smoke_max1960_outputs(max1960):
+    """Smoke test: the max1960 run writes its tables as JSON and CSV and a PNG (the numbers
+    are checked by the tests below)."""
     _check_outputs(*max1960)
 
 
@@ -165,7 +167,9 @@ def sqnr(tmp_path_factory):
     return _run("sqnr_6db", tmp_path_factory)
 
 
-def test_sqnr_outputs(sqnr):
+def test_smoke_sqnr_outputs(sqnr):
+    """Smoke test: the sqnr_6db run writes its tables as JSON and CSV and a PNG (the numbers
+    are checked by the tests below)."""
     _check_outputs(*sqnr)
 
 
@@ -209,7 +213,9 @@ def aciq(tmp_path_factory):
     return _run("aciq_banner2019", tmp_path_factory)
 
 
-def test_aciq_outputs(aciq):
+def test_smoke_aciq_outputs(aciq):
+    """Smoke test: the aciq_banner2019 run writes its tables as JSON and CSV and a PNG (the numbers
+    are checked by the tests below)."""
     _check_outputs(*aciq)
 
 
@@ -337,7 +343,9 @@ def jacob(tmp_path_factory):
     return _run("jacob2018_integer", tmp_path_factory)
 
 
-def test_jacob_outputs(jacob):
+def test_smoke_jacob_outputs(jacob):
+    """Smoke test: the jacob2018_integer run writes its tables as JSON and CSV and a PNG (the
+    numbers are checked by the tests below)."""
     _check_outputs(*jacob)
 
 
