@@ -11,7 +11,8 @@ in that section that are setup rather than results (bit widths, step counts, see
   with no results file behind it).
 
 Numbers inside code (fenced blocks and inline ``code`` spans: commands, paths, options) and
-inside identifiers (``int8``, ``w4a4``, ``fp8_e4m3``) are not figures.
+inside identifiers (``int8``, ``w4a4``, ``fp8_e4m3``, ``8x8``) are not figures; ``2e-4`` and
+``1.01x`` are one number each.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# a number standing on its own: not inside a word (int8, w4a4, e4m3) or a longer number
-NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
+# a number standing on its own: not inside a word (int8, w4a4, e4m3, 8x8) or a longer number;
+# scientific notation (2e-4) is one number, and so is a ratio with an x suffix (1.01x)
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?(?:x(?!\w))?(?!\w)")
 _FENCED = re.compile(r"```.*?```", flags=re.S)
 _INLINE = re.compile(r"`[^`\n]*`")
 _HEADING = re.compile(r"^(#+)\s+(.*?)\s*$", flags=re.M)

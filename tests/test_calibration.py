@@ -246,7 +246,7 @@ def test_aciq_on_data_scales_by_the_spread(prior):
     mu = x.mean()
     spread = np.abs(x - mu).mean() if prior == "laplace" else x.std()
     lo, hi = cal.aciq(np.append(x, np.nan).astype(np.float32), jq.int4, prior=prior)
-    t = float(cal.aciq_clip(4, prior))
+    t = _scipy_aciq(4, prior)  # the optimum from the paper's formula in SciPy, not jquant's
     np.testing.assert_allclose(
         [float(lo), float(hi)], [mu - t * spread, mu + t * spread], rtol=1e-4
     )
@@ -545,7 +545,11 @@ def test_calibrate_runs_observers_over_a_generator():
     assert int(stats.count) == 5 * 32
     jax.tree.map(np.testing.assert_array_equal, out["params"], variables["params"])
     qp = obs.result(stats, jq.int8)
-    assert qp.scale.shape == (1, 4)
+    # affine int8 from the range widened to include 0 (DESIGN.md), in NumPy
+    lo0, hi0 = np.minimum(np.asarray(lo), 0), np.maximum(np.asarray(hi), 0)
+    np.testing.assert_allclose(qp.scale, ((hi0 - lo0) / 255).reshape(1, 4), rtol=1e-6)
+    want_zp = np.clip(np.round(-128 - lo0 / ((hi0 - lo0) / 255)), -128, 127).reshape(1, 4)
+    np.testing.assert_allclose(qp.zero_point, want_zp)
     # max_batches stops early; the input variables are not modified
     two = cal.calibrate(model.apply, variables, data, max_batches=2, progress=False)
     assert int(two["quant_stats"]["input"].count) == 2 * 32

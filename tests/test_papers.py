@@ -120,7 +120,9 @@ def _laplace_uniform_float64(n: int) -> tuple[float, float]:
     return r.x, r.fun
 
 
-def test_max1960_outputs(max1960):
+def test_smoke_max1960_outputs(max1960):
+    """Smoke test: the max1960 run writes its tables as JSON and CSV and a PNG (the numbers
+    are checked by the tests below)."""
     _check_outputs(*max1960)
 
 
@@ -165,7 +167,9 @@ def sqnr(tmp_path_factory):
     return _run("sqnr_6db", tmp_path_factory)
 
 
-def test_sqnr_outputs(sqnr):
+def test_smoke_sqnr_outputs(sqnr):
+    """Smoke test: the sqnr_6db run writes its tables as JSON and CSV and a PNG (the numbers
+    are checked by the tests below)."""
     _check_outputs(*sqnr)
 
 
@@ -209,7 +213,9 @@ def aciq(tmp_path_factory):
     return _run("aciq_banner2019", tmp_path_factory)
 
 
-def test_aciq_outputs(aciq):
+def test_smoke_aciq_outputs(aciq):
+    """Smoke test: the aciq_banner2019 run writes its tables as JSON and CSV and a PNG (the numbers
+    are checked by the tests below)."""
     _check_outputs(*aciq)
 
 
@@ -222,6 +228,75 @@ def test_aciq_clip_matches_paper(aciq):
         # M=3; printed 3.89) and 2.5591 (Gaussian, M=4; printed 2.55): within 0.01.
         assert abs(row["aciq_t_star"] - row["published_clip"]) < 0.01, row
         assert abs(row["aciq_clip"] - row["aciq_t_star"]) < 0.02, row  # sample spread
+
+
+def _banner_mse_by_quadrature(t: float, bits: int, prior: str) -> float:
+    """Banner et al.'s MSE model, unit spread, built from the density (not from their closed
+    form): clipping noise ``2 int_t^inf (x - t)^2 f(x) dx`` + rounding noise ``t^2 / (3 4^M)``."""
+    if prior == "gaussian":
+        pdf = lambda x: np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    else:
+        pdf = lambda x: 0.5 * np.exp(-abs(x))
+    clip = 2 * integrate.quad(lambda x: (x - t) ** 2 * pdf(x), t, np.inf)[0]
+    return clip + t * t / (3 * 4.0**bits)
+
+
+def _numpy_banner_grid_mse(x: np.ndarray, alpha: float, bits: int) -> float:
+    """MSE of Banner's grid in plain NumPy: ``2^M`` cells of width ``2 alpha / 2^M`` covering
+    ``[-alpha, alpha]``, each value replaced by its cell's midpoint (outside: the end cells)."""
+    width = 2 * alpha / 2**bits
+    k = np.clip(np.floor(x / width), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return float(np.mean((x - (k + 0.5) * width) ** 2))
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "laplace"])
+def test_aciq_clip_and_t_star_against_independent_oracles(aciq, prior):
+    """``aciq_t_star`` (``calibration.aciq_clip``) and ``aciq_clip`` (``calibration.aciq`` on
+    data, over the sample spread), in the quick run and in the committed full results, against
+    the minimiser of Banner's model built by quadrature (SciPy Brent), the paper's printed
+    alpha* (``results/published.json``), and plain-NumPy fake quantization of 2^20 samples: the
+    MSE measured at alpha* and the empirical MSE-optimal clip (jquant's ``mse_clip`` column)."""
+    root = reproduce.papers_dir() / "aciq_banner2019" / "results"
+    committed = {
+        r["bits"]: r
+        for r in json.loads((root / "aciq_banner2019.json").read_text())["rows"]
+        if r["prior"] == prior
+    }
+    published = {
+        r["bits"]: r["alpha_star"]
+        for r in json.loads((root / "published.json").read_text())["rows"]
+        if r["prior"] == prior
+    }
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(2**20) if prior == "gaussian" else rng.laplace(size=2**20)
+    x = (x - x.mean()) / (x.std() if prior == "gaussian" else np.abs(x - x.mean()).mean())
+    for row in aciq[0]["aciq_banner2019"].where(prior=prior).to_dicts():
+        m = row["bits"]
+        t = optimize.minimize_scalar(
+            lambda t, m=m: _banner_mse_by_quadrature(t, m, prior),
+            bounds=(0.5, 20.0),
+            method="bounded",
+            options={"xatol": 1e-8},
+        ).x
+        for r in (row, committed[m]):
+            assert r["aciq_t_star"] == pytest.approx(t, rel=1e-5), (m, r["aciq_t_star"], t)
+            assert r["aciq_clip"] == pytest.approx(t, rel=1e-5), (m, r["aciq_clip"], t)
+        if m in published:  # printed to 2 decimals, two of them truncated (3.8972 -> 3.89)
+            assert abs(t - published[m]) < 0.01, (m, t, published[m])
+        if m > 4:
+            continue  # beyond 4 bits the tails hold too few samples for 1 % comparisons
+        full = committed[m]
+        assert _numpy_banner_grid_mse(x, t, m) == pytest.approx(full["aciq_mse"], rel=0.025)
+        best = optimize.minimize_scalar(
+            lambda a, m=m: _numpy_banner_grid_mse(x, a, m),
+            bounds=(0.7 * t, 1.5 * t),
+            method="bounded",
+            options={"xatol": 1e-4},
+        )
+        assert best.x == pytest.approx(full["mse_clip"], rel=0.01), (m, best.x, full["mse_clip"])
+        assert best.fun == pytest.approx(full["mse_mse"], rel=0.025)
+        # their model's clip is too small at low widths: the true optimum lies above it
+        assert best.x > 1.03 * t, (m, best.x, t)
 
 
 @pytest.mark.parametrize("prior", ["gaussian", "laplace"])
@@ -268,7 +343,9 @@ def jacob(tmp_path_factory):
     return _run("jacob2018_integer", tmp_path_factory)
 
 
-def test_jacob_outputs(jacob):
+def test_smoke_jacob_outputs(jacob):
+    """Smoke test: the jacob2018_integer run writes its tables as JSON and CSV and a PNG (the
+    numbers are checked by the tests below)."""
     _check_outputs(*jacob)
 
 

@@ -145,7 +145,9 @@ def test_mse_calibration_beats_minmax():
 
 
 @pytest.mark.slow
-def test_every_calibration_runs():
+def test_smoke_every_calibration_runs():
+    """Smoke test: every calibration name runs through ``error_vs_bits`` and gives finite
+    errors (each calibration's range is checked against its oracle in test_calibration.py)."""
     x = _X_GAUSS[:2048].reshape(64, 32)
     t = error_vs_bits(x, bits=[3, 4], calibrations=["minmax", "mse", "aciq", "percentile", "kl"])
     assert len(t) == 10 and np.all(np.isfinite(t.column("sqnr_db")))
