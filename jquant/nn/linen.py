@@ -235,8 +235,9 @@ class _QPool(nn.Module):
 
     def _pool(self, x, kind: str):
         check_phase(self.phase)
+        slots = LinenSlots(self)
         return pool_activation(
-            LinenSlots(self), self.rule, self.phase, kind, x, self.window, self.strides, self.padding
+            slots, self.rule, self.phase, kind, x, self.window, self.strides, self.padding
         )
 
 
