@@ -118,6 +118,20 @@ def _as_tuple(v) -> tuple:
     return tuple(v) if isinstance(v, Iterable) else (v,)
 
 
+def _check_no_custom_op(module: nn.Module) -> None:
+    """Raises ValueError if a Dense / DenseGeneral / Conv brings its own product op
+    (``dot_general`` / ``dot_general_cls`` / ``conv_general_dilated``), which Flax would run
+    instead of the injected QuantOp."""
+    field, kind = next((t for cls, t in _TARGETS.items() if isinstance(module, cls)), (0, 0))
+    for name in (field, "dot_general_cls") if field else ():
+        if getattr(module, name, None) not in (None, _LAX_OPS[kind]):
+            raise ValueError(
+                f"layer {'/'.join(module.path)!r} ({type(module).__name__}) sets its own "
+                f"{name}; jquant quantizes the product by injecting it there: drop the "
+                "custom op, or keep the layer float with QuantRule(<path>, keep_float=True)"
+            )
+
+
 def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callable, *args, **kw):
     """Runs ``call`` (e.g. ``nn.Dense.__call__``) as ``module`` with a QuantOp injected.
 
@@ -129,23 +143,12 @@ def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callab
         ``conv_general_dilated``), which jquant would have to replace.
     """
     check_phase(phase)
-    path = "/".join(module.path)
     if isinstance(module, nn.Einsum):
         fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(nn.Einsum)}
         fields = {k: v for k, v in fields.items() if k not in ("parent", "name")}
         return QEinsum(**fields, rule=rule, phase=phase, parent=module.scope)(*args, **kw)
+    _check_no_custom_op(module)
     field, kind = next(t for cls, t in _TARGETS.items() if isinstance(module, cls))
-    custom = [
-        name
-        for name in (field, "dot_general_cls")
-        if getattr(module, name, None) not in (None, _LAX_OPS[kind])
-    ]
-    if custom:
-        raise ValueError(
-            f"layer {path!r} ({type(module).__name__}) sets its own {custom[0]}; jquant "
-            "quantizes the product by injecting it there: drop the custom op, or keep the "
-            "layer float with QuantRule(<path>, keep_float=True)"
-        )
     op = QuantOp(LinenSlots(module), rule, phase, kind)
     clone = module.clone(parent=module.scope, **{field: op})
     return call(clone, *args, **kw)
@@ -529,6 +532,8 @@ def quantize_model(
             return out
         path = "/".join(module.path)
         if _quantizable(module):
+            if (rule := first_match(rules, path)) is not None and not rule.keep_float:
+                _check_no_custom_op(module)
             paths.append(path)
             kernel_ndim = jnp.ndim(module.get_variable("params", "kernel"))
             axes = _channel_axes(module, kernel_ndim, args, kwargs)
