@@ -107,3 +107,40 @@ def test_keep_float_rule_and_bad_phase():
     np.testing.assert_allclose(_apply(kf, v, x), _apply(layer, v, x), atol=0)
     with pytest.raises(ValueError, match="phase"):
         layer.clone(phase="bogus").apply(v, x)
+
+
+class _HandBuilt(nn.Module):
+    """A model holding a hand-built QEinsum (its own phase "float") beside a plain Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = QEinsum((5, 4), "bd,hd->bh", bias_init=nn.initializers.normal(1.0), name="qe")(x)
+        return y, nn.Dense(2, name="head")(x)
+
+
+def test_hand_built_qeinsum_follows_the_rule_quantized_models_phase_and_calibrate():
+    from jquant.nn import linen as ql
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+    model = _HandBuilt()
+    qm, match = ql.quantize_model(model, QuantRule("head"), x)
+    assert list(match.assignment) == ["head"]
+    v = qm.attach(jax.jit(model.init)(jax.random.key(1), x), x)
+    assert "input_qparams" not in v["quant_stats"]["qe"]  # not calibrated yet
+    with pytest.raises(ValueError, match="'qe'.*never calibrated"):
+        jax.jit(qm.with_phase("eval").apply)(v, x)  # eval reaches the QEinsum too
+    v = qm.calibrate(v, [x, 2 * x])
+    x2 = 2 * np.asarray(x, np.float64)  # running min / max over both batches: those of 2x
+    lo, hi = min(x2.min(), 0.0), max(x2.max(), 0.0)
+    s_x = (hi - lo) / 255
+    zp_x = np.clip(np.round(-128 - lo / s_x), -128, 127)
+    np.testing.assert_allclose(v["quant_stats"]["qe"]["input_qparams"]["scale"], s_x, rtol=1e-6)
+    w = np.asarray(v["params"]["qe"]["kernel"], np.float64)
+    s_w = np.abs(w).max(axis=1, keepdims=True).T / 127  # one scale per output h
+    xq = _np_fake_quant(np.asarray(x, np.float64), s_x, zp_x, -128, 127)
+    y_ref = xq @ _np_fake_quant(w, s_w.T, 0, -128, 127).T + np.asarray(v["params"]["qe"]["bias"])
+    y_eval, _ = jax.jit(qm.with_phase("eval").apply)(v, x)
+    np.testing.assert_allclose(y_eval, y_ref, atol=1e-5)
+    y_float, _ = jax.jit(qm.apply)(v, x)  # the model's float phase: the QEinsum is float
+    np.testing.assert_allclose(y_float, np.asarray(x) @ w.T + v["params"]["qe"]["bias"], atol=1e-5)
+    assert np.abs(y_float - y_eval).max() > 1e-3

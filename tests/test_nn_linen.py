@@ -1,5 +1,7 @@
 """Tests of jquant.nn.linen: quantized layers, rule-based quantization, phases, state."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -268,3 +270,83 @@ def test_errors_name_what_is_wrong():
         ql.quantize_model(cnn, QuantRule(".*"))
     with pytest.raises(ValueError, match="matched no layer"):
         ql.quantize_model(cnn, QuantRule("conv9"), X, on_unused="raise")
+
+
+def np_fq_kernel(w, contracted, bits=8):
+    """NumPy oracle: symmetric grid, one scale per index of the non-contracted kernel axes."""
+    qmax = 2 ** (bits - 1) - 1
+    s = (np.abs(w).max(axis=contracted, keepdims=True) / np.float32(qmax)).astype(np.float32)
+    return s * np.clip(np.round(w / s), -qmax - 1, qmax)
+
+
+class _OneLayer(nn.Module):
+    """A plain model of one DenseGeneral (features (2, 3)) or Einsum layer, named "layer"."""
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(1.0)
+        if self.kind == "dense_general":
+            return nn.DenseGeneral((2, 3), bias_init=init, name="layer")(x)
+        return nn.Einsum((2, 5, 3), "btd,ndh->bnth", bias_init=init, name="layer")(x)
+
+
+# kind -> (einsum of x and kernel as the layer computes it, kernel axes it contracts)
+_GENERAL = {"dense_general": ("btd,dnh->btnh", (0,)), "einsum": ("btd,ndh->bnth", (1,))}
+
+
+@pytest.mark.parametrize("kind", sorted(_GENERAL))
+def test_dense_general_and_einsum_are_quantized_by_rules(kind):
+    eq, contracted = _GENERAL[kind]
+    model = _OneLayer(kind)
+    x = jax.random.normal(jax.random.key(3), (2, 4, 5))
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    qm, match = ql.quantize_model(model, QuantRule(".*"), x)
+    assert list(match.assignment) == ["layer"] and not match.not_quantized
+    v = qm.calibrate(qm.attach(v, x), [x])
+    xn, w = np.asarray(x), np.asarray(v["params"]["layer"]["kernel"])
+    xq, s, zp = np_fq_affine(xn, xn.min(), xn.max())
+    stats = v["quant_stats"]["layer"]["input_qparams"]
+    np.testing.assert_allclose(stats["scale"], s, rtol=1e-6)
+    y_float = np.asarray(jax.jit(model.apply)({"params": v["params"]}, x))
+    bias = y_float - np.einsum(eq, xn, w)  # Flax's bias, broadcast its way
+    y_ref = np.einsum(eq, xq, np_fq_kernel(w, contracted)) + bias
+    for mode in ("simulate", "int"):
+        qmode, _ = ql.quantize_model(model, QuantRule(".*", mode=mode), x)
+        y = jax.jit(qmode.with_phase("eval").apply)(v, x)
+        np.testing.assert_allclose(y, y_ref, atol=2e-5, err_msg=mode)
+    assert np.abs(y_float - y_ref).max() > 1e-3  # quantization did something
+    (layer,) = qm.layers(v)  # per-channel kernel QParams along the non-contracted axes
+    s_w = np.abs(w).max(axis=contracted, keepdims=True) / 127
+    np.testing.assert_allclose(layer.kernel_qparams.scale, s_w, rtol=1e-6)
+
+
+class _WithTransposedConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="head")(nn.ConvTranspose(2, (3,), name="up")(x))
+
+
+def test_layer_with_a_kernel_rules_cannot_quantize_is_reported():
+    model = _WithTransposedConv()
+    with pytest.warns(UserWarning, match=r"cannot quantize.*'up' \(ConvTranspose\)"):
+        _, match = ql.quantize_model(model, QuantRule(".*"), X)
+    assert match.not_quantized == {"up": "ConvTranspose"}
+    assert list(match.assignment) == ["head"] and match.unused == ()
+    with warnings.catch_warnings():  # kept float on purpose: neither listed nor warned about
+        warnings.simplefilter("error")
+        rules = (QuantRule("up", keep_float=True), QuantRule(".*"))
+        _, match = ql.quantize_model(model, rules, X)
+    assert match.not_quantized == {} and match.unused == ()
+
+
+def test_a_custom_product_op_is_an_error_not_a_silent_float():
+    class Custom(nn.Module):  # Flax runs dot_general_cls() before any injected dot_general
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, dot_general_cls=lambda: jax.lax.dot_general)(x)
+
+    with pytest.raises(ValueError, match=r"'Dense_0' \(Dense\) sets its own dot_general_cls"):
+        ql.quantize_model(Custom(), QuantRule(".*"), X[:, 0])
+    ql.quantize_model(Custom(), QuantRule(".*", keep_float=True), X[:, 0])  # float: fine

@@ -122,3 +122,93 @@ def test_errors():
         qn.quantize_model(nm, (QuantRule(".*"), QuantRule("conv7")))
     with pytest.raises(TypeError, match="flax.nnx.Module"):
         qn.quantize_model(mlinen.CNN(CFG), QuantRule(".*"))
+
+
+class _Mlp(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(2, 8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jax.nn.relu(self.fc(x)))
+
+
+def test_optimizer_built_before_calibrate_keeps_working():
+    import optax
+
+    rule = QuantRule(".*", weight="int4", act=IntFormat(4, signed=False), estimator="lsq")
+    qnm, _ = qn.quantize_model(_Mlp(nnx.Rngs(0)), rule)
+    params = nnx.state(qnm, nnx.Param).to_pure_dict()
+    assert set(params["fc"]) == {"kernel", "bias", "kernel_scale", "input_scale"}
+    assert np.isfinite(params["fc"]["input_scale"]) and params["fc"]["input_scale"] > 0
+    opt = nnx.Optimizer(qnm, optax.adam(1e-2), wrt=nnx.Param)  # before calibrate
+    x = X[:, :, 0].reshape(-1, 2)
+    qn.calibrate(qnm, [x])
+    calibrated = float(qnm.fc.input_scale.value)
+    np.testing.assert_allclose(calibrated, qnm.fc.input_qparams.value["scale"])  # set by calibrate
+    qn.set_phase(qnm, "train")
+
+    @nnx.jit
+    def step(m, opt, x):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(m)
+        opt.update(m, g)
+        return loss
+
+    loss = step(qnm, opt, x)
+    assert np.isfinite(loss)
+    assert float(qnm.fc.input_scale.value) != calibrated  # the learned step size moved
+    other, _ = qn.quantize_model(_Mlp(nnx.Rngs(0)), QuantRule(".*"))
+    other.fc.rule = rule  # learned scales would appear after the optimizer: refused
+    with pytest.raises(ValueError, match="no learned parameter 'input_scale'.*final rule"):
+        qn.calibrate(other, [x])
+
+
+class _General(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.initializers.normal(1.0)
+        self.lg = nnx.LinearGeneral(5, (2, 3), bias_init=init, rngs=rngs)
+        self.ein = nnx.Einsum("btnh,nhk->btk", (2, 3, 4), (4,), bias_init=init, rngs=rngs)
+
+    def __call__(self, x):
+        return self.ein(self.lg(x))
+
+
+def test_linear_general_and_einsum_quantized_like_their_numpy_reference():
+    def np_fq(x, s, zp, lo, hi):
+        return (np.clip(np.round(x / s) + zp, lo, hi) - zp) * s
+
+    x = jax.random.normal(jax.random.key(3), (2, 3, 5))
+    model = _General(nnx.Rngs(0))
+    for mode in ("simulate", "int"):
+        qnm, match = qn.quantize_model(model, QuantRule(".*", mode=mode))
+        assert isinstance(qnm.lg, qn.QLinearGeneral) and isinstance(qnm.ein, qn.QEinsum)
+        assert set(match.assignment) == {"lg", "ein"}
+        qn.calibrate(qnm, [x])
+        qn.set_phase(qnm, "eval")
+        y = nnx.jit(lambda m, x: m(x))(qnm, x)
+        h = np.asarray(x, np.float64)
+        layers = ((qnm.lg, "btd,dnh->btnh", 0), (qnm.ein, "btnh,nhk->btk", (0, 1)))
+        for layer, eq, contracted in layers:
+            qp = layer.input_qparams.value
+            h = np_fq(h, float(qp["scale"]), float(qp["zero_point"]), -128, 127)
+            w = np.asarray(layer.kernel.value, np.float64)
+            s_w = np.abs(w).max(axis=contracted, keepdims=True) / 127
+            h = np.einsum(eq, h, np_fq(w, s_w, 0, -127, 127)) + np.asarray(layer.bias.value)
+        np.testing.assert_allclose(y, h, atol=5e-5, err_msg=mode)
+    y_float = nnx.jit(lambda m, x: m(x))(model, x)
+    assert np.abs(y_float - y).max() > 1e-3
+
+
+class _Unsupported(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.ConvTranspose(2, 2, (3,), rngs=rngs)
+        self.lora = nnx.LoRALinear(2, 3, lora_rank=1, rngs=rngs)
+
+
+def test_layers_with_a_kernel_rules_cannot_quantize_are_reported():
+    model = _Unsupported(nnx.Rngs(0))
+    with pytest.warns(UserWarning, match=r"'lora' \(LoRALinear\), 'up' \(ConvTranspose\)"):
+        qnm, match = qn.quantize_model(model, QuantRule(".*"))
+    assert match.not_quantized == {"up": "ConvTranspose", "lora": "LoRALinear"}
+    assert match.assignment == {} and match.unused == ()
+    assert type(qnm.lora) is nnx.LoRALinear  # left as it is, not replaced by a QLinear

@@ -6,7 +6,13 @@ import warnings
 import pytest
 
 from jquant.formats import IntFormat, fp8_e4m3, int4
-from jquant.nn.rules import QuantRule, match_rules, report_unused, set_bits
+from jquant.nn.rules import (
+    QuantRule,
+    match_rules,
+    report_not_quantized,
+    report_unused,
+    set_bits,
+)
 
 PATHS = ["conv1", "conv2", "dense1", "head"]
 
@@ -37,11 +43,27 @@ def test_unused_rules_reported_in_order():
         report_unused(m, "ignore")
 
 
+def test_layers_rules_cannot_quantize_are_listed_and_warned_about():
+    keep, convs, rest = QuantRule("up2", keep_float=True), QuantRule("up1"), QuantRule("head")
+    m = match_rules([keep, convs, rest], ["head"], {"up1": "ConvTranspose", "up2": "Foo"})
+    assert m.not_quantized == {"up1": "ConvTranspose"}  # up2 is float on purpose
+    assert m.unused == ()  # a rule matching only unquantizable layers was used
+    with pytest.warns(UserWarning, match=re.escape("'up1' (ConvTranspose)")):
+        report_not_quantized(m)
+    assert match_rules([rest], ["head"], {"up1": "ConvTranspose"}).not_quantized == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report_not_quantized(match_rules([rest], PATHS))
+
+
 def test_rule_formats_and_configs():
     r = QuantRule(".*", weight="int4", act="uint8", weight_granularity="per_tensor")
     assert r.weight == int4 and r.act == IntFormat(8, signed=False)
     assert r.weight_config(4).axis is None
     assert QuantRule(".*").weight_config(4).axis == 3  # per output channel (HWIO / IO)
+    # a DenseGeneral / einsum kernel: per channel along every non-contracted axis
+    assert QuantRule(".*").weight_config(3, (0, 2)).axis == (0, 2)
+    assert r.weight_config(3, (0, 2)).axis is None
     assert QuantRule(".*", act=None).act_config() is None
     assert QuantRule(".*", keep_float=True).weight_config(2) is None
     assert (

@@ -33,9 +33,8 @@ from jax import lax
 
 from jquant.nn import nnx as jnnx
 from jquant.nn.inject import QuantOp
-from jquant.nn.linen import DEFAULT_RULE, _Slots
-from jquant.nn.rules import QuantRule
-from jquant.nn.state import check_phase
+from jquant.nn.rules import DEFAULT_RULE, QuantRule
+from jquant.nn.state import LinenSlots, check_phase
 
 __all__ = ["fold_bn", "QConvBN", "NnxQConvBN"]
 
@@ -203,7 +202,7 @@ class QConvBN(nn.Module):
         ra_var = self.variable(BATCH_STATS, "var", jnp.ones, (self.features,))
 
         y, mean, var = _conv_bn(
-            QuantOp(_Slots(self), self.rule, self.phase, "conv"),
+            QuantOp(LinenSlots(self), self.rule, self.phase, "conv"),
             x,
             kernel,
             gamma,
@@ -220,7 +219,7 @@ class QConvBN(nn.Module):
         return y
 
 
-class NnxQConvBN(jnnx._QuantLayer):
+class NnxQConvBN(jnnx.QuantLayer):
     """NNX twin of :class:`QConvBN` (same formulas): ``kernel`` (``HWIO``), ``scale``,
     ``bias`` are ``nnx.Param``; running ``mean`` / ``var`` are ``nnx.BatchStat``; input
     statistics are ``QuantStat`` attributes. ``use_running_average`` (None: by phase) and the
@@ -245,9 +244,9 @@ class NnxQConvBN(jnnx._QuantLayer):
         quant_path: str = "",
         rngs: nnx.Rngs,
     ):
-        self._init_quant(rule, phase, quant_path)
         shape = (*kernel_size, in_features // feature_group_count, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
+        self._init_quant(rule, phase, quant_path)
         self.scale = nnx.Param(jnp.ones((out_features,)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.mean = nnx.BatchStat(jnp.zeros((out_features,)))
@@ -265,7 +264,7 @@ class NnxQConvBN(jnnx._QuantLayer):
         )
         running = _running(self.phase, use_running_average, self.use_running_average)
         y, mean, var = _conv_bn(
-            QuantOp(jnnx._Slots(self), self.rule, self.phase, "conv"),
+            QuantOp(jnnx.NNXSlots(self), self.rule, self.phase, "conv"),
             x,
             self.kernel.value,
             self.scale.value,

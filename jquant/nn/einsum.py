@@ -1,14 +1,17 @@
-"""Quantized ``flax.linen.Einsum``: both operands (input and kernel) quantized by a rule.
+"""Quantized einsums: both operands (input and kernel) quantized by a rule.
 
 A two-operand einsum without ellipsis, repeated letters or letters summed inside one operand
-is a ``dot_general`` followed by a transpose, so :class:`QEinsum` runs it through
-:func:`jquant.ops.dot_general` (``"simulate"`` or ``"int"`` mode)::
+is a ``dot_general`` followed by a transpose (:func:`einsum_dims`), so it runs through a
+:class:`~jquant.nn.inject.QuantOp` and :func:`jquant.ops.dot_general` (``"simulate"`` or
+``"int"`` mode)::
 
     y = transpose(dot_general(fq_in(x), fq_w(W), dims)) + b      (train / eval)
     y = einsum(x, W) + b                                          (float / calibrate)
 
 The kernel's per-channel scales are along its non-contracted axes (those whose letters reach
 the output), whatever their position, e.g. ``"bd,hd->bh"`` has one scale per ``h``.
+:class:`QuantEinsum` is the op with ``jnp.einsum``'s signature that NNX's ``einsum_op=``
+takes; :class:`QEinsum` is the quantized ``flax.linen.Einsum``.
 """
 
 from __future__ import annotations
@@ -19,14 +22,12 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jquant import ops
-from jquant.nn.linen import DEFAULT_RULE, _Slots
-from jquant.nn.rules import QuantRule
-from jquant.nn.state import check_phase, tensor_qparams
+from jquant.nn.inject import QuantOp
+from jquant.nn.rules import DEFAULT_RULE, QuantRule
+from jquant.nn.state import LinenSlots, check_phase
 
-__all__ = ["EinsumDims", "einsum_dims", "QEinsum"]
+__all__ = ["EinsumDims", "einsum_dims", "QuantEinsum", "QEinsum"]
 
 
 class EinsumDims(NamedTuple):
@@ -98,6 +99,35 @@ def einsum_dims(einsum_str: str) -> EinsumDims:
     return EinsumDims(dn, perm, rhs_kept)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantEinsum:
+    """``jnp.einsum(einsum_str, x, W)`` look-alike that runs ``op``, a dot_general
+    :class:`~jquant.nn.inject.QuantOp`: ``transpose(op(x, W, dims), perm)``."""
+
+    op: QuantOp
+
+    def __call__(
+        self,
+        einsum_str: str,
+        lhs: jax.Array,
+        rhs: jax.Array,
+        *,
+        precision=None,
+        preferred_element_type=None,
+        out_sharding=None,
+    ) -> jax.Array:
+        dims = einsum_dims(einsum_str)
+        y = self.op(
+            lhs,
+            rhs,
+            dims.dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding,
+        )
+        return jnp.transpose(y, dims.perm)
+
+
 class QEinsum(nn.Einsum):
     """``nn.Einsum`` (input ``x`` as lhs, kernel ``W`` of ``shape`` as rhs) quantized by
     ``rule``: ``y = einsum(fq_in(x), fq_w(W)) + b`` in train / eval, float otherwise.
@@ -112,48 +142,25 @@ class QEinsum(nn.Einsum):
     rule: QuantRule = DEFAULT_RULE
     phase: str = "float"
 
-    def weight_config(self, dims: EinsumDims) -> ops.QuantConfig | None:
-        """The kernel's QuantConfig: the rule's, with per-channel axes = ``dims.rhs_kept``."""
-        cfg = self.rule.weight_config(len(self.shape))
-        if cfg is None or cfg.axis is None:
-            return cfg
-        return dataclasses.replace(cfg, axis=dims.rhs_kept or None)
-
     @nn.compact
     def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
         check_phase(self.phase)
-        einsum_str = nn.merge_param("einsum_str", self.einsum_str, einsum_str)
-        dims = einsum_dims(einsum_str)
+        einsum_str = nn.merge_param("einsum_str", self.einsum_str, einsum_str).replace(" ", "")
+        einsum_dims(einsum_str)  # validates before any variable is created
         kernel = self.param("kernel", self.kernel_init, self.shape, self.param_dtype)
         bias = None
         if self.use_bias:
-            bias_shape, broadcast_shape = self._get_bias_shape(
-                einsum_str.replace(" ", ""), inputs, kernel
-            )
+            bias_shape, broadcast_shape = self._get_bias_shape(einsum_str, inputs, kernel)
             bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype)
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-
-        act_cfg = None if self.rule.keep_float else self.rule.act_config()
-        w_cfg = None if self.rule.keep_float else self.weight_config(dims)
-        slots = _Slots(self)
-        qa = tensor_qparams(slots, "input", inputs, act_cfg, self.phase, self.rule.calibration)
-        qw = tensor_qparams(slots, "kernel", kernel, w_cfg, self.phase, None)
-        kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
-        if self.phase in ("float", "calibrate") or self.rule.keep_float:
-            y = lax.dot_general(inputs, kernel, dims.dimension_numbers, **kw)
-        else:
-            y = ops.dot_general(
-                inputs,
-                kernel,
-                dims.dimension_numbers,
-                **kw,
-                lhs_quant=act_cfg,
-                rhs_quant=w_cfg,
-                lhs_qparams=qa,
-                rhs_qparams=qw,
-                mode=self.rule.mode,
-            )
-        y = jnp.transpose(y, dims.perm)
+        einsum = QuantEinsum(QuantOp(LinenSlots(self), self.rule, self.phase, "dot_general"))
+        y = einsum(
+            einsum_str,
+            inputs,
+            kernel,
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+        )
         if bias is not None:
             y = y + jnp.reshape(bias, broadcast_shape)
         return y

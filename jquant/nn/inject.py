@@ -26,19 +26,45 @@ from jquant.nn.rules import QuantRule
 from jquant.nn.state import Slots, tensor_qparams
 from jquant.quant import QParams
 
-__all__ = ["KINDS", "QuantOp", "operand_qparams", "quantize_activation", "pool_activation"]
+__all__ = [
+    "KINDS",
+    "QuantOp",
+    "kernel_config",
+    "operand_qparams",
+    "quantize_activation",
+    "pool_activation",
+]
 
 _FLOAT_OPS = {"dot_general": lax.dot_general, "conv": lax.conv_general_dilated}
 _QUANT_OPS = {"dot_general": ops.dot_general, "conv": ops.conv_general_dilated}
 KINDS = tuple(_FLOAT_OPS)
 
 
+def kernel_config(
+    rule: QuantRule, kind: str, rhs_ndim: int, dimension_numbers=None
+) -> ops.QuantConfig | None:
+    """The kernel's QuantConfig: per channel along its output axes, i.e. the last axis of a
+    conv kernel (HWIO) and every non-contracted axis of a ``dot_general`` kernel (Dense's
+    ``(in, out)``, DenseGeneral's batch and feature axes, an einsum's free and batch axes)."""
+    if kind != "dot_general":
+        return rule.weight_config(rhs_ndim)
+    (_, rhs_contract), _ = dimension_numbers
+    contracted = {d % rhs_ndim for d in rhs_contract}
+    return rule.weight_config(rhs_ndim, tuple(d for d in range(rhs_ndim) if d not in contracted))
+
+
 def operand_qparams(
-    slots: Slots, rule: QuantRule, phase: str, lhs: jax.Array, rhs: jax.Array
+    slots: Slots,
+    rule: QuantRule,
+    phase: str,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    rhs_cfg: ops.QuantConfig | None,
 ) -> tuple[QParams | None, QParams | None]:
-    """QParams of the input (``lhs``) and the kernel (``rhs``) of a layer in ``phase``."""
+    """QParams of the input (``lhs``) and the kernel (``rhs``, quantized by ``rhs_cfg``) of
+    a layer in ``phase``."""
     qa = tensor_qparams(slots, "input", lhs, rule.act_config(), phase, rule.calibration)
-    qw = tensor_qparams(slots, "kernel", rhs, rule.weight_config(rhs.ndim), phase, None)
+    qw = tensor_qparams(slots, "kernel", rhs, rhs_cfg, phase, None)
     return qa, qw
 
 
@@ -63,7 +89,9 @@ class QuantOp:
             del kwargs["out_sharding"]
         if self.rule.keep_float:
             return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
-        qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs)
+        dn = args[0] if args else kwargs.get("dimension_numbers")
+        rhs_cfg = kernel_config(self.rule, self.kind, rhs.ndim, dn)
+        qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs, rhs_cfg)
         if self.phase in ("float", "calibrate"):
             return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
         return _QUANT_OPS[self.kind](
@@ -71,7 +99,7 @@ class QuantOp:
             rhs,
             *args,
             lhs_quant=self.rule.act_config(),
-            rhs_quant=self.rule.weight_config(rhs.ndim),
+            rhs_quant=rhs_cfg,
             lhs_qparams=qa,
             rhs_qparams=qw,
             mode=self.rule.mode,

@@ -7,9 +7,13 @@ injected through ``dot_general=`` / ``conv_general_dilated=`` (depthwise convs t
 activations and pool them the TFLite way (the output keeps the input's scale and zero point).
 
 :func:`quantize_model` quantizes a plain model (one that knows nothing of jquant) through
-Flax's ``nn.intercept_methods``: every ``nn.Dense`` / ``nn.Conv`` call whose module path
-matches a rule runs as the corresponding jquant layer, on the same scope, so the variables
-are the plain model's plus ``quant_stats`` and any learned scales. Pooling in a plain model
+Flax's ``nn.intercept_methods``: every ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` /
+``nn.Einsum`` call whose module path matches a rule runs as the corresponding jquant layer,
+on the same scope, so the variables are the plain model's plus ``quant_stats`` and any
+learned scales. Any other layer with a ``kernel`` that a rule matches cannot be quantized:
+it stays float, is listed in ``RuleMatch.not_quantized`` and warned about. Hand-built jquant
+layers inside the model (QDense, QEinsum, ActQuant, ...) run in the model's phase, so
+:meth:`QuantizedModel.calibrate` calibrates them too. Pooling in a plain model
 is a function call (``nn.max_pool`` / ``nn.avg_pool``), which no Flax mechanism intercepts, so
 it stays float: max pooling is unchanged by that (a max of grid values is a grid value, and
 the next layer's input quantizer rounds it the same way), while TFLite's integer average
@@ -34,17 +38,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jquant.nn.einsum import QEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
+    DEFAULT_RULE,
     QuantRule,
     RuleMatch,
     check_rules,
     first_match,
     match_rules,
+    report_not_quantized,
     report_unused,
 )
 from jquant.nn.state import (
     STATS,
+    LinenSlots,
     check_phase,
     frozen_qparams,
     learned_from_stats,
@@ -64,56 +72,84 @@ __all__ = [
     "learned_from_calibration",
 ]
 
-DEFAULT_RULE = QuantRule(".*")
-# module class -> (its injection field, QuantOp kind)
+# module class -> (its injection field, QuantOp kind); nn.Einsum runs as QEinsum
 _TARGETS: dict[type, tuple[str, str]] = {
     nn.Dense: ("dot_general", "dot_general"),
+    nn.DenseGeneral: ("dot_general", "dot_general"),
     nn.Conv: ("conv_general_dilated", "conv"),
 }
+_QUANTIZABLE = (*_TARGETS, nn.Einsum)
+_LAX_OPS = {"dot_general": jax.lax.dot_general, "conv": jax.lax.conv_general_dilated}
 
 
-class _Slots:
-    """:class:`jquant.nn.state.Slots` over a bound Linen module's scope."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.path = "/".join(module.path)
-        self.initializing = module.is_initializing()
-
-    def get_stat(self, name):
-        if self.module.has_variable(STATS, name):
-            return self.module.get_variable(STATS, name)
-        return None
-
-    def set_stat(self, name, value):
-        if not self.module.is_mutable_collection(STATS):
-            raise ValueError(
-                f"layer {self.path!r} must write {STATS}/{name}: apply the model with "
-                f"mutable=[{STATS!r}] (phase 'calibrate' updates statistics)"
-            )
-        self.module.put_variable(STATS, name, value)
-
-    def param(self, name, init):
-        return self.module.param(name, lambda _: init())
+def _is_jquant_layer(module: nn.Module) -> bool:
+    """A quantized layer (QDense, QEinsum, ActQuant, QConvBN, ...): a ``rule`` and a ``phase``."""
+    return isinstance(getattr(module, "rule", None), QuantRule) and isinstance(
+        getattr(module, "phase", None), str
+    )
 
 
-def _target(module: nn.Module) -> tuple[str, str] | None:
-    if isinstance(module, QDense | QConv):
-        return None
-    for cls, target in _TARGETS.items():
-        if isinstance(module, cls):
-            return target
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, _QUANTIZABLE) and not _is_jquant_layer(module)
+
+
+def _owns_kernel(module: nn.Module) -> bool:
+    """Whether the module's own parameters include an array ``kernel`` (not a submodule)."""
+    return module.has_variable("params", "kernel") and not isinstance(
+        module.get_variable("params", "kernel"), Mapping
+    )
+
+
+def _channel_axes(module: nn.Module, kernel_ndim: int, args, kwargs) -> tuple[int, ...] | None:
+    """The kernel's output axes (per-channel scales) of a DenseGeneral / Einsum call (the
+    axes its dot_general does not contract); None for Dense / Conv (the last axis)."""
+    if isinstance(module, nn.Einsum):
+        einsum_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+        einsum_str = nn.merge_param("einsum_str", module.einsum_str, einsum_str)
+        return einsum_dims(einsum_str.replace(" ", "")).rhs_kept
+    if isinstance(module, nn.DenseGeneral):
+        n_batch = len(_as_tuple(module.batch_dims))
+        contracted = range(n_batch, n_batch + len(_as_tuple(module.axis)))
+        return tuple(d for d in range(kernel_ndim) if d not in contracted)
     return None
+
+
+def _as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, Iterable) else (v,)
+
+
+def _check_no_custom_op(module: nn.Module) -> None:
+    """Raises ValueError if a Dense / DenseGeneral / Conv brings its own product op
+    (``dot_general`` / ``dot_general_cls`` / ``conv_general_dilated``), which Flax would run
+    instead of the injected QuantOp."""
+    field, kind = next((t for cls, t in _TARGETS.items() if isinstance(module, cls)), (0, 0))
+    for name in (field, "dot_general_cls") if field else ():
+        if getattr(module, name, None) not in (None, _LAX_OPS[kind]):
+            raise ValueError(
+                f"layer {'/'.join(module.path)!r} ({type(module).__name__}) sets its own "
+                f"{name}; jquant quantizes the product by injecting it there: drop the "
+                "custom op, or keep the layer float with QuantRule(<path>, keep_float=True)"
+            )
 
 
 def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callable, *args, **kw):
     """Runs ``call`` (e.g. ``nn.Dense.__call__``) as ``module`` with a QuantOp injected.
 
     The clone is bound to ``module``'s own scope, so it reads and creates the same variables.
+    An ``nn.Einsum`` runs as a :class:`~jquant.nn.einsum.QEinsum` on that scope.
+
+    Raises:
+      ValueError: the module brings its own product (``dot_general`` / ``dot_general_cls`` /
+        ``conv_general_dilated``), which jquant would have to replace.
     """
     check_phase(phase)
-    field, kind = _TARGETS[nn.Dense if isinstance(module, nn.Dense) else nn.Conv]
-    op = QuantOp(_Slots(module), rule, phase, kind)
+    if isinstance(module, nn.Einsum):
+        fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(nn.Einsum)}
+        fields = {k: v for k, v in fields.items() if k not in ("parent", "name")}
+        return QEinsum(**fields, rule=rule, phase=phase, parent=module.scope)(*args, **kw)
+    _check_no_custom_op(module)
+    field, kind = next(t for cls, t in _TARGETS.items() if isinstance(module, cls))
+    op = QuantOp(LinenSlots(module), rule, phase, kind)
     clone = module.clone(parent=module.scope, **{field: op})
     return call(clone, *args, **kw)
 
@@ -190,7 +226,7 @@ class ActQuant(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         check_phase(self.phase)
-        return quantize_activation(_Slots(self), self.rule, self.phase, x)
+        return quantize_activation(LinenSlots(self), self.rule, self.phase, x)
 
 
 class _QPool(nn.Module):
@@ -202,8 +238,9 @@ class _QPool(nn.Module):
 
     def _pool(self, x, kind: str):
         check_phase(self.phase)
+        slots = LinenSlots(self)
         return pool_activation(
-            _Slots(self), self.rule, self.phase, kind, x, self.window, self.strides, self.padding
+            slots, self.rule, self.phase, kind, x, self.window, self.strides, self.padding
         )
 
 
@@ -277,6 +314,7 @@ class QuantizedModel:
     match: RuleMatch
     phase: str = "float"
     folds: tuple[tuple[str, str, float], ...] = ()  # (conv path, its BatchNorm's, epsilon)
+    channel_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # DenseGeneral / Einsum kernels
 
     def __post_init__(self):
         check_phase(self.phase)
@@ -288,8 +326,14 @@ class QuantizedModel:
         path = "/".join(module.path)
         if isinstance(module, nn.BatchNorm) and path in stash:
             return self._folded_bn(module, stash.pop(path), next_fun, args, kwargs)
-        target = _target(module)
-        if target is None or isinstance(getattr(module, target[0]), QuantOp | _FoldedOp):
+        if _is_jquant_layer(module):  # hand-built (or our own QEinsum): the model's phase
+            if module.phase == self.phase:
+                return next_fun(*args, **kwargs)
+            clone = module.clone(parent=module.scope, phase=self.phase)
+            return getattr(clone, context.method_name)(*args, **kwargs)
+        if not _quantizable(module) or any(
+            isinstance(getattr(module, f, None), QuantOp | _FoldedOp) for f, _ in _TARGETS.values()
+        ):
             return next_fun(*args, **kwargs)  # not ours to quantize, or our own clone
         rule = first_match(self.rules, path)
         if rule is None:
@@ -307,7 +351,7 @@ class QuantizedModel:
         bn = {c: _subtree(root.get(c, {}), bn_path) for c in ("params", "batch_stats")}
         gamma, _, _, var_r = _bn_constants(bn, conv.features)
         factor = gamma * jax.lax.rsqrt(var_r + eps)
-        op = _FoldedOp(QuantOp(_Slots(conv), rule, self.phase, "conv"), factor)
+        op = _FoldedOp(QuantOp(LinenSlots(conv), rule, self.phase, "conv"), factor)
         y_quant = type(conv).__call__(
             conv.clone(parent=conv.scope, conv_general_dilated=op), *args, **kwargs
         )
@@ -423,8 +467,9 @@ class QuantizedModel:
             params = _subtree(variables["params"], path)
             stats = _subtree(variables.get(STATS, {}), path)
             kernel = params["kernel"]
+            axes = dict(self.channel_axes).get(path)
             qa, qw = frozen_qparams(
-                rule.act_config(), rule.weight_config(kernel.ndim), kernel, params, stats
+                rule.act_config(), rule.weight_config(kernel.ndim, axes), kernel, params, stats
             )
             out.append(QuantizedLayer(path, rule, kernel, params.get("bias"), qa, qw))
         return out
@@ -439,7 +484,12 @@ def quantize_model(
     fold_bn: bool = False,
     **example_kwargs,
 ) -> tuple[QuantizedModel, RuleMatch]:
-    """Quantizes a plain Linen model by rules matched on its Dense / Conv module paths.
+    """Quantizes a plain Linen model by rules matched on its Dense / DenseGeneral / Conv /
+    Einsum module paths.
+
+    Kernels are quantized per output channel (the axes their product does not contract:
+    Conv's last axis, DenseGeneral's batch and feature axes, an einsum's free and batch
+    axes) or per tensor, activations per tensor, in ``"simulate"`` or ``"int"`` mode.
 
     Linen builds submodules lazily, so the paths are found by tracing ``model.init`` on the
     example inputs (shapes only, ``jax.eval_shape``).
@@ -457,8 +507,10 @@ def quantize_model(
       on_unused: ``"warn"``, ``"raise"`` (ValueError) or ``"ignore"`` rules that match nothing.
 
     Returns:
-      ``(QuantizedModel, RuleMatch)``: the match maps every Dense / Conv path to its rule
-      (None: no rule, stays float) and lists the unused rules.
+      ``(QuantizedModel, RuleMatch)``: the match maps every Dense / DenseGeneral / Conv /
+      Einsum path to its rule (None: no rule, stays float), lists the unused rules and, in
+      ``not_quantized``, the layers with a kernel that a rule matched but jquant cannot
+      quantize (e.g. ``nn.ConvTranspose``), which are also warned about (UserWarning).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
@@ -469,6 +521,8 @@ def quantize_model(
     if not isinstance(fold_bn, bool):
         raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
     paths: list[str] = []
+    unsupported: dict[str, str] = {}  # path -> type of a layer with a kernel jquant can't run
+    channel_axes: dict[str, tuple[int, ...]] = {}
     conv_outputs: dict[int, str] = {}  # id of a bias-free Conv's output -> its path
     folds: list[tuple[str, str, float]] = []
 
@@ -477,10 +531,18 @@ def quantize_model(
         if context.method_name != "__call__":
             return out
         path = "/".join(module.path)
-        if _target(module) is not None:
+        if _quantizable(module):
+            if (rule := first_match(rules, path)) is not None and not rule.keep_float:
+                _check_no_custom_op(module)
             paths.append(path)
+            kernel_ndim = jnp.ndim(module.get_variable("params", "kernel"))
+            axes = _channel_axes(module, kernel_ndim, args, kwargs)
+            if axes is not None:
+                channel_axes[path] = axes
             if isinstance(module, nn.Conv) and not module.use_bias:
                 conv_outputs[id(out)] = path
+        elif not _is_jquant_layer(module) and _owns_kernel(module):
+            unsupported[path] = type(module).__name__
         elif isinstance(module, nn.BatchNorm) and args and id(args[0]) in conv_outputs:
             if module.axis == -1 and module.axis_name is None:
                 folds.append((conv_outputs.pop(id(args[0])), path, float(module.epsilon)))
@@ -488,9 +550,11 @@ def quantize_model(
 
     with nn.intercept_methods(record):
         jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args, **example_kwargs))
-    match = match_rules(rules, dict.fromkeys(paths))
+    match = match_rules(rules, dict.fromkeys(paths), unsupported)
     report_unused(match, on_unused)
+    report_not_quantized(match)
     if fold_bn:
         folds = [f for f in folds if (r := match.assignment.get(f[0])) and not r.keep_float]
-    qmodel = QuantizedModel(model, rules, match, phase, tuple(folds) if fold_bn else ())
+    folds = tuple(folds) if fold_bn else ()
+    qmodel = QuantizedModel(model, rules, match, phase, folds, tuple(channel_axes.items()))
     return qmodel, match

@@ -7,8 +7,9 @@ Statistics are :class:`QuantStat` variables (``nnx.state(model, QuantStat)``), l
 ``nnx.Param``; ``phase`` and ``rule`` are static attributes.
 
 :func:`quantize_model` walks the model graph (``nnx.iter_graph``), and replaces each
-``nnx.Linear`` / ``nnx.Conv`` whose path matches a rule by the quantized layer holding the same
-kernel and bias; the input model is left unchanged::
+``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` / ``nnx.Einsum`` whose path matches a
+rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`QConv`,
+:class:`QEinsum`) holding the same kernel and bias; the input model is left unchanged::
 
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
@@ -22,18 +23,38 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jquant.nn.einsum import QuantEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.linen import QuantizedLayer
-from jquant.nn.rules import QuantRule, RuleMatch, check_rules, match_rules, report_unused
-from jquant.nn.state import QuantStat, check_phase, frozen_qparams, learned_from_stats
+from jquant.nn.rules import (
+    DEFAULT_RULE,
+    QuantRule,
+    RuleMatch,
+    check_rules,
+    match_rules,
+    report_not_quantized,
+    report_unused,
+)
+from jquant.nn.state import (
+    QuantStat,
+    check_phase,
+    frozen_qparams,
+    learned_from_stats,
+    learned_placeholders,
+)
 
 __all__ = [
     "QuantStat",
+    "NNXSlots",
+    "QuantLayer",
     "QLinear",
+    "QLinearGeneral",
     "QConv",
+    "QEinsum",
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
@@ -44,11 +65,10 @@ __all__ = [
     "quantized_layers",
 ]
 
-DEFAULT_RULE = QuantRule(".*")
 
-
-class _Slots:
-    """:class:`jquant.nn.state.Slots` over an NNX module's attributes."""
+class NNXSlots:
+    """:class:`jquant.nn.state.Slots` over an NNX module's attributes. Learned scales exist
+    from construction (:meth:`QuantLayer._init_learned`); statistics are created on use."""
 
     initializing = False
 
@@ -69,14 +89,19 @@ class _Slots:
 
     def param(self, name, init):
         v = getattr(self.module, name, None)
-        if v is None:
-            v = nnx.Param(init())
-            setattr(self.module, name, v)
+        if v is None:  # created now, the parameter tree would change under an optimizer
+            raise ValueError(
+                f"layer {self.path!r} has no learned parameter {name!r}: its rule was changed "
+                "after construction; build the layer (or quantize_model) with the final rule "
+                "so that learned scales exist before an optimizer is built"
+            )
         return v.value
 
 
-class _QuantLayer(nnx.Module):
-    """Mixin: the ``rule`` / ``phase`` / ``quant_path`` attributes of every quantized layer."""
+class QuantLayer(nnx.Module):
+    """Mixin: the ``rule`` / ``phase`` / ``quant_path`` attributes of every quantized layer,
+    and its learned scales (LSQ / LSQ+ / PACT ``nnx.Param``), which exist from construction
+    so that an optimizer built before :func:`calibrate` keeps the same parameter tree."""
 
     def _init_quant(self, rule: QuantRule, phase: str, path: str) -> None:
         if not isinstance(rule, QuantRule):
@@ -85,14 +110,37 @@ class _QuantLayer(nnx.Module):
         self.rule = rule
         self.phase = phase
         self.quant_path = path
+        self._init_learned()
+
+    def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...] | None:
+        """Per-channel axes of the kernel: None is the last axis (Linear, Conv)."""
+        return None
+
+    def _init_learned(self) -> None:
+        """Creates (or resets) the learned scales: the kernel's from its current range, the
+        input's a placeholder that :func:`calibrate` sets (:func:`learned_placeholders`)."""
+        kernel = getattr(self, "kernel", None)
+        cfg_kernel = None
+        if kernel is not None:
+            ndim = kernel.value.ndim
+            cfg_kernel = self.rule.weight_config(ndim, self._kernel_channel_axes(ndim))
+        new = learned_placeholders(
+            self.rule.act_config(), cfg_kernel, None if kernel is None else kernel.value
+        )
+        for name, value in new.items():
+            if getattr(self, name, None) is None:
+                setattr(self, name, nnx.Param(value))
+            else:
+                getattr(self, name).value = value
 
 
-def _injected(kind: str, default) -> property:
-    """A property for Flax's injection attribute: reads give a QuantOp bound to the layer;
-    Flax's constructor may only write the lax default into it."""
+def _injected(kind: str, default, wrap=None) -> property:
+    """A property for Flax's injection attribute: reads give a QuantOp bound to the layer
+    (``wrap(op)`` when given); Flax's constructor may only write the default into it."""
 
     def get(self):
-        return QuantOp(_Slots(self), self.rule, self.phase, kind)
+        op = QuantOp(NNXSlots(self), self.rule, self.phase, kind)
+        return op if wrap is None else wrap(op)
 
     def set_(self, value):
         if value is not default:
@@ -101,7 +149,7 @@ def _injected(kind: str, default) -> property:
     return property(get, set_)
 
 
-class QLinear(nnx.Linear, _QuantLayer):
+class QLinear(nnx.Linear, QuantLayer):
     """``nnx.Linear`` whose product is quantized by ``rule``: ``fq_in(x) @ fq_w(W) + b``.
 
     Args: those of ``nnx.Linear`` plus ``rule`` (QuantRule), ``phase`` and ``quant_path``
@@ -125,7 +173,7 @@ class QLinear(nnx.Linear, _QuantLayer):
         self._init_quant(rule, phase, quant_path)
 
 
-class QConv(nnx.Conv, _QuantLayer):
+class QConv(nnx.Conv, QuantLayer):
     """``nnx.Conv`` (depthwise through ``feature_group_count``) quantized by ``rule``.
 
     Args: those of ``nnx.Conv`` plus ``rule``, ``phase`` and ``quant_path``.
@@ -150,17 +198,76 @@ class QConv(nnx.Conv, _QuantLayer):
         self._init_quant(rule, phase, quant_path)
 
 
-class ActQuant(_QuantLayer):
+class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
+    """``nnx.LinearGeneral`` quantized by ``rule``: ``dot_general(fq_in(x), fq_w(W)) + b``;
+    per-channel kernel scales along its batch and output-feature axes (those not contracted).
+
+    Args: those of ``nnx.LinearGeneral`` plus ``rule``, ``phase`` and ``quant_path``.
+    """
+
+    dot_general = _injected("dot_general", None)
+
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        *,
+        rule: QuantRule = DEFAULT_RULE,
+        phase: str = "float",
+        quant_path: str = "",
+        rngs: nnx.Rngs,
+        **kwargs,
+    ):
+        super().__init__(in_features, out_features, rngs=rngs, **kwargs)
+        self._init_quant(rule, phase, quant_path)
+
+    def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...]:
+        n_batch = len(self.batch_axis)
+        contracted = range(n_batch, n_batch + len(self.in_features))
+        return tuple(d for d in range(ndim) if d not in contracted)
+
+
+class QEinsum(nnx.Einsum, QuantLayer):
+    """``nnx.Einsum`` quantized by ``rule``: ``einsum(fq_in(x), fq_w(W)) + b`` through
+    :class:`jquant.nn.einsum.QuantEinsum` (two operands, no ellipsis); per-channel kernel
+    scales along its non-contracted axes.
+
+    Args: those of ``nnx.Einsum`` plus ``rule``, ``phase`` and ``quant_path``.
+    """
+
+    einsum_op = _injected("dot_general", jnp.einsum, QuantEinsum)
+
+    def __init__(
+        self,
+        einsum_str: str,
+        kernel_shape,
+        bias_shape=None,
+        *,
+        rule: QuantRule = DEFAULT_RULE,
+        phase: str = "float",
+        quant_path: str = "",
+        rngs: nnx.Rngs,
+        **kwargs,
+    ):
+        einsum_dims(einsum_str.replace(" ", ""))  # a dot_general, or a ValueError now
+        super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **kwargs)
+        self._init_quant(rule, phase, quant_path)
+
+    def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...]:
+        return einsum_dims(self.einsum_str).rhs_kept
+
+
+class ActQuant(QuantLayer):
     """Fake-quantizes an activation with calibrated (or learned) QParams: ``fq(x)``."""
 
     def __init__(self, *, rule: QuantRule = DEFAULT_RULE, phase: str = "float", quant_path=""):
         self._init_quant(rule, phase, quant_path)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return quantize_activation(_Slots(self), self.rule, self.phase, x)
+        return quantize_activation(NNXSlots(self), self.rule, self.phase, x)
 
 
-class _QPool(_QuantLayer):
+class _QPool(QuantLayer):
     def __init__(
         self,
         window,
@@ -177,7 +284,7 @@ class _QPool(_QuantLayer):
         self._init_quant(rule, phase, quant_path)
 
     def _pool(self, x, kind):
-        slots = _Slots(self)
+        slots = NNXSlots(self)
         return pool_activation(
             slots, self.rule, self.phase, kind, x, self.window, self.strides, self.padding
         )
@@ -197,22 +304,41 @@ class QMaxPool(_QPool):
         return self._pool(x, "max")
 
 
-_REPLACEMENTS = ((nnx.Conv, QConv), (nnx.Linear, QLinear))
-_NOT_COPIED = ("self", "rngs", "kernel_metadata", "bias_metadata", "dot_general")
-_NOT_COPIED += ("conv_general_dilated",)
+# exact plain type -> its quantized layer (a subclass, e.g. nnx.LoRALinear, is not replaced)
+_REPLACEMENTS = {
+    nnx.Linear: QLinear,
+    nnx.LinearGeneral: QLinearGeneral,
+    nnx.Conv: QConv,
+    nnx.Einsum: QEinsum,
+}
+_INJECTED = ("dot_general", "dot_general_cls", "conv_general_dilated", "einsum_op")
+_NOT_COPIED = ("self", "rngs", "kernel_metadata", "bias_metadata", *_INJECTED)
 
 
 def _quantized_copy(layer: nnx.Module, rule: QuantRule, phase: str, path: str) -> nnx.Module:
-    """The quantized layer with ``layer``'s hyperparameters and its kernel / bias variables."""
-    base, cls = next((b, c) for b, c in _REPLACEMENTS if isinstance(layer, b))
+    """The quantized layer with ``layer``'s hyperparameters and its kernel / bias variables.
+
+    Raises:
+      ValueError: the layer brings its own product op, which jquant would have to replace.
+    """
+    base = type(layer)
+    params = inspect.signature(base.__init__).parameters
+    for name in _INJECTED:
+        if name in params and getattr(layer, name, None) is not params[name].default:
+            raise ValueError(
+                f"layer {path!r} ({base.__name__}) sets its own {name}; jquant quantizes the "
+                "product by injecting it there: drop the custom op, or keep the layer float "
+                "with QuantRule(<path>, keep_float=True)"
+            )
     kwargs = {
         name: getattr(layer, name)
-        for name in inspect.signature(base.__init__).parameters
+        for name in params
         if name not in _NOT_COPIED and hasattr(layer, name)
     }
-    q = cls(**kwargs, rule=rule, phase=phase, quant_path=path, rngs=nnx.Rngs(0))
+    q = _REPLACEMENTS[base](**kwargs, rule=rule, phase=phase, quant_path=path, rngs=nnx.Rngs(0))
     q.kernel = layer.kernel
     q.bias = layer.bias
+    q._init_learned()  # the kernel's learned scale from the real kernel
     return q
 
 
@@ -221,7 +347,7 @@ def _path_str(path: tuple) -> str:
 
 
 def _quant_layers(model: nnx.Module):
-    return [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, _QuantLayer)]
+    return [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, QuantLayer)]
 
 
 def quantize_model(
@@ -231,27 +357,36 @@ def quantize_model(
     phase: str = "float",
     on_unused: str = "warn",
 ) -> tuple[nnx.Module, RuleMatch]:
-    """A copy of ``model`` whose ``nnx.Linear`` / ``nnx.Conv`` layers are quantized by rules.
+    """A copy of ``model`` whose ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` /
+    ``nnx.Einsum`` layers are quantized by rules.
 
     Paths are the attribute paths joined by ``/`` (``"conv1"``, ``"blocks/0/linear"``); the
     first rule that fullmatches a path wins; ``keep_float`` rules leave the layer as it is.
+    Learned scales (LSQ / LSQ+ / PACT) exist from now on (the input's as a placeholder that
+    :func:`calibrate` sets), so an ``nnx.Optimizer`` may be built before calibration.
 
     Returns:
       ``(quantized copy, RuleMatch)``; rules that match nothing are warned about, raised on
-      or ignored according to ``on_unused``.
+      or ignored according to ``on_unused``. Any other module with a ``kernel`` parameter
+      (``nnx.ConvTranspose``, a subclass such as ``nnx.LoRALinear``) that a rule matches stays
+      float: it is listed in ``RuleMatch.not_quantized`` and warned about (UserWarning).
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     check_phase(phase)
     rules = check_rules(rules)
     model = nnx.clone(model)
-    targets = {
-        _path_str(p): (p, m)
-        for p, m in nnx.iter_graph(model)
-        if isinstance(m, nnx.Linear | nnx.Conv) and not isinstance(m, _QuantLayer)
-    }
-    match = match_rules(rules, targets)
+    targets, unsupported = {}, {}
+    for p, m in nnx.iter_graph(model):
+        if not isinstance(m, nnx.Module) or isinstance(m, QuantLayer):
+            continue
+        if type(m) in _REPLACEMENTS:
+            targets[_path_str(p)] = (p, m)
+        elif isinstance(getattr(m, "kernel", None), nnx.Param):
+            unsupported[_path_str(p)] = type(m).__name__
+    match = match_rules(rules, targets, unsupported)
     report_unused(match, on_unused)
+    report_not_quantized(match)
     for name, rule in match.assignment.items():
         if rule is None or rule.keep_float:
             continue

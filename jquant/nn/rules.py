@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 from jquant.estimators import ESTIMATORS
@@ -25,11 +26,13 @@ from jquant.ops import QuantConfig
 
 __all__ = [
     "CALIBRATIONS",
+    "DEFAULT_RULE",
     "GRANULARITIES",
     "MODES",
     "QuantRule",
     "RuleMatch",
     "match_rules",
+    "report_not_quantized",
     "report_unused",
     "set_bits",
 ]
@@ -121,11 +124,22 @@ class QuantRule:
     def _estimator(self, which: str) -> str:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
 
-    def weight_config(self, kernel_ndim: int) -> QuantConfig | None:
-        """The ``ops.QuantConfig`` of a kernel of ``kernel_ndim`` axes (None: float)."""
+    def weight_config(
+        self, kernel_ndim: int, channel_axes: Sequence[int] | None = None
+    ) -> QuantConfig | None:
+        """The ``ops.QuantConfig`` of a kernel of ``kernel_ndim`` axes (None: float).
+
+        Per channel, the scales run along ``channel_axes``: the kernel's output axes (those
+        not contracted), by default its last axis (Dense, Conv).
+        """
         if self.keep_float or self.weight is None:
             return None
-        axis = kernel_ndim - 1 if self.weight_granularity == "per_channel" else None
+        if self.weight_granularity == "per_tensor":
+            axis = None
+        elif channel_axes is None:
+            axis = kernel_ndim - 1
+        else:
+            axis = tuple(channel_axes) or None
         return QuantConfig(
             fmt=self.weight,
             symmetric=self.weight_symmetric,
@@ -141,15 +155,22 @@ class QuantRule:
         return QuantConfig(fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"))
 
 
+DEFAULT_RULE = QuantRule(".*")
+
+
 class RuleMatch(NamedTuple):
     """Result of :func:`match_rules`.
 
-    ``assignment`` maps every path to its first matching rule (None: no rule, stays float);
-    ``unused`` lists the rules that matched no path, in their original order.
+    ``assignment`` maps every quantizable path to its first matching rule (None: no rule,
+    stays float); ``unused`` lists the rules that matched no path, in their original order;
+    ``not_quantized`` maps the path of each layer that holds a kernel and that a rule asked to
+    quantize, but whose type jquant cannot quantize, to that type's name: such a layer stays
+    float, and :func:`report_not_quantized` warns about it.
     """
 
     assignment: dict[str, QuantRule | None]
     unused: tuple[QuantRule, ...]
+    not_quantized: Mapping[str, str] = MappingProxyType({})
 
 
 def check_rules(rules) -> tuple[QuantRule, ...]:
@@ -171,12 +192,29 @@ def first_match(rules: Sequence[QuantRule], path: str) -> QuantRule | None:
     return None
 
 
-def match_rules(rules: Iterable[QuantRule], paths: Iterable[str]) -> RuleMatch:
-    """Assigns each path its first matching rule and reports the rules that match nothing."""
+def match_rules(
+    rules: Iterable[QuantRule],
+    paths: Iterable[str],
+    unsupported: Mapping[str, str] | None = None,
+) -> RuleMatch:
+    """Assigns each path its first matching rule and reports the rules that match nothing.
+
+    Args:
+      rules: QuantRules, first match wins.
+      paths: paths of the layers jquant can quantize.
+      unsupported: ``{path: type name}`` of layers with a kernel that jquant cannot quantize;
+        those a rule would quantize (a match without ``keep_float``) go to
+        ``RuleMatch.not_quantized``. A rule that matches only such layers counts as used.
+    """
     rules = check_rules(rules)
     assignment = {p: first_match(rules, p) for p in paths}
-    used = {id(r) for r in assignment.values() if r is not None}
-    return RuleMatch(assignment, tuple(r for r in rules if id(r) not in used))
+    matched = {p: first_match(rules, p) for p in unsupported or {}}
+    not_quantized = {
+        p: unsupported[p] for p, r in matched.items() if r is not None and not r.keep_float
+    }
+    used = {id(r) for r in (*assignment.values(), *matched.values()) if r is not None}
+    unused = tuple(r for r in rules if id(r) not in used)
+    return RuleMatch(assignment, unused, not_quantized)
 
 
 def set_bits(
@@ -219,3 +257,17 @@ def report_unused(match: RuleMatch, on_unused: str = "warn") -> None:
     if on_unused == "raise":
         raise ValueError(msg)
     warnings.warn(msg, stacklevel=3)
+
+
+def report_not_quantized(match: RuleMatch) -> None:
+    """Warns (UserWarning) about each layer a rule asked to quantize but that stays float
+    because jquant cannot quantize its type, naming its path and type."""
+    if match.not_quantized:
+        layers = ", ".join(f"{p!r} ({t})" for p, t in match.not_quantized.items())
+        warnings.warn(
+            f"quantization rules matched layers that jquant cannot quantize, so they stay "
+            f"float: {layers}; add QuantRule(<path>, keep_float=True) to keep them float "
+            "knowingly, or replace them by a supported layer",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,6 +43,7 @@ __all__ = [
     "LEARNED",
     "QuantStat",
     "Slots",
+    "LinenSlots",
     "positive_scale",
     "check_phase",
     "make_observer",
@@ -50,6 +52,7 @@ __all__ = [
     "qparams_from_dict",
     "frozen_qparams",
     "learned_from_stats",
+    "learned_placeholders",
 ]
 
 PHASES = ("float", "calibrate", "train", "eval")
@@ -72,6 +75,32 @@ class Slots(Protocol):
     def set_stat(self, name: str, value: Any) -> None: ...
 
     def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array: ...
+
+
+class LinenSlots:
+    """:class:`Slots` over a bound Linen module's scope: statistics in the ``quant_stats``
+    collection, learned scales in ``params``."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.path = "/".join(module.path)
+        self.initializing = module.is_initializing()
+
+    def get_stat(self, name: str) -> Any | None:
+        if self.module.has_variable(STATS, name):
+            return self.module.get_variable(STATS, name)
+        return None
+
+    def set_stat(self, name: str, value: Any) -> None:
+        if not self.module.is_mutable_collection(STATS):
+            raise ValueError(
+                f"layer {self.path!r} must write {STATS}/{name}: apply the model with "
+                f"mutable=[{STATS!r}] (phase 'calibrate' updates statistics)"
+            )
+        self.module.put_variable(STATS, name, value)
+
+    def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array:
+        return self.module.param(name, lambda _: init())
 
 
 def check_phase(phase: str) -> None:
@@ -231,4 +260,29 @@ def learned_from_stats(params: dict[str, Any], stats: dict[str, Any]) -> dict[st
                     out[name] = jnp.reshape(jnp.asarray(value[field]), old.shape).astype(old.dtype)
         elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = learned_from_stats(out[key], value)
+    return out
+
+
+def learned_placeholders(
+    cfg_input: QuantConfig | None, cfg_kernel: QuantConfig | None, kernel: jax.Array | None
+) -> dict[str, jax.Array]:
+    """The learned-scale parameters a layer needs, before any calibration.
+
+    ``{t}_scale`` (and ``{t}_zero_point`` for ``lsq_plus``) for each tensor ``t`` whose
+    config has a learned estimator: the kernel's from its own range (``dynamic_qparams``),
+    the input's a finite placeholder (scale 1, zero point 0, per tensor) that calibration
+    replaces (:func:`learned_from_stats`). Shapes and dtypes are those the layer uses, so a
+    tree of parameters (an optimizer's state) built now stays valid after calibration.
+    """
+    out = {}
+    for t, cfg in (("input", cfg_input), ("kernel", cfg_kernel)):
+        if cfg is None or cfg.estimator not in LEARNED:
+            continue
+        if t == "kernel":
+            qp = _per_tensor(dynamic_qparams(kernel, cfg), cfg)
+        else:
+            qp = QParams(jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32))
+        out[f"{t}_scale"] = jnp.asarray(qp.scale)
+        if cfg.estimator == "lsq_plus":
+            out[f"{t}_zero_point"] = jnp.asarray(qp.zero_point)
     return out
