@@ -1,0 +1,180 @@
+"""jquant.mx against independent oracles: ml_dtypes casts (elements, E8M0 / E4M3 scales),
+NumPy references written from the OCP MX v1.0 and NVFP4 scale rules, and QLoRA's NF4 levels
+rebuilt from the normal quantiles with SciPy."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from scipy import stats
+
+from jquant import mx
+
+MINIFLOAT_MX = {
+    "mxfp8_e4m3": ml_dtypes.float8_e4m3fn,
+    "mxfp8_e5m2": ml_dtypes.float8_e5m2,
+    "mxfp6_e3m2": ml_dtypes.float6_e3m2fn,
+    "mxfp6_e2m3": ml_dtypes.float6_e2m3fn,
+    "mxfp4": ml_dtypes.float4_e2m1fn,
+}
+EMAX = {"mxfp8_e4m3": 8, "mxfp8_e5m2": 15, "mxfp6_e3m2": 4, "mxfp6_e2m3": 2, "mxfp4": 2}
+
+
+def _heavy(rng, shape):
+    """Student-t samples with per-block magnitudes over many binades."""
+    x = rng.standard_t(3, size=shape) * np.exp2(rng.integers(-20, 20, size=shape[:-1] + (1,)))
+    return x.astype(np.float32)
+
+
+def np_mx(x: np.ndarray, name: str):
+    """OCP MX v1.0 in NumPy from the spec: X = 2^(floor(log2 amax) - emax_elem) (E8M0,
+    clipped to [-127, 127]), elements x / X cast by ml_dtypes after saturating at the max."""
+    dtype = MINIFLOAT_MX[name]
+    b = x.reshape(*x.shape[:-1], -1, 32).astype(np.float64)
+    amax = np.abs(b).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.floor(np.log2(amax)) - EMAX[name], -127)
+    scale = np.exp2(np.clip(e, -127, 127))
+    top = float(ml_dtypes.finfo(dtype).max)
+    elems = np.clip(b / scale, -top, top).astype(np.float32).astype(dtype)
+    return elems.reshape(x.shape), scale[..., 0].astype(ml_dtypes.float8_e8m0fnu)
+
+
+@pytest.mark.parametrize("name", sorted(MINIFLOAT_MX))
+def test_mx_elements_and_scales_equal_the_spec_bit_for_bit(rng, name):
+    x = _heavy(rng, (8, 4, 64))
+    x[0, 0, :32] = 0.0  # amax = 0: the smallest scale, zero elements
+    x[0, 1, :32] = 1e-40  # a subnormal float32 amax
+    x[0, 2, :32] *= 1e30  # a huge block
+    got = mx.quantize(x, name)
+    want_e, want_s = np_mx(x, name)
+    assert got.elements.dtype == MINIFLOAT_MX[name] and got.scales.dtype == ml_dtypes.float8_e8m0fnu
+    np.testing.assert_array_equal(got.elements.view(np.uint8), want_e.view(np.uint8))
+    np.testing.assert_array_equal(got.scales.view(np.uint8), want_s.view(np.uint8))
+    assert got.scales.astype(np.float32)[0, 0, 0] == 2.0**-127
+    assert not np.any(got.elements.astype(np.float32)[0, 0, :32])
+
+
+@pytest.mark.parametrize("name", sorted(MINIFLOAT_MX))
+def test_round_to_minifloat_is_the_ml_dtypes_cast_on_its_range(rng, name):
+    dtype = MINIFLOAT_MX[name]
+    fmt = mx.FORMATS[name]
+    top = float(ml_dtypes.finfo(dtype).max)
+    # every representable value, every midpoint between neighbours (ties), random values
+    codes = np.arange(2 ** (1 + fmt.exponent_bits + fmt.mantissa_bits), dtype=np.uint8)
+    reps = codes.view(dtype).astype(np.float32)
+    reps = np.unique(reps[np.isfinite(reps)])
+    mids = (reps[1:] + reps[:-1]) / 2
+    v = np.concatenate([reps, mids, rng.uniform(-top, top, 4096).astype(np.float32)])
+    got = np.asarray(
+        mx.round_to_minifloat(jnp.asarray(v), fmt.exponent_bits, fmt.mantissa_bits, top)
+    )
+    np.testing.assert_array_equal(got, v.astype(dtype).astype(np.float32))
+
+
+def test_saturation_of_blocks_beyond_the_element_range():
+    # amax = 1.9 * 2^3: X = 2^(3 - 2) = 2, amax / X = 7.6 > 6 (E2M1's max): saturates at 6
+    x = np.full((32,), 0.5, np.float32)
+    x[0] = 1.9 * 8
+    q = mx.quantize(x, "mxfp4")
+    assert float(q.scales[0].astype(np.float32)) == 2.0
+    assert float(q.elements[0].astype(np.float32)) == 6.0
+    assert mx.dequantize(q, "mxfp4")[0] == 12.0
+
+
+def test_nan_and_inf_blocks_give_nan_and_leave_the_others(rng):
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    x[1, 3], x[2, 7] = np.nan, np.inf
+    nan_where = {  # the elements the NaN / Inf flows to: their block's scale (NVFP4: t)
+        "mxfp8_e4m3": np.s_[1:3, :32],
+        "mxint8": np.s_[1:3, :32],
+        "nf4": np.s_[1:3, :],
+        "nvfp4": np.s_[:, :],
+    }
+    for name, where in nan_where.items():
+        y = np.asarray(mx.fake_quant(x, name))
+        want = np.zeros(x.shape, bool)
+        want[where] = True
+        np.testing.assert_array_equal(np.isnan(y), want, err_msg=name)
+    q = mx.quantize(x, "mxfp4")
+    assert np.isnan(q.scales.astype(np.float32)[1:3, 0]).all()
+    assert np.isfinite(q.scales.astype(np.float32)[:, 1]).all()
+
+
+def test_mxint8_from_the_spec(rng):
+    x = _heavy(rng, (6, 64))
+    q = mx.quantize(x, "mxint8")
+    b = x.reshape(6, 2, 32).astype(np.float64)
+    amax = np.abs(b).max(-1, keepdims=True)
+    scale = np.exp2(np.floor(np.log2(amax)))  # emax_elem = 0
+    want = np.clip(np.rint(b / scale * 64), -127, 127).astype(np.int8).reshape(x.shape)
+    np.testing.assert_array_equal(q.elements, want)
+    np.testing.assert_array_equal(q.scales.astype(np.float64), scale[..., 0])
+    np.testing.assert_array_equal(
+        mx.dequantize(q, "mxint8"), (want.reshape(6, 2, 32) / 64 * scale).reshape(x.shape)
+    )
+
+
+def test_nvfp4_from_its_two_level_scale_rule(rng):
+    x = _heavy(rng, (4, 64)) / 1e3
+    q = mx.quantize(x, "nvfp4")
+    t = np.float32(np.abs(x).max() / np.float32(448 * 6))
+    b = x.reshape(4, 4, 16)
+    block = (np.abs(b).max(-1) / (6 * t)).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+    eff = block.astype(np.float32)[..., None] * t
+    elems = np.clip(b / np.where(eff > 0, eff, 1), -6, 6).astype(ml_dtypes.float4_e2m1fn)
+    assert q.scales.tensor == t
+    np.testing.assert_array_equal(q.scales.block.view(np.uint8), block.view(np.uint8))
+    np.testing.assert_array_equal(q.elements.view(np.uint8), elems.reshape(x.shape).view(np.uint8))
+
+
+def test_nf4_levels_are_qlora_normal_quantiles_and_elements_go_to_the_nearest(rng):
+    offset = 0.9677083
+    pos = stats.norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
+    neg = -stats.norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+    levels = np.sort(np.concatenate([pos, [0.0], neg]))
+    np.testing.assert_allclose(mx.NF4_LEVELS, levels / levels.max(), atol=1e-6)
+    x = rng.normal(size=(3, 128)).astype(np.float32)
+    q = mx.quantize(x, "nf4")
+    b = x.reshape(3, 2, 64)
+    absmax = np.abs(b).max(-1, keepdims=True)
+    want = np.abs((b / absmax)[..., None] - mx.NF4_LEVELS).argmin(-1).reshape(x.shape)
+    np.testing.assert_array_equal(q.elements, want)
+    np.testing.assert_array_equal(q.scales, absmax[..., 0])
+
+
+@pytest.mark.parametrize("name", sorted(mx.FORMATS))
+def test_fake_quant_is_dequantize_of_quantize_with_a_straight_through_gradient(rng, name):
+    x = rng.normal(size=(2, 3, 128)).astype(np.float32)
+    want = mx.dequantize(mx.quantize(x, name, axis=-1), name, axis=-1)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(mx.fake_quant, static_argnames=("fmt",))(x, name)), want
+    )
+    xt = np.swapaxes(x, 1, 2).copy()  # blocks along another axis
+    np.testing.assert_array_equal(
+        np.asarray(mx.fake_quant(xt, name, axis=1)), np.swapaxes(want, 1, 2)
+    )
+    g = jax.grad(lambda v: jnp.sum(mx.fake_quant(v, name) * 3.0))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(g), np.full(x.shape, 3.0, np.float32))
+
+
+def test_error_shrinks_with_element_precision(rng):
+    x = rng.normal(size=(64, 256)).astype(np.float32)
+    err = {n: float(np.mean((np.asarray(mx.fake_quant(x, n)) - x) ** 2)) for n in mx.FORMATS}
+    assert err["mxint8"] < err["mxfp8_e4m3"] < err["mxfp8_e5m2"]  # mantissa 6, 3, 2 bits
+    assert err["mxfp6_e2m3"] < err["mxfp6_e3m2"] < err["mxfp4"]
+    assert err["nvfp4"] < err["mxfp4"]  # finer (E4M3, 16-element) scales
+    # MXINT8 is a uniform grid of step X / 64 per block: the noise is step^2 / 12
+    amax = np.abs(x.reshape(64, 8, 32)).max(-1)
+    step = np.exp2(np.floor(np.log2(amax))) / 64
+    np.testing.assert_allclose(err["mxint8"], np.mean(step**2) / 12, rtol=0.05)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="fmt must be a BlockFormat or one of"):
+        mx.quantize(np.zeros(32, np.float32), "mxfp3")
+    with pytest.raises(ValueError, match="not a multiple of the block size 32"):
+        mx.quantize(np.zeros(40, np.float32), "mxfp4")
+    with pytest.raises(TypeError, match="x must be a float array"):
+        mx.fake_quant(np.zeros(32, np.int32), "mxfp4")
