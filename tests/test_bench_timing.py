@@ -192,3 +192,12 @@ def test_results_meta_keys():
 def test_bad_input_raises_naming_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_pair_json_compares_two_variants_that_are_not_the_baseline():
+    clock = FakeClock()
+    fns = {k: clock.variant(k, [m] * 4) for k, m in (("float", 1.0), ("a", 3.0), ("b", 2.0))}
+    t = timing.measure(fns, baseline="float", rounds=4, warmup=0, clock=clock)
+    out = t.pair_json("b", "a", target=1.0)
+    assert out["median"] == pytest.approx(2 / 3) and out["verdict"] == "met"
+    assert out["against"] == "a" and "verdict" not in t.pair_json("a", "b")

@@ -133,6 +133,26 @@ class Timings:
             variants=variants,
         )
 
+    def pair_json(
+        self,
+        name: str,
+        other: str,
+        target: float | None = None,
+        *,
+        lower_is_better: bool = True,
+    ) -> dict[str, Any]:
+        """``name`` against ``other`` (not the baseline) as JSON: the ratio's median and
+        ``ci95``, and the target's :func:`verdict` when a ``target`` is given."""
+        r = self.ratio(name, other)
+        out: dict[str, Any] = dict(variant=name, against=other, median=r.median, ci95=list(r.ci))
+        if target is not None:
+            out |= dict(
+                target=target,
+                lower_is_better=lower_is_better,
+                verdict=verdict(r.ci, target, lower_is_better=lower_is_better),
+            )
+        return out
+
     def format(self, title: str = "") -> str:
         """A text table: median and min ms, ratio to the baseline with its interval."""
         lines = [title] if title else []
