@@ -116,6 +116,9 @@ def main() -> None:
             max_lsb_vs_fake_quant=int(np.abs(codes.astype(int) - fq_codes).max()),
             argmax_vs_simulation=float(np.mean(codes.argmax(1) == sim_codes.argmax(1))),
             codes_equal_simulation=bool(np.array_equal(codes, sim_codes)),
+            codes_differing_from_simulation=int(np.sum(codes != sim_codes)),
+            codes_total=int(codes.size),
+            max_lsb_vs_simulation=int(np.abs(codes.astype(int) - sim_codes).max()),
         )
 
     print(timings.format(f"batch {BATCH}"))
