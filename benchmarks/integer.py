@@ -1,13 +1,14 @@
 """Benchmark of jquant.convert: the integer program vs the float model (MNIST-1D CNN).
 
-Times batch-256 inference, jitted and warmed up, in interleaved rounds (machine load hits all
-variants alike): the float Linen model, the fake-quant model (phase ``eval``), and the integer
-program (``run`` on int8 codes; and end to end with ``quantize_input`` / ``dequantize_output``)
-in each requantization mode. Reports medians and ratios to float (target: integer <= 1.0x),
-the saved program's size vs the float checkpoint written the same way (safetensors layout,
-float32; target <= 0.27x), test accuracies, and the argmax agreement of each program with
-the fake-quant model and with ``convert.simulation`` (its requantization). JSON goes to
-``benchmarks/results/integer.json``.
+Times batch-256 inference, jitted and warmed up, with ``jquant.bench.timing.measure``
+(interleaved, shuffled rounds; median paired ratio to float with a bootstrap 95% CI; a target
+is met only when the CI lies below it): the float Linen model, the fake-quant model (phase
+``eval``), and the integer program (``run`` on int8 codes; and end to end with
+``quantize_input`` / ``dequantize_output``) in each requantization mode. Reports the ratios
+to float (target: integer <= 1.0x), the saved program's size vs the float checkpoint written
+the same way (safetensors layout, float32; target <= 0.27x), test accuracies, and the argmax
+agreement of each program with the fake-quant model and with ``convert.simulation`` (its
+requantization). JSON goes to ``benchmarks/results/integer.json``.
 
     python benchmarks/integer.py            # trained CNN (cached by train_or_load), 15 rounds
     python benchmarks/integer.py --quick    # 5 rounds
@@ -16,16 +17,13 @@ the fake-quant model and with ``convert.simulation`` (its requantization). JSON 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import tempfile
-import time
 
 import jax
 import numpy as np
 
+from jquant import bench
 from jquant import convert as C
 from jquant.data import load_mnist1d
 from jquant.formats import int8
@@ -38,19 +36,6 @@ BATCH = 256
 TIME_TARGET = 1.0
 SIZE_TARGET = 0.27
 MODES = ("double", "single", "fp32")
-
-
-def _time_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():  # compile and warm up
-        for _ in range(2):
-            jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def _flat(tree, prefix=""):
@@ -72,6 +57,7 @@ def main() -> None:
         "--out", default=str(pathlib.Path(__file__).parent / "results" / "integer.json")
     )
     args = parser.parse_args()
+    load_before = bench.loadavg()
     rounds = args.rounds or (5 if args.quick else 15)
 
     data = load_mnist1d()
@@ -96,22 +82,8 @@ def main() -> None:
         xq = p.quantize_input(x)
         fns[f"int {m}"] = lambda p=p, xq=xq: run(p, xq)
         fns[f"int {m} e2e"] = lambda p=p: end_to_end(p, x)
-    times = _time_rounds(fns, rounds)
-    base = float(np.median(times["float"]))
-    rows = []
-    for name, ts in times.items():
-        med = float(np.median(ts))
-        is_int = name.startswith("int")
-        rows.append(
-            dict(
-                variant=name,
-                median_ms=med * 1e3,
-                min_ms=float(np.min(ts)) * 1e3,
-                ratio_to_float=med / base,
-                target=TIME_TARGET if is_int else None,
-                target_met=bool(med / base <= TIME_TARGET) if is_int else None,
-            )
-        )
+    timings = bench.measure(fns, baseline="float", rounds=rounds)
+    timing = timings.to_json({name: TIME_TARGET for name in fns if name.startswith("int")})
 
     with tempfile.TemporaryDirectory() as tmp:
         prog_bytes = C.save(programs["double"], pathlib.Path(tmp) / "program.safetensors")
@@ -144,16 +116,15 @@ def main() -> None:
             max_lsb_vs_fake_quant=int(np.abs(codes.astype(int) - fq_codes).max()),
             argmax_vs_simulation=float(np.mean(codes.argmax(1) == sim_codes.argmax(1))),
             codes_equal_simulation=bool(np.array_equal(codes, sim_codes)),
+            codes_differing_from_simulation=int(np.sum(codes != sim_codes)),
+            codes_total=int(codes.size),
+            max_lsb_vs_simulation=int(np.abs(codes.astype(int) - sim_codes).max()),
         )
 
-    print(f"{'variant':16} {'median ms':>10} {'x float':>8}  target (batch {BATCH})")
-    for r in rows:
-        target = (
-            ""
-            if r["target"] is None
-            else f"<= {r['target']}: " + ("met" if r["target_met"] else "NOT met")
-        )
-        print(f"{r['variant']:16} {r['median_ms']:10.3f} {r['ratio_to_float']:8.3f}  {target}")
+    print(timings.format(f"batch {BATCH}"))
+    for name, row in timing["variants"].items():
+        if "verdict" in row:
+            print(f"  {name}: target <= {row['target']}: {row['verdict']}")
     print(
         f"size: program {prog_bytes} B, float {float_bytes} B, ratio {size['ratio']:.3f} "
         f"(target <= {SIZE_TARGET}: {'met' if size['target_met'] else 'NOT met'})"
@@ -161,25 +132,23 @@ def main() -> None:
     for m, a in agreement.items():
         print(f"agreement {m}: " + ", ".join(f"{k} {val}" for k, val in a.items()))
     print("test accuracy: " + ", ".join(f"{k} {100 * a:.2f}%" for k, a in accuracy.items()))
-    meta = dict(
+    config = dict(
         rounds=rounds,
         batch=BATCH,
         model="MNIST-1D CNN (jquant.models 'cnn'), int8 weights per channel, int8 activations",
-        jax=jax.__version__,
-        backend=jax.default_backend(),
-        machine=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(),
-        load_average=os.getloadavg(),
-        gpu="not available in this session",
+        xla_cpu_1d_conv_path="the CNN's convs are 1-D: ratios depend on XLA:CPU's 1-D conv path",
     )
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            dict(meta=meta, timing=rows, size=size, accuracy=accuracy, agreement=agreement),
-            indent=2,
-        )
-        + "\n"
+    meta = bench.results_meta(quick=args.quick, load_before=load_before)
+    out = bench.write_results(
+        args.out,
+        dict(
+            meta=meta,
+            config=config,
+            timing=timing,
+            size=size,
+            accuracy=accuracy,
+            agreement=agreement,
+        ),
     )
     print(f"wrote {out}")
 

@@ -24,15 +24,25 @@ int8 x int8 with dynamic absmax / min-max ranges and a float backward pass (stra
   ``conv_general_qt`` (``qwix._src.core``; the public ``qwix.dot_general`` takes ready QArrays
   and has no backward rule), lhs per tensor (``absmax``, or ``minmax`` for ``--lhs affine``),
   rhs per output channel.
+- ``qwix_int8_static`` (forward, beside ``int_static``): the same with the lhs range fixed
+  ahead of time, through Qwix's own hook for static scales (``lhs_collect_quant_stat``, which
+  its ``QtProvider`` uses for ``act_static_scale=True``) returning the precomputed range.
+  AQT 0.9.0 has a ``ConstantCalibration``, but ``dot_general_make`` and
+  ``conv_general_dilated_make`` build their calibrators eagerly and refuse a second
+  ``init_calibration``, so AQT runs dynamic only here.
+
+The ``conv1d`` ratios depend on XLA:CPU's 1-D conv path: its int8 conv is fast only for two
+or more spatial axes, so jquant's ``int`` lifts the 1-D conv to 2-D around the int8 product,
+and ``lax_int8`` (not lifted) shows the generic path.
 
 A gradient section runs each int8 conv on a small case and records, in the JSON under
 ``conv_gradients``, the largest gradient w.r.t. lhs and rhs (AQT's conv has no custom VJP, so
 its gradient goes through ``round`` and the stop-gradient'ed scale: zero) and, for jquant, the
 largest deviation from the float conv's gradient at the dequantized operands (STE).
 
-Each variant is jitted and warmed up, then the variants of one case run in interleaved rounds
-(so machine load hits all alike); the table reports medians and ratios to float, and the JSON
-goes to ``benchmarks/results/ops.json``.
+Timing: ``jquant.bench.timing.measure``: each variant jitted and warmed up, then interleaved,
+shuffled rounds; per variant min, median and the median paired ratio to float with its bootstrap
+95% CI; a target is met only when the CI lies below it. JSON: ``benchmarks/results/ops.json``.
 
     python benchmarks/ops.py            # 15 rounds
     python benchmarks/ops.py --quick    # 5 rounds
@@ -43,18 +53,14 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.metadata
-import json
-import os
 import pathlib
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jquant import ops
+from jquant import bench, ops
 from jquant.quant import dequantize, quantize
 
 try:
@@ -78,6 +84,14 @@ _AQT_CONFIG = (
 _QWIX_CONFIG = (
     "dot_general_qt / conv_general_qt, int8, lhs per tensor (absmax or minmax), rhs"
     " absmax per output channel, float backward"
+)
+_AQT_STATIC = (
+    "AQT 0.9.0 has ConstantCalibration, but dot_general_make / conv_general_dilated_make"
+    " initialise their calibrators eagerly and assert against a second init_calibration"
+)
+_XLA_1D = (
+    "conv1d ratios depend on XLA:CPU's 1-D conv path: its int8 conv is fast only with two or"
+    " more spatial axes; jquant int lifts 1-D to 2-D, lax_int8 and the peers do not"
 )
 TARGETS = {
     ("conv", "fwd+bwd", "simulate"): 1.15,
@@ -125,9 +139,10 @@ def _aqt_product(op: str):
     return lambda x, w: cfg(x, w, DENSE_DN)
 
 
-def _qwix_product(op: str, lhs_symmetric: bool):
+def _qwix_product(op: str, lhs_symmetric: bool, static_range=None):
     """Qwix's int8 x int8 quantized-training ``f(x, w)``: lhs per tensor, rhs per output
-    channel; or None."""
+    channel; or None. ``static_range = (min, max)`` fixes the lhs range (Qwix's static-scale
+    hook), else it is computed from the lhs."""
     if dot_general_qt is None:
         return None
     kw = dict(
@@ -136,6 +151,12 @@ def _qwix_product(op: str, lhs_symmetric: bool):
         lhs_calibration_method="absmax" if lhs_symmetric else "minmax",
         lhs_disable_channelwise_axes=True,
     )
+    if static_range is not None:
+        lo, hi = static_range
+        fixed = {"min": lo, "max": hi, "absmax": jnp.maximum(-lo, hi)}
+        kw["lhs_collect_quant_stat"] = lambda cal: {
+            k: jnp.broadcast_to(fixed[k], v.shape).astype(v.dtype) for k, v in cal.items()
+        }
     if op in CONV_DN:
         cfg, dn = ConvGeneralQtConfig(**kw), CONV_DN[op]
         strides = (1,) * (len(dn[0]) - 2)
@@ -155,19 +176,6 @@ def _compiled(f, passes: str):
         return jax.jit(f)
     # forward + backward: a loss of the output, gradients w.r.t. both operands
     return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
-
-
-def _time_rounds(fns: dict, args: dict, rounds: int) -> dict[str, list[float]]:
-    for name, fn in fns.items():  # compile and warm up
-        for _ in range(2):
-            jax.block_until_ready(fn(*args[name]))
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args[name]))
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def _conv_gradients(lhs_quant, rhs_quant) -> dict:
@@ -212,6 +220,7 @@ def main() -> None:
         "--out", default=str(pathlib.Path(__file__).parent / "results" / "ops.json")
     )
     args = parser.parse_args()
+    load_before = bench.loadavg()
     rounds = args.rounds or (5 if args.quick else 15)
     lhs_quant = ops.QuantConfig(symmetric=args.lhs == "symmetric")
     rhs_quant = ops.QuantConfig(axis=-1)
@@ -223,7 +232,7 @@ def main() -> None:
         # the MNIST-1D CNN's second layer
         "conv1d": (jax.random.normal(keys[3], (128, 20, 32)), (5, 32, 32)),
     }
-    rows = []
+    cases = []
     for op, (x, w_shape) in shapes.items():
         w = jax.random.normal(keys[2], w_shape) / np.sqrt(np.prod(w_shape[:-1]))
         static = ops.dynamic_qparams(x, lhs_quant)  # as calibrated once, ahead of time
@@ -243,47 +252,42 @@ def main() -> None:
             inputs = {name: (x, w) for name in fns}
             if passes == "fwd":
                 fns["int_static"] = jax.jit(_product(op, "int", lhs_quant, rhs_quant, static))
-                fns["lax_int8"] = jax.jit(_product(op, "lax_int8", None, None))
-                inputs |= {"int_static": (x, w), "lax_int8": codes}
-            times = _time_rounds(fns, inputs, rounds)
-            # an all-zero gradient lets XLA drop the backward pass: flag it next to its time
-            zero_grads = {
-                name: None
-                if passes == "fwd"
-                else not any(bool(jnp.any(g)) for g in fn(*inputs[name]))
-                for name, fn in fns.items()
-            }
-            base = float(np.median(times["float"]))
-            for name, ts in times.items():
-                med = float(np.median(ts))
-                target = TARGETS.get((op, passes, name))
-                rows.append(
-                    dict(
-                        op=op,
-                        passes=passes,
-                        variant=name,
-                        median_ms=med * 1e3,
-                        min_ms=float(np.min(ts)) * 1e3,
-                        ratio_to_float=med / base,
-                        target=target,
-                        target_met=None if target is None else bool(med / base <= target),
-                        zero_gradients=zero_grads[name],
-                    )
+                inputs["int_static"] = (x, w)
+                qwix_static = _qwix_product(
+                    op, lhs_quant.symmetric, (jnp.minimum(x.min(), 0), jnp.maximum(x.max(), 0))
                 )
-
-    print(f"{'op':6} {'pass':8} {'variant':10} {'median ms':>10} {'x float':>8}  target")
-    for r in rows:
-        target = (
-            ""
-            if r["target"] is None
-            else f"<= {r['target']}: " + ("met" if r["target_met"] else "NOT met")
-        )
-        if r["zero_gradients"]:
-            target += "gradients all zero (no backward pass to time)"
-        print(
-            f"{r['op']:6} {r['passes']:8} {r['variant']:10} {r['median_ms']:10.2f} "
-            f"{r['ratio_to_float']:8.3f}  {target}"
-        )
+                if qwix_static is not None:
+                    fns["qwix_int8_static"] = jax.jit(qwix_static)
+                    inputs["qwix_int8_static"] = (x, w)
+                fns["lax_int8"] = jax.jit(_product(op, "lax_int8", None, None))
+                inputs["lax_int8"] = codes
+            timings = bench.measure(
+                {name: functools.partial(fn, *inputs[name]) for name, fn in fns.items()},
+                baseline="float",
+                rounds=rounds,
+            )
+            targets = {v: t for (o, p, v), t in TARGETS.items() if (o, p) == (op, passes)}
+            print(timings.format(f"\n{op} {passes}"))
+            # an all-zero gradient lets XLA drop the backward pass: flag it beside its time
+            zero_grads = {
+                name: not any(bool(jnp.any(g)) for g in fn(*inputs[name]))
+                for name, fn in fns.items()
+                if passes == "fwd+bwd"
+            }
+            cases.append(
+                dict(
+                    op=op,
+                    passes=passes,
+                    xla_cpu_1d_conv_path=op == "conv1d",
+                    timing=timings.to_json(targets),
+                    zero_gradients=zero_grads or None,
+                )
+            )
+            for name, row in cases[-1]["timing"]["variants"].items():
+                if "verdict" in row:
+                    print(f"  {name}: target <= {row['target']}: {row['verdict']}")
+                if zero_grads.get(name):
+                    print(f"  {name}: gradients all zero (no backward pass to time)")
     grads = _conv_gradients(lhs_quant, rhs_quant)
     print("\nconv gradients (small case): max|dL/dlhs|, max|dL/drhs|, jquant vs STE oracle")
     for name, g in grads.items():
@@ -292,25 +296,23 @@ def main() -> None:
             f"{name:10} {g['max_abs_grad_lhs']:10.4g} {g['max_abs_grad_rhs']:10.4g}"
             + ("" if dev is None else f"  rel. dev. from STE {dev:.2e}")
         )
-    meta = dict(
+    config = dict(
         rounds=rounds,
         lhs=args.lhs,
         rhs="symmetric per output channel",
-        jax=jax.__version__,
-        backend=jax.default_backend(),
-        machine=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(),
-        load_average=os.getloadavg(),
         aqt_int8=None
         if aqt_config is None
         else f"aqtp {importlib.metadata.version('aqtp')}: {_AQT_CONFIG}",
+        aqt_int8_static="not run: " + _AQT_STATIC,
         qwix_int8=None
         if dot_general_qt is None
         else f"qwix {importlib.metadata.version('qwix')}: {_QWIX_CONFIG}",
+        xla_cpu_1d_conv_path=_XLA_1D,
     )
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, results=rows, conv_gradients=grads), indent=2) + "\n")
+    meta = bench.results_meta(quick=args.quick, load_before=load_before)
+    out = bench.write_results(
+        args.out, dict(meta=meta, config=config, cases=cases, conv_gradients=grads)
+    )
     print(f"wrote {out}")
 
 

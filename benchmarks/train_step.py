@@ -1,50 +1,57 @@
 """One QAT train step (forward + backward + optax update) of the MNIST-1D CNN, against float.
 
-Variants, all measured in this process on the same model, batch and optimizer:
+Variants, all measured in this process on the same model, batch and optimizer, int8 weights
+(symmetric, per output channel) and int8 activations (affine, min/max, per tensor):
 
 - ``float``: the plain Linen CNN;
-- ``simulate``: jquant rules, int8 weights and activations, phase ``train``, fake-quant;
+- ``simulate``: jquant rules, phase ``train``, fake-quant, activation ranges calibrated ahead
+  (static: jquant's QAT trains with calibrated ranges);
 - ``int``: the same with ``mode="int"`` (int8 x int8 -> int32 forward, STE backward);
-- ``qwix_int8``: Qwix's ``QtProvider`` with int8 weights and activations (if importable).
+- ``qwix_int8_static``: Qwix's ``QtProvider`` with ``act_static_scale=True`` and
+  ``act_calibration_method="minmax"``: static activation scales (Qwix updates their moving
+  average in every training step), beside jquant's ``simulate`` / ``int``;
+- ``qwix_int8``: Qwix's default dynamic activation scales (minmax per batch). jquant has no
+  dynamic-activation training mode (a rule's activation ranges come from calibration; see
+  ``jquant.nn.state``), so this row has no jquant counterpart.
 
-Prints medians (ms) of ``--repeats`` timed steps after warm-up (the variants interleaved, one
-step each per round), and ratios to float; writes
-``benchmarks/results/train_step.json``. ``--quick`` uses fewer repeats.
+The CNN's convs are 1-D: every ratio here depends on XLA:CPU's 1-D conv path (see
+``benchmarks/ops.py``). Timing: ``jquant.bench.timing.measure`` (interleaved, shuffled rounds;
+median paired ratio to float with a bootstrap 95% CI; a target is met only when the CI lies
+below it). Writes ``benchmarks/results/train_step.json``; ``--quick`` uses 5 rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import statistics
-import time
 
 import jax
 import optax
 
+from jquant import bench
 from jquant.models import linen as models
 from jquant.models import train as T
 from jquant.nn import QuantRule
 from jquant.nn import linen as ql
 
+TARGETS = {"simulate": 1.2}
+# "int no slower than Qwix in the same (static) configuration"
+PAIR_TARGETS = {("int", "qwix_int8_static"): 1.0}
+NO_JQUANT_DYNAMIC = (
+    "jquant has no dynamic-activation training mode: QuantRule activations train with "
+    "calibrated (static) ranges, so qwix_int8 (dynamic) has no jquant counterpart"
+)
 
-def _timed(steps: dict, x, y, repeats: int) -> dict[str, float]:
-    """Median ms per step of each ``(step, state)``, timed in interleaved rounds after warm-up
-    so that machine load hits every variant alike."""
-    states = {}
-    for name, (step, state) in steps.items():
-        for _ in range(3):  # warm-up (compile)
-            state, _ = step(state, x, y)
-        states[name] = jax.block_until_ready(state)
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, (step, _) in steps.items():
-            t0 = time.perf_counter()
-            states[name], m = step(states[name], x, y)
-            jax.block_until_ready((states[name], m))
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+class _Stepper:
+    """A zero-argument callable running one step and keeping the new state."""
+
+    def __init__(self, step, state, x, y):
+        self.step, self.state, self.x, self.y = step, state, x, y
+
+    def __call__(self):
+        self.state, metrics = self.step(self.state, self.x, self.y)
+        return self.state, metrics
 
 
 def _step_for(apply_model, variables, opt):
@@ -53,10 +60,16 @@ def _step_for(apply_model, variables, opt):
     return step, T.TrainState.create(params, state, opt)
 
 
-def _qwix(model, x, opt):
+def _qwix(model, x, opt, static: bool):
     import qwix
 
-    rule = qwix.QtRule(module_path=".*", weight_qtype="int8", act_qtype="int8")
+    rule = qwix.QtRule(
+        module_path=".*",
+        weight_qtype="int8",
+        act_qtype="int8",
+        act_calibration_method="minmax",
+        act_static_scale=static,
+    )
     qmodel = qwix.quantize_model(model, qwix.QtProvider([rule]))
     variables = qmodel.init(jax.random.key(0), x)
     return _step_for(qmodel, variables, opt)
@@ -65,10 +78,11 @@ def _qwix(model, x, opt):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="5 rounds")
     args = p.parse_args(argv)
-    repeats = 5 if args.quick else args.repeats
+    load_before = bench.loadavg()
+    rounds = 5 if args.quick else args.rounds
     model = models.make_model("cnn", (40, 1), 10)
     x = jax.random.normal(jax.random.key(0), (args.batch, 40, 1))
     y = jax.random.randint(jax.random.key(1), (args.batch,), 0, 10)
@@ -80,21 +94,46 @@ def main(argv=None) -> None:
         qv = qm.calibrate(qm.attach(variables, x), [x])
         steps[mode] = _step_for(qm.with_phase("train"), qv, opt)
     errors = {}
-    try:
-        steps["qwix_int8"] = _qwix(model, x, opt)
-    except Exception as e:  # report why Qwix could not run with these jax / flax versions
-        errors["qwix_int8"] = f"{type(e).__name__}: {e}"
-    ms = _timed(steps, x, y, repeats)
-    rows = {k: {"ms": v, "ratio_to_float": v / ms["float"]} for k, v in ms.items()}
-    print(f"{'variant':<12}{'ms/step':>10}{'x float':>10}")
-    for k, r in rows.items():
-        print(f"{k:<12}{r['ms']:>10.2f}{r['ratio_to_float']:>10.2f}")
+    for name, static in (("qwix_int8_static", True), ("qwix_int8", False)):
+        try:
+            steps[name] = _qwix(model, x, opt, static)
+        except Exception as e:  # report why Qwix could not run with these jax / flax versions
+            errors[name] = f"{type(e).__name__}: {e}"
+    timings = bench.measure(
+        {name: _Stepper(step, state, x, y) for name, (step, state) in steps.items()},
+        baseline="float",
+        rounds=rounds,
+        warmup=3,
+    )
+    print(timings.format(f"QAT step, MNIST-1D CNN, batch {args.batch}"))
+    pairs = [
+        timings.pair_json(a, b, target)
+        for (a, b), target in PAIR_TARGETS.items()
+        if a in steps and b in steps
+    ]
+    for pr in pairs:
+        print(f"{pr['variant']} / {pr['against']}: {pr['median']:.3f} {pr['ci95']} {pr['verdict']}")
     for k, e in errors.items():
         print(f"{k}: failed: {e}")
-    out = pathlib.Path(__file__).parent / "results" / "train_step.json"
-    out.parent.mkdir(exist_ok=True)
-    info = {"batch": args.batch, "repeats": repeats, "device": str(jax.devices()[0])}
-    out.write_text(json.dumps({"config": info, "results": rows, "errors": errors}, indent=2))
+    config = dict(
+        batch=args.batch,
+        model="MNIST-1D CNN (jquant.models 'cnn'), Adam",
+        quantization="int8 weights symmetric per channel, int8 activations affine minmax",
+        jquant_dynamic=NO_JQUANT_DYNAMIC,
+        xla_cpu_1d_conv_path="the CNN's convs are 1-D: ratios depend on XLA:CPU's 1-D conv path",
+    )
+    meta = bench.results_meta(quick=args.quick, load_before=load_before)
+    out = bench.write_results(
+        pathlib.Path(__file__).parent / "results" / "train_step.json",
+        dict(
+            meta=meta,
+            config=config,
+            timing=timings.to_json(TARGETS),
+            pairs=pairs,
+            errors=errors,
+        ),
+    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
