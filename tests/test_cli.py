@@ -252,23 +252,48 @@ def test_sweep_end_to_end_tiny(tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "--budget" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
-    # no --budget: no row chosen (the all-8-bit start is dominated, not chosen), strict JSON;
-    # --retrain rewrites the cache; a staging folder left by a killed run is removed at start
+
+@pytest.mark.slow
+def test_sweep_without_budget_chooses_nothing_and_cleans_up(tmp_path):
+    """In process (one training and one sweep, ~30 s): no --budget, --retrain, a stale staging
+    folder."""
+    out_dir = tmp_path / "results"
+    cmd = ["sweep", "--model", "mlp", "--data", "digits", "--steps", "20", "--bits", "3,8",
+           "--granularity", "per_tensor", "--eval-examples", "64", "--calib-examples", "32",
+           "--cache", str(tmp_path / "cache"), "--out", str(out_dir), "--no-progress"]  # fmt: skip
     stale = tmp_path / f".results.staging.{socket.gethostname()}.{_dead_pid()}.x1y2"
     stale.mkdir()
     (stale / "model.csv").write_text("half-written")
+    from jquant.models import train
+
+    train.train_or_load("mlp", data.load("digits"), 0, 20, cache=tmp_path / "cache")
     (cache_file,) = (tmp_path / "cache" / "models").glob("*.msgpack")
     before = cache_file.stat().st_mtime_ns
-    assert cli.main([*cmd[3:], "--retrain"]) == 0
+    assert cli.main([*cmd, "--retrain"]) == 0
     assert not stale.exists() and cache_file.stat().st_mtime_ns > before
     assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []
     mixed = _strict_json(out_dir / "mixed_precision.json")
-    assert len(mixed["rows"]) == len(sizes) and not any(r["chosen"] for r in mixed["rows"])
+    sizes = [r["size_bytes"] for r in mixed["rows"]]
+    assert len(sizes) == len(mixed["meta"]["layers"]) + 1 and sizes == sorted(sizes, reverse=True)
+    assert not any(r["chosen"] for r in mixed["rows"])  # the all-8-bit start is dominated
     assert mixed["meta"]["budget_bytes"] is None and mixed["meta"]["chosen_bits"] is None
     with open(out_dir / "mixed_precision.csv") as f:
         assert {r["chosen"] for r in csv.DictReader(f)} == {"False"}
     for name in ("tensors", "model", "sensitivity"):
         _strict_json(out_dir / f"{name}.json")
+
+
+def test_no_budget_chooses_no_row():
+    from jquant.sweep import Table
+
+    # the shape of a mixed_precision table under an infinite budget: the first row chosen
+    rows = [{"step": i, "size_bytes": 100.0 - 30 * i, "chosen": i == 0} for i in range(3)]
+    meta = {"budget_bytes": float("inf"), "chosen_bits": {"a": 8}, "chosen_accuracy": 0.9}
+    table = cli._choose_none(Table.from_dicts(rows).with_meta(**meta, layers=["a"]))
+    assert table.column("chosen") == [False] * 3
+    assert table.column("size_bytes") == [100.0, 70.0, 40.0]
+    assert table.meta == {"budget_bytes": float("inf"), "chosen_bits": None,
+                          "chosen_accuracy": None, "layers": ["a"]}  # fmt: skip
 
 
 def test_reproduce_and_bench_commands(capsys):
@@ -282,6 +307,8 @@ def test_reproduce_and_bench_commands(capsys):
     assert cli.main(["bench", "--list"]) == 0
     assert {"ops", "sweep", "integer"} <= set(capsys.readouterr().out.split())
     assert cli.main(["bench", "no_such_bench"]) == 2
+    assert cli.main(["bench"]) == 2
+    assert "a NAME is required; choose one of " in capsys.readouterr().err
 
 
 def test_reproduce_without_name_or_with_bad_out_exits_2(capsys, tmp_path, monkeypatch):
