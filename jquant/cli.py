@@ -207,6 +207,16 @@ def _check_out(out: str) -> pathlib.Path:
     return path
 
 
+def _check_cache(cache: str) -> pathlib.Path:
+    """``cache`` as a path that is, or can be created as, a writable folder."""
+    path = pathlib.Path(cache).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{cache!r} exists and is not a folder")
+    if _writable_ancestor(path) is None:
+        raise argparse.ArgumentTypeError(f"{cache!r} cannot be written")
+    return path
+
+
 _STAGING = ".{name}.staging.{host}.{pid}."
 
 
@@ -281,7 +291,10 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
     p.add_argument("--calib-examples", type=_positive, default=1024, help="calibration examples")
     p.add_argument(
-        "--cache", default=None, help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)"
+        "--cache",
+        type=_check_cache,
+        default=None,
+        help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)",
     )
     p.add_argument(
         "--retrain", action="store_true", help="retrain and overwrite the cached weights"

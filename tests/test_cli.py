@@ -142,6 +142,9 @@ def test_unwritable_out_exits_2(capsys, tmp_path):
     assert code == 2 and "cannot be written" in err
     code, err = _exit_code(["sweep", "--out", str(blocker)], capsys)
     assert code == 2 and "not a folder" in err
+    for cache in (blocker, blocker / "sub"):
+        code, err = _exit_code(["sweep", "--cache", str(cache), "--out", str(tmp_path)], capsys)
+        assert code == 2 and "argument --cache" in err
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
