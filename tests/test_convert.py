@@ -851,7 +851,7 @@ def test_residual_program_save_load_and_integer_only(residual, tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header.pop("__metadata__")["jquant_program"])
-    assert meta["version"] == 3 and meta["inputs"] == [list(r) for r in program.inputs]
+    assert meta["version"] == 4 and meta["inputs"] == [list(r) for r in program.inputs]
     assert sorted(header) == ["f32", "i32", "i8"]  # the add's constants are recomputed
     loaded = C.load(path)
     assert loaded.inputs == program.inputs

@@ -58,6 +58,7 @@ _SUM_KEY = "jquant_sha256"
 _VERSION = 4
 _READS = (2, 3, 4)
 _CHECKSUM_FROM = 4  # first version whose files must carry a checksum
+_ENTRY_KEYS = ("shape", "data_offsets")
 # packed tensors: name -> dtype
 _PACKS = {"i8": np.int8, "i32": np.int32, "f32": np.float32}
 # per linear layer, in file order: (pack, field)
@@ -133,6 +134,29 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_entry(path, name: str, entry, size: int) -> None:
+    """A tensor entry ``{"dtype", "shape", "data_offsets"}`` whose bytes lie within the
+    ``size`` data bytes and hold exactly ``shape``; ValueError otherwise."""
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    shape, offsets = (entry.get(k) if isinstance(entry, dict) else None for k in _ENTRY_KEYS)
+    if not (
+        isinstance(dtype, str)
+        and dtype in _DTYPES
+        and isinstance(shape, list)
+        and all(_is_int(d) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= size
+    ):
+        raise ValueError(
+            f"{path}: bad entry for tensor {name!r} (needs dtype in {sorted(_DTYPES)}, "
+            f"shape and data_offsets within the {size} data bytes): {entry!r:.200}"
+        )
+    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+        raise ValueError(f"{path}: tensor {name!r}: bytes {offsets} do not hold shape {shape}")
+
+
 def _read_raw(path: str | os.PathLike) -> tuple[dict, bytes]:
     """``(header, data section)`` of a safetensors file, the header checked to be a JSON
     object of well-formed entries; ValueError naming the file otherwise."""
@@ -154,24 +178,8 @@ def _read_raw(path: str | os.PathLike) -> tuple[dict, bytes]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path}: __metadata__ must map names to strings")
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
-        ok = ok and entry["dtype"] in _DTYPES
-        shape, offsets = (entry.get(k) if ok else None for k in ("shape", "data_offsets"))
-        ok = ok and isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-        ok = ok and isinstance(offsets, list) and len(offsets) == 2
-        ok = ok and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= len(body)
-        if not ok:
-            raise ValueError(
-                f"{path}: bad entry for tensor {name!r} (needs dtype in {sorted(_DTYPES)}, "
-                f"shape and data_offsets within the {len(body)} data bytes): {entry!r:.200}"
-            )
-        count = (offsets[1] - offsets[0]) // np.dtype(_DTYPES[entry["dtype"]]).itemsize
-        if (offsets[1] - offsets[0]) % np.dtype(_DTYPES[entry["dtype"]]).itemsize or count != (
-            math.prod(shape)
-        ):
-            raise ValueError(f"{path}: tensor {name!r}: {offsets} bytes do not hold shape {shape}")
+        if name != "__metadata__":
+            _check_entry(path, name, entry, len(body))
     return header, body
 
 
