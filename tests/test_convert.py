@@ -640,6 +640,27 @@ def test_metadata_of_wrong_types_raises_value_error(tmp_path_factory, data):
         assert str(path) in str(e)
 
 
+@hypothesis.given(st.data())
+def test_safetensors_header_of_wrong_types_raises_value_error(tmp_path_factory, data):
+    """The whole header, or any value in it (or a deletion), replaced: always ValueError."""
+    header, _ = _header(_tiny_file())
+    body = _tiny_file()[8 + struct.unpack("<Q", _tiny_file()[:8])[0] :]
+    where = data.draw(st.sampled_from(list(_locations(header))), "where")
+    if not where:
+        header = data.draw(_json_values(), "header")
+    else:
+        parent = functools.reduce(lambda v, k: v[k], where[:-1], header)
+        if isinstance(parent, dict) and data.draw(st.booleans(), "delete"):
+            del parent[where[-1]]
+        else:
+            parent[where[-1]] = data.draw(_json_values(), "value")
+    hypothesis.assume(header != _header(_tiny_file())[0])  # a change, not the same value
+    path = tmp_path_factory.mktemp("header") / "p"
+    _write_raw_header(path, json.dumps(header).encode(), body)
+    with pytest.raises(ValueError, match=str(path)):
+        C.load(path)
+
+
 def _replace_layer(program, i, **changes):
     layers = list(program.layers)
     layers[i] = dataclasses.replace(layers[i], **changes)
