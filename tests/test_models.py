@@ -365,18 +365,24 @@ def test_corrupt_cache_is_named_and_retrained(digits, tmp_path):
     head["kernel"] = head["kernel"].copy()
     head["kernel"][0, 0] = np.nan
     path.write_bytes(serialization.msgpack_serialize(record))
-    with pytest.warns(RuntimeWarning, match=rf"{path}: corrupt weights cache.*non-finite"):
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*non-finite"):
         check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
     # finite weights that are not those the metrics came from: the stored sha256 disagrees
     record = serialization.msgpack_restore(good)
     head = record["variables"]["params"]["head"]
     head["kernel"] = head["kernel"] * 0.5
     path.write_bytes(serialization.msgpack_serialize(record))
-    with pytest.warns(RuntimeWarning, match=rf"{path}: corrupt weights cache.*sha256"):
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*sha256"):
         check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
     # a truncated file (a killed writer, a full disk)
     path.write_bytes(good[: len(good) // 2])
-    with pytest.warns(RuntimeWarning, match=rf"{path}: corrupt weights cache.*unreadable"):
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*unreadable"):
+        check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
+    # a file without a checksum (written before jquant stored one)
+    record = serialization.msgpack_restore(good)
+    del record["sha256"]
+    path.write_bytes(serialization.msgpack_serialize(record))
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*no sha256"):
         check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
 

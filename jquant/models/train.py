@@ -335,8 +335,10 @@ def _read_cache(path: pathlib.Path, abstract: Any) -> tuple[dict, dict[str, floa
         restored = serialization.msgpack_restore(path.read_bytes())
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise _CorruptCache(f"unreadable ({e})") from None
-    if not isinstance(restored, dict) or not {"variables", "metrics", "sha256"} <= set(restored):
-        raise _CorruptCache("not a weights cache with variables, metrics and sha256")
+    if not isinstance(restored, dict) or not {"variables", "metrics"} <= set(restored):
+        raise _CorruptCache("not a weights cache with variables and metrics")
+    if "sha256" not in restored:
+        raise _CorruptCache("no sha256 of its weights (written by a jquant before checksums)")
     variables, metrics = restored["variables"], restored["metrics"]
     if not isinstance(variables, dict) or not isinstance(metrics, dict):
         raise _CorruptCache("variables and metrics must be maps")
@@ -424,9 +426,10 @@ def train_or_load(
     ``seed`` draws both the initial weights and the batch order.
 
     The file stores a sha256 of its weights and metrics; a file that does not parse (e.g.
-    truncated), whose variables do not fit the model or are not finite, or whose sha256 does
-    not match is never used: a ``RuntimeWarning`` names it, and the model is retrained and the
-    file replaced (written to a temporary file, then renamed). The metrics returned are thus
+    truncated), whose variables do not fit the model or are not finite, or whose sha256 is
+    missing (written before jquant stored one) or does not match is never used: a
+    ``RuntimeWarning`` names it, and the model is retrained and the file replaced (written to
+    a temporary file, then renamed). The metrics returned are thus
     always those the returned weights gave.
 
     Raises:
@@ -445,7 +448,7 @@ def train_or_load(
         try:
             variables, metrics = _read_cache(path, abstract)
         except _CorruptCache as e:
-            warnings.warn(f"{path}: corrupt weights cache, retraining: {e}", RuntimeWarning, 2)
+            warnings.warn(f"{path}: weights cache not used, retraining: {e}", RuntimeWarning, 2)
         else:
             return Trained(model, jax.tree.map(jnp.asarray, variables), metrics)
 
