@@ -429,8 +429,8 @@ def train_or_load(
     truncated), whose variables do not fit the model or are not finite, or whose sha256 is
     missing (written before jquant stored one) or does not match is never used: a
     ``RuntimeWarning`` names it, and the model is retrained and the file replaced (written to
-    a temporary file, then renamed). The metrics returned are thus
-    always those the returned weights gave.
+    a temporary file, then renamed). The metrics returned are thus always those the returned
+    weights gave.
 
     Raises:
       ValueError: training diverged (non-finite weights); nothing is cached.
