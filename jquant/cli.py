@@ -17,13 +17,21 @@ weights of) a zoo model on a data set, then
   (:func:`jquant.sweep.mixed_precision`, ``full_path=True``), both at the first granularity;
   with ``--budget`` the first configuration on the path that fits the model-size budget is
   the chosen one (column ``chosen``, a star in ``pareto_front.png``, a line printed);
-  without it, no budget (the all-widest configuration is chosen);
+  without it no configuration is chosen (every ``chosen`` is false, ``chosen_*`` meta null);
 - print the tables and write ``tensors.{csv,json}``, ``model.{csv,json}``,
   ``sensitivity.{csv,json}``, ``mixed_precision.{csv,json}``, ``sqnr_vs_bits.png``,
   ``accuracy_vs_bits.png``, ``sensitivity.png`` (per layer, at the width closest to 4) and
   ``pareto_front.png`` (accuracy against model size) into ``--out``. Files are written into a
-  temporary folder beside ``--out`` and moved into place at the end, so a failed run leaves
-  nothing half-written.
+  staging folder ``.<out name>.staging.<host>.<pid>.<random>`` beside ``--out`` (inside it when
+  ``--out`` exists and its parent is not writable) and moved into place at the end, so a failed
+  run leaves nothing half-written; where the staging folder goes is checked writable before any
+  work, and staging folders left by killed runs (their process gone) are removed at the next
+  start. JSON files hold strict JSON: non-finite numbers are ``null``
+  (:meth:`jquant.sweep.Table.to_json`).
+
+The trained weights come from the cache of :func:`jquant.models.train.train_or_load`; a
+corrupt cache file is reported (a warning naming it) and retrained; ``--retrain`` retrains
+and overwrites it regardless.
 
 ``--budget`` is the model-size budget for mixed precision, in the size
 ``sum_L params_L * b_L / 8 + 4 * (other parameters)`` bytes of
@@ -46,7 +54,9 @@ import functools
 import math
 import os
 import pathlib
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -64,6 +74,8 @@ __all__ = [
     "parse_bits",
     "parse_budget",
     "parse_choices",
+    "remove_stale_staging",
+    "staging_parent",
     "write_results",
 ]
 
@@ -85,7 +97,8 @@ class Command(NamedTuple):
 
 
 def parse_bits(text: str) -> list[int]:
-    """``"2-8"`` -> ``[2, ..., 8]``; ``"2,4,8"`` -> ``[2, 4, 8]``; each in ``[2, 16]``."""
+    """``"2-8"`` -> ``[2, ..., 8]``; ``"2,4,8"`` -> ``[2, 4, 8]``; each in ``[2, 16]``; a range
+    ``A-B`` needs ``A <= B``."""
     try:
         widths: list[int] = []
         for part in text.split(","):
@@ -93,7 +106,10 @@ def parse_bits(text: str) -> list[int]:
             if sep:
                 a, b = int(lo), int(hi)
                 if a > b:
-                    raise ValueError
+                    raise argparse.ArgumentTypeError(
+                        f"{text!r}: the range {part.strip()!r} is descending; write it "
+                        f"ascending, '{b}-{a}'"
+                    )
                 widths.extend(range(a, b + 1))
             else:
                 widths.append(int(lo))
@@ -150,19 +166,89 @@ def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _check_out(out: str) -> pathlib.Path:
-    """``out`` as an absolute path whose nearest existing ancestor is a writable folder."""
-    path = pathlib.Path(out).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{out!r} exists and is not a folder")
+def _writable_ancestor(path: pathlib.Path) -> pathlib.Path | None:
+    """The nearest existing ancestor of ``path`` (itself included) if it is a writable folder
+    (so ``path`` can be created below it), else None."""
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(
-            f"{out!r} cannot be written: {str(probe)!r} is not a writable folder"
-        )
+    return probe if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK) else None
+
+
+def staging_parent(out: pathlib.Path) -> pathlib.Path:
+    """The folder :func:`write_results` stages ``out``'s files in: ``out``'s parent when it is
+    (or can be created) writable, else ``out`` itself when it is an existing writable folder.
+
+    Raises:
+      ValueError: ``out`` exists and is not a folder, or neither place is writable.
+    """
+    out = pathlib.Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{str(out)!r} exists and is not a folder")
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{str(out)!r} cannot be written: it is not a writable folder")
+    if _writable_ancestor(out.parent) is not None:
+        return out.parent
+    if out.exists():
+        return out
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    raise ValueError(f"{str(out)!r} cannot be written: {str(probe)!r} is not a writable folder")
+
+
+def _check_out(out: str) -> pathlib.Path:
+    """``out`` as an absolute path that :func:`write_results` can write (staging included)."""
+    path = pathlib.Path(out).expanduser().absolute()
+    try:
+        staging_parent(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
+
+
+def _check_cache(cache: str) -> pathlib.Path:
+    """``cache`` as a path that is, or can be created as, a writable folder."""
+    path = pathlib.Path(cache).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{cache!r} exists and is not a folder")
+    if _writable_ancestor(path) is None:
+        raise argparse.ArgumentTypeError(f"{cache!r} cannot be written")
+    return path
+
+
+_STAGING = ".{name}.staging.{host}.{pid}."
+
+
+def _staging_prefix(out: pathlib.Path) -> str:
+    return _STAGING.format(name=out.name, host=socket.gethostname(), pid=os.getpid())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(out: pathlib.Path) -> list[pathlib.Path]:
+    """Removes the staging folders of ``out`` left by killed runs on this host (their process
+    no longer exists); returns them. Folders of live runs and other hosts are kept."""
+    out = pathlib.Path(out).expanduser().absolute()
+    folder = staging_parent(out)
+    pattern = re.compile(
+        re.escape(f".{out.name}.staging.{socket.gethostname()}.") + r"(\d+)\.[^.]+"
+    )
+    removed = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _configure_sweep(p: argparse.ArgumentParser) -> None:
@@ -205,7 +291,13 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
     p.add_argument("--calib-examples", type=_positive, default=1024, help="calibration examples")
     p.add_argument(
-        "--cache", default=None, help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)"
+        "--cache",
+        type=_check_cache,
+        default=None,
+        help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)",
+    )
+    p.add_argument(
+        "--retrain", action="store_true", help="retrain and overwrite the cached weights"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -264,9 +356,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
     main_process = is_main_process()
     progress = not args.no_progress and main_process
     say = print if progress else (lambda *a, **k: None)
+    if main_process:
+        for stale in remove_stale_staging(args.out):
+            say(f"[jquant] removed {stale}, left by a killed run")
     ds = data.load(args.data)
     say(f"[jquant] {args.model} on {args.data}: training ({args.steps} steps) or loading cache")
-    trained = train_or_load(args.model, ds, args.seed, args.steps, cache=args.cache)
+    trained = train_or_load(
+        args.model, ds, args.seed, args.steps, cache=args.cache, retrain=args.retrain
+    )
     x_eval, y_eval = ds.x_test[: args.eval_examples], ds.y_test[: args.eval_examples]
     x_cal = ds.x_train[: args.calib_examples]
 
@@ -309,6 +406,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
         sensitivity_table=sens,
         **per_layer,
     )
+    if args.budget is None:
+        mixed = _choose_none(mixed)
     if not main_process:
         return 0
     print(tensors.where(granularity=args.granularity[0]).format())
@@ -326,6 +425,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
     written = write_results(args.out, tables, functools.partial(_draw, args, tables))
     print(f"\n[jquant] wrote {', '.join(written)} to {args.out}")
     return 0
+
+
+def _choose_none(table):
+    """``table`` with no row chosen (``chosen`` false everywhere, ``chosen_*`` meta None): the
+    sweep without ``--budget`` has nothing to choose."""
+    rows = [{**r, "chosen": False} for r in table.to_dicts()]
+    meta = {k: (None if k.startswith("chosen_") else v) for k, v in table.meta.items()}
+    return type(table).from_dicts(rows, table.columns).with_meta(**meta)
 
 
 def _draw(args: argparse.Namespace, tables: dict, folder: pathlib.Path) -> None:
@@ -358,15 +465,18 @@ def write_results(
     into ``out``, on process 0 only (:func:`jquant.sweep.sharding.is_main_process`); returns
     the names written (none on other processes).
 
-    Files go into a temporary folder beside ``out``, moved into place at the end, so a failed
-    run leaves nothing half-written.
+    Files go into a staging folder in :func:`staging_parent` (beside ``out``, or inside it when
+    only ``out`` is writable), moved into place at the end, so a failed run leaves nothing
+    half-written.
     """
     from jquant.sweep.sharding import is_main_process
 
     if not is_main_process():
         return []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = pathlib.Path(out).expanduser().absolute()
+    parent = staging_parent(out)
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the results are for sharing
     try:
         for name, table in tables.items():
@@ -397,10 +507,17 @@ def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def _list_or_check(command: str, args: argparse.Namespace, names: list[str]) -> int | None:
-    """``--list`` prints ``names`` (status 0); an unknown NAME is a usage error (status 2)."""
+    """``--list`` prints ``names`` (status 0); a missing or unknown NAME is a usage error
+    (status 2) that lists the choices."""
     if args.list:
         print("\n".join(names))
         return 0
+    if args.name is None:
+        print(
+            f"jquant {command}: error: a NAME is required; choose one of {', '.join(names)}",
+            file=sys.stderr,
+        )
+        return 2
     if args.name not in names:
         print(
             f"jquant {command}: error: NAME must be one of {', '.join(names)}; got {args.name!r}",
@@ -413,7 +530,9 @@ def _list_or_check(command: str, args: argparse.Namespace, names: list[str]) -> 
 def _configure_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="paper folder under papers/ (see --list)")
     p.add_argument("--list", action="store_true", help="list the reproducible papers and exit")
-    p.add_argument("--out", type=pathlib.Path, default=None, help="output folder")
+    p.add_argument(
+        "--out", type=_check_out, default=None, help="output folder (default: jquant_out/NAME)"
+    )
     p.add_argument("--quick", action="store_true", help="reduced-size run")
 
 
@@ -423,7 +542,13 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     status = _list_or_check("reproduce", args, reproduce.list_papers())
     if status is not None:
         return status
-    out = args.out or pathlib.Path("jquant_out") / args.name
+    out = args.out
+    if out is None:
+        try:
+            out = _check_out(str(pathlib.Path("jquant_out") / args.name))
+        except argparse.ArgumentTypeError as e:
+            print(f"jquant reproduce: error: argument --out: {e}", file=sys.stderr)
+            return 2
     reproduce.run_paper(args.name, out, quick=args.quick)
     return 0
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -85,6 +86,22 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing half-written, no staging left
 
 
+def _dead_pid() -> int:
+    """The id of a process that has exited."""
+    code = "import os; print(os.getpid())"
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def _strict_json(path):
+    """``json.loads`` that refuses NaN / Infinity (not JSON)."""
+
+    def refuse(name):
+        raise ValueError(f"{path.name}: {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def _exit_code(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -95,7 +112,8 @@ def _exit_code(argv, capsys):
     "argv, message",
     [
         (["sweep", "--bits", "1-40"], "widths must be integers in [2, 16]"),
-        (["sweep", "--bits", "8-2"], "not a width list"),
+        (["sweep", "--bits", "8-2"], "'8-2' is descending; write it ascending, '2-8'"),
+        (["sweep", "--bits", "2-3,9-4"], "'9-4' is descending"),
         (["sweep", "--bits", "four"], "not a width list"),
         (["sweep", "--model", "resnet"], "invalid choice: 'resnet'"),
         (["sweep", "--data", "imagenet"], "invalid choice: 'imagenet'"),
@@ -124,6 +142,9 @@ def test_unwritable_out_exits_2(capsys, tmp_path):
     assert code == 2 and "cannot be written" in err
     code, err = _exit_code(["sweep", "--out", str(blocker)], capsys)
     assert code == 2 and "not a folder" in err
+    for cache in (blocker, blocker / "sub"):
+        code, err = _exit_code(["sweep", "--cache", str(cache), "--out", str(tmp_path)], capsys)
+        assert code == 2 and "argument --cache" in err
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
@@ -235,6 +256,49 @@ def test_sweep_end_to_end_tiny(tmp_path, capsys):
     assert "--budget" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
+def test_sweep_without_budget_chooses_nothing_and_cleans_up(tmp_path):
+    """In process (one training and one sweep, ~30 s): no --budget, --retrain, a stale staging
+    folder."""
+    out_dir = tmp_path / "results"
+    cmd = ["sweep", "--model", "mlp", "--data", "digits", "--steps", "20", "--bits", "3,8",
+           "--granularity", "per_tensor", "--eval-examples", "64", "--calib-examples", "32",
+           "--cache", str(tmp_path / "cache"), "--out", str(out_dir), "--no-progress"]  # fmt: skip
+    stale = tmp_path / f".results.staging.{socket.gethostname()}.{_dead_pid()}.x1y2"
+    stale.mkdir()
+    (stale / "model.csv").write_text("half-written")
+    from jquant.models import train
+
+    train.train_or_load("mlp", data.load("digits"), 0, 20, cache=tmp_path / "cache")
+    (cache_file,) = (tmp_path / "cache" / "models").glob("*.msgpack")
+    before = cache_file.stat().st_mtime_ns
+    assert cli.main([*cmd, "--retrain"]) == 0
+    assert not stale.exists() and cache_file.stat().st_mtime_ns > before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".results")] == []
+    mixed = _strict_json(out_dir / "mixed_precision.json")
+    sizes = [r["size_bytes"] for r in mixed["rows"]]
+    assert len(sizes) == len(mixed["meta"]["layers"]) + 1 and sizes == sorted(sizes, reverse=True)
+    assert not any(r["chosen"] for r in mixed["rows"])  # the all-8-bit start is dominated
+    assert mixed["meta"]["budget_bytes"] is None and mixed["meta"]["chosen_bits"] is None
+    with open(out_dir / "mixed_precision.csv") as f:
+        assert {r["chosen"] for r in csv.DictReader(f)} == {"False"}
+    for name in ("tensors", "model", "sensitivity"):
+        _strict_json(out_dir / f"{name}.json")
+
+
+def test_no_budget_chooses_no_row():
+    from jquant.sweep import Table
+
+    # the shape of a mixed_precision table under an infinite budget: the first row chosen
+    rows = [{"step": i, "size_bytes": 100.0 - 30 * i, "chosen": i == 0} for i in range(3)]
+    meta = {"budget_bytes": float("inf"), "chosen_bits": {"a": 8}, "chosen_accuracy": 0.9}
+    table = cli._choose_none(Table.from_dicts(rows).with_meta(**meta, layers=["a"]))
+    assert table.column("chosen") == [False] * 3
+    assert table.column("size_bytes") == [100.0, 70.0, 40.0]
+    assert table.meta == {"budget_bytes": float("inf"), "chosen_bits": None,
+                          "chosen_accuracy": None, "layers": ["a"]}  # fmt: skip
+
+
 def test_reproduce_and_bench_commands(capsys):
     from jquant import cli, reproduce
 
@@ -246,3 +310,90 @@ def test_reproduce_and_bench_commands(capsys):
     assert cli.main(["bench", "--list"]) == 0
     assert {"ops", "sweep", "integer"} <= set(capsys.readouterr().out.split())
     assert cli.main(["bench", "no_such_bench"]) == 2
+    assert cli.main(["bench"]) == 2
+    assert "a NAME is required; choose one of " in capsys.readouterr().err
+
+
+def test_reproduce_without_name_or_with_bad_out_exits_2(capsys, tmp_path, monkeypatch):
+    from jquant import reproduce
+
+    papers = reproduce.list_papers()
+    assert cli.main(["reproduce"]) == 2
+    err = capsys.readouterr().err
+    assert "a NAME is required; choose one of " + ", ".join(papers) in err and "None" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "sub"):
+        code, err = _exit_code(["reproduce", "max1960", "--quick", "--out", str(out)], capsys)
+        assert code == 2 and "argument --out" in err and str(blocker) in err
+    # the default output folder jquant_out/NAME is checked too
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jquant_out").write_text("a file")
+    assert cli.main(["reproduce", "max1960", "--quick"]) == 2
+    assert "argument --out" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["file", "jquant_out"]
+
+
+def _deny_writes(monkeypatch, *denied):
+    """``os.access`` that reports ``denied`` folders as not writable (tests may run as root)."""
+    real = os.access
+
+    def access(path, mode, **kwargs):
+        if mode & os.W_OK and os.path.abspath(path) in {str(d) for d in denied}:
+            return False
+        return real(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_staging_location_is_checked_before_work(tmp_path, monkeypatch, capsys):
+    from jquant.sweep import Table
+
+    tables = {"model": Table.from_dicts([{"bits": 8, "accuracy": 0.5}])}
+    parent, out = tmp_path / "parent", tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("kept")
+    _deny_writes(monkeypatch, parent)
+    # out exists and is writable, its parent is not: stage inside out
+    assert cli.staging_parent(out) == out
+    assert cli.write_results(out, tables) == ["model.csv", "model.json"]
+    assert sorted(os.listdir(out)) == ["model.csv", "model.json", "old.txt"]
+    assert sorted(os.listdir(parent)) == ["out"]
+    # a missing out under a read-only parent, or an out that is not writable: exit 2 at once
+    code, err = _exit_code(["sweep", "--out", str(parent / "new")], capsys)
+    assert code == 2 and "cannot be written" in err and str(parent) in err
+    _deny_writes(monkeypatch, parent, out)
+    code, err = _exit_code(["sweep", "--out", str(out)], capsys)
+    assert code == 2 and "is not a writable folder" in err
+    with pytest.raises(ValueError, match="not a writable folder"):
+        cli.write_results(out, tables)
+    assert sorted(os.listdir(out)) == ["model.csv", "model.json", "old.txt"]
+
+
+def test_stale_staging_folders_are_removed(tmp_path):
+    out = tmp_path / "res"
+    host = socket.gethostname()
+    dead = tmp_path / f".res.staging.{host}.{_dead_pid()}.abc"
+    live = tmp_path / f".res.staging.{host}.{os.getpid()}.abc"  # this process: running
+    other_host = tmp_path / f".res.staging.{host}x.{_dead_pid()}.abc"
+    other_out = tmp_path / f".resx.staging.{host}.{_dead_pid()}.abc"
+    for p in (dead, live, other_host, other_out):
+        p.mkdir()
+        (p / "f.csv").write_text("x")
+    assert cli.remove_stale_staging(out) == [dead]
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (live, other_host, other_out))
+
+
+def test_results_json_is_strict(tmp_path):
+    from jquant.sweep import Table
+
+    nan, inf = float("nan"), float("inf")
+    t = Table.from_dicts([{"a": 1.5, "b": inf}, {"a": nan, "b": -inf}]).with_meta(
+        budget_bytes=inf, nested={"x": [1.0, nan]}, ok=2
+    )
+    t.to_json(str(tmp_path / "t.json"))
+    doc = _strict_json(tmp_path / "t.json")
+    assert doc["rows"] == [{"a": 1.5, "b": None}, {"a": None, "b": None}]
+    assert doc["meta"] == {"budget_bytes": None, "nested": {"x": [1.0, None]}, "ok": 2}
+    assert Table.from_json(t.to_json()).to_dicts() == doc["rows"]
+    assert t.to_csv().splitlines()[1:] == ["1.5,inf", "nan,-inf"]  # CSV keeps them

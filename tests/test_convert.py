@@ -10,10 +10,15 @@ checked by parsing it by hand (safetensors layout); jaxprs show that ``run`` is 
 
 import dataclasses
 import functools
+import hashlib
 import json
+import pathlib
 import struct
+import tempfile
 
 import flax.linen as nn
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -440,6 +445,327 @@ def test_load_rejects_foreign_and_corrupt_files(small, tmp_path):
         C.save(bad, tmp_path / "bad")
 
 
+# --- the program file: version 3 files, checksum, malformed input; validate ---------------
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def _tiny_program():
+    """A hand-built program of every layer kind (1-D conv + relu, 1x1 conv, residual add, max
+    pool, reshape, dense with a narrow clamp), constants drawn by NumPy; double requant."""
+    from jquant import integer
+
+    rng = np.random.default_rng(0)
+
+    def linear(cls, path, w_shape, x_scale, out_scale, **kw):
+        w = rng.integers(-127, 128, w_shape).astype(np.int8)
+        out = w_shape[-1]
+        w_scale = rng.uniform(0.01, 0.05, out).astype(np.float32)
+        x_scale, out_scale = np.float32(x_scale), np.float32(out_scale)
+        return cls(
+            path=path,
+            w=w,
+            b=rng.integers(-500, 500, out).astype(np.int32),
+            x_zp=np.int32(kw.pop("x_zp", 0)),
+            out_zp=np.int32(kw.pop("out_zp", 0)),
+            requant=integer.requant_from_scales(x_scale, w_scale, out_scale, "double"),
+            x_scale=x_scale,
+            w_scale=w_scale,
+            out_scale=out_scale,
+            **kw,
+        )
+
+    s = (0.05, 0.4, 0.3, 0.5)
+    add_scales = (np.float32(s[1]), np.float32(s[2]), np.float32(s[3]))
+    layers = (
+        linear(C.Conv, "conv1", (1, 3, 2, 4), s[0], s[1], x_zp=3, out_zp=-5,
+               activation="relu", padding=((0, 0), (1, 1)), spatial=1),
+        linear(C.Conv, "conv2", (1, 1, 4, 4), s[1], s[2], x_zp=-5, out_zp=2, spatial=1),
+        C.Add("add", np.int32(-5), np.int32(2), np.int32(1),
+              integer.add_requant(*add_scales, "double"), *add_scales),
+        C.Pool("pool", "max", (1, 2), (1, 2), spatial=1),
+        C.Reshape("flatten", (12,)),
+        linear(C.Dense, "head", (12, 3), s[3], 4.0, x_zp=1, out_zp=-1, clamp=(-8, 7)),
+    )  # fmt: skip
+    return C.Program(
+        layers=layers,
+        input_scale=np.float32(s[0]),
+        input_zp=np.int32(3),
+        output_scale=np.float32(4.0),
+        output_zp=np.int32(-1),
+        input_shape=(6, 2),
+        inputs=((0,), (1,), (1, 2), (3,), (4,), (5,)),
+    )
+
+
+def _assert_same_program(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(u).dtype == np.asarray(v).dtype
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@functools.cache
+def _tiny_file() -> bytes:
+    path = pathlib.Path(tempfile.mkdtemp()) / "tiny.safetensors"
+    C.save(_tiny_program(), path)
+    return path.read_bytes()
+
+
+def _header(raw: bytes) -> tuple[dict, dict]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return header, json.loads(header["__metadata__"]["jquant_program"])
+
+
+def test_version_3_file_still_loads_and_version_4_has_a_checksum(tmp_path):
+    program = _tiny_program()
+    old = C.load(DATA / "program_v3.safetensors")  # written by the version 3 code
+    assert _header((DATA / "program_v3.safetensors").read_bytes())[1]["version"] == 3
+    _assert_same_program(old, program)
+    header, meta = _header(_tiny_file())
+    assert meta["version"] == 4
+    body = _tiny_file()[8 + struct.unpack("<Q", _tiny_file()[:8])[0] :]
+    digest = header["__metadata__"].pop("jquant_sha256")  # sha256 of the canonical header + data
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    assert digest == hashlib.sha256(canonical + body).hexdigest()
+    (tmp_path / "p").write_bytes(_tiny_file())
+    new = C.load(tmp_path / "p")
+    _assert_same_program(new, program)
+    x = jax.random.normal(jax.random.key(0), (4, 6, 2))
+    np.testing.assert_array_equal(_program_codes(new, x), _program_codes(old, x))
+
+
+@hypothesis.given(st.data())
+def test_flipped_or_truncated_files_raise_value_error(tmp_path_factory, data):
+    raw = bytearray(_tiny_file())
+    path = tmp_path_factory.mktemp("flip") / "p"
+    if data.draw(st.booleans(), "truncate"):
+        path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1), "length")])
+        with pytest.raises(ValueError, match=str(path)):
+            C.load(path)
+        return
+    at = data.draw(st.integers(0, len(raw) - 1), "position")
+    raw[at] ^= data.draw(st.integers(1, 255), "xor")
+    path.write_bytes(raw)
+    try:
+        loaded = C.load(path)
+    except ValueError as e:
+        assert str(path) in str(e)
+    else:  # only a flip between blanks of the header's padding leaves the program intact
+        header_end = 8 + struct.unpack("<Q", _tiny_file()[:8])[0]
+        assert _tiny_file()[at] == ord(" ") and at < header_end and chr(raw[at]).isspace()
+        _assert_same_program(loaded, _tiny_program())
+
+
+def test_every_truncation_and_data_flip_is_caught(tmp_path):
+    raw = _tiny_file()
+    path = tmp_path / "p"
+    for n in range(len(raw)):
+        path.write_bytes(raw[:n])
+        with pytest.raises(ValueError):
+            C.load(path)
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    for at in range(header_end, len(raw), 3):  # the data section: the checksum catches each
+        flipped = bytearray(raw)
+        flipped[at] ^= 1
+        path.write_bytes(flipped)
+        with pytest.raises(ValueError, match="sha256 checksum mismatch"):
+            C.load(path)
+
+
+def _write_raw_header(path, header_json: bytes, body: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(header_json)) + header_json + body)
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        (b"[]", "header must be a JSON object, got list"),
+        (b'"text"', "header must be a JSON object, got str"),
+        (b"null", "header must be a JSON object, got NoneType"),
+        (b"3", "header must be a JSON object, got int"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "header is not JSON", id="deep-nesting"),
+        (b'{"a": 1}', "bad entry for tensor 'a'"),
+        (b'{"a": {"dtype": ["I8"], "shape": [], "data_offsets": [0, 1]}}', "bad entry"),
+        (b'{"a": {"dtype": "I8", "shape": [2], "data_offsets": [0, 1]}}', "do not hold shape"),
+        (b'{"a": {"dtype": "I8", "shape": [1], "data_offsets": [true, 1]}}', "bad entry"),
+        (b'{"__metadata__": []}', "__metadata__ must map names to strings"),
+        (b'{"__metadata__": {"jquant_program": 3}}', "__metadata__ must map names to strings"),
+        (b'{"__metadata__": {"jquant_program": "[]"}}', "must be a JSON object"),
+        (b'{"__metadata__": {"jquant_program": "{\\"version\\": 3.0}"}}', "version 3.0"),
+        (b'{"__metadata__": {"jquant_program": "{\\"version\\": 4}"}}', "without its"),
+        (b'{"__metadata__": {"jquant_program": "{\\"version\\": 3}"}}', "missing key"),
+    ],
+)
+def test_malformed_headers_raise_value_error(tmp_path, header, match):
+    path = tmp_path / "p"
+    _write_raw_header(path, header, b"\0")
+    with pytest.raises(ValueError, match=match):
+        C.load(path)
+
+
+def _json_values():
+    scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text()
+    return st.recursive(
+        scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(), c, max_size=4)
+    )
+
+
+def _locations(value, prefix=()):
+    """Every (path of keys / indices) inside a JSON value."""
+    yield prefix
+    if isinstance(value, dict | list):
+        for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from _locations(v, (*prefix, k))
+
+
+@hypothesis.given(st.data())
+def test_metadata_of_wrong_types_raises_value_error(tmp_path_factory, data):
+    """Any value (or a deletion) anywhere in a version 3 file's metadata: the file loads (and
+    validates) or load raises ValueError, never another exception."""
+    tensors, metadata = C.read_tensors(DATA / "program_v3.safetensors")
+    meta = json.loads(metadata["jquant_program"])
+    where = data.draw(st.sampled_from([w for w in _locations(meta) if w]), "where")
+    parent = functools.reduce(lambda v, k: v[k], where[:-1], meta)
+    if isinstance(parent, dict) and data.draw(st.booleans(), "delete"):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = data.draw(_json_values(), "value")
+    path = tmp_path_factory.mktemp("meta") / "p"
+    C.write_tensors(path, tensors, {"jquant_program": json.dumps(meta)})
+    try:
+        C.validate(C.load(path))
+    except ValueError as e:
+        assert str(path) in str(e)
+
+
+@hypothesis.given(st.data())
+def test_safetensors_header_of_wrong_types_raises_value_error(tmp_path_factory, data):
+    """The whole header, or any value in it (or a deletion), replaced: always ValueError."""
+    header, _ = _header(_tiny_file())
+    body = _tiny_file()[8 + struct.unpack("<Q", _tiny_file()[:8])[0] :]
+    where = data.draw(st.sampled_from(list(_locations(header))), "where")
+    if not where:
+        header = data.draw(_json_values(), "header")
+    else:
+        parent = functools.reduce(lambda v, k: v[k], where[:-1], header)
+        if isinstance(parent, dict) and data.draw(st.booleans(), "delete"):
+            del parent[where[-1]]
+        else:
+            parent[where[-1]] = data.draw(_json_values(), "value")
+    hypothesis.assume(header != _header(_tiny_file())[0])  # a change, not the same value
+    path = tmp_path_factory.mktemp("header") / "p"
+    _write_raw_header(path, json.dumps(header).encode(), body)
+    with pytest.raises(ValueError, match=str(path)):
+        C.load(path)
+
+
+def _replace_layer(program, i, **changes):
+    layers = list(program.layers)
+    layers[i] = dataclasses.replace(layers[i], **changes)
+    return dataclasses.replace(program, layers=tuple(layers))
+
+
+def _bad_programs():
+    from jquant import integer
+
+    p = _tiny_program()
+    conv, _, add, _, _, head = p.layers
+    huge = np.full(4, 1e30, np.float32)  # issue #12: shift 99, a constant output
+    m0 = np.asarray(conv.requant.multiplier)
+    return {
+        "w_scale 1e30": (
+            _replace_layer(
+                p,
+                0,
+                w_scale=huge,
+                requant=integer.requant_from_scales(conv.x_scale, huge, conv.out_scale),
+            ),
+            r"'conv1': requant.shift must be in \[-31, 31\] in mode 'double'",
+        ),
+        "single shift 31": (
+            _replace_layer(p, 0, requant=integer.Requant(m0, np.full(4, 31, np.int32), "single")),
+            r"requant.shift must be in \[-31, 30\] in mode 'single'",
+        ),
+        "M0 below 2^30": (
+            _replace_layer(p, 0, requant=integer.Requant(m0 // 4, conv.requant.shift)),
+            r"requant.multiplier must be in \[2\^30, 2\^31\)",
+        ),
+        "fp32 inf": (
+            _replace_layer(
+                p,
+                5,
+                requant=integer.Requant(
+                    np.full(3, np.inf, np.float32), np.zeros(3, np.int32), "fp32"
+                ),
+            ),
+            "'head': requant.multiplier must be finite float32",
+        ),
+        "add shift": (
+            _replace_layer(
+                p,
+                2,
+                requant=dataclasses.replace(
+                    add.requant, out=integer.Requant(np.int32(2**30), np.int32(40))
+                ),
+            ),
+            r"'add': requant.out.shift must be in \[-31, 31\]",
+        ),
+        "pool window 0": (
+            _replace_layer(p, 3, window=(1, 0)),
+            r"'pool': window must be a tuple of 2 integers >= 1",
+        ),
+        "pool strides 0": (_replace_layer(p, 3, strides=(0, 2)), "'pool': strides must be"),
+        "pool padding": (
+            _replace_layer(p, 3, padding=((0, 0), (-1, 0))),
+            "'pool': padding must be",
+        ),
+        "pool spatial": (
+            _replace_layer(p, 3, spatial=3),
+            r"'pool': spatial must be an integer in \[1, 2\]",
+        ),
+        "conv dilation": (_replace_layer(p, 0, dilation=(1, 0)), "'conv1': dilation must be"),
+        "conv groups": (_replace_layer(p, 0, groups=3), "groups=3 must divide the 4 outputs"),
+        "clamp beyond int8": (
+            _replace_layer(p, 5, clamp=(-200, 7)),
+            r"'head': clamp must be a pair .* -128 <= lo <= hi <= 127",
+        ),
+        "clamp lo > hi": (_replace_layer(p, 5, clamp=(7, -8)), "'head': clamp must be a pair"),
+        "add clamp": (_replace_layer(p, 2, clamp=(0, 300)), "'add': clamp must be a pair"),
+        "input clamp": (dataclasses.replace(p, input_clamp=(-128, 128)), "input_clamp must be"),
+        "bias shape": (
+            _replace_layer(p, 5, b=np.zeros(4, np.int32)),
+            r"'head': b must have shape \(3,\)",
+        ),
+        "w_scale shape": (
+            _replace_layer(p, 5, w_scale=np.ones(2, np.float32)),
+            "'head': w_scale must have shape",
+        ),
+        "reshape size": (
+            _replace_layer(p, 4, shape=(13,)),
+            r"'flatten' cannot read inputs of shape \[\(1, 3, 4\)\]",
+        ),
+        "reshape shape": (_replace_layer(p, 4, shape=(0, 12)), "'flatten': shape must be"),
+        "dense width": (_replace_layer(p, 5, w=np.zeros((11, 3), np.int8)), "'head' cannot read"),
+        "rounding": (dataclasses.replace(p, rounding="stochastic"), "rounding must be one of"),
+        "input shape": (dataclasses.replace(p, input_shape=(6, 0)), "input_shape must be"),
+        "path": (_replace_layer(p, 3, path=3), "layer path must be a str"),
+        "no layers": (dataclasses.replace(p, layers=(), inputs=None), "non-empty tuple"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_programs()))
+def test_validate_names_each_bad_field(case, tmp_path):
+    program, match = _bad_programs()[case]
+    with pytest.raises(ValueError, match=match):
+        C.validate(program)
+    with pytest.raises(ValueError, match=match):
+        C.save(program, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    C.validate(_tiny_program())
+
+
 # --- acceptance on the trained MNIST-1D CNN (slow: trains on a cold cache) ---------------
 
 
@@ -546,7 +872,7 @@ def test_residual_program_save_load_and_integer_only(residual, tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     meta = json.loads(header.pop("__metadata__")["jquant_program"])
-    assert meta["version"] == 3 and meta["inputs"] == [list(r) for r in program.inputs]
+    assert meta["version"] == 4 and meta["inputs"] == [list(r) for r in program.inputs]
     assert sorted(header) == ["f32", "i32", "i8"]  # the add's constants are recomputed
     loaded = C.load(path)
     assert loaded.inputs == program.inputs

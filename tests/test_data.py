@@ -160,3 +160,29 @@ def test_batches_bad_batch_size(batch_size):
 def test_batches_length_mismatch():
     with pytest.raises(ValueError, match="same length"):
         next(data.batches(jnp.zeros(4), jnp.zeros(5), 2))
+
+
+def test_mnist1d_corrupt_cache_is_named_and_regenerated(tmp_path):
+    ref = _reference_mnist1d(42, **SMALL)
+    data.load_mnist1d(cache=tmp_path, **SMALL)
+    (path,) = tmp_path.glob("mnist1d-*.npz")
+    good = path.read_bytes()
+    with np.load(path) as f:
+        nan = {k: f[k] for k in f.files}
+    nan["x_train"][3, 5] = np.nan
+    flipped = bytearray(good)
+    flipped[len(good) // 3] ^= 0x10  # inside x_train's compressed-or-not bytes: bad CRC-32
+    with open(tmp_path / "nan.npz", "wb") as f:
+        np.savez(f, **nan)
+    corrupt = {
+        "truncated": good[: len(good) // 2],
+        "flipped": bytes(flipped),
+        "non-finite": (tmp_path / "nan.npz").read_bytes(),
+    }
+    for what, raw in corrupt.items():
+        path.write_bytes(raw)
+        with pytest.warns(RuntimeWarning, match=rf"{path}: corrupt data cache"):
+            ds = data.load_mnist1d(cache=tmp_path, **SMALL)
+        np.testing.assert_array_equal(ds.y_train, ref["y"], err_msg=what)
+        np.testing.assert_allclose(ds.x_train[..., 0], ref["x"].astype(np.float32))
+        assert path.read_bytes() == good, what  # replaced by the regenerated file

@@ -340,3 +340,62 @@ def test_accuracy_targets(name, data_name, target, tmp_path):
     steps = train.RECOMMENDED_STEPS[data_name]
     result = train_or_load(name, ds, 0, steps, cache=tmp_path)
     assert result.metrics["test_accuracy"] >= target
+
+
+def test_corrupt_cache_is_named_and_retrained(digits, tmp_path):
+    from flax import serialization
+
+    kwargs = {"batch_size": 64, "cache": tmp_path}
+    first = train_or_load("mlp", digits, 0, 20, **kwargs)
+    (path,) = (tmp_path / "models").glob("mlp-digits-*.msgpack")
+    good = path.read_bytes()
+    apply_fn = linen_apply_fn(first.model)
+
+    def check_retrained(result):
+        # the metrics are those of the returned weights (an independent evaluation)
+        params, model_state = split_linen(result.variables)
+        test = evaluate(apply_fn, params, model_state, digits.x_test, digits.y_test)
+        assert result.metrics["test_accuracy"] == test["accuracy"] > 0.5
+        assert result.metrics["train_seconds"] != first.metrics["train_seconds"]  # retrained
+        assert train_or_load("mlp", digits, 0, 20, **kwargs).metrics == result.metrics  # valid
+
+    # NaN weights under the stored metrics (issue #12: 92.5% reported, 8.5% real)
+    record = serialization.msgpack_restore(good)
+    head = record["variables"]["params"]["head"]
+    head["kernel"] = head["kernel"].copy()
+    head["kernel"][0, 0] = np.nan
+    path.write_bytes(serialization.msgpack_serialize(record))
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*non-finite"):
+        check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
+    # finite weights that are not those the metrics came from: the stored sha256 disagrees
+    record = serialization.msgpack_restore(good)
+    head = record["variables"]["params"]["head"]
+    head["kernel"] = head["kernel"] * 0.5
+    path.write_bytes(serialization.msgpack_serialize(record))
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*sha256"):
+        check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
+    # a truncated file (a killed writer, a full disk)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*unreadable"):
+        check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
+    # a file without a checksum (written before jquant stored one)
+    record = serialization.msgpack_restore(good)
+    del record["sha256"]
+    path.write_bytes(serialization.msgpack_serialize(record))
+    with pytest.warns(RuntimeWarning, match=rf"{path}: weights cache not used.*no sha256"):
+        check_retrained(train_or_load("mlp", digits, 0, 20, **kwargs))
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
+
+
+def test_retrain_overwrites_a_valid_cache(digits, tmp_path):
+    kwargs = {"batch_size": 64, "cache": tmp_path}
+    first = train_or_load("mlp", digits, 0, 20, **kwargs)
+    again = train_or_load("mlp", digits, 0, 20, retrain=True, **kwargs)
+    assert again.metrics["train_seconds"] != first.metrics["train_seconds"]
+    assert train_or_load("mlp", digits, 0, 20, **kwargs).metrics == again.metrics
+
+
+def test_diverged_training_is_not_cached(digits, tmp_path):
+    with pytest.raises(ValueError, match="diverged"):
+        train_or_load("mlp", digits, 0, 3, batch_size=64, learning_rate=1e30, cache=tmp_path)
+    assert not list(tmp_path.rglob("*.msgpack"))

@@ -38,9 +38,10 @@ def test_table_round_trips():
     # JSON, parsed by the json module, and back
     doc = json.loads(t.to_json())
     assert doc["columns"] == list(t.columns) and doc["meta"] == {"peak_bytes": 123}
-    assert doc["rows"][1]["sqnr_db"] == float("inf")
+    assert doc["rows"][1]["sqnr_db"] is None  # strict JSON: non-finite floats as null
     back = Table.from_json(t.to_json())
-    assert back == t and back.meta == t.meta
+    assert back.to_dicts()[1]["sqnr_db"] is None and back.to_dicts()[::2] == t.to_dicts()[::2]
+    assert back.meta == t.meta
     # CSV, parsed by the csv module
     rows = list(csv.DictReader(io.StringIO(t.to_csv())))
     assert [r["tensor"] for r in rows] == ["a", "b", "c"]

@@ -22,13 +22,23 @@ stored float32 scales with :func:`jquant.integer.requant_from_scales` /
 bit for bit like the saved one. :func:`save` checks this and refuses a program whose
 constants do not follow from its scales.
 
-Version 3 (residual adds, ``inputs``) reads version 2 files (sequences without adds) as well.
+Version 4 adds ``"__metadata__": {"jquant_sha256": <hex>}``: the sha256 of the header's
+canonical JSON (keys sorted, no spaces, this field left out) followed by the data section, so
+a flipped or missing byte anywhere is caught at load. Version 4 reads version 3 (residual adds,
+``inputs``, no checksum) and version 2 files (sequences without adds) as well; a checksum
+present in any version is verified.
+
+Every malformed file (a truncated or flipped one, a header that is not a JSON object, entries
+of the wrong type, missing keys, nesting too deep) raises ValueError naming the file and
+what is wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -44,8 +54,11 @@ __all__ = ["save", "load", "write_tensors", "read_tensors"]
 _DTYPES = {"I8": np.int8, "U8": np.uint8, "I32": np.int32, "F32": np.float32, "F64": np.float64}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _META_KEY = "jquant_program"
-_VERSION = 3
-_READS = (2, 3)
+_SUM_KEY = "jquant_sha256"
+_VERSION = 4
+_READS = (2, 3, 4)
+_CHECKSUM_FROM = 4  # first version whose files must carry a checksum
+_ENTRY_KEYS = ("shape", "data_offsets")
 # packed tensors: name -> dtype
 _PACKS = {"i8": np.int8, "i32": np.int32, "f32": np.float32}
 # per linear layer, in file order: (pack, field)
@@ -74,11 +87,8 @@ _PROGRAM_FIELDS = (
 )
 
 
-def write_tensors(
-    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
-) -> int:
-    """Writes ``tensors`` (int8, uint8, int32, float32, float64) and string ``metadata`` in the
-    safetensors layout. Returns the file size in bytes."""
+def _layout(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> tuple[dict, bytes]:
+    """The safetensors header (a dict) and data section of ``tensors`` and ``metadata``."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     blobs, offset = [], 0
     for name, a in tensors.items():
@@ -94,16 +104,62 @@ def write_tensors(
         }
         blobs.append(raw)
         offset += len(raw)
+    return header, b"".join(blobs)
+
+
+def write_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+) -> int:
+    """Writes ``tensors`` (int8, uint8, int32, float32, float64) and string ``metadata`` in the
+    safetensors layout. Returns the file size in bytes."""
+    header, body = _layout(tensors, metadata)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    data = struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    data = struct.pack("<Q", len(text)) + text + body
     with open(path, "wb") as f:
         f.write(data)
     return len(data)
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file; ValueError on a malformed file."""
+def _digest(header: Mapping, body: bytes) -> str:
+    """sha256 hex of the header's canonical JSON (without :data:`_SUM_KEY`) and ``body``."""
+    header = dict(header)
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if k != _SUM_KEY}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(text + body).hexdigest()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(path, name: str, entry, size: int) -> None:
+    """A tensor entry ``{"dtype", "shape", "data_offsets"}`` whose bytes lie within the
+    ``size`` data bytes and hold exactly ``shape``; ValueError otherwise."""
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    shape, offsets = (entry.get(k) if isinstance(entry, dict) else None for k in _ENTRY_KEYS)
+    if not (
+        isinstance(dtype, str)
+        and dtype in _DTYPES
+        and isinstance(shape, list)
+        and all(_is_int(d) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= size
+    ):
+        raise ValueError(
+            f"{path}: bad entry for tensor {name!r} (needs dtype in {sorted(_DTYPES)}, "
+            f"shape and data_offsets within the {size} data bytes): {entry!r:.200}"
+        )
+    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+        raise ValueError(f"{path}: tensor {name!r}: bytes {offsets} do not hold shape {shape}")
+
+
+def _read_raw(path: str | os.PathLike) -> tuple[dict, bytes]:
+    """``(header, data section)`` of a safetensors file, the header checked to be a JSON
+    object of well-formed entries; ValueError naming the file otherwise."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 8:
@@ -113,21 +169,35 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
         raise ValueError(f"{path}: header length {n} exceeds the file size {len(data)}")
     try:
         header = json.loads(data[8 : 8 + n])
-    except ValueError as e:
-        raise ValueError(f"{path}: header is not JSON ({e})") from None
-    metadata = header.pop("__metadata__", {}) or {}
-    body, tensors = data[8 + n :], {}
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: header is not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    body = data[8 + n :]
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: __metadata__ must map names to strings")
     for name, entry in header.items():
-        dtype = _DTYPES.get(entry.get("dtype"))
-        begin, end = entry.get("data_offsets", (0, -1))
-        shape = tuple(entry.get("shape", ()))
-        if dtype is None or not 0 <= begin <= end <= len(body):
-            raise ValueError(f"{path}: bad entry for tensor {name!r}: {entry}")
-        a = np.frombuffer(body[begin:end], np.dtype(dtype).newbyteorder("<"))
-        if a.size != int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name!r} has {a.size} elements, shape {shape}")
-        tensors[name] = a.astype(dtype).reshape(shape)
-    return tensors, metadata
+        if name != "__metadata__":
+            _check_entry(path, name, entry, len(body))
+    return header, body
+
+
+def _tensors(header: Mapping, body: bytes) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            dtype = _DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            a = np.frombuffer(body[begin:end], np.dtype(dtype).newbyteorder("<"))
+            tensors[name] = a.astype(dtype).reshape(entry["shape"])
+    return tensors
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; ValueError on a malformed file."""
+    header, body = _read_raw(path)
+    return _tensors(header, body), dict(header.get("__metadata__", {}))
 
 
 def _tuples(v):
@@ -203,7 +273,9 @@ def save(program: Program, path: str | os.PathLike) -> int:
     if program.inputs is not None:
         meta["inputs"] = program.inputs
     tensors = {k: np.concatenate(v).astype(_PACKS[k]) for k, v in packs.items() if v}
-    return write_tensors(path, tensors, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    metadata = {_META_KEY: json.dumps(meta, separators=(",", ":"))}
+    metadata[_SUM_KEY] = _digest(*_layout(tensors, metadata))
+    return write_tensors(path, tensors, metadata)
 
 
 class _Reader:
@@ -218,7 +290,7 @@ class _Reader:
         if a is None or a.dtype != _PACKS[pack] or a.ndim != 1:
             raise ValueError(f"{self.path}: missing or malformed packed tensor {pack!r}")
         begin = self.offsets[pack]
-        end = begin + int(np.prod(shape))
+        end = begin + math.prod(shape)
         if end > a.size:
             raise ValueError(f"{self.path}: packed tensor {pack!r} is too short")
         self.offsets[pack] = end
@@ -242,6 +314,16 @@ def _read_requantized(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
     """A Conv / Dense / Add spec from the packed tensors, its constants recomputed."""
     shapes = {}
     if w_shape is not None:
+        rank = 4 if cls is Conv else 2
+        if not (
+            isinstance(w_shape, list)
+            and len(w_shape) == rank
+            and all(_is_int(d) and d >= 1 for d in w_shape)
+        ):
+            raise ValueError(
+                f"{reader.path}: layer {kwargs['path']!r}: weight shape must be {rank} "
+                f"positive integers, got {w_shape!r:.200}"
+            )
         channels = w_shape[-1]
         shapes = {"w": tuple(w_shape), "b": (channels,), "w_scale": (channels,)}
     for pack, name in _fields(cls):
@@ -255,44 +337,107 @@ def _read_requantized(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
     return cls(**kwargs)
 
 
-def load(path: str | os.PathLike) -> Program:
-    """Reads a program written by :func:`save`, recomputes its requantization constants from
-    the stored scales, and validates it (:func:`validate`).
+def _meta_error(path, what: str, value) -> ValueError:
+    return ValueError(f"{path}: program metadata: {what}, got {value!r:.200}")
 
-    Raises:
-      ValueError: not a jquant program file, an unknown version or layer type, missing or
-        malformed tensors, or a program that fails validation.
-    """
-    tensors, metadata = read_tensors(path)
+
+def _parse_meta(path, header: Mapping, body: bytes) -> dict:
+    """The program metadata of a file, its checksum verified and its structure checked."""
+    metadata = header.get("__metadata__", {})
     if _META_KEY not in metadata:
         raise ValueError(f"{path}: no {_META_KEY!r} metadata: not a saved jquant program")
     try:
         meta = json.loads(metadata[_META_KEY])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: {_META_KEY!r} metadata is not JSON ({e})") from None
-    if meta.get("version") not in _READS:
-        raise ValueError(f"{path}: program version {meta.get('version')}, expected one of {_READS}")
-    reader = _Reader(path, tensors)
+    if not isinstance(meta, dict):
+        raise _meta_error(path, "must be a JSON object", meta)
+    version = meta.get("version")
+    if not _is_int(version) or version not in _READS:
+        raise ValueError(f"{path}: program version {version!r:.50}, expected one of {_READS}")
+    if _SUM_KEY in metadata:
+        if metadata[_SUM_KEY] != _digest(header, body):
+            raise ValueError(
+                f"{path}: sha256 checksum mismatch: the file is corrupt (flipped or missing bytes)"
+            )
+    elif version >= _CHECKSUM_FROM:
+        raise ValueError(f"{path}: version {version} file without its {_SUM_KEY!r} checksum")
+    required = {
+        "mode": lambda v: v in integer.MULTIPLIER_MODES,
+        "input_shape": lambda v: isinstance(v, list),
+        "input_clamp": lambda v: isinstance(v, list),
+        "rounding": lambda v: isinstance(v, str),
+        "layers": lambda v: isinstance(v, list) and v,
+    }
+    for key, ok in required.items():
+        if key not in meta:
+            raise _meta_error(path, f"missing key {key!r}", sorted(meta))
+        if not ok(meta[key]):
+            raise _meta_error(path, f"bad {key!r}", meta[key])
+    inputs = meta.get("inputs")
+    if inputs is not None and not (
+        isinstance(inputs, list) and all(isinstance(r, list) for r in inputs)
+    ):
+        raise _meta_error(path, "'inputs' must be a list of lists", inputs)
+    return meta
+
+
+def _parse_entry(path, entry) -> tuple[type, str, dict, list | None]:
+    """``(spec class, path, static fields, weight shape)`` of one ``layers`` entry."""
+    if not isinstance(entry, list) or len(entry) < 3:
+        raise _meta_error(path, "a layer entry must be [kind, path, {fields}, ...]", entry)
+    kind, layer_path, static = entry[:3]
+    cls = SPECS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"{path}: unknown layer type {kind!r:.50}; known: {sorted(SPECS)}")
+    if not isinstance(layer_path, str):
+        raise _meta_error(path, "a layer path must be a string", layer_path)
+    linear = cls in (Conv, Dense)
+    if len(entry) != 3 + linear:
+        raise _meta_error(path, f"a {kind!r} entry has {3 + linear} items", entry)
+    allowed = set(cls.meta_fields) - {"path"}
+    if not isinstance(static, dict) or not set(static) <= allowed:
+        raise _meta_error(
+            path, f"fields of {kind!r} {layer_path!r} must be among {sorted(allowed)}", static
+        )
+    return cls, layer_path, static, entry[3] if linear else None
+
+
+def load(path: str | os.PathLike) -> Program:
+    """Reads a program written by :func:`save`, verifies its checksum (version 4), recomputes
+    its requantization constants from the stored scales, and validates it (:func:`validate`).
+
+    Raises:
+      ValueError: not a jquant program file, a checksum mismatch (flipped or missing bytes),
+        an unknown version or layer type, a malformed header, metadata or tensor, or a
+        program that fails validation; always ValueError, naming the file.
+    """
+    header, body = _read_raw(path)
+    meta = _parse_meta(path, header, body)
+    reader = _Reader(path, _tensors(header, body))
     top = {name: reader.take(pack, (1,)).reshape(()) for pack, name in _PROGRAM_FIELDS}
     layers = []
-    for entry in meta["layers"]:
-        kind, layer_path, static = entry[0], entry[1], entry[2]
-        cls = SPECS.get(kind)
-        if cls is None:
-            raise ValueError(f"{path}: unknown layer type {kind!r}")
-        kwargs = {"path": layer_path, **{k: _tuples(v) for k, v in static.items()}}
-        if cls in (Conv, Dense, Add):
-            w_shape = entry[3] if cls in (Conv, Dense) else None
-            layers.append(_read_requantized(cls, reader, w_shape, meta["mode"], kwargs))
-        else:
-            layers.append(cls(**kwargs))
-    reader.check_done()
-    program = Program(
-        layers=tuple(layers),
-        **top,
-        input_shape=_tuples(meta["input_shape"]),
-        input_clamp=_tuples(meta["input_clamp"]),
-        rounding=meta["rounding"],
-        inputs=_tuples(meta["inputs"]) if "inputs" in meta else None,
-    )
-    return validate(program)
+    try:
+        for entry in meta["layers"]:
+            cls, layer_path, static, w_shape = _parse_entry(path, entry)
+            kwargs = {"path": layer_path, **{k: _tuples(v) for k, v in static.items()}}
+            if cls in (Conv, Dense, Add):
+                layers.append(_read_requantized(cls, reader, w_shape, meta["mode"], kwargs))
+            else:
+                layers.append(cls(**kwargs))
+        reader.check_done()
+        program = Program(
+            layers=tuple(layers),
+            **top,
+            input_shape=_tuples(meta["input_shape"]),
+            input_clamp=_tuples(meta["input_clamp"]),
+            rounding=meta["rounding"],
+            inputs=_tuples(meta["inputs"]) if meta.get("inputs") is not None else None,
+        )
+        return validate(program)
+    except RecursionError:
+        raise ValueError(f"{path}: program metadata nested too deeply") from None
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None

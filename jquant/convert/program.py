@@ -29,7 +29,8 @@ import numpy as np
 
 from jquant import integer
 from jquant.formats import int8
-from jquant.quant import QParams, dequantize, quantize
+from jquant.integer.fixed_point import INT32_MAX
+from jquant.quant import ROUNDING_MODES, QParams, dequantize, quantize
 
 __all__ = [
     "Conv",
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 INT8_RANGE = (-128, 127)
+# Exponents ``shift`` of ``M = M0 * 2^(shift - 31)`` that the fixed-point kernels support
+# (jquant.integer.fixed_point.multiply_by_quantized_multiplier), per requantization mode.
+SHIFT_RANGE = {"double": (-31, 31), "single": (-31, 30)}
+# Rounding modes of the input quantizer a program can use (``stochastic`` needs a key).
+INPUT_ROUNDINGS = tuple(r for r in ROUNDING_MODES if r != "stochastic")
 
 
 def _spec(data: tuple[str, ...], meta: tuple[str, ...]):
@@ -345,6 +351,40 @@ def accumulator_report(program: Program) -> list[AccumulatorInfo]:
     return [_accumulator_info(layer) for layer in program.layers if isinstance(layer, Conv | Dense)]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _check_int(where: str, name: str, v, lo: int, hi: int | None = None) -> None:
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{where}: {name} must be an integer {allowed}, got {v!r}")
+
+
+def _check_ints(where: str, name: str, v, n: int | None, lo: int) -> None:
+    """``v`` is a tuple of ``n`` (any number if None) integers ``>= lo``."""
+    if (
+        not isinstance(v, tuple)
+        or (n is not None and len(v) != n)
+        or not all(_is_int(i) and i >= lo for i in v)
+    ):
+        count = f"{n} " if n is not None else ""
+        raise ValueError(f"{where}: {name} must be a tuple of {count}integers >= {lo}, got {v!r}")
+
+
+def _check_clamp(where: str, name: str, clamp) -> None:
+    if (
+        not isinstance(clamp, tuple)
+        or len(clamp) != 2
+        or not all(_is_int(c) for c in clamp)
+        or not INT8_RANGE[0] <= clamp[0] <= clamp[1] <= INT8_RANGE[1]
+    ):
+        raise ValueError(
+            f"{where}: {name} must be a pair (lo, hi) of integers with {INT8_RANGE[0]} <= lo "
+            f"<= hi <= {INT8_RANGE[1]}, got {clamp!r}"
+        )
+
+
 def _check_zp(where: str, name: str, zp, clamp=INT8_RANGE) -> None:
     zp = np.asarray(zp)
     if zp.shape != () or zp.dtype.kind not in "iu" or not clamp[0] <= int(zp) <= clamp[1]:
@@ -353,10 +393,12 @@ def _check_zp(where: str, name: str, zp, clamp=INT8_RANGE) -> None:
         )
 
 
-def _check_scales(where: str, name: str, s) -> None:
+def _check_scales(where: str, name: str, s, shapes=((),)) -> None:
     s = np.asarray(s)
     if s.dtype.kind != "f" or not np.all(np.isfinite(s) & (s > 0)):
         raise ValueError(f"{where}: {name} must be finite float(s) > 0, got {s!r}")
+    if s.shape not in shapes:
+        raise ValueError(f"{where}: {name} must have shape in {list(shapes)}, got {s.shape}")
 
 
 def _check_dtype(where: str, name: str, a, dtype) -> None:
@@ -364,70 +406,194 @@ def _check_dtype(where: str, name: str, a, dtype) -> None:
         raise TypeError(f"{where}: {name} must be {np.dtype(dtype)}, got {np.asarray(a).dtype}")
 
 
+def _check_requant(where: str, name: str, rq, channels: int | None = None) -> None:
+    """Constants the kernels support: double / single ``M0`` int32 in ``[2^30, 2^31)`` and
+    ``shift`` in :data:`SHIFT_RANGE` (or ``(0, 0)``: a multiplier below ``2^-32``); fp32 a
+    finite float32 ``>= 0``. Shapes ``()`` or ``(channels,)``."""
+    if not isinstance(rq, integer.Requant):
+        raise TypeError(f"{where}: {name} must be a jquant.integer.Requant, got {rq!r}")
+    m, shift = np.asarray(rq.multiplier), np.asarray(rq.shift)
+    shapes = [()] if channels is None else [(), (channels,)]
+    if m.shape not in shapes or shift.shape not in shapes:
+        raise ValueError(
+            f"{where}: {name} multiplier / shift shapes {m.shape} / {shift.shape} not in {shapes}"
+        )
+    if rq.mode == "fp32":
+        if m.dtype != np.float32 or not np.all(np.isfinite(m) & (m >= 0)):
+            raise ValueError(f"{where}: {name}.multiplier must be finite float32 >= 0, got {m}")
+        return
+    if m.dtype != np.int32 or shift.dtype != np.int32:
+        raise TypeError(f"{where}: {name} multiplier and shift must be int32 in mode {rq.mode!r}")
+    lo, hi = SHIFT_RANGE[rq.mode]
+    zero = (m == 0) & (shift == 0)
+    if not np.all(zero | ((shift >= lo) & (shift <= hi))):
+        raise ValueError(
+            f"{where}: {name}.shift must be in [{lo}, {hi}] in mode {rq.mode!r} (the range the "
+            f"fixed-point kernels support), got {shift}: the multiplier is out of range (check "
+            "the scales)"
+        )
+    if not np.all(zero | ((m >= 2**30) & (m <= INT32_MAX))):
+        raise ValueError(f"{where}: {name}.multiplier must be in [2^30, 2^31) or 0, got {m}")
+
+
 def _validate_linear(layer: Conv | Dense) -> None:
     where = f"layer {layer.path!r}"
     _check_dtype(where, "w", layer.w, np.int8)
     _check_dtype(where, "b", layer.b, np.int32)
+    w_shape = np.shape(layer.w)
+    rank = 4 if isinstance(layer, Conv) else 2
+    if len(w_shape) != rank or 0 in w_shape:
+        raise ValueError(f"{where}: w must be a non-empty {rank}-D array, got shape {w_shape}")
+    out = w_shape[-1]
+    if np.shape(layer.b) != (out,):
+        raise ValueError(f"{where}: b must have shape ({out},), got {np.shape(layer.b)}")
+    _check_clamp(where, "clamp", layer.clamp)
     _check_zp(where, "x_zp", layer.x_zp)
     _check_zp(where, "out_zp", layer.out_zp, layer.clamp)
-    for name in ("x_scale", "w_scale", "out_scale"):
-        _check_scales(where, name, getattr(layer, name))
+    _check_scales(where, "x_scale", layer.x_scale)
+    _check_scales(where, "w_scale", layer.w_scale, ((), (out,)))
+    _check_scales(where, "out_scale", layer.out_scale)
+    _check_requant(where, "requant", layer.requant, out)
     if layer.activation not in (None, "relu"):
         raise ValueError(f"{where}: activation must be None or 'relu', got {layer.activation!r}")
+    if isinstance(layer, Conv):
+        _check_ints(where, "strides", layer.strides, 2, 1)
+        _check_ints(where, "dilation", layer.dilation, 2, 1)
+        _check_padding(where, layer.padding)
+        _check_int(where, "spatial", layer.spatial, 1, 2)
+        _check_int(where, "groups", layer.groups, 1)
+        if out % layer.groups:
+            raise ValueError(f"{where}: groups={layer.groups} must divide the {out} outputs")
+        if layer.spatial == 1 and w_shape[0] != 1:
+            raise ValueError(f"{where}: a 1-D conv (spatial=1) needs w of shape (1, KW, I, O)")
     try:
         integer.check_accumulator(np.asarray(layer.w), np.asarray(layer.b))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
+def _check_padding(where: str, padding) -> None:
+    if not (
+        isinstance(padding, tuple)
+        and len(padding) == 2
+        and all(isinstance(p, tuple) and len(p) == 2 for p in padding)
+        and all(_is_int(i) and i >= 0 for p in padding for i in p)
+    ):
+        raise ValueError(
+            f"{where}: padding must be ((top, bottom), (left, right)) of integers >= 0, "
+            f"got {padding!r}"
+        )
+
+
+def _validate_pool(layer: Pool) -> None:
+    where = f"layer {layer.path!r}"
+    if layer.kind not in POOL_KINDS:
+        raise ValueError(f"{where}: pool kind must be in {POOL_KINDS}, got {layer.kind!r}")
+    _check_ints(where, "window", layer.window, 2, 1)
+    _check_ints(where, "strides", layer.strides, 2, 1)
+    _check_padding(where, layer.padding)
+    _check_int(where, "spatial", layer.spatial, 1, 2)
+
+
 def _validate_add(layer: Add) -> None:
     where = f"layer {layer.path!r}"
+    _check_clamp(where, "clamp", layer.clamp)
     for name in ("a_zp", "b_zp"):
         _check_zp(where, name, getattr(layer, name))
     _check_zp(where, "out_zp", layer.out_zp, layer.clamp)
     for name in ("a_scale", "b_scale", "out_scale"):
         _check_scales(where, name, getattr(layer, name))
+    rq = layer.requant
+    if not isinstance(rq, integer.AddRequant):
+        raise TypeError(f"{where}: requant must be a jquant.integer.AddRequant, got {rq!r}")
+    for name in ("a", "b", "out"):
+        _check_requant(where, f"requant.{name}", getattr(rq, name))
+    if len({rq.a.mode, rq.b.mode, rq.out.mode}) != 1:
+        raise ValueError(f"{where}: requant.a, .b and .out must share one mode")
+    _check_int(where, "requant.left_shift", rq.left_shift, 0, 30)
     if layer.activation not in (None, "relu"):
         raise ValueError(f"{where}: activation must be None or 'relu', got {layer.activation!r}")
 
 
 def _validate_inputs(program: Program) -> None:
     """Each layer reads earlier values only: two for an Add, one otherwise."""
-    if program.inputs is not None and len(program.inputs) != len(program.layers):
+    inputs = program.inputs
+    if inputs is not None and (
+        not isinstance(inputs, tuple) or not all(isinstance(r, tuple) for r in inputs)
+    ):
+        raise ValueError(f"program.inputs must be None or a tuple of tuples, got {inputs!r}")
+    if inputs is not None and len(inputs) != len(program.layers):
         raise ValueError(
-            f"program.inputs names the inputs of {len(program.inputs)} layers, but there are "
+            f"program.inputs names the inputs of {len(inputs)} layers, but there are "
             f"{len(program.layers)} layers"
         )
     for k, (layer, reads) in enumerate(zip(program.layers, program.layer_inputs(), strict=True)):
         arity = 2 if isinstance(layer, Add) else 1
-        if len(reads) != arity or not all(isinstance(i, int) and 0 <= i <= k for i in reads):
+        if len(reads) != arity or not all(_is_int(i) and 0 <= i <= k for i in reads):
             raise ValueError(
                 f"layer {layer.path!r} (number {k}) must read {arity} earlier value(s) among "
                 f"0..{k}, got inputs {reads!r}"
             )
 
 
+def _validate_shapes(program: Program) -> None:
+    """Runs the program abstractly (``jax.eval_shape``, nothing computed) on one example:
+    every layer accepts the shapes it reads and returns int8."""
+    values = [jax.ShapeDtypeStruct((1, *program.input_shape), jnp.int8)]
+    for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
+        try:
+            out = jax.eval_shape(layer, *(values[i] for i in reads))
+        except (TypeError, ValueError) as e:
+            shapes = [values[i].shape for i in reads]
+            raise ValueError(
+                f"layer {layer.path!r} cannot read inputs of shape {shapes}: {e}"
+            ) from None
+        if out.dtype != jnp.int8:
+            raise ValueError(f"layer {layer.path!r} returns {out.dtype}, not int8")
+        values.append(out)
+
+
 def validate(program: Program) -> Program:
-    """Checks a concrete program: dtypes, scales ``> 0``, zero points in range, int32-safe
-    accumulators, inputs naming earlier values. Returns it; raises ValueError / TypeError
-    naming the layer otherwise."""
+    """Checks a concrete program; returns it, or raises ValueError / TypeError naming the layer
+    and the field.
+
+    Checked: dtypes; scales finite and ``> 0``; zero points within their clamp; clamps
+    ``(lo, hi)`` with ``-128 <= lo <= hi <= 127``; requantization constants within the range
+    of the fixed-point kernels (``M0`` in ``[2^30, 2^31)`` and ``-31 <= shift <= 31`` in
+    ``double``, ``<= 30`` in ``single``; see :data:`SHIFT_RANGE`); int32-safe accumulators
+    (``255 sum|w| + |b| < 2^31``); geometry (windows, strides, dilations, groups ``>= 1``,
+    paddings ``>= 0``); inputs naming earlier values; and shapes flowing from ``input_shape``
+    through every layer (abstract evaluation, nothing computed).
+    """
     if not isinstance(program, Program):
         raise TypeError(f"program must be a jquant.convert.Program, got {type(program).__name__}")
+    _check_ints("program", "input_shape", program.input_shape, None, 1)
+    _check_clamp("program", "input_clamp", program.input_clamp)
+    if program.rounding not in INPUT_ROUNDINGS:
+        raise ValueError(
+            f"program: rounding must be one of {INPUT_ROUNDINGS}, got {program.rounding!r}"
+        )
     _check_scales("program", "input_scale", program.input_scale)
     _check_scales("program", "output_scale", program.output_scale)
     _check_zp("program", "input_zp", program.input_zp, program.input_clamp)
     _check_zp("program", "output_zp", program.output_zp)
+    if not isinstance(program.layers, tuple) or not program.layers:
+        raise ValueError(f"program.layers must be a non-empty tuple, got {program.layers!r}")
     for layer in program.layers:
+        if isinstance(layer, LayerSpec) and not isinstance(layer.path, str):
+            raise ValueError(f"layer path must be a str, got {layer.path!r}")
         if isinstance(layer, Conv | Dense):
             _validate_linear(layer)
         elif isinstance(layer, Add):
             _validate_add(layer)
         elif isinstance(layer, Pool):
-            if layer.kind not in POOL_KINDS:
-                raise ValueError(f"layer {layer.path!r}: pool kind must be in {POOL_KINDS}")
-        elif not isinstance(layer, Reshape):
+            _validate_pool(layer)
+        elif isinstance(layer, Reshape):
+            _check_ints(f"layer {layer.path!r}", "shape", layer.shape, None, 1)
+        else:
             raise TypeError(f"program.layers holds a {type(layer).__name__}, not a layer spec")
     _validate_inputs(program)
+    _validate_shapes(program)
     return program
 
 

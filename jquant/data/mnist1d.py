@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import random
+import warnings
+import zipfile
 
 import numpy as np
 
@@ -53,6 +56,34 @@ def _generate(args: dict) -> dict[str, np.ndarray]:
     return {"x_train": ds["x"], "y_train": ds["y"], "x_test": ds["x_test"], "y_test": ds["y_test"]}
 
 
+_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _read_cache(path: pathlib.Path, args: dict) -> dict[str, np.ndarray]:
+    """The arrays of a cache file, checked against ``args``: the four arrays, ``num_samples``
+    examples of length ``final_seq_length`` split by ``train_split``, finite signals, labels
+    0-9. ValueError saying what is wrong otherwise (the zip's CRC-32 catches flipped bytes)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    if sorted(arrays) != sorted(_KEYS):
+        raise ValueError(f"arrays {sorted(arrays)}, expected {sorted(_KEYS)}")
+    n_train = int(args["num_samples"] * args["train_split"])
+    length = args["final_seq_length"]
+    want = {"x_train": (n_train, length), "x_test": (args["num_samples"] - n_train, length)}
+    want |= {"y_train": want["x_train"][:1], "y_test": want["x_test"][:1]}
+    for k in _KEYS:
+        if arrays[k].shape != want[k]:
+            raise ValueError(f"{k} has shape {arrays[k].shape}, expected {want[k]}")
+    if not all(np.all(np.isfinite(arrays[k])) for k in ("x_train", "x_test")):
+        raise ValueError("non-finite inputs")
+    if not all(np.isin(arrays[k], np.arange(10)).all() for k in ("y_train", "y_test")):
+        raise ValueError("labels outside 0..9")
+    return arrays
+
+
 def load_mnist1d(*, seed: int = 42, cache: str | os.PathLike | None = None, **overrides) -> Dataset:
     """Loads MNIST-1D, generating it once and caching the arrays under the cache directory.
 
@@ -67,6 +98,11 @@ def load_mnist1d(*, seed: int = 42, cache: str | os.PathLike | None = None, **ov
 
     Returns:
       A :class:`~jquant.data.base.Dataset` named ``"mnist1d"``.
+
+    A cache file that cannot be read (e.g. truncated), fails its zip CRC-32, or holds arrays of
+    the wrong shapes, non-finite signals or labels outside 0-9 is never used: a
+    ``RuntimeWarning`` names it and the data are generated again and the file replaced
+    (written to a temporary file, then renamed).
     """
     allowed = set(DEFAULT_ARGS) - {"seed"}
     if unknown := sorted(set(overrides) - allowed):
@@ -76,10 +112,13 @@ def load_mnist1d(*, seed: int = 42, cache: str | os.PathLike | None = None, **ov
     args = {**DEFAULT_ARGS, **overrides, "seed": int(seed)}
     digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir(cache) / f"mnist1d-{digest}.npz"
+    arrays = None
     if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    else:
+        try:
+            arrays = _read_cache(path, args)
+        except ValueError as e:
+            warnings.warn(f"{path}: corrupt data cache, regenerating: {e}", RuntimeWarning, 2)
+    if arrays is None:
         arrays = _generate(args)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, serialization
+from flax import nnx, serialization, traverse_util
 
 from jquant.models import config as config_lib
 from jquant.models import linen as linen_models
@@ -310,6 +311,56 @@ def _cache_dir(path: str | os.PathLike | None) -> pathlib.Path:
     return pathlib.Path(path or os.environ.get(CACHE_ENV) or "~/.cache/jquant").expanduser()
 
 
+def _weights_digest(variables: Any, metrics: dict) -> str:
+    """sha256 over every variable (path, dtype, shape, bytes) and the metrics' JSON: a cache
+    file stores it, so its metrics are those of its weights."""
+    h = hashlib.sha256()
+    for name, leaf in sorted(traverse_util.flatten_dict(dict(variables), sep="/").items()):
+        a = np.ascontiguousarray(leaf)
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    h.update(json.dumps(metrics, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class _CorruptCache(ValueError):
+    """A weights cache file that cannot be trusted (the message says why)."""
+
+
+def _read_cache(path: pathlib.Path, abstract: Any) -> tuple[dict, dict[str, float]]:
+    """``(variables, metrics)`` of a cache file written by :func:`train_or_load`, checked: it
+    parses, its variables have ``abstract``'s paths, shapes and dtypes and are finite, and its
+    stored sha256 (:func:`_weights_digest`) matches. Raises :class:`_CorruptCache` otherwise."""
+    try:
+        restored = serialization.msgpack_restore(path.read_bytes())
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise _CorruptCache(f"unreadable ({e})") from None
+    if not isinstance(restored, dict) or not {"variables", "metrics"} <= set(restored):
+        raise _CorruptCache("not a weights cache with variables and metrics")
+    if "sha256" not in restored:
+        raise _CorruptCache("no sha256 of its weights (written by a jquant before checksums)")
+    variables, metrics = restored["variables"], restored["metrics"]
+    if not isinstance(variables, dict) or not isinstance(metrics, dict):
+        raise _CorruptCache("variables and metrics must be maps")
+    want = traverse_util.flatten_dict(dict(abstract), sep="/")
+    got = traverse_util.flatten_dict(variables, sep="/")
+    if sorted(got) != sorted(want):
+        raise _CorruptCache(f"variables {sorted(got)} do not match the model's {sorted(want)}")
+    for name, leaf in got.items():
+        if not isinstance(leaf, np.ndarray) or (leaf.shape, leaf.dtype) != (
+            want[name].shape,
+            want[name].dtype,
+        ):
+            raise _CorruptCache(f"variable {name} is not a {want[name].dtype}{want[name].shape}")
+        if not np.all(np.isfinite(leaf)):
+            raise _CorruptCache(f"variable {name} holds non-finite values")
+    if not all(isinstance(v, float) for v in metrics.values()):
+        raise _CorruptCache("metrics must be floats")
+    if restored["sha256"] != _weights_digest(variables, metrics):
+        raise _CorruptCache("sha256 does not match its weights and metrics")
+    return variables, metrics
+
+
 def _fingerprint(*arrays: jax.Array) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -374,6 +425,16 @@ def train_or_load(
     ``retrain=True`` trains and overwrites the file even if it exists.
     ``seed`` draws both the initial weights and the batch order.
 
+    The file stores a sha256 of its weights and metrics; a file that does not parse (e.g.
+    truncated), whose variables do not fit the model or are not finite, or whose sha256 is
+    missing (written before jquant stored one) or does not match is never used: a
+    ``RuntimeWarning`` names it, and the model is retrained and the file replaced (written to
+    a temporary file, then renamed). The metrics returned are thus always those the returned
+    weights gave.
+
+    Raises:
+      ValueError: training diverged (non-finite weights); nothing is cached.
+
     Returns:
       :class:`Trained` with a Linen model (copy to NNX with
       :func:`jquant.models.nnx.linen_to_nnx`), its variables and test metrics.
@@ -381,12 +442,16 @@ def train_or_load(
     model = linen_models.make_model(model_name, data.input_shape, data.num_classes)
     config = TrainConfig(steps, batch_size, learning_rate, schedule, weight_decay)
     path = cache_path(model_name, data, seed, config, cache=cache)
-    if path.exists() and not retrain:
-        restored = serialization.msgpack_restore(path.read_bytes())
-        variables = jax.tree.map(jnp.asarray, restored["variables"])
-        return Trained(model, variables, {k: float(v) for k, v in restored["metrics"].items()})
-
     init_key, data_key = jax.random.split(jax.random.key(seed))
+    if path.exists() and not retrain:
+        abstract = jax.eval_shape(model.init, init_key, data.x_train[:1])
+        try:
+            variables, metrics = _read_cache(path, abstract)
+        except _CorruptCache as e:
+            warnings.warn(f"{path}: weights cache not used, retraining: {e}", RuntimeWarning, 2)
+        else:
+            return Trained(model, jax.tree.map(jnp.asarray, variables), metrics)
+
     variables = _init_variables(model, init_key, data.x_train[:1])
     params, model_state = split_linen(variables)
     optimizer = make_optimizer(learning_rate, steps, schedule=schedule, weight_decay=weight_decay)
@@ -411,8 +476,15 @@ def train_or_load(
         "train_seconds": seconds,  # wall time of fit, compilation included
     }
     variables = {"params": state.params, **state.model_state}
+    host = jax.tree.map(np.asarray, variables)
+    if not all(np.all(np.isfinite(a)) for a in jax.tree.leaves(host)):
+        raise ValueError(
+            f"training {model_name} on {data.name} diverged (non-finite weights after {steps} "
+            f"steps at learning_rate={learning_rate}); try a lower learning_rate"
+        )
+    record = {"variables": host, "metrics": metrics, "sha256": _weights_digest(host, metrics)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(serialization.msgpack_serialize({"variables": variables, "metrics": metrics}))
+    tmp.write_bytes(serialization.msgpack_serialize(record))
     os.replace(tmp, path)  # atomic: concurrent runs never read a partial file
     return Trained(model, variables, metrics)

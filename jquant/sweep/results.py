@@ -3,8 +3,8 @@
 Every sweep returns a :class:`Table`. It converts to a list of dicts, CSV, JSON and (when
 pandas is installed) a ``pandas.DataFrame``, and prints as an aligned text table. Values are
 plain Python scalars (``int``, ``float``, ``str``, ``bool``, ``None``), so JSON and CSV round
-trip without NumPy types; non-finite floats are written as ``NaN`` / ``Infinity`` in JSON
-(Python's ``json`` convention) and ``nan`` / ``inf`` in CSV.
+trip without NumPy types. JSON has no non-finite numbers: NaN and +-inf are written as
+``null`` in JSON (rows and meta; read back as None) and as ``nan`` / ``inf`` in CSV.
 """
 
 from __future__ import annotations
@@ -43,8 +43,17 @@ def _scalar(value: Any, column: str) -> Scalar:
     raise TypeError(f"column {column!r}: values must be scalars, got {type(value).__name__}")
 
 
-def _scalar_json(value: Any) -> Scalar:
-    return _scalar(value, "meta")
+def _json_safe(value: Any) -> Any:
+    """``value`` with NumPy / JAX scalars made plain and non-finite floats made None, through
+    dicts, lists and tuples (JSON has no NaN or Infinity)."""
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    value = _scalar(value, "meta")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +150,14 @@ class Table:
         return text
 
     def to_json(self, path: str | None = None) -> str:
-        """JSON ``{"columns": [...], "rows": [{...}, ...], "meta": {...}}`` (also to ``path``)."""
+        """JSON ``{"columns": [...], "rows": [{...}, ...], "meta": {...}}`` (also to ``path``).
+
+        Strict JSON: non-finite floats (NaN, +-inf) in rows and meta are written as ``null``
+        (``json.loads`` with a ``parse_constant`` that raises accepts the text), so
+        :meth:`from_json` reads them back as None; the CSV keeps ``nan`` / ``inf``.
+        """
         doc = {"columns": list(self.columns), "rows": self.to_dicts(), "meta": self.meta}
-        text = json.dumps(doc, indent=1, default=_scalar_json)
+        text = json.dumps(_json_safe(doc), indent=1, allow_nan=False)
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
