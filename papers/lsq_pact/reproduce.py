@@ -458,11 +458,52 @@ def carried_rows(p: Protocol, selected: list[dict], bits: tuple[int, ...], log=p
     return rows
 
 
-def chosen_rates(selected: list[dict]) -> dict[int, dict[str, float]]:
-    """``{bits: {method: learning rate}}`` of the runs :func:`select` kept."""
+def chosen_rates(runs: list[dict], methods: tuple[str, ...]) -> dict[int, dict[str, float]]:
+    """``{bits: {method: learning rate}}`` that :func:`select` keeps for ``methods``."""
     out: dict[int, dict[str, float]] = {}
-    for r in selected:
+    for r in select([r for r in runs if r["method"] in methods]):
         out.setdefault(r["bits"], {})[r["method"]] = r["lr"]
+    return out
+
+
+def control_plan(
+    runs: list[dict], methods: tuple[str, ...]
+) -> tuple[list[tuple[int, str, tuple[float, ...]]], list[float]]:
+    """What the matched-rate controls must train beyond ``runs``: at every width, every method
+    of ``methods`` at every rate chosen there for one of them (STE and PACT at LSQ's rate, LSQ
+    at STE's and PACT's); ``(bits, method, rates not in runs)`` where some are missing, and the
+    float fine-tuning rates (every rate chosen at any width)."""
+    chosen = chosen_rates(runs, methods)
+    missing = []
+    for bits, by_method in chosen.items():
+        for method in methods:
+            have = {r["lr"] for r in runs if (r["bits"], r["method"]) == (bits, method)}
+            lrs = tuple(lr for lr in sorted(set(by_method.values())) if lr not in have)
+            if lrs:
+                missing.append((bits, method, lrs))
+    return missing, sorted({lr for d in chosen.values() for lr in d.values()})
+
+
+def assemble_controls(runs: list[dict], new: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """The controls' runs: for every width of ``runs`` and method of ``methods``, the runs at
+    the rates chosen there (:func:`control_plan`), from ``runs`` (``source="search"``) or
+    ``new`` (trained for the controls, ``source="control"``), then the float fine-tuning runs
+    of ``new`` (``bits=None``). ``rate_of`` names the methods that chose the row's rate (at its
+    width; for ``float``, at any width)."""
+    chosen = chosen_rates(runs, methods)
+    out = []
+    for bits, by_method in chosen.items():
+        for method in methods:
+            for src, rows in (("search", runs), ("control", new)):
+                out += [
+                    {**r, "source": src, "rate_of": _rate_of(by_method, r["lr"])}
+                    for r in rows
+                    if (r["bits"], r["method"]) == (bits, method) and r["lr"] in by_method.values()
+                ]
+    for r in new:
+        if r["method"] == "float":
+            ms = dict.fromkeys(m for d in chosen.values() for m, lr in d.items() if lr == r["lr"])
+            out.append({**r, "source": "control", "rate_of": ",".join(ms)})
     return out
 
 
@@ -471,45 +512,22 @@ def _rate_of(by_method: Mapping[str, float], lr: float) -> str:
 
 
 def control_rows(p: Protocol, runs: list[dict], log=print) -> list[dict]:
-    """The matched-rate controls: at every width of ``runs``, every method of ``p`` at every
-    learning rate that :func:`select` chose for one of them (STE and PACT at LSQ's rate, LSQ
-    at STE's and PACT's, and each at its own), and float fine-tuning (:func:`float_runs`) at
-    every rate chosen at any width; same seeds, steps and batch orders.
-
-    A (bits, method, rate) already in ``runs`` (the search, or the carried width's own rate)
-    is reused (``source="search"``); the others are trained here (``source="control"``).
-    ``rate_of`` names the methods that chose the row's rate (at its width; for ``float``, at
-    any width)."""
-    chosen = chosen_rates(select([r for r in runs if r["method"] in p.methods]))
+    """The matched-rate controls of ``runs``: trains what :func:`control_plan` lists (the
+    quantized runs by :func:`method_runs`, the float fine-tuning by :func:`float_runs`; same
+    seeds, steps and batch orders) and returns :func:`assemble_controls`."""
+    missing, float_lrs = control_plan(runs, p.methods)
     split = Split(p.val_size)
     trained = [T.train_or_load(p.model, split.fit, s, p.float_steps) for s in p.seeds]
-    out = []
-    for bits, by_method in chosen.items():
-        lrs = sorted(set(by_method.values()))
-        for method in p.methods:
-            have = [r for r in runs if (r["bits"], r["method"]) == (bits, method)]
-            missing = tuple(lr for lr in lrs if lr not in {r["lr"] for r in have})
-            new = []
-            if missing:
-                start = time.perf_counter()
-                q = dataclasses.replace(p, learning_rates=missing)
-                new = method_runs(q, split, trained, method, bits)
-                took = time.perf_counter() - start
-                log(f"control w{bits}a{bits} {method} at {missing}: {took:.0f} s")
-            out += [
-                {**r, "source": src, "rate_of": _rate_of(by_method, r["lr"])}
-                for src, rs in (("search", have), ("control", new))
-                for r in rs
-                if r["lr"] in lrs
-            ]
-    float_lrs = sorted({lr for d in chosen.values() for lr in d.values()})
+    new = []
+    for bits, method, lrs in missing:
+        start = time.perf_counter()
+        q = dataclasses.replace(p, learning_rates=lrs)
+        new += method_runs(q, split, trained, method, bits)
+        log(f"control w{bits}a{bits} {method} at {lrs}: {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
-    floats = float_runs(p, split, trained, float_lrs)
+    new += float_runs(p, split, trained, float_lrs)
     log(f"control float fine-tuning at {float_lrs}: {time.perf_counter() - start:.0f} s")
-    for r in floats:
-        methods = dict.fromkeys(m for d in chosen.values() for m, lr in d.items() if lr == r["lr"])
-        out.append({**r, "source": "control", "rate_of": ",".join(methods)})
-    return out
+    return assemble_controls(runs, new, p.methods)
 
 
 def control_summary(controls: list[dict]) -> list[dict]:
