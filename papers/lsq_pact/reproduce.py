@@ -41,6 +41,14 @@ Every run of one (method, bits) -- learning rates x seeds -- trains in one ``jax
 program, compiled once.
 ``lsq_pact_qat_runs`` holds every run, ``lsq_pact_qat`` the selected ones (mean, sample std,
 min, max over seeds), ``lsq_pact_qat_paired`` the per-seed differences between methods.
+
+Matched-rate controls (:func:`control_rows`): the rates differ between methods, so LSQ's lead
+could be its rate's. At every width each method also trains at every rate chosen there for
+another (STE and PACT at LSQ's rate, LSQ at theirs), and the float models train unquantized
+(float fine-tuning, :func:`float_runs`) at every chosen rate, with the same seeds, steps,
+optimizer and batch orders; ``lsq_pact_controls_runs`` (per seed), ``lsq_pact_controls``
+(mean, sample std, min, max per bits, method and rate) and ``lsq_pact_controls_paired``
+(per-seed differences at one rate, :data:`CONTROL_PAIRS`).
 """
 
 from __future__ import annotations
@@ -746,7 +754,8 @@ def ablation(out_dir: str | pathlib.Path, protocol: Protocol = ABLATION) -> dict
 
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     """Gradient checks on 1,000 elements when ``quick``, else 10,000 (``jax.jacobian`` holds
-    an n x n array); QAT by :data:`QUICK` or :data:`FULL`. Wall time and load in the meta."""
+    an n x n array); QAT by :data:`QUICK` or :data:`FULL`, then the matched-rate controls
+    (:func:`control_rows`). Wall time and load in the meta."""
     paper = "Esser et al. 2019 (LSQ), Choi et al. 2018 (PACT)"
     p = QUICK if quick else FULL
     start, load = time.perf_counter(), os.getloadavg()[0]
