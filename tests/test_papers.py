@@ -618,7 +618,7 @@ def test_lsq_pact_committed_controls_against_numpy(lsq_pact_mod):
 
 def test_lsq_pact_control_plan_and_assembly_against_numpy(lsq_pact_mod):
     rng = np.random.default_rng(4)
-    grid, seeds, methods = (0.01, 0.03, 0.1), (0, 1, 2), ("ste", "pact", "lsq")
+    grid, seeds, methods = (0.01, 0.03, 0.1, 0.3), (0, 1, 2), ("ste", "pact", "lsq")
     best = {"ste": 0.03, "pact": 0.01, "lsq": 0.1}  # validation favours these at the search
 
     def row(b, m, lr, s, val=None):
@@ -652,8 +652,8 @@ def test_lsq_pact_control_plan_and_assembly_against_numpy(lsq_pact_mod):
         lsq_pact_mod.control_paired(controls),
         methods,
     )
-    # the unused search rate (0.1 is LSQ's, 0.01 PACT's, 0.03 STE's: all used here) and no
-    # duplicate: 2 widths x 3 methods x 3 rates x 3 seeds + 3 float rates x 3 seeds
+    # the rate no method chose (0.3) is left out, nothing is duplicated:
+    # 2 widths x 3 methods x 3 rates x 3 seeds + 3 float rates x 3 seeds
     assert len(controls) == 2 * 3 * 3 * 3 + 3 * 3
 
 
