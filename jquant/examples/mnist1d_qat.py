@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -69,6 +70,8 @@ def qat_optimizer(learning_rate: float, steps: int, scale_lr: float = 1e-5):
 
 FLOAT_STEPS = 3000  # Adam steps of the float model (the zoo recipe, cached per seed)
 
+QAT_ESTIMATOR = "lsq"  # of every QAT row (rules_for)
+
 # What each row of the table is: (label, estimator, activation scales), by row name.
 PTQ_SCHEME = "min/max calibrated static ranges (8 batches), no training"
 QAT_SCHEME = (
@@ -79,15 +82,15 @@ QAT_SCHEME = (
 
 def describe(name: str) -> dict[str, str | None]:
     """The label, estimator and activation-scale choice of result row ``name`` (``"float"``,
-    ``"ptq_w{b}a{b}"`` or ``"qat_w{b}a{b}"``), as :func:`run` computes it."""
+    ``"ptq_w{b}a{b}"`` or ``"qat_w{b}a{b}"``), as :func:`run_seeds` computes it."""
     if name == "float":
         return {"label": "float", "estimator": None, "activation_scales": None}
-    kind, _, width = name.partition("_")
-    if kind == "ptq":
-        return {"label": f"PTQ {width}", "estimator": None, "activation_scales": PTQ_SCHEME}
-    if kind == "qat":
-        return {"label": f"QAT {width}", "estimator": "lsq", "activation_scales": QAT_SCHEME}
-    raise ValueError(f"name must be 'float', 'ptq_w<b>a<b>' or 'qat_w<b>a<b>', got {name!r}")
+    m = re.fullmatch(r"(ptq|qat)_(w(\d+)a\3)", name)
+    if m is None:
+        raise ValueError(f"name must be 'float', 'ptq_w<b>a<b>' or 'qat_w<b>a<b>', got {name!r}")
+    if m[1] == "ptq":
+        return {"label": f"PTQ {m[2]}", "estimator": None, "activation_scales": PTQ_SCHEME}
+    return {"label": f"QAT {m[2]}", "estimator": QAT_ESTIMATOR, "activation_scales": QAT_SCHEME}
 
 
 def run_seeds(
@@ -118,7 +121,8 @@ def run_seeds(
     log(f"float: {[r['float'] for r in results]}")
     calib = [x_train[i * 128 : (i + 1) * 128] for i in range(calib_batches)]
     for b in sorted({8, *bits}, reverse=True):
-        qmodel, _ = ql.quantize_model(trained[0].model, rules_for(b), x0, on_unused="ignore")
+        rules = rules_for(b, QAT_ESTIMATOR)
+        qmodel, _ = ql.quantize_model(trained[0].model, rules, x0, on_unused="ignore")
         ev = T.linen_apply_fn(qmodel.with_phase("eval"))
         opt = qat_optimizer(1e-3, qat_steps)
         step = T.make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
