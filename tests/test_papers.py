@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -578,6 +579,159 @@ def test_lsq_pact_batch_order_and_rules(lsq_pact_mod):
     edge, inner = lsq_pact_mod.method_rules("pact", 2)
     assert edge.act.bits == 8 and edge.estimator == "ste"
     assert not inner.act.signed and inner.act_estimator == "pact" and inner.estimator == "ste"
+
+
+def _np_chosen(runs, methods):
+    """{bits: {method: lr}}: per (bits, method) the rate of the highest mean validation
+    accuracy (np.argmax over rates in ascending order: ties go to the smaller rate)."""
+    out = {}
+    for b, m in dict.fromkeys((r["bits"], r["method"]) for r in runs if r["method"] in methods):
+        mine = [r for r in runs if (r["bits"], r["method"]) == (b, m)]
+        lrs = np.unique([r["lr"] for r in mine])
+        means = [np.mean([r["val"] for r in mine if r["lr"] == lr]) for lr in lrs]
+        out.setdefault(b, {})[m] = float(lrs[int(np.argmax(means))])
+    return out
+
+
+def _check_controls_against_numpy(runs, controls, summary, pairs, methods):
+    """The controls' runs, summary and paired tables of one reproduction against a NumPy
+    recomputation from its search runs ``runs``."""
+    chosen = _np_chosen(runs, methods)
+    seeds = sorted({r["seed"] for r in runs})
+    key = lambda r: (r["bits"], r["method"], r["lr"], r["seed"])  # noqa: E731
+    want = {
+        (b, m, lr, s)
+        for b, d in chosen.items()
+        for m in methods
+        for lr in d.values()
+        for s in seeds
+    }
+    float_lrs = {lr for d in chosen.values() for lr in d.values()}
+    want |= {(None, "float", lr, s) for lr in float_lrs for s in seeds}
+    assert sorted(map(key, controls), key=str) == sorted(want, key=str)
+    by_key = {key(r): r for r in runs}
+    for c in controls:
+        if c["method"] == "float":
+            # fine-tuning starts from the float model itself: its accuracy before training
+            assert c["ptq"] == pytest.approx(c["float"], abs=1e-6) and c["source"] == "control"
+            assert set(c["rate_of"].split(",")) == {
+                m for d in chosen.values() for m, lr in d.items() if lr == c["lr"]
+            }
+            continue
+        assert c["rate_of"].split(",") == [
+            m for m, lr in chosen[c["bits"]].items() if lr == c["lr"]
+        ]
+        if key(c) in by_key:  # reused, not retrained: the very same run
+            assert c["source"] == "search"
+            assert {k: c[k] for k in by_key[key(c)]} == by_key[key(c)]
+        else:
+            assert c["source"] == "control"
+    cells = {(c["bits"], c["method"], c["lr"]) for c in controls}
+    assert sorted(((s["bits"], s["method"], s["lr"]) for s in summary), key=str) == sorted(
+        cells, key=str
+    )
+    for s in summary:
+        cell = (s["bits"], s["method"], s["lr"])
+        for v in ("val", "qat"):
+            a = np.array([c[v] for c in controls if (c["bits"], c["method"], c["lr"]) == cell])
+            sd = np.sqrt(((a - a.mean()) ** 2).sum() / (len(a) - 1)) if len(a) > 1 else 0.0
+            assert s["seeds"] == len(a) == len(seeds)
+            assert s[f"{v}_mean"] == pytest.approx(a.mean())
+            assert s[f"{v}_std"] == pytest.approx(sd, abs=1e-12)
+            assert (s[f"{v}_min"], s[f"{v}_max"]) == (a.min(), a.max())
+    acc = {(c["bits"], c["method"], c["lr"], c["seed"]): c["qat"] for c in controls}
+    for p in pairs:
+        a, b = p["pair"].split("-")
+        ka = (p["bits"], a)
+        kb = (None, "float") if b == "float" else (p["bits"], b)
+        d = np.array([acc[(*ka, p["lr"], s)] - acc[(*kb, p["lr"], s)] for s in seeds])
+        assert p["seeds"] == len(seeds)
+        assert p["diff_mean"] == pytest.approx(d.mean(), abs=1e-12)
+        assert (p["diff_min"], p["diff_max"]) == pytest.approx((d.min(), d.max()), abs=1e-12)
+    # every pair of CONTROL_PAIRS at every (bits, lr) where both sides ran
+    got = {(p["bits"], p["lr"], p["pair"]) for p in pairs}
+    expect = set()
+    for b in chosen:
+        for lr in float_lrs:
+            have = {m for (bb, m, ll, _) in acc if ll == lr and bb in (b, None)}
+            for x, y in (
+                ("lsq", "pact"),
+                ("lsq", "ste"),
+                ("pact", "ste"),
+                ("lsq", "float"),
+                ("pact", "float"),
+                ("ste", "float"),
+            ):
+                if x in have and y in have:
+                    expect.add((b, lr, f"{x}-{y}"))
+    assert got == expect
+
+
+def test_lsq_pact_controls_quick(lsq_pact, lsq_pact_mod):
+    tables, _ = lsq_pact
+    _check_controls_against_numpy(
+        tables["lsq_pact_qat_runs"].to_dicts(),
+        tables["lsq_pact_controls_runs"].to_dicts(),
+        tables["lsq_pact_controls"].to_dicts(),
+        tables["lsq_pact_controls_paired"].to_dicts(),
+        lsq_pact_mod.QUICK.methods,
+    )
+
+
+def test_lsq_pact_committed_controls_against_numpy(lsq_pact_mod):
+    out = pathlib.Path(__file__).resolve().parent.parent / "papers" / "lsq_pact" / "results"
+    t = {
+        n: Table.from_json((out / f"lsq_pact_{n}.json").read_text()).to_dicts()
+        for n in ("qat_runs", "controls_runs", "controls", "controls_paired")
+    }
+    _check_controls_against_numpy(
+        t["qat_runs"], t["controls_runs"], t["controls"], t["controls_paired"], lsq_pact_mod.METHODS
+    )
+    # the full protocol: STE and PACT at LSQ's rate and LSQ at theirs, at every width
+    cells = {(c["bits"], c["method"], c["lr"]) for c in t["controls"]}
+    assert {b for b, _, _ in cells if b is not None} == {2, 3, 4, 8}
+    assert {lr for _, m, lr in cells if m == "float"} == {lr for _, _, lr in cells}
+
+
+def test_lsq_pact_control_plan_and_assembly_against_numpy(lsq_pact_mod):
+    rng = np.random.default_rng(4)
+    grid, seeds, methods = (0.01, 0.03, 0.1, 0.3), (0, 1, 2), ("ste", "pact", "lsq")
+    best = {"ste": 0.03, "pact": 0.01, "lsq": 0.1}  # validation favours these at the search
+
+    def row(b, m, lr, s, val=None):
+        v = rng.random() * 0.5 if val is None else val
+        return {"bits": b, "method": m, "seed": s, "lr": lr, "val": v, "qat": rng.random()}
+
+    runs = [
+        row(2, m, lr, s, 0.9 if lr == best[m] else None)
+        for m in methods
+        for lr in grid
+        for s in seeds
+    ]
+    runs += [row(4, m, best[m], s) for m in methods for s in seeds]  # carried: one rate each
+    missing, float_lrs = lsq_pact_mod.control_plan(runs, methods)
+    chosen = _np_chosen(runs, methods)
+    assert chosen == {2: best, 4: best}
+    assert float_lrs == sorted(set(best.values()))
+    # searched width: nothing to train; carried width: every other chosen rate
+    assert missing == [
+        (4, m, tuple(lr for lr in sorted(set(best.values())) if lr != best[m])) for m in methods
+    ]
+    new = [row(b, m, lr, s) for b, m, lrs in missing for lr in lrs for s in seeds]
+    new += [
+        {**row(None, "float", lr, s), "float": 0.9, "ptq": 0.9} for lr in float_lrs for s in seeds
+    ]
+    controls = lsq_pact_mod.assemble_controls(runs, new, methods)
+    _check_controls_against_numpy(
+        runs,
+        controls,
+        lsq_pact_mod.control_summary(controls),
+        lsq_pact_mod.control_paired(controls),
+        methods,
+    )
+    # the rate no method chose (0.3) is left out, nothing is duplicated:
+    # 2 widths x 3 methods x 3 rates x 3 seeds + 3 float rates x 3 seeds
+    assert len(controls) == 2 * 3 * 3 * 3 + 3 * 3
 
 
 # --- 4. Krishnamoorthi (2018): per-layer collapse when channel ranges differ -------------------

@@ -38,3 +38,22 @@ def test_mnist1d_accuracy_reduced():
     assert r["ptq_w8a8"] >= r["float"] - 0.01
     assert r["qat_w4a4"] >= r["float"] - 0.03
     assert r["qat_w2a2"] > r["ptq_w2a2"] + 0.05
+
+
+def test_mnist1d_summary_rows_against_numpy_and_bad_input():
+    per_seed = [{"float": 0.9, "ptq_w2a2": 0.3, "qat_w2a2": 0.8 + s / 100} for s in range(3)]
+    rows = mnist1d_qat.summarize(per_seed)
+    assert [r["name"] for r in rows] == ["float", "ptq_w2a2", "qat_w2a2"]
+    a = np.array([0.8, 0.81, 0.82])
+    qat = rows[2]
+    assert qat["per_seed"] == pytest.approx(a.tolist())
+    assert qat["mean"] == pytest.approx(a.sum() / 3)
+    assert qat["std"] == pytest.approx(np.sqrt(((a - a.mean()) ** 2).sum() / 2))
+    assert (qat["label"], qat["estimator"]) == ("QAT w2a2", "lsq")  # the rule's estimator
+    assert mnist1d_qat.rules_for(2)[1].estimator == qat["estimator"]
+    assert rows[1]["estimator"] is None and rows[0]["activation_scales"] is None
+    assert mnist1d_qat.summarize(per_seed[:1])[2]["std"] == 0.0
+    with pytest.raises(ValueError, match="name must be"):
+        mnist1d_qat.describe("qat")
+    with pytest.raises(ValueError, match="seeds must be"):
+        mnist1d_qat.run_seeds(())

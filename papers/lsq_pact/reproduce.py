@@ -41,6 +41,14 @@ Every run of one (method, bits) -- learning rates x seeds -- trains in one ``jax
 program, compiled once.
 ``lsq_pact_qat_runs`` holds every run, ``lsq_pact_qat`` the selected ones (mean, sample std,
 min, max over seeds), ``lsq_pact_qat_paired`` the per-seed differences between methods.
+
+Matched-rate controls (:func:`control_rows`): the rates differ between methods, so LSQ's lead
+could be its rate's. At every width each method also trains at every rate chosen there for
+another (STE and PACT at LSQ's rate, LSQ at theirs), and the float models train unquantized
+(float fine-tuning, :func:`float_runs`) at every chosen rate, with the same seeds, steps,
+optimizer and batch orders; ``lsq_pact_controls_runs`` (per seed), ``lsq_pact_controls``
+(mean, sample std, min, max per bits, method and rate) and ``lsq_pact_controls_paired``
+(per-seed differences at one rate, :data:`CONTROL_PAIRS`).
 """
 
 from __future__ import annotations
@@ -79,6 +87,16 @@ PAIRS = (
     ("lsq", "ste"),
     ("lsq_act", "pact"),
     ("lsq", "lsq_act"),
+)
+# Matched-rate controls (:func:`control_rows`): each pair at one learning rate; "float" is
+# float fine-tuning (no quantization) at that rate.
+CONTROL_PAIRS = (
+    ("lsq", "pact"),
+    ("lsq", "ste"),
+    ("pact", "ste"),
+    ("lsq", "float"),
+    ("pact", "float"),
+    ("ste", "float"),
 )
 
 
@@ -321,6 +339,40 @@ class Split:
         self.x_val, self.y_val = data.x_train[-val_size:], data.y_train[-val_size:]
 
 
+def _train_runs(
+    p: Protocol,
+    split: Split,
+    apply_fns: tuple[T.ApplyFn, T.ApplyFn],
+    per_seed: list[tuple[dict, dict]],
+    opt: optax.GradientTransformation,
+    learning_rates: tuple[float, ...],
+) -> tuple[list[tuple[float, int]], np.ndarray, np.ndarray, np.ndarray]:
+    """Trains every (learning rate, seed) of ``per_seed`` (``(params, model_state)`` per seed)
+    in one vmapped program of ``p.qat_steps`` SGD steps (:func:`make_train_step` of the train
+    apply function of ``apply_fns = (train, eval)``, batch order :func:`batch_order` of each
+    seed). Returns the grid and the ``(initial test, val, test)`` accuracies, one per run."""
+    data = split.fit
+    bs = p.batch_size
+    grid = [(lr, i) for lr in learning_rates for i in range(len(p.seeds))]
+    params = _stack([per_seed[i][0] for _, i in grid])
+    model_state = _stack([per_seed[i][1] for _, i in grid])
+    state = T.TrainState(
+        params, model_state, jax.vmap(opt.init)(params), jnp.zeros(len(grid), jnp.int32)
+    )
+    orders = [batch_order(len(data.x_train), bs, p.qat_steps, s) for s in p.seeds]
+    order = jnp.asarray(np.stack([orders[i] for _, i in grid]))
+    lrs = jnp.asarray([lr for lr, _ in grid], jnp.float32)
+    step = make_train_step(apply_fns[0], opt)
+    accuracy = make_accuracy(apply_fns[1], len(split.x_val))
+    x_eval = jnp.concatenate([split.x_val, data.x_test])
+    y_eval = jnp.concatenate([split.y_val, data.y_test])
+    _, start = accuracy(state.params, model_state, x_eval, y_eval)
+    for t in range(p.qat_steps):
+        state = step(state, data.x_train, data.y_train, order, t, lrs)
+    val, test = accuracy(state.params, model_state, x_eval, y_eval)
+    return grid, np.asarray(start), np.asarray(val), np.asarray(test)
+
+
 def method_runs(p: Protocol, split: Split, trained: list, method: str, bits: int) -> list[dict]:
     """Every (learning rate, seed) run of ``method`` at ``bits``, trained in one vmapped
     program: ``{"lr", "seed", "float", "ptq", "val", "qat"}`` (``ptq``: test accuracy at the
@@ -345,23 +397,8 @@ def method_runs(p: Protocol, split: Split, trained: list, method: str, bits: int
     opt = qat_optimizer(
         p.qat_steps, p.momentum, pact_qmax=pact_qmax, alpha_decay=p.pact_alpha_decay
     )
-    grid = [(lr, i) for lr in p.learning_rates for i in range(len(p.seeds))]
-    params = _stack([per_seed[i][0] for _, i in grid])
-    model_state = _stack([per_seed[i][1] for _, i in grid])
-    state = T.TrainState(
-        params, model_state, jax.vmap(opt.init)(params), jnp.zeros(len(grid), jnp.int32)
-    )
-    orders = [batch_order(len(data.x_train), bs, p.qat_steps, s) for s in p.seeds]
-    order = jnp.asarray(np.stack([orders[i] for _, i in grid]))
-    lrs = jnp.asarray([lr for lr, _ in grid], jnp.float32)
-    step = make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
-    accuracy = make_accuracy(T.linen_apply_fn(qmodel.with_phase("eval")), len(split.x_val))
-    x_eval = jnp.concatenate([split.x_val, data.x_test])
-    y_eval = jnp.concatenate([split.y_val, data.y_test])
-    _, ptq = accuracy(state.params, model_state, x_eval, y_eval)
-    for t in range(p.qat_steps):
-        state = step(state, data.x_train, data.y_train, order, t, lrs)
-    val, test = accuracy(state.params, model_state, x_eval, y_eval)
+    apply_fns = tuple(T.linen_apply_fn(qmodel.with_phase(ph)) for ph in ("train", "eval"))
+    grid, ptq, val, test = _train_runs(p, split, apply_fns, per_seed, opt, p.learning_rates)
     return [
         {
             "bits": bits,
@@ -370,6 +407,31 @@ def method_runs(p: Protocol, split: Split, trained: list, method: str, bits: int
             "lr": lr,
             "float": trained[i].metrics["test_accuracy"],
             "ptq": float(ptq[r]),
+            "val": float(val[r]),
+            "qat": float(test[r]),
+        }
+        for r, (lr, i) in enumerate(grid)
+    ]
+
+
+def float_runs(p: Protocol, split: Split, trained: list, learning_rates) -> list[dict]:
+    """Float fine-tuning, the control with no quantization: the float models trained on as
+    the QAT runs are (same optimizer, steps, seeds and batch orders; :func:`_train_runs`) at
+    each of ``learning_rates``. Rows as :func:`method_runs` with ``bits=None``,
+    ``method="float"``; ``ptq`` is the float model's own test accuracy (nothing quantized)."""
+    per_seed = [T.split_linen(tr.variables) for tr in trained]
+    opt = qat_optimizer(p.qat_steps, p.momentum)
+    apply_fn = T.linen_apply_fn(trained[0].model)
+    lrs = tuple(learning_rates)
+    grid, start, val, test = _train_runs(p, split, (apply_fn, apply_fn), per_seed, opt, lrs)
+    return [
+        {
+            "bits": None,
+            "method": "float",
+            "seed": p.seeds[i],
+            "lr": lr,
+            "float": trained[i].metrics["test_accuracy"],
+            "ptq": float(start[r]),
             "val": float(val[r]),
             "qat": float(test[r]),
         }
@@ -404,6 +466,107 @@ def carried_rows(p: Protocol, selected: list[dict], bits: tuple[int, ...], log=p
     return rows
 
 
+def chosen_rates(runs: list[dict], methods: tuple[str, ...]) -> dict[int, dict[str, float]]:
+    """``{bits: {method: learning rate}}`` that :func:`select` keeps for ``methods``."""
+    out: dict[int, dict[str, float]] = {}
+    for r in select([r for r in runs if r["method"] in methods]):
+        out.setdefault(r["bits"], {})[r["method"]] = r["lr"]
+    return out
+
+
+def control_plan(
+    runs: list[dict], methods: tuple[str, ...]
+) -> tuple[list[tuple[int, str, tuple[float, ...]]], list[float]]:
+    """What the matched-rate controls must train beyond ``runs``: at every width, every method
+    of ``methods`` at every rate chosen there for one of them (STE and PACT at LSQ's rate, LSQ
+    at STE's and PACT's); ``(bits, method, rates not in runs)`` where some are missing, and the
+    float fine-tuning rates (every rate chosen at any width)."""
+    chosen = chosen_rates(runs, methods)
+    missing = []
+    for bits, by_method in chosen.items():
+        for method in methods:
+            have = {r["lr"] for r in runs if (r["bits"], r["method"]) == (bits, method)}
+            lrs = tuple(lr for lr in sorted(set(by_method.values())) if lr not in have)
+            if lrs:
+                missing.append((bits, method, lrs))
+    return missing, sorted({lr for d in chosen.values() for lr in d.values()})
+
+
+def assemble_controls(runs: list[dict], new: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """The controls' runs: for every width of ``runs`` and method of ``methods``, the runs at
+    the rates chosen there (:func:`control_plan`), from ``runs`` (``source="search"``) or
+    ``new`` (trained for the controls, ``source="control"``), then the float fine-tuning runs
+    of ``new`` (``bits=None``). ``rate_of`` names the methods that chose the row's rate (at its
+    width; for ``float``, at any width)."""
+    chosen = chosen_rates(runs, methods)
+    out = []
+    for bits, by_method in chosen.items():
+        for method in methods:
+            for src, rows in (("search", runs), ("control", new)):
+                out += [
+                    {**r, "source": src, "rate_of": _rate_of(by_method, r["lr"])}
+                    for r in rows
+                    if (r["bits"], r["method"]) == (bits, method) and r["lr"] in by_method.values()
+                ]
+    for r in new:
+        if r["method"] == "float":
+            ms = dict.fromkeys(m for d in chosen.values() for m, lr in d.items() if lr == r["lr"])
+            out.append({**r, "source": "control", "rate_of": ",".join(ms)})
+    return out
+
+
+def _rate_of(by_method: Mapping[str, float], lr: float) -> str:
+    return ",".join(m for m, chosen in by_method.items() if chosen == lr)
+
+
+def control_rows(p: Protocol, runs: list[dict], log=print) -> list[dict]:
+    """The matched-rate controls of ``runs``: trains what :func:`control_plan` lists (the
+    quantized runs by :func:`method_runs`, the float fine-tuning by :func:`float_runs`; same
+    seeds, steps and batch orders) and returns :func:`assemble_controls`."""
+    missing, float_lrs = control_plan(runs, p.methods)
+    split = Split(p.val_size)
+    trained = [T.train_or_load(p.model, split.fit, s, p.float_steps) for s in p.seeds]
+    new = []
+    for bits, method, lrs in missing:
+        start = time.perf_counter()
+        q = dataclasses.replace(p, learning_rates=lrs)
+        new += method_runs(q, split, trained, method, bits)
+        log(f"control w{bits}a{bits} {method} at {lrs}: {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    new += float_runs(p, split, trained, float_lrs)
+    log(f"control float fine-tuning at {float_lrs}: {time.perf_counter() - start:.0f} s")
+    return assemble_controls(runs, new, p.methods)
+
+
+def control_summary(controls: list[dict]) -> list[dict]:
+    """:func:`summarize` of ``controls`` per (bits, method, lr): ``val`` and ``qat`` (the test
+    accuracy after training) over seeds, with the row's ``rate_of``."""
+    rows = []
+    for s in summarize(controls, keys=("bits", "method", "lr"), values=("val", "qat")):
+        (rate_of,) = {
+            r["rate_of"]
+            for r in controls
+            if (r["bits"], r["method"], r["lr"]) == (s["bits"], s["method"], s["lr"])
+        }
+        rows.append({**s, "rate_of": rate_of})
+    return rows
+
+
+def control_paired(controls: list[dict]) -> list[dict]:
+    """:func:`paired` differences of ``CONTROL_PAIRS`` at one learning rate, per (bits, lr):
+    methods against each other and against float fine-tuning (whose runs, width-free, are
+    paired with every width's)."""
+    widths = sorted({r["bits"] for r in controls if r["bits"] is not None})
+    out = []
+    for lr in sorted({r["lr"] for r in controls}):
+        at = [r for r in controls if r["lr"] == lr]
+        rows = [r for r in at if r["bits"] is not None]
+        rows += [{**r, "bits": b} for r in at if r["bits"] is None for b in widths]
+        rows.sort(key=lambda r: r["bits"])
+        out += [{"lr": lr, **d} for d in paired(rows, CONTROL_PAIRS)]
+    return out
+
+
 def select(rows: list[dict]) -> list[dict]:
     """Per (bits, method), the runs of the learning rate with the best mean validation
     accuracy over seeds (ties: the smaller rate); the test set plays no part."""
@@ -416,13 +579,13 @@ def select(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired(selected: list[dict]) -> list[dict]:
-    """Per bits and pair ``(a, b)`` of ``PAIRS``: ``d_s = qat_a - qat_b`` on seed ``s`` (same
+def paired(selected: list[dict], pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[dict]:
+    """Per bits and pair ``(a, b)`` of ``pairs``: ``d_s = qat_a - qat_b`` on seed ``s`` (same
     float model and batch order), its mean, sample std and ``t = mean / (std / sqrt(n))``."""
     out = []
     for bits in dict.fromkeys(r["bits"] for r in selected):
         acc = {(r["method"], r["seed"]): r["qat"] for r in selected if r["bits"] == bits}
-        for a, b in PAIRS:
+        for a, b in pairs:
             seeds = sorted(s for m, s in acc if m == a and (b, s) in acc)
             if not seeds:
                 continue
@@ -591,7 +754,8 @@ def ablation(out_dir: str | pathlib.Path, protocol: Protocol = ABLATION) -> dict
 
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     """Gradient checks on 1,000 elements when ``quick``, else 10,000 (``jax.jacobian`` holds
-    an n x n array); QAT by :data:`QUICK` or :data:`FULL`. Wall time and load in the meta."""
+    an n x n array); QAT by :data:`QUICK` or :data:`FULL`, then the matched-rate controls
+    (:func:`control_rows`). Wall time and load in the meta."""
     paper = "Esser et al. 2019 (LSQ), Choi et al. 2018 (PACT)"
     p = QUICK if quick else FULL
     start, load = time.perf_counter(), os.getloadavg()[0]
@@ -599,6 +763,7 @@ def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     runs = qat_rows(p)
     runs += carried_rows(p, select(runs), (3,) if quick else FULL_CARRIED_BITS)
     selected = select(runs)
+    controls = control_rows(p, runs)
     meta = dict(paper=paper, **{k: str(v) for k, v in dataclasses.asdict(p).items()})
     meta |= {
         "wall_s": f"{time.perf_counter() - start:.0f}",
@@ -615,6 +780,9 @@ def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
         "lsq_pact_qat_runs": Table.from_dicts(runs).with_meta(**meta),
         "lsq_pact_qat": summary,
         "lsq_pact_qat_paired": Table.from_dicts(paired(selected)).with_meta(**meta),
+        "lsq_pact_controls_runs": Table.from_dicts(controls).with_meta(**meta),
+        "lsq_pact_controls": Table.from_dicts(control_summary(controls)).with_meta(**meta),
+        "lsq_pact_controls_paired": Table.from_dicts(control_paired(controls)).with_meta(**meta),
     }
     return write_tables(out_dir, tables)
 
