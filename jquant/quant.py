@@ -160,8 +160,10 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
             )
 
 
-# Ranges are clipped to +-2^126 so that every grid value (up to twice the range end, for the
-# lowest code of a 2-bit symmetric grid) is a finite float32.
+# Integer grids reach past their range (by half a step for a rounded zero point, to twice the
+# range end for the lowest code of a 2-bit symmetric grid): their ranges are clipped to
+# +-2^126 so that every grid value is a finite float32. Float, binary and midrise grids end at
+# +-max|r| and need no clip.
 RANGE_LIMIT = 2.0**126
 
 
@@ -176,7 +178,8 @@ def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> Q
 
     Midrise grids use ``scale = max|r| / (qmax + 1/2)``; float formats ``max|r| / fmt.max``;
     the binary format ``max|r|``. A zero range gives ``scale = 1`` (finite, never NaN/Inf).
-    Range ends beyond ``+-2^126`` are clipped to it, so that every grid value is finite.
+    For integer (not midrise) grids, range ends beyond ``+-2^126`` are clipped to it, so that
+    every grid value is a finite float32 (values beyond saturate there).
 
     Bad ranges: concrete ones raise (``TypeError`` for complex / bool / non-numbers,
     ``ValueError`` for NaN, +-inf or ``rmin > rmax``); traced ones cannot raise and give
@@ -219,8 +222,9 @@ def qparams_from_data_range(rmin, rmax, fmt: Format, *, symmetric: bool = False)
     rmin = jnp.asarray(rmin).astype(jnp.float32)
     rmax = jnp.asarray(rmax).astype(jnp.float32)
     bad = ~(jnp.isfinite(rmin) & jnp.isfinite(rmax) & (rmin <= rmax))
-    rmin = jnp.clip(jnp.minimum(rmin, 0.0), -RANGE_LIMIT, 0.0)
-    rmax = jnp.clip(jnp.maximum(rmax, 0.0), 0.0, RANGE_LIMIT)
+    rmin, rmax = jnp.minimum(rmin, 0.0), jnp.maximum(rmax, 0.0)
+    if isinstance(fmt, IntFormat) and not fmt.midrise:  # grids that reach past the range
+        rmin, rmax = jnp.maximum(rmin, -RANGE_LIMIT), jnp.minimum(rmax, RANGE_LIMIT)
     amax = jnp.maximum(-rmin, rmax)
     zero = jnp.zeros_like(amax)
     if isinstance(fmt, FloatFormat):

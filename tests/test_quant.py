@@ -9,6 +9,7 @@ import chex
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -470,3 +471,115 @@ def test_dequantize_formula():
     np.testing.assert_array_equal(np.asarray(jq.dequantize(q, qp)), [-66.5, -2.5, 0.0, 61.0])
     with pytest.raises(TypeError, match="qp"):
         jq.dequantize(q, 0.5)
+
+
+# --- no silent wrong answers (issue #12) ------------------------------------------------------
+
+
+def test_quantize_refuses_complex_and_bool_input():
+    for x in (jnp.array([1 + 2j, 0.5j]), jnp.array([True, False])):
+        with pytest.raises(TypeError, match="x must be a real"):
+            jq.quantize(x, jq.QParams(0.1), jq.int8)
+        with pytest.raises(TypeError, match="x must be a float"):
+            jq.fake_quant(x, jq.QParams(0.1), jq.int8)
+
+
+def test_quantize_integer_input_is_exact_not_truncated():
+    x = jnp.array([-300, -7, 0, 5, 254], jnp.int32)
+    q = np.asarray(jq.quantize(x, jq.QParams(2.0), jq.int8))
+    np.testing.assert_array_equal(q, np_quantize(np.asarray(x, np.float32), 2.0, 0, jq.int8))
+
+
+def test_qparams_from_range_rejects_reversed_and_complex_ranges():
+    with pytest.raises(ValueError, match="rmin must be <= rmax"):
+        jq.qparams_from_range(1.0, 0.5, jq.int8)
+    with pytest.raises(ValueError, match="rmin must be <= rmax"):
+        jq.qparams_from_range(np.array([-1.0, 2.0]), np.array([1.0, 1.5]), jq.uint8)
+    with pytest.raises(TypeError, match="rmax must be a real"):
+        jq.qparams_from_range(-1.0, 1 + 1j, jq.int8)
+    with pytest.raises(TypeError, match="rmin must be a real"):
+        jq.qparams_from_range(np.array([True]), 1.0, jq.int8)
+
+
+@pytest.mark.parametrize(
+    "rmin, rmax",
+    [(1.0, 0.5), (np.nan, 1.0), (-1.0, np.nan), (-np.inf, 1.0), (-1.0, np.inf)],
+)
+def test_traced_bad_range_gives_nan_qparams_and_nan_outputs(rmin, rmax):
+    for symmetric in (False, True):
+        qp = _qparams(jnp.float32(rmin), jnp.float32(rmax), jq.int8, symmetric=symmetric)
+        assert np.isnan(float(qp.scale)) and np.isnan(float(qp.zero_point))
+    qp = _qparams(jnp.float32(rmin), jnp.float32(rmax), jq.int8)
+    assert np.all(np.isnan(np.asarray(_fake_quant(jnp.linspace(-1, 1, 5), qp, jq.int8))))
+
+
+def test_traced_bad_range_is_nan_only_in_its_own_channel():
+    rmin = jnp.array([-1.0, jnp.nan, -2.0, 3.0])
+    rmax = jnp.array([1.0, 1.0, jnp.inf, 2.0])  # channel 3 reversed
+    qp = _qparams(rmin, rmax, jq.uint8)
+    np.testing.assert_array_equal(np.isnan(np.asarray(qp.scale)), [False, True, True, True])
+    y = np.asarray(_fake_quant(jnp.full((2, 4), 0.5), qp, jq.uint8))
+    np.testing.assert_array_equal(np.isnan(y), np.tile([False, True, True, True], (2, 1)))
+    assert np.all(np.abs(y[:, 0] - 0.5) <= float(qp.scale[0]) / 2)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("fmt", [jq.int8, jq.uint8, jq.int2, jq.fp8_e4m3, jq.binary], ids=str)
+def test_ranges_near_the_float32_limit_give_finite_scales_and_outputs(fmt, symmetric):
+    big = float(np.finfo(np.float32).max)
+    x = jnp.array([-big, -3e38, -1.0, 0.0, 1e30, 3e38, big], jnp.float32)
+    qp = _qparams(jnp.float32(-big), jnp.float32(big), fmt, symmetric=symmetric)
+    assert np.isfinite(float(qp.scale)) and float(qp.scale) > 0
+    y = np.asarray(_fake_quant(x, qp, fmt))
+    assert np.all(np.isfinite(y))
+    # ranges are clipped to +-2^126: values inside it are within half a step (int formats)
+    if isinstance(fmt, jq.IntFormat):
+        inside = np.abs(np.asarray(x)) <= 2.0**126
+        assert np.all(np.abs(y - np.asarray(x))[inside] <= float(qp.scale) / 2 * 1.0001)
+
+
+def test_low_precision_range_arguments_are_accepted(rng):
+    """bf16 / fp8 (ml_dtypes) scalars and arrays are numbers: eager quantization of a bf16
+    model's weights works and equals the float32 computation."""
+    import flax.linen as fnn
+
+    model = fnn.Sequential([fnn.Dense(8, param_dtype=jnp.bfloat16), fnn.Dense(3)])
+    params = model.init(jax.random.key(0), jnp.ones((1, 5), jnp.bfloat16))
+    kernels = [p for p in jax.tree_util.tree_leaves(params) if p.ndim == 2]
+    assert any(k.dtype == jnp.bfloat16 for k in kernels)
+    for w in kernels:
+        w_np = np.asarray(w)  # ml_dtypes bfloat16 for the first layer
+        qp = jq.qparams_from_range(w_np.min(axis=0), w_np.max(axis=0), jq.int8)
+        ref = jq.qparams_from_range(
+            w_np.min(axis=0).astype(np.float32), w_np.max(axis=0).astype(np.float32), jq.int8
+        )
+        np.testing.assert_array_equal(np.asarray(qp.scale), np.asarray(ref.scale))
+        q = np.asarray(jq.quantize(w, qp, jq.int8))
+        want = np_quantize(
+            w_np.astype(np.float32), np.asarray(qp.scale), np.asarray(qp.zero_point), jq.int8
+        )
+        np.testing.assert_array_equal(q, want)
+    e4m3 = ml_dtypes.float8_e4m3fn
+    qp = jq.qparams_from_range(e4m3(-2.0), np.array([3.0], e4m3), jq.int8)
+    np.testing.assert_allclose(float(qp.scale[0]), 5.0 / 255, rtol=1e-6)
+    qp = jq.qparams_from_range(jnp.bfloat16(-1.0), jnp.float16(1.0), jq.int8, symmetric=True)
+    np.testing.assert_allclose(float(qp.scale), 1 / 127, rtol=1e-6)
+
+
+_fq_bits = jax.jit(lambda x, qp, bits: jq.fake_quant(x, qp, jq.IntFormat(bits)))
+_q_bits = jax.jit(lambda x, qp, bits: jq.quantize(x, qp, jq.IntFormat(bits)))
+
+
+@pytest.mark.parametrize("bits", [40, 1, 17, 0, -3, 2.5, 8.0001, np.nan])
+def test_invalid_traced_bits_give_nan_not_a_clipped_grid(bits):
+    x = jnp.linspace(-1.0, 1.0, 7)
+    b = jnp.asarray(bits, jnp.float32 if isinstance(bits, float) else jnp.int32)
+    assert np.all(np.isnan(np.asarray(_fq_bits(x, jq.QParams(0.1), b))))
+    assert np.all(np.asarray(_q_bits(x, jq.QParams(0.1), b)) == np.iinfo(np.int32).min)
+    fmt_qp = jax.jit(lambda b: jq.qparams_from_range(-1.0, 1.0, jq.IntFormat(b)))(b)
+    assert np.isnan(float(fmt_qp.scale))
+    # valid traced widths are unaffected
+    np.testing.assert_array_equal(
+        np.asarray(_fq_bits(x, jq.QParams(0.1), jnp.int32(3))),
+        np.asarray(jq.fake_quant(x, jq.QParams(0.1), jq.int3)),
+    )
