@@ -61,6 +61,7 @@ from jquant.quant import (
     QParams,
     check_qparams,
     check_real,
+    nan_if_invalid,
     qparams_from_data_range,
     quantize,
 )
@@ -382,6 +383,7 @@ def _dot_simulate(st: _DotStatic, lhs, rhs, qp_l, qp_r):
 
 
 def _dot_int(st: _DotStatic, lhs, rhs, qp_l, qp_r):
+    qp_l, qp_r = nan_if_invalid(qp_l), nan_if_invalid(qp_r)  # bad traced QParams: NaN out
     (lc, rc), (lb, rb) = st.dimension_numbers
     lfree = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
     rfree = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
@@ -587,6 +589,7 @@ def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
 
 
 def _conv_int(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
+    qp_l, qp_r = nan_if_invalid(qp_l), nan_if_invalid(qp_r)  # bad traced QParams: NaN out
     args, restore = _int_layout(st, lhs, rhs, qp_l, qp_r)
     return restore(_conv_int_channels_last(*args))
 
@@ -905,6 +908,7 @@ _POOLS = {"avg": (_avg_codes, _float_avg), "max": (_max_codes, _float_max)}
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _pool_simulate(kind, fmt, geometry, x, qp):
     """Dequantized code-domain pooling of ``quantize(x)``; backward is the float pool's."""
+    qp = nan_if_invalid(qp)  # a bad traced scale / zero point: NaN, not a plausible pool
     q = quantize(x, qp, fmt).astype(jnp.int32)
     out = _POOLS[kind][0](q, geometry)
     out = qp.scale * (out - jnp.round(qp.zero_point))

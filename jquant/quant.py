@@ -30,6 +30,7 @@ __all__ = [
     "QParams",
     "qparams_from_range",
     "qparams_from_data_range",
+    "nan_if_invalid",
     "round_values",
     "quantize",
     "dequantize",
@@ -372,8 +373,21 @@ def _divide(x: jax.Array, scale: jax.Array) -> jax.Array:
     return x / jnp.where(jnp.isnan(x), 1.0, scale)
 
 
+def nan_if_invalid(qp: QParams) -> QParams:
+    """``qp`` with ``scale`` NaN where it is not finite and > 0, and ``zero_point`` NaN where it
+    is not finite: traced QParams cannot raise, so bad ones make their outputs NaN instead of
+    plausible numbers (a zero scale would give zeros, a negative one a mirrored grid)."""
+    scale = jnp.asarray(qp.scale)
+    zp = jnp.asarray(qp.zero_point)
+    return QParams(
+        jnp.where(jnp.isfinite(scale) & (scale > 0), scale, jnp.nan),
+        jnp.where(jnp.isfinite(zp), zp, jnp.nan),
+    )
+
+
 def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
     """Float codes ``clip(round(x / scale) + zp, qmin, qmax)`` (float formats: grid values)."""
+    qp = nan_if_invalid(qp)
     x = jnp.asarray(x, jnp.float32)
     v = _divide(x, qp.scale)
     if isinstance(fmt, FloatFormat):
@@ -387,6 +401,7 @@ def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
 
 def _values(codes, qp: QParams, fmt: Format | None) -> jax.Array:
     offset = 0.5 if isinstance(fmt, IntFormat) and fmt.midrise else 0.0
+    qp = nan_if_invalid(qp)
     return qp.scale * (codes + offset - jnp.round(qp.zero_point))
 
 
