@@ -615,11 +615,21 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
 
     # NaN has no int8 code: every window that holds a NaN input (for the output channels of its
     # group), every output channel with a NaN weight, and NaN zero points give NaN outputs
+    # (the window count is a conv as costly as a depthwise one: skipped unless a NaN is there)
+    def count_nan_windows(nan_l):
+        if st.batch_group_count == 1:
+            return window_sums(nan_l) > 0
+        # one output feature per kernel: count the NaN taps with an all-ones kernel
+        return int_conv(nan_l, jnp.ones(rhs.shape, jnp.int8)) > 0
+
     nan_l = jnp.isnan(lhs).astype(jnp.int8)
-    if st.batch_group_count == 1:
-        nan_windows = window_sums(nan_l) > 0
-    else:  # one output feature per kernel: count the NaN taps with an all-ones kernel
-        nan_windows = int_conv(nan_l, jnp.ones(rhs.shape, jnp.int8)) > 0
+    no_nan = jax.eval_shape(count_nan_windows, nan_l)
+    nan_windows = lax.cond(
+        jnp.any(nan_l),
+        count_nan_windows,
+        lambda _: jnp.zeros(no_nan.shape, no_nan.dtype),
+        nan_l,
+    )
     z_r = None if z_r is None else along(z_r, rhs.ndim, rhs_spec[0], out_spec[1])
     lhs_dilated = st.lhs_dilation is not None and any(d != 1 for d in st.lhs_dilation)
     if z_l is None:

@@ -21,6 +21,8 @@ NaN in data, +-Inf in data, NaN range end, infinite range end, reversed range, i
 bit width (too small, too large, fractional).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -245,43 +247,57 @@ def test_dot_general_raises_or_nan_flows_only_where_it_should(
     assert np.all(np.isfinite(out[~want]))
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_W = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2, 3)).astype(np.float32))
+
+
+@functools.partial(jax.jit, static_argnames="mode")
+def _conv(x, qp, mode):
+    return ops.conv_general_dilated(
+        x,
+        _W,
+        (1, 1),
+        "SAME",
+        dimension_numbers=_NHWC,
+        lhs_quant=QuantConfig(symmetric=False),
+        rhs_quant=QuantConfig(axis=-1),
+        lhs_qparams=qp,
+        mode=mode,
+    )
+
+
+@functools.partial(jax.jit, static_argnames="pool")
+def _pool(x, qp, pool):
+    fn = ops.avg_pool if pool == "avg" else ops.max_pool
+    return fn(x, qp, jq.int8, (2, 2), (1, 1), "VALID")
+
+
+def _windows_hold_nan(x: np.ndarray, pad_high: int) -> np.ndarray:
+    """NumPy: does each 2x2 window (stride 1, ``pad_high`` zero rows / columns at the end) of
+    ``x`` (N, H, W, C) hold a NaN, over all channels (per channel if ``pad_high`` is 0)?"""
+    nan = np.pad(np.isnan(x), ((0, 0), (0, pad_high), (0, pad_high), (0, 0)))
+    win = np.lib.stride_tricks.sliding_window_view(nan, (2, 2), axis=(1, 2)).any(axis=(-2, -1))
+    return win.any(axis=-1, keepdims=True) if pad_high else win
+
+
 @given(
     data=st.data(),
     mode=st.sampled_from(ops.MODES),
     pool=st.sampled_from(["avg", "max"]),
+    scale=st.sampled_from([0.05, 0.05, 0.05, 0.0, -1.0, np.nan, np.inf]),
 )
-def test_conv_and_pool_nan_flows_only_into_the_windows_that_hold_it(data, mode, pool):
+def test_conv_and_pool_nan_flows_only_into_the_windows_that_hold_it(data, mode, pool, scale):
     x = data.draw(_data((1, 4, 4, 2)))
     x = np.where(np.isinf(x), np.float32(3.0), x)  # given QParams: only NaN should flow
-    w = np.random.default_rng(0).normal(size=(2, 2, 2, 3)).astype(np.float32)
-    qp = jq.QParams(jnp.float32(0.05), jnp.float32(2.0))
-    out = np.asarray(
-        ops.conv_general_dilated(
-            jnp.asarray(x),
-            jnp.asarray(w),
-            (1, 1),
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            lhs_quant=QuantConfig(symmetric=False),
-            rhs_quant=QuantConfig(axis=-1),
-            lhs_qparams=qp,
-            mode=mode,
-        )
-    )
-    ref = jax.lax.conv_general_dilated(
-        jnp.asarray(np.where(np.isnan(x), np.nan, 0.0).astype(np.float32)),
-        jnp.ones_like(w),
-        (1, 1),
-        "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    want = np.isnan(np.asarray(ref))
+    qp = jq.QParams(jnp.float32(scale), jnp.float32(2.0))  # traced: a bad scale cannot raise
+    bad = not (np.isfinite(scale) and scale > 0)
+    out = np.asarray(_conv(jnp.asarray(x), qp, mode))
+    want = np.broadcast_to(_windows_hold_nan(x, 1), out.shape) | bad
     np.testing.assert_array_equal(np.isnan(out), want)
     assert np.all(np.isfinite(out[~want]))
-    fn = ops.avg_pool if pool == "avg" else ops.max_pool
-    y = np.asarray(fn(jnp.asarray(x), qp, jq.int8, (2, 2), (1, 1), "VALID"))
-    window_nan = np.lib.stride_tricks.sliding_window_view(np.isnan(x), (2, 2), axis=(1, 2))
-    np.testing.assert_array_equal(np.isnan(y), window_nan.any(axis=(-2, -1)))
+    y = np.asarray(_pool(jnp.asarray(x), qp, pool))
+    np.testing.assert_array_equal(np.isnan(y), _windows_hold_nan(x, 0) | bad)
+    assert np.all(np.isfinite(y[~np.isnan(y)]))
 
 
 @pytest.mark.parametrize("bits", [1, 17, 40, 2.5])

@@ -783,13 +783,14 @@ def test_int_mode_refuses_a_contraction_that_may_overflow_int32():
     k = 2**17 + 4096  # the reduction: int32 wraps to -131120.5 without the check
     with pytest.raises(ValueError, match=rf"int32 accumulator may overflow.*K = {k}"):
         _ones_dot(k)
-    # the bound from the formats: 128 * 128 * K for symmetric int8, 255 * 128 * K with a zero point
-    _ones_dot(2**17 - 1)
+    # the bound from the formats: 128 * 128 * K for symmetric int8, 255 * 128 * K with a zero
+    # point (checked at trace time: eval_shape traces without running)
+    jax.eval_shape(lambda: _ones_dot(2**17 - 1))
     with pytest.raises(ValueError, match="accumulator='int32_wrap'"):
-        _ones_dot(2**17)
-    _ones_dot(65793, lhs=AFFINE)
+        jax.eval_shape(lambda: _ones_dot(2**17))
+    jax.eval_shape(lambda: _ones_dot(65793, lhs=AFFINE))
     with pytest.raises(ValueError, match="overflow"):
-        _ones_dot(65794, lhs=AFFINE)
+        jax.eval_shape(lambda: _ones_dot(65794, lhs=AFFINE))
     lhs, rhs = jnp.ones((1, 140_000, 1, 1)), jnp.ones((1, 140_000, 1, 1))  # NCHW, OIHW: K = C
     with pytest.raises(ValueError, match="K = 140000"):
         ops.conv_general_dilated(

@@ -538,27 +538,29 @@ def test_ranges_near_the_float32_limit_give_finite_scales_and_outputs(fmt, symme
         assert np.all(np.abs(y - np.asarray(x))[inside] <= float(qp.scale) / 2 * 1.0001)
 
 
-def test_low_precision_range_arguments_are_accepted(rng):
+def test_low_precision_range_arguments_are_accepted():
     """bf16 / fp8 (ml_dtypes) scalars and arrays are numbers: eager quantization of a bf16
-    model's weights works and equals the float32 computation."""
+    model's weights works and equals the NumPy formula on the float32 values."""
     import flax.linen as fnn
 
-    model = fnn.Sequential([fnn.Dense(8, param_dtype=jnp.bfloat16), fnn.Dense(3)])
-    params = model.init(jax.random.key(0), jnp.ones((1, 5), jnp.bfloat16))
-    kernels = [p for p in jax.tree_util.tree_leaves(params) if p.ndim == 2]
-    assert any(k.dtype == jnp.bfloat16 for k in kernels)
-    for w in kernels:
-        w_np = np.asarray(w)  # ml_dtypes bfloat16 for the first layer
-        qp = jq.qparams_from_range(w_np.min(axis=0), w_np.max(axis=0), jq.int8)
-        ref = jq.qparams_from_range(
-            w_np.min(axis=0).astype(np.float32), w_np.max(axis=0).astype(np.float32), jq.int8
-        )
-        np.testing.assert_array_equal(np.asarray(qp.scale), np.asarray(ref.scale))
-        q = np.asarray(jq.quantize(w, qp, jq.int8))
-        want = np_quantize(
-            w_np.astype(np.float32), np.asarray(qp.scale), np.asarray(qp.zero_point), jq.int8
-        )
-        np.testing.assert_array_equal(q, want)
+    params = fnn.Dense(8, param_dtype=jnp.bfloat16).init(
+        jax.random.key(0), jnp.ones((1, 5), jnp.bfloat16)
+    )
+    w = params["params"]["kernel"]
+    assert w.dtype == jnp.bfloat16
+    w_np = np.asarray(w)  # an ml_dtypes bfloat16 array
+    lo, hi = w_np.min(axis=0), w_np.max(axis=0)  # per output channel, still bfloat16
+    qp = jq.qparams_from_range(lo, hi, jq.int8)  # eager: refused before (issue #12)
+    lo32 = np.minimum(lo.astype(np.float32), 0)
+    hi32 = np.maximum(hi.astype(np.float32), 0)
+    scale = (hi32 - lo32) / np.float32(255)
+    np.testing.assert_array_equal(np.asarray(qp.scale), scale)
+    np.testing.assert_array_equal(
+        np.asarray(qp.zero_point), np.clip(np.round(np.float32(-128) - lo32 / scale), -128, 127)
+    )
+    q = np.asarray(jq.quantize(w, qp, jq.int8))
+    want = np_quantize(w_np.astype(np.float32), scale, np.asarray(qp.zero_point), jq.int8)
+    np.testing.assert_array_equal(q, want)
     e4m3 = ml_dtypes.float8_e4m3fn
     qp = jq.qparams_from_range(e4m3(-2.0), np.array([3.0], e4m3), jq.int8)
     np.testing.assert_allclose(float(qp.scale[0]), 5.0 / 255, rtol=1e-6)
