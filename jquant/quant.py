@@ -117,6 +117,18 @@ def check_rounding(rounding: str, key) -> None:
         raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
 
 
+def _check_qparams_values(qp: QParams) -> None:
+    """ValueError unless a concrete scale is finite and > 0 and a concrete zero point finite."""
+    scale = _concrete(qp.scale)
+    if scale is not None and not np.all(np.isfinite(scale) & (scale > 0)):
+        bad = scale[~(np.isfinite(scale) & (scale > 0))]
+        raise ValueError(f"qp.scale must be finite and > 0 everywhere, got {bad.ravel()[:4]}")
+    zp = _concrete(qp.zero_point)
+    if zp is not None and not np.all(np.isfinite(zp)):
+        bad = zp[~np.isfinite(zp)]
+        raise ValueError(f"qp.zero_point must be finite everywhere, got {bad.ravel()[:4]}")
+
+
 def check_qparams(x, qp: QParams, fmt: Format) -> None:
     """Validates QParams against ``x`` and ``fmt``: shapes and dtypes always; when concrete,
     ``scale`` finite and > 0 and ``zero_point`` finite and (rounded) inside ``[qmin, qmax]``.
@@ -137,16 +149,10 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
         raise ValueError(
             f"qp (scale/zero_point shape {qp.shape}) must broadcast against x of shape {x_shape}"
         )
-    scale = _concrete(qp.scale)
-    if scale is not None and not np.all(np.isfinite(scale) & (scale > 0)):
-        bad = scale[~(np.isfinite(scale) & (scale > 0))]
-        raise ValueError(f"qp.scale must be finite and > 0 everywhere, got {bad.ravel()[:4]}")
+    _check_qparams_values(qp)
     zp = _concrete(qp.zero_point)
     if zp is None:
         return
-    if not np.all(np.isfinite(zp)):
-        bad = zp[~np.isfinite(zp)]
-        raise ValueError(f"qp.zero_point must be finite everywhere, got {bad.ravel()[:4]}")
     if isinstance(fmt, FloatFormat | BinaryFormat) or (isinstance(fmt, IntFormat) and fmt.midrise):
         if np.any(zp != 0):
             raise ValueError("qp.zero_point must be 0 for float, binary and midrise formats")
@@ -437,9 +443,17 @@ def quantize(
 
 
 def dequantize(q: jax.Array, qp: QParams, fmt: Format | None = None) -> jax.Array:
-    """``x = scale * (q - zero_point)`` as float32 (midrise formats add 1/2: pass ``fmt``)."""
+    """``x = scale * (q - zero_point)`` as float32 (midrise formats add 1/2: pass ``fmt``).
+
+    A concrete scale must be finite and > 0 and a concrete zero point finite (ValueError);
+    traced bad ones give NaN (:func:`nan_if_invalid`).
+    """
     if not isinstance(qp, QParams):
         raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
+    check_real("q", q)
+    check_real("qp.scale", qp.scale)
+    check_real("qp.zero_point", qp.zero_point)
+    _check_qparams_values(qp)
     return _values(jnp.asarray(q, jnp.float32), qp, fmt)
 
 

@@ -445,6 +445,17 @@ def test_bad_qparams_raise_value_error(qp, fmt, match):
         jq.fake_quant(X4, qp, fmt)
 
 
+@pytest.mark.parametrize(
+    "qp", [jq.QParams(0.0), jq.QParams(-1.0), jq.QParams(np.inf), jq.QParams(1.0, np.nan)]
+)
+def test_dequantize_checks_concrete_qparams_and_nans_traced_ones(qp):
+    with pytest.raises(ValueError, match="qp.scale|qp.zero_point"):
+        jq.dequantize(jnp.array([1, 2], jnp.int8), qp)
+    assert np.all(np.isnan(np.asarray(_dequantize(jnp.array([1, 2], jnp.int8), qp))))
+    with pytest.raises(TypeError, match="q must be a real"):
+        jq.dequantize(jnp.array([1j]), jq.QParams(1.0))
+
+
 def test_bad_types_and_rounding():
     with pytest.raises(TypeError, match="qp"):
         jq.quantize(X4, (1.0, 0.0), jq.int8)
