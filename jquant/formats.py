@@ -70,7 +70,7 @@ def _check_bits(bits) -> None:
     if not hasattr(bits, "dtype"):
         raise TypeError(f"bits must be an int or an integer array, got {type(bits).__name__}")
     if not _is_concrete(bits):
-        return  # traced: checked by the caller that made it, nothing to see at trace time
+        return  # traced: invalid values make qmin / qmax NaN (see IntFormat.bits_valid)
     arr = np.asarray(bits)
     if arr.dtype == object or arr.dtype.kind not in "iuf":
         raise TypeError(f"bits must be an integer array, got dtype {arr.dtype}")
@@ -91,6 +91,9 @@ class IntFormat:
 
     Args:
       bits: the width, a Python int (static) or an integer array (traced, sweepable by vmap).
+        Concrete widths outside [2, 16] or non-integer raise ValueError; a traced width cannot
+        raise, so an invalid one makes ``qmin`` and ``qmax`` NaN and with them every scale,
+        fake-quantized value and clip bound derived from the format (never a plausible number).
       signed: two's complement range if True, else ``[0, 2^b - 1]``.
       narrow: drop the lowest code (``[-127, 127]`` for int8, TFLite's weight range).
       midrise: levels at ``(q + 1/2) * scale`` (no zero level); signed, non-narrow only.
@@ -121,30 +124,46 @@ class IntFormat:
         return isinstance(self.bits, numbers.Integral)
 
     @property
+    def bits_valid(self):
+        """True where ``bits`` is an integer in [2, 16] (always True for static widths)."""
+        if self.is_static:
+            return True
+        b = jnp.asarray(self.bits)
+        ok = (b >= MIN_BITS) & (b <= MAX_BITS)
+        if jnp.issubdtype(b.dtype, jnp.floating):
+            ok = ok & (b == jnp.round(b))
+        return ok
+
+    @property
     def qmin(self):
-        """Smallest code: ``-2^(b-1) + narrow`` if signed else ``narrow``."""
+        """Smallest code: ``-2^(b-1) + narrow`` if signed else ``narrow`` (NaN for an invalid
+        traced width)."""
         if self.is_static:
             base = -(1 << (int(self.bits) - 1)) if self.signed else 0
             return base + int(self.narrow)
         if self.signed:
             return float(self.narrow) - self._pow2(1)
-        return jnp.full(jnp.shape(self.bits), float(self.narrow), jnp.float32)
+        return jnp.where(self.bits_valid, float(self.narrow), jnp.nan).astype(jnp.float32)
 
     @property
     def qmax(self):
-        """Largest code: ``2^(b-1) - 1`` if signed else ``2^b - 1``."""
+        """Largest code: ``2^(b-1) - 1`` if signed else ``2^b - 1`` (NaN for an invalid traced
+        width)."""
         if self.is_static:
             return (1 << (int(self.bits) - int(self.signed))) - 1
         return self._pow2(int(self.signed)) - 1.0
 
     def _pow2(self, minus: int) -> jax.Array:
-        """``2^(bits - minus)`` as float32 for traced bits, by an integer shift.
+        """``2^(bits - minus)`` as float32 for traced bits, by an integer shift; NaN where the
+        width is not an integer in [2, 16].
 
         ``jnp.exp2`` is not exact on every backend (XLA:CPU gives ``2^13 + 2^-8``).
         """
         b = jnp.asarray(self.bits)
-        b = jnp.round(b) if jnp.issubdtype(b.dtype, jnp.floating) else b
-        return jnp.left_shift(1, b.astype(jnp.int32) - minus).astype(jnp.float32)
+        valid = self.bits_valid
+        b = jnp.where(valid, b, MIN_BITS).astype(jnp.int32)
+        p = jnp.left_shift(1, b - minus).astype(jnp.float32)
+        return jnp.where(valid, p, jnp.nan)
 
     @property
     def levels(self):

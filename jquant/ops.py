@@ -18,6 +18,22 @@ Unsigned formats run in int8 too: a ``b``-bit unsigned code ``q`` equals the sig
 
 Pooling keeps the input's scale and zero point, as TFLite does; both modes work on the codes.
 
+Overflow: ``"int"`` mode accumulates in int32. The worst case over a contraction of ``K``
+terms is ``K * max|q_l - z_l| * max|q_r - z_r|`` (:func:`jquant.integer.checks.product_bound`;
+255 for a side with a zero point, 128 for symmetric int8); when it can exceed ``2^31 - 1`` the
+op raises ValueError at trace time, unless ``accumulator="int32_wrap"`` accepts wrap-around
+modulo ``2^32`` (the result is then exact only where the true sum fits in int32). For
+symmetric int8 on both sides ``K <= 2^17 - 1`` is accepted; affine activations with symmetric
+int8 weights ``K <= 65793``.
+
+NaN: under ``jit`` nothing can raise, so NaN flows as it does through the float op: a NaN in
+``lhs`` makes NaN every output that contracts over it (its row of a product, every window
+holding it in a conv, for all output channels of its group), a NaN in ``rhs`` every output
+of its column / output channel, in both modes (``"int"`` masks its finite integer result).
+A dynamic range is the range of the data: a NaN or +-inf in a per-tensor dynamic range makes
+its scale NaN and hence *every* output NaN; per row / per channel (``QuantConfig(axis=...)``)
+only the outputs of that row or channel.
+
 All entry points keep ``lax``'s signatures, so ``functools.partial`` of them (see
 :func:`quantized_dot_general`, :func:`quantized_conv_general_dilated`) drops into
 ``flax.linen.Dense(dot_general=...)``, ``flax.linen.Conv(conv_general_dilated=...)`` and their
@@ -39,10 +55,20 @@ from jax import lax
 from jquant.estimators import ESTIMATORS, fake_quant
 from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat, int8
 from jquant.integer import rounded_average
-from jquant.quant import ROUNDING_MODES, QParams, check_qparams, qparams_from_range, quantize
+from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
+from jquant.quant import (
+    ROUNDING_MODES,
+    QParams,
+    check_qparams,
+    check_real,
+    nan_if_invalid,
+    qparams_from_data_range,
+    quantize,
+)
 
 __all__ = [
     "MODES",
+    "ACCUMULATORS",
     "QuantConfig",
     "dynamic_qparams",
     "dot_general",
@@ -54,6 +80,9 @@ __all__ = [
 ]
 
 MODES = ("simulate", "int")
+# "int32": exact int32 accumulation, refused at trace time when the worst case can exceed
+# 2^31 - 1; "int32_wrap": the user accepts two's-complement wrap-around (modulo 2^32).
+ACCUMULATORS = ("int32", "int32_wrap")
 # Stochastic rounding needs a PRNG key per call, which lax's signatures have no room for.
 _ROUNDINGS = tuple(r for r in ROUNDING_MODES if r != "stochastic")
 
@@ -136,18 +165,56 @@ def _check_mode(mode) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _check_accumulator_name(accumulator) -> None:
+    if accumulator not in ACCUMULATORS:
+        raise ValueError(f"accumulator must be one of {ACCUMULATORS}, got {accumulator!r}")
+
+
+def _check_operand(name: str, x, cfg: QuantConfig | None) -> None:
+    """TypeError unless a quantized operand is a float array (integers would be truncated by
+    nothing and complex values would lose their imaginary part)."""
+    if cfg is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} is quantized ({name}_quant is set), so it must be a float array "
+            f"(float16, bfloat16, float32, ...), got dtype {x.dtype}"
+        )
+
+
+def _check_overflow(k: int, lhs_quant: QuantConfig, rhs_quant: QuantConfig, accumulator) -> None:
+    """ValueError unless ``K * max|q_l - z_l| * max|q_r - z_r|`` fits in int32 (or the user
+    accepted wrap-around with ``accumulator="int32_wrap"``)."""
+    if accumulator == "int32_wrap":
+        return
+    cl = centered_code_bound(lhs_quant.fmt, zero_point=_has_zero_point(lhs_quant))
+    cr = centered_code_bound(rhs_quant.fmt, zero_point=_has_zero_point(rhs_quant))
+    try:
+        check_int32_bound(
+            product_bound(k, cl, cr),
+            f"K * max|q_l - z_l| * max|q_r - z_r| = {k} * {cl} * {cr} (contraction size "
+            f"K = {k}, lhs {lhs_quant.fmt}, rhs {rhs_quant.fmt})",
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"mode='int': {e}; pass accumulator='int32_wrap' to accept wrap-around modulo "
+            f"2^32, split the contraction, or use mode='simulate'"
+        ) from None
+
+
 def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
     """QParams from ``x``'s own range, reduced over every axis not in ``cfg.axis``.
 
     ``qparams_from_range(min x, max x)`` (affine) or ``qparams_from_range(-max|x|, max|x|)``
     (symmetric), with the reduced axes kept as size 1 so the result broadcasts against ``x``.
-    The range is ``stop_gradient``-ed: dynamic ranges are not learned.
+    The range is ``stop_gradient``-ed: dynamic ranges are not learned. A NaN or +-inf in a
+    reduced group makes that group's scale and zero point NaN (see
+    :func:`jquant.quant.qparams_from_data_range`), eagerly and under ``jit``.
 
     >>> qp = dynamic_qparams(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantConfig(axis=1))
     >>> qp.scale.shape, [round(float(s) * 127, 4) for s in qp.scale[0]]
     ((1, 2), [1.0, 4.0])
     """
     _check_config("cfg", cfg)
+    check_real("x", x)
     x = lax.stop_gradient(jnp.asarray(x))
     kept = cfg.axes(x.ndim)
     reduce = tuple(a for a in range(x.ndim) if a not in kept)
@@ -157,7 +224,7 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
     else:
         rmin = jnp.min(x, axis=reduce, keepdims=True)
         rmax = jnp.max(x, axis=reduce, keepdims=True)
-    return qparams_from_range(rmin, rmax, cfg.fmt, symmetric=cfg.symmetric)
+    return qparams_from_data_range(rmin, rmax, cfg.fmt, symmetric=cfg.symmetric)
 
 
 def _given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
@@ -316,6 +383,7 @@ def _dot_simulate(st: _DotStatic, lhs, rhs, qp_l, qp_r):
 
 
 def _dot_int(st: _DotStatic, lhs, rhs, qp_l, qp_r):
+    qp_l, qp_r = nan_if_invalid(qp_l), nan_if_invalid(qp_r)  # bad traced QParams: NaN out
     (lc, rc), (lb, rb) = st.dimension_numbers
     lfree = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
     rfree = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
@@ -341,7 +409,12 @@ def _dot_int(st: _DotStatic, lhs, rhs, qp_l, qp_r):
         k = int(np.prod([lhs.shape[d] for d in lc]))
         acc = acc + k * lhs_side(z_l) * rhs_side(z_r)
     scale = lhs_side(qp_l.scale) * rhs_side(qp_r.scale)
-    return (scale * acc.astype(jnp.float32)).astype(_out_dtype(lhs, rhs, st.preferred_element_type))
+    out = scale * acc.astype(jnp.float32)
+    # NaN has no int8 code: the outputs that contract over a NaN (operand or zero point) are NaN
+    nan_l = jnp.any(jnp.isnan(lhs), lc, keepdims=True) | jnp.isnan(qp_l.zero_point)
+    nan_r = jnp.any(jnp.isnan(rhs), rc, keepdims=True) | jnp.isnan(qp_r.zero_point)
+    out = jnp.where(lhs_side(nan_l) | rhs_side(nan_r), jnp.nan, out)
+    return out.astype(_out_dtype(lhs, rhs, st.preferred_element_type))
 
 
 def dot_general(
@@ -357,13 +430,16 @@ def dot_general(
     rhs_qparams: QParams | None = None,
     mode: str = "simulate",
     out_sharding=None,
+    accumulator: str = "int32",
 ) -> jax.Array:
     """``lax.dot_general(fq(lhs), fq(rhs), ...)`` with ``fq`` the fake quantizer of each side.
 
     ``mode="int"`` computes the same value as ``s_l s_r (sum q_l q_r - z_l sum q_r - z_r sum
-    q_l + K z_l z_r)`` with int8 codes and an int32 accumulator (exact for ``K < 2^15``);
-    it needs both configs, static integer formats of <= 8 bits, and QParams constant along the
-    contracting axes (per tensor, per row of ``lhs``, per output column of ``rhs``).
+    q_l + K z_l z_r)`` with int8 codes and an int32 accumulator, exact while the worst case
+    ``K * max|q_l - z_l| * max|q_r - z_r|`` fits in int32 (larger ``K`` raise ValueError unless
+    ``accumulator="int32_wrap"``; see the module docstring, also for NaN); it needs both
+    configs, static integer formats of <= 8 bits, and QParams constant along the contracting
+    axes (per tensor, per row of ``lhs``, per output column of ``rhs``).
 
     Args:
       lhs, rhs, dimension_numbers, precision, preferred_element_type: as ``lax.dot_general``
@@ -374,15 +450,21 @@ def dot_general(
         gradients); ``None`` computes them from the operand with :func:`dynamic_qparams`.
       mode: ``"simulate"`` or ``"int"``.
       out_sharding: as ``lax.dot_general`` (passed on when set).
+      accumulator: ``"int32"`` (exact; a contraction whose worst case may overflow int32
+        raises ValueError at trace time) or ``"int32_wrap"`` (accept two's-complement
+        wrap-around modulo ``2^32``). Only ``"int"`` mode accumulates in integers.
 
     Returns:
       The float product; in ``"int"`` mode of dtype ``preferred_element_type`` or the
       operands' float type.
     """
     _check_mode(mode)
+    _check_accumulator_name(accumulator)
     _check_config("lhs_quant", lhs_quant)
     _check_config("rhs_quant", rhs_quant)
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    _check_operand("lhs", lhs, lhs_quant)
+    _check_operand("rhs", rhs, rhs_quant)
     try:
         (lc, rc), (lb, rb) = dimension_numbers
         dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
@@ -395,6 +477,8 @@ def dot_general(
         _check_int_config("lhs", lhs_quant)
         _check_int_config("rhs", rhs_quant)
         _out_dtype(lhs, rhs, preferred_element_type)
+        k = int(np.prod([lhs.shape[d] for d in dn[0][0]]))
+        _check_overflow(k, lhs_quant, rhs_quant, accumulator)
     qp_l = _given_qparams("lhs", lhs, lhs_quant, lhs_qparams)
     qp_r = _given_qparams("rhs", rhs, rhs_quant, rhs_qparams)
     if mode == "int":
@@ -505,6 +589,7 @@ def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
 
 
 def _conv_int(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
+    qp_l, qp_r = nan_if_invalid(qp_l), nan_if_invalid(qp_r)  # bad traced QParams: NaN out
     args, restore = _int_layout(st, lhs, rhs, qp_l, qp_r)
     return restore(_conv_int_channels_last(*args))
 
@@ -528,6 +613,23 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
         ones = jnp.ones((*rhs.shape[:-1], groups), jnp.int8)  # channels last: HWIO
         return jnp.repeat(int_conv(q, ones), n_out // groups, axis=out_spec[1])
 
+    # NaN has no int8 code: every window that holds a NaN input (for the output channels of its
+    # group), every output channel with a NaN weight, and NaN zero points give NaN outputs
+    # (the window count is a conv as costly as a depthwise one: skipped unless a NaN is there)
+    def count_nan_windows(nan_l):
+        if st.batch_group_count == 1:
+            return window_sums(nan_l) > 0
+        # one output feature per kernel: count the NaN taps with an all-ones kernel
+        return int_conv(nan_l, jnp.ones(rhs.shape, jnp.int8)) > 0
+
+    nan_l = jnp.isnan(lhs).astype(jnp.int8)
+    no_nan = jax.eval_shape(count_nan_windows, nan_l)
+    nan_windows = lax.cond(
+        jnp.any(nan_l),
+        count_nan_windows,
+        lambda _: jnp.zeros(no_nan.shape, no_nan.dtype),
+        nan_l,
+    )
     z_r = None if z_r is None else along(z_r, rhs.ndim, rhs_spec[0], out_spec[1])
     lhs_dilated = st.lhs_dilation is not None and any(d != 1 for d in st.lhs_dilation)
     if z_l is None:
@@ -563,7 +665,13 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
     scale = along(qp_l.scale, lhs.ndim, lhs_spec[0], out_spec[0]) * along(
         qp_r.scale, rhs.ndim, rhs_spec[0], out_spec[1]
     )
-    return (scale * acc.astype(jnp.float32)).astype(_out_dtype(lhs, rhs, st.preferred_element_type))
+    out = scale * acc.astype(jnp.float32)
+    nan_zl = along(jnp.isnan(qp_l.zero_point), lhs.ndim, lhs_spec[0], out_spec[0])
+    rhs_axes = tuple(d for d in range(rhs.ndim) if d != rhs_spec[0])
+    nan_r = jnp.any(jnp.isnan(rhs), rhs_axes) | jnp.isnan(qp_r.zero_point).reshape(-1)
+    nan_r = along(nan_r, 1, 0, out_spec[1])
+    out = jnp.where(nan_windows | nan_zl | nan_r, jnp.nan, out)
+    return out.astype(_out_dtype(lhs, rhs, st.preferred_element_type))
 
 
 def _tuple_or_none(name: str, v):
@@ -594,6 +702,7 @@ def conv_general_dilated(
     rhs_qparams: QParams | None = None,
     mode: str = "simulate",
     out_sharding=None,
+    accumulator: str = "int32",
 ) -> jax.Array:
     """``lax.conv_general_dilated(fq(lhs), fq(rhs), ...)`` with per-side fake quantizers.
 
@@ -608,14 +717,19 @@ def conv_general_dilated(
     1``.
 
     Arguments are those of ``lax.conv_general_dilated`` plus ``lhs_quant``, ``rhs_quant``,
-    ``lhs_qparams``, ``rhs_qparams`` and ``mode`` as in :func:`dot_general`. Gradients in
+    ``lhs_qparams``, ``rhs_qparams``, ``mode`` and ``accumulator`` as in :func:`dot_general`;
+    the contraction size of the overflow bound is ``K = rhs.size / out_features`` (the taps of
+    one output). Gradients in
     both modes are those of ``"simulate"``; grouped and depthwise convs
     (``feature_group_count``) work in both.
     """
     _check_mode(mode)
+    _check_accumulator_name(accumulator)
     _check_config("lhs_quant", lhs_quant)
     _check_config("rhs_quant", rhs_quant)
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    _check_operand("lhs", lhs, lhs_quant)
+    _check_operand("rhs", rhs, rhs_quant)
     if lhs.ndim != rhs.ndim or lhs.ndim < 3:
         raise ValueError(
             f"lhs and rhs must have the same rank >= 3, got shapes {lhs.shape} and {rhs.shape}"
@@ -651,6 +765,7 @@ def conv_general_dilated(
                 f"(weights) without zero point: symmetric with a signed format, got {rhs_quant}"
             )
         _out_dtype(lhs, rhs, preferred_element_type)
+        _check_overflow(rhs.size // rhs.shape[dn.rhs_spec[0]], lhs_quant, rhs_quant, accumulator)
     qp_l = _given_qparams("lhs", lhs, lhs_quant, lhs_qparams)
     qp_r = _given_qparams("rhs", rhs, rhs_quant, rhs_qparams)
     if mode == "int":
@@ -684,6 +799,7 @@ def quantized_dot_general(
     mode: str = "simulate",
     lhs_qparams: QParams | None = None,
     rhs_qparams: QParams | None = None,
+    accumulator: str = "int32",
 ) -> Callable[..., jax.Array]:
     """A ``lax.dot_general`` look-alike for ``flax.linen.Dense(dot_general=...)`` /
     ``nnx.Linear(dot_general=...)``: :func:`dot_general` with these configs bound.
@@ -692,6 +808,7 @@ def quantized_dot_general(
     >>> layer = nn.Dense(4, dot_general=quantized_dot_general(QuantConfig(), QuantConfig()))
     """
     _check_mode(mode)
+    _check_accumulator_name(accumulator)
     _check_config("lhs", lhs)
     _check_config("rhs", rhs)
     return functools.partial(
@@ -701,6 +818,7 @@ def quantized_dot_general(
         lhs_qparams=lhs_qparams,
         rhs_qparams=rhs_qparams,
         mode=mode,
+        accumulator=accumulator,
     )
 
 
@@ -710,10 +828,12 @@ def quantized_conv_general_dilated(
     mode: str = "simulate",
     lhs_qparams: QParams | None = None,
     rhs_qparams: QParams | None = None,
+    accumulator: str = "int32",
 ) -> Callable[..., jax.Array]:
     """A ``lax.conv_general_dilated`` look-alike for ``flax.linen.Conv(conv_general_dilated=
     ...)`` / ``nnx.Conv``: :func:`conv_general_dilated` with these configs bound."""
     _check_mode(mode)
+    _check_accumulator_name(accumulator)
     _check_config("lhs", lhs)
     _check_config("rhs", rhs)
     return functools.partial(
@@ -723,6 +843,7 @@ def quantized_conv_general_dilated(
         lhs_qparams=lhs_qparams,
         rhs_qparams=rhs_qparams,
         mode=mode,
+        accumulator=accumulator,
     )
 
 
@@ -797,9 +918,14 @@ _POOLS = {"avg": (_avg_codes, _float_avg), "max": (_max_codes, _float_max)}
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _pool_simulate(kind, fmt, geometry, x, qp):
     """Dequantized code-domain pooling of ``quantize(x)``; backward is the float pool's."""
+    qp = nan_if_invalid(qp)  # a bad traced scale / zero point: NaN, not a plausible pool
     q = quantize(x, qp, fmt).astype(jnp.int32)
     out = _POOLS[kind][0](q, geometry)
-    return (qp.scale * (out - jnp.round(qp.zero_point))).astype(x.dtype)
+    out = qp.scale * (out - jnp.round(qp.zero_point))
+    # NaN has no code: a window that holds a NaN is NaN, as in the float pool
+    dims, strides, pads = geometry
+    nan = lax.reduce_window(jnp.isnan(x).astype(jnp.int32), 0, lax.max, dims, strides, pads)
+    return jnp.where(nan > 0, jnp.nan, out).astype(x.dtype)
 
 
 def _pool_simulate_fwd(kind, fmt, geometry, x, qp):

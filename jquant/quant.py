@@ -29,6 +29,8 @@ __all__ = [
     "ROUNDING_MODES",
     "QParams",
     "qparams_from_range",
+    "qparams_from_data_range",
+    "nan_if_invalid",
     "round_values",
     "quantize",
     "dequantize",
@@ -78,6 +80,35 @@ def _check_format(fmt) -> None:
         )
 
 
+def is_real_dtype(dtype) -> bool:
+    """True for integer and floating dtypes, including ml_dtypes' (bfloat16, float8_*); False
+    for bool, complex and everything else."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        return False
+    if dtype == jnp.bool_:
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
+def check_real(name: str, x) -> None:
+    """TypeError unless ``x`` is a real (integer or floating, ml_dtypes included) number or array:
+    complex values would lose their imaginary part, booleans are not quantities."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        if isinstance(x, bool) or not isinstance(x, int | float | np.generic | list | tuple):
+            raise TypeError(f"{name} must be a real number or array, got {type(x).__name__}")
+        try:
+            dtype = np.asarray(x).dtype
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number or array, got {x!r}") from None
+    if not is_real_dtype(dtype):
+        raise TypeError(
+            f"{name} must be a real (integer or floating) number or array, got dtype {dtype}"
+        )
+
+
 def check_rounding(rounding: str, key) -> None:
     """Raises ValueError for an unknown rounding name or stochastic rounding without a key."""
     if rounding not in ROUNDING_MODES:
@@ -86,11 +117,29 @@ def check_rounding(rounding: str, key) -> None:
         raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
 
 
+def _check_qparams_values(qp: QParams) -> None:
+    """ValueError unless a concrete scale is finite and > 0 and a concrete zero point finite."""
+    scale = _concrete(qp.scale)
+    if scale is not None and not np.all(np.isfinite(scale) & (scale > 0)):
+        bad = scale[~(np.isfinite(scale) & (scale > 0))]
+        raise ValueError(f"qp.scale must be finite and > 0 everywhere, got {bad.ravel()[:4]}")
+    zp = _concrete(qp.zero_point)
+    if zp is not None and not np.all(np.isfinite(zp)):
+        bad = zp[~np.isfinite(zp)]
+        raise ValueError(f"qp.zero_point must be finite everywhere, got {bad.ravel()[:4]}")
+
+
 def check_qparams(x, qp: QParams, fmt: Format) -> None:
-    """Validates QParams against ``x`` and ``fmt`` (shapes always, values when concrete)."""
+    """Validates QParams against ``x`` and ``fmt``: shapes and dtypes always; when concrete,
+    ``scale`` finite and > 0 and ``zero_point`` finite and (rounded) inside ``[qmin, qmax]``.
+
+    Traced values cannot raise: a NaN or infinite scale / zero point then gives NaN outputs.
+    """
     if not isinstance(qp, QParams):
         raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
     _check_format(fmt)
+    check_real("qp.scale", qp.scale)
+    check_real("qp.zero_point", qp.zero_point)
     x_shape = np.shape(x)
     try:
         out = np.broadcast_shapes(qp.shape, x_shape)
@@ -100,9 +149,7 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
         raise ValueError(
             f"qp (scale/zero_point shape {qp.shape}) must broadcast against x of shape {x_shape}"
         )
-    scale = _concrete(qp.scale)
-    if scale is not None and not np.all(scale > 0):
-        raise ValueError(f"qp.scale must be > 0 everywhere, got min {np.min(scale)}")
+    _check_qparams_values(qp)
     zp = _concrete(qp.zero_point)
     if zp is None:
         return
@@ -120,6 +167,13 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
             )
 
 
+# Integer grids reach past their range (by half a step for a rounded zero point, to twice the
+# range end for the lowest code of a 2-bit symmetric grid): their ranges are clipped to
+# +-2^126 so that every grid value is a finite float32. Float, binary and midrise grids end at
+# +-max|r| and need no clip.
+RANGE_LIMIT = 2.0**126
+
+
 def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> QParams:
     """QParams that map ``[rmin, rmax]`` onto ``fmt``'s grid.
 
@@ -131,18 +185,53 @@ def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> Q
 
     Midrise grids use ``scale = max|r| / (qmax + 1/2)``; float formats ``max|r| / fmt.max``;
     the binary format ``max|r|``. A zero range gives ``scale = 1`` (finite, never NaN/Inf).
+    For integer (not midrise) grids, range ends beyond ``+-2^126`` are clipped to it, so that
+    every grid value is a finite float32 (values beyond saturate there).
+
+    Bad ranges: concrete ones raise (``TypeError`` for complex / bool / non-numbers,
+    ``ValueError`` for NaN, +-inf or ``rmin > rmax``); traced ones cannot raise and give
+    ``scale = zero_point = NaN`` in the affected elements, so everything quantized with them
+    is NaN. An invalid traced bit width does the same (``fmt.qmax`` is NaN).
+
+    Args:
+      rmin, rmax: real numbers or arrays (float16, bfloat16, fp8, float32, integers),
+        broadcastable against each other.
+      fmt: the target format.
+      symmetric: zero point 0 (integer formats).
 
     >>> qp = qparams_from_range(-1.0, 1.0, IntFormat(8), symmetric=True)
     >>> round(float(qp.scale) * 127, 6), float(qp.zero_point)
     (1.0, 0.0)
     """
     _check_format(fmt)
-    for name, v in (("rmin", rmin), ("rmax", rmax)):
-        c = _concrete(v)
-        if c is not None and (not np.issubdtype(c.dtype, np.number) or not np.all(np.isfinite(c))):
+    check_real("rmin", rmin)
+    check_real("rmax", rmax)
+    cmin, cmax = _concrete(rmin), _concrete(rmax)
+    for name, c in (("rmin", cmin), ("rmax", cmax)):
+        if c is not None and not np.all(np.isfinite(c)):
             raise ValueError(f"{name} must be a finite number or array, got {c!r}")
-    rmin = jnp.minimum(jnp.asarray(rmin, jnp.float32), 0.0)
-    rmax = jnp.maximum(jnp.asarray(rmax, jnp.float32), 0.0)
+    if cmin is not None and cmax is not None:
+        lo, hi = cmin.astype(np.float32), cmax.astype(np.float32)
+        if np.any(lo > hi):
+            raise ValueError(f"rmin must be <= rmax, got rmin {cmin!r} > rmax {cmax!r}")
+    return qparams_from_data_range(rmin, rmax, fmt, symmetric=symmetric)
+
+
+def qparams_from_data_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> QParams:
+    """:func:`qparams_from_range` for a range measured from data (dynamic quantization), with
+    no eager value checks: NaN, +-inf or reversed ends give ``scale = zero_point = NaN`` in
+    the affected elements, eagerly and under ``jit`` alike, so a NaN (or inf) in the data makes
+    NaN exactly the outputs quantized with that range. Dtypes and ``fmt`` are still checked.
+    """
+    _check_format(fmt)
+    check_real("rmin", rmin)
+    check_real("rmax", rmax)
+    rmin = jnp.asarray(rmin).astype(jnp.float32)
+    rmax = jnp.asarray(rmax).astype(jnp.float32)
+    bad = ~(jnp.isfinite(rmin) & jnp.isfinite(rmax) & (rmin <= rmax))
+    rmin, rmax = jnp.minimum(rmin, 0.0), jnp.maximum(rmax, 0.0)
+    if isinstance(fmt, IntFormat) and not fmt.midrise:  # grids that reach past the range
+        rmin, rmax = jnp.maximum(rmin, -RANGE_LIMIT), jnp.minimum(rmax, RANGE_LIMIT)
     amax = jnp.maximum(-rmin, rmax)
     zero = jnp.zeros_like(amax)
     if isinstance(fmt, FloatFormat):
@@ -158,7 +247,10 @@ def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> Q
         safe = jnp.where(scale > 0, scale, 1.0)
         zp = jnp.clip(jnp.round(fmt.qmin - _divide(rmin, safe)), fmt.qmin, fmt.qmax)
     tiny = jnp.finfo(jnp.float32).tiny
-    scale = jnp.where(scale >= tiny, scale, 1.0)
+    # a zero (or subnormal) range gives 1; NaN (an invalid traced width) stays NaN
+    scale = jnp.where(scale < tiny, 1.0, scale)
+    scale = jnp.where(bad, jnp.nan, scale)
+    zp = jnp.where(bad, jnp.nan, zp)
     return QParams(scale=scale.astype(jnp.float32), zero_point=zp.astype(jnp.float32))
 
 
@@ -195,20 +287,41 @@ def stochastic_noise(key, shape) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32)
 
 
-def round_to_float_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
-    """Rounds float32 ``x`` to the nearest value of the minifloat ``fmt`` (ties to even).
+def round_to_float_format(
+    x: jax.Array,
+    fmt: FloatFormat,
+    rounding: str = "nearest_even",
+    noise: jax.Array | None = None,
+) -> jax.Array:
+    """Rounds float32 ``x`` to a value of the minifloat ``fmt`` with a named rounding mode.
 
     ``|x| = 2^e * f`` with ``e = max(floor(log2|x|), emin)``; the grid spacing at ``x`` is
-    ``ulp = 2^(e - M)`` and the result is ``round_half_even(|x| / ulp) * ulp`` with the sign of
-    ``x``, the exponent unbounded above. Overflow (a result above ``fmt.max``) gives inf for
-    IEEE formats, NaN for ``fn`` formats, ``+-max`` when ``fmt.saturate``, as ``ml_dtypes``
-    casts do; NaN passes through unchanged.
+    ``ulp = 2^(e - M)``, the exponent unbounded above. With ``lo = trunc(|x| / ulp) * ulp``
+    and ``hi = lo + ulp`` (the two grid neighbours of ``|x|``), the result is ``lo`` or ``hi``
+    with the sign of ``x``:
+
+    - ``nearest_even`` (default, as ``ml_dtypes`` casts): nearer one, ties to even mantissa;
+    - ``half_away``: nearer one, ties to ``hi``; ``half_up``: nearer one, ties towards +inf;
+    - ``floor``: the largest grid value ``<= x`` (``lo`` for ``x >= 0``, ``hi`` below 0);
+    - ``stochastic``: ``hi`` with probability ``(|x| - lo) / ulp``, so ``E[result] = x``,
+      given ``noise ~ U[0, 1)`` of ``x``'s shape.
+
+    Overflow (a result above ``fmt.max``) gives inf for IEEE formats, NaN for ``fn`` formats,
+    ``+-max`` when ``fmt.saturate``, as ``ml_dtypes`` casts do, except that ``floor`` of a
+    finite positive ``x`` gives ``max`` (IEEE round-toward-negative). NaN passes through.
 
     Computed on the float32 bit pattern with integer arithmetic, so it is exact also where
     float32 subnormals would be flushed to zero (XLA on CPU flushes them).
     """
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if rounding == "stochastic" and noise is None:
+        raise ValueError(
+            f"rounding='stochastic' to {fmt.name or fmt} needs noise ~ U[0, 1) (a key upstream)"
+        )
     x = jnp.asarray(x, jnp.float32)
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    negative = bits < 0
     mag = bits & 0x7FFFFFFF
     biased = mag >> 23
     # |x| = sig * 2^e exactly, with sig < 2^24 (implicit leading bit added for normal numbers)
@@ -218,12 +331,25 @@ def round_to_float_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
     shift = jnp.maximum(floor_log2, fmt.emin) - fmt.mantissa_bits - e  # bits of sig to drop
     s = jnp.clip(shift, 1, 31)
     kept = sig >> s
-    rem = sig & ((1 << s) - 1)
+    rem = sig & ((1 << s) - 1)  # |x| - lo in units of 2^-s ulp (shift > 31: kept = 0, rem = sig)
     half = 1 << (s - 1)
-    q = kept + ((rem > half) | ((rem == half) & ((kept & 1) == 1))).astype(jnp.int32)
-    sig_r = q << s  # <= 2^25: q > 0 only when s <= 24
+    if rounding == "nearest_even":
+        up = (rem > half) | ((rem == half) & ((kept & 1) == 1))
+    elif rounding == "half_away":
+        up = rem >= half
+    elif rounding == "half_up":
+        up = jnp.where(negative, rem > half, rem >= half)
+    elif rounding == "floor":
+        up = negative & (rem > 0)
+    else:  # stochastic: up with probability rem / 2^shift, from 31 bits of the noise
+        r = (jnp.asarray(noise, jnp.float32) * 2.0**31).astype(jnp.int32)
+        frac = jnp.where(shift > 31, sig >> jnp.clip(shift - 31, 0, 31), rem)
+        up = (r >> (31 - s)) < frac
+    q = kept + up.astype(jnp.int32)
+    sig_r = q << jnp.minimum(s, 24)  # <= 2^25: q > 0 with s > 24 only as the smallest subnormal
     # a carry to 2^24 moves into the exponent field, and a subnormal to the smallest normal
     mag_r = jnp.where(biased > 0, (biased << 23) + sig_r - (1 << 23), sig_r)
+    mag_r = jnp.where(shift > 24, _f32_bits(fmt.smallest_subnormal), mag_r)
     mag_r = jnp.where(shift <= 0, mag, jnp.where(q == 0, 0, mag_r))
     if fmt.saturate:
         top = _f32_bits(fmt.max)
@@ -231,7 +357,10 @@ def round_to_float_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
         top = 0x7F800000
     else:
         top = 0x7FC00000
-    mag_r = jnp.where(mag_r > _f32_bits(fmt.max), top, mag_r)
+    over = mag_r > _f32_bits(fmt.max)
+    if rounding == "floor":  # largest grid value <= x: a finite positive x never overflows
+        top = jnp.where(negative | (mag >= 0x7F800000), top, _f32_bits(fmt.max))
+    mag_r = jnp.where(over, top, mag_r)
     y = jax.lax.bitcast_convert_type(mag_r | (bits & jnp.int32(-(1 << 31))), jnp.float32)
     return jnp.where(jnp.isnan(x), x, y)
 
@@ -250,12 +379,25 @@ def _divide(x: jax.Array, scale: jax.Array) -> jax.Array:
     return x / jnp.where(jnp.isnan(x), 1.0, scale)
 
 
+def nan_if_invalid(qp: QParams) -> QParams:
+    """``qp`` with ``scale`` NaN where it is not finite and > 0, and ``zero_point`` NaN where it
+    is not finite: traced QParams cannot raise, so bad ones make their outputs NaN instead of
+    plausible numbers (a zero scale would give zeros, a negative one a mirrored grid)."""
+    scale = jnp.asarray(qp.scale)
+    zp = jnp.asarray(qp.zero_point)
+    return QParams(
+        jnp.where(jnp.isfinite(scale) & (scale > 0), scale, jnp.nan),
+        jnp.where(jnp.isfinite(zp), zp, jnp.nan),
+    )
+
+
 def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
     """Float codes ``clip(round(x / scale) + zp, qmin, qmax)`` (float formats: grid values)."""
+    qp = nan_if_invalid(qp)
     x = jnp.asarray(x, jnp.float32)
     v = _divide(x, qp.scale)
     if isinstance(fmt, FloatFormat):
-        return round_to_float_format(v, fmt)
+        return round_to_float_format(v, fmt, rounding, noise)
     if isinstance(fmt, BinaryFormat):
         return jnp.where(jnp.isnan(v), jnp.nan, jnp.where(v >= 0, 1.0, -1.0))
     if fmt.midrise:
@@ -265,6 +407,7 @@ def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
 
 def _values(codes, qp: QParams, fmt: Format | None) -> jax.Array:
     offset = 0.5 if isinstance(fmt, IntFormat) and fmt.midrise else 0.0
+    qp = nan_if_invalid(qp)
     return qp.scale * (codes + offset - jnp.round(qp.zero_point))
 
 
@@ -279,23 +422,38 @@ def quantize(
     """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` in ``fmt``'s storage dtype.
 
     Static integer formats store as int8/uint8 (<= 8 bits) or int16/uint16; traced bits give
-    int32; float formats give float32 values on the minifloat grid (of ``x / scale``).
-    NaN has no integer code: integer storage maps it to 0 (use ``fake_quant`` to keep NaN);
+    int32; float formats give float32 values on the minifloat grid (of ``x / scale``), rounded
+    with any of the rounding modes.
+    NaN has no integer code: static integer storage maps it to 0 (use ``fake_quant`` to keep
+    NaN); int32 storage (traced bits) maps it to ``-2^31``, outside every grid, so that an
+    invalid traced width (``qmax`` NaN) or a NaN scale cannot produce plausible codes.
     +-Inf saturate to ``qmax`` / ``qmin``.
+
+    Raises TypeError for a non-real ``x`` (complex, bool): no imaginary part is dropped.
     """
+    check_real("x", x)
     check_qparams(x, qp, fmt)
     check_rounding(rounding, key)
     noise = stochastic_noise(key, jnp.shape(x)) if rounding == "stochastic" else None
     q = _codes(x, qp, fmt, rounding, noise)
     if isinstance(fmt, FloatFormat):
         return q
-    return jnp.where(jnp.isnan(q), 0, q).astype(fmt.dtype)
+    no_code = 0 if fmt.is_static else jnp.iinfo(jnp.int32).min
+    return jnp.where(jnp.isnan(q), no_code, q).astype(fmt.dtype)
 
 
 def dequantize(q: jax.Array, qp: QParams, fmt: Format | None = None) -> jax.Array:
-    """``x = scale * (q - zero_point)`` as float32 (midrise formats add 1/2: pass ``fmt``)."""
+    """``x = scale * (q - zero_point)`` as float32 (midrise formats add 1/2: pass ``fmt``).
+
+    A concrete scale must be finite and > 0 and a concrete zero point finite (ValueError);
+    traced bad ones give NaN (:func:`nan_if_invalid`).
+    """
     if not isinstance(qp, QParams):
         raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
+    check_real("q", q)
+    check_real("qp.scale", qp.scale)
+    check_real("qp.zero_point", qp.zero_point)
+    _check_qparams_values(qp)
     return _values(jnp.asarray(q, jnp.float32), qp, fmt)
 
 

@@ -305,3 +305,100 @@ def test_get_format():
         jq.get_format("int7")
     with pytest.raises(TypeError, match="format"):
         jq.get_format(8)
+
+
+# --- rounding modes of float formats (issue #12) ----------------------------------------------
+
+_FP8 = FLOAT_CASES[:2]
+
+
+def _round_mode(x, fmt, rounding):
+    """Rounding through the public fake_quant with scale 1 (``x / 1`` and ``1 * y`` are exact)."""
+    return _fake_quant(x, jq.QParams(1.0), fmt, rounding=rounding)
+
+
+def _neighbours(x: np.ndarray, dt) -> tuple[np.ndarray, np.ndarray]:
+    """The largest grid value <= x and the smallest >= x, from every finite code of ``dt``."""
+    codes = np.arange(256, dtype=np.uint8).view(dt).astype(np.float64)
+    grid = np.unique(codes[np.isfinite(codes)])
+    x64 = x.astype(np.float64)
+    lo = grid[np.searchsorted(grid, x64, "right") - 1]
+    hi = grid[np.searchsorted(grid, x64, "left")]
+    return lo, hi
+
+
+def _in_range_samples(dt, rng) -> np.ndarray:
+    """Grid values, exact midpoints, 1 ulp around them and random values inside [-max, max]."""
+    mx = float(ml_dtypes.finfo(dt).max)
+    grid = _grid_and_midpoints(dt, np.uint8)
+    grid = grid[np.abs(grid) <= mx]
+    rand = rng.uniform(-mx, mx, 2000) * np.exp2(-rng.integers(0, 20, 2000))
+    return np.concatenate([grid, rand.astype(np.float32), [0.0, -0.0, 1e-30, -1e-30]]).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("rounding", ["floor", "half_away", "half_up"])
+@pytest.mark.parametrize("fmt, dt, uint", _FP8, ids=[f.name for f, _, _ in _FP8])
+def test_float_format_directed_and_tie_modes_pick_the_right_ml_dtypes_neighbour(
+    fmt, dt, uint, rounding, rng
+):
+    x = _in_range_samples(dt, rng)
+    lo, hi = _neighbours(x, dt)
+    x64 = x.astype(np.float64)
+    if rounding == "floor":
+        want = lo
+    else:
+        d_lo, d_hi = x64 - lo, hi - x64
+        tie_up = np.abs(hi) > np.abs(lo) if rounding == "half_away" else np.ones(x.shape, bool)
+        want = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(tie_up, hi, lo)))
+    y = np.asarray(_round_mode(jnp.asarray(x), fmt, rounding)).astype(np.float64)
+    bad = y != want
+    assert not bad.any(), f"x={x[bad][:4]} -> {y[bad][:4]}, want {want[bad][:4]}"
+
+
+@pytest.mark.parametrize("fmt, dt, uint", _FP8, ids=[f.name for f, _, _ in _FP8])
+def test_float_format_floor_overflow_is_ieee_round_toward_negative(fmt, dt, uint):
+    mx = float(ml_dtypes.finfo(dt).max)
+    x = np.array([1e6, mx * 1.5, -1e6, np.inf, -np.inf, np.nan], np.float32)
+    y = np.asarray(_round_mode(jnp.asarray(x), fmt, "floor"))
+    neg_overflow = -np.inf if fmt.inf == "ieee" else np.nan
+    pos_inf = np.inf if fmt.inf == "ieee" else np.nan
+    np.testing.assert_array_equal(y, [mx, mx, neg_overflow, pos_inf, neg_overflow, np.nan])
+
+
+@pytest.mark.parametrize("fmt, dt, uint", _FP8, ids=[f.name for f, _, _ in _FP8])
+def test_float_format_stochastic_rounding_is_unbiased_between_neighbours(fmt, dt, uint, rng):
+    mx = float(ml_dtypes.finfo(dt).max)
+    tiny = float(ml_dtypes.finfo(dt).smallest_subnormal)
+    # normal, subnormal, below the smallest subnormal, negative, on the grid, near max
+    x = np.array(
+        [1.3, -2.7, 0.1, 3 * tiny / 4, tiny / 8, -tiny * 1.25, 1.0, mx * 0.97, 1e-30], np.float32
+    )
+    lo, hi = _neighbours(x, dt)
+    n = 4000
+    xs = jnp.broadcast_to(jnp.asarray(x), (n, x.size))
+    fq = jax.jit(jq.fake_quant, static_argnames=("fmt", "rounding"))
+    y = np.asarray(fq(xs, jq.QParams(1.0), fmt, rounding="stochastic", key=jax.random.key(3)))
+    y = y.astype(np.float64)
+    assert np.all((y == lo) | (y == hi)), "stochastic rounding left the two neighbours"
+    step = hi - lo
+    # E[y] = x; the mean of n Bernoulli draws has std <= step / (2 sqrt(n)); 5 sigma
+    bound = 5 * step / (2 * np.sqrt(n)) + 2.0**-22 * step
+    err = np.abs(y.mean(0) - x.astype(np.float64))
+    assert np.all(err <= bound), (err, bound)
+    # both neighbours occur where neither is nearly certain (not round-to-nearest in disguise)
+    p = np.divide(x - lo, step, out=np.zeros_like(step), where=step > 0)
+    mixed = (p > 0.05) & (p < 0.95)
+    assert mixed.sum() >= 5
+    assert np.all(((y == lo).any(0) & (y == hi).any(0))[mixed])
+
+
+def test_float_format_stochastic_needs_a_key_and_quantize_uses_it():
+    x = jnp.full((4096,), 1.1, jnp.float32)
+    with pytest.raises(ValueError, match="key"):
+        jq.quantize(x, jq.QParams(1.0), jq.fp8_e4m3, rounding="stochastic")
+    q = _quantize(x, jq.QParams(1.0), jq.fp8_e4m3, rounding="stochastic", key=jax.random.key(0))
+    q = np.asarray(q)
+    assert set(np.unique(q)) == {1.0, 1.125}
+    assert abs(q.mean() - 1.1) < 0.01

@@ -767,3 +767,165 @@ def test_aqt_conv_gradients_are_zero_and_jquant_gives_the_ste_gradient():
     assert np.abs(gx).sum() > 0 and np.abs(gw).sum() > 0
     np.testing.assert_allclose(gx, ex, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gw, ew, rtol=1e-4, atol=1e-5)
+
+
+# --- overflow and NaN (issue #12) -------------------------------------------------------------
+
+
+def _ones_dot(k, accumulator="int32", lhs=SYM):
+    x, w = jnp.ones((1, k), jnp.float32), jnp.ones((k, 1), jnp.float32)
+    return ops.dot_general(
+        x, w, DENSE_DN, lhs_quant=lhs, rhs_quant=SYM, mode="int", accumulator=accumulator
+    )
+
+
+def test_int_mode_refuses_a_contraction_that_may_overflow_int32():
+    k = 2**17 + 4096  # the issue's reduction: int32 wraps to -131120.5 without the check
+    with pytest.raises(ValueError, match=rf"int32 accumulator may overflow.*K = {k}"):
+        _ones_dot(k)
+    # the bound from the formats: 128 * 128 * K for symmetric int8, 255 * 128 * K with a zero
+    # point (checked at trace time: eval_shape traces without running)
+    jax.eval_shape(lambda: _ones_dot(2**17 - 1))
+    with pytest.raises(ValueError, match="accumulator='int32_wrap'"):
+        jax.eval_shape(lambda: _ones_dot(2**17))
+    jax.eval_shape(lambda: _ones_dot(65793, lhs=AFFINE))
+    with pytest.raises(ValueError, match="overflow"):
+        jax.eval_shape(lambda: _ones_dot(65794, lhs=AFFINE))
+    lhs, rhs = jnp.ones((1, 140_000, 1, 1)), jnp.ones((1, 140_000, 1, 1))  # NCHW, OIHW: K = C
+    with pytest.raises(ValueError, match="K = 140000"):
+        ops.conv_general_dilated(
+            lhs, rhs, (1, 1), "VALID", lhs_quant=SYM, rhs_quant=SYM, mode="int"
+        )
+    with pytest.raises(ValueError, match="accumulator must be one of"):
+        _ones_dot(4, accumulator="int64")
+    with pytest.raises(ValueError, match="accumulator must be one of"):
+        ops.quantized_dot_general(SYM, SYM, "int", accumulator="wrap")
+
+
+def test_int32_wrap_opts_into_modular_arithmetic():
+    k = 2**17 + 4096
+    got = float(_ones_dot(k, accumulator="int32_wrap")[0, 0])
+    acc = (127 * 127 * k + 2**31) % 2**32 - 2**31  # two's complement int32 of the exact sum
+    np.testing.assert_allclose(got, np.float32(acc) / np.float32(127) ** 2, rtol=1e-6)
+    # below the bound the result is exact: K ones
+    np.testing.assert_allclose(float(_ones_dot(2**17 - 1)[0, 0]), 2**17 - 1, rtol=1e-6)
+
+
+def test_convert_and_ops_share_the_int32_bound():
+    from jquant.integer import checks
+
+    w = np.full((10_000, 1), 127, np.int8)
+    bound = 255 * 127 * 10_000
+    assert int(checks.accumulator_bound(w)[0]) == bound
+    assert bound == checks.product_bound(
+        10_000, checks.centered_code_bound(jq.int8, zero_point=True), 127
+    )
+    with pytest.raises(ValueError, match="int32 accumulator may overflow"):
+        checks.check_accumulator(np.full((70_000, 1), 127, np.int8))
+
+
+_dot_jit = jax.jit(
+    ops.dot_general,
+    static_argnames=("dimension_numbers", "lhs_quant", "rhs_quant", "mode"),
+)
+
+
+def _float_nan_mask(lhs, rhs):
+    return np.isnan(np.asarray(lhs, np.float64) @ np.asarray(rhs, np.float64))
+
+
+@pytest.mark.parametrize("mode", ops.MODES)
+@pytest.mark.parametrize("given", [False, True])
+def test_nan_in_one_row_gives_nan_in_that_row_only(mode, given):
+    lhs, rhs = _normal(0, (4, 6)), _normal(1, (6, 3))
+    bad = lhs.copy()
+    bad[1, 2] = np.nan
+    per_row = QuantConfig(axis=0)
+    qp = ops.dynamic_qparams(jnp.asarray(lhs), per_row) if given else None
+    kw = dict(lhs_quant=per_row, rhs_quant=SYM, mode=mode, lhs_qparams=qp)
+    out = np.asarray(_dot_jit(bad, rhs, DENSE_DN, **kw))
+    ref = np.asarray(_dot_jit(lhs, rhs, DENSE_DN, **kw))
+    np.testing.assert_array_equal(np.isnan(out), _float_nan_mask(bad, rhs))
+    keep = np.arange(4) != 1
+    np.testing.assert_array_equal(out[keep], ref[keep])  # other rows untouched
+    # per-tensor dynamic: the NaN is in the one range, so every output is NaN (documented)
+    out = np.asarray(_dot_jit(bad, rhs, DENSE_DN, lhs_quant=SYM, rhs_quant=SYM, mode=mode))
+    assert np.all(np.isnan(out))
+
+
+@pytest.mark.parametrize("mode", ops.MODES)
+def test_nan_or_inf_weight_gives_nan_in_its_column(mode):
+    lhs, rhs = _normal(0, (4, 6)), _normal(1, (6, 3))
+    for v in (np.nan, np.inf):
+        bad = rhs.copy()
+        bad[3, 2] = v
+        out = np.asarray(
+            _dot_jit(lhs, bad, DENSE_DN, lhs_quant=SYM, rhs_quant=PER_CHANNEL_LAST, mode=mode)
+        )
+        np.testing.assert_array_equal(np.isnan(out), np.tile([False, False, True], (4, 1)))
+
+
+@pytest.mark.parametrize("mode", ops.MODES)
+def test_nan_in_a_conv_input_gives_nan_in_the_windows_that_hold_it(mode):
+    lhs, rhs = _normal(2, (2, 5, 5, 4)), _normal(3, (3, 3, 2, 6))  # 2 feature groups
+    bad = lhs.copy()
+    bad[0, 0, 4, 3] = np.nan  # a corner pixel, in group 1 (channels 2, 3)
+    qp = ops.dynamic_qparams(jnp.asarray(lhs), AFFINE)
+    kw = dict(
+        lhs_quant=AFFINE,
+        rhs_quant=PER_CHANNEL_LAST,
+        lhs_qparams=qp,
+        mode=mode,
+        feature_group_count=2,
+        dimension_numbers=NHWC,
+    )
+    conv = jax.jit(
+        functools.partial(ops.conv_general_dilated, window_strides=(1, 1), **kw),
+        static_argnames="padding",
+    )
+    out = np.asarray(conv(bad, rhs, padding="SAME"))
+    ref = np.asarray(conv(lhs, rhs, padding="SAME"))
+    want = np.isnan(
+        np.asarray(
+            lax.conv_general_dilated(
+                bad, rhs, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2
+            )
+        )
+    )
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(np.isnan(out), want)
+    np.testing.assert_array_equal(out[~want], ref[~want])
+
+
+@pytest.mark.parametrize("pool", [ops.avg_pool, ops.max_pool])
+def test_nan_in_simulated_pooling_stays_in_its_windows(pool):
+    x = _normal(4, (1, 4, 4, 2))
+    x[0, 0, 0, 1] = np.nan
+    qp = jq.QParams(0.05, 3.0)
+    out = np.asarray(jax.jit(lambda v: pool(v, qp, jq.int8, (2, 2), (1, 1)))(x))
+    want = np.zeros((1, 3, 3, 2), bool)
+    want[0, 0, 0, 1] = True
+    np.testing.assert_array_equal(np.isnan(out), want)
+
+
+def test_quantized_operands_must_be_float():
+    i = jnp.ones((2, 3), jnp.int32)
+    f = jnp.ones((3, 2), jnp.float32)
+    for mode in ops.MODES:
+        with pytest.raises(TypeError, match="lhs is quantized.*int32"):
+            ops.dot_general(i, f, DENSE_DN, lhs_quant=SYM, rhs_quant=SYM, mode=mode)
+        with pytest.raises(TypeError, match="rhs is quantized.*complex64"):
+            ops.dot_general(
+                f.T, f.astype(jnp.complex64), DENSE_DN, lhs_quant=SYM, rhs_quant=SYM, mode=mode
+            )
+    with pytest.raises(TypeError, match="lhs is quantized"):
+        ops.conv_general_dilated(
+            jnp.ones((1, 3, 3, 1), jnp.int8),
+            jnp.ones((1, 1, 1, 1)),
+            (1, 1),
+            "VALID",
+            dimension_numbers=NHWC,
+            lhs_quant=SYM,
+            rhs_quant=SYM,
+            mode="int",
+        )

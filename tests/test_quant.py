@@ -9,6 +9,7 @@ import chex
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -58,6 +59,7 @@ INT_FORMATS = [jq.uint8, jq.IntFormat(3, narrow=True), jq.IntFormat(12)]
     fmt=st.sampled_from(INT_FORMATS),
 )
 def test_qparams_from_range_affine_formula(rmin, rmax, fmt):
+    rmin, rmax = min(rmin, rmax), max(rmin, rmax)  # a reversed range is NaN (test_bad_input)
     qp = _qparams(rmin, rmax, fmt)
     lo, hi = np.float32(min(rmin, 0.0)), np.float32(max(rmax, 0.0))
     scale = (hi - lo) / np.float32(fmt.qmax - fmt.qmin)
@@ -122,11 +124,14 @@ def test_qparams_from_range_per_axis_arrays():
         assert float(qp.zero_point[i]) == float(one.zero_point)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "1"])
-def test_qparams_from_range_rejects_non_finite(bad):
-    with pytest.raises(ValueError, match="rmin"):
+@pytest.mark.parametrize(
+    "bad, error",
+    [(np.nan, ValueError), (np.inf, ValueError), (-np.inf, ValueError), ("1", TypeError)],
+)
+def test_qparams_from_range_rejects_non_finite(bad, error):
+    with pytest.raises(error, match="rmin"):
         jq.qparams_from_range(bad, 1.0, jq.int8)
-    with pytest.raises(ValueError, match="rmax"):
+    with pytest.raises(error, match="rmax"):
         jq.qparams_from_range(-1.0, bad, jq.int8)
 
 
@@ -417,6 +422,9 @@ X4 = jnp.ones(4)
         (jq.QParams(0.0), jq.int8, "scale"),
         (jq.QParams(-1.0), jq.int8, "scale"),
         (jq.QParams(np.nan), jq.int8, "scale"),
+        (jq.QParams(np.inf), jq.int8, "scale"),
+        (jq.QParams(1.0, np.nan), jq.int8, "zero_point"),
+        (jq.QParams(1.0, np.inf), jq.uint8, "zero_point"),
         (jq.QParams(np.array([0.1, 0.2, 0.0, 0.1])), jq.int8, "scale"),
         (jq.QParams(1.0, 128.0), jq.int8, "zero_point"),
         (jq.QParams(1.0, -129.0), jq.int8, "zero_point"),
@@ -435,6 +443,17 @@ def test_bad_qparams_raise_value_error(qp, fmt, match):
         jq.quantize(X4, qp, fmt)
     with pytest.raises(ValueError, match=match):
         jq.fake_quant(X4, qp, fmt)
+
+
+@pytest.mark.parametrize(
+    "qp", [jq.QParams(0.0), jq.QParams(-1.0), jq.QParams(np.inf), jq.QParams(1.0, np.nan)]
+)
+def test_dequantize_checks_concrete_qparams_and_nans_traced_ones(qp):
+    with pytest.raises(ValueError, match="qp.scale|qp.zero_point"):
+        jq.dequantize(jnp.array([1, 2], jnp.int8), qp)
+    assert np.all(np.isnan(np.asarray(_dequantize(jnp.array([1, 2], jnp.int8), qp))))
+    with pytest.raises(TypeError, match="q must be a real"):
+        jq.dequantize(jnp.array([1j]), jq.QParams(1.0))
 
 
 def test_bad_types_and_rounding():
@@ -463,3 +482,117 @@ def test_dequantize_formula():
     np.testing.assert_array_equal(np.asarray(jq.dequantize(q, qp)), [-66.5, -2.5, 0.0, 61.0])
     with pytest.raises(TypeError, match="qp"):
         jq.dequantize(q, 0.5)
+
+
+# --- no silent wrong answers (issue #12) ------------------------------------------------------
+
+
+def test_quantize_refuses_complex_and_bool_input():
+    for x in (jnp.array([1 + 2j, 0.5j]), jnp.array([True, False])):
+        with pytest.raises(TypeError, match="x must be a real"):
+            jq.quantize(x, jq.QParams(0.1), jq.int8)
+        with pytest.raises(TypeError, match="x must be a float"):
+            jq.fake_quant(x, jq.QParams(0.1), jq.int8)
+
+
+def test_quantize_integer_input_is_exact_not_truncated():
+    x = jnp.array([-300, -7, 0, 5, 254], jnp.int32)
+    q = np.asarray(jq.quantize(x, jq.QParams(2.0), jq.int8))
+    np.testing.assert_array_equal(q, np_quantize(np.asarray(x, np.float32), 2.0, 0, jq.int8))
+
+
+def test_qparams_from_range_rejects_reversed_and_complex_ranges():
+    with pytest.raises(ValueError, match="rmin must be <= rmax"):
+        jq.qparams_from_range(1.0, 0.5, jq.int8)
+    with pytest.raises(ValueError, match="rmin must be <= rmax"):
+        jq.qparams_from_range(np.array([-1.0, 2.0]), np.array([1.0, 1.5]), jq.uint8)
+    with pytest.raises(TypeError, match="rmax must be a real"):
+        jq.qparams_from_range(-1.0, 1 + 1j, jq.int8)
+    with pytest.raises(TypeError, match="rmin must be a real"):
+        jq.qparams_from_range(np.array([True]), 1.0, jq.int8)
+
+
+@pytest.mark.parametrize(
+    "rmin, rmax",
+    [(1.0, 0.5), (np.nan, 1.0), (-1.0, np.nan), (-np.inf, 1.0), (-1.0, np.inf)],
+)
+def test_traced_bad_range_gives_nan_qparams_and_nan_outputs(rmin, rmax):
+    for symmetric in (False, True):
+        qp = _qparams(jnp.float32(rmin), jnp.float32(rmax), jq.int8, symmetric=symmetric)
+        assert np.isnan(float(qp.scale)) and np.isnan(float(qp.zero_point))
+    qp = _qparams(jnp.float32(rmin), jnp.float32(rmax), jq.int8)
+    assert np.all(np.isnan(np.asarray(_fake_quant(jnp.linspace(-1, 1, 5), qp, jq.int8))))
+
+
+def test_traced_bad_range_is_nan_only_in_its_own_channel():
+    rmin = jnp.array([-1.0, jnp.nan, -2.0, 3.0])
+    rmax = jnp.array([1.0, 1.0, jnp.inf, 2.0])  # channel 3 reversed
+    qp = _qparams(rmin, rmax, jq.uint8)
+    np.testing.assert_array_equal(np.isnan(np.asarray(qp.scale)), [False, True, True, True])
+    y = np.asarray(_fake_quant(jnp.full((2, 4), 0.5), qp, jq.uint8))
+    np.testing.assert_array_equal(np.isnan(y), np.tile([False, True, True, True], (2, 1)))
+    assert np.all(np.abs(y[:, 0] - 0.5) <= float(qp.scale[0]) / 2)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("fmt", [jq.int8, jq.uint8, jq.int2, jq.fp8_e4m3, jq.binary], ids=str)
+def test_ranges_near_the_float32_limit_give_finite_scales_and_outputs(fmt, symmetric):
+    big = float(np.finfo(np.float32).max)
+    x = jnp.array([-big, -3e38, -1.0, 0.0, 1e30, 3e38, big], jnp.float32)
+    qp = _qparams(jnp.float32(-big), jnp.float32(big), fmt, symmetric=symmetric)
+    assert np.isfinite(float(qp.scale)) and float(qp.scale) > 0
+    y = np.asarray(_fake_quant(x, qp, fmt))
+    assert np.all(np.isfinite(y))
+    # ranges are clipped to +-2^126: values inside it are within half a step (int formats)
+    if isinstance(fmt, jq.IntFormat):
+        inside = np.abs(np.asarray(x)) <= 2.0**126
+        assert np.all(np.abs(y - np.asarray(x))[inside] <= float(qp.scale) / 2 * 1.0001)
+
+
+def test_low_precision_range_arguments_are_accepted():
+    """bf16 / fp8 (ml_dtypes) scalars and arrays are numbers: eager quantization of a bf16
+    model's weights works and equals the NumPy formula on the float32 values."""
+    import flax.linen as fnn
+
+    params = fnn.Dense(8, param_dtype=jnp.bfloat16).init(
+        jax.random.key(0), jnp.ones((1, 5), jnp.bfloat16)
+    )
+    w = params["params"]["kernel"]
+    assert w.dtype == jnp.bfloat16
+    w_np = np.asarray(w)  # an ml_dtypes bfloat16 array
+    lo, hi = w_np.min(axis=0), w_np.max(axis=0)  # per output channel, still bfloat16
+    qp = jq.qparams_from_range(lo, hi, jq.int8)  # eager: refused before (issue #12)
+    lo32 = np.minimum(lo.astype(np.float32), 0)
+    hi32 = np.maximum(hi.astype(np.float32), 0)
+    scale = (hi32 - lo32) / np.float32(255)
+    np.testing.assert_array_equal(np.asarray(qp.scale), scale)
+    np.testing.assert_array_equal(
+        np.asarray(qp.zero_point), np.clip(np.round(np.float32(-128) - lo32 / scale), -128, 127)
+    )
+    q = np.asarray(jq.quantize(w, qp, jq.int8))
+    want = np_quantize(w_np.astype(np.float32), scale, np.asarray(qp.zero_point), jq.int8)
+    np.testing.assert_array_equal(q, want)
+    e4m3 = ml_dtypes.float8_e4m3fn
+    qp = jq.qparams_from_range(e4m3(-2.0), np.array([3.0], e4m3), jq.int8)
+    np.testing.assert_allclose(float(qp.scale[0]), 5.0 / 255, rtol=1e-6)
+    qp = jq.qparams_from_range(jnp.bfloat16(-1.0), jnp.float16(1.0), jq.int8, symmetric=True)
+    np.testing.assert_allclose(float(qp.scale), 1 / 127, rtol=1e-6)
+
+
+_fq_bits = jax.jit(lambda x, qp, bits: jq.fake_quant(x, qp, jq.IntFormat(bits)))
+_q_bits = jax.jit(lambda x, qp, bits: jq.quantize(x, qp, jq.IntFormat(bits)))
+
+
+@pytest.mark.parametrize("bits", [40, 1, 17, 0, -3, 2.5, 8.0001, np.nan])
+def test_invalid_traced_bits_give_nan_not_a_clipped_grid(bits):
+    x = jnp.linspace(-1.0, 1.0, 7)
+    b = jnp.asarray(bits, jnp.float32 if isinstance(bits, float) else jnp.int32)
+    assert np.all(np.isnan(np.asarray(_fq_bits(x, jq.QParams(0.1), b))))
+    assert np.all(np.asarray(_q_bits(x, jq.QParams(0.1), b)) == np.iinfo(np.int32).min)
+    fmt_qp = jax.jit(lambda b: jq.qparams_from_range(-1.0, 1.0, jq.IntFormat(b)))(b)
+    assert np.isnan(float(fmt_qp.scale))
+    # valid traced widths are unaffected
+    np.testing.assert_array_equal(
+        np.asarray(_fq_bits(x, jq.QParams(0.1), jnp.int32(3))),
+        np.asarray(jq.fake_quant(x, jq.QParams(0.1), jq.int3)),
+    )

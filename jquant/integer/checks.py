@@ -10,13 +10,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.formats import int8
+from jquant.formats import Format, int8
 from jquant.integer.fixed_point import INT32_MAX
 
-__all__ = ["accumulator_bound", "check_accumulator"]
+__all__ = [
+    "accumulator_bound",
+    "centered_code_bound",
+    "check_accumulator",
+    "check_int32_bound",
+    "product_bound",
+]
 
-# |x - x_zp| <= 255 for int8 codes and a zero point inside [-128, 127].
-_MAX_CENTERED_INPUT = int8.qmax - int8.qmin
+
+def centered_code_bound(fmt: Format, *, zero_point: bool) -> int:
+    """Largest ``|q - z|`` over the codes ``q`` of a static format and its zero points ``z``.
+
+    With a zero point inside ``[qmin, qmax]``: ``qmax - qmin`` (255 for int8 and uint8);
+    without one (``z = 0``): ``max(-qmin, qmax)`` (128 for int8, 127 for narrow int8).
+
+    >>> centered_code_bound(int8, zero_point=True), centered_code_bound(int8, zero_point=False)
+    (255, 128)
+    """
+    if not fmt.is_static:
+        raise ValueError(f"the accumulator bound needs a static format, got {fmt}")
+    qmin, qmax = int(fmt.qmin), int(fmt.qmax)
+    return qmax - qmin if zero_point else max(-qmin, qmax)
+
+
+def product_bound(k: int, lhs: int, rhs: int, bias: int = 0) -> int:
+    """Worst-case ``|acc|`` of ``acc = sum_{k=1..K} (q_l - z_l)(q_r - z_r) + b``:
+    ``K * lhs * rhs + |b|`` with ``lhs``, ``rhs`` the :func:`centered_code_bound` of each side.
+
+    >>> product_bound(2**17, 128, 128) > 2**31 - 1
+    True
+    """
+    return int(k) * int(lhs) * int(rhs) + abs(int(bias))
+
+
+def check_int32_bound(bound, what: str) -> None:
+    """ValueError if a worst-case accumulator ``bound`` (an int or array) exceeds ``2^31 - 1``;
+    ``what`` says where the bound comes from (the formula and its terms)."""
+    worst = int(np.max(bound))
+    if worst > INT32_MAX:
+        raise ValueError(
+            f"int32 accumulator may overflow: worst case {what} = {worst} > 2^31 - 1 = {INT32_MAX}"
+        )
 
 
 def concrete(x) -> np.ndarray | None:
@@ -97,7 +135,8 @@ def accumulator_bound(w, b=None) -> np.ndarray:
     w = np.asarray(w)
     if w.dtype.kind not in "iu" or w.ndim < 1:
         raise TypeError(f"w must be an integer array with output channels last, got {w.dtype}")
-    bound = _MAX_CENTERED_INPUT * np.abs(w.astype(np.int64)).reshape(-1, w.shape[-1]).sum(0)
+    centered = centered_code_bound(int8, zero_point=True)
+    bound = centered * np.abs(w.astype(np.int64)).reshape(-1, w.shape[-1]).sum(0)
     if b is not None:
         b = np.asarray(b)
         if b.shape != (w.shape[-1],) or b.dtype.kind not in "iu":
@@ -112,9 +151,5 @@ def check_accumulator(w, b=None) -> np.ndarray:
     """:func:`accumulator_bound`, raising ValueError if any channel may exceed ``2^31 - 1``."""
     bound = accumulator_bound(w, b)
     bad = np.flatnonzero(bound > INT32_MAX)
-    if bad.size:
-        raise ValueError(
-            f"int32 accumulator may overflow: worst case 255 * sum|w| + |b| = {bound[bad].max()} "
-            f"> {INT32_MAX} in output channels {bad.tolist()}"
-        )
+    check_int32_bound(bound, f"255 * sum|w| + |b| in output channels {bad.tolist()}")
     return bound
