@@ -232,7 +232,8 @@ def quantize(x, fmt: str | BlockFormat, *, axis: int = -1) -> Blocks:
     """
     fmt = get_block_format(fmt)
     x = np.asarray(x)
-    elems, scales = _encode(x, fmt, axis, np)
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN / Inf blocks are NaN by design
+        elems, scales = _encode(x, fmt, axis, np)
     elems = _unblocked(elems, x.shape, axis, np)
     if fmt.element is np.int8:
         elements = np.rint(elems * 64).astype(np.int8)
