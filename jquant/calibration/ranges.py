@@ -26,6 +26,7 @@ from jquant.calibration.grouping import (
     kept_axes,
     or_zero,
     stat_shape,
+    varying_like,
 )
 from jquant.calibration.search import check_search, mse_clip_factor
 from jquant.formats import Format
@@ -220,8 +221,12 @@ def _kl(x, fmt, kept, num_bins) -> Range:
     return _grouped(x, kept, one, sequential=True)
 
 
-def _convex_argmin(f, lo: float, hi: float, iters: int = 48) -> jax.Array:
-    """Minimizer of a convex ``f`` on ``[lo, hi]``: bisection on the sign of ``f'``."""
+def _convex_argmin(f, lo: float, hi: float, like, iters: int = 48) -> jax.Array:
+    """Minimizer of a convex ``f`` on ``[lo, hi]``: bisection on the sign of ``f'``.
+
+    ``like``: the arrays ``f`` depends on; the bracket varies over the same mesh axes (so
+    that under ``shard_map`` ``f'`` is each device's own, not a sum over devices).
+    """
     grad = jax.grad(f)
 
     def step(_, ab):
@@ -230,7 +235,8 @@ def _convex_argmin(f, lo: float, hi: float, iters: int = 48) -> jax.Array:
         rising = grad(mid) > 0
         return jnp.where(rising, a, mid), jnp.where(rising, mid, b)
 
-    a, b = jax.lax.fori_loop(0, iters, step, (jnp.float32(lo), jnp.float32(hi)))
+    start = varying_like((jnp.float32(lo), jnp.float32(hi)), like)
+    a, b = jax.lax.fori_loop(0, iters, step, start)
     return (a + b) / 2
 
 
@@ -271,7 +277,7 @@ def aciq_mse(t, bits, prior: str = "gaussian") -> jax.Array:
 
 @_jit("prior")
 def _aciq_clip(bits, prior: str) -> jax.Array:
-    return _convex_argmin(lambda t: aciq_mse(t, bits, prior), 0.0, 40.0)
+    return _convex_argmin(lambda t: aciq_mse(t, bits, prior), 0.0, 40.0, bits)
 
 
 def aciq(x: jax.Array, fmt: Format, *, prior: str = "gaussian", axis: Axis = None) -> Range:
