@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -222,16 +223,32 @@ _SHARDED = textwrap.dedent(
 )
 
 
+def _host_devices_env(devices: int, xla_flags: str = "") -> dict:
+    """The environment of a fresh process with ``devices`` forced CPU devices (XLA reads
+    ``XLA_FLAGS`` when jax is imported, hence a subprocess)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}"
+    env["XLA_FLAGS"] = flags.strip()
+    return env
+
+
+def _last_json(out: subprocess.CompletedProcess) -> dict | list:
+    """The last printed line of a finished script, decoded as JSON (stderr shown on failure)."""
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _on_four_host_devices(script: str, xla_flags: str = "") -> dict | list:
     """Runs ``script`` in a fresh process with 4 forced CPU devices; its last printed line
     (JSON) decoded."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=4 {xla_flags}".strip()
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        env=_host_devices_env(4, xla_flags),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _last_json(out)
 
 
 def test_sharded_over_four_devices_matches_one_device():
@@ -297,6 +314,179 @@ def test_model_sweep_sharded_over_four_devices_matches_one_device():
     np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-6)
     # model_vs_bits (sharded) scores exactly the one-device logits' accuracy, counted in NumPy
     assert got["accuracy"] == [float(np.mean(np.argmax(z, -1) == y)) for z in one]
+
+
+# --- every calibration and every sweep: the same numbers on 1, 2, 3, 4 devices, 2 processes ----
+
+# Runs every sweep with the default mesh (``mesh=None``: all devices) and prints its tables as
+# JSON. argv: mode ("quick": min-max, MSE and ACIQ tensor sweeps, the model sweep and the
+# Pareto mixed precision with MSE histograms; "full": every tensor calibration, every model
+# calibration, sensitivity and greedy mixed precision too), the expected device count, then
+# optionally a port and a process id to join two processes with jax.distributed (CPU, gloo).
+_EVERY_SWEEP = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    mode, devices = sys.argv[1], int(sys.argv[2])
+    if len(sys.argv) > 3:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2,
+            process_id=int(sys.argv[4]), initialization_timeout=120)
+    import jax.numpy as jnp, numpy as np
+    from jquant.models.config import MLPConfig
+    from jquant.models.linen import MLP
+    from jquant.nn.rules import CALIBRATIONS as MODEL_CALIBRATIONS, QuantRule
+    from jquant.sweep import CALIBRATIONS, error_vs_bits
+    from jquant.sweep.mixed_precision import mixed_precision
+    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.sensitivity import sensitivity
+
+    assert jax.device_count() == devices, jax.devices()
+    full = mode == "full"
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 6)).astype(np.float32)
+    w[0, 0] = 6.0  # an outlier: the clipping methods differ from min / max
+    acts = rng.laplace(size=(64,)).astype(np.float32)
+    bits = list(range(2, 9))  # 7 widths: 2, 3, 4 devices split them unevenly (padded)
+    tensors = {"w": w, "a": acts}
+    out = {}
+    calibrations = CALIBRATIONS if full else ("minmax", "mse", "aciq")
+    out["per_tensor"] = error_vs_bits(tensors, bits, calibrations=calibrations, chunk_size=2)
+    out["per_channel"] = error_vs_bits(
+        tensors, bits, granularities="per_channel", calibrations=calibrations[1:])
+    out["affine"] = error_vs_bits(w, bits, calibrations="mse", symmetric=False)
+
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 48).astype(np.int32)
+    model = MLP(MLPConfig(num_classes=3, hidden=(8,)))
+    variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
+    common = dict(batch_size=32)
+    for cal in MODEL_CALIBRATIONS if full else ("mse",):
+        rules = (QuantRule(".*", calibration=cal),)
+        out[f"model/{cal}"] = model_vs_bits(model, variables, x, y, bits, rules=rules, **common)
+    rules = (QuantRule(".*", calibration="mse"),)
+    mixed = dict(candidate_bits=(2, 4, 8), budget_fraction=0.5, rules=rules, **common)
+    # 3 widths ** 2 layers = 9 configurations, one (configs, layers) array of widths
+    out["mixed/pareto"] = mixed_precision(model, variables, x, y, method="pareto", **mixed)
+    if full:
+        sens = sensitivity(model, variables, x, y, [2, 4, 8], rules=rules, **common)
+        out["sensitivity"] = sens
+        out["mixed/greedy"] = mixed_precision(
+            model, variables, x, y, target="weights+acts", full_path=True,
+            sensitivity_table=sens, **mixed)
+    print(json.dumps({k: t.to_dicts() for k, t in out.items()}))
+    """
+)
+
+
+def _start_every_sweep(mode: str, devices: int, *distributed: int) -> subprocess.Popen:
+    """Starts :data:`_EVERY_SWEEP` in a fresh process with ``devices`` forced CPU devices
+    (``distributed``: port and process id)."""
+    args = [sys.executable, "-c", _EVERY_SWEEP, mode, str(devices), *map(str, distributed)]
+    # -O0: the programs are tiny, compiling dominates (as in tests/conftest.py)
+    env = _host_devices_env(1 if distributed else devices, "--xla_backend_optimization_level=0")
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {stderr[-3000:]}") from None
+    return _last_json(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+
+
+_RUNS: dict[tuple[str, int], dict] = {}  # (mode, devices) -> tables, run once per test process
+
+
+def _every_sweep(mode: str, devices: tuple[int, ...]) -> dict[int, dict]:
+    """Tables of :data:`_EVERY_SWEEP` for each device count, new runs side by side."""
+    procs = {n: _start_every_sweep(mode, n) for n in devices if (mode, n) not in _RUNS}
+    try:
+        for n, proc in procs.items():
+            _RUNS[mode, n] = _finish(proc)
+    finally:
+        for proc in procs.values():
+            proc.kill()  # no-op on a finished process; stops the others if one failed
+    return {n: _RUNS[mode, n] for n in devices}
+
+
+def _assert_same_sweeps(got: dict, want: dict, where: str) -> None:
+    """Same tables, rows and columns: strings, ints and bools equal, floats within rounding.
+
+    Every value is equal to 1e-6 (in practice bit for bit) except ACIQ's: its clip ``t*`` is a
+    float32 bisection on the sign of the analytic MSE's derivative, whose terms cancel near the
+    optimum, and a width evaluated in a vmapped batch of widths or alone (how ``lax.map``
+    chunks the widths each device holds) rounds ``erfc`` / ``exp`` differently: ``t*`` moves
+    within that noise, about 1e-5 relative, so ACIQ's metrics are compared to 2e-4.
+    """
+    assert got.keys() == want.keys(), where
+    for name, rows in want.items():
+        assert len(got[name]) == len(rows), (where, name)
+        for i, (g, w) in enumerate(zip(got[name], rows, strict=True)):
+            assert g.keys() == w.keys(), (where, name, i)
+            rtol = 2e-4 if w.get("calibration") == "aciq" else 1e-6
+            for k, v in w.items():
+                msg = f"{where}: table {name}, row {i} {w}, column {k}"
+                if isinstance(v, float):
+                    np.testing.assert_allclose(g[k], v, rtol=rtol, atol=1e-7, err_msg=msg)
+                else:
+                    assert g[k] == v, msg
+
+
+def _assert_sqnr_rises(tables: dict) -> None:
+    """Each tensor curve's SQNR rises with the width (ACIQ's stopped rising when sharded)."""
+    for name in ("per_tensor", "per_channel", "affine"):
+        rows = tables[name]
+        for key in {(r["tensor"], r["calibration"]) for r in rows}:
+            curve = [r["sqnr_db"] for r in rows if (r["tensor"], r["calibration"]) == key]
+            assert len(curve) == 7 and np.all(np.diff(curve) > 0), (name, key, curve)
+
+
+def test_every_sweep_on_three_devices_matches_one_device():
+    # 7 widths on 3 devices: 3, 3 and 1 plus 2 padding copies; 9 mixed-precision configs
+    runs = _every_sweep("quick", (1, 3))
+    _assert_same_sweeps(runs[3], runs[1], "3 devices")
+    _assert_sqnr_rises(runs[3])
+    aciq_8bit = [
+        r["sqnr_db"]
+        for r in runs[3]["per_tensor"]
+        if (r["tensor"], r["calibration"], r["bits"]) == ("w", "aciq", 8)
+    ]
+    assert aciq_8bit[0] > 38  # the NumPy-checked 1-device value is 40.76 dB
+
+
+@pytest.mark.slow
+def test_every_sweep_and_calibration_on_one_to_four_devices():
+    runs = _every_sweep("full", (1, 2, 3, 4))
+    for n in (2, 3, 4):
+        _assert_same_sweeps(runs[n], runs[1], f"{n} devices")
+    _assert_sqnr_rises(runs[4])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process():
+    port = _free_port()
+    procs = [_start_every_sweep("quick", 2, port, i) for i in range(2)]
+    try:
+        one = _every_sweep("quick", (1,))[1]
+        both = [_finish(p, timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, got in enumerate(both):  # every process holds the whole gathered result
+        _assert_same_sweeps(got, one, f"process {i} of 2")
 
 
 # --- plots --------------------------------------------------------------------------------------
