@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jquant.sweep import Table, error_vs_bits, plots
+from jquant.sweep import CALIBRATIONS, GRANULARITIES, Table, error_vs_bits, plots
 from jquant.sweep.error_vs_bits import QuantSpec, _static_width
 from jquant.sweep.sharding import bits_mesh, map_over_bits, peak_bytes
 
@@ -207,6 +207,29 @@ def test_bad_input():
         map_over_bits(QuantSpec(), [4], (jnp.ones(3),), chunk_size=0)
     with pytest.raises(ValueError, match="devices"):
         bits_mesh([])
+
+
+def test_options_checked_at_every_width_before_any_work():
+    from jquant.nn.rules import QuantRule
+    from jquant.sweep import check_options
+    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
+
+    # KL with 2048 bins serves qmax + 1 <= 2048 levels: 12 bits; a traced 13-bit width used
+    # to give a meaningless threshold (SQNR ~0 dB) where a static one raises
+    levels = r"qmax \+ 1 = 4096 for kl calibration of IntFormat\(bits=13\)"
+    with pytest.raises(ValueError, match=levels):
+        error_vs_bits(_X_UNIFORM[:64], bits=[8, 13], calibrations=["minmax", "kl"])
+    widths, specs = check_options([2, 12], granularities=GRANULARITIES, calibrations=CALIBRATIONS)
+    assert widths.tolist() == [2, 12] and len(specs) == 2 * len(CALIBRATIONS)
+    with pytest.raises(ValueError, match="aciq needs a uniform integer grid"):
+        check_options([4], families=("int", "fp8_e4m3"), calibrations="aciq")
+    kl_rules = (QuantRule(".*", calibration="kl"),)
+    assert check_rules(kl_rules, [2, 16], "weights").tolist() == [2, 16]  # activations float
+    with pytest.raises(ValueError, match=levels):
+        check_rules(kl_rules, [8, 13], ["weights", "acts"])
+    model, variables, x, y = _tiny_mlp()
+    with pytest.raises(ValueError, match=levels):  # before calibrating or compiling anything
+        model_vs_bits(model, variables, x, y, bits=[8, 13], rules=kl_rules)
 
 
 _SHARDED = textwrap.dedent(
@@ -487,6 +510,38 @@ def test_two_processes_match_one_process():
             p.kill()
     for i, got in enumerate(both):  # every process holds the whole gathered result
         _assert_same_sweeps(got, one, f"process {i} of 2")
+
+
+@pytest.mark.slow
+def test_cli_sweep_mse_and_aciq_on_two_devices_matches_one_device(tmp_path):
+    # `jquant sweep --calibration mse` crashed after training on several devices (the MSE
+    # search's scan carry), and ACIQ was wrong there; both now equal the one-device run
+    def sweep(devices: int) -> dict:
+        out = tmp_path / f"out{devices}"
+        argv = ["sweep", "--model", "mlp", "--data", "digits", "--steps", "20", "--bits", "3,8"]
+        argv += ["--granularity", "per_tensor", "--calibration", "mse,aciq,minmax"]
+        argv += ["--eval-examples", "64", "--calib-examples", "32", "--no-progress"]
+        argv += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+        run = subprocess.run(
+            [sys.executable, "-m", "jquant", *argv],
+            env=_host_devices_env(devices, "--xla_backend_optimization_level=0"),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        names = ("tensors", "model", "sensitivity", "mixed_precision")
+        return {n: json.loads((out / f"{n}.json").read_text())["rows"] for n in names}
+
+    two = sweep(2)  # trains and caches the model
+    one = sweep(1)
+    _assert_same_sweeps(two, one, "jquant sweep on 2 devices")
+    keys = ("kind", "tensor", "calibration", "bits")
+    sqnr = {tuple(r[k] for k in keys): r["sqnr_db"] for r in two["tensors"]}
+    assert {k[2] for k in sqnr} == {"mse", "aciq", "minmax"}
+    for (kind, name, calibration, bits), value in sqnr.items():
+        if bits == 8:  # 5 more bits: about 30 dB, for every calibration
+            assert value > sqnr[kind, name, calibration, 3] + 20, (kind, name, calibration)
 
 
 # --- plots --------------------------------------------------------------------------------------
