@@ -460,9 +460,13 @@ def _assert_same_sweeps(got: dict, want: dict, where: str) -> None:
 
 
 def _assert_sqnr_rises(tables: dict) -> None:
-    """Each tensor curve's SQNR rises with the width (ACIQ's stopped rising when sharded)."""
+    """Each tensor curve's SQNR rises with the width (ACIQ's stopped rising when sharded).
+
+    Not KL's: it matches distributions, not errors, and on 96 samples its 8-bit threshold
+    clips the 6-sigma outlier of ``w`` (22 dB below 7 bits, on one device as on four).
+    """
     for name in ("per_tensor", "per_channel", "affine"):
-        rows = tables[name]
+        rows = [r for r in tables[name] if r["calibration"] != "kl"]
         for key in {(r["tensor"], r["calibration"]) for r in rows}:
             curve = [r["sqnr_db"] for r in rows if (r["tensor"], r["calibration"]) == key]
             assert len(curve) == 7 and np.all(np.diff(curve) > 0), (name, key, curve)
