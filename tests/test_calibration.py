@@ -259,6 +259,38 @@ def test_aciq_per_channel():
     np.testing.assert_allclose(hi[0] - x.mean(0), t * x.std(0), rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- under shard_map
+
+
+def test_estimators_under_shard_map_equal_unsharded():
+    # Each device of a shard_map calibrates for its own widths. Loop carries started from
+    # constants were typed as replicated over the mesh: MSE's scan rejected the per-device
+    # carry, and ACIQ's jax.grad summed its derivative over the devices. A one-device mesh
+    # has the same typing; tests/test_sweep.py runs 2, 3 and 4 devices and 2 processes.
+    x = jnp.asarray(_rng(13).standard_normal((64, 4)), jnp.float32)
+    obs = cal.histogram(64, method="mse")
+    state = obs.update(x, obs.init(x))
+
+    def per_width(b):
+        fmt = jq.IntFormat(b)
+        return {
+            "mse": cal.mse(x, fmt, axis=-1),
+            "aciq": cal.aciq(x, fmt, prior="laplace"),
+            "aciq_clip": cal.aciq_clip(b),
+            "histogram_mse": obs.bounds(state, fmt, symmetric=True),
+        }
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("bits",))
+    spec = jax.sharding.PartitionSpec("bits")
+    sharded = jax.shard_map(jax.vmap(per_width), mesh=mesh, in_specs=spec, out_specs=spec)
+    bits = jnp.arange(2, 9)
+    got = jax.jit(sharded)(bits)
+    want = jax.jit(jax.vmap(per_width))(bits)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+    clip = [float(cal.aciq_clip(int(b))) for b in bits]  # checked against SciPy above
+    np.testing.assert_array_equal(got["aciq_clip"], clip)  # one table: the same float32
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jquant.sweep import Table, error_vs_bits, plots
+from jquant.sweep import CALIBRATIONS, GRANULARITIES, Table, error_vs_bits, plots
 from jquant.sweep.error_vs_bits import QuantSpec, _static_width
 from jquant.sweep.sharding import bits_mesh, map_over_bits, peak_bytes
 
@@ -211,6 +212,29 @@ def test_bad_input():
         bits_mesh([])
 
 
+def test_options_checked_at_every_width_before_any_work():
+    from jquant.nn.rules import QuantRule
+    from jquant.sweep import check_options
+    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
+
+    # KL with 2048 bins serves qmax + 1 <= 2048 levels: 12 bits; a traced 13-bit width used
+    # to give a meaningless threshold (SQNR ~0 dB) where a static one raises
+    levels = r"qmax \+ 1 = 4096 for kl calibration of IntFormat\(bits=13\)"
+    with pytest.raises(ValueError, match=levels):
+        error_vs_bits(_X_UNIFORM[:64], bits=[8, 13], calibrations=["minmax", "kl"])
+    widths, specs = check_options([2, 12], granularities=GRANULARITIES, calibrations=CALIBRATIONS)
+    assert widths.tolist() == [2, 12] and len(specs) == 2 * len(CALIBRATIONS)
+    with pytest.raises(ValueError, match="aciq needs a uniform integer grid"):
+        check_options([4], families=("int", "fp8_e4m3"), calibrations="aciq")
+    kl_rules = (QuantRule(".*", calibration="kl"),)
+    assert check_rules(kl_rules, [2, 16], "weights").tolist() == [2, 16]  # activations float
+    with pytest.raises(ValueError, match=levels):
+        check_rules(kl_rules, [8, 13], ["weights", "acts"])
+    model, variables, x, y = _tiny_mlp()
+    with pytest.raises(ValueError, match=levels):  # before calibrating or compiling anything
+        model_vs_bits(model, variables, x, y, bits=[8, 13], rules=kl_rules)
+
+
 _SHARDED = textwrap.dedent(
     """
     import json, sys
@@ -225,16 +249,32 @@ _SHARDED = textwrap.dedent(
 )
 
 
+def _host_devices_env(devices: int, xla_flags: str = "") -> dict:
+    """The environment of a fresh process with ``devices`` forced CPU devices (XLA reads
+    ``XLA_FLAGS`` when jax is imported, hence a subprocess)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}"
+    env["XLA_FLAGS"] = flags.strip()
+    return env
+
+
+def _last_json(out: subprocess.CompletedProcess) -> dict | list:
+    """The last printed line of a finished script, decoded as JSON (stderr shown on failure)."""
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _on_four_host_devices(script: str, xla_flags: str = "") -> dict | list:
     """Runs ``script`` in a fresh process with 4 forced CPU devices; its last printed line
     (JSON) decoded."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=4 {xla_flags}".strip()
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        env=_host_devices_env(4, xla_flags),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _last_json(out)
 
 
 def test_sharded_over_four_devices_matches_one_device():
@@ -300,6 +340,219 @@ def test_model_sweep_sharded_over_four_devices_matches_one_device():
     np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-6)
     # model_vs_bits (sharded) scores exactly the one-device logits' accuracy, counted in NumPy
     assert got["accuracy"] == [float(np.mean(np.argmax(z, -1) == y)) for z in one]
+
+
+# --- every calibration and every sweep: the same numbers on 1, 2, 3, 4 devices, 2 processes ----
+
+# Runs every sweep with the default mesh (``mesh=None``: all devices) and prints its tables as
+# JSON. argv: mode ("quick": min-max, MSE and ACIQ tensor sweeps, the model sweep and the
+# Pareto mixed precision with MSE histograms; "full": every tensor calibration, every model
+# calibration, sensitivity and greedy mixed precision too), the expected device count, then
+# optionally a port and a process id to join two processes with jax.distributed (CPU, gloo).
+_EVERY_SWEEP = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    mode, devices = sys.argv[1], int(sys.argv[2])
+    if len(sys.argv) > 3:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2,
+            process_id=int(sys.argv[4]), initialization_timeout=120)
+    import jax.numpy as jnp, numpy as np
+    from jquant.models.config import MLPConfig
+    from jquant.models.linen import MLP
+    from jquant.nn.rules import CALIBRATIONS as MODEL_CALIBRATIONS, QuantRule
+    from jquant.sweep import CALIBRATIONS, error_vs_bits
+    from jquant.sweep.mixed_precision import mixed_precision
+    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.sensitivity import sensitivity
+
+    assert jax.device_count() == devices, jax.devices()
+    full = mode == "full"
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 6)).astype(np.float32)
+    w[0, 0] = 6.0  # an outlier: the clipping methods differ from min / max
+    acts = rng.laplace(size=(64,)).astype(np.float32)
+    bits = list(range(2, 9))  # 7 widths: 2, 3, 4 devices split them unevenly (padded)
+    tensors = {"w": w, "a": acts}
+    out = {}
+    calibrations = CALIBRATIONS if full else ("minmax", "mse", "aciq")
+    out["per_tensor"] = error_vs_bits(tensors, bits, calibrations=calibrations, chunk_size=2)
+    out["per_channel"] = error_vs_bits(
+        tensors, bits, granularities="per_channel", calibrations=calibrations[1:])
+    out["affine"] = error_vs_bits(w, bits, calibrations="mse", symmetric=False)
+
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 48).astype(np.int32)
+    model = MLP(MLPConfig(num_classes=3, hidden=(8,)))
+    variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
+    common = dict(batch_size=32)
+    for cal in MODEL_CALIBRATIONS if full else ("mse",):
+        rules = (QuantRule(".*", calibration=cal),)
+        out[f"model/{cal}"] = model_vs_bits(model, variables, x, y, bits, rules=rules, **common)
+    rules = (QuantRule(".*", calibration="mse"),)
+    mixed = dict(candidate_bits=(2, 4, 8), budget_fraction=0.5, rules=rules, **common)
+    # 3 widths ** 2 layers = 9 configurations, one (configs, layers) array of widths
+    out["mixed/pareto"] = mixed_precision(model, variables, x, y, method="pareto", **mixed)
+    if full:
+        sens = sensitivity(model, variables, x, y, [2, 4, 8], rules=rules, **common)
+        out["sensitivity"] = sens
+        out["mixed/greedy"] = mixed_precision(
+            model, variables, x, y, target="weights+acts", full_path=True,
+            sensitivity_table=sens, **mixed)
+    print(json.dumps({k: t.to_dicts() for k, t in out.items()}))
+    """
+)
+
+
+def _start_every_sweep(mode: str, devices: int, *distributed: int) -> subprocess.Popen:
+    """Starts :data:`_EVERY_SWEEP` in a fresh process with ``devices`` forced CPU devices
+    (``distributed``: port and process id)."""
+    args = [sys.executable, "-c", _EVERY_SWEEP, mode, str(devices), *map(str, distributed)]
+    # -O0: the programs are tiny, compiling dominates (as in tests/conftest.py)
+    env = _host_devices_env(1 if distributed else devices, "--xla_backend_optimization_level=0")
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {stderr[-3000:]}") from None
+    return _last_json(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+
+
+_RUNS: dict[tuple[str, int], dict] = {}  # (mode, devices) -> tables, run once per test process
+
+
+def _every_sweep(mode: str, devices: tuple[int, ...]) -> dict[int, dict]:
+    """Tables of :data:`_EVERY_SWEEP` for each device count, new runs side by side."""
+    procs = {n: _start_every_sweep(mode, n) for n in devices if (mode, n) not in _RUNS}
+    try:
+        for n, proc in procs.items():
+            _RUNS[mode, n] = _finish(proc)
+    finally:
+        for proc in procs.values():
+            proc.kill()  # no-op on a finished process; stops the others if one failed
+    return {n: _RUNS[mode, n] for n in devices}
+
+
+def _assert_same_sweeps(got: dict, want: dict, where: str) -> None:
+    """Same tables, rows and columns: strings, ints and bools equal, floats to 1e-6.
+
+    The numbers are in fact bit for bit equal on this machine: each width's work is the same
+    program on every device, and nothing reduces across widths. The 1e-6 allows for a CPU
+    whose vectorised code rounds a batch of 3 widths differently from a batch of 7.
+    """
+    assert got.keys() == want.keys(), where
+    for name, rows in want.items():
+        assert len(got[name]) == len(rows), (where, name)
+        for i, (g, w) in enumerate(zip(got[name], rows, strict=True)):
+            assert g.keys() == w.keys(), (where, name, i)
+            for k, v in w.items():
+                msg = f"{where}: table {name}, row {i} {w}, column {k}"
+                if isinstance(v, float):
+                    np.testing.assert_allclose(g[k], v, rtol=1e-6, atol=1e-9, err_msg=msg)
+                else:
+                    assert g[k] == v, msg
+
+
+def _assert_sqnr_rises(tables: dict) -> None:
+    """Each tensor curve's SQNR rises with the width (ACIQ's stopped rising when sharded).
+
+    Not KL's: it matches distributions, not errors, and on 96 samples its 8-bit threshold
+    clips the 6-sigma outlier of ``w`` (22 dB below 7 bits, on one device as on four).
+    """
+    for name in ("per_tensor", "per_channel", "affine"):
+        rows = [r for r in tables[name] if r["calibration"] != "kl"]
+        for key in {(r["tensor"], r["calibration"]) for r in rows}:
+            curve = [r["sqnr_db"] for r in rows if (r["tensor"], r["calibration"]) == key]
+            assert len(curve) == 7 and np.all(np.diff(curve) > 0), (name, key, curve)
+
+
+def test_every_sweep_on_three_devices_matches_one_device():
+    # 7 widths on 3 devices: 3, 3 and 1 plus 2 padding copies; 9 mixed-precision configs
+    runs = _every_sweep("quick", (1, 3))
+    _assert_same_sweeps(runs[3], runs[1], "3 devices")
+    _assert_sqnr_rises(runs[3])
+    # ACIQ (Gaussian) per tensor in float64 NumPy: range mu +- t* sigma, symmetric int grid
+    from jquant.calibration import aciq_clip  # t* checked against SciPy in test_calibration
+
+    w = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)  # as in the script
+    w[0, 0] = 6.0
+    x = w.astype(np.float64)
+    rows = [r for r in runs[3]["per_tensor"] if (r["tensor"], r["calibration"]) == ("w", "aciq")]
+    for r in rows:
+        t, qmax = float(aciq_clip(r["bits"])), 2.0 ** (r["bits"] - 1) - 1
+        scale = max(abs(x.mean() - t * x.std()), x.mean() + t * x.std()) / qmax
+        y = np.clip(np.round(x / scale), -qmax - 1, qmax) * scale
+        want = 10 * np.log10(np.sum(x**2) / np.sum((x - y) ** 2))
+        np.testing.assert_allclose(r["sqnr_db"], want, atol=1e-3, err_msg=str(r))
+
+
+@pytest.mark.slow
+def test_every_sweep_and_calibration_on_one_to_four_devices():
+    runs = _every_sweep("full", (1, 2, 3, 4))
+    for n in (2, 3, 4):
+        _assert_same_sweeps(runs[n], runs[1], f"{n} devices")
+    _assert_sqnr_rises(runs[4])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process():
+    port = _free_port()
+    procs = [_start_every_sweep("quick", 2, port, i) for i in range(2)]
+    try:
+        one = _every_sweep("quick", (1,))[1]
+        both = [_finish(p, timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, got in enumerate(both):  # every process holds the whole gathered result
+        _assert_same_sweeps(got, one, f"process {i} of 2")
+
+
+@pytest.mark.slow
+def test_cli_sweep_mse_and_aciq_on_two_devices_matches_one_device(tmp_path):
+    # `jquant sweep --calibration mse` crashed after training on several devices (the MSE
+    # search's scan carry), and ACIQ was wrong there; both now equal the one-device run
+    def sweep(devices: int) -> dict:
+        out = tmp_path / f"out{devices}"
+        argv = ["sweep", "--model", "mlp", "--data", "digits", "--steps", "20", "--bits", "3,8"]
+        argv += ["--granularity", "per_tensor", "--calibration", "mse,aciq,minmax"]
+        argv += ["--eval-examples", "64", "--calib-examples", "32", "--no-progress"]
+        argv += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+        run = subprocess.run(
+            [sys.executable, "-m", "jquant", *argv],
+            env=_host_devices_env(devices, "--xla_backend_optimization_level=0"),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        names = ("tensors", "model", "sensitivity", "mixed_precision")
+        return {n: json.loads((out / f"{n}.json").read_text())["rows"] for n in names}
+
+    two = sweep(2)  # trains and caches the model
+    one = sweep(1)
+    _assert_same_sweeps(two, one, "jquant sweep on 2 devices")
+    keys = ("kind", "tensor", "calibration", "bits")
+    sqnr = {tuple(r[k] for k in keys): r["sqnr_db"] for r in two["tensors"]}
+    assert {k[2] for k in sqnr} == {"mse", "aciq", "minmax"}
+    for (kind, name, calibration, bits), value in sqnr.items():
+        if bits == 8:  # 5 more bits: about 30 dB, for every calibration
+            assert value > sqnr[kind, name, calibration, 3] + 20, (kind, name, calibration)
 
 
 # --- plots --------------------------------------------------------------------------------------

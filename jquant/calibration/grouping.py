@@ -86,6 +86,25 @@ def or_zero(v: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(v), v, 0.0)
 
 
+def varying_like(value, *refs):
+    """``value`` (a pytree) made to vary over every mesh axis that some leaf of ``refs`` varies
+    over; the identity outside ``jax.shard_map`` and when ``refs`` are replicated.
+
+    A loop carry (``lax.scan``, ``fori_loop``) started from a constant is *invariant* across
+    a ``shard_map``'s devices, while the loop body, depending on per-device inputs such as the
+    width being swept, makes it *varying*: ``scan`` then rejects the carry's changed type, and
+    ``jax.grad`` with respect to an invariant value sums the cotangent over the devices
+    (the transpose of the implicit broadcast is a ``psum``), mixing other devices' widths into
+    each device's result. Starting the carry as ``varying_like(init, *inputs)`` types it as
+    the body will, so each device's loop sees only its own inputs: ``value + 0``, with a zero
+    built by ``lax.full_like`` from each ref (exact for finite ``value``).
+    """
+    # lax.full_like keeps its reference's mesh-axis type: a 0 that varies as ``refs`` do
+    zeros = [jax.lax.full_like(leaf, 0, jnp.float32, shape=()) for leaf in jax.tree.leaves(refs)]
+    zero = sum(zeros, jnp.float32(0))
+    return jax.tree.map(lambda v: v + zero.astype(jnp.result_type(v)), value)
+
+
 def check_format(fmt) -> None:
     """TypeError unless ``fmt`` is an IntFormat, BinaryFormat or FloatFormat."""
     if not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):

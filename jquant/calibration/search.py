@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jquant.calibration.grouping import varying_like
 from jquant.formats import Format
 from jquant.quant import fake_quant_forward, qparams_from_range
 
@@ -64,6 +65,7 @@ def mse_clip_factor(
         step = (hi - lo) / (n - 1)
         return (jnp.maximum(best - step, step / n), jnp.minimum(best + step, 1.0)), best
 
-    start = (jnp.float32(1.0 / n), jnp.float32(1.0))
+    # typed like the body's output: per device when the width or data vary over a mesh
+    start = varying_like((jnp.float32(1.0 / n), jnp.float32(1.0)), values, weights, rmin, rmax, fmt)
     _, best = jax.lax.scan(refine, start, None, length=num_rounds)
     return best[-1]

@@ -2,6 +2,7 @@
 
 - :func:`error_vs_bits`: error metrics of any pytree of arrays against width, format family,
   granularity and calibration, in one compiled program per curve (traced bits).
+- :func:`check_options`: validates a tensor sweep's options at every width before any work.
 - :class:`Table`: the results type (dicts, CSV, JSON, pandas).
 - :mod:`jquant.sweep.model_vs_bits`, :mod:`~jquant.sweep.sensitivity`,
   :mod:`~jquant.sweep.mixed_precision`: a Flax model's accuracy against width, per layer, and
@@ -16,6 +17,7 @@ from jquant.sweep.error_vs_bits import (
     GRANULARITIES,
     INT_FAMILIES,
     QuantSpec,
+    check_options,
     error_vs_bits,
     fake_quant_tensor,
 )

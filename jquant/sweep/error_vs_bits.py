@@ -33,9 +33,11 @@ from jquant.sweep.results import Table
 from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes
 
 __all__ = [
+    "CALIBRATIONS",
     "GRANULARITIES",
     "INT_FAMILIES",
     "QuantSpec",
+    "check_options",
     "error_vs_bits",
     "fake_quant_tensor",
     "tensor_items",
@@ -126,6 +128,16 @@ class QuantSpec:
         rmin, rmax = calibrated_range(self.calibration, x, fmt, self.kept_axis(x.ndim), symmetric)
         return qparams_from_range(rmin, rmax, fmt, symmetric=symmetric)
 
+    def check_width(self, bits: int | None) -> None:
+        """Raises what calibrating at the static width ``bits`` would raise (e.g. KL needs
+        ``qmax + 1 <= 2048`` levels, ACIQ and KL an integer grid), without data or compiling.
+
+        A sweep traces the width, and an estimator can only check a traced width's limits
+        once it runs; this checks each width of the sweep, statically, before it runs.
+        """
+        example = jax.ShapeDtypeStruct((2, 2), jnp.float32)
+        jax.eval_shape(lambda x: self.qparams(x, bits), example)
+
     def __call__(self, bits, x: jax.Array) -> dict[str, jax.Array]:
         """Error metrics of ``x`` quantized at width ``bits``."""
         y = fake_quant_tensor(x, bits, self)
@@ -173,6 +185,41 @@ def _as_tuple(name: str, value: str | Iterable[str]) -> tuple[str, ...]:
     return out
 
 
+def check_options(
+    bits: Sequence[int] = tuple(range(2, 9)),
+    *,
+    families: str | Sequence[str] = ("int",),
+    granularities: str | Sequence[str] = ("per_tensor",),
+    calibrations: str | Sequence[str] = ("minmax",),
+    symmetric: bool = True,
+    channel_axis: int = -1,
+) -> tuple[np.ndarray, list[QuantSpec]]:
+    """Validates :func:`error_vs_bits`' options, every combination at the narrowest and the
+    widest width, before any data is seen (cheap: abstract evaluation, nothing compiled); call
+    it before expensive work such as training a model.
+
+    Returns:
+      ``(widths, specs)``: the widths as int32 and one :class:`QuantSpec` per combination.
+
+    Raises:
+      ValueError / TypeError: a bad width, option, or combination (``calibrations="kl"`` at
+        more than 12 bits; ``"kl"`` or ``"aciq"`` with a float family).
+    """
+    widths = check_bits_list(bits)
+    specs = [
+        QuantSpec(f, g, c, symmetric, channel_axis)
+        for f in _as_tuple("families", families)
+        for g in _as_tuple("granularities", granularities)
+        for c in _as_tuple("calibrations", calibrations)
+    ]
+    # the limits estimators put on a width are bounds: the narrowest and widest widths suffice
+    ends = sorted({int(widths.min()), int(widths.max())})
+    for spec in specs:
+        for b in [None] if spec.is_float else ends:
+            spec.check_width(b)
+    return widths, specs
+
+
 def error_vs_bits(
     tensors: Any,
     bits: Sequence[int] = tuple(range(2, 9)),
@@ -208,13 +255,14 @@ def error_vs_bits(
     >>> [round(v) for v in t.column("sqnr_db")]
     [23, 48]
     """
-    widths = check_bits_list(bits)
-    specs = [
-        QuantSpec(f, g, c, symmetric, channel_axis)
-        for f in _as_tuple("families", families)
-        for g in _as_tuple("granularities", granularities)
-        for c in _as_tuple("calibrations", calibrations)
-    ]
+    widths, specs = check_options(
+        bits,
+        families=families,
+        granularities=granularities,
+        calibrations=calibrations,
+        symmetric=symmetric,
+        channel_axis=channel_axis,
+    )
     items = tensor_items(tensors)
     jobs = [
         (name, x, spec)

@@ -43,7 +43,14 @@ import numpy as np
 from flax import traverse_util
 
 from jquant.nn.rules import GRANULARITIES, QuantRule
-from jquant.sweep.model_vs_bits import PTQ, _check_data, layer_rules, logits_vs_bits, score
+from jquant.sweep.model_vs_bits import (
+    PTQ,
+    _check_data,
+    check_rules,
+    layer_rules,
+    logits_vs_bits,
+    score,
+)
 from jquant.sweep.plots import pareto_mask
 from jquant.sweep.results import Table
 from jquant.sweep.sensitivity import layer_paths, sensitivity
@@ -218,6 +225,7 @@ def mixed_precision(
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if isinstance(max_configs, bool) or not isinstance(max_configs, int) or max_configs < 1:
         raise ValueError(f"max_configs must be a positive int, got {max_configs!r}")
+    check_rules(rules, widths, target)
     float_bytes = model_size_bytes(variables, {})
     budget = _check_budget(budget_bytes, budget_fraction, float_bytes)
     x, y = _check_data(x, y)

@@ -49,6 +49,7 @@ __all__ = [
     "TARGETS",
     "PTQ",
     "QuantizedLogits",
+    "check_rules",
     "layer_rules",
     "logits_vs_bits",
     "model_vs_bits",
@@ -108,6 +109,31 @@ def layer_rules(
         for i, p in enumerate(layers)
     )
     return (*own, *tail)
+
+
+def check_rules(
+    rules: Sequence[QuantRule], bits: Sequence[int], targets: str | Sequence[str]
+) -> np.ndarray:
+    """Validates that every rule's activation calibration serves its format at every width of
+    a sweep (e.g. ``calibration="kl"`` needs ``qmax + 1 <= 2048`` levels: at most 12 bits),
+    before any data or model is run; returns the widths as int32.
+
+    The sweep traces the width, so an observer can only check a traced width's limits once it
+    runs; this asks each rule's observer for QParams at the narrowest and widest width,
+    statically (abstract evaluation: nothing is compiled; limits on a width are bounds).
+    """
+    widths = check_bits_list(bits)
+    tgts = (targets,) if isinstance(targets, str) else tuple(targets)
+    ends = sorted({int(widths.min()), int(widths.max())})
+    example = jax.ShapeDtypeStruct((2,), jnp.float32)
+    for rule in rules:
+        for target, b in ((t, b) for t in tgts for b in ends):
+            cfg = with_bits(rule, b, target).act_config()
+            if cfg is not None:
+                observer = make_observer(rule.calibration)
+                result = functools.partial(observer.result, fmt=cfg.fmt, symmetric=cfg.symmetric)
+                jax.eval_shape(result, jax.eval_shape(observer.init, example))
+    return widths
 
 
 def _batches(x, batch_size: int):
@@ -291,7 +317,6 @@ def model_vs_bits(
       largest sweep program's memory high-water mark (XLA's analysis, per device);
       ``meta["devices"]``: how many devices the widths were split over.
     """
-    widths = check_bits_list(bits)
     mesh = sweep_mesh(mesh)
     x, y = _check_data(x, y)
     grans = (granularities,) if isinstance(granularities, str) else tuple(granularities)
@@ -302,6 +327,7 @@ def model_vs_bits(
     for t in tgts:
         if t not in TARGETS:
             raise ValueError(f"targets must be in {TARGETS}, got {t!r}")
+    widths = check_rules(rules, bits, tgts)
     ptq = PTQ.calibrated(
         model, variables, x if calib_x is None else calib_x, rules, batch_size=batch_size
     )

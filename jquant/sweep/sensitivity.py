@@ -31,12 +31,13 @@ from jquant.sweep.model_vs_bits import (
     PTQ,
     TARGETS,
     _check_data,
+    check_rules,
     layer_rules,
     logits_vs_bits,
     score,
 )
 from jquant.sweep.results import Table
-from jquant.sweep.sharding import check_bits_list, map_over_bits, sweep_mesh
+from jquant.sweep.sharding import map_over_bits, sweep_mesh
 
 __all__ = ["layer_paths", "sensitivity"]
 
@@ -79,10 +80,10 @@ def sensitivity(
       ``peak_bytes`` (the largest sweep program's memory high-water mark) and ``devices``
       (how many devices the widths were split over).
     """
-    widths = check_bits_list(bits)
     mesh = sweep_mesh(mesh)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    widths = check_rules(rules, bits, target)
     x, y = _check_data(x, y)
     ptq = PTQ.calibrated(
         model, variables, x if calib_x is None else calib_x, rules, batch_size=batch_size

@@ -38,6 +38,10 @@ JAX arrays with the same value on every process; they are replicated onto the me
 
 ``fn`` must be hashable and compare equal across calls that should share a compilation (a
 module-level function or a frozen dataclass with ``__call__``); ``args`` is any pytree of arrays.
+Inside the sharded program the width varies per device: a loop in ``fn`` whose carry starts
+from a constant but depends on the width must start it with
+:func:`jquant.calibration.grouping.varying_like` (else ``lax.scan`` rejects the carry, and
+``jax.grad`` with respect to it sums over the devices), as the calibration searches do.
 """
 
 from __future__ import annotations
