@@ -347,12 +347,19 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from jquant import data
     from jquant.models.train import train_or_load
     from jquant.nn.rules import QuantRule
-    from jquant.sweep import Table, error_vs_bits
+    from jquant.sweep import Table, check_options, error_vs_bits
     from jquant.sweep.mixed_precision import mixed_precision
-    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
     from jquant.sweep.sensitivity import layer_paths, sensitivity
     from jquant.sweep.sharding import is_main_process
 
+    calib = next((c for c in args.calibration if c in MODEL_CALIBRATIONS), "minmax")
+    try:  # every width and calibration checked before any training
+        check_options(args.bits, granularities=args.granularity, calibrations=args.calibration)
+        check_rules((QuantRule(".*", calibration=calib),), args.bits, "weights+acts")
+    except ValueError as e:
+        print(f"jquant sweep: error: argument --calibration: {e}", file=sys.stderr)
+        return 2
     main_process = is_main_process()
     progress = not args.no_progress and main_process
     say = print if progress else (lambda *a, **k: None)
@@ -366,8 +373,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
     )
     x_eval, y_eval = ds.x_test[: args.eval_examples], ds.y_test[: args.eval_examples]
     x_cal = ds.x_train[: args.calib_examples]
-
-    calib = next((c for c in args.calibration if c in MODEL_CALIBRATIONS), "minmax")
     evaluation = dict(calib_x=x_cal, rules=(QuantRule(".*", calibration=calib),))
     layers = layer_paths(trained.model, evaluation["rules"], x_cal[:1])
     try:

@@ -135,6 +135,16 @@ def test_bad_arguments_exit_2(argv, message, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_calibration_out_of_range_exits_2_before_training(capsys, tmp_path):
+    """KL is refused above 12 bits: checked at every width before any training or data."""
+    cache = tmp_path / "cache"
+    argv = ["sweep", "--bits", "2-16", "--calibration", "kl", "--cache", str(cache)]
+    code = cli.main([*argv, "--out", str(tmp_path / "o")])
+    assert code == 2 and "argument --calibration" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert not cache.exists() or not any(cache.rglob("*.msgpack")), "trained before refusing"
+
+
 def test_unwritable_out_exits_2(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
