@@ -38,19 +38,29 @@ def load(relpath: str) -> Any:
     return json.loads((ROOT / relpath).read_text())
 
 
-def section(doc: str, heading: str) -> str:
-    """The text of ``doc`` (a path relative to the repository root) under the heading whose
-    title is ``heading``, up to the next heading of the same or a higher level."""
+def _headings(doc: str) -> tuple[str, list[re.Match]]:
     text = (ROOT / doc).read_text()
     fenced = [m.span() for m in _FENCED.finditer(text)]
     heads = [m for m in _HEADING.finditer(text) if not any(a <= m.start() < b for a, b in fenced)]
+    return text, heads
+
+
+def headings(doc: str) -> list[str]:
+    """The titles of ``doc``'s headings (outside code blocks), in order."""
+    return [m.group(2) for m in _headings(doc)[1]]
+
+
+def section(doc: str, heading: str, *, own: bool = False) -> str:
+    """The text of ``doc`` (a path relative to the repository root) under the heading whose
+    title is ``heading``, up to the next heading of the same or a higher level (``own``: up
+    to the next heading of any level, i.e. without its subsections)."""
+    text, heads = _headings(doc)
     for i, m in enumerate(heads):
         if m.group(2) == heading:
-            level = len(m.group(1))
+            level = len(m.group(1)) if not own else 99
             end = next((h.start() for h in heads[i + 1 :] if len(h.group(1)) <= level), len(text))
             return text[m.end() : end]
-    titles = [m.group(2) for m in heads]
-    raise AssertionError(f"{doc}: no heading {heading!r}; headings: {titles}")
+    raise AssertionError(f"{doc}: no heading {heading!r}; headings: {headings(doc)}")
 
 
 def numbers(text: str) -> list[str]:
@@ -64,8 +74,11 @@ def check_section(
     heading: str,
     figures: Mapping[str, str],
     setup: Iterable[str] = (),
+    *,
+    own: bool = False,
 ) -> None:
-    """Assert that section ``heading`` of ``doc`` prints every figure and nothing unchecked.
+    """Assert that section ``heading`` of ``doc`` prints every figure and nothing unchecked
+    (``own``: its own text only, without its subsections, which are checked on their own).
 
     Args:
       doc: the document, relative to the repository root.
@@ -74,7 +87,7 @@ def check_section(
         ``"93.4%"``, ``"| 93.4 | 93.5 |"``); each must occur in the section verbatim.
       setup: the numbers of the section that are not results (as printed, e.g. ``"1500"``).
     """
-    text = section(doc, heading)
+    text = section(doc, heading, own=own)
     missing = {label: want for label, want in figures.items() if want not in text}
     assert not missing, f"{doc} § {heading}: figures differ from the results: {missing}"
     rest = _INLINE.sub(" ", _FENCED.sub(" ", text))
