@@ -697,9 +697,7 @@ def np_mean(x, sx, zx, sy, zy, axes, mode):
     tot = x.astype(np.int64).sum(axis=axes)
     if mode == "fp32":
         m = np.float32(np.float32(sx / sy) * np.float32(np.float32(1) / np.float32(n)))
-        y = np.rint((tot - n * zx).astype(np.float32) * m) + zy
-    elif np.float32(sx) == np.float32(sy) and zx == zy:
-        y = np.vectorize(c_div)(tot, n)
+        y = np.rint((tot - n * zx).astype(np.float64) * np.float64(m)) + zy  # exact product
     else:
         m0, shift = c_quantize_multiplier(float(np.float64(sx) / np.float64(sy)), mode == "single")
         k = max(0, min(n.bit_length() - 1, 32, 31 + shift))
@@ -719,6 +717,17 @@ def test_mean_matches_the_integer_formula(rng, mode, same):
     mr = qi.mean_requant(sx, zx, sy, zy, 35, mode)
     jitted = jax.jit(lambda x, mr: qi.mean(x, x_zp=zx, out_zp=zy, axis=(1, 2), requant=mr))
     np.testing.assert_array_equal(np.asarray(jitted(x, mr)), np.asarray(ours))
+
+
+def test_mean_fp32_rounds_the_exact_product_as_xnnpack_fma():
+    """XNNPACK rounds ``acc * m`` with an FMA: 799 * float32(0.16833542) = 134.50000288 rounds to
+    135, where the float32 product (134.5, a tie) would round to 134 (found with LiteRT 2.3 on
+    a converted model)."""
+    m = np.float32("0.16833542")
+    assert np.rint(np.float32(799) * m) == 134 and np.rint(799 * np.float64(m)) == 135
+    mr = qi.MeanRequant(qi.Requant(np.asarray(m), np.zeros((), np.int32), "fp32"), 7)
+    x = np.array([[100] * 6 + [101]], np.int8)  # sum 701; acc = 701 - 7 * (-14) = 799
+    assert int(qi.mean(x, x_zp=-14, out_zp=-128, axis=1, requant=mr)[0]) == 135 - 128
 
 
 def test_mean_bad_input():

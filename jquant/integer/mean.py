@@ -10,10 +10,16 @@ computes ``y ~= acc s_x / (n s_y) + y_zp`` as its runtime does:
       k = min(floor(log2 n), 32, 31 + shift),  M0' = floor(M0 2^k / n),  shift' = shift - k
       y = clamp(MBQM(acc, M0', shift') + y_zp)
 
-  and when input and output share scale and zero point, no requantization at all:
-  ``y = trunc(sum x / n)`` on the raw codes (C integer division).
+  also when input and output share scale and zero point (measured with LiteRT 2.3: older
+  TFLite sources take a truncating integer path there, LiteRT's runtime does not).
 - ``fp32`` (XNNPACK): a float32 multiplier ``m = float32(float32(s_x / s_y) * float32(1 / n))``
-  and ``y = clamp(round_half_even(float32(acc) m) + y_zp)``.
+  and ``y = clamp(round_half_even(acc m) + y_zp)`` with the product ``acc m`` exact: XNNPACK's
+  float-to-int8 conversion rounds with a fused multiply-add (``fma(acc, m, 1.5 2^23)``) on
+  CPUs that have one (x86-64 with FMA3, ARM64), so a product that float32 would round onto a
+  tie ``k + 1/2`` is rounded from its exact value (measured with LiteRT 2.3). jquant computes
+  it in integers: ``m = M0 2^(shift - 31)`` exactly (``M0`` the 24-bit significand shifted to
+  Q31), and round half to even of ``acc M0 2^(shift - 31)`` is TFLite's ``single`` rounding
+  (half up) where the value is no tie, else the even one of half up and half down.
 
 ``MBQM`` is :func:`~jquant.integer.multiply_by_quantized_multiplier` in the mode's rounding.
 LiteRT's ``keep_dims=True`` over H and W runs another kernel (rescale first, then divide
@@ -30,7 +36,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jquant.formats import int8
 from jquant.integer.checks import check_int8, check_scale, check_zero_point, concrete
@@ -45,21 +50,17 @@ from jquant.integer.requant import Requant
 __all__ = ["MeanRequant", "mean_requant", "mean"]
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["rq"], meta_fields=["count", "truncate"]
-)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["rq"], meta_fields=["count"])
 @dataclasses.dataclass(frozen=True)
 class MeanRequant:
     """Precomputed constants of :func:`mean` for ``count`` averaged elements.
 
     ``rq``: the multiplier with the division by ``count`` folded in (``M0'``, ``shift'`` or the
-    float32 ``m``; ``M0'`` may be below ``2^30``). ``truncate``: LiteRT's reference path for
-    equal input and output QParams, ``trunc(sum x / count)`` (``rq`` is then unused).
+    float32 ``m``; ``M0'`` may be below ``2^30``).
     """
 
     rq: Requant
     count: int
-    truncate: bool = False
 
     @property
     def mode(self) -> str:
@@ -95,7 +96,18 @@ def mean_requant(x_scale, x_zp, out_scale, out_zp, count: int, mode: str = "doub
     m0, shift = (int(v) for v in quantize_multiplier(np.float64(sx) / np.float64(sy), mode))
     k = max(0, min(count.bit_length() - 1, 32, 31 + shift))
     rq = Requant(np.int32((m0 << k) // count), np.int32(shift - k), mode)
-    return MeanRequant(rq, count, truncate=bool(sx == sy and int(zx) == int(zy)))
+    return MeanRequant(rq, count)
+
+
+def _exact_round_half_even(acc: jax.Array, m: jax.Array) -> jax.Array:
+    """``round_half_even(acc * m)`` of the exact product of int32 ``acc`` and a normal
+    float32 ``m > 0`` (module docstring), in int32 arithmetic."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(m, jnp.float32), jnp.int32)
+    m0 = jnp.left_shift(jnp.bitwise_or(jnp.bitwise_and(bits, 0x7FFFFF), 0x800000), 7)
+    shift = jnp.clip(jnp.right_shift(bits, 23) - 126, -31, 30)  # m = m0 2^(shift - 31)
+    up = multiply_by_quantized_multiplier(acc, m0, shift, "single")  # half up
+    down = -multiply_by_quantized_multiplier(-acc, m0, shift, "single")  # half down
+    return jnp.where(up == down, up, jnp.where(up % 2 == 0, up, down))
 
 
 def _axes(axis, ndim: int) -> tuple[int, ...]:
@@ -155,9 +167,9 @@ def mean(
         )
     zx, zy = check_zero_point("x_zp", x_zp), check_zero_point("out_zp", out_zp)
     total = jnp.sum(x.astype(jnp.int32), axis=axes)
-    if mr.truncate:
-        y = lax.div(total, jnp.int32(count))  # C division: truncates toward zero
+    acc = total - zx * jnp.int32(count)
+    if mr.mode == "fp32":
+        y = _exact_round_half_even(acc, mr.rq.multiplier) + zy
     else:
-        acc = total - zx * jnp.int32(count)
         y = multiply_by_quantized_multiplier(acc, mr.rq.multiplier, mr.rq.shift, mr.mode) + zy
     return jnp.clip(y, int8.qmin, int8.qmax).astype(jnp.int8)
