@@ -1011,3 +1011,103 @@ def test_fold_bn_model_converts():
     np.testing.assert_array_equal(got, np.asarray(quantize(sim, oqp, int8)).astype(np.int32))
     want = np.asarray(quantize(qm.with_phase("eval").apply(qv, x), oqp, int8)).astype(np.int32)
     assert np.abs(got - want).max() <= 1
+
+
+# ------------------------------------------------------------------------------ mean / concat
+
+
+class _BranchGAP(nn.Module):
+    """conv -> two branches (1x1, 3x3 SAME) -> concat channels -> global mean -> dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3), name="stem")(x))
+        a = nn.relu(nn.Conv(4, (1, 1), name="left")(h))
+        b = nn.relu(nn.Conv(6, (3, 3), padding="SAME", name="right")(h))
+        y = jnp.concatenate([a, b], axis=-1)
+        return nn.Dense(10, name="head")(jnp.mean(y, axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def branch_gap():
+    qmodel, v, oqp, want = _setup(_BranchGAP(), X2D, (QuantRule(".*"),))
+    rq = C.residual_qparams_from_data(qmodel, v, [X2D])
+    return qmodel, v, oqp, want, rq
+
+
+def test_concat_and_mean_convert(branch_gap):
+    """jnp.concatenate and jnp.mean over H, W become Concat and Mean; the branches share the
+    concat's quantizer, measured from data (both ranges merged); the mean requantizes to the
+    head's input quantizer. The program is within 1 code of the fake-quant model."""
+    qmodel, v, oqp, want, rq = branch_gap
+    assert sorted(rq) == ["left", "right"]
+    program = C.convert(qmodel, v, X2D[:1], output_qparams=oqp, residual_qparams=rq)
+    stem, left, right, cat, mean, head = program.layers
+    assert isinstance(cat, C.Concat) and isinstance(mean, C.Mean)
+    assert program.inputs == ((0,), (1,), (1,), (2, 3), (4,), (5,))
+    assert (cat.axis, cat.arity, mean.axes, mean.count) == (3, 2, (1, 2), 64)
+    for branch in (left, right):
+        assert (branch.out_scale, branch.out_zp) == (cat.scale, cat.zp)
+    assert (mean.x_scale, mean.x_zp) == (cat.scale, cat.zp)
+    assert (mean.out_scale, mean.out_zp) == (head.x_scale, head.x_zp)
+    lo = min(float(q.scale) * (-128 - float(q.zero_point)) for q in rq.values())
+    hi = max(float(q.scale) * (127 - float(q.zero_point)) for q in rq.values())
+    merged = qparams_from_range(jnp.float32(lo), jnp.float32(hi), int8)
+    assert np.float32(merged.scale) == cat.scale and int(merged.zero_point) == int(cat.zp)
+    assert np.abs(_program_codes(program, X2D) - want).max() <= 1
+
+
+def test_mean_needs_a_measured_input_range(branch_gap):
+    qmodel, v, oqp, _, _ = branch_gap
+    with pytest.raises(ValueError, match=r"'left' is read by a mean .* residual_qparams"):
+        C.convert(qmodel, v, X2D[:1], output_qparams=oqp)
+
+
+def test_mean_and_concat_programs_save_and_load(branch_gap, tmp_path):
+    qmodel, v, oqp, _, rq = branch_gap
+    for mode in ("double", "fp32"):
+        program = C.convert(qmodel, v, X2D[:1], output_qparams=oqp, residual_qparams=rq, mode=mode)
+        C.save(program, tmp_path / "p.safetensors")
+        loaded = C.load(tmp_path / "p.safetensors")
+        _, metadata = C.read_tensors(tmp_path / "p.safetensors")
+        assert json.loads(metadata["jquant_program"])["version"] == 5
+        np.testing.assert_array_equal(_program_codes(loaded, X2D), _program_codes(program, X2D))
+        for a, b in zip(jax.tree.leaves(program), jax.tree.leaves(loaded), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert jax.tree.structure(program) == jax.tree.structure(loaded)
+
+
+def test_bad_mean_and_concat_specs_are_refused(branch_gap):
+    qmodel, v, oqp, _, rq = branch_gap
+    program = C.convert(qmodel, v, X2D[:1], output_qparams=oqp, residual_qparams=rq)
+    layers = list(program.layers)
+
+    def swap(k, **kw):
+        return dataclasses.replace(
+            program, layers=(*layers[:k], dataclasses.replace(layers[k], **kw), *layers[k + 1 :])
+        )  # noqa: E501
+
+    with pytest.raises(ValueError, match=r"layer '<top level>': requant does not follow"):
+        C.validate(swap(4, out_scale=np.float32(layers[4].out_scale * 2)))
+    with pytest.raises(ValueError, match=r"axes must be \(1,\) or \(1, 2\)"):
+        C.validate(swap(4, axes=(3,)))
+    with pytest.raises(ValueError, match="arity must be an integer >= 2"):
+        C.validate(swap(3, arity=1))
+    with pytest.raises(ValueError, match="must read 3 earlier value"):
+        C.validate(swap(3, arity=3))
+    with pytest.raises(ValueError, match="axis must be an integer >= 1"):
+        C.validate(swap(3, axis=0))
+
+
+class _ChannelMean(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(4, (3, 3), name="conv")(x)
+        return nn.Dense(3, name="head")(jnp.mean(h, axis=-1))
+
+
+def test_a_mean_over_channels_is_refused_naming_the_module():
+    qmodel, _ = ql.quantize_model(_ChannelMean(), (QuantRule(".*"),), X2D[:2])
+    v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), X2D[:2]), [X2D])
+    with pytest.raises(ValueError, match="reduce_sum.*only the mean over all spatial axes"):
+        C.convert(qmodel, v, X2D[:1], output_qparams=QParams(jnp.float32(0.1), jnp.float32(0)))

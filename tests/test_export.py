@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import tflite
 from ai_edge_litert import interpreter as litert
-from test_convert import MODELS, X1D, X2D, _program_codes, _ResCNN, _setup
+from test_convert import MODELS, X1D, X2D, _BranchGAP, _program_codes, _ResCNN, _setup
 
 from jquant import convert as C
 from jquant import integer as qi
@@ -57,14 +57,16 @@ CASES = {
     "mlp": MODELS["mlp"],
     "depthwise": (_Depthwise(), X2D, (QuantRule(".*"),)),
     "residual": (_ResCNN(), X1D, (QuantRule(".*"),)),
+    "branch_gap": (_BranchGAP(), X2D, (QuantRule(".*"),)),  # CONCATENATION and MEAN
 }
+_MEASURED = ("residual", "branch_gap")  # values only adds / means read: ranges from data
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def program(request):
     model, x, rules = CASES[request.param]
     qmodel, v, oqp, _ = _setup(model, x, rules)
-    rq = C.residual_qparams_from_data(qmodel, v, [x]) if request.param == "residual" else None
+    rq = C.residual_qparams_from_data(qmodel, v, [x]) if request.param in _MEASURED else None
     return C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq), x
 
 
@@ -89,6 +91,8 @@ def test_the_ops_and_quantization_in_the_file(program):
     linear = [k for k in kinds if k in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
     assert len(linear) == sum(isinstance(s, C.Conv | C.Dense) for s in program.layers)
     assert kinds.count("ADD") == sum(isinstance(s, C.Add) for s in program.layers)
+    assert kinds.count("MEAN") == sum(isinstance(s, C.Mean) for s in program.layers)
+    assert kinds.count("CONCATENATION") == sum(isinstance(s, C.Concat) for s in program.layers)
     for i in range(graph.OperatorsLength()):
         op = graph.Operators(i)
         kind = kinds[i]
@@ -156,7 +160,10 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _has_avg_pool(program) -> bool:
-    return any(isinstance(s, C.Pool) and s.kind == "avg" for s in program.layers)
+    """An average pool or a mean: onnxruntime rounds its own float formula there."""
+    return any(
+        isinstance(s, C.Mean) or (isinstance(s, C.Pool) and s.kind == "avg") for s in program.layers
+    )
 
 
 @pytest.mark.parametrize("form", ["qoperator", "qdq"])
@@ -170,7 +177,8 @@ def test_onnxruntime_equals_the_program(program, form):
     got = _ort(model, np.asarray(prog.quantize_input(x))).astype(np.int32).reshape(want.shape)
     if not _has_avg_pool(prog):
         np.testing.assert_array_equal(got, want)
-    else:  # QLinearAveragePool / AveragePool round the float mean half to even (see below)
+    else:  # QLinearAveragePool / AveragePool / QLinearGlobalAveragePool / ReduceMean round
+        # their own float mean (see below)
         assert np.abs(got - want).max() <= 1
         assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.99
 

@@ -658,3 +658,156 @@ def test_accumulator_bound_is_reached_and_overflow_raises():
     with pytest.raises(ValueError, match="overflow"):
         qi.check_accumulator(big)
     qi.check_accumulator(big[:, :, : 67000 // 2])  # fits: no error
+
+
+# ------------------------------------------------------------------------------ mean / concat (v2)
+
+GOLDEN_V2 = GOLDEN.parent / "tflite_int8_ops_v2.npz"
+
+
+@pytest.fixture(scope="module")
+def golden_v2():
+    with np.load(GOLDEN_V2) as d:
+        return dict(d)
+
+
+def _qp(d, name, prefix="input"):
+    return d[f"{name}/{prefix}_scale"], d[f"{name}/{prefix}_zp"]
+
+
+@pytest.mark.parametrize("mode, key", [("double", "y_ref"), ("fp32", "y_xnn")])
+def test_mean_golden_tflite_bit_exact(golden_v2, mode, key):
+    """LiteRT's reference MEAN and XNNPACK's round differently (99 of 512 codes differ): each
+    mode matches its runtime exactly."""
+    (sx, zx), (sy, zy) = _qp(golden_v2, "mean_hw"), _qp(golden_v2, "mean_hw", "output")
+    fn = functools.partial(
+        qi.mean, x_scale=sx, x_zp=zx, out_scale=sy, out_zp=zy, axis=(1, 2), requant=mode
+    )
+    ours = np.asarray(jax.jit(fn)(golden_v2["mean_hw/x"][:, 0]))
+    want = golden_v2[f"mean_hw/{key}"][:, 0]
+    assert ours.dtype == np.int8 and ours.shape == want.shape
+    assert int(np.sum(ours != want)) == 0
+    other = golden_v2["mean_hw/y_xnn" if key == "y_ref" else "mean_hw/y_ref"][:, 0]
+    assert int(np.sum(ours != other)) > 0  # the golden case separates the modes
+
+
+def np_mean(x, sx, zx, sy, zy, axes, mode):
+    """TFLite MEAN from the formulas of jquant/integer/mean.py's docstring, in Python ints."""
+    n = int(np.prod([x.shape[a] for a in axes]))
+    tot = x.astype(np.int64).sum(axis=axes)
+    if mode == "fp32":
+        m = np.float32(np.float32(sx / sy) * np.float32(np.float32(1) / np.float32(n)))
+        y = np.rint((tot - n * zx).astype(np.float64) * np.float64(m)) + zy  # exact product
+    else:
+        m0, shift = c_quantize_multiplier(float(np.float64(sx) / np.float64(sy)), mode == "single")
+        k = max(0, min(n.bit_length() - 1, 32, 31 + shift))
+        m0, shift = (m0 << k) // n, shift - k
+        y = np.vectorize(lambda a: c_mbqm(int(a), m0, shift, mode))(tot - n * zx) + zy
+    return np.clip(y, -128, 127).astype(np.int8)
+
+
+@pytest.mark.parametrize("mode", ["double", "single", "fp32"])
+@pytest.mark.parametrize("same", [False, True])
+def test_mean_matches_the_integer_formula(rng, mode, same):
+    x = _rand_int8(rng, (3, 5, 7, 4))
+    sx, zx, sy, zy = (0.05, 3, 0.05, 3) if same else (0.05, 3, 0.011, -7)
+    ours = qi.mean(x, x_scale=sx, x_zp=zx, out_scale=sy, out_zp=zy, axis=(1, 2), requant=mode)
+    np.testing.assert_array_equal(np.asarray(ours), np_mean(x, sx, zx, sy, zy, (1, 2), mode))
+    # a precomputed MeanRequant under jit gives the same codes
+    mr = qi.mean_requant(sx, zx, sy, zy, 35, mode)
+    jitted = jax.jit(lambda x, mr: qi.mean(x, x_zp=zx, out_zp=zy, axis=(1, 2), requant=mr))
+    np.testing.assert_array_equal(np.asarray(jitted(x, mr)), np.asarray(ours))
+
+
+def test_mean_fp32_rounds_the_exact_product_as_xnnpack_fma():
+    """XNNPACK rounds ``acc * m`` with an FMA: 799 * float32(0.16833542) = 134.50000288 rounds to
+    135, where the float32 product (134.5, a tie) would round to 134 (found with LiteRT 2.3 on
+    a converted model)."""
+    m = np.float32("0.16833542")
+    assert np.rint(np.float32(799) * m) == 134 and np.rint(799 * np.float64(m)) == 135
+    mr = qi.MeanRequant(qi.Requant(np.asarray(m), np.zeros((), np.int32), "fp32"), 7)
+    x = np.array([[100] * 6 + [101]], np.int8)  # sum 701; acc = 701 - 7 * (-14) = 799
+    assert int(qi.mean(x, x_zp=-14, out_zp=-128, axis=1, requant=mr)[0]) == 135 - 128
+
+
+def test_mean_bad_input():
+    x = np.zeros((2, 3, 3, 4), np.int8)
+    q = dict(x_scale=0.1, x_zp=0, out_scale=0.2, out_zp=0)
+    with pytest.raises(ValueError, match="axis"):
+        qi.mean(x, axis=4, **q)
+    with pytest.raises(ValueError, match="axis"):
+        qi.mean(x, axis=(1, 1), **q)
+    with pytest.raises(ValueError, match="requant"):
+        qi.mean(x, axis=1, requant="float", **q)
+    with pytest.raises(ValueError, match="averages 9"):
+        qi.mean(x, axis=(1, 2), requant=qi.mean_requant(0.1, 0, 0.2, 0, 3), **q)
+    with pytest.raises(TypeError, match="x must be an int8"):
+        qi.mean(x.astype(np.int32), axis=1, **q)
+
+
+def test_concat_golden_tflite_bit_exact(golden_v2):
+    d = golden_v2
+    (s1, z1), (s2, z2) = _qp(d, "concat_channels"), _qp(d, "concat_channels", "input2")
+    sy, zy = _qp(d, "concat_channels", "output")
+    ours = qi.concatenate(
+        [d["concat_channels/x"][:, 0], d["concat_channels/x2"][:, 0]],
+        scales=[s1, s2],
+        zero_points=[z1, z2],
+        out_scale=sy,
+        out_zp=zy,
+        axis=-1,
+    )
+    for key in ("y_ref", "y_xnn"):
+        np.testing.assert_array_equal(np.asarray(ours), d[f"concat_channels/{key}"][:, 0])
+
+
+def test_concat_refuses_inputs_quantized_unlike_the_output():
+    a = np.zeros((1, 2), np.int8)
+    q = dict(out_scale=0.1, out_zp=0, axis=1)
+    with pytest.raises(ValueError, match="input 1 has scale 0.2"):
+        qi.concatenate([a, a], scales=[0.1, 0.2], zero_points=[0, 0], **q)
+    with pytest.raises(ValueError, match="input 0 has scale 0.1 and zero point 4"):
+        qi.concatenate([a, a], scales=[0.1, 0.1], zero_points=[4, 0], **q)
+    with pytest.raises(ValueError, match="scales must be a sequence of 2"):
+        qi.concatenate([a, a], scales=[0.1], zero_points=[0, 0], **q)
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        qi.concatenate([], scales=[], zero_points=[], **q)
+
+
+def _golden_program(d, name):
+    """A one-layer program (Dense or Conv 3x3 SAME) holding the golden case's constants."""
+    from jquant import convert as C
+
+    w, op = d[f"{name}/w"], str(d[f"{name}/ops"][0])
+    (sx, zx), (sy, zy) = _qp(d, name), _qp(d, name, "output")
+    common = dict(
+        path=name,
+        b=d[f"{name}/b"],
+        x_zp=np.int32(zx[0]),
+        out_zp=np.int32(zy[0]),
+        requant=qi.requant_from_scales(sx, d[f"{name}/w_scales"], sy, "double"),
+        x_scale=np.float32(sx[0]),
+        w_scale=d[f"{name}/w_scales"],
+        out_scale=np.float32(sy[0]),
+        activation="relu" if "relu" in name else None,
+    )
+    if op == "FULLY_CONNECTED":
+        layer = C.Dense(w=w.T, **common)
+    else:
+        layer = C.Conv(w=w.transpose(1, 2, 3, 0), padding=((1, 1), (1, 1)), **common)
+    x = d[f"{name}/x"][:, 0]
+    return C.Program((layer,), np.float32(sx[0]), np.int32(zx[0]), np.float32(sy[0]),
+                     np.int32(zy[0]), x.shape[1:]), x  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["dense_256x128", "dense_relu_512x64", "conv3x3_same_16x32"])
+@pytest.mark.parametrize("target, key", [("litert_ref", "y_ref"), ("xnnpack", "y_xnn")])
+def test_retarget_matches_each_runtime_op_by_op(golden_v2, name, target, key):
+    """retarget picks LiteRT's per-op rounding: reference FULLY_CONNECTED single, CONV_2D
+    double; XNNPACK fp32 everywhere. 0 mismatches on the v2 golden cases."""
+    from jquant import convert as C
+
+    program, x = _golden_program(golden_v2, name)
+    prog = C.retarget(program, target)
+    ours = np.asarray(jax.jit(C.run)(prog, x))
+    assert int(np.sum(ours != golden_v2[f"{name}/{key}"][:, 0])) == 0

@@ -41,7 +41,18 @@ import numpy as np
 
 from jquant import integer
 from jquant.convert import source
-from jquant.convert.program import Add, Conv, Dense, Pool, Program, Reshape, validate
+from jquant.convert.program import (
+    INT8_RANGE,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Mean,
+    Pool,
+    Program,
+    Reshape,
+    validate,
+)
 from jquant.convert.trace import Node
 from jquant.formats import IntFormat
 from jquant.integer.fixed_point import INT32_MAX, MULTIPLIER_MODES
@@ -57,7 +68,8 @@ __all__ = [
 
 
 _LINEAR = ("conv", "dense", "conv_bn")
-_SCALE_KEEPING = ("max_pool", "avg_pool", "reshape")
+_SCALE_KEEPING = ("max_pool", "avg_pool", "reshape", "concat")
+_REQUANTIZING = ("add", "mean")  # glue steps with their own output QParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,9 +269,24 @@ def _add_spec(op: _Op, a_qp: tuple, b_qp: tuple, y_qp: tuple, mode: str) -> Add:
     )
 
 
-def _glue_spec(node: Node) -> Pool | Reshape:
+def _mean_spec(node: Node, x_qp: tuple, y_qp: tuple, mode: str) -> Mean:
+    (sx, zx, _), (sy, zy, clamp) = x_qp, y_qp
+    if tuple(clamp) != INT8_RANGE:
+        raise ValueError(f"mean {node.path!r}: its output must be int8, got the range {clamp}")
+    sx, zx, sy, zy = np.float32(sx), np.int32(zx), np.float32(sy), np.int32(zy)
+    axes, count = tuple(node.info["axes"]), int(node.info["count"])
+    requant = _wrapped(node.path, integer.mean_requant, sx, zx, sy, zy, count, mode)
+    return Mean(node.path, zx, zy, requant, sx, sy, axes=axes, count=count)
+
+
+def _glue_spec(node: Node, qp: tuple) -> Pool | Reshape | Concat:
+    """The spec of a scale-keeping step; ``qp``: the ``_signed`` QParams its inputs and output
+    share."""
     if node.kind == "reshape":
         return Reshape(node.path, tuple(int(d) for d in node.info))
+    if node.kind == "concat":
+        zp, scale = np.int32(qp[1]), np.float32(qp[0])
+        return Concat(node.path, zp, scale, axis=int(node.info), arity=len(node.inputs))
     info, spatial = node.info, len(node.info["window"])
     pad = lambda v, one: (one, *v) if spatial == 1 else tuple(v)  # noqa: E731
     return Pool(
@@ -322,6 +349,8 @@ def _value_qps(
     for op in ops:
         if op.node.kind in _SCALE_KEEPING:
             groups.union(op.inputs[0], op.out)
+            for v in op.inputs[1:]:  # a concat's inputs all share its output's QParams
+                groups.union(op.inputs[0], v)
     feeds: dict[int, list[tuple[str, tuple]]] = {}
     adds: dict[int, list[_Op]] = {}
     for k, op in enumerate(ops):
@@ -329,12 +358,29 @@ def _value_qps(
             q = layers[k]
             qp = _signed(q.input_qparams, _act_format(q.path, q.rule.act))
             feeds.setdefault(groups.find(op.inputs[0]), []).append((q.path, qp))
-        elif op.node.kind == "add":
+        elif op.node.kind in _REQUANTIZING:
             for v in op.inputs:
                 adds.setdefault(groups.find(v), []).append(op)
     final = groups.find(ops[-1].out)
-    residual = tuple(_producer(ops, g) for g in adds if g not in feeds and g != final and g != 0)
+    producers: dict[int, list[str]] = {}  # group -> the layers whose outputs it holds
+    for op in ops:
+        if op.node.kind not in _SCALE_KEEPING:
+            producers.setdefault(groups.find(op.out), []).append(op.node.path)
+    unfed = [g for g in adds if g not in feeds and g != final and g != 0]
+    residual = tuple(p for g in unfed for p in producers.get(g, []))
     memo: dict[int, tuple] = {}
+
+    def measured(g: int) -> tuple | None:
+        """``given`` QParams of the group's producers (their ranges merged), else None."""
+        qps = [given[p] for p in producers.get(g, []) if p in given]
+        if not qps or len(qps) != len(producers[g]):
+            return None
+        if len(qps) == 1:
+            return qps[0]
+        lo = min(float(s) * (q[0] - z) for s, z, q in qps)
+        hi = max(float(s) * (q[1] - z) for s, z, q in qps)
+        return _signed(qparams_from_range(jnp.float32(lo), jnp.float32(hi), IntFormat(8)),
+                       IntFormat(8))  # fmt: skip
 
     def resolve(g: int) -> tuple:
         if g in memo:
@@ -353,8 +399,14 @@ def _value_qps(
             memo[g] = qp
         elif g == final and out_qp is not None:
             memo[g] = out_qp
-        elif g in adds and _producer(ops, g) in given:
-            memo[g] = given[_producer(ops, g)]
+        elif g in adds and measured(g) is not None:
+            memo[g] = measured(g)
+        elif g in adds and any(op.node.kind == "mean" for op in adds[g]):
+            raise ValueError(
+                f"the output of {_producer(ops, g)!r} is read by a mean ({adds[g][0].node.path!r}) "
+                "and by no quantized layer: pass its range as residual_qparams (see "
+                "residual_qparams_from_data); the mean's output range would saturate it"
+            )
         elif g in adds:
             memo[g] = _symmetric_over(resolve(groups.find(adds[g][0].out)))
         else:
@@ -468,8 +520,10 @@ def convert(
             specs.append(_linear_spec(op, q, variables, qp(op.inputs[0]), qp(op.out), mode))
         elif kind == "add":
             specs.append(_add_spec(op, *(qp(v) for v in (*op.inputs, op.out)), mode))
+        elif kind == "mean":
+            specs.append(_mean_spec(op.node, qp(op.inputs[0]), qp(op.out), mode))
         else:
-            specs.append(_glue_spec(op.node))
+            specs.append(_glue_spec(op.node, qp(op.out)))
         values[op.out] = len(specs)
     inputs = tuple(reads)
     in_scale, in_zp, in_clamp = qp(0)

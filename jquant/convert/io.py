@@ -8,9 +8,11 @@ A program is stored compactly, as three packed tensors and its static structure:
 
 - ``i8``: every layer's int8 weights, flattened and concatenated (int8 stays int8);
 - ``i32``: the program's input / output zero points, then per linear layer its int32 bias,
-  ``x_zp`` and ``out_zp``, per add ``a_zp``, ``b_zp`` and ``out_zp``;
+  ``x_zp`` and ``out_zp``, per add ``a_zp``, ``b_zp`` and ``out_zp``, per mean ``x_zp`` and
+  ``out_zp``, per concat ``zp``;
 - ``f32``: the program's input / output scales, then per linear layer ``x_scale``,
-  ``w_scale`` (per channel) and ``out_scale``, per add ``a_scale``, ``b_scale``, ``out_scale``;
+  ``w_scale`` (per channel) and ``out_scale``, per add ``a_scale``, ``b_scale``, ``out_scale``,
+  per mean ``x_scale`` and ``out_scale``, per concat ``scale``;
 - ``"__metadata__": {"jquant_program": <JSON>}``: layer kinds, paths, weight shapes, the
   geometry fields that differ from their defaults, the requantization mode and, for a
   program that is not a plain sequence, ``inputs`` (the values each layer reads).
@@ -24,7 +26,9 @@ constants do not follow from its scales.
 
 Version 4 adds ``"__metadata__": {"jquant_sha256": <hex>}``: the sha256 of the header's
 canonical JSON (keys sorted, no spaces, this field left out) followed by the data section, so
-a flipped or missing byte anywhere is caught at load. Version 4 reads version 3 (residual adds,
+a flipped or missing byte anywhere is caught at load. Version 5 adds the ``mean`` and
+``concat`` layers (the mean's constants recomputed by
+:func:`jquant.integer.mean_requant`). Version 5 reads version 4, version 3 (residual adds,
 ``inputs``, no checksum) and version 2 files (sequences without adds) as well; a checksum
 present in any version is verified.
 
@@ -47,7 +51,18 @@ import jax
 import numpy as np
 
 from jquant import integer
-from jquant.convert.program import SPECS, Add, Conv, Dense, Program, spec_name, validate
+from jquant.convert.program import (
+    SPECS,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Mean,
+    Program,
+    spec_name,
+    validate,
+)
+from jquant.convert.targets import requant_for
 
 __all__ = ["save", "load", "write_tensors", "read_tensors"]
 
@@ -55,8 +70,8 @@ _DTYPES = {"I8": np.int8, "U8": np.uint8, "I32": np.int32, "F32": np.float32, "F
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _META_KEY = "jquant_program"
 _SUM_KEY = "jquant_sha256"
-_VERSION = 4
-_READS = (2, 3, 4)
+_VERSION = 5  # written for programs with a Mean or Concat; the others are written as version 4
+_READS = (2, 3, 4, 5)
 _CHECKSUM_FROM = 4  # first version whose files must carry a checksum
 _ENTRY_KEYS = ("shape", "data_offsets")
 # packed tensors: name -> dtype
@@ -79,6 +94,14 @@ _ADD_FIELDS = (
     ("f32", "b_scale"),
     ("f32", "out_scale"),
 )
+_MEAN_FIELDS = (
+    ("i32", "x_zp"),
+    ("i32", "out_zp"),
+    ("f32", "x_scale"),
+    ("f32", "out_scale"),
+)
+_CONCAT_FIELDS = (("i32", "zp"), ("f32", "scale"))
+_REQUANTIZED = (Conv, Dense, Add, Mean)
 _PROGRAM_FIELDS = (
     ("i32", "input_zp"),
     ("i32", "output_zp"),
@@ -215,14 +238,12 @@ def _non_default_meta(layer) -> dict:
     return out
 
 
-def _requant_again(layer: Conv | Dense | Add, mode: str):
+def _requant_again(layer: Conv | Dense | Add | Mean, mode: str):
     """The requantization constants :func:`load` computes from the layer's scales."""
-    if isinstance(layer, Add):
-        return integer.add_requant(layer.a_scale, layer.b_scale, layer.out_scale, mode)
-    return integer.requant_from_scales(layer.x_scale, layer.w_scale, layer.out_scale, mode)
+    return requant_for(layer, mode)
 
 
-def _check_recomputable(layer: Conv | Dense | Add) -> None:
+def _check_recomputable(layer: Conv | Dense | Add | Mean) -> None:
     rq = layer.requant
     again = _requant_again(layer, rq.mode)
     for (name, a), b in zip(
@@ -252,7 +273,7 @@ def save(program: Program, path: str | os.PathLike) -> int:
     layers, modes = [], set()
     for layer in program.layers:
         entry: list = [spec_name(layer), layer.path, _non_default_meta(layer)]
-        if isinstance(layer, Conv | Dense | Add):
+        if isinstance(layer, _REQUANTIZED):
             _check_recomputable(layer)
             modes.add(layer.requant.mode)
         if isinstance(layer, Conv | Dense):
@@ -263,7 +284,7 @@ def save(program: Program, path: str | os.PathLike) -> int:
     if len(modes) > 1:
         raise ValueError(f"save needs one requantization mode for all layers, got {sorted(modes)}")
     meta = {
-        "version": _VERSION,
+        "version": _VERSION if any(isinstance(L, Mean | Concat) for L in program.layers) else 4,
         "mode": modes.pop() if modes else "double",
         "input_shape": program.input_shape,
         "input_clamp": program.input_clamp,
@@ -305,9 +326,10 @@ class _Reader:
 
 def _fields(layer) -> tuple[tuple[str, str], ...]:
     """The packed fields of a layer spec, in file order."""
-    if isinstance(layer, Conv | Dense) or layer in (Conv, Dense):
-        return _LINEAR_FIELDS
-    return _ADD_FIELDS if isinstance(layer, Add) or layer is Add else ()
+    cls = layer if isinstance(layer, type) else type(layer)
+    packed = {Conv: _LINEAR_FIELDS, Dense: _LINEAR_FIELDS, Add: _ADD_FIELDS,
+              Mean: _MEAN_FIELDS, Concat: _CONCAT_FIELDS}  # fmt: skip
+    return packed.get(cls, ())
 
 
 def _read_requantized(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
@@ -421,8 +443,12 @@ def load(path: str | os.PathLike) -> Program:
         for entry in meta["layers"]:
             cls, layer_path, static, w_shape = _parse_entry(path, entry)
             kwargs = {"path": layer_path, **{k: _tuples(v) for k, v in static.items()}}
-            if cls in (Conv, Dense, Add):
+            if cls in _REQUANTIZED:
                 layers.append(_read_requantized(cls, reader, w_shape, meta["mode"], kwargs))
+            elif cls is Concat:
+                for pack, name in _CONCAT_FIELDS:
+                    kwargs[name] = reader.take(pack, (1,)).reshape(())
+                layers.append(cls(**kwargs))
             else:
                 layers.append(cls(**kwargs))
         reader.check_done()

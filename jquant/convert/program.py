@@ -11,7 +11,8 @@ folds the specs over an int8 batch with the kernels of :mod:`jquant.integer`::
 
 Values are numbered: ``v_0`` is the input, ``v_{k+1}`` the output of ``layers[k]``, which
 reads the values named by ``program.inputs[k]`` (``None``: the sequence ``inputs[k] = (k,)``).
-An :class:`Add` (residual connection) reads two values; every other spec reads one.
+An :class:`Add` (residual connection) reads two values, a :class:`Concat` ``arity`` values;
+every other spec reads one.
 
 Linear layers compute ``clamp(requant(sum (x - x_zp) w + b) + out_zp)`` (TFLite int8 spec);
 pooling keeps the input's scale and zero point; reshape only moves codes. 1-D convolutions
@@ -38,6 +39,8 @@ __all__ = [
     "Pool",
     "Reshape",
     "Add",
+    "Mean",
+    "Concat",
     "Program",
     "LayerSpec",
     "AccumulatorInfo",
@@ -236,13 +239,70 @@ class Add:
         return _clamp(y, self.clamp)
 
 
-LayerSpec = Conv | Dense | Pool | Reshape | Add
+@_spec(("x_zp", "out_zp", "requant", "x_scale", "out_scale"), ("path", "axes", "count"))
+class Mean:
+    """int8 mean over the spatial axes with a new scale (TFLite ``MEAN``, ``keep_dims=False``;
+    Keras GlobalAveragePooling): ``(N, *spatial, C) -> (N, C)`` by :func:`jquant.integer.mean`::
+
+        y = clamp(round(s_x sum (x - x_zp) / (n s_y)) + y_zp)   (rounded as ``requant.mode``)
+
+    Attributes:
+      x_zp, out_zp: int32 zero points; x_scale, out_scale: float32 scales.
+      requant: the :class:`~jquant.integer.MeanRequant` (:func:`jquant.integer.mean_requant`).
+      axes: the averaged axes of the batched value, ``(1,)`` or ``(1, 2)``.
+      count: ``n``, the number of averaged elements per output.
+    """
+
+    path: str
+    x_zp: jax.Array
+    out_zp: jax.Array
+    requant: integer.MeanRequant
+    x_scale: jax.Array
+    out_scale: jax.Array
+    axes: tuple[int, ...] = (1, 2)
+    count: int = 1
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return integer.mean(
+            x, x_zp=self.x_zp, out_zp=self.out_zp, axis=self.axes, requant=self.requant
+        )
+
+
+@_spec(("zp", "scale"), ("path", "axis", "arity"))
+class Concat:
+    """int8 concatenation of ``arity`` values along ``axis`` (TFLite ``CONCATENATION``): every
+    input and the output share one scale and zero point (TFLite's int8 kernel requires it),
+    so the codes are copied (:func:`jquant.integer.concatenate`).
+
+    Attributes:
+      zp, scale: the shared int32 zero point and float32 scale.
+      axis: the axis of the batched values (``>= 1``; the batch axis is 0).
+      arity: the number of inputs (``>= 2``).
+    """
+
+    path: str
+    zp: jax.Array
+    scale: jax.Array
+    axis: int = 1
+    arity: int = 2
+
+    def __call__(self, *xs: jax.Array) -> jax.Array:
+        n = len(xs)
+        return integer.concatenate(
+            xs, scales=[self.scale] * n, zero_points=[self.zp] * n, out_scale=self.scale,
+            out_zp=self.zp, axis=self.axis,
+        )  # fmt: skip
+
+
+LayerSpec = Conv | Dense | Pool | Reshape | Add | Mean | Concat
 SPECS: dict[str, type] = {
     "conv": Conv,
     "dense": Dense,
     "pool": Pool,
     "reshape": Reshape,
     "add": Add,
+    "mean": Mean,
+    "concat": Concat,
 }
 
 
@@ -254,7 +314,8 @@ class Program:
     """An integer-only program: layer specs plus the input and output quantizers.
 
     Attributes:
-      layers: tuple of :class:`Conv` / :class:`Dense` / :class:`Pool` / :class:`Reshape`.
+      layers: tuple of :class:`Conv` / :class:`Dense` / :class:`Pool` / :class:`Reshape` /
+        :class:`Add` / :class:`Mean` / :class:`Concat`.
       input_scale, input_zp: quantizer of the float input (float32 / int32 scalars).
       output_scale, output_zp: scale and zero point of the int8 output codes.
       input_shape: shape of one example (without the batch axis).
@@ -515,8 +576,49 @@ def _validate_add(layer: Add) -> None:
         raise ValueError(f"{where}: activation must be None or 'relu', got {layer.activation!r}")
 
 
+def _validate_mean(layer: Mean) -> None:
+    where = f"layer {layer.path!r}"
+    _check_zp(where, "x_zp", layer.x_zp)
+    _check_zp(where, "out_zp", layer.out_zp)
+    _check_scales(where, "x_scale", layer.x_scale)
+    _check_scales(where, "out_scale", layer.out_scale)
+    if layer.axes not in ((1,), (1, 2)):
+        raise ValueError(
+            f"{where}: axes must be (1,) or (1, 2) (the spatial axes), got {layer.axes!r}"
+        )
+    _check_int(where, "count", layer.count, 1)
+    mr = layer.requant
+    if not isinstance(mr, integer.MeanRequant):
+        raise TypeError(f"{where}: requant must be a jquant.integer.MeanRequant, got {mr!r}")
+    want = integer.mean_requant(
+        layer.x_scale, layer.x_zp, layer.out_scale, layer.out_zp, layer.count, mr.mode
+    )
+    same = jax.tree.leaves(mr) + [mr.count]
+    if any(
+        np.asarray(a).dtype != np.asarray(b).dtype or not np.array_equal(a, b)
+        for a, b in zip(same, jax.tree.leaves(want) + [want.count], strict=True)
+    ):
+        raise ValueError(
+            f"{where}: requant does not follow from the scales, zero points and count "
+            f"(jquant.integer.mean_requant in mode {mr.mode!r})"
+        )  # fmt: skip
+
+
+def _validate_concat(layer: Concat) -> None:
+    where = f"layer {layer.path!r}"
+    _check_zp(where, "zp", layer.zp)
+    _check_scales(where, "scale", layer.scale)
+    _check_int(where, "axis", layer.axis, 1)
+    _check_int(where, "arity", layer.arity, 2)
+
+
+def _arity(layer) -> int:
+    return 2 if isinstance(layer, Add) else layer.arity if isinstance(layer, Concat) else 1
+
+
 def _validate_inputs(program: Program) -> None:
-    """Each layer reads earlier values only: two for an Add, one otherwise."""
+    """Each layer reads earlier values only: two for an Add, ``arity`` for a Concat, one
+    otherwise."""
     inputs = program.inputs
     if inputs is not None and (
         not isinstance(inputs, tuple) or not all(isinstance(r, tuple) for r in inputs)
@@ -528,7 +630,7 @@ def _validate_inputs(program: Program) -> None:
             f"{len(program.layers)} layers"
         )
     for k, (layer, reads) in enumerate(zip(program.layers, program.layer_inputs(), strict=True)):
-        arity = 2 if isinstance(layer, Add) else 1
+        arity = _arity(layer)
         if len(reads) != arity or not all(_is_int(i) and 0 <= i <= k for i in reads):
             raise ValueError(
                 f"layer {layer.path!r} (number {k}) must read {arity} earlier value(s) among "
@@ -590,6 +692,10 @@ def validate(program: Program) -> Program:
             _validate_pool(layer)
         elif isinstance(layer, Reshape):
             _check_ints(f"layer {layer.path!r}", "shape", layer.shape, None, 1)
+        elif isinstance(layer, Mean):
+            _validate_mean(layer)
+        elif isinstance(layer, Concat):
+            _validate_concat(layer)
         else:
             raise TypeError(f"program.layers holds a {type(layer).__name__}, not a layer spec")
     _validate_inputs(program)

@@ -5,8 +5,10 @@ The model is traced once (``jax.make_jaxpr``) with an interceptor that wraps eve
 in a named scope ``jquant_layer_<i>``, so each equation knows which layer call (if any) it
 belongs to. Equations outside those scopes are the glue between layers and must be one of:
 relu (``jax.nn.relu`` / ``max(x, 0)``), max or average pooling (``reduce_window``), reshape,
-no-op casts, or the elementwise ``add`` of two activations of one shape (a residual
-connection). The result is a list of :class:`Node` s in execution order, each naming the
+no-op casts, the elementwise ``add`` of two activations of one shape (a residual
+connection), the mean over all spatial axes (``jnp.mean(x, axis=(1, 2))``, global average
+pooling) or the concatenation of activations (``jnp.concatenate``, not along the batch).
+The result is a list of :class:`Node` s in execution order, each naming the
 values it reads (a small DAG); anything else (a layer norm, a softmax) raises ValueError
 naming the module path it came from.
 """
@@ -38,7 +40,8 @@ class Node(NamedTuple):
     and ``info``: the conv's lax parameters, or BatchNorm's call kwargs) | ``conv_bn`` (a
     :class:`QConvBN`; ``info`` as ``conv``) | ``relu`` | ``max_pool`` / ``avg_pool``
     (``info``: window, strides, padding of the spatial axes) | ``reshape`` (``info``: the new
-    per-example shape) | ``add`` (two inputs).
+    per-example shape) | ``add`` (two inputs) | ``mean`` (``info``: the averaged ``axes`` and
+    their element ``count``) | ``concat`` (``info``: the axis; two or more inputs).
 
     ``inputs``: the values the node reads: ``0`` is the model's input, ``k + 1`` the output
     of node ``k``.
@@ -87,7 +90,7 @@ def _unsupported(eqn, what: str = "") -> ValueError:
     return ValueError(
         f"unsupported operation {eqn.primitive.name!r}{what} in module {_where(eqn)!r}: the "
         "integer program supports Conv / Dense (+ BatchNorm, relu), max / average pooling, "
-        "reshape and the add of two activations of one shape"
+        "reshape, the add of two activations of one shape, the spatial mean and concatenation"
     )
 
 
@@ -174,6 +177,12 @@ def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
     name, path = eqn.primitive.name, _where(eqn)
     operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
     known = [v for v in operands if v in values]
+    if name == "concatenate" and len(eqn.outvars) == 1 and len(known) == len(operands) >= 2:
+        axis = int(eqn.params["dimension"])
+        if axis == 0:
+            raise _unsupported(eqn, " along the batch axis")
+        ins = tuple(values[v] for v in known)
+        return Node("concat", path, info=axis, inputs=ins), eqn.outvars[0], i + 1
     if len(eqn.outvars) == 1 and name == "add" and len(known) == 2 == len(operands):
         a, b = known
         if a.aval.shape != b.aval.shape:
@@ -202,6 +211,21 @@ def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
         return Node("relu", path, inputs=one), out, i + 1
     if name == "reduce_window_max":
         return Node("max_pool", path, info=_window(eqn, ndim), inputs=one), out, i + 1
+    if name == "reduce_sum" and i + 1 < len(eqns):
+        axes, div = tuple(int(a) for a in eqn.params["axes"]), eqns[i + 1]
+        n = math.prod(current.aval.shape[a] for a in axes)
+        divisor = [v for v in div.invars if isinstance(v, jex_core.Literal)]
+        if (
+            axes == tuple(range(1, ndim - 1))
+            and ndim in (3, 4)
+            and div.primitive.name == "div"
+            and div.invars[0] is out
+            and len(divisor) == 1
+            and float(np.asarray(divisor[0].val)) == n
+        ):
+            info = {"axes": axes, "count": n}
+            return Node("mean", path, info=info, inputs=one), div.outvars[0], i + 2
+        raise _unsupported(eqn, " (only the mean over all spatial axes of NWC / NHWC)")
     if name == "reduce_window_sum" and i + 1 < len(eqns):
         geo, div = _window(eqn, ndim), eqns[i + 1]
         n = math.prod(geo["window"])

@@ -18,16 +18,22 @@ Pool           ``MaxPool`` on int8; ``com.microsoft.QLinearAveragePool``
                (``count_include_pad=0``)
 Reshape        ``Reshape``
 Add            ``com.microsoft.QLinearAdd``, relu as above
+Mean           ``com.microsoft.QLinearGlobalAveragePool`` (``channels_last=1``), then
+               ``Reshape`` to ``(N, C)``
+Concat         ``Concat`` of the int8 codes (inputs and output share one quantizer)
 =============  ============================================================================
 
 onnxruntime requantizes QLinearConv with the float32 multiplier: the program retargeted to
 ``"onnxruntime"`` (``fp32``) gives the same codes. Its QLinearAdd and QLinearAveragePool round
 their own float formulas (the zero points folded into a float32 constant; the average in float
 and rounded half to even, where TFLite rounds half away from zero), so they can differ by one
-code from TFLite's integer ADD and AVERAGE_POOL_2D near ties.
+code from TFLite's integer ADD and AVERAGE_POOL_2D near ties; QLinearGlobalAveragePool
+multiplies by ``float32(s_x / n / s_y)``, not XNNPACK's ``float32(s_x / s_y) float32(1 / n)``,
+so a Mean can differ by one code from the ``fp32`` program near ties.
 
 ``form="qdq"``: float operators between ``DequantizeLinear`` and ``QuantizeLinear`` (the weights
-and biases stored as int8 / int32 with per-channel ``DequantizeLinear(axis=0)``), which a
+and biases stored as int8 / int32 with per-channel ``DequantizeLinear(axis=0)``; a Mean as
+``ReduceMean``, a Concat on the int8 codes as in the QOperator form), which a
 runtime may fuse into integer kernels or run in float: the output is close to the program's,
 not bit-exact (float accumulation, one rounding).
 
@@ -43,7 +49,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jquant.convert.program import INT8_RANGE, Add, Conv, Dense, Pool, Program, Reshape, validate
+from jquant.convert.program import (
+    INT8_RANGE,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Mean,
+    Pool,
+    Program,
+    Reshape,
+    validate,
+)
 from jquant.export.files import write_atomically
 from jquant.export.values import value_qparams, value_shapes
 
@@ -63,8 +80,8 @@ def _explicit(padding) -> list[int]:
 class _Builder:
     """Nodes and initializers of one ONNX graph, with fresh names."""
 
-    def __init__(self, form: str) -> None:
-        self.form = form
+    def __init__(self, form: str, opset: int = 21) -> None:
+        self.form, self.opset = form, opset
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
@@ -166,6 +183,23 @@ class _Builder:
         y = self.node("AveragePool", [self.dq(x, *qp)], count_include_pad=0, **attrs)
         return self.q(y, *qp)
 
+    def mean(self, x: str, x_shape, layer: Mean) -> str:
+        """Global average over the spatial axes of NHWC / NLC ``x``, then ``(N, C)``."""
+        x_qp = (float(layer.x_scale), int(layer.x_zp))
+        y_qp = (float(layer.out_scale), int(layer.out_zp))
+        channels = x_shape[-1]
+        if self.form == "qoperator":
+            y = self.node("QLinearGlobalAveragePool", [x, *self.qp(*x_qp), *self.qp(*y_qp)],
+                          domain=_MS, channels_last=1)  # fmt: skip
+            return self.reshape(y, (1, channels))
+        axes = list(layer.axes)
+        xf = self.dq(x, *x_qp)
+        if self.opset >= 18:
+            y = self.node("ReduceMean", [xf, self.const("axes", np.int64(axes))], keepdims=0)
+        else:
+            y = self.node("ReduceMean", [xf], axes=axes, keepdims=0)
+        return self.q(y, *y_qp)
+
     def add(self, a: str, b: str, a_qp, b_qp, layer: Add) -> str:
         y_qp = (float(layer.out_scale), int(layer.out_zp))
         relu = layer.activation == "relu"
@@ -206,7 +240,7 @@ def onnx_model(program: Program, *, form: str = "qoperator", opset: int = 21) ->
     if not 13 <= opset <= 21:
         raise ValueError(f"opset must be in [13, 21], got {opset}")
     validate(program)
-    g = _Builder(form)
+    g = _Builder(form, opset)
     shapes, qps = value_shapes(program), value_qparams(program)
     values = ["input"]
     for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
@@ -228,6 +262,10 @@ def onnx_model(program: Program, *, form: str = "qoperator", opset: int = 21) ->
             y = g.from_nchw(y, out_shape, layer.spatial)
         elif isinstance(layer, Reshape):
             y = g.reshape(x, out_shape)
+        elif isinstance(layer, Mean):
+            y = g.mean(x, x_shape, layer)
+        elif isinstance(layer, Concat):
+            y = g.node("Concat", [values[i] for i in reads], axis=int(layer.axis))
         else:
             y = g.add(x, values[reads[1]], x_qp, qps[reads[1]], layer)
         values.append(y)

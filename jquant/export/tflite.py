@@ -13,6 +13,8 @@ program spec           TFLite op
 :class:`Pool`          ``MAX_POOL_2D`` / ``AVERAGE_POOL_2D`` (padding SAME or VALID)
 :class:`Reshape`       ``RESHAPE`` (batch axis ``-1``)
 :class:`Add`           ``ADD`` with fused RELU
+:class:`Mean`          ``MEAN`` over the spatial axes, ``keep_dims=False``
+:class:`Concat`        ``CONCATENATION`` (inputs and output share one quantizer)
 =====================  =========================================================
 
 1-D layers (``(N, L, C)`` activations) run as 2-D ones with ``H = 1``, between two
@@ -41,7 +43,18 @@ from typing import Any
 import flatbuffers
 import numpy as np
 
-from jquant.convert.program import INT8_RANGE, Add, Conv, Dense, Pool, Program, Reshape, validate
+from jquant.convert.program import (
+    INT8_RANGE,
+    Add,
+    Concat,
+    Conv,
+    Dense,
+    Mean,
+    Pool,
+    Program,
+    Reshape,
+    validate,
+)
 from jquant.export.files import write_atomically
 from jquant.export.values import value_qparams, value_shapes
 
@@ -51,6 +64,8 @@ IO_TYPES = ("int8", "float")
 _INT8, _INT32, _FLOAT32 = 9, 2, 0  # tflite.TensorType
 _OPS = {  # tflite.BuiltinOperator code, op version
     "ADD": (0, 2),
+    "CONCATENATION": (2, 2),
+    "MEAN": (40, 2),
     "AVERAGE_POOL_2D": (1, 2),
     "CONV_2D": (3, 3),
     "DEPTHWISE_CONV_2D": (4, 3),
@@ -66,6 +81,8 @@ _OPTIONS = {  # tflite.BuiltinOptions union tag of each options table
     "Pool2DOptions": 5,
     "FullyConnectedOptions": 8,
     "AddOptions": 11,
+    "ConcatenationOptions": 10,
+    "ReducerOptions": 27,
     "ReshapeOptions": 17,
     "QuantizeOptions": 89,
     "DequantizeOptions": 38,
@@ -303,6 +320,22 @@ class _Writer:
         self.g.op("ADD", [a, b], [y], "AddOptions", FusedActivationFunction=act)
         return y
 
+    def mean(self, layer: Mean, x: int, out_shape) -> int:
+        axes = self.g.tensor(self.name("axes"), (len(layer.axes),), _INT32,
+                             data=np.int32(layer.axes))  # fmt: skip
+        y = self.g.activation(
+            self.name(layer.path), out_shape[1:], float(layer.out_scale), int(layer.out_zp)
+        )
+        self.g.op("MEAN", [x, axes], [y], "ReducerOptions", KeepDims=False)
+        return y
+
+    def concat(self, layer: Concat, xs: list[int], out_shape) -> int:
+        y = self.g.activation(self.name(layer.path), out_shape[1:], float(layer.scale),
+                              int(layer.zp))  # fmt: skip
+        self.g.op("CONCATENATION", xs, [y], "ConcatenationOptions", Axis=int(layer.axis),
+                  FusedActivationFunction=0)  # fmt: skip
+        return y
+
 
 def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
     """The ``.tflite`` flatbuffer of ``program`` (module docstring), as bytes.
@@ -341,6 +374,8 @@ def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
         Pool: lambda L, v, k: w.pool(L, v[0], shapes[k[0]], shapes[len(values)], *qps[k[0]]),
         Reshape: lambda L, v, k: w.reshape(v[0], shapes[len(values)], *qps[k[0]]),
         Add: lambda L, v, k: w.add(L, v[0], v[1], shapes[len(values)]),
+        Mean: lambda L, v, k: w.mean(L, v[0], shapes[len(values)]),
+        Concat: lambda L, v, k: w.concat(L, v, shapes[len(values)]),
     }
     for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
         values.append(emit[type(layer)](layer, [values[i] for i in reads], reads))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jquant.convert.program import Add, Conv, Dense, Program
+from jquant.convert.program import Add, Concat, Conv, Dense, Mean, Program
 
 __all__ = ["value_shapes", "value_qparams"]
 
@@ -23,8 +23,10 @@ def value_qparams(program: Program) -> list[tuple[float, int]]:
     """``(scale, zero point)`` of every program value: the producer's output quantizer."""
     qps = [(float(program.input_scale), int(program.input_zp))]
     for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
-        if isinstance(layer, Conv | Dense | Add):
+        if isinstance(layer, Conv | Dense | Add | Mean):
             qps.append((float(layer.out_scale), int(layer.out_zp)))
+        elif isinstance(layer, Concat):
+            qps.append((float(layer.scale), int(layer.zp)))
         else:  # pooling and reshape keep their input's quantizer
             qps.append(qps[reads[0]])
     return qps

@@ -8,6 +8,7 @@ No ``jax_enable_x64``: 64-bit products are emulated with 32-bit words.
 
 from jquant.integer.add import AddRequant, add, add_requant
 from jquant.integer.checks import accumulator_bound, check_accumulator
+from jquant.integer.concat import concatenate
 from jquant.integer.conv import conv2d
 from jquant.integer.dense import dense
 from jquant.integer.fixed_point import (
@@ -18,6 +19,7 @@ from jquant.integer.fixed_point import (
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
 )
+from jquant.integer.mean import MeanRequant, mean, mean_requant
 from jquant.integer.pool import avg_pool, global_avg_pool, max_pool, rounded_average
 from jquant.integer.requant import (
     ACTIVATIONS,
@@ -33,6 +35,7 @@ __all__ = [
     "ACTIVATIONS",
     "MULTIPLIER_MODES",
     "AddRequant",
+    "MeanRequant",
     "Requant",
     "accumulator_bound",
     "activation_range",
@@ -40,11 +43,14 @@ __all__ = [
     "add_requant",
     "avg_pool",
     "check_accumulator",
+    "concatenate",
     "conv2d",
     "dense",
     "fixed_point_product",
     "global_avg_pool",
     "max_pool",
+    "mean",
+    "mean_requant",
     "multiply_by_quantized_multiplier",
     "quantize_multiplier",
     "requant_from_multiplier",
