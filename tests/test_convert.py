@@ -1055,6 +1055,8 @@ def test_concat_and_mean_convert(branch_gap):
     merged = qparams_from_range(jnp.float32(lo), jnp.float32(hi), int8)
     assert np.float32(merged.scale) == cat.scale and int(merged.zero_point) == int(cat.zp)
     assert np.abs(_program_codes(program, X2D) - want).max() <= 1
+    with pytest.raises(ValueError, match="simulation does not model the integer MEAN"):
+        C.simulation(qmodel, v, X2D[:1], output_qparams=oqp, residual_qparams=rq)
 
 
 def test_mean_needs_a_measured_input_range(branch_gap):

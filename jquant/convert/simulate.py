@@ -36,7 +36,7 @@ from jax.extend import core as jex_core
 
 from jquant.convert import source
 from jquant.convert.build import _plan, convert
-from jquant.convert.program import Add, Conv, Dense
+from jquant.convert.program import Add, Conv, Dense, Mean
 from jquant.convert.trace import _where
 from jquant.formats import int8
 from jquant.nn.linen import QuantizedModel
@@ -144,7 +144,8 @@ def simulation(
       ``quantize(apply(x), output_qparams, int8)`` equals the program's output codes.
 
     Raises:
-      as :func:`convert`.
+      as :func:`convert`; ValueError for a model with a spatial mean (TFLite MEAN), which
+      simulation does not model yet.
     """
     source.check_model(qmodel)
     variables = dict(variables)
@@ -158,6 +159,12 @@ def simulation(
         residual_qparams=residual_qparams,
         **apply_kwargs,
     )
+    means = [layer.path for layer in program.layers if isinstance(layer, Mean)]
+    if means:  # the float mean is not the program's integer MEAN: refuse, never approximate
+        raise ValueError(
+            f"simulation does not model the integer MEAN of {means}; compare with "
+            "run(convert(...)) directly"
+        )
     plan = _plan(qmodel, variables, example_x, apply_kwargs)
     linear = [layer for layer in program.layers if isinstance(layer, Conv | Dense)]
     # each layer reads its input at its module and ends at its BatchNorm, else at itself
