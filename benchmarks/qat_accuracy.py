@@ -16,6 +16,9 @@ Configurations (``CONFIGS``):
   absmax activation scales per example.
 - ``qwix_fixed``: Qwix with fixed activation ranges ``"fixed,min,max"`` per layer, from the
   calibration batches' min / max (static, as jquant's PTQ ranges).
+- ``qwix_token_minmax``: Qwix, dynamic affine (``"minmax"``) activation ranges per example
+  and position in the convs (``act_batch_axes=(0, 1)``) and per example in the Dense layers:
+  the peer counterpart of jquant's ``dynamic_per_token``.
 - ``aqt_default``: ``aqt.jax.v2.flax`` ``AqtDotGeneral`` (``config_v4``, float backward) and
   ``AqtConvGeneralDilated`` (``conv_general_dilated_make``) injected into every Dense / Conv:
   dynamic activation scales (AQT's default).
@@ -58,13 +61,15 @@ LR = 1e-3
 
 # jquant's recipe: every choice and what it means
 RECIPE = dict(
-    rule=dict(estimator="lsq", learned_init="paper"),
+    rule=dict(
+        estimator="lsq", act_estimator="ste", act_scale="dynamic_per_token", learned_init="paper"
+    ),
     config=dict(quant_lr=1e-2, distill=0.5),
     description=(
-        "LSQ weights and activations, steps initialised by LSQ's 2 mean|v| / sqrt(Q_P) "
-        "(activations over the calibration batches), static activation zero points from "
-        "min/max calibration, learned steps on Adam with a relative rate 1e-2 "
-        "(jquant.qat.qat_optimizer), distillation from the float model (weight 0.5, T=1)"
+        "LSQ weights (per-channel steps initialised by LSQ's 2 mean|w| / sqrt(Q_P), learned "
+        "on Adam with a relative rate 1e-2, jquant.qat.qat_optimizer); activations with "
+        "dynamic affine min/max ranges per example and position (act_scale="
+        "'dynamic_per_token', STE); distillation from the float model (weight 0.5, T=1)"
     ),
 )
 
@@ -207,6 +212,18 @@ def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
     qt = _qtype(bits)
     if name == "qwix_default":
         rules = [qwix.QtRule(module_path=".*", weight_qtype=qt, act_qtype=qt)]
+    elif name == "qwix_token_minmax":  # dynamic affine ranges per example and position
+        ranges = _input_ranges(model, float_vars[0], _calibration(data))
+        rules = [
+            qwix.QtRule(
+                module_path=path,
+                weight_qtype=qt,
+                act_qtype=qt,
+                act_calibration_method="minmax",
+                act_batch_axes=(0, 1) if path.startswith("conv") else (0,),
+            )
+            for path in ranges
+        ]
     else:  # qwix_fixed: calibrated min / max of each layer's input, from seed 0's model
         ranges = _input_ranges(model, float_vars[0], _calibration(data))
         rules = [
@@ -269,6 +286,7 @@ CONFIGS = {
     "jquant_recipe": run_jquant,
     "qwix_default": run_qwix,
     "qwix_fixed": run_qwix,
+    "qwix_token_minmax": run_qwix,
     "aqt_default": run_aqt,
 }
 

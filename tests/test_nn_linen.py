@@ -144,10 +144,16 @@ def test_int_mode_equals_simulate():
 
 def test_gradients_reach_weights_and_learned_scales():
     cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
-    rules = QuantRule(".*", weight="int4", act=IntFormat(4, signed=False), estimator="lsq")
+    rules = QuantRule(
+        ".*",
+        weight="int4",
+        act=IntFormat(4, signed=False),
+        estimator="lsq",
+        learned_init="calibration",
+    )
     qm, _ = ql.quantize_model(cnn, rules, X)
     v = _calibrated(qm, INIT(cnn), X)
-    # learned scales start at the calibrated ranges
+    # learned scales start at the calibrated ranges (learned_init="calibration")
     np.testing.assert_array_equal(
         v["params"]["conv1"]["input_scale"], v["quant_stats"]["conv1"]["input_qparams"]["scale"]
     )
@@ -350,3 +356,41 @@ def test_a_custom_product_op_is_an_error_not_a_silent_float():
     with pytest.raises(ValueError, match=r"'Dense_0' \(Dense\) sets its own dot_general_cls"):
         ql.quantize_model(Custom(), QuantRule(".*"), X[:, 0])
     ql.quantize_model(Custom(), QuantRule(".*", keep_float=True), X[:, 0])  # float: fine
+
+
+def test_learned_init_paper_is_lsq_formula_and_dynamic_act_scales_match_numpy():
+    """LSQ's paper initialisation after calibrate, and dynamic per-example / per-token
+    activation ranges in eval, against NumPy re-derivations."""
+    net = nn.Dense(3)
+    v0 = net.init(jax.random.key(0), X[:, 0])
+    rule = QuantRule(".*", weight="int4", act="int4", estimator="lsq")
+    qm, _ = ql.quantize_model(net, rule, X[:, 0])
+    v = qm.calibrate(qm.attach(v0, X[:, 0]), [X[:, 0], 2 * X[:, 0]])
+    w, a = np.asarray(v0["params"]["kernel"]), np.asarray(X[:, 0])
+    np.testing.assert_allclose(
+        np.ravel(v["params"]["kernel_scale"]), 2 * np.abs(w).mean(0) / np.sqrt(7), rtol=1e-5
+    )
+    zp = float(v["quant_stats"]["input_qparams"]["zero_point"])
+    mean_abs = (np.abs(a).mean() + np.abs(2 * a).mean()) / 2
+    np.testing.assert_allclose(v["params"]["input_scale"], 2 * mean_abs / np.sqrt(7 - zp), 1e-5)
+
+    def np_fq(x, axes):  # affine min/max per group, int4 (qmin -8, qmax 7)
+        lo = np.minimum(x.min(axes, keepdims=True), 0)
+        hi = np.maximum(x.max(axes, keepdims=True), 0)
+        s = (hi - lo) / 15
+        z = np.clip(np.round(-8 - lo / s), -8, 7)
+        return s * (np.clip(np.round(x / s) + z, -8, 7) - z)
+
+    conv = nn.Conv(4, (3,), use_bias=False)
+    cv = conv.init(jax.random.key(1), X)
+    x = np.asarray(X)
+    for act_scale, axes in (("dynamic_per_example", (1, 2)), ("dynamic_per_token", (2,))):
+        r = QuantRule(".*", weight=None, act="int4", act_scale=act_scale)
+        qc, _ = ql.quantize_model(conv, r, X)
+        got = qc.with_phase("eval").apply(qc.calibrate(qc.attach(cv, X), [X]), X)
+        want = conv.apply(cv, jnp.asarray(np_fq(x, axes), jnp.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="act_scale"):
+        QuantRule(".*", estimator="lsq", act_scale="dynamic_per_example")
+    with pytest.raises(ValueError, match="act_scale"):
+        QuantRule(".*", act_scale="per_row")
