@@ -1,0 +1,68 @@
+"""README.md § "QAT against Qwix and AQT" against ``benchmarks/results/qat_accuracy.json``.
+
+:func:`figures` prints, from the committed results, every row of the section's table (per
+configuration and width: QAT test accuracy, mean ± standard error over seeds, in percent) and
+the verdict of each low-bit cell (jquant's recipe against the best peer configuration there:
+a win when the means are apart by more than the sum of their standard errors). Nothing is
+rerun here: this reads files only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from figures import check_section, load
+
+RESULTS = "benchmarks/results/qat_accuracy.json"
+HEADING = "QAT against Qwix and AQT"
+WIDTHS = ("w8a8", "w4a4", "w2a2")
+LABELS = {
+    "jquant_recipe": "jquant recipe (`jquant.qat`)",
+    "jquant_ste": "jquant STE, default rule",
+    "qwix_default": "Qwix default (dynamic absmax per example)",
+    "qwix_fixed": "Qwix fixed calibrated ranges",
+    "qwix_token_minmax": "Qwix dynamic minmax per example and position",
+    "aqt_default": "AQT default (dynamic)",
+}
+PEERS = ("qwix_default", "qwix_fixed", "qwix_token_minmax", "aqt_default")
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error ``std(ddof=1) / sqrt(n)`` in percent."""
+    a = 100 * np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a)))
+
+
+def cell(values) -> str:
+    m, se = mean_se(values)
+    return f"{m:.1f} ± {se:.1f}"
+
+
+def figures(results: dict, steps: int = 300) -> dict[str, str]:
+    """Label -> printed text of every table row and verdict of the section."""
+    cells = results["cells"]
+    out = {"float": "| float | " + " | ".join([cell(results["float"])] * 3) + " |"}
+    for name, label in LABELS.items():
+        keys = [f"{steps}/{name}/{w}" for w in WIDTHS]
+        if not all(k in cells for k in keys):
+            continue
+        for kind in ("ptq", "qat"):
+            row = " | ".join(cell(cells[k][kind]) for k in keys)
+            out[f"{name} {kind}"] = f"| {label}, {kind.upper()} | {row} |"
+    for w in WIDTHS[1:]:
+        ours = mean_se(cells[f"{steps}/jquant_recipe/{w}"]["qat"])
+        peers = {p: mean_se(cells[k]["qat"]) for p in PEERS if (k := f"{steps}/{p}/{w}") in cells}
+        best = max(peers, key=lambda p: peers[p][0])
+        gap = ours[0] - peers[best][0]
+        won = gap > ours[1] + peers[best][1]
+        verdict = "wins" if won else "does not win"
+        out[f"verdict {w}"] = (
+            f"{w}: jquant recipe {verdict} against the best peer ({LABELS[best]}) by "
+            f"{gap:+.1f} points"
+        )
+    return out
+
+
+def test_readme_section_matches_results():
+    results = load(RESULTS)
+    setup = ["8", "4", "2", "1", "300", "1000", "128", "1e-3", "3", "0.5", "1e-2", "3000"]
+    check_section("README.md", HEADING, figures(results), setup)
