@@ -15,10 +15,12 @@ Configurations (``CONFIGS``):
 - ``qwix_default``: ``qwix.QtRule(weight_qtype, act_qtype)``: Qwix's default on XLA, dynamic
   absmax activation scales per example.
 - ``qwix_fixed``: Qwix with fixed activation ranges ``"fixed,min,max"`` per layer, from the
-  calibration batches' min / max (static, as jquant's PTQ ranges).
+  calibration batches' min / max (static, as jquant's PTQ ranges); Qwix's int2 rejects
+  asymmetric ranges, so at 2 bits ``"fixed,-m,m"``, ``m = max(|min|, |max|)``.
 - ``qwix_token_minmax``: Qwix, dynamic affine (``"minmax"``) activation ranges per example
   and position in the convs (``act_batch_axes=(0, 1)``) and per example in the Dense layers:
-  the peer counterpart of jquant's ``dynamic_per_token``.
+  the peer counterpart of jquant's ``dynamic_per_token`` (at 2 bits ``"absmax"``: Qwix's
+  int2 is symmetric only).
 - ``aqt_default``: ``aqt.jax.v2.flax`` ``AqtDotGeneral`` (``config_v4``, float backward) and
   ``AqtConvGeneralDilated`` (``conv_general_dilated_make``) injected into every Dense / Conv:
   dynamic activation scales (AQT's default).
@@ -205,6 +207,15 @@ def qwix_storage_check(bits: int) -> float:
     return float(jnp.max(jnp.abs(y - ref)))
 
 
+def _fixed(lo: float, hi: float, bits: int) -> str:
+    """Qwix's fixed range: ``[lo, hi]``; Qwix's int2 is symmetric only, so there
+    ``[-m, m]`` with ``m = max(|lo|, |hi|)``."""
+    if bits > 2:
+        return f"fixed,{lo},{hi}"
+    m = max(abs(lo), abs(hi))
+    return f"fixed,{-m},{m}"
+
+
 def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
     import qwix
 
@@ -219,7 +230,7 @@ def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
                 module_path=path,
                 weight_qtype=qt,
                 act_qtype=qt,
-                act_calibration_method="minmax",
+                act_calibration_method="minmax" if bits > 2 else "absmax",
                 act_batch_axes=(0, 1) if path.startswith("conv") else (0,),
             )
             for path in ranges
@@ -231,7 +242,7 @@ def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
                 module_path=path,
                 weight_qtype=qt,
                 act_qtype=qt,
-                act_calibration_method=f"fixed,{lo},{hi}",
+                act_calibration_method=_fixed(lo, hi, bits),
             )
             for path, (lo, hi) in ranges.items()
         ]

@@ -394,3 +394,38 @@ def test_learned_init_paper_is_lsq_formula_and_dynamic_act_scales_match_numpy():
         QuantRule(".*", estimator="lsq", act_scale="dynamic_per_example")
     with pytest.raises(ValueError, match="act_scale"):
         QuantRule(".*", act_scale="per_row")
+
+
+def test_two_bit_weight_grids_against_numpy():
+    """2-bit weights: Qwix / AQT's bound (``scale = max|w| / 1.5``, codes -2..1), midrise
+    (levels ``(q + 1/2) s``, no zero) and affine, each against NumPy through QDense."""
+    net = nn.Dense(3, use_bias=False)
+    v0 = net.init(jax.random.key(0), X[:, 0])
+    w, x = np.asarray(v0["params"]["kernel"]), np.asarray(X[:, 0])
+    eye = jnp.eye(2)  # eval on the identity: the rows of the fake-quantized kernel
+
+    def kernel_q(**kw):
+        rule = QuantRule(".*", weight=kw.pop("weight", "int2"), act=None, **kw)
+        qm, _ = ql.quantize_model(net, rule, x)
+        v = qm.calibrate(qm.attach(v0, x), [x])
+        return np.asarray(qm.with_phase("eval").apply(v, eye)), qm.layers(v)[0].kernel_qparams
+
+    s = np.abs(w).max(0) / 1.5
+    got, qp = kernel_q(weight_scale_bound="qmax_plus_half")
+    # the largest |w| sits on the tie +-1.5 steps: one ulp decides between -2 and -1 there
+    tie = np.isclose(np.abs(w / s), 1.5, rtol=1e-5)
+    codes = np.round(got / s)
+    np.testing.assert_array_equal(codes[~tie], np.clip(np.round(w / s), -2, 1)[~tie])
+    assert set(np.sign(w[tie]) * codes[tie]).issubset({1.0, 2.0})
+    assert codes.min() >= -2 and codes.max() <= 1
+    np.testing.assert_allclose(np.ravel(qp.scale), s, rtol=1e-6)
+    got, _ = kernel_q(weight=IntFormat(2, midrise=True))
+    steps = got / np.ravel(kernel_q(weight=IntFormat(2, midrise=True))[1].scale)
+    np.testing.assert_allclose(steps - np.floor(steps), 0.5, atol=1e-5)  # (q + 1/2) s
+    got, qp = kernel_q(weight_symmetric=False)
+    lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+    sa = (hi - lo) / 3
+    z = np.clip(np.round(-2 - lo / sa), -2, 1)
+    np.testing.assert_allclose(got, sa * (np.clip(np.round(w / sa) + z, -2, 1) - z), rtol=1e-5)
+    with pytest.raises(ValueError, match="weight_scale_bound"):
+        QuantRule(".*", weight=IntFormat(2, midrise=True), weight_scale_bound="qmax_plus_half")

@@ -65,7 +65,14 @@ def operand_qparams(
     a layer in ``phase``."""
     qa = _act_qparams(slots, rule, phase, lhs)
     qw = tensor_qparams(
-        slots, "kernel", rhs, rhs_cfg, phase, None, learned_init=rule.learned_init
+        slots,
+        "kernel",
+        rhs,
+        rhs_cfg,
+        phase,
+        None,
+        learned_init=rule.learned_init,
+        scale_bound=rule.weight_scale_bound,
     )
     return qa, qw
 

@@ -22,12 +22,13 @@ from typing import NamedTuple
 
 from jquant.estimators import ESTIMATORS
 from jquant.formats import Format, IntFormat, get_format
-from jquant.nn.state import ACT_SCALES, LEARNED_INITS
+from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.ops import QuantConfig
 
 __all__ = [
     "ACT_SCALES",
     "LEARNED_INITS",
+    "WEIGHT_SCALE_BOUNDS",
     "CALIBRATIONS",
     "DEFAULT_RULE",
     "GRANULARITIES",
@@ -91,6 +92,11 @@ class QuantRule:
       learned_init: how learned steps start: ``"paper"`` (default; LSQ
         ``2 mean|v| / sqrt(Q_P)``, LSQ+ weights ``max(|mu -+ 3 sigma|) / 2^(b-1)``, see
         ``jquant.estimators``) or ``"calibration"`` (the calibrated range).
+      weight_scale_bound: ``"qmax"`` (default, TFLite: ``scale = max|w| / qmax``) or
+        ``"qmax_plus_half"`` (Qwix, AQT: ``scale = max|w| / (qmax + 1/2)``; 2 bits:
+        ``max|w| / 1.5`` on the codes -2..1); symmetric integer weights only. The other 2-bit
+        grids are formats and flags: ``IntFormat(2, midrise=True)`` (levels ``(q + 1/2) s``,
+        no zero) and ``weight_symmetric=False`` (affine).
     """
 
     pattern: str
@@ -106,6 +112,7 @@ class QuantRule:
     keep_float: bool = False
     act_scale: str = "static"
     learned_init: str = "paper"
+    weight_scale_bound: str = "qmax"
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -125,6 +132,20 @@ class QuantRule:
         _check_choice("mode", self.mode, MODES)
         _check_choice("act_scale", self.act_scale, ACT_SCALES)
         _check_choice("learned_init", self.learned_init, LEARNED_INITS)
+        _check_choice("weight_scale_bound", self.weight_scale_bound, WEIGHT_SCALE_BOUNDS)
+        if (
+            self.weight_scale_bound != "qmax"
+            and self.weight is not None
+            and not (
+                isinstance(self.weight, IntFormat)
+                and not self.weight.midrise
+                and self.weight_symmetric
+            )
+        ):
+            raise ValueError(
+                "QuantRule.weight_scale_bound='qmax_plus_half' needs symmetric integer "
+                f"weights (weight_symmetric=True, not midrise), got {self.weight}"
+            )
         if self.act_scale != "static" and self._estimator("act") in _LEARNED:
             raise ValueError(
                 f"QuantRule.act_scale={self.act_scale!r} takes each activation's own range, "

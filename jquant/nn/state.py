@@ -58,6 +58,8 @@ __all__ = [
     "ACT_SCALES",
     "LEARNED_INITS",
     "dynamic_act_qparams",
+    "WEIGHT_SCALE_BOUNDS",
+    "kernel_qparams",
 ]
 
 PHASES = ("float", "calibrate", "train", "eval")
@@ -65,6 +67,7 @@ STATS = "quant_stats"
 LEARNED = ("lsq", "lsq_plus", "pact")
 ACT_SCALES = ("static", "dynamic_per_tensor", "dynamic_per_example", "dynamic_per_token")
 LEARNED_INITS = ("paper", "calibration")
+WEIGHT_SCALE_BOUNDS = ("qmax", "qmax_plus_half")
 
 
 class QuantStat(nnx.Variable):
@@ -184,6 +187,25 @@ def dynamic_act_qparams(x: jax.Array, cfg: QuantConfig, act_scale: str) -> QPara
     return _per_tensor(qp, dataclasses.replace(cfg, axis=kept))
 
 
+def kernel_qparams(w: jax.Array, cfg: QuantConfig, scale_bound: str = "qmax") -> QParams:
+    """A weight's QParams from its own range: ``dynamic_qparams`` (``scale = max|w| / qmax``
+    symmetric), or with ``scale_bound="qmax_plus_half"`` ``scale = max|w| / (qmax + 1/2)``,
+    Qwix's and AQT's symmetric bound: the largest weights round up to ``qmax + 1`` and clip to
+    ``qmax``, so at 2 bits ``scale = max|w| / 1.5`` on the codes ``-2..1``.
+    """
+    own = _per_tensor(dynamic_qparams(w, cfg), cfg)
+    if scale_bound == "qmax":
+        return own
+    if scale_bound != "qmax_plus_half":
+        raise ValueError(f"scale_bound must be one of {WEIGHT_SCALE_BOUNDS}, got {scale_bound!r}")
+    w = jax.lax.stop_gradient(jnp.asarray(w, jnp.float32))
+    kept = cfg.axes(w.ndim)
+    amax = jnp.max(jnp.abs(w), axis=tuple(a for a in range(w.ndim) if a not in kept), keepdims=True)
+    scale = amax / (jnp.asarray(cfg.fmt.qmax, jnp.float32) + 0.5)  # as Qwix: exact ties at -2
+    scale = jnp.where(amax > 0, scale, jnp.reshape(own.scale, scale.shape))  # zero range: finite
+    return _per_tensor(QParams(scale, own.zero_point), cfg)
+
+
 def _paper_weight_init(w: jax.Array, cfg: QuantConfig, own: QParams) -> QParams:
     """A learned weight step initialised by its paper (LSQ, LSQ+; PACT: its own range)."""
     kept = cfg.axes(w.ndim) or None
@@ -222,6 +244,7 @@ def tensor_qparams(
     *,
     learned_init: str = "calibration",
     act_scale: str = "static",
+    scale_bound: str = "qmax",
 ) -> QParams | None:
     """QParams to quantize ``x`` with in ``phase``, updating statistics on the way.
 
@@ -240,6 +263,8 @@ def tensor_qparams(
       act_scale: ``"static"`` (calibrated) or a dynamic granularity of ``ACT_SCALES`` for an
         activation: :func:`dynamic_act_qparams` of ``x`` in train / eval (calibration still
         records the static range).
+      scale_bound: a weight's scale bound (:func:`kernel_qparams`); with ``"qmax_plus_half"``
+        the weight's QParams are returned (not derived by ``ops``).
 
     Returns:
       The QParams (None for a non-learned weight: ``ops`` derives them from the weight), or
@@ -252,13 +277,16 @@ def tensor_qparams(
         return None
     learned = cfg.estimator in LEARNED
     if calibration_name is None:  # a weight
-        own = _per_tensor(dynamic_qparams(x, cfg), cfg)
+        own = kernel_qparams(x, cfg, scale_bound)
         if phase == "calibrate" and not slots.initializing:
             slots.set_stat(f"{name}_qparams", qparams_to_dict(own))
             if learned and learned_init == "paper":
                 init = _paper_weight_init(x, cfg, own)
                 slots.set_stat(f"{name}_init", qparams_to_dict(_per_tensor(init, cfg)))
-        qp = _learned(slots, name, cfg, own, own.zero_point) if learned else None
+        if learned:
+            qp = _learned(slots, name, cfg, own, own.zero_point)
+        else:
+            qp = own if scale_bound != "qmax" else None
         return qp if phase in ("train", "eval") else None
 
     obs = make_observer(calibration_name)
@@ -298,12 +326,14 @@ def frozen_qparams(
     kernel: jax.Array,
     params: dict[str, Any],
     stats: dict[str, Any],
+    scale_bound: str = "qmax",
 ) -> tuple[QParams | None, QParams | None]:
     """The (input, kernel) QParams a layer uses in eval, from its parameters and statistics.
 
     Learned scales (``{t}_scale`` / ``{t}_zero_point`` in ``params``) win; otherwise the input
     has its calibrated ``input_qparams`` (None if never calibrated) and the kernel the range of
-    ``kernel`` itself. None for a tensor that stays float.
+    ``kernel`` itself (:func:`kernel_qparams` with ``scale_bound``). None for a tensor that
+    stays float.
     """
 
     def one(t, cfg, fallback):
@@ -317,7 +347,7 @@ def frozen_qparams(
 
     stored = stats.get("input_qparams")
     qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
-    own = _per_tensor(dynamic_qparams(kernel, cfg_kernel), cfg_kernel) if cfg_kernel else None
+    own = kernel_qparams(kernel, cfg_kernel, scale_bound) if cfg_kernel else None
     return qa, one("kernel", cfg_kernel, own)
 
 
