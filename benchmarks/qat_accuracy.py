@@ -262,7 +262,8 @@ class _AqtModel:
         from aqt.jax.v2.flax import aqt_flax
 
         dg = aqt_config.config_v4(fwd_bits=bits, dlhs_bits=None, drhs_bits=None)
-        cg = aqt_conv_general.conv_general_dilated_make(1, lhs_bits=bits, rhs_bits=bits)
+        cg = aqt_config.default_unquantized_config()  # as aqt's examples/flax_e2e_model.py
+        cg.fwd = aqt_conv_general.conv_general_dilated_make(1, lhs_bits=bits, rhs_bits=bits)
         self.model = model
         self.dense_cls = functools.partial(aqt_flax.AqtDotGeneral, dg)
         self.conv_cls = functools.partial(aqt_flax.AqtConvGeneralDilated, cg)

@@ -1,6 +1,6 @@
-"""A QAT recipe: calibrate -> quantization-aware training -> evaluate, for Linen models.
+"""A QAT recipe: calibrate -> quantization-aware training -> evaluate, Linen and NNX.
 
-The recipe (:func:`run_linen`) takes a float model, its trained variables, data and rules:
+The recipe (:func:`run_linen`, :func:`run_nnx`) takes float models, data and rules:
 
 1. **calibrate** the quantized model on ``calib_batches`` training batches (PTQ ranges, and the
    learned step sizes' initialisation, see :class:`jquant.nn.QuantRule` ``learned_init``);
@@ -53,6 +53,7 @@ __all__ = [
     "fit_seeds",
     "reestimate_batch_stats",
     "run_linen",
+    "run_nnx",
     "format_table",
 ]
 
@@ -291,6 +292,13 @@ class QATConfig:
             raise ValueError(f"QATConfig.distill must be in [0, 1], got {self.distill!r}")
 
 
+def _check_seeds(seeds, n: int) -> list[int]:
+    seeds = list(range(n)) if seeds is None else list(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"seeds has {len(seeds)} entries for {n} models")
+    return seeds
+
+
 def _evaluate(apply_fn, variables, x, y) -> float:
     params, state = T.split_linen(variables)
     return T.evaluate(apply_fn, params, state, x, y)["accuracy"]
@@ -326,11 +334,9 @@ def run_linen(
     float_variables = list(float_variables)
     if not float_variables:
         raise ValueError("float_variables must hold at least one variable tree")
-    seeds = list(range(len(float_variables))) if seeds is None else list(seeds)
-    if len(seeds) != len(float_variables):
-        raise ValueError(f"seeds has {len(seeds)} entries for {len(float_variables)} models")
+    seeds = _check_seeds(seeds, len(float_variables))
     say = log or (lambda _: None)
-    x_tr, y_tr = data.x_train, data.y_train
+    x_tr = data.x_train
     x0 = x_tr[:2]
     bs = config.batch_size
     calib = [x_tr[i * bs : (i + 1) * bs] for i in range(config.calib_batches)]
@@ -342,26 +348,29 @@ def run_linen(
         acc = _evaluate(float_apply, fv, data.x_test, data.y_test)
         v = qmodel.calibrate(qmodel.attach(fv, x0), calib)
         results.append({"float": acc, "ptq": _evaluate(ev, v, data.x_test, data.y_test)})
-        starts.append(v)
+        starts.append(T.split_linen(v))
     say(f"float {[r['float'] for r in results]}; ptq {[r['ptq'] for r in results]}")
     if config.steps == 0:
         return results
+    logits = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+    train_apply = T.linen_apply_fn(qmodel.with_phase("train"))
+
+    def teacher(i, xb):
+        return logits(float_variables[i], xb)
+
+    return _train_and_eval(results, starts, train_apply, ev, teacher, data, config, seeds, say)
+
+
+def _train_and_eval(results, starts, train_apply, eval_apply, teacher, data, config, seeds, say):
+    """QAT of every seed's start (one vmapped program), BN re-estimation, eval: ``qat``."""
+    x_tr, y_tr, bs = data.x_train, data.y_train, config.batch_size
     opt = qat_optimizer(
         config.learning_rate,
         quant_lr=config.quant_lr,
         steps=config.steps if config.cosine else None,
     )
-    step = make_qat_step(
-        T.linen_apply_fn(qmodel.with_phase("train")),
-        opt,
-        distill=config.distill,
-        temperature=config.temperature,
-    )
-    states = [T.TrainState.create(*T.split_linen(v), opt) for v in starts]
-    teacher_fn = None
-    if config.distill > 0:
-        logits = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
-        teacher_fn = lambda i, xb: logits(float_variables[i], xb)  # noqa: E731
+    step = make_qat_step(train_apply, opt, distill=config.distill, temperature=config.temperature)
+    states = [T.TrainState.create(p, ms, opt) for p, ms in starts]
     start = time.perf_counter()
     states = fit_seeds(
         step,
@@ -371,18 +380,72 @@ def run_linen(
         steps=config.steps,
         batch_size=bs,
         keys=[jax.random.key(s) for s in seeds],
-        teacher_fn=teacher_fn,
+        teacher_fn=teacher if config.distill > 0 else None,
         log=say,
     )
-    train_apply = T.linen_apply_fn(qmodel.with_phase("train"))
     for res, st in zip(results, states, strict=True):
         ms = st.model_state
         if config.bn_batches:
             bn = [x_tr[i * bs : (i + 1) * bs] for i in range(config.bn_batches)]
             ms = reestimate_batch_stats(train_apply, st.params, ms, bn)
-        res["qat"] = T.evaluate(ev, st.params, ms, data.x_test, data.y_test)["accuracy"]
-    say(f"qat {[round(r['qat'], 4) for r in results]} ({time.perf_counter() - start:.0f} s)")
+        res["qat"] = T.evaluate(eval_apply, st.params, ms, data.x_test, data.y_test)["accuracy"]
+    say(f"qat {[r['qat'] for r in results]} ({time.perf_counter() - start:.0f} s)")
     return results
+
+
+def run_nnx(
+    models: Sequence[Any],
+    rules: QuantRule | Sequence[QuantRule],
+    data: Any,
+    config: QATConfig = QATConfig(),
+    *,
+    seeds: Sequence[int] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[dict[str, float]]:
+    """:func:`run_linen` for NNX: one trained float ``nnx.Module`` per seed (same architecture,
+    called as ``model(x, train=...)``), quantized by ``jquant.nn.nnx.quantize_model`` (the
+    float models are left unchanged). Returns ``{"float", "ptq", "qat"}`` per seed."""
+    from jquant.nn import nnx as qn
+
+    rules = check_rules(rules)
+    models = list(models)
+    if not models:
+        raise ValueError("models must hold at least one nnx.Module")
+    seeds = _check_seeds(seeds, len(models))
+    say = log or (lambda _: None)
+    bs = config.batch_size
+    calib = [data.x_train[i * bs : (i + 1) * bs] for i in range(config.calib_batches)]
+    results, starts, floats = [], [], []
+    for m in models:
+        g_f, p_f, s_f = T.split_nnx(m)
+        floats.append((T.nnx_apply_fn(g_f), p_f, s_f))
+        acc = T.evaluate(floats[-1][0], p_f, s_f, data.x_test, data.y_test)["accuracy"]
+        qm, _ = qn.quantize_model(m, rules, on_unused="ignore")
+        qn.calibrate(qm, calib)
+        g_e, p, ms = T.split_nnx(qn.set_phase(qm, "eval"))
+        ptq = T.evaluate(T.nnx_apply_fn(g_e), p, ms, data.x_test, data.y_test)["accuracy"]
+        g_t, _, _ = T.split_nnx(qn.set_phase(qm, "train"))
+        results.append({"float": acc, "ptq": ptq})
+        starts.append((p, ms))
+    say(f"float {[r['float'] for r in results]}; ptq {[r['ptq'] for r in results]}")
+    if config.steps == 0:
+        return results
+
+    def teacher(i, xb):
+        apply, p_f, s_f = floats[i]
+        return apply(p_f, s_f, xb, False)[0]
+
+    return _train_and_eval(
+        results,
+        starts,
+        T.nnx_apply_fn(g_t),
+        T.nnx_apply_fn(g_e),
+        teacher,
+        data,
+        config,
+        seeds,
+        say,
+    )
 
 
 def format_table(rows: dict[str, list[dict[str, float]]]) -> str:

@@ -37,28 +37,39 @@ def cell(values) -> str:
     return f"{m:.1f} ± {se:.1f}"
 
 
-def figures(results: dict, steps: int = 300) -> dict[str, str]:
-    """Label -> printed text of every table row and verdict of the section."""
+def figures(results: dict) -> dict[str, str]:
+    """Label -> printed text of every table row and verdict of the section: per step count
+    and configuration, one row of PTQ and one of QAT accuracies (``—`` where a width was not
+    run); per step count and low width, jquant's recipe against the best peer there."""
     cells = results["cells"]
-    out = {"float": "| float | " + " | ".join([cell(results["float"])] * 3) + " |"}
-    for name, label in LABELS.items():
-        keys = [f"{steps}/{name}/{w}" for w in WIDTHS]
-        if not all(k in cells for k in keys):
-            continue
-        for kind in ("ptq", "qat"):
-            row = " | ".join(cell(cells[k][kind]) for k in keys)
-            out[f"{name} {kind}"] = f"| {label}, {kind.upper()} | {row} |"
-    for w in WIDTHS[1:]:
-        ours = mean_se(cells[f"{steps}/jquant_recipe/{w}"]["qat"])
-        peers = {p: mean_se(cells[k]["qat"]) for p in PEERS if (k := f"{steps}/{p}/{w}") in cells}
-        best = max(peers, key=lambda p: peers[p][0])
-        gap = ours[0] - peers[best][0]
-        won = gap > ours[1] + peers[best][1]
-        verdict = "wins" if won else "does not win"
-        out[f"verdict {w}"] = (
-            f"{w}: jquant recipe {verdict} against the best peer ({LABELS[best]}) by "
-            f"{gap:+.1f} points"
-        )
+    out = {"float": "| float | | " + " | ".join([cell(results["float"])] * 3) + " |"}
+    for steps in sorted({c["steps"] for c in cells.values()}):
+        for name, label in LABELS.items():
+            keys = [f"{steps}/{name}/{w}" for w in WIDTHS]
+            if not any(k in cells for k in keys):
+                continue
+            for kind in ("ptq", "qat"):
+                if kind == "ptq" and steps != 300:
+                    continue  # PTQ does not depend on the step count
+                row = " | ".join(cell(cells[k][kind]) if k in cells else "—" for k in keys)
+                what = "PTQ" if kind == "ptq" else f"QAT {steps}"
+                out[f"{steps} {name} {kind}"] = f"| {label} | {what} | {row} |"
+        for w in WIDTHS[1:]:
+            if (k := f"{steps}/jquant_recipe/{w}") not in cells:
+                continue
+            ours = mean_se(cells[k]["qat"])
+            peers = {
+                p: mean_se(cells[c]["qat"]) for p in PEERS if (c := f"{steps}/{p}/{w}") in cells
+            }
+            if not peers:
+                continue
+            best = max(peers, key=lambda p: peers[p][0])
+            gap = ours[0] - peers[best][0]
+            verdict = "wins" if gap > ours[1] + peers[best][1] else "does not win"
+            out[f"verdict {steps} {w}"] = (
+                f"{w}, {steps} steps: jquant's recipe {verdict} against the best peer "
+                f"({LABELS[best]}) by {gap:+.1f} points"
+            )
     return out
 
 
