@@ -265,8 +265,9 @@ class _AqtModel:
         cg = aqt_config.default_unquantized_config()  # as aqt's examples/flax_e2e_model.py
         cg.fwd = aqt_conv_general.conv_general_dilated_make(1, lhs_bits=bits, rhs_bits=bits)
         self.model = model
-        self.dense_cls = functools.partial(aqt_flax.AqtDotGeneral, dg)
-        self.conv_cls = functools.partial(aqt_flax.AqtConvGeneralDilated, cg)
+        # no stochastic rounding in these configs, so no PRNG stream (prng_name=None)
+        self.dense_cls = functools.partial(aqt_flax.AqtDotGeneral, dg, prng_name=None)
+        self.conv_cls = functools.partial(aqt_flax.AqtConvGeneralDilated, cg, prng_name=None)
 
     def _intercept(self, next_fun, args, kwargs, context):
         m = context.module
