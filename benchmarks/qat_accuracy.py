@@ -17,10 +17,9 @@ Configurations (``CONFIGS``):
 - ``qwix_fixed``: Qwix with fixed activation ranges ``"fixed,min,max"`` per layer, from the
   calibration batches' min / max (static, as jquant's PTQ ranges); Qwix's int2 rejects
   asymmetric ranges, so at 2 bits ``"fixed,-m,m"``, ``m = max(|min|, |max|)``.
-- ``qwix_token_minmax``: Qwix, dynamic affine (``"minmax"``) activation ranges per example
-  and position in the convs (``act_batch_axes=(0, 1)``) and per example in the Dense layers:
-  the peer counterpart of jquant's ``dynamic_per_token`` (at 2 bits ``"absmax"``: Qwix's
-  int2 is symmetric only).
+- ``qwix_minmax``: Qwix, dynamic affine (``"minmax"``) activation ranges. Qwix ignores
+  ``act_batch_axes`` in dynamic mode, so these are per example, as its default, not per
+  position; Qwix's int2 is symmetric only, so at 2 bits this is ``"absmax"``, i.e. the default.
 - ``aqt_default``: ``aqt.jax.v2.flax`` ``AqtDotGeneral`` (``config_v4``, float backward) and
   ``AqtConvGeneralDilated`` (``conv_general_dilated_make``) injected into every Dense / Conv:
   dynamic activation scales (AQT's default).
@@ -223,17 +222,14 @@ def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
     qt = _qtype(bits)
     if name == "qwix_default":
         rules = [qwix.QtRule(module_path=".*", weight_qtype=qt, act_qtype=qt)]
-    elif name == "qwix_token_minmax":  # dynamic affine ranges per example and position
-        ranges = _input_ranges(model, float_vars[0], _calibration(data))
+    elif name == "qwix_minmax":  # dynamic affine ranges (per example: see the docstring)
         rules = [
             qwix.QtRule(
-                module_path=path,
+                module_path=".*",
                 weight_qtype=qt,
                 act_qtype=qt,
                 act_calibration_method="minmax" if bits > 2 else "absmax",
-                act_batch_axes=(0, 1) if path.startswith("conv") else (0,),
             )
-            for path in ranges
         ]
     else:  # qwix_fixed: calibrated min / max of each layer's input, from seed 0's model
         ranges = _input_ranges(model, float_vars[0], _calibration(data))
@@ -299,7 +295,7 @@ CONFIGS = {
     "jquant_recipe": run_jquant,
     "qwix_default": run_qwix,
     "qwix_fixed": run_qwix,
-    "qwix_token_minmax": run_qwix,
+    "qwix_minmax": run_qwix,
     "aqt_default": run_aqt,
 }
 

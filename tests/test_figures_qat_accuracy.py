@@ -20,10 +20,10 @@ LABELS = {
     "jquant_ste": "jquant STE, default rule",
     "qwix_default": "Qwix default (dynamic absmax per example)",
     "qwix_fixed": "Qwix fixed calibrated ranges",
-    "qwix_token_minmax": "Qwix dynamic minmax per example and position",
+    "qwix_minmax": "Qwix dynamic minmax per example (absmax at 2 bits)",
     "aqt_default": "AQT default (dynamic)",
 }
-PEERS = ("qwix_default", "qwix_fixed", "qwix_token_minmax", "aqt_default")
+PEERS = ("qwix_default", "qwix_fixed", "qwix_minmax", "aqt_default")
 
 
 def mean_se(values) -> tuple[float, float]:
