@@ -58,7 +58,7 @@ SCALES = {
     ),
     "dynamic min/max per example and position (STE); LSQ weight steps from "
     "2 mean|w| / sqrt(Q_P), relative rate 1e-2; distillation 0.5": (
-        "dynamic min/max per example and position; weights LSQ from `2 mean|w| / sqrt(Q_P)`, "
+        "dynamic min/max per example and position; weights LSQ (paper initialisation), "
         "distilled from the float model"
     ),
 }
