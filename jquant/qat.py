@@ -50,6 +50,7 @@ __all__ = [
     "qat_optimizer",
     "distillation_loss",
     "make_qat_step",
+    "batch_indices",
     "fit_seeds",
     "reestimate_batch_stats",
     "run_linen",
