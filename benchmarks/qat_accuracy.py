@@ -12,6 +12,9 @@ Configurations (``CONFIGS``):
 
 - ``jquant_ste``: jquant's default rule (STE, static min/max ranges), plain Adam.
 - ``jquant_recipe``: :mod:`jquant.qat`'s recipe (see ``RECIPE``).
+- ``jquant_static``: the deployable variant: LSQ on weights and activations (static ranges,
+  steps initialised by LSQ's formula, activation zero points from min/max calibration),
+  relative rate 1e-2, no distillation.
 - ``qwix_default``: ``qwix.QtRule(weight_qtype, act_qtype)``: Qwix's default on XLA, dynamic
   absmax activation scales per example.
 - ``qwix_fixed``: Qwix with fixed activation ranges ``"fixed,min,max"`` per layer, from the
@@ -85,6 +88,9 @@ def _jquant_rule(bits: int, **kw) -> QuantRule:
 def run_jquant(name, model, float_vars, data, bits, steps, seeds, log):
     if name == "jquant_ste":
         rule, cfg = _jquant_rule(bits), qat.QATConfig(steps=steps, quant_lr=None, distill=0.0)
+    elif name == "jquant_static":  # deployable: static activation ranges, all steps learned
+        rule = _jquant_rule(bits, estimator="lsq", learned_init="paper")
+        cfg = qat.QATConfig(steps=steps, quant_lr=1e-2, distill=0.0)
     else:
         rule = _jquant_rule(bits, **RECIPE["rule"])
         cfg = qat.QATConfig(steps=steps, **RECIPE["config"])
@@ -293,6 +299,7 @@ def run_aqt(name, model, float_vars, data, bits, steps, seeds, log):
 CONFIGS = {
     "jquant_ste": run_jquant,
     "jquant_recipe": run_jquant,
+    "jquant_static": run_jquant,
     "qwix_default": run_qwix,
     "qwix_fixed": run_qwix,
     "qwix_minmax": run_qwix,

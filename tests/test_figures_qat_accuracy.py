@@ -17,6 +17,7 @@ HEADING = "QAT against Qwix and AQT"
 WIDTHS = ("w8a8", "w4a4", "w2a2")
 LABELS = {
     "jquant_recipe": "jquant recipe (jquant.qat)",
+    "jquant_static": "jquant LSQ, static activation ranges",
     "jquant_ste": "jquant STE, default rule",
     "qwix_default": "Qwix default (dynamic absmax per example)",
     "qwix_fixed": "Qwix fixed calibrated ranges",
