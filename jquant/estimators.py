@@ -21,7 +21,19 @@ pact       g * inside            sum(g * Q(v) * (1 - inside))              0
 ``-Q_N`` / ``Q_P`` outside (their eq. 3). PACT (Choi et al. 2018) learns the clip value
 ``alpha = scale * qmax`` (unsigned, ``zp = 0``): ``dL/dalpha = sum_{x >= alpha} g``, which is
 the scale gradient above divided by ``qmax``. LSQ+ (Bhalgat et al. 2020) also learns the offset
-``beta = -scale * zp``; the forward rounds ``zp`` to keep the integer grid.
+``beta = -scale * zp``; the forward rounds ``zp`` to keep the integer grid. With
+``x_hat = s * clip(round((x - beta) / s), n, p) + beta`` their ``d x_hat / d beta`` is 0 inside
+and 1 outside, so ``dL/dbeta = sum g (1 - inside)`` and, through ``zp = -beta / s``,
+``dL/dzp = -s sum g (1 - inside)`` (times ``gs``, as the step).
+
+Initialisations (:func:`lsq_init_scale`, :func:`lsq_plus_weight_init_scale`): LSQ sets
+``s0 = 2 mean|v| / sqrt(Q_P)`` (Esser et al., sec. 2.1); LSQ+ sets a weight's step to
+``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)`` (Bhalgat et al., sec. 3.3) and an
+activation's step and offset from its min / max (``s = (max - min) / (2^b - 1)``,
+``beta = min``: the affine calibrated range). PACT initialises ``alpha`` from the calibrated
+maximum (the paper's constant 10 would not suit standardised inputs). The gradient scale
+``gs`` makes a *shared SGD* rate suit weights and steps; under Adam it cancels (Adam
+normalises each parameter), so ``jquant.qat.qat_optimizer`` gives learned steps a relative rate.
 
 Sums run over the axes along which ``scale`` / ``zero_point`` broadcast, so per-tensor,
 per-channel and per-block parameters all receive gradients of their own shape.
@@ -45,7 +57,13 @@ from jquant.quant import (
     stochastic_noise,
 )
 
-__all__ = ["ESTIMATORS", "fake_quant", "pact_qparams"]
+__all__ = [
+    "ESTIMATORS",
+    "fake_quant",
+    "pact_qparams",
+    "lsq_init_scale",
+    "lsq_plus_weight_init_scale",
+]
 
 ESTIMATORS = ("ste", "clipped_ste", "lsq", "lsq_plus", "pact")
 _LEARNED = ("lsq", "lsq_plus", "pact")
@@ -267,6 +285,54 @@ def fake_quant(
     else:
         spec, bits = fmt, jnp.zeros((), jnp.float32)
     return _IMPLS[estimator]((spec, rounding), x, scale, zp, bits, noise)
+
+
+def _reduce_axes(x: jax.Array, axis) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(x.ndim))
+    kept = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+    return tuple(a for a in range(x.ndim) if a not in kept)
+
+
+def lsq_init_scale(
+    x: jax.Array, fmt: IntFormat, *, axis: int | tuple[int, ...] | None = None, zero_point=0.0
+) -> jax.Array:
+    """LSQ's initial step ``s0 = 2 mean|x| / sqrt(Q_P)`` (Esser et al. 2019, sec. 2.1).
+
+    ``Q_P = qmax - zero_point`` is the number of positive levels (``qmax`` on a symmetric
+    grid; ``2^b - 1`` for an affine grid whose zero point is ``qmin``, i.e. unsigned data).
+    The mean runs over every axis not in ``axis`` (None: per tensor, a scalar), kept as size 1
+    so the result broadcasts against ``x``; a zero mean gives ``tiny``, never 0.
+
+    >>> float(lsq_init_scale(jnp.array([1.0, -3.0]), IntFormat(4)))  # 2 * 2 / sqrt(7)
+    1.5118578...
+    """
+    if not isinstance(fmt, IntFormat):
+        raise TypeError(f"fmt must be an IntFormat, got {type(fmt).__name__}")
+    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    q_p = jnp.maximum(jnp.asarray(fmt.qmax, jnp.float32) - zero_point, 1.0)
+    mean = jnp.mean(jnp.abs(x), axis=_reduce_axes(x, axis), keepdims=axis is not None)
+    return jnp.maximum(2.0 * mean / jnp.sqrt(q_p), jnp.finfo(jnp.float32).tiny)
+
+
+def lsq_plus_weight_init_scale(
+    w: jax.Array, fmt: IntFormat, *, axis: int | tuple[int, ...] | None = None
+) -> jax.Array:
+    """LSQ+'s initial weight step ``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``
+    (Bhalgat et al. 2020, sec. 3.3), with ``mu``, ``sigma`` the mean and standard deviation
+    over every axis not in ``axis`` (kept as size 1; None: per tensor, a scalar).
+
+    >>> float(lsq_plus_weight_init_scale(jnp.array([1.0, -1.0]), IntFormat(4)))  # 3 / 8
+    0.375
+    """
+    if not isinstance(fmt, IntFormat):
+        raise TypeError(f"fmt must be an IntFormat, got {type(fmt).__name__}")
+    w = jax.lax.stop_gradient(jnp.asarray(w, jnp.float32))
+    red, keep = _reduce_axes(w, axis), axis is not None
+    mu, sigma = jnp.mean(w, red, keepdims=keep), jnp.std(w, red, keepdims=keep)
+    half = 2.0 ** (jnp.asarray(fmt.bits, jnp.float32) - 1)
+    s = jnp.maximum(jnp.abs(mu - 3 * sigma), jnp.abs(mu + 3 * sigma)) / half
+    return jnp.maximum(s, jnp.finfo(jnp.float32).tiny)
 
 
 def pact_qparams(alpha: jax.Array, fmt: IntFormat) -> QParams:

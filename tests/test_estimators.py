@@ -341,3 +341,32 @@ def test_traced_bits_gradients_equal_static_bits():
     traced = jax.jit(jax.vmap(grads))(jq.IntFormat(jnp.arange(2, 9)))
     static = jax.jit(lambda: jnp.stack([grads(jq.IntFormat(b)) for b in range(2, 9)]))()
     np.testing.assert_allclose(np.asarray(traced), np.asarray(static), rtol=1e-6)
+
+
+def test_lsq_and_lsq_plus_initialisations_against_numpy():
+    """Esser et al. sec. 2.1: ``2 mean|v| / sqrt(Q_P)``; Bhalgat et al. sec. 3.3:
+    ``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``; per tensor and per channel."""
+    from jquant.estimators import lsq_init_scale, lsq_plus_weight_init_scale
+
+    w = np.asarray(jax.random.normal(jax.random.key(3), (5, 4)) + 0.3)
+    for bits in (2, 4, 8):
+        fmt = jq.IntFormat(bits)
+        q_p = 2 ** (bits - 1) - 1
+        np.testing.assert_allclose(
+            lsq_init_scale(w, fmt), 2 * np.abs(w).mean() / np.sqrt(q_p), rtol=1e-6
+        )
+        got = lsq_init_scale(w, fmt, axis=1)
+        assert got.shape == (1, 4)
+        np.testing.assert_allclose(got[0], 2 * np.abs(w).mean(0) / np.sqrt(q_p), rtol=1e-6)
+        # an affine grid whose zero point is qmin: Q_P = 2^b - 1 positive levels
+        np.testing.assert_allclose(
+            lsq_init_scale(w, fmt, zero_point=fmt.qmin),
+            2 * np.abs(w).mean() / np.sqrt(2**bits - 1),
+            rtol=1e-6,
+        )
+        mu, sd = w.mean(0), w.std(0)
+        want = np.maximum(np.abs(mu - 3 * sd), np.abs(mu + 3 * sd)) / 2 ** (bits - 1)
+        np.testing.assert_allclose(lsq_plus_weight_init_scale(w, fmt, axis=-1)[0], want, rtol=1e-5)
+    assert float(lsq_init_scale(np.zeros(3), jq.int4)) > 0  # never a zero step
+    with pytest.raises(TypeError, match="IntFormat"):
+        lsq_init_scale(w, jq.fp8_e4m3)

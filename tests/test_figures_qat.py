@@ -56,6 +56,11 @@ SCALES = {
     "zero points fixed at calibration": (
         "learned steps from min/max calibration (8 batches); zero points fixed"
     ),
+    "dynamic min/max per example and position (STE); LSQ weight steps from "
+    "2 mean|w| / sqrt(Q_P), relative rate 1e-2; distillation 0.5": (
+        "dynamic min/max per example and position; weights LSQ (paper initialisation), "
+        "distilled from the float model"
+    ),
 }
 ESTIMATOR = {None: "none (no training)", "lsq": "LSQ"}  # of the quantized rows
 

@@ -144,10 +144,16 @@ def test_int_mode_equals_simulate():
 
 def test_gradients_reach_weights_and_learned_scales():
     cnn = models.CNN(models.CNNConfig(features=(8,), dense=()))
-    rules = QuantRule(".*", weight="int4", act=IntFormat(4, signed=False), estimator="lsq")
+    rules = QuantRule(
+        ".*",
+        weight="int4",
+        act=IntFormat(4, signed=False),
+        estimator="lsq",
+        learned_init="calibration",
+    )
     qm, _ = ql.quantize_model(cnn, rules, X)
     v = _calibrated(qm, INIT(cnn), X)
-    # learned scales start at the calibrated ranges
+    # learned scales start at the calibrated ranges (learned_init="calibration")
     np.testing.assert_array_equal(
         v["params"]["conv1"]["input_scale"], v["quant_stats"]["conv1"]["input_qparams"]["scale"]
     )
@@ -350,3 +356,76 @@ def test_a_custom_product_op_is_an_error_not_a_silent_float():
     with pytest.raises(ValueError, match=r"'Dense_0' \(Dense\) sets its own dot_general_cls"):
         ql.quantize_model(Custom(), QuantRule(".*"), X[:, 0])
     ql.quantize_model(Custom(), QuantRule(".*", keep_float=True), X[:, 0])  # float: fine
+
+
+def test_learned_init_paper_is_lsq_formula_and_dynamic_act_scales_match_numpy():
+    """LSQ's paper initialisation after calibrate, and dynamic per-example / per-token
+    activation ranges in eval, against NumPy re-derivations."""
+    net = nn.Dense(3)
+    v0 = net.init(jax.random.key(0), X[:, 0])
+    rule = QuantRule(".*", weight="int4", act="int4", estimator="lsq")
+    qm, _ = ql.quantize_model(net, rule, X[:, 0])
+    v = qm.calibrate(qm.attach(v0, X[:, 0]), [X[:, 0], 2 * X[:, 0]])
+    w, a = np.asarray(v0["params"]["kernel"]), np.asarray(X[:, 0])
+    np.testing.assert_allclose(
+        np.ravel(v["params"]["kernel_scale"]), 2 * np.abs(w).mean(0) / np.sqrt(7), rtol=1e-5
+    )
+    zp = float(v["quant_stats"]["input_qparams"]["zero_point"])
+    mean_abs = (np.abs(a).mean() + np.abs(2 * a).mean()) / 2
+    np.testing.assert_allclose(v["params"]["input_scale"], 2 * mean_abs / np.sqrt(7 - zp), 1e-5)
+
+    def np_fq(x, axes):  # affine min/max per group, int4 (qmin -8, qmax 7)
+        lo = np.minimum(x.min(axes, keepdims=True), 0)
+        hi = np.maximum(x.max(axes, keepdims=True), 0)
+        s = (hi - lo) / 15
+        z = np.clip(np.round(-8 - lo / s), -8, 7)
+        return s * (np.clip(np.round(x / s) + z, -8, 7) - z)
+
+    conv = nn.Conv(4, (3,), use_bias=False)
+    cv = conv.init(jax.random.key(1), X)
+    x = np.asarray(X)
+    for act_scale, axes in (("dynamic_per_example", (1, 2)), ("dynamic_per_token", (2,))):
+        r = QuantRule(".*", weight=None, act="int4", act_scale=act_scale)
+        qc, _ = ql.quantize_model(conv, r, X)
+        got = qc.with_phase("eval").apply(qc.calibrate(qc.attach(cv, X), [X]), X)
+        want = conv.apply(cv, jnp.asarray(np_fq(x, axes), jnp.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="act_scale"):
+        QuantRule(".*", estimator="lsq", act_scale="dynamic_per_example")
+    with pytest.raises(ValueError, match="act_scale"):
+        QuantRule(".*", act_scale="per_row")
+
+
+def test_two_bit_weight_grids_against_numpy():
+    """2-bit weights: Qwix / AQT's bound (``scale = max|w| / 1.5``, codes -2..1), midrise
+    (levels ``(q + 1/2) s``, no zero) and affine, each against NumPy through QDense."""
+    net = nn.Dense(3, use_bias=False)
+    v0 = net.init(jax.random.key(0), X[:, 0])
+    w, x = np.asarray(v0["params"]["kernel"]), np.asarray(X[:, 0])
+    eye = jnp.eye(2)  # eval on the identity: the rows of the fake-quantized kernel
+
+    def kernel_q(**kw):
+        rule = QuantRule(".*", weight=kw.pop("weight", "int2"), act=None, **kw)
+        qm, _ = ql.quantize_model(net, rule, x)
+        v = qm.calibrate(qm.attach(v0, x), [x])
+        return np.asarray(qm.with_phase("eval").apply(v, eye)), qm.layers(v)[0].kernel_qparams
+
+    s = np.abs(w).max(0) / 1.5
+    got, qp = kernel_q(weight_scale_bound="qmax_plus_half")
+    # the largest |w| sits on the tie +-1.5 steps: one ulp decides between -2 and -1 there
+    tie = np.isclose(np.abs(w / s), 1.5, rtol=1e-5)
+    codes = np.round(got / s)
+    np.testing.assert_array_equal(codes[~tie], np.clip(np.round(w / s), -2, 1)[~tie])
+    assert set(np.sign(w[tie]) * codes[tie]).issubset({1.0, 2.0})
+    assert codes.min() >= -2 and codes.max() <= 1
+    np.testing.assert_allclose(np.ravel(qp.scale), s, rtol=1e-6)
+    got, _ = kernel_q(weight=IntFormat(2, midrise=True))
+    steps = got / np.ravel(kernel_q(weight=IntFormat(2, midrise=True))[1].scale)
+    np.testing.assert_allclose(steps - np.floor(steps), 0.5, atol=1e-5)  # (q + 1/2) s
+    got, qp = kernel_q(weight_symmetric=False)
+    lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+    sa = (hi - lo) / 3
+    z = np.clip(np.round(-2 - lo / sa), -2, 1)
+    np.testing.assert_allclose(got, sa * (np.clip(np.round(w / sa) + z, -2, 1) - z), rtol=1e-5)
+    with pytest.raises(ValueError, match="weight_scale_bound"):
+        QuantRule(".*", weight=IntFormat(2, midrise=True), weight_scale_bound="qmax_plus_half")

@@ -136,7 +136,13 @@ class _Mlp(nnx.Module):
 def test_optimizer_built_before_calibrate_keeps_working():
     import optax
 
-    rule = QuantRule(".*", weight="int4", act=IntFormat(4, signed=False), estimator="lsq")
+    rule = QuantRule(
+        ".*",
+        weight="int4",
+        act=IntFormat(4, signed=False),
+        estimator="lsq",
+        learned_init="calibration",  # the learned step starts at the calibrated range
+    )
     qnm, _ = qn.quantize_model(_Mlp(nnx.Rngs(0)), rule)
     params = nnx.state(qnm, nnx.Param).to_pure_dict()
     assert set(params["fc"]) == {"kernel", "bias", "kernel_scale", "input_scale"}

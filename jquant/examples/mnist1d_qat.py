@@ -3,8 +3,10 @@
 1. Train the zoo CNN in float with optax (``jquant.models.train.train_or_load``, cached).
 2. PTQ: quantize by rules (weights symmetric per channel, activations affine per tensor),
    calibrate min/max on training batches, evaluate (phase ``eval``).
-3. QAT: from the float weights and the PTQ calibration, fine-tune in phase ``train`` with the
-   LSQ estimator (learned step sizes initialised from calibration), evaluate.
+3. QAT with :mod:`jquant.qat`'s recipe (``RECIPE_RULE``, ``RECIPE``): LSQ weight steps
+   initialised by LSQ's ``2 mean|w| / sqrt(Q_P)`` and learned at a relative rate, dynamic
+   affine activation ranges per example and position, distillation from the float model;
+   all seeds of a width train in one vmapped program; evaluate.
 
 The first and last layers stay at 8 bits at every width (``conv1``, ``head``), the usual
 practice (Esser et al. 2019). Run::
@@ -21,6 +23,7 @@ of every seed, their mean and sample standard deviation, and the command, ``--qu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -32,19 +35,21 @@ import jax
 import numpy as np
 import optax
 
+from jquant import qat
 from jquant.data import load_mnist1d
 from jquant.formats import IntFormat
 from jquant.models import train as T
 from jquant.nn import QuantRule
-from jquant.nn import linen as ql
 
 __all__ = ["rules_for", "qat_optimizer", "describe", "run", "run_seeds", "summarize", "main"]
 
 
-def rules_for(bits: int, estimator: str = "lsq") -> tuple[QuantRule, ...]:
-    """``bits``-bit weights and activations inside, 8 bits in the first and last layer."""
-    edge = QuantRule("conv1|head", weight="int8", act="int8", estimator=estimator)
-    inner = QuantRule(".*", weight=IntFormat(bits), act=IntFormat(bits), estimator=estimator)
+def rules_for(bits: int, estimator: str = "lsq", **rule_kwargs) -> tuple[QuantRule, ...]:
+    """``bits``-bit weights and activations inside, 8 bits in the first and last layer;
+    ``rule_kwargs`` (e.g. :data:`RECIPE_RULE`) go to both rules."""
+    kw = dict(estimator=estimator, **rule_kwargs)
+    edge = QuantRule("conv1|head", weight="int8", act="int8", **kw)
+    inner = QuantRule(".*", weight=IntFormat(bits), act=IntFormat(bits), **kw)
     return (edge, inner)
 
 
@@ -71,12 +76,15 @@ def qat_optimizer(learning_rate: float, steps: int, scale_lr: float = 1e-5):
 FLOAT_STEPS = 3000  # Adam steps of the float model (the zoo recipe, cached per seed)
 
 QAT_ESTIMATOR = "lsq"  # of every QAT row (rules_for)
+# the recipe's rule options and QATConfig (jquant.qat) of every QAT row
+RECIPE_RULE = dict(act_estimator="ste", act_scale="dynamic_per_token", learned_init="paper")
+RECIPE = dict(quant_lr=1e-2, distill=0.5, cosine=True)
 
 # What each row of the table is: (label, estimator, activation scales), by row name.
 PTQ_SCHEME = "min/max calibrated static ranges (8 batches), no training"
 QAT_SCHEME = (
-    "LSQ: learned step sizes initialised from min/max calibration (8 batches); "
-    "activation zero points fixed at calibration"
+    "dynamic min/max per example and position (STE); LSQ weight steps from "
+    "2 mean|w| / sqrt(Q_P), relative rate 1e-2; distillation 0.5"
 )
 
 
@@ -113,41 +121,30 @@ def run_seeds(
     """
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty tuple of ints, got {seeds!r}")
-    data = load_mnist1d()
-    x_train, y_train = data.x_train[:n_train], data.y_train[:n_train]
-    trained = [T.train_or_load("cnn", data, s, float_steps) for s in seeds]
-    x0 = data.x_train[:2]
+    full = load_mnist1d()
+    trained = [T.train_or_load("cnn", full, s, float_steps) for s in seeds]
+    data = dataclasses.replace(full, x_train=full.x_train[:n_train], y_train=full.y_train[:n_train])
+    model, float_vars = trained[0].model, [tr.variables for tr in trained]
     results = [{"float": tr.metrics["test_accuracy"]} for tr in trained]
     log(f"float: {[r['float'] for r in results]}")
-    calib = [x_train[i * 128 : (i + 1) * 128] for i in range(calib_batches)]
     for b in sorted({8, *bits}, reverse=True):
-        rules = rules_for(b, QAT_ESTIMATOR)
-        qmodel, _ = ql.quantize_model(trained[0].model, rules, x0, on_unused="ignore")
-        ev = T.linen_apply_fn(qmodel.with_phase("eval"))
-        opt = qat_optimizer(1e-3, qat_steps)
-        step = T.make_train_step(T.linen_apply_fn(qmodel.with_phase("train")), opt)
-        for seed, tr, res in zip(seeds, trained, results, strict=True):
-            variables = qmodel.calibrate(qmodel.attach(tr.variables, x0), calib)
-            params, state = T.split_linen(variables)
-            res[f"ptq_w{b}a{b}"] = T.evaluate(ev, params, state, data.x_test, data.y_test)[
-                "accuracy"
-            ]
-            log(f"seed {seed} ptq w{b}a{b}: {res[f'ptq_w{b}a{b}']:.4f}")
-            if b not in bits:
-                continue
-            start = time.perf_counter()
-            st, _ = T.fit(
-                step,
-                T.TrainState.create(params, state, opt),
-                x_train,
-                y_train,
-                steps=qat_steps,
-                batch_size=128,
-                key=jax.random.key(seed + b),
-            )
-            acc = T.evaluate(ev, st.params, st.model_state, data.x_test, data.y_test)["accuracy"]
-            res[f"qat_w{b}a{b}"] = acc
-            log(f"seed {seed} qat w{b}a{b}: {acc:.4f} ({time.perf_counter() - start:.0f} s)")
+        ptq = qat.QATConfig(steps=0, calib_batches=calib_batches)
+        static = qat.run_linen(model, float_vars, rules_for(b, "ste"), data, ptq, log=None)
+        for seed, res, r in zip(seeds, results, static, strict=True):
+            res[f"ptq_w{b}a{b}"] = r["ptq"]
+            log(f"seed {seed} ptq w{b}a{b}: {r['ptq']:.4f}")
+        if b not in bits:
+            continue
+        cfg = qat.QATConfig(steps=qat_steps, calib_batches=calib_batches, **RECIPE)
+        rules = rules_for(b, QAT_ESTIMATOR, **RECIPE_RULE)
+        start = time.perf_counter()
+        trained_q = qat.run_linen(
+            model, float_vars, rules, data, cfg, seeds=[s + b for s in seeds], log=None
+        )
+        for seed, res, r in zip(seeds, results, trained_q, strict=True):
+            res[f"qat_w{b}a{b}"] = r["qat"]
+            log(f"seed {seed} qat w{b}a{b}: {r['qat']:.4f}")
+        log(f"w{b}a{b}: {time.perf_counter() - start:.0f} s")
     return results
 
 

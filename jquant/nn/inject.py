@@ -63,8 +63,17 @@ def operand_qparams(
 ) -> tuple[QParams | None, QParams | None]:
     """QParams of the input (``lhs``) and the kernel (``rhs``, quantized by ``rhs_cfg``) of
     a layer in ``phase``."""
-    qa = tensor_qparams(slots, "input", lhs, rule.act_config(), phase, rule.calibration)
-    qw = tensor_qparams(slots, "kernel", rhs, rhs_cfg, phase, None)
+    qa = _act_qparams(slots, rule, phase, lhs)
+    qw = tensor_qparams(
+        slots,
+        "kernel",
+        rhs,
+        rhs_cfg,
+        phase,
+        None,
+        learned_init=rule.learned_init,
+        scale_bound=rule.weight_scale_bound,
+    )
     return qa, qw
 
 
@@ -110,7 +119,16 @@ class QuantOp:
 def _act_qparams(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> QParams | None:
     if rule.keep_float:
         return None
-    return tensor_qparams(slots, "input", x, rule.act_config(), phase, rule.calibration)
+    return tensor_qparams(
+        slots,
+        "input",
+        x,
+        rule.act_config(),
+        phase,
+        rule.calibration,
+        learned_init=rule.learned_init,
+        act_scale=rule.act_scale,
+    )
 
 
 def quantize_activation(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> jax.Array:

@@ -469,7 +469,12 @@ class QuantizedModel:
             kernel = params["kernel"]
             axes = dict(self.channel_axes).get(path)
             qa, qw = frozen_qparams(
-                rule.act_config(), rule.weight_config(kernel.ndim, axes), kernel, params, stats
+                rule.act_config(),
+                rule.weight_config(kernel.ndim, axes),
+                kernel,
+                params,
+                stats,
+                rule.weight_scale_bound,
             )
             out.append(QuantizedLayer(path, rule, kernel, params.get("bias"), qa, qw))
         return out

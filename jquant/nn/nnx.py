@@ -477,6 +477,7 @@ def quantized_layers(model: nnx.Module) -> list[QuantizedLayer]:
             kernel,
             _variables(m, nnx.Param),
             _variables(m, QuantStat),
+            m.rule.weight_scale_bound,
         )
         bias = None if m.bias is None else m.bias.value
         out.append(QuantizedLayer(m.quant_path or _path_str(p), m.rule, kernel, bias, qa, qw))

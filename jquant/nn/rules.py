@@ -22,9 +22,13 @@ from typing import NamedTuple
 
 from jquant.estimators import ESTIMATORS
 from jquant.formats import Format, IntFormat, get_format
+from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.ops import QuantConfig
 
 __all__ = [
+    "ACT_SCALES",
+    "LEARNED_INITS",
+    "WEIGHT_SCALE_BOUNDS",
     "CALIBRATIONS",
     "DEFAULT_RULE",
     "GRANULARITIES",
@@ -78,6 +82,21 @@ class QuantRule:
       act_estimator: overrides ``estimator`` for activations (e.g. ``"pact"``) when set.
       mode: ``"simulate"`` (fake-quant in float) or ``"int"`` (int8 x int8 -> int32).
       keep_float: leave the matched layers in float (first / last layer).
+      act_scale: ``"static"`` (default: calibrated ranges, the deployable choice) or a
+        dynamic range taken from each activation in train and eval (Qwix's and AQT's
+        default): ``"dynamic_per_tensor"``, ``"dynamic_per_example"`` (one range per example,
+        the first axis) or ``"dynamic_per_token"`` (one per example and position: all axes but
+        the features). Dynamic ranges are not learned: the activation estimator must then be
+        ``"ste"`` or ``"clipped_ste"`` (set ``act_estimator``). Calibration still records the
+        static ranges, which is what ``jquant.convert`` deploys.
+      learned_init: how learned steps start: ``"paper"`` (default; LSQ
+        ``2 mean|v| / sqrt(Q_P)``, LSQ+ weights ``max(|mu -+ 3 sigma|) / 2^(b-1)``, see
+        ``jquant.estimators``) or ``"calibration"`` (the calibrated range).
+      weight_scale_bound: ``"qmax"`` (default, TFLite: ``scale = max|w| / qmax``) or
+        ``"qmax_plus_half"`` (Qwix, AQT: ``scale = max|w| / (qmax + 1/2)``; 2 bits:
+        ``max|w| / 1.5`` on the codes -2..1); symmetric integer weights only. The other 2-bit
+        grids are formats and flags: ``IntFormat(2, midrise=True)`` (levels ``(q + 1/2) s``,
+        no zero) and ``weight_symmetric=False`` (affine).
     """
 
     pattern: str
@@ -91,6 +110,9 @@ class QuantRule:
     act_estimator: str | None = None
     mode: str = "simulate"
     keep_float: bool = False
+    act_scale: str = "static"
+    learned_init: str = "paper"
+    weight_scale_bound: str = "qmax"
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -108,6 +130,33 @@ class QuantRule:
         if self.act_estimator is not None:
             _check_choice("act_estimator", self.act_estimator, ESTIMATORS)
         _check_choice("mode", self.mode, MODES)
+        _check_choice("act_scale", self.act_scale, ACT_SCALES)
+        _check_choice("learned_init", self.learned_init, LEARNED_INITS)
+        _check_choice("weight_scale_bound", self.weight_scale_bound, WEIGHT_SCALE_BOUNDS)
+        if (
+            self.weight_scale_bound != "qmax"
+            and self.weight is not None
+            and not (
+                isinstance(self.weight, IntFormat)
+                and not self.weight.midrise
+                and self.weight_symmetric
+            )
+        ):
+            raise ValueError(
+                "QuantRule.weight_scale_bound='qmax_plus_half' needs symmetric integer "
+                f"weights (weight_symmetric=True, not midrise), got {self.weight}"
+            )
+        if self.act_scale != "static" and self._estimator("act") in _LEARNED:
+            raise ValueError(
+                f"QuantRule.act_scale={self.act_scale!r} takes each activation's own range, "
+                f"which is not learned, but the activation estimator is "
+                f"{self._estimator('act')!r}: set act_estimator='ste' or 'clipped_ste'"
+            )
+        if self.act_scale != "static" and self.mode == "int":
+            raise ValueError(
+                f"QuantRule.act_scale={self.act_scale!r} needs mode='simulate': the int path "
+                "runs with static activation QParams"
+            )
         for name in ("weight", "act"):
             fmt, est = getattr(self, name), self._estimator(name)
             if fmt is not None and est in _LEARNED and not isinstance(fmt, IntFormat):

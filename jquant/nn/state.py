@@ -25,6 +25,7 @@ they stay exact while QAT moves the weights.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import calibration
+from jquant.estimators import lsq_init_scale, lsq_plus_weight_init_scale
 from jquant.ops import QuantConfig, dynamic_qparams
 from jquant.quant import QParams
 
@@ -53,11 +55,19 @@ __all__ = [
     "frozen_qparams",
     "learned_from_stats",
     "learned_placeholders",
+    "ACT_SCALES",
+    "LEARNED_INITS",
+    "dynamic_act_qparams",
+    "WEIGHT_SCALE_BOUNDS",
+    "kernel_qparams",
 ]
 
 PHASES = ("float", "calibrate", "train", "eval")
 STATS = "quant_stats"
 LEARNED = ("lsq", "lsq_plus", "pact")
+ACT_SCALES = ("static", "dynamic_per_tensor", "dynamic_per_example", "dynamic_per_token")
+LEARNED_INITS = ("paper", "calibration")
+WEIGHT_SCALE_BOUNDS = ("qmax", "qmax_plus_half")
 
 
 class QuantStat(nnx.Variable):
@@ -156,6 +166,74 @@ def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) ->
     return QParams(positive_scale(scale), zp)
 
 
+def dynamic_act_qparams(x: jax.Array, cfg: QuantConfig, act_scale: str) -> QParams:
+    """QParams from the activation's own min / max (``stop_gradient``-ed), reduced over
+    every axis (``"dynamic_per_tensor"``), every axis but the first (``"dynamic_per_example"``,
+    one range per example) or only the last, the features (``"dynamic_per_token"``, one range
+    per example and position); reduced axes are kept as size 1 so the QParams broadcast.
+
+    Affine: ``scale = (max - min) / (qmax - qmin)``; symmetric: ``max|x| / qmax``
+    (``jquant.quant.qparams_from_range``, widened to include 0).
+    """
+    if act_scale not in ACT_SCALES[1:]:
+        raise ValueError(f"act_scale must be one of {ACT_SCALES[1:]}, got {act_scale!r}")
+    x = jnp.asarray(x)
+    kept = {
+        "dynamic_per_tensor": None,
+        "dynamic_per_example": (0,) if x.ndim > 1 else None,
+        "dynamic_per_token": tuple(range(x.ndim - 1)) or None,
+    }[act_scale]
+    qp = dynamic_qparams(x, dataclasses.replace(cfg, axis=kept))
+    return _per_tensor(qp, dataclasses.replace(cfg, axis=kept))
+
+
+def kernel_qparams(w: jax.Array, cfg: QuantConfig, scale_bound: str = "qmax") -> QParams:
+    """A weight's QParams from its own range: ``dynamic_qparams`` (``scale = max|w| / qmax``
+    symmetric), or with ``scale_bound="qmax_plus_half"`` ``scale = max|w| / (qmax + 1/2)``,
+    Qwix's and AQT's symmetric bound: the largest weights round up to ``qmax + 1`` and clip to
+    ``qmax``, so at 2 bits ``scale = max|w| / 1.5`` on the codes ``-2..1``.
+    """
+    own = _per_tensor(dynamic_qparams(w, cfg), cfg)
+    if scale_bound == "qmax":
+        return own
+    if scale_bound != "qmax_plus_half":
+        raise ValueError(f"scale_bound must be one of {WEIGHT_SCALE_BOUNDS}, got {scale_bound!r}")
+    w = jax.lax.stop_gradient(jnp.asarray(w, jnp.float32))
+    kept = cfg.axes(w.ndim)
+    amax = jnp.max(jnp.abs(w), axis=tuple(a for a in range(w.ndim) if a not in kept), keepdims=True)
+    scale = amax / (jnp.asarray(cfg.fmt.qmax, jnp.float32) + 0.5)  # as Qwix: exact ties at -2
+    scale = jnp.where(amax > 0, scale, jnp.reshape(own.scale, scale.shape))  # zero range: finite
+    return _per_tensor(QParams(scale, own.zero_point), cfg)
+
+
+def _paper_weight_init(w: jax.Array, cfg: QuantConfig, own: QParams) -> QParams:
+    """A learned weight step initialised by its paper (LSQ, LSQ+; PACT: its own range)."""
+    kept = cfg.axes(w.ndim) or None
+    if cfg.estimator == "lsq":
+        scale = lsq_init_scale(w, cfg.fmt, axis=kept, zero_point=own.zero_point)
+        return QParams(scale, own.zero_point)
+    if cfg.estimator == "lsq_plus":
+        return QParams(lsq_plus_weight_init_scale(w, cfg.fmt, axis=kept), own.zero_point)
+    return own
+
+
+def _lsq_activation_init(slots: Slots, name: str, x: jax.Array, cfg: QuantConfig, phase: str):
+    """Accumulates ``mean|x|`` over calibration batches and stores LSQ's initial step
+    ``2 <mean|x|> / sqrt(qmax - zp)`` (zero point: the calibrated one) as ``{name}_init``."""
+    acc = slots.get_stat(f"{name}_abs_mean")
+    if acc is None:
+        acc = {"sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
+        slots.set_stat(f"{name}_abs_mean", acc)
+    if phase != "calibrate" or slots.initializing:
+        return
+    batch_mean = jnp.mean(jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32)))
+    acc = {"sum": acc["sum"] + batch_mean, "count": acc["count"] + 1.0}
+    slots.set_stat(f"{name}_abs_mean", acc)
+    zp = jnp.asarray(slots.get_stat(f"{name}_qparams")["zero_point"], jnp.float32)
+    scale = lsq_init_scale(acc["sum"] / acc["count"], cfg.fmt, zero_point=zp)
+    slots.set_stat(f"{name}_init", {"scale": scale, "zero_point": zp})
+
+
 def tensor_qparams(
     slots: Slots,
     name: str,
@@ -163,6 +241,10 @@ def tensor_qparams(
     cfg: QuantConfig | None,
     phase: str,
     calibration_name: str | None,
+    *,
+    learned_init: str = "calibration",
+    act_scale: str = "static",
+    scale_bound: str = "qmax",
 ) -> QParams | None:
     """QParams to quantize ``x`` with in ``phase``, updating statistics on the way.
 
@@ -173,6 +255,16 @@ def tensor_qparams(
       cfg: its QuantConfig; None means it stays float (returns None, creates nothing).
       phase: one of ``PHASES``.
       calibration_name: observer of an activation; None for a weight, whose range is its own.
+      learned_init: ``"paper"``: calibrate also stores ``{name}_init``, the learned step's
+        initialisation by its paper (LSQ ``2 mean|v| / sqrt(Q_P)``, the activation's mean
+        ``|x|`` averaged over the calibration batches; LSQ+ weights
+        ``max(|mu -+ 3 sigma|) / 2^(b-1)``), which :func:`learned_from_stats` prefers over the
+        calibrated range; ``"calibration"``: the learned step starts at the calibrated range.
+      act_scale: ``"static"`` (calibrated) or a dynamic granularity of ``ACT_SCALES`` for an
+        activation: :func:`dynamic_act_qparams` of ``x`` in train / eval (calibration still
+        records the static range).
+      scale_bound: a weight's scale bound (:func:`kernel_qparams`); with ``"qmax_plus_half"``
+        the weight's QParams are returned (not derived by ``ops``).
 
     Returns:
       The QParams (None for a non-learned weight: ``ops`` derives them from the weight), or
@@ -185,10 +277,16 @@ def tensor_qparams(
         return None
     learned = cfg.estimator in LEARNED
     if calibration_name is None:  # a weight
-        own = _per_tensor(dynamic_qparams(x, cfg), cfg)
+        own = kernel_qparams(x, cfg, scale_bound)
         if phase == "calibrate" and not slots.initializing:
             slots.set_stat(f"{name}_qparams", qparams_to_dict(own))
-        qp = _learned(slots, name, cfg, own, own.zero_point) if learned else None
+            if learned and learned_init == "paper":
+                init = _paper_weight_init(x, cfg, own)
+                slots.set_stat(f"{name}_init", qparams_to_dict(_per_tensor(init, cfg)))
+        if learned:
+            qp = _learned(slots, name, cfg, own, own.zero_point)
+        else:
+            qp = own if scale_bound != "qmax" else None
         return qp if phase in ("train", "eval") else None
 
     obs = make_observer(calibration_name)
@@ -201,6 +299,11 @@ def tensor_qparams(
         slots.set_stat(f"{name}_observer", state)
         qp = obs.result(state, cfg.fmt, symmetric=cfg.symmetric)
         slots.set_stat(f"{name}_qparams", qparams_to_dict(_per_tensor(qp, cfg)))
+    if learned and learned_init == "paper" and cfg.estimator == "lsq":
+        _lsq_activation_init(slots, name, x, cfg, phase)
+    dynamic = act_scale != "static"
+    if dynamic and phase in ("train", "eval"):
+        return dynamic_act_qparams(x, cfg, act_scale)
     stored = slots.get_stat(f"{name}_qparams")
     if stored is None:
         if phase in ("train", "eval") and not slots.initializing:
@@ -223,12 +326,14 @@ def frozen_qparams(
     kernel: jax.Array,
     params: dict[str, Any],
     stats: dict[str, Any],
+    scale_bound: str = "qmax",
 ) -> tuple[QParams | None, QParams | None]:
     """The (input, kernel) QParams a layer uses in eval, from its parameters and statistics.
 
     Learned scales (``{t}_scale`` / ``{t}_zero_point`` in ``params``) win; otherwise the input
     has its calibrated ``input_qparams`` (None if never calibrated) and the kernel the range of
-    ``kernel`` itself. None for a tensor that stays float.
+    ``kernel`` itself (:func:`kernel_qparams` with ``scale_bound``). None for a tensor that
+    stays float.
     """
 
     def one(t, cfg, fallback):
@@ -242,17 +347,21 @@ def frozen_qparams(
 
     stored = stats.get("input_qparams")
     qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
-    own = _per_tensor(dynamic_qparams(kernel, cfg_kernel), cfg_kernel) if cfg_kernel else None
+    own = kernel_qparams(kernel, cfg_kernel, scale_bound) if cfg_kernel else None
     return qa, one("kernel", cfg_kernel, own)
 
 
 def learned_from_stats(params: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with each learned ``{t}_scale`` / ``{t}_zero_point`` set to the calibrated
-    ``stats[f"{t}_qparams"]``, recursively over nested module dicts (Linen variable trees)."""
+    """``params`` with each learned ``{t}_scale`` / ``{t}_zero_point`` set to
+    ``stats[f"{t}_init"]`` (the paper's initialisation, when calibrate stored one) or else the
+    calibrated ``stats[f"{t}_qparams"]``, recursively over nested module dicts (Linen trees)."""
     out = dict(params)
     for key, value in stats.items():
-        if key.endswith("_qparams") and isinstance(value, Mapping) and "scale" in value:
-            t = key[: -len("_qparams")]
+        suffix = next((x for x in ("_init", "_qparams") if key.endswith(x)), None)
+        if suffix and isinstance(value, Mapping) and "scale" in value:
+            t = key[: -len(suffix)]
+            if suffix == "_qparams" and f"{t}_init" in stats:
+                continue  # the paper's initialisation wins over the calibrated range
             for field in ("scale", "zero_point"):
                 name = f"{t}_{field}"
                 if name in out:
