@@ -38,7 +38,17 @@ from jquant.bench import timing
 from jquant.bench.peaks import Peak
 from jquant.quant import QParams
 
-__all__ = ["OPERANDS", "JQUANT_MODES", "Case", "Operand", "baseline_for", "run_case"]
+__all__ = [
+    "OPERANDS",
+    "JQUANT_MODES",
+    "Case",
+    "Operand",
+    "baseline_for",
+    "integer_inputs",
+    "raw_product",
+    "run_case",
+    "with_peak",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +116,7 @@ class Case:
         )
 
 
-def _inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def integer_inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Integer-valued operands in ``[-8, 7]`` (exact in every format, int4 included)."""
     rng = np.random.default_rng(seed)
     return (
@@ -115,7 +125,8 @@ def _inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _raw_fn(case: Case, op: Operand):
+def raw_product(case: Case, op: Operand):
+    """The jitted raw op of ``case`` in format ``op`` (float32 with ``precision=HIGHEST``)."""
     precision = lax.Precision.HIGHEST if op.dtype == "float32" else None
     return jax.jit(
         functools.partial(case.product, preferred_element_type=op.accumulate, precision=precision)
@@ -163,8 +174,8 @@ def run_case(
     baseline = baseline_for(platform)
     if baseline not in [o.name for o in operands]:
         raise ValueError(f"operands must include the baseline {baseline!r}")
-    x_np, w_np = _inputs(case, seed)
-    reference = np.asarray(_raw_fn(case, OPERANDS[0])(x_np, w_np), np.float64)
+    x_np, w_np = integer_inputs(case, seed)
+    reference = np.asarray(raw_product(case, OPERANDS[0])(x_np, w_np), np.float64)
     ref_scale = max(float(np.abs(reference).max()), 1.0)
     variants: dict[str, Callable[[], Any]] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -198,7 +209,7 @@ def run_case(
                 unit="TOP/s" if op.integer else "TFLOP/s",
             )  # fmt: skip
             continue
-        add(op.name, op.name, op.name, op.integer, _raw_fn(case, op), args)
+        add(op.name, op.name, op.name, op.integer, raw_product(case, op), args)
     x, w = jnp.asarray(x_np, baseline), jnp.asarray(w_np, baseline)
     for mode in jquant_modes:
         fn, qps = _jquant_fn(case, mode, x, w)
@@ -226,3 +237,16 @@ def run_case(
         pair = timings.pair_json("jquant_int", _INT8.name)
         rows["jquant_int"]["ratio_to_raw_int8"] = dict(median=pair["median"], ci95=pair["ci95"])
     return list(rows.values())
+
+
+def with_peak(rows: Sequence[dict[str, Any]], peak: Peak) -> list[dict[str, Any]]:
+    """The rows with ``peak_tflops`` and ``percent_of_peak`` taken from ``peak``: ``100 *
+    rate_tflops / peak.rate(format)``, None where ``peak`` has no rate for the format."""
+    out = []
+    for row in rows:
+        rate = peak.rate(row["format"])
+        row = dict(row, peak_tflops=rate)
+        if row["status"] == "ok":
+            row["percent_of_peak"] = None if rate is None else 100 * row["rate_tflops"] / rate
+        out.append(row)
+    return out
