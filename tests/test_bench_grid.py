@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from figures import check_section, load
 from jax import lax
 
 from jquant import cli, ops
@@ -413,3 +414,37 @@ def test_entry_ops_reads_the_entry_computation():
     text = jax.jit(lambda a, b: lax.dot(a, b) + 1).lower(jnp.ones((4, 4)), jnp.ones((4, 4)))
     found = overhead.entry_ops(text.compile().as_text())
     assert found and all(" = " in f for f in found)
+
+
+# --- README § Accelerator benchmarking ------------------------------------------------------
+
+
+def _row(results: dict, case: str, variant: str) -> dict:
+    return next(r for r in results["rows"] if r["case"] == case and r["variant"] == variant)
+
+
+def _speedup(row: dict) -> str:
+    """``speedup x [low, high]``: ``1 / time ratio`` and its inverted interval."""
+    lo, hi = row["time_ratio"]["ci95"]
+    return f"{row['speedup']:.2f}x [{1 / hi:.2f}, {1 / lo:.2f}]"
+
+
+def test_readme_accelerator_benchmarking_matches_the_results():
+    mm = load("benchmarks/results/bench_matmul_cpu.json")
+    cv = load("benchmarks/results/bench_conv_cpu.json")
+    rates = mm["peak"]["rates_tflops"]
+    over = cv["int_overhead"]
+    pair = over["int_static_vs_lax_int8"]
+    assert mm["peak"]["kind"] == "measured" and mm["meta"]["quick"] and cv["meta"]["quick"]
+    figures = {
+        "float32 peak": f"{1e3 * rates['float32']:.1f} GFLOP/s",
+        "int8 peak": f"{1e3 * rates['int8']:.1f} GOP/s",
+        "int8 matmul": _speedup(_row(mm, "m1000_n1000_k1000", "int8")),
+        "int8 resnet": _speedup(_row(cv, "resnet50.res4_3x3", "int8")),
+        "int8 1-D conv": _speedup(_row(cv, "mnist1d_cnn.conv2.n128", "int8")),
+        "int vs lax": f"{pair['median']:.2f}x [{pair['ci95'][0]:.2f}, {pair['ci95'][1]:.2f}]",
+        "verdict": f"(target <= {pair['target']}: {pair['verdict']})",
+        "parts": f"{over['parts_over_lax_int8']:.2f}x",
+        "prepadded": f"{over['prepadded_vs_lax_int8']['median']:.2f}x",
+    }
+    check_section("README.md", "Accelerator benchmarking", figures, setup=["2"])

@@ -5,8 +5,8 @@ Runs one grid on ``jax.devices()[0]``, prints its table and writes into ``--out`
 ``bench_<grid>_<device>.csv`` and, for ``matmul`` and ``conv``, ``..._speedup.png`` and
 ``..._roofline.png`` (:mod:`jquant.bench.report`). ``<device>`` is ``cpu`` or the device kind
 in lower case (``nvidia_h100_80gb_hbm3``). ``conv`` also records ``int_overhead``
-(:func:`jquant.bench.overhead.int_overhead`). Every bad option exits with status 2 before any
-work (argparse's convention).
+(:func:`jquant.bench.overhead.int_overhead`, at least 21 rounds). Every bad option exits with
+status 2 before any work (argparse's convention).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main(grid: str, argv: Sequence[str]) -> int:
         if grid == "conv":
             from jquant.bench import overhead
 
-            payload["int_overhead"] = overhead.int_overhead(rounds=max(rounds, 5))
+            payload["int_overhead"] = overhead.int_overhead(rounds=max(rounds, 21))
             print(overhead.format_overhead(payload["int_overhead"]))
     meta = timing.results_meta(
         quick=args.quick, load_before=load_before, command=["-m", "jquant", "bench", grid, *argv]

@@ -16,6 +16,10 @@ and the passes ``int_static`` runs besides the int8 product, each timed alone (p
 - ``real_taps``: ``conv(1, sum_I q_r)``, the kernel taps that hit real (unpadded) inputs, a
   one-channel conv of ones that corrects the zero-code padding;
 - ``rescale``: ``s_l s_r (acc - z_l * real_taps)`` from the int32 accumulator to float32;
+- ``rescale_with_checks``: the same with ``s_r`` and the per-channel NaN flags computed from
+  the weights in the same program, as ``int_static`` does: XLA:CPU fuses those per-channel
+  chains (range, scale, validity checks) into the output loop and recomputes them for every
+  output element;
 - ``lax_int8_prepadded``: for comparison, the int8 conv on codes padded with ``z_l`` with
   VALID padding (how ``int`` ran before: XLA:CPU's conv is slower on the padded copy than
   with its own padding).
@@ -38,7 +42,7 @@ from jax import lax
 
 from jquant import ops
 from jquant.bench import timing
-from jquant.quant import quantize
+from jquant.quant import nan_if_invalid, quantize
 
 __all__ = ["TARGET", "entry_ops", "format_overhead", "int_overhead"]
 
@@ -94,9 +98,15 @@ def int_overhead(
         ones = jnp.ones((1, size, size, 1), jnp.int32)
         return int_conv(ones, jnp.sum(q_w, 2, jnp.int32, keepdims=True), padding="SAME")
 
-    def rescale(acc, taps):
+    def rescale(acc, taps, scale_w=qp_w.scale, nan_w=None):
         acc = acc - z.astype(jnp.int32) * taps
-        return (qp_x.scale.reshape(()) * qp_w.scale.reshape(-1)) * acc.astype(jnp.float32)
+        out = (qp_x.scale.reshape(()) * scale_w.reshape(-1)) * acc.astype(jnp.float32)
+        return out if nan_w is None else jnp.where(nan_w, jnp.nan, out)
+
+    def rescale_with_checks(acc, taps, w):
+        qp = nan_if_invalid(ops.dynamic_qparams(w, rhs_quant))
+        nan_w = jnp.any(jnp.isnan(w), (0, 1, 2)) | jnp.isnan(qp.zero_point).reshape(-1)
+        return rescale(acc, taps, qp.scale, nan_w)
 
     int_static = jax.jit(
         functools.partial(
@@ -121,6 +131,7 @@ def int_overhead(
         nan_check=(jax.jit(lambda x: jnp.isnan(jnp.sum(x))), (x,)),
         real_taps=(jax.jit(real_taps), (q_w,)),
         rescale=(jax.jit(rescale), (acc, taps)),
+        rescale_with_checks=(jax.jit(rescale_with_checks), (acc, taps, w)),
         lax_int8_prepadded=(jax.jit(functools.partial(int_conv, padding="VALID")), (padded, q_w)),
     )
     t = timing.measure(
@@ -130,7 +141,7 @@ def int_overhead(
         seed=seed,
     )
     pair = t.pair_json("int_static", "lax_int8", TARGET)
-    parts = ("quantize", "nan_check", "real_taps", "rescale")
+    parts = ("quantize", "nan_check", "real_taps", "rescale_with_checks")
     return dict(
         case=dict(
             lhs_shape=list(x.shape),
@@ -144,16 +155,22 @@ def int_overhead(
         parts=list(parts),
         parts_over_lax_int8=sum(t.median(p) for p in parts) / t.median("lax_int8"),
         prepadded_vs_lax_int8=t.pair_json("lax_int8_prepadded", "lax_int8"),
+        rescale_with_checks_vs_rescale=t.pair_json("rescale_with_checks", "rescale"),
         int_static_entry_ops=entry_ops(int_static.lower(x, w).compile().as_text()),
         finding=(
-            "XLA:CPU compiles int_static into separate kernels: the quantize loop fusion, the "
-            "NaN-check reduction, the XNNPACK int8 conv, a tiny correction conv and the rescale "
-            "loop fusion. It fuses no elementwise epilogue into the XNNPACK conv (a plain "
-            "s * (acc - c) after an int8 conv stays a separate fusion too) and no elementwise "
-            "producer into a reduction (any(isnan(x)) writes a mask first, so the NaN check is "
-            "isnan(sum(x))), so each pass reads or writes the whole activation once more. Its "
-            "int8 conv on codes padded with z_l (VALID) is slower than with its own zero "
-            "padding, so int pads with 0 and corrects the border taps"
+            "XLA:CPU compiles int_static into about 17 kernels where lax_int8 is one: the "
+            "quantize loop fusion, the NaN-check reduction, the weight-side reductions, the "
+            "XNNPACK int8 conv, the border-tap einsum, the NaN conditional and the rescale loop "
+            "fusion. It fuses no elementwise epilogue into the XNNPACK conv (a plain "
+            "s * (acc - c) after an int8 conv stays a separate fusion), no elementwise producer "
+            "into a reduction (any(isnan(x)) writes a mask first, so the NaN check is "
+            "isnan(sum(x))), and it does fuse the per-channel QParams chains into the output "
+            "loop, recomputing them per element (rescale_with_checks vs rescale). The passes "
+            "timed alone sum to parts_over_lax_int8; on this loaded 2-core machine the whole "
+            "program costs more than its parts, consistent with a scheduling cost per kernel. "
+            "Padding the codes with z_l and running the conv VALID is slower than the conv's "
+            "own zero padding (prepadded_vs_lax_int8), so int pads with 0 and corrects the "
+            "border taps"
         ),
     )
 
