@@ -545,28 +545,6 @@ def _explicit_pads(st: _ConvStatic, lhs_shape, rhs_shape) -> list[tuple[int, int
     return list(lax.padtype_to_pads(spatial, window, st.window_strides, st.padding))
 
 
-def _taps_on_input(st: _ConvStatic, lhs_shape, rhs_shape, k):
-    """``sum_t k[t, o]`` over the taps ``t`` of each window that hit real (not padded) inputs,
-    for ``k`` of shape ``(*window, O)`` and channels-last operands without input dilation.
-
-    Along each spatial axis, tap ``i`` of output ``p`` reads input ``p * stride - low + i *
-    dilation``, real when in ``[0, n)``: a 0/1 mask per axis, contracted with ``k`` in one
-    int32 einsum of size ``prod(out) * prod(window) * O`` (no conv of the data).
-    """
-    lhs_spec, rhs_spec, _ = st.dimension_numbers
-    pads = _explicit_pads(st, lhs_shape, rhs_shape)
-    dil = st.rhs_dilation or (1,) * len(pads)
-    masks = []
-    for a, (lo, hi) in enumerate(pads):
-        n, w, s = lhs_shape[lhs_spec[2 + a]], rhs_shape[rhs_spec[2 + a]], st.window_strides[a]
-        out = (n + lo + hi - (w - 1) * dil[a] - 1) // s + 1
-        pos = np.arange(out)[:, None] * s - lo + np.arange(w)[None, :] * dil[a]
-        masks.append(((pos >= 0) & (pos < n)).astype(np.int32))
-    outs, taps = "abcdef"[: len(masks)], "ghijkl"[: len(masks)]
-    spec = ",".join(o + t for o, t in zip(outs, taps, strict=True)) + f",{taps}z->{outs}z"
-    return jnp.einsum(spec, *masks, k, preferred_element_type=jnp.int32)
-
-
 def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
     """The conv in the layout XLA:CPU's int8 kernel takes: channels last (NHWC / HWIO) and at
     least 2 spatial axes (a 1-D conv gains a unit axis after its spatial one). Same numbers.
@@ -637,24 +615,20 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
 
     # NaN has no int8 code: every window that holds a NaN input (for the output channels of its
     # group), every output channel with a NaN weight, and NaN zero points give NaN outputs
-    # (the window count is a conv as costly as a depthwise one: skipped unless a NaN is there;
-    # the NaN mask is built inside that branch and the branch is chosen by isnan(sum(lhs)),
-    # a reduction XLA:CPU fuses into one read of lhs (any(isnan(lhs)) writes a mask first);
-    # the sum is NaN whenever lhs holds a NaN, and a spurious NaN from inf - inf only takes
-    # the exact branch, which finds no NaN window)
-    def count_nan_windows(x):
-        nan_l = jnp.isnan(x).astype(jnp.int8)
+    # (the window count is a conv as costly as a depthwise one: skipped unless a NaN is there)
+    def count_nan_windows(nan_l):
         if st.batch_group_count == 1:
             return window_sums(nan_l) > 0
         # one output feature per kernel: count the NaN taps with an all-ones kernel
         return int_conv(nan_l, jnp.ones(rhs.shape, jnp.int8)) > 0
 
-    no_nan = jax.eval_shape(count_nan_windows, lhs)
+    nan_l = jnp.isnan(lhs).astype(jnp.int8)
+    no_nan = jax.eval_shape(count_nan_windows, nan_l)
     nan_windows = lax.cond(
-        jnp.isnan(jnp.sum(lhs)),
+        jnp.any(nan_l),
         count_nan_windows,
         lambda _: jnp.zeros(no_nan.shape, no_nan.dtype),
-        lhs,
+        nan_l,
     )
     z_r = None if z_r is None else along(z_r, rhs.ndim, rhs_spec[0], out_spec[1])
     lhs_dilated = st.lhs_dilation is not None and any(d != 1 for d in st.lhs_dilation)
@@ -663,18 +637,21 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
         if z_r is not None:
             acc = acc - z_r * window_sums(q_l)
     elif z_l.size == 1 and not lhs_dilated:
-        # Real padding is 0, i.e. the code z_l, but the codes are padded with 0 (the conv's own
-        # padding: padding them with z_l and running VALID is ~1.1x slower on XLA:CPU, see
-        # jquant.bench.overhead), so each window expands sum (q_l - z_l)(q_r - z_r) over its
-        # real taps only (_taps_on_input: their kernel sums and their count).
-        z = z_l.reshape(())
-        window = rhs.shape[:-2]
-        kernel_sums = _taps_on_input(st, lhs.shape, rhs.shape, jnp.sum(q_r, -2, jnp.int32))
-        acc = int_conv(q_l, q_r) - z * kernel_sums
+        # Real padding is 0, i.e. the code z_l: pad the codes with z_l, then every window is
+        # full and sum (q_l - z_l)(q_r - z_r) expands over the K taps of a window.
+        pads = _explicit_pads(st, lhs.shape, rhs.shape)
+        config = [(0, 0, 0)] * lhs.ndim
+        for d, (lo, hi) in zip(lhs_spec[2:], pads, strict=True):
+            config[d] = (lo, hi, 0)
+        z8 = z_l.reshape(()).astype(jnp.int8)
+        q_l = lax.pad(q_l, z8, config)
+        int_conv = functools.partial(int_conv, padding=[(0, 0)] * len(pads))
+        acc = int_conv(q_l, q_r)
+        kernel_sum = jnp.sum(q_r, tuple(d for d in range(rhs.ndim) if d != rhs_spec[0]), jnp.int32)
+        acc = acc - z_l.reshape(()) * along(kernel_sum, 1, 0, out_spec[1])
         if z_r is not None:
-            ones = jnp.ones((*window, 1), jnp.int32)
-            n_real = rhs.shape[-2] * _taps_on_input(st, lhs.shape, rhs.shape, ones)
-            acc = acc - z_r * (window_sums(q_l) - z * n_real)
+            k = int(np.prod(rhs.shape)) // n_out
+            acc = acc - z_r * (window_sums(q_l) - k * z_l.reshape(()))
     else:
         # Per-sample zero points or input dilation: the corrections count, per output position,
         # only the kernel taps that hit real (not padded, not inserted) inputs: convs of ones.
@@ -731,9 +708,8 @@ def conv_general_dilated(
 
     ``mode="int"`` computes ``s_l s_r conv(q_l - z_l, q_r)`` with int8 codes and an int32
     accumulator. Padding is 0 in the real domain, i.e. the code ``z_l``: the codes are padded
-    with 0 and ``z_l`` times the sum of the kernel taps that hit real inputs subtracted (an
-    einsum of per-axis masks; per-sample zero points and input dilation subtract
-    ``z_l * conv(1, q_r)``). A weight zero point ``z_r`` subtracts
+    with ``z_l`` and ``z_l * sum(kernel)`` subtracted (per-sample zero points and input dilation
+    subtract ``z_l * conv(1, q_r)`` instead). A weight zero point ``z_r`` subtracts
     ``z_r * (window sums of q_l - z_l * taps)``, the window sums being a conv with an all-ones
     kernel (one output per feature group). It needs both configs, static integer formats of
     <= 8 bits, ``lhs`` QParams constant except along the batch axis, ``rhs`` QParams constant
