@@ -253,7 +253,7 @@ def test_compiled_memory_counts_arguments_and_outputs():
 
 
 @pytest.mark.slow
-def test_smoke_model_bench(monkeypatch):
+def test_smoke_model_bench():
     payload = model.run(quick=True, rounds=2)
     variants = {(r["phase"], r["variant"]) for r in payload["rows"]}
     assert ("inference", "program") in variants and ("training", "int") in variants
