@@ -563,17 +563,28 @@ def _benchmarks_dir() -> pathlib.Path:
 
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", help="benchmark script under benchmarks/ (see --list)")
-    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument(
+        "name",
+        nargs="?",
+        help="a grid (matmul, conv, model: jquant bench NAME --help) or a benchmark script "
+        "under benchmarks/ (see --list)",
+    )
+    p.add_argument("--list", action="store_true", help="list the grids and benchmarks and exit")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    status = _list_or_check("bench", args, sorted(f.stem for f in _benchmarks_dir().glob("*.py")))
+    from jquant.bench.command import GRIDS
+    from jquant.bench.command import main as run_grid
+
+    scripts = sorted(f.stem for f in _benchmarks_dir().glob("*.py"))
+    status = _list_or_check("bench", args, [*GRIDS, *scripts])
     if status is not None:
         return status
+    if args.name in GRIDS:
+        return run_grid(args.name, args.rest)
     sys.argv = [args.name, *args.rest]
     runpy.run_path(str(_benchmarks_dir() / f"{args.name}.py"), run_name="__main__")
     return 0
@@ -589,7 +600,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "reproduce", "reproduce a published table (papers/)", _configure_reproduce, _run_reproduce
     ),
-    Command("bench", "run a benchmark script (benchmarks/)", _configure_bench, _run_bench),
+    Command(
+        "bench",
+        "accelerator benchmark grids (matmul, conv, model) or a benchmark script (benchmarks/)",
+        _configure_bench,
+        _run_bench,
+    ),
 )
 
 
