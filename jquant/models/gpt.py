@@ -36,6 +36,7 @@ __all__ = [
     "Generated",
     "KVCache",
     "NNXGPT",
+    "TRAIN_RECIPE",
     "causal_attention",
     "generate",
     "init_cache",
@@ -360,3 +361,8 @@ def generate(
         return jnp.concatenate([prompt, toks.T], axis=1), jnp.swapaxes(step_logits, 0, 1)
 
     return Generated(*run(state, prompt, keys))
+
+
+# The zoo GPT's float training (train_or_load's keyword arguments): see tests/test_gpt.py
+# (slow) for the validation loss it reaches on jquant.data.load("text").
+TRAIN_RECIPE = {"steps": 600, "batch_size": 16, "learning_rate": 3e-3}
