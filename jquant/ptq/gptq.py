@@ -45,6 +45,7 @@ from jquant.quant import QParams, fake_quant_forward, qparams_from_range
 __all__ = ["gptq", "gptq_from_hessian", "hessian"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
+SEGMENT = 32  # inputs per inner lazy batch (an implementation choice; see _gptq)
 
 
 def hessian(x: jax.Array) -> jax.Array:
@@ -56,82 +57,92 @@ def hessian(x: jax.Array) -> jax.Array:
 
 
 def _ranges(w: jax.Array, fmt: Format, symmetric: bool) -> tuple[jax.Array, jax.Array]:
-    """Scale and zero point over the last axis of ``w`` (min-max)."""
-    qp = qparams_from_range(jnp.min(w, -1), jnp.max(w, -1), fmt, symmetric=symmetric)
+    """Scale and zero point over axis -2 of ``w`` (min-max over the inputs of a group)."""
+    qp = qparams_from_range(jnp.min(w, -2), jnp.max(w, -2), fmt, symmetric=symmetric)
     return qp.scale, qp.zero_point
 
 
-def _quantize_columns(w1, u1, fmt, scales, zeros, lo, hi, err1, q1):
-    """Columns ``lo..hi-1`` of the block ``w1`` (out, B), one at a time (Algorithm 1's inner
-    loop); ``scales[:, j]``, ``zeros[:, j]`` are column j's QParams."""
+def _quantize_rows(w1, u1, fmt, scales, zeros):
+    """Algorithm 1's inner loop over the inputs of ``w1`` ``(m, out)`` (kernel layout: the
+    paper's columns are our rows), one at a time; ``scales[j]``, ``zeros[j]`` are input j's
+    QParams ``(out,)``, ``u1`` the ``(m, m)`` block of U. Returns ``(Q1, E1)``."""
 
     def body(j, carry):
         w1, q1, err1 = carry
-        col = jax.lax.dynamic_index_in_dim(w1, j, 1, keepdims=False)
+        row = jax.lax.dynamic_index_in_dim(w1, j, 0, keepdims=False)
         qp = QParams(
-            jax.lax.dynamic_index_in_dim(scales, j, 1, keepdims=False),
-            jax.lax.dynamic_index_in_dim(zeros, j, 1, keepdims=False),
+            jax.lax.dynamic_index_in_dim(scales, j, 0, keepdims=False),
+            jax.lax.dynamic_index_in_dim(zeros, j, 0, keepdims=False),
         )
-        q = fake_quant_forward(col, qp, fmt)
-        e = (col - q) / u1[j, j]
-        # U is upper triangular: row j is 0 left of j, so done columns are left unchanged
-        w1 = w1 - e[:, None] * jax.lax.dynamic_index_in_dim(u1, j, 0)
-        q1 = jax.lax.dynamic_update_index_in_dim(q1, q, j, 1)
-        err1 = jax.lax.dynamic_update_index_in_dim(err1, e, j, 1)
+        q = fake_quant_forward(row, qp, fmt)
+        e = (row - q) / u1[j, j]
+        # U is upper triangular: column j of U^T is 0 above j, so done rows stay unchanged
+        w1 = w1 - jax.lax.dynamic_index_in_dim(u1, j, 0, keepdims=False)[:, None] * e[None, :]
+        q1 = jax.lax.dynamic_update_index_in_dim(q1, q, j, 0)
+        err1 = jax.lax.dynamic_update_index_in_dim(err1, e, j, 0)
         return w1, q1, err1
 
-    return jax.lax.fori_loop(lo, hi, body, (w1, q1, err1))
+    zeros_like = jnp.zeros_like(w1)
+    _, q1, err1 = jax.lax.fori_loop(0, w1.shape[0], body, (w1, zeros_like, zeros_like))
+    return q1, err1
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block", "act_order", "symmetric"))
 def _gptq(kernel, h, fmt, damp, *, group_size, block, act_order, symmetric):
-    w = kernel.T  # (out, in): the paper's layout
-    n_out, n_in = w.shape
+    w = kernel  # (in, out): the paper's W transposed, its columns are our rows
+    n_in, n_out = w.shape
     diag = jnp.diagonal(h)
     dead = diag == 0
     h = h + jnp.diag(dead.astype(h.dtype))
-    w = jnp.where(dead[None, :], 0.0, w)
+    w = jnp.where(dead[:, None], 0.0, w)
     g = group_size or n_in
     # static ranges (per channel, or per group when act_order), from W before any update
-    s_static, z_static = _ranges(w.reshape(n_out, n_in // g, g), fmt, symmetric)  # (out, G)
+    s_static, z_static = _ranges(w.reshape(n_in // g, g, n_out), fmt, symmetric)  # (G, out)
     group_of = jnp.arange(n_in) // g
-    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if act_order else jnp.arange(n_in)
-    w, h, group_of = w[:, perm], h[perm][:, perm], group_of[perm]
+    if act_order:
+        perm = jnp.argsort(-jnp.diagonal(h), stable=True)
+        w, h, group_of = w[perm], h[perm][:, perm], group_of[perm]
     h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(n_in, dtype=h.dtype)
     chol = jnp.linalg.cholesky(h)
     h_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(n_in, dtype=h.dtype))
     u = jnp.linalg.cholesky(h_inv).T
     dynamic = group_size is not None and not act_order
+    # Within a block, inputs go in segments (each group, or SEGMENT inputs), each segment's
+    # errors applied to the rest of the block at once: lazy batches at two levels, the same
+    # arithmetic as Algorithm 1 with less memory traffic per input.
+    segment = g if dynamic else min(SEGMENT, block)
     qs, group_scales, group_zeros = [], [], []
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
-        q1, err1 = jnp.zeros_like(w1), jnp.zeros_like(w1)
-        if dynamic:  # one range per group, from the group's weights as they are now
-            for lo in range(0, i2 - i1, g):
-                s, z = _ranges(w1[:, lo : lo + g], fmt, symmetric)
+        w1 = w[i1:i2]
+        q1, err1 = [], []
+        for lo in range(0, i2 - i1, segment):
+            hi = min(lo + segment, i2 - i1)
+            a, b = i1 + lo, i1 + hi
+            if dynamic:  # one range per group, from the group's weights as they are now
+                s, z = _ranges(w1[lo:hi], fmt, symmetric)
                 group_scales.append(s)
                 group_zeros.append(z)
-                cols = (
-                    jnp.broadcast_to(s[:, None], (n_out, i2 - i1)),
-                    jnp.broadcast_to(z[:, None], (n_out, i2 - i1)),
-                )
-                w1, q1, err1 = _quantize_columns(w1, u1, fmt, *cols, lo, lo + g, err1, q1)
-        else:
-            s, z = s_static[:, group_of[i1:i2]], z_static[:, group_of[i1:i2]]
-            w1, q1, err1 = _quantize_columns(w1, u1, fmt, s, z, 0, i2 - i1, err1, q1)
-        qs.append(q1)
-        w = w.at[:, i2:].add(-jnp.matmul(err1, u[i1:i2, i2:], precision=HIGHEST))
-    q = jnp.concatenate(qs, axis=1)[:, jnp.argsort(perm)]
+                s, z = jnp.broadcast_to(s, (hi - lo, n_out)), jnp.broadcast_to(z, (hi - lo, n_out))
+            else:
+                s, z = s_static[group_of[a:b]], z_static[group_of[a:b]]
+            q, e = _quantize_rows(w1[lo:hi], u[a:b, a:b], fmt, s, z)
+            q1.append(q)
+            err1.append(e)
+            w1 = w1.at[hi:].add(-jnp.matmul(u[a:b, b:i2].T, e, precision=HIGHEST))
+        qs.extend(q1)
+        err1 = jnp.concatenate(err1)
+        w = w.at[i2:].add(-jnp.matmul(u[i1:i2, i2:].T, err1, precision=HIGHEST))
+    q = jnp.concatenate(qs)
+    if act_order:
+        q = q[jnp.argsort(perm)]
     if dynamic:
-        scale, zero = jnp.stack(group_scales, 1), jnp.stack(group_zeros, 1)  # (out, G)
+        scale, zero = jnp.stack(group_scales), jnp.stack(group_zeros)  # (G, out)
     else:
         scale, zero = s_static, z_static
     if group_size is None:
-        qp = QParams(scale.T, zero.T)  # (1, out)
-    else:
-        qp = QParams(scale.T[:, None, :], zero.T[:, None, :])  # (G, 1, out)
-    return q.T, qp
+        return q, QParams(scale, zero)  # (1, out)
+    return q, QParams(scale[:, None, :], zero[:, None, :])  # (G, 1, out)
 
 
 def gptq_from_hessian(
