@@ -22,6 +22,7 @@ decoding). :func:`generate` runs that loop under ``jit``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ __all__ = [
     "GPT",
     "Generated",
     "KVCache",
+    "KVTransform",
     "NNXGPT",
     "TRAIN_RECIPE",
     "causal_attention",
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 EMBED_INIT = jax.nn.initializers.normal(0.02)
+# Maps keys or values (B, n, heads, head_dim) before they are used and cached.
+KVTransform = Callable[[jax.Array], jax.Array]
 
 
 class KVCache(NamedTuple):
@@ -120,7 +124,7 @@ class Attention(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache=None, start=0):
+    def __call__(self, x, layer_cache=None, start=0, kv_transform=None):
         cfg = self.config
         b, n, _ = x.shape
         q, k, v = (
@@ -129,6 +133,8 @@ class Attention(nn.Module):
             )
             for name in ("query", "key", "value")
         )
+        if kv_transform is not None:
+            k, v = kv_transform(k), kv_transform(v)
         if layer_cache is not None:
             k, v = layer_cache = _with_cache(k, v, layer_cache, start)
         out = causal_attention(q, k, v, start).reshape(b, n, cfg.width)
@@ -153,10 +159,10 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, h, layer_cache=None, start=0):
+    def __call__(self, h, layer_cache=None, start=0, kv_transform=None):
         cfg = self.config
         a, layer_cache = Attention(cfg, name="attn")(
-            nn.RMSNorm(cfg.rms_epsilon, name="norm1")(h), layer_cache, start
+            nn.RMSNorm(cfg.rms_epsilon, name="norm1")(h), layer_cache, start, kv_transform
         )
         h = h + a
         m = MLP(cfg, name="mlp")(nn.RMSNorm(cfg.rms_epsilon, name="norm2")(h))
@@ -169,9 +175,18 @@ class GPT(nn.Module):
     config: GPTConfig = GPTConfig()
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False, cache: KVCache | None = None):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        train: bool = False,
+        cache: KVCache | None = None,
+        kv_transform: KVTransform | None = None,
+    ):
         """Logits ``(B, n, vocab)`` of token ids ``(B, n)``; with ``cache``, ``(logits, cache)``.
 
+        ``kv_transform`` maps every layer's keys and values ``(B, n, heads, head_dim)`` before
+        they are used or cached (e.g. a KV-cache quantizer, ``jquant.ptq.kv_fake_quant``);
         ``train`` is unused (no dropout).
         """
         del train
@@ -183,7 +198,8 @@ class GPT(nn.Module):
         h = embed(tokens) + jax.lax.dynamic_slice_in_dim(pos, start, n)
         layers = _split_cache(cache, cfg.num_layers)
         for i in range(cfg.num_layers):
-            h, layers[i] = Block(cfg, name=f"block{i + 1}")(h, layers[i], start)
+            block = Block(cfg, name=f"block{i + 1}")
+            h, layers[i] = block(h, layers[i], start, kv_transform)
         h = nn.RMSNorm(cfg.rms_epsilon, name="norm")(h)
         if cfg.tied_embeddings:
             logits = embed.attend(h)
@@ -203,13 +219,15 @@ class NNXAttention(nnx.Module):
         for name in ("query", "key", "value", "out"):
             setattr(self, name, nnx.Linear(config.width, config.width, use_bias=False, rngs=rngs))
 
-    def __call__(self, x, layer_cache=None, start=0):
+    def __call__(self, x, layer_cache=None, start=0, kv_transform=None):
         cfg = self.config
         b, n, _ = x.shape
         q, k, v = (
             layer(x).reshape(b, n, cfg.num_heads, cfg.head_dim)
             for layer in (self.query, self.key, self.value)
         )
+        if kv_transform is not None:
+            k, v = kv_transform(k), kv_transform(v)
         if layer_cache is not None:
             k, v = layer_cache = _with_cache(k, v, layer_cache, start)
         return self.out(causal_attention(q, k, v, start).reshape(b, n, cfg.width)), layer_cache
@@ -237,8 +255,8 @@ class NNXBlock(nnx.Module):
         self.norm2 = nnx.RMSNorm(config.width, epsilon=eps, rngs=rngs)
         self.mlp = NNXMLP(config, rngs=rngs)
 
-    def __call__(self, h, layer_cache=None, start=0):
-        a, layer_cache = self.attn(self.norm1(h), layer_cache, start)
+    def __call__(self, h, layer_cache=None, start=0, kv_transform=None):
+        a, layer_cache = self.attn(self.norm1(h), layer_cache, start, kv_transform)
         h = h + a
         return h + self.mlp(self.norm2(h)), layer_cache
 
@@ -258,8 +276,16 @@ class NNXGPT(nnx.Module):
         if not config.tied_embeddings:
             self.head = nnx.Linear(config.width, config.vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, *, train: bool = False, cache: KVCache | None = None):
-        """Logits ``(B, n, vocab)`` of token ids ``(B, n)``; with ``cache``, ``(logits, cache)``."""
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        train: bool = False,
+        cache: KVCache | None = None,
+        kv_transform: KVTransform | None = None,
+    ):
+        """Logits ``(B, n, vocab)`` of token ids ``(B, n)``; with ``cache``, ``(logits, cache)``;
+        ``kv_transform`` as in :class:`GPT`."""
         del train
         cfg = self.config
         start = _start(tokens, cache, cfg.context)
@@ -267,7 +293,7 @@ class NNXGPT(nnx.Module):
         h = self.embed(tokens) + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, n)
         layers = _split_cache(cache, cfg.num_layers)
         for i in range(cfg.num_layers):
-            h, layers[i] = getattr(self, f"block{i + 1}")(h, layers[i], start)
+            h, layers[i] = getattr(self, f"block{i + 1}")(h, layers[i], start, kv_transform)
         h = self.norm(h)
         logits = self.embed.attend(h) if cfg.tied_embeddings else self.head(h)
         return logits if cache is None else (logits, _join_cache(layers, start, n))
@@ -284,18 +310,20 @@ class Generated(NamedTuple):
     logits: jax.Array
 
 
-def _decoder(model, variables):
+def _decoder(model, variables, kv_transform):
     """``(fn, state)`` with ``fn(state, tokens, cache) -> (logits, cache)`` pure."""
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise TypeError("variables must be None for an NNX model (it holds its own)")
         graphdef, state = nnx.split(model)
-        return (lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c)), state
+        return (lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c, kv_transform=kv_transform)), (
+            state
+        )
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a jquant GPT (Linen or NNX), got {type(model).__name__}")
     if variables is None:
         raise TypeError("variables are required for a Linen model")
-    return (lambda v, t, c: model.apply(v, t, cache=c)), variables
+    return (lambda v, t, c: model.apply(v, t, cache=c, kv_transform=kv_transform)), variables
 
 
 def generate(
@@ -306,6 +334,7 @@ def generate(
     variables: dict | None = None,
     key: jax.Array | None = None,
     temperature: float = 0.0,
+    kv_transform: KVTransform | None = None,
 ) -> Generated:
     """Autoregressive sampling with a KV cache, one compiled program.
 
@@ -322,6 +351,8 @@ def generate(
       variables: the Linen model's variables.
       key: PRNG key, required when ``temperature > 0``.
       temperature: ``>= 0``.
+      kv_transform: applied to keys and values before they are cached (see :class:`GPT`),
+        e.g. ``jquant.ptq.kv_fake_quant(jquant.int8)`` for an int8 KV cache per head and token.
     """
     cfg = model.config
     prompt = jnp.asarray(prompt)
@@ -341,7 +372,7 @@ def generate(
     if temperature > 0 and key is None:
         raise ValueError("key is required when temperature > 0")
     keys = jax.random.split(jax.random.key(0) if key is None else key, num_tokens)
-    fn, state = _decoder(model, variables)
+    fn, state = _decoder(model, variables, kv_transform)
 
     @jax.jit
     def run(state, prompt, keys):
