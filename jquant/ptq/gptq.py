@@ -87,6 +87,16 @@ def _quantize_rows(w1, u1, fmt, scales, zeros):
     return q1, err1
 
 
+def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
+    """Upper triangular ``U`` with ``H^-1 = U^T U``, from one Cholesky and one triangular
+    inverse: with ``J`` the reversal permutation and ``J H J = K K^T`` (``K`` lower),
+    ``H = R R^T`` for the upper ``R = J K J``, so ``H^-1 = R^-T R^-1`` and ``U = R^-1 =
+    J K^-1 J`` (positive diagonal, hence the Cholesky factor)."""
+    k = jnp.linalg.cholesky(h[::-1, ::-1])
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    return jax.scipy.linalg.solve_triangular(k, eye, lower=True)[::-1, ::-1]
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "block", "act_order", "symmetric"))
 def _gptq(kernel, h, fmt, damp, *, group_size, block, act_order, symmetric):
     w = kernel  # (in, out): the paper's W transposed, its columns are our rows
@@ -103,9 +113,7 @@ def _gptq(kernel, h, fmt, damp, *, group_size, block, act_order, symmetric):
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
         w, h, group_of = w[perm], h[perm][:, perm], group_of[perm]
     h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(n_in, dtype=h.dtype)
-    chol = jnp.linalg.cholesky(h)
-    h_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(n_in, dtype=h.dtype))
-    u = jnp.linalg.cholesky(h_inv).T
+    u = _upper_cholesky_of_inverse(h)
     dynamic = group_size is not None and not act_order
     # Within a block, inputs go in segments (each group, or SEGMENT inputs), each segment's
     # errors applied to the rest of the block at once: lazy batches at two levels, the same
