@@ -159,6 +159,18 @@ def test_short_training_learns_more_than_character_frequencies():
     assert loss < text.unigram_entropy(ds.ids_test, ds.num_classes) < math.log(ds.num_classes)
 
 
+def test_train_or_load_caches_the_zoo_gpt(tmp_path):
+    """The zoo path: model_config("gpt") from the text data, float training, the weights
+    cache with its checksum (a second call loads, with the same metrics)."""
+    ds = data.load("text", context=16, stride=64)
+    first = train.train_or_load("gpt", ds, 0, 2, batch_size=4, cache=tmp_path)
+    assert isinstance(first.model, gpt.GPT) and first.model.config.context == 16
+    assert set(first.metrics) >= {"test_loss", "test_accuracy", "train_seconds"}
+    again = train.train_or_load("gpt", ds, 0, 2, batch_size=4, cache=tmp_path)
+    assert again.metrics == first.metrics
+    assert len(list((tmp_path / "models").glob("gpt-text-*.msgpack"))) == 1
+
+
 @pytest.mark.slow
 def test_recipe_beats_the_bigram_baseline_by_0_8_nats(tmp_path):
     """The zoo GPT (4 layers, 4 heads, width 128, context 128) trained with
