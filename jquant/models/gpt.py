@@ -396,4 +396,4 @@ def generate(
 
 # The zoo GPT's float training (train_or_load's keyword arguments): see tests/test_gpt.py
 # (slow) for the validation loss it reaches on jquant.data.load("text").
-TRAIN_RECIPE = {"steps": 600, "batch_size": 16, "learning_rate": 3e-3}
+TRAIN_RECIPE = {"steps": 1200, "batch_size": 16, "learning_rate": 3e-3}
