@@ -5,8 +5,16 @@
 ('mlp', 'cnn', 'cnn_bn')
 """
 
-from jquant.models import linen, nnx, train
-from jquant.models.config import MODEL_NAMES, CNNConfig, MLPConfig, model_config
+from jquant.models import gpt, linen, nnx, train
+from jquant.models.config import (
+    LM_MODEL_NAMES,
+    MODEL_NAMES,
+    CNNConfig,
+    GPTConfig,
+    MLPConfig,
+    model_config,
+)
+from jquant.models.gpt import generate
 from jquant.models.nnx import linen_to_nnx, nnx_to_linen
 from jquant.models.train import (
     RECOMMENDED_STEPS,
@@ -24,14 +32,18 @@ from jquant.models.train import (
 )
 
 __all__ = [
+    "LM_MODEL_NAMES",
     "MODEL_NAMES",
     "RECOMMENDED_STEPS",
     "CNNConfig",
+    "GPTConfig",
     "MLPConfig",
     "Trained",
     "TrainState",
     "evaluate",
     "fit",
+    "generate",
+    "gpt",
     "linen",
     "linen_to_nnx",
     "make_optimizer",

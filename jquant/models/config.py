@@ -7,6 +7,9 @@ Module names are stable for path-matched quantization rules::
     MLP:  dense1 .. denseK -> head
     CNN:  conv1 [bn1] -> relu -> pool -> ... -> convL [bnL] -> relu -> pool -> flatten
           -> dense1 .. denseK -> head
+    GPT:  embed + pos_embed -> block1 .. blockL -> norm -> embed.attend | head, each block
+          x + attn(norm1(x)) with attn/{query, key, value, out}, then x + mlp(norm2(x)) with
+          mlp/{up, down}
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-__all__ = ["MLPConfig", "CNNConfig", "MODEL_NAMES", "model_config"]
+__all__ = [
+    "MLPConfig",
+    "CNNConfig",
+    "GPTConfig",
+    "MODEL_NAMES",
+    "LM_MODEL_NAMES",
+    "model_config",
+]
 
 POOLS = ("avg", "max")
 
@@ -119,17 +129,74 @@ class CNNConfig:
         return math.prod(s // shrink for s in input_shape[:-1]) * self.features[-1]
 
 
-MODEL_NAMES = ("mlp", "cnn", "cnn_bn")
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """A decoder-only transformer on token ids (pre-RMSNorm, causal attention, GELU MLP).
+
+    ``h_0 = embed[t] + pos_embed[p]``; each block ``h += attn(norm1(h))``, ``h += mlp(norm2(h))``;
+    logits ``norm(h) E^T`` with the embedding ``E`` (tied) or ``norm(h) W_head`` (untied).
+    Attention per head ``softmax(q k^T / sqrt(d) + causal mask) v`` with ``d = width / heads``;
+    ``mlp(x) = gelu(x W_up) W_down`` with hidden width ``mlp_ratio * width``. No biases.
+
+    Attributes:
+      vocab_size: number of tokens (input ids and output logits).
+      context: longest sequence (learned positional embeddings ``(context, width)``).
+      num_layers: transformer blocks.
+      num_heads: attention heads; must divide ``width``.
+      width: residual stream width.
+      mlp_ratio: MLP hidden width over ``width``.
+      tied_embeddings: logits from the input embedding (``embed.attend``) instead of ``head``.
+      rms_epsilon: ``eps`` of RMSNorm ``x / sqrt(mean(x^2) + eps) * gain``.
+    """
+
+    vocab_size: int = 103
+    context: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    width: int = 128
+    mlp_ratio: int = 4
+    tied_embeddings: bool = True
+    rms_epsilon: float = 1e-6
+
+    def __post_init__(self):
+        _check_classes(self.vocab_size)
+        for name in ("context", "num_layers", "num_heads", "width", "mlp_ratio"):
+            _check_sizes(name, (getattr(self, name),), allow_empty=False)
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"num_heads must divide width, got num_heads={self.num_heads}, width={self.width}"
+            )
+        if not isinstance(self.tied_embeddings, bool):
+            raise TypeError(f"tied_embeddings must be a bool, got {self.tied_embeddings!r}")
+        if not self.rms_epsilon > 0:
+            raise ValueError(f"rms_epsilon must be > 0, got {self.rms_epsilon!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``width // num_heads``."""
+        return self.width // self.num_heads
 
 
-def model_config(name: str, input_shape: Sequence[int], num_classes: int) -> MLPConfig | CNNConfig:
-    """The zoo's config for model ``name`` (one of :data:`MODEL_NAMES`) on inputs of this shape.
+MODEL_NAMES = ("mlp", "cnn", "cnn_bn")  # classifiers (what the sweeps and the CLI take)
+LM_MODEL_NAMES = ("gpt",)  # language models on token ids
+
+
+def model_config(
+    name: str, input_shape: Sequence[int], num_classes: int
+) -> MLPConfig | CNNConfig | GPTConfig:
+    """The zoo's config for model ``name`` (one of :data:`MODEL_NAMES` or
+    :data:`LM_MODEL_NAMES`) on inputs of this shape.
 
     ``cnn_bn`` is ``cnn`` with BatchNorm after each conv. CNNs on 1-D signals use kernel 5,
-    on images 3x3.
+    on images 3x3. ``gpt`` takes ``input_shape = (context,)`` and ``num_classes`` the
+    vocabulary size; the rest is :class:`GPTConfig`'s defaults.
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; allowed: {MODEL_NAMES}")
+    if name not in MODEL_NAMES + LM_MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; allowed: {MODEL_NAMES + LM_MODEL_NAMES}")
+    if name == "gpt":
+        if len(input_shape) != 1:
+            raise ValueError(f"a GPT needs input_shape (context,), got {tuple(input_shape)}")
+        return GPTConfig(vocab_size=num_classes, context=input_shape[0])
     if name == "mlp":
         return MLPConfig(num_classes=num_classes)
     spatial = len(input_shape) - 1

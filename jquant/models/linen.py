@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jquant.models.config import CNNConfig, MLPConfig, model_config
+from jquant.models.config import CNNConfig, GPTConfig, MLPConfig, model_config
+from jquant.models.gpt import GPT
 
 __all__ = ["MLP", "CNN", "make_model"]
 
@@ -66,7 +67,9 @@ class CNN(nn.Module):
         return nn.Dense(cfg.num_classes, name="head")(x)
 
 
-def make_model(name: str, input_shape: Sequence[int], num_classes: int) -> MLP | CNN:
-    """The zoo's Linen model ``name`` (``"mlp"``, ``"cnn"``, ``"cnn_bn"``) for this input."""
+def make_model(name: str, input_shape: Sequence[int], num_classes: int) -> MLP | CNN | GPT:
+    """The zoo's Linen model ``name`` (``"mlp"``, ``"cnn"``, ``"cnn_bn"``, ``"gpt"``)."""
     cfg = model_config(name, input_shape, num_classes)
+    if isinstance(cfg, GPTConfig):
+        return GPT(cfg)
     return MLP(cfg) if isinstance(cfg, MLPConfig) else CNN(cfg)

@@ -21,7 +21,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jquant.models.config import CNNConfig, MLPConfig, model_config
+from jquant.models.config import CNNConfig, GPTConfig, MLPConfig, model_config
+from jquant.models.gpt import NNXGPT
 
 __all__ = ["MLP", "CNN", "make_model", "linen_to_nnx", "nnx_to_linen"]
 
@@ -95,9 +96,11 @@ class CNN(nnx.Module):
 
 def make_model(
     name: str, input_shape: Sequence[int], num_classes: int, *, rngs: nnx.Rngs
-) -> MLP | CNN:
-    """The zoo's NNX model ``name`` (``"mlp"``, ``"cnn"``, ``"cnn_bn"``) for this input."""
+) -> MLP | CNN | NNXGPT:
+    """The zoo's NNX model ``name`` (``"mlp"``, ``"cnn"``, ``"cnn_bn"``, ``"gpt"``)."""
     cfg = model_config(name, input_shape, num_classes)
+    if isinstance(cfg, GPTConfig):
+        return NNXGPT(cfg, rngs=rngs)
     return (MLP if isinstance(cfg, MLPConfig) else CNN)(cfg, input_shape, rngs=rngs)
 
 

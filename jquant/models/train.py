@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
 import time
@@ -246,6 +247,7 @@ def fit(
 def _eval_sums(apply_fn, params, model_state, x, y, mask):
     logits, _ = apply_fn(params, model_state, x, False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))  # labels per position (sequences)
     return jnp.sum(losses * mask), jnp.sum((jnp.argmax(logits, -1) == y) * mask)
 
 
@@ -261,18 +263,21 @@ def evaluate(
     """``{"loss": mean cross-entropy, "accuracy": mean(argmax logits == y)}`` in eval mode.
 
     The last batch is padded to ``batch_size`` and masked, so everything compiles once.
+    Labels ``(N, *positions)`` (a language model's next tokens) are averaged over every
+    position of every example.
     """
     n = len(x)
     pad = -n % batch_size
     xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-    yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+    yp = jnp.concatenate([y, jnp.zeros((pad, *y.shape[1:]), y.dtype)])
     mask = jnp.arange(n + pad) < n
     loss = correct = 0.0
     for s in range(0, n + pad, batch_size):
         batch = (xp[s : s + batch_size], yp[s : s + batch_size], mask[s : s + batch_size])
         batch_loss, batch_correct = _eval_sums(apply_fn, params, model_state, *batch)
         loss, correct = loss + float(batch_loss), correct + float(batch_correct)
-    return {"loss": loss / n, "accuracy": correct / n}
+    labels = n * math.prod(y.shape[1:])
+    return {"loss": loss / labels, "accuracy": correct / labels}
 
 
 class DatasetLike(Protocol):

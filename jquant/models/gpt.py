@@ -1,0 +1,399 @@
+"""A small decoder-only transformer (Linen and NNX) on token ids, with a KV-cache ``generate``.
+
+The architecture is :class:`~jquant.models.config.GPTConfig`'s: pre-RMSNorm blocks, causal
+multi-head attention written with ``einsum``, a GELU MLP, tied or untied embeddings, no
+biases. Both frameworks build the same parameter tree (``embed/embedding``, ``pos_embed``,
+``block1/attn/query/kernel``, ``block1/mlp/up/kernel``, ``block1/norm1/scale``, ...), so
+:func:`jquant.models.nnx.linen_to_nnx` copies Linen variables into the NNX model.
+
+A model is called as ``model(tokens)`` -> logits ``(B, n, vocab)`` for positions ``0..n-1``,
+or as ``model(tokens, cache=cache)`` -> ``(logits, cache)``: the tokens sit at positions
+``cache.length ..`` and attend to every earlier key and value kept in the cache (incremental
+decoding). :func:`generate` runs that loop under ``jit``.
+
+>>> import jax, jax.numpy as jnp
+>>> cfg = GPTConfig(vocab_size=11, context=8, num_layers=1, num_heads=2, width=16)
+>>> model = GPT(cfg)
+>>> variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+>>> model.apply(variables, jnp.zeros((2, 5), jnp.int32)).shape
+(2, 5, 11)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jquant.models.config import GPTConfig
+
+__all__ = [
+    "GPT",
+    "Generated",
+    "KVCache",
+    "KVTransform",
+    "NNXGPT",
+    "TRAIN_RECIPE",
+    "causal_attention",
+    "generate",
+    "init_cache",
+]
+
+EMBED_INIT = jax.nn.initializers.normal(0.02)
+# Maps keys or values (B, n, heads, head_dim) before they are used and cached.
+KVTransform = Callable[[jax.Array], jax.Array]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, ``(num_layers, B, context, heads, head_dim)``, and the
+    number of positions written so far (``length``, an int32 scalar)."""
+
+    keys: jax.Array
+    values: jax.Array
+    length: jax.Array
+
+
+def init_cache(config: GPTConfig, batch: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty :class:`KVCache` for ``batch`` sequences of up to ``config.context`` tokens."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    shape = (config.num_layers, batch, config.context, config.num_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_start: Any = 0) -> jax.Array:
+    """Multi-head causal attention ``softmax(q k^T / sqrt(d) + mask) v``.
+
+    ``q`` is ``(B, n, H, d)`` at positions ``q_start + i``; ``k``, ``v`` are ``(B, m, H, d)``
+    at positions ``j = 0..m-1``; query ``i`` sees key ``j`` iff ``j <= q_start + i`` (the mask
+    adds ``-inf`` elsewhere). Returns ``(B, n, H, d)``.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    q_pos = q_start + jnp.arange(q.shape[1])
+    visible = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _start(tokens: jax.Array, cache: KVCache | None, context: int):
+    """Position of ``tokens[:, 0]``; ValueError when the sequence would pass ``context``."""
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids (B, n), got {tokens.dtype}{tokens.shape}")
+    n = tokens.shape[1]
+    if cache is None:
+        if n > context:
+            raise ValueError(f"tokens must hold at most context={context} positions, got {n}")
+        return 0
+    if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + n > context:
+        raise ValueError(
+            f"cache holds {int(cache.length)} positions; {n} more pass context={context}"
+        )
+    return cache.length
+
+
+def _with_cache(k, v, layer_cache, start):
+    """Writes ``k``, ``v`` at ``start`` into the layer's cache; returns the full keys/values."""
+    kc, vc = layer_cache
+    kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, start, 0, 0))
+    vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, start, 0, 0))
+    return kc, vc
+
+
+def _split_cache(cache: KVCache | None, num_layers: int) -> list:
+    if cache is None:
+        return [None] * num_layers
+    return [(cache.keys[i], cache.values[i]) for i in range(num_layers)]
+
+
+def _join_cache(layers: list, start, n: int) -> KVCache:
+    keys, values = zip(*layers, strict=True)
+    return KVCache(jnp.stack(keys), jnp.stack(values), jnp.asarray(start + n, jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------- Linen
+
+
+class Attention(nn.Module):
+    """``out(causal_attention(x Wq, x Wk, x Wv))`` with heads split from the projections."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache=None, start=0, kv_transform=None):
+        cfg = self.config
+        b, n, _ = x.shape
+        q, k, v = (
+            nn.Dense(cfg.width, use_bias=False, name=name)(x).reshape(
+                b, n, cfg.num_heads, cfg.head_dim
+            )
+            for name in ("query", "key", "value")
+        )
+        if kv_transform is not None:
+            k, v = kv_transform(k), kv_transform(v)
+        if layer_cache is not None:
+            k, v = layer_cache = _with_cache(k, v, layer_cache, start)
+        out = causal_attention(q, k, v, start).reshape(b, n, cfg.width)
+        return nn.Dense(cfg.width, use_bias=False, name="out")(out), layer_cache
+
+
+class MLP(nn.Module):
+    """``down(gelu(up(x)))``: widths ``width -> mlp_ratio * width -> width``."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        x = nn.Dense(cfg.mlp_ratio * cfg.width, use_bias=False, name="up")(x)
+        return nn.Dense(cfg.width, use_bias=False, name="down")(nn.gelu(x))
+
+
+class Block(nn.Module):
+    """``h + attn(norm1(h))``, then ``h + mlp(norm2(h))``, ``mlp(x) = gelu(x W_up) W_down``."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, h, layer_cache=None, start=0, kv_transform=None):
+        cfg = self.config
+        a, layer_cache = Attention(cfg, name="attn")(
+            nn.RMSNorm(cfg.rms_epsilon, name="norm1")(h), layer_cache, start, kv_transform
+        )
+        h = h + a
+        m = MLP(cfg, name="mlp")(nn.RMSNorm(cfg.rms_epsilon, name="norm2")(h))
+        return h + m, layer_cache
+
+
+class GPT(nn.Module):
+    """The Linen GPT of :class:`GPTConfig`; see the module docstring for the call forms."""
+
+    config: GPTConfig = GPTConfig()
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        train: bool = False,
+        cache: KVCache | None = None,
+        kv_transform: KVTransform | None = None,
+    ):
+        """Logits ``(B, n, vocab)`` of token ids ``(B, n)``; with ``cache``, ``(logits, cache)``.
+
+        ``kv_transform`` maps every layer's keys and values ``(B, n, heads, head_dim)`` before
+        they are used or cached (e.g. a KV-cache quantizer, ``jquant.ptq.kv_fake_quant``);
+        ``train`` is unused (no dropout).
+        """
+        del train
+        cfg = self.config
+        start = _start(tokens, cache, cfg.context)
+        n = tokens.shape[1]
+        embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=EMBED_INIT, name="embed")
+        pos = self.param("pos_embed", EMBED_INIT, (cfg.context, cfg.width))
+        h = embed(tokens) + jax.lax.dynamic_slice_in_dim(pos, start, n)
+        layers = _split_cache(cache, cfg.num_layers)
+        for i in range(cfg.num_layers):
+            block = Block(cfg, name=f"block{i + 1}")
+            h, layers[i] = block(h, layers[i], start, kv_transform)
+        h = nn.RMSNorm(cfg.rms_epsilon, name="norm")(h)
+        if cfg.tied_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, name="head")(h)
+        return logits if cache is None else (logits, _join_cache(layers, start, n))
+
+
+# ------------------------------------------------------------------------------------------ NNX
+
+
+class NNXAttention(nnx.Module):
+    """NNX twin of :class:`Attention`."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        for name in ("query", "key", "value", "out"):
+            setattr(self, name, nnx.Linear(config.width, config.width, use_bias=False, rngs=rngs))
+
+    def __call__(self, x, layer_cache=None, start=0, kv_transform=None):
+        cfg = self.config
+        b, n, _ = x.shape
+        q, k, v = (
+            layer(x).reshape(b, n, cfg.num_heads, cfg.head_dim)
+            for layer in (self.query, self.key, self.value)
+        )
+        if kv_transform is not None:
+            k, v = kv_transform(k), kv_transform(v)
+        if layer_cache is not None:
+            k, v = layer_cache = _with_cache(k, v, layer_cache, start)
+        return self.out(causal_attention(q, k, v, start).reshape(b, n, cfg.width)), layer_cache
+
+
+class NNXMLP(nnx.Module):
+    """NNX twin of :class:`MLP`."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        hidden = config.mlp_ratio * config.width
+        self.up = nnx.Linear(config.width, hidden, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(hidden, config.width, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.gelu(self.up(x)))
+
+
+class NNXBlock(nnx.Module):
+    """NNX twin of :class:`Block`."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        eps = config.rms_epsilon
+        self.norm1 = nnx.RMSNorm(config.width, epsilon=eps, rngs=rngs)
+        self.attn = NNXAttention(config, rngs=rngs)
+        self.norm2 = nnx.RMSNorm(config.width, epsilon=eps, rngs=rngs)
+        self.mlp = NNXMLP(config, rngs=rngs)
+
+    def __call__(self, h, layer_cache=None, start=0, kv_transform=None):
+        a, layer_cache = self.attn(self.norm1(h), layer_cache, start, kv_transform)
+        h = h + a
+        return h + self.mlp(self.norm2(h)), layer_cache
+
+
+class NNXGPT(nnx.Module):
+    """The NNX GPT of :class:`GPTConfig`, called like :class:`GPT` (same parameter paths)."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(
+            config.vocab_size, config.width, embedding_init=EMBED_INIT, rngs=rngs
+        )
+        self.pos_embed = nnx.Param(EMBED_INIT(rngs.params(), (config.context, config.width)))
+        for i in range(config.num_layers):
+            setattr(self, f"block{i + 1}", NNXBlock(config, rngs=rngs))
+        self.norm = nnx.RMSNorm(config.width, epsilon=config.rms_epsilon, rngs=rngs)
+        if not config.tied_embeddings:
+            self.head = nnx.Linear(config.width, config.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        train: bool = False,
+        cache: KVCache | None = None,
+        kv_transform: KVTransform | None = None,
+    ):
+        """Logits ``(B, n, vocab)`` of token ids ``(B, n)``; with ``cache``, ``(logits, cache)``;
+        ``kv_transform`` as in :class:`GPT`."""
+        del train
+        cfg = self.config
+        start = _start(tokens, cache, cfg.context)
+        n = tokens.shape[1]
+        h = self.embed(tokens) + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, n)
+        layers = _split_cache(cache, cfg.num_layers)
+        for i in range(cfg.num_layers):
+            h, layers[i] = getattr(self, f"block{i + 1}")(h, layers[i], start, kv_transform)
+        h = self.norm(h)
+        logits = self.embed.attend(h) if cfg.tied_embeddings else self.head(h)
+        return logits if cache is None else (logits, _join_cache(layers, start, n))
+
+
+# ------------------------------------------------------------------------------------ generation
+
+
+class Generated(NamedTuple):
+    """Output of :func:`generate`: ``tokens (B, P + T)`` (prompt then the ``T`` new tokens)
+    and ``logits (B, T, vocab)``, those each new token was drawn from."""
+
+    tokens: jax.Array
+    logits: jax.Array
+
+
+def _decoder(model, variables, kv_transform):
+    """``(fn, state)`` with ``fn(state, tokens, cache) -> (logits, cache)`` pure."""
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise TypeError("variables must be None for an NNX model (it holds its own)")
+        graphdef, state = nnx.split(model)
+        return (lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c, kv_transform=kv_transform)), (
+            state
+        )
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a jquant GPT (Linen or NNX), got {type(model).__name__}")
+    if variables is None:
+        raise TypeError("variables are required for a Linen model")
+    return (lambda v, t, c: model.apply(v, t, cache=c, kv_transform=kv_transform)), variables
+
+
+def generate(
+    model: GPT | NNXGPT,
+    prompt: jax.Array,
+    num_tokens: int,
+    *,
+    variables: dict | None = None,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
+    kv_transform: KVTransform | None = None,
+) -> Generated:
+    """Autoregressive sampling with a KV cache, one compiled program.
+
+    The prompt ``(B, P)`` fills the cache in one call (prefill); then for ``t = 0..T-1``:
+    ``x_t ~ softmax(z_t / temperature)`` (``argmax z_t`` when ``temperature == 0``), where
+    ``z_t`` are the logits at the last position, and ``x_t`` is fed back at position
+    ``P + t``, attending to the cached keys and values of positions ``< P + t`` (a
+    ``lax.scan``). Needs ``P + T <= context``.
+
+    Args:
+      model: a Linen :class:`GPT` (pass ``variables``) or an :class:`NNXGPT`.
+      prompt: int token ids ``(B, P)``, ``P >= 1``.
+      num_tokens: ``T``, a positive int.
+      variables: the Linen model's variables.
+      key: PRNG key, required when ``temperature > 0``.
+      temperature: ``>= 0``.
+      kv_transform: applied to keys and values before they are cached (see :class:`GPT`),
+        e.g. ``jquant.ptq.kv_fake_quant(jquant.int8)`` for an int8 KV cache per head and token.
+    """
+    cfg = model.config
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(
+            f"prompt must be int token ids (B, P>=1), got {prompt.dtype}{prompt.shape}"
+        )
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    if prompt.shape[1] + num_tokens > cfg.context:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + num_tokens {num_tokens} must be <= context "
+            f"{cfg.context}"
+        )
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if temperature > 0 and key is None:
+        raise ValueError("key is required when temperature > 0")
+    keys = jax.random.split(jax.random.key(0) if key is None else key, num_tokens)
+    fn, state = _decoder(model, variables, kv_transform)
+
+    @jax.jit
+    def run(state, prompt, keys):
+        logits, cache = fn(state, prompt, init_cache(cfg, prompt.shape[0]))
+
+        def step(carry, k):
+            cache, last = carry
+            if temperature > 0:
+                tok = jax.random.categorical(k, last / temperature, axis=-1)
+            else:
+                tok = jnp.argmax(last, axis=-1)
+            tok = tok.astype(prompt.dtype)
+            logits, cache = fn(state, tok[:, None], cache)
+            return (cache, logits[:, -1]), (tok, last)
+
+        _, (toks, step_logits) = jax.lax.scan(step, (cache, logits[:, -1]), keys)
+        return jnp.concatenate([prompt, toks.T], axis=1), jnp.swapaxes(step_logits, 0, 1)
+
+    return Generated(*run(state, prompt, keys))
+
+
+# The zoo GPT's float training (train_or_load's keyword arguments): see tests/test_gpt.py
+# (slow) for the validation loss it reaches on jquant.data.load("text").
+TRAIN_RECIPE = {"steps": 1200, "batch_size": 16, "learning_rate": 3e-3}

@@ -1,0 +1,215 @@
+"""Tests of jquant.models.gpt: Linen/NNX parity, attention against NumPy, KV-cache generation,
+training on the text corpus (short here; the full recipe is slow)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jquant as jq
+from jquant import data, ptq
+from jquant.data import text
+from jquant.models import config as config_lib
+from jquant.models import gpt, linen, train
+from jquant.models import nnx as nnx_models
+
+TINY = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=16)
+
+
+def _variables(cfg, seed=0):
+    return gpt.GPT(cfg).init(jax.random.key(seed), jnp.zeros((1, cfg.context), jnp.int32))
+
+
+def _tokens(cfg, shape, seed=1):
+    return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size)
+
+
+def test_causal_attention_against_numpy():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+    want = np.zeros_like(q)
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                s = np.array([q[b, i, h] @ k[b, j, h] / 2.0 for j in range(i + 1)])
+                p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                want[b, i, h] = p @ v[b, : i + 1, h]
+    got = gpt.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # queries at positions 2..4 against all five keys: the last three rows
+    np.testing.assert_allclose(
+        gpt.causal_attention(jnp.asarray(q[:, 2:]), jnp.asarray(k), jnp.asarray(v), 2),
+        want[:, 2:],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_linen_and_nnx_share_parameters_and_outputs(tied):
+    cfg = dataclasses.replace(TINY, tied_embeddings=tied)
+    variables = _variables(cfg)
+    names = set(variables["params"])
+    assert names == {"embed", "pos_embed", "block1", "block2", "norm"} | (
+        {"head"} if not tied else set()
+    )
+    assert set(variables["params"]["block1"]["attn"]) == {"query", "key", "value", "out"}
+    model = nnx_models.linen_to_nnx(variables, gpt.NNXGPT(cfg, rngs=nnx.Rngs(1)))
+    tokens = _tokens(cfg, (2, 16))
+    np.testing.assert_allclose(
+        model(tokens), gpt.GPT(cfg).apply(variables, tokens), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_logits_are_causal():
+    variables = _variables(TINY)
+    tokens = _tokens(TINY, (1, 16))
+    changed = tokens.at[0, 10:].set((tokens[0, 10:] + 1) % TINY.vocab_size)
+    a, b = (gpt.GPT(TINY).apply(variables, t) for t in (tokens, changed))
+    np.testing.assert_array_equal(a[:, :10], b[:, :10])
+    assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_kv_cache_generation_equals_the_full_forward(framework):
+    variables = _variables(TINY)
+    prompt = _tokens(TINY, (2, 5))
+    if framework == "linen":
+        model, kwargs = gpt.GPT(TINY), {"variables": variables}
+        forward = lambda t: model.apply(variables, t)
+    else:
+        model, kwargs = nnx_models.linen_to_nnx(variables, gpt.NNXGPT(TINY, rngs=nnx.Rngs(0))), {}
+        forward = model
+    for temperature, key in ((0.0, None), (1.0, jax.random.key(2))):
+        out = gpt.generate(model, prompt, 11, temperature=temperature, key=key, **kwargs)
+        assert out.tokens.shape == (2, 16) and out.logits.shape == (2, 11, 13)
+        np.testing.assert_array_equal(out.tokens[:, :5], prompt)
+        full = forward(out.tokens[:, :-1])  # no cache: every position at once
+        np.testing.assert_allclose(out.logits, full[:, 4:], rtol=1e-5, atol=1e-5)
+        if temperature == 0.0:
+            np.testing.assert_array_equal(out.tokens[:, 5:], jnp.argmax(out.logits, -1))
+
+
+def test_cache_calls_compose():
+    """Prefill 6 tokens, then 4 + 6 more: the logits equal one call on all 16."""
+    model, variables = gpt.GPT(TINY), _variables(TINY)
+    tokens = _tokens(TINY, (2, 16))
+    cache = gpt.init_cache(TINY, 2)
+    parts = []
+    for lo, hi in ((0, 6), (6, 10), (10, 16)):
+        logits, cache = model.apply(variables, tokens[:, lo:hi], cache=cache)
+        parts.append(logits)
+    assert int(cache.length) == 16
+    np.testing.assert_allclose(
+        jnp.concatenate(parts, 1), model.apply(variables, tokens), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_zoo_registration():
+    cfg = config_lib.model_config("gpt", (128,), 103)
+    assert cfg == config_lib.GPTConfig(vocab_size=103, context=128)
+    assert (cfg.num_layers, cfg.num_heads, cfg.width) == (4, 4, 128)
+    assert isinstance(linen.make_model("gpt", (32,), 50), gpt.GPT)
+    model = nnx.eval_shape(lambda: nnx_models.make_model("gpt", (32,), 50, rngs=nnx.Rngs(0)))
+    assert isinstance(model, gpt.NNXGPT) and model.pos_embed.shape == (32, 128)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: config_lib.GPTConfig(num_heads=3), ValueError, "num_heads must divide"),
+        (lambda: config_lib.GPTConfig(context=0), TypeError, "context"),
+        (lambda: config_lib.model_config("gpt", (8, 1), 10), ValueError, "input_shape"),
+        (lambda: gpt.GPT(TINY).apply(_variables(TINY), jnp.zeros((1, 17), jnp.int32)),
+         ValueError, "context"),
+        (lambda: gpt.GPT(TINY).apply(_variables(TINY), jnp.zeros((1, 4))), TypeError, "tokens"),
+        (lambda: gpt.generate(gpt.GPT(TINY), jnp.zeros((1, 8), jnp.int32), 9,
+                              variables=_variables(TINY)), ValueError, "context"),
+        (lambda: gpt.generate(gpt.GPT(TINY), jnp.zeros((1, 2), jnp.int32), 3,
+                              variables=_variables(TINY), temperature=1.0), ValueError, "key"),
+        (lambda: gpt.generate(gpt.GPT(TINY), jnp.zeros((1, 2), jnp.int32), 3), TypeError,
+         "variables"),
+        (lambda: gpt.init_cache(TINY, 0), ValueError, "batch"),
+    ],
+)  # fmt: skip
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_short_training_learns_more_than_character_frequencies():
+    """A tiny GPT, 80 steps on 32-character windows: validation loss below the unigram
+    entropy of the validation text (what a model of character frequencies alone reaches)."""
+    ds = data.load("text", context=32)
+    cfg = config_lib.GPTConfig(vocab_size=ds.num_classes, context=32, num_layers=1, width=32)
+    model = gpt.GPT(cfg)
+    params, state = train.split_linen(model.init(jax.random.key(0), ds.x_train[:1]))
+    opt = train.make_optimizer(1e-2, 80)
+    step = train.make_train_step(train.linen_apply_fn(model), opt)
+    final, _ = train.fit(
+        step, train.TrainState.create(params, state, opt), ds.x_train, ds.y_train,
+        steps=80, batch_size=32, key=jax.random.key(1),
+    )  # fmt: skip
+    apply_fn = train.linen_apply_fn(model)
+    loss = train.evaluate(apply_fn, final.params, {}, ds.x_test, ds.y_test)["loss"]
+    assert loss < text.unigram_entropy(ds.ids_test, ds.num_classes) < math.log(ds.num_classes)
+
+
+def test_train_or_load_caches_the_zoo_gpt(tmp_path):
+    """The zoo path: model_config("gpt") from the text data, float training, the weights
+    cache with its checksum (a second call loads, with the same metrics)."""
+    ds = data.load("text", context=16, stride=64)
+    first = train.train_or_load("gpt", ds, 0, 2, batch_size=4, cache=tmp_path)
+    assert isinstance(first.model, gpt.GPT) and first.model.config.context == 16
+    assert set(first.metrics) >= {"test_loss", "test_accuracy", "train_seconds"}
+    again = train.train_or_load("gpt", ds, 0, 2, batch_size=4, cache=tmp_path)
+    assert again.metrics == first.metrics
+    assert len(list((tmp_path / "models").glob("gpt-text-*.msgpack"))) == 1
+
+
+@pytest.mark.slow
+def test_recipe_beats_the_bigram_baseline_by_0_8_nats(tmp_path):
+    """The zoo GPT (4 layers, 4 heads, width 128, context 128) trained with
+    :data:`gpt.TRAIN_RECIPE`: validation loss <= bigram entropy - 0.8 nats/char."""
+    ds = data.load("text")
+    trained = train.train_or_load("gpt", ds, 0, cache=tmp_path, **gpt.TRAIN_RECIPE)
+    baseline = text.bigram_entropy(ds.ids_train, ds.num_classes)
+    loss = trained.metrics["test_loss"]
+    print(
+        f"validation {loss:.3f} nats/char, perplexity {math.exp(loss):.2f}, bigram "
+        f"{baseline:.3f}; trained in {trained.metrics['train_seconds']:.0f} s (with compiles)"
+    )
+    assert loss <= baseline - 0.8
+
+
+def _numpy_kv_int8(x):
+    """Symmetric int8 per (batch, token, head): scale = max|x| / 127 over head_dim."""
+    x = np.asarray(x, np.float64)
+    scale = np.abs(x).max(-1, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale * np.clip(np.round(x / scale), -128, 127)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_int8_kv_cache_generation_equals_the_forward_with_fake_quantized_kv(framework):
+    variables = _variables(TINY)
+    kv = ptq.kv_fake_quant(jq.int8)
+    x = jax.random.normal(jax.random.key(5), (2, 7, 2, 8))
+    np.testing.assert_allclose(kv(x), _numpy_kv_int8(x), rtol=1e-6, atol=1e-7)
+    prompt = _tokens(TINY, (2, 4))
+    if framework == "linen":
+        model, kwargs = gpt.GPT(TINY), {"variables": variables}
+        forward = lambda t, **kw: model.apply(variables, t, **kw)
+    else:
+        model, kwargs = nnx_models.linen_to_nnx(variables, gpt.NNXGPT(TINY, rngs=nnx.Rngs(0))), {}
+        forward = model
+    out = gpt.generate(model, prompt, 12, kv_transform=kv, **kwargs)
+    quantized = forward(out.tokens[:, :-1], kv_transform=kv)[:, 3:]
+    np.testing.assert_allclose(out.logits, quantized, rtol=1e-5, atol=1e-5)
+    floating = forward(out.tokens[:, :-1])[:, 3:]
+    gap = float(jnp.max(jnp.abs(out.logits - floating)))
+    assert 0.0 < gap < 1e-2  # int8 K/V moves the logits, slightly

@@ -1,0 +1,243 @@
+"""Tests of jquant.ptq: RTN, GPTQ against a NumPy Algorithm 1, AWQ, SmoothQuant, rotations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import jquant as jq
+from jquant import ptq
+
+IN, OUT, BLOCK = 64, 16, 32
+CONFIGS = [(None, False), (16, False), (None, True), (16, True)]  # (group_size, act_order)
+
+
+# ------------------------------------------------------------------ NumPy oracle, from the paper
+
+
+def _np_ranges(w, bits):
+    """Affine min-max grid over the last axis: range widened to 0, zero point rounded."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo, hi = np.minimum(w.min(-1), 0.0), np.maximum(w.max(-1), 0.0)
+    scale = (hi - lo) / (qmax - qmin)
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale, np.clip(np.round(qmin - lo / scale), qmin, qmax)
+
+
+def _np_quant(w, scale, zero, bits):
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return scale * (np.clip(np.round(w / scale) + zero, qmin, qmax) - zero)
+
+
+def gptq_numpy(kernel, x, bits, *, group_size=None, damp=0.01, act_order=False):
+    """Frantar et al. 2022, Algorithm 1 without lazy batches (one column at a time), float64.
+
+    W is (out, in) as in the paper; dead inputs get H_jj = 1 and zero weights; per-channel
+    ranges (and every group's with act_order) from W before updates, a group's range from its
+    current weights at its first column otherwise.
+    """
+    w = np.asarray(kernel, np.float64).T.copy()
+    x = np.asarray(x, np.float64)
+    h = 2 * x.T @ x
+    n = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    g = group_size or n
+    static = _np_ranges(w.reshape(w.shape[0], n // g, g), bits)  # (out, groups)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * np.mean(np.diag(h)) * np.eye(n)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    q = np.zeros_like(w)
+    for j in range(n):
+        orig = perm[j]
+        if group_size is None or act_order:
+            scale, zero = static[0][:, orig // g], static[1][:, orig // g]
+        elif orig % g == 0:
+            scale, zero = _np_ranges(w[:, j : j + g], bits)
+        q[:, j] = _np_quant(w[:, j], scale, zero, bits)
+        err = (w[:, j] - q[:, j]) / u[j, j]
+        w[:, j:] -= np.outer(err, u[j, j:])
+    return q[:, np.argsort(perm)].T
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """A kernel, correlated calibration inputs (rank-8 structure plus noise, channel scales
+    spanning 10x) and a dead input channel."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(IN, OUT)).astype(np.float32)
+    z = rng.normal(size=(512, 8)) @ rng.normal(size=(8, IN))
+    x = (z + 0.1 * rng.normal(size=(512, IN))) * np.geomspace(0.3, 3.0, IN)
+    x[:, 5] = 0.0
+    return jnp.asarray(w), jnp.asarray(x, jnp.float32)
+
+
+def _err(x, w, wq):
+    return float(jnp.sum((x @ w - x @ wq) ** 2))
+
+
+# ------------------------------------------------------------------------------------------ RTN
+
+
+def test_rtn_matches_numpy_per_channel_and_per_group(layer):
+    w, _ = layer
+    for group_size in (None, 16):
+        q = ptq.rtn(w, jq.int4, group_size=group_size)
+        g = group_size or IN
+        wg = np.asarray(w).T.reshape(OUT, IN // g, g)
+        scale, zero = _np_ranges(wg, 4)
+        want = _np_quant(wg, scale[..., None], zero[..., None], 4).reshape(OUT, IN).T
+        np.testing.assert_allclose(q.kernel, want, rtol=0, atol=1e-6)
+        assert q.qparams.scale.shape == ((1, OUT) if group_size is None else (4, 1, OUT))
+
+
+# ----------------------------------------------------------------------------------------- GPTQ
+
+
+@pytest.mark.parametrize("group_size, act_order", CONFIGS)
+def test_gptq_with_an_identity_hessian_is_rtn(layer, group_size, act_order):
+    w, _ = layer
+    x = 3.0 * jnp.eye(IN)  # H = 18 I: no error is ever propagated
+    got = ptq.gptq(w, x, jq.int4, group_size=group_size, act_order=act_order, block=BLOCK)
+    want = ptq.rtn(w, jq.int4, group_size=group_size)
+    np.testing.assert_array_equal(got.kernel, want.kernel)
+    np.testing.assert_array_equal(got.qparams.scale, want.qparams.scale)
+    np.testing.assert_array_equal(got.qparams.zero_point, want.qparams.zero_point)
+
+
+@pytest.mark.parametrize("group_size, act_order", CONFIGS)
+def test_gptq_equals_numpy_algorithm_1_and_beats_rtn(layer, group_size, act_order):
+    w, x = layer
+    got = ptq.gptq(w, x, jq.int4, group_size=group_size, act_order=act_order, block=BLOCK)
+    want = gptq_numpy(w, x, 4, group_size=group_size, act_order=act_order)
+    # float32 with lazy batches vs float64 column by column: the same grid points (a flipped
+    # rounding would differ by a whole step, ~0.1 here)
+    np.testing.assert_allclose(got.kernel, want, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.kernel)[5], 0.0)  # the dead input
+    # on the grid of its QParams
+    requant = ptq.fake_quant_kernel(got.kernel, got.qparams, jq.int4, group_size=group_size)
+    np.testing.assert_allclose(requant, got.kernel, rtol=0, atol=1e-6)
+    # the layer's reconstruction error against RTN's (measured: 0.27 per channel, 0.31 per
+    # group; with act_order 0.008 and 0.010)
+    rtn = ptq.rtn(w, jq.int4, group_size=group_size).kernel
+    assert _err(x, w, got.kernel) < (0.05 if act_order else 0.4) * _err(x, w, rtn)
+
+
+def test_gptq_block_size_does_not_change_the_result(layer):
+    w, x = layer
+    a = ptq.gptq(w, x, jq.int4, group_size=16, block=BLOCK).kernel
+    b = ptq.gptq(w, x, jq.int4, group_size=16, block=8).kernel  # rounded up to 16
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # float rounding, never a whole step
+
+
+def test_gptq_act_order_helps_with_uneven_channel_scales(layer):
+    w, x = layer
+    plain = ptq.gptq(w, x, jq.int3, block=BLOCK).kernel
+    ordered = ptq.gptq(w, x, jq.int3, act_order=True, block=BLOCK).kernel
+    assert _err(x, w, ordered) < _err(x, w, plain)
+
+
+# ------------------------------------------------------------------------------------------ AWQ
+
+
+def test_awq_is_never_worse_than_rtn_and_wins_with_salient_channels():
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(IN, OUT)), jnp.float32)
+    x = rng.normal(size=(256, IN))
+    x[:, :4] *= 20.0  # a few salient input channels
+    x = jnp.asarray(x, jnp.float32)
+    for group_size in (None, 16):
+        res = ptq.awq(w, x, jq.int3, group_size=group_size)
+        rtn = ptq.rtn(w, jq.int3, group_size=group_size).kernel
+        awq_err = float(jnp.mean((x @ w - (x / res.scales) @ res.kernel) ** 2))
+        rtn_err = float(jnp.mean((x @ w - x @ rtn) ** 2))
+        assert awq_err == pytest.approx(float(res.error), rel=1e-4)
+        assert awq_err < 0.8 * rtn_err and 0.0 < float(res.alpha) < 1.0
+    # inputs of equal magnitude: alpha = 0 (s = 1) is in the grid, so never worse than RTN
+    flat = jnp.asarray(np.sign(rng.normal(size=(64, IN))), jnp.float32)
+    res = ptq.awq(w, flat, jq.int4, group_size=16, grid=4)
+    rtn = ptq.rtn(w, jq.int4, group_size=16).kernel
+    assert float(res.error) <= float(jnp.mean((flat @ w - flat @ rtn) ** 2)) * (1 + 1e-6)
+
+
+# ------------------------------------------------------------------------- SmoothQuant, rotation
+
+
+def test_smoothquant_scales_balance_the_ranges():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(128, 8)) * np.array([1, 1, 50, 1, 1, 1, 0.01, 1])
+    w = rng.normal(size=(8, 4))
+    xa, wa = np.abs(x).max(0), np.abs(w).max(1)
+    s = np.asarray(ptq.smoothquant_scales(xa, wa, alpha=0.5))
+    np.testing.assert_allclose(np.abs(x / s).max(0), np.abs(w * s[:, None]).max(1), rtol=1e-5)
+    np.testing.assert_allclose(ptq.smoothquant_scales(xa, wa, alpha=1.0), xa, rtol=1e-6)
+    smoothed = ptq.scale_input(jnp.asarray(w, jnp.float32), s)
+    np.testing.assert_allclose((x / s) @ smoothed, x @ w, rtol=1e-4, atol=1e-4)
+    assert np.all(np.isfinite(ptq.smoothquant_scales(np.zeros(3), np.zeros(3))))
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_hadamard_is_orthogonal_and_matches_scipy(n):
+    h = np.asarray(ptq.hadamard(n))
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-6)
+    np.testing.assert_allclose(h * np.sqrt(n), scipy.linalg.hadamard(n), atol=1e-5)
+    r = np.asarray(ptq.random_hadamard(jax.random.key(0), n))
+    np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-6)
+
+
+def test_rotated_linear_pair_with_rmsnorm_computes_the_same_function():
+    """QuaRot: y = rmsnorm(x W1; g) W2 = rmsnorm(x W1 Q; 1) (Q^T diag(g) W2)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    w1, w2 = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((16, 16), (16, 8)))
+    gain = jnp.asarray(rng.uniform(0.5, 2.0, 16), jnp.float32)
+
+    def rms(h):
+        return h / jnp.sqrt(jnp.mean(h**2, -1, keepdims=True) + 1e-6)
+
+    want = (rms(x @ w1) * gain) @ w2
+    q = ptq.random_hadamard(jax.random.key(1), 16)
+    got = rms(x @ ptq.rotate_output(w1, q)) @ ptq.rotate_input(ptq.absorb_gain(gain, w2), q)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the rotated activations are the originals times Q
+    np.testing.assert_allclose(x @ ptq.rotate_output(w1, q), (x @ w1) @ q, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda w, x: ptq.gptq(w, x[:, :-1], jq.int4), "x must be the layer's inputs"),
+        (lambda w, x: ptq.awq(w, x[:, :-1], jq.int4, group_size=None), "x must be"),
+        (lambda w, x: ptq.gptq(w, x, jq.int4, group_size=24), "group_size must divide"),
+        (lambda w, x: ptq.rtn(w, jq.int4, group_size=0), "group_size"),
+        (lambda w, x: ptq.awq(w, x, jq.int4, group_size=7), "group_size must divide"),
+        (lambda w, x: ptq.gptq(w, x, jq.int4, damp=0.0), "damp"),
+        (lambda w, x: ptq.gptq(w, x, jq.int4, block=0), "block"),
+        (lambda w, x: ptq.gptq(w[0], x, jq.int4), "kernel"),
+        (lambda w, x: ptq.gptq_from_hessian(w, jnp.eye(3), jq.int4), "h must be"),
+        (lambda w, x: ptq.hadamard(12), "power of 2"),
+        (lambda w, x: ptq.rotate_input(w, jnp.eye(OUT)), "q must be"),
+        (lambda w, x: ptq.scale_input(w, jnp.ones(3)), "s must have shape"),
+        (lambda w, x: ptq.smoothquant_scales(jnp.ones(3), jnp.ones(4)), "x_absmax"),
+        (lambda w, x: ptq.smoothquant_scales(jnp.ones(3), jnp.ones(3), 1.5), "alpha"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(layer, call, match):
+    w, x = layer
+    with pytest.raises(ValueError, match=match):
+        call(w, x)
+
+
+def test_non_finite_calibration_inputs_raise(layer):
+    w, x = layer
+    with pytest.raises(ValueError, match="positive definite"):
+        ptq.gptq(w, x.at[0, 0].set(jnp.nan), jq.int4, block=BLOCK)
