@@ -1113,3 +1113,13 @@ def test_a_mean_over_channels_is_refused_naming_the_module():
     v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), X2D[:2]), [X2D])
     with pytest.raises(ValueError, match="reduce_sum.*only the mean over all spatial axes"):
         C.convert(qmodel, v, X2D[:1], output_qparams=QParams(jnp.float32(0.1), jnp.float32(0)))
+
+
+def test_dynamic_activation_scales_are_refused():
+    """A rule with dynamic activation ranges has no deployable program: an error, not the
+    calibrated ranges silently swapped in."""
+    model, x, _ = MODELS["cnn_1d"]
+    qmodel, _ = ql.quantize_model(model, QuantRule(".*", act_scale="dynamic_per_example"), x[:2])
+    v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), x[:2]), [x])
+    with pytest.raises(ValueError, match="act_scale='dynamic_per_example'"):
+        C.convert(qmodel, v, x[:1], output_qparams=QParams(jnp.float32(0.1), jnp.float32(0)))

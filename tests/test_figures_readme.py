@@ -13,6 +13,8 @@ CHECKED_ELSEWHERE = {
     "Speed": "test_figures_speed",
     "QAT on MNIST-1D": "test_figures_qat",
     "Papers": "test_figures_qat",
+    "QAT against Qwix and AQT": "test_figures_qat_accuracy",
+    "Accelerator benchmarking": "test_bench_grid",
 }
 # the rest: their own text only, with the numbers that are setup
 SETUP = {

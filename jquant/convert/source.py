@@ -122,7 +122,8 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
     """The :class:`~jquant.nn.linen.QuantizedLayer` of each linear node (in order).
 
     Raises:
-      ValueError: a layer that is not quantized, or has no input QParams.
+      ValueError: a layer that is not quantized, has dynamic activation scales, or has no
+        input QParams.
     """
     by_rule = (
         {q.path: q for q in model.layers(variables)} if isinstance(model, ql.QuantizedModel) else {}
@@ -142,6 +143,11 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
             raise ValueError(
                 f"layer {path!r} is not quantized ({why} float); an integer-only program "
                 "needs every Conv / Dense quantized"
+            )
+        if q.rule.act_scale != "static":  # no silent swap to the calibrated ranges
+            raise ValueError(
+                f"layer {path!r} has act_scale={q.rule.act_scale!r}: an integer program needs "
+                "static activation ranges; quantize with act_scale='static' and calibrate"
             )
         if q.input_qparams is None:
             raise ValueError(
