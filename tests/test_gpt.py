@@ -159,6 +159,7 @@ def test_short_training_learns_more_than_character_frequencies():
     assert loss < text.unigram_entropy(ds.ids_test, ds.num_classes) < math.log(ds.num_classes)
 
 
+@pytest.mark.slow  # trains the zoo GPT (about 30 s on a loaded machine)
 def test_train_or_load_caches_the_zoo_gpt(tmp_path):
     """The zoo path: model_config("gpt") from the text data, float training, the weights
     cache with its checksum (a second call loads, with the same metrics)."""

@@ -475,6 +475,7 @@ def _assert_sqnr_rises(tables: dict) -> None:
             assert len(curve) == 7 and np.all(np.diff(curve) > 0), (name, key, curve)
 
 
+@pytest.mark.slow  # two 3-device subprocesses (about 2.5 min on a loaded machine)
 def test_every_sweep_on_three_devices_matches_one_device():
     # 7 widths on 3 devices: 3, 3 and 1 plus 2 padding copies; 9 mixed-precision configs
     runs = _every_sweep("quick", (1, 3))
