@@ -238,14 +238,9 @@ def _non_default_meta(layer) -> dict:
     return out
 
 
-def _requant_again(layer: Conv | Dense | Add | Mean, mode: str):
-    """The requantization constants :func:`load` computes from the layer's scales."""
-    return requant_for(layer, mode)
-
-
 def _check_recomputable(layer: Conv | Dense | Add | Mean) -> None:
     rq = layer.requant
-    again = _requant_again(layer, rq.mode)
+    again = requant_for(layer, rq.mode)
     for (name, a), b in zip(
         jax.tree_util.tree_leaves_with_path(rq), jax.tree.leaves(again), strict=True
     ):
@@ -353,7 +348,7 @@ def _read_requantized(cls, reader: _Reader, w_shape, mode: str, kwargs: dict):
         kwargs[name] = a if name in shapes else a.reshape(())
     kwargs["requant"] = None
     try:
-        kwargs["requant"] = _requant_again(cls(**kwargs), mode)
+        kwargs["requant"] = requant_for(cls(**kwargs), mode)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{reader.path}: layer {kwargs['path']!r}: {e}") from None
     return cls(**kwargs)

@@ -62,7 +62,7 @@ from jquant.convert.program import (
     validate,
 )
 from jquant.export.files import write_atomically
-from jquant.export.values import value_qparams, value_shapes
+from jquant.export.values import check_int8_clamp, value_qparams, value_shapes, weight_scales
 
 __all__ = ["ONNX_FORMS", "onnx_model", "to_onnx"]
 
@@ -132,7 +132,7 @@ class _Builder:
     def conv(self, x: str, x_qp, w: np.ndarray, layer: Conv | Dense, attrs: dict) -> str:
         """A QLinearConv (or its QDQ form) on NCHW ``x`` with OIHW int8 ``w``."""
         o = w.shape[0]
-        w_scale = np.broadcast_to(np.asarray(layer.w_scale, np.float32), (o,))
+        w_scale, b_scale = weight_scales(layer)
         b = np.asarray(layer.b, np.int32)
         relu = layer.activation == "relu"
         y_qp = (float(layer.out_scale), int(layer.out_zp))
@@ -148,7 +148,6 @@ class _Builder:
                 **attrs,
             )
             return self.relu(y, *y_qp) if relu else y
-        b_scale = (np.float64(layer.x_scale) * w_scale.astype(np.float64)).astype(np.float32)
         wf = self.node(
             "DequantizeLinear",
             [
@@ -213,12 +212,7 @@ class _Builder:
 
 
 def _check(layer) -> None:
-    clamp = getattr(layer, "clamp", INT8_RANGE)
-    if tuple(int(c) for c in clamp) != INT8_RANGE:
-        raise ValueError(
-            f"layer {layer.path!r}: output clamp {tuple(clamp)} (a format narrower than int8) "
-            "has no ONNX int8 equivalent; convert with int8 activations"
-        )
+    check_int8_clamp(layer, "ONNX")
     if getattr(layer, "activation", None) not in (None, "relu"):
         raise ValueError(f"layer {layer.path!r}: activation {layer.activation!r} is not exported")
 

@@ -56,7 +56,7 @@ from jquant.convert.program import (
     validate,
 )
 from jquant.export.files import write_atomically
-from jquant.export.values import value_qparams, value_shapes
+from jquant.export.values import check_int8_clamp, value_qparams, value_shapes, weight_scales
 
 __all__ = ["IO_TYPES", "to_tflite", "tflite_bytes"]
 
@@ -217,14 +217,6 @@ def _padding(path: str, size, window, strides, dilation, padding) -> int:
     )
 
 
-def _check_clamp(path: str, clamp) -> None:
-    if tuple(int(c) for c in clamp) != INT8_RANGE:
-        raise ValueError(
-            f"layer {path!r}: output clamp {tuple(clamp)} (a format narrower than int8) has no "
-            "TFLite int8 equivalent; convert with int8 activations"
-        )
-
-
 def _activation(path: str, activation) -> int:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"layer {path!r}: activation {activation!r} has no TFLite fused form")
@@ -250,11 +242,10 @@ class _Writer:
         return y
 
     def linear(self, layer: Conv | Dense, x: int, x_shape, out_shape) -> int:
-        _check_clamp(layer.path, layer.clamp)
+        check_int8_clamp(layer, "TFLite")
         act = _activation(layer.path, layer.activation)
         w = np.asarray(layer.w)
-        w_scale = np.broadcast_to(np.asarray(layer.w_scale, np.float32), (w.shape[-1],))
-        b_scale = (np.float64(layer.x_scale) * w_scale.astype(np.float64)).astype(np.float32)
+        w_scale, b_scale = weight_scales(layer)
         zeros = [0] * w.shape[-1]
         out_scale, out_zp = float(layer.out_scale), int(layer.out_zp)
         bias = self.g.tensor(self.name("bias"), (w.shape[-1],), _INT32, list(b_scale), zeros,
@@ -312,7 +303,7 @@ class _Writer:
         return self.reshape(y, out_shape, scale, zp) if lift else y
 
     def add(self, layer: Add, a: int, b: int, out_shape) -> int:
-        _check_clamp(layer.path, layer.clamp)
+        check_int8_clamp(layer, "TFLite")
         act = _activation(layer.path, layer.activation)
         y = self.g.activation(
             self.name(layer.path), out_shape[1:], float(layer.out_scale), int(layer.out_zp)
