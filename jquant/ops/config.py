@@ -1,0 +1,119 @@
+"""How one operand of a quantized product is quantized: :class:`QuantConfig`, and the
+QParams a config derives from the data itself (:func:`dynamic_qparams`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jquant.estimators import ESTIMATORS
+from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat, int8
+from jquant.quant import ROUNDING_MODES, QParams, check_real, qparams_from_data_range
+
+__all__ = ["QuantConfig", "check_config", "dynamic_qparams"]
+
+# Stochastic rounding needs a PRNG key per call, which lax's signatures have no room for.
+_ROUNDINGS = tuple(r for r in ROUNDING_MODES if r != "stochastic")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["fmt"],
+    meta_fields=["symmetric", "axis", "estimator", "rounding"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How one operand of a product is quantized.
+
+    A pytree: ``fmt`` is its child (an ``IntFormat``'s ``bits`` is a leaf), the rest static.
+    With a static format it is hashable; an ``IntFormat`` with traced ``bits`` (a sweep over
+    widths inside ``jit`` / ``vmap``) is allowed in ``mode="simulate"`` only.
+
+    Args:
+      fmt: the number format (``IntFormat``, ``FloatFormat`` or ``BinaryFormat``).
+      symmetric: zero point 0 (``scale = max|x| / qmax``) if True, else affine
+        (``scale = (max - min) / (qmax - qmin)``); given QParams must then have zero point 0.
+      axis: axes that keep their own scale (per channel / per row); ``None`` is per tensor.
+      estimator: gradient estimator, one of ``jquant.estimators.ESTIMATORS``.
+      rounding: one of ``jquant.quant.ROUNDING_MODES`` except ``"stochastic"``.
+
+    >>> QuantConfig(axis=-1).axes(2)
+    (1,)
+    """
+
+    fmt: Format = int8
+    symmetric: bool = True
+    axis: int | tuple[int, ...] | None = None
+    estimator: str = "ste"
+    rounding: str = "nearest_even"
+
+    def __post_init__(self):
+        # Unflattening inside jax transformations may pass placeholders for the child.
+        if self.fmt is None or type(self.fmt) is object:
+            return
+        if not isinstance(self.fmt, IntFormat | BinaryFormat | FloatFormat):
+            raise TypeError(
+                f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {self.fmt!r}"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
+        axes = (self.axis,) if isinstance(self.axis, numbers.Integral) else self.axis
+        if axes is not None and (
+            not isinstance(axes, tuple)
+            or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes)
+        ):
+            raise TypeError(f"axis must be None, an int or a tuple of ints, got {self.axis!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {self.rounding!r}")
+
+    def axes(self, ndim: int) -> tuple[int, ...]:
+        """The kept axes as non-negative ints for an operand of rank ``ndim``."""
+        if self.axis is None:
+            return ()
+        axes = (self.axis,) if isinstance(self.axis, numbers.Integral) else self.axis
+        for a in axes:
+            if not -ndim <= a < ndim:
+                raise ValueError(
+                    f"axis {self.axis!r} is out of range for an operand of rank {ndim}"
+                )
+        return tuple(sorted({int(a) % ndim for a in axes}))
+
+
+def check_config(name: str, cfg) -> None:
+    """TypeError unless ``cfg`` (the argument ``name``) is a :class:`QuantConfig` or None."""
+    if cfg is not None and not isinstance(cfg, QuantConfig):
+        raise TypeError(f"{name} must be a jquant.ops.QuantConfig or None, got {cfg!r}")
+
+
+def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
+    """QParams from ``x``'s own range, reduced over every axis not in ``cfg.axis``.
+
+    ``qparams_from_range(min x, max x)`` (affine) or ``qparams_from_range(-max|x|, max|x|)``
+    (symmetric), with the reduced axes kept as size 1 so the result broadcasts against ``x``.
+    The range is ``stop_gradient``-ed: dynamic ranges are not learned. A NaN or +-inf in a
+    reduced group makes that group's scale and zero point NaN (see
+    :func:`jquant.quant.qparams_from_data_range`), eagerly and under ``jit``.
+
+    >>> qp = dynamic_qparams(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantConfig(axis=1))
+    >>> qp.scale.shape, [round(float(s) * 127, 4) for s in qp.scale[0]]
+    ((1, 2), [1.0, 4.0])
+    """
+    check_config("cfg", cfg)
+    check_real("x", x)
+    x = lax.stop_gradient(jnp.asarray(x))
+    kept = cfg.axes(x.ndim)
+    reduce = tuple(a for a in range(x.ndim) if a not in kept)
+    if cfg.symmetric:
+        amax = jnp.max(jnp.abs(x), axis=reduce, keepdims=True)
+        rmin, rmax = -amax, amax
+    else:
+        rmin = jnp.min(x, axis=reduce, keepdims=True)
+        rmax = jnp.max(x, axis=reduce, keepdims=True)
+    return qparams_from_data_range(rmin, rmax, cfg.fmt, symmetric=cfg.symmetric)
