@@ -61,7 +61,7 @@ import numpy as np
 from jax import lax
 
 from jquant import bench, ops
-from jquant.quant import dequantize, quantize
+from jquant.quant import QuantConfig, dequantize, dynamic_qparams, quantize
 
 try:
     from aqt.jax.v2 import aqt_conv_general
@@ -194,7 +194,7 @@ def _conv_gradients(lhs_quant, rhs_quant) -> dict:
     grads = {name: _compiled(f, "fwd+bwd")(x, w) for name, f in fns.items()}
     dequantized = []
     for v, cfg in ((x, lhs_quant), (w, rhs_quant)):
-        qp = ops.dynamic_qparams(v, cfg)
+        qp = dynamic_qparams(v, cfg)
         dequantized.append(dequantize(quantize(v, qp, cfg.fmt), qp, cfg.fmt))
     ste = _compiled(fns.pop("float"), "fwd+bwd")(*dequantized)
     facts = {}
@@ -222,8 +222,8 @@ def main() -> None:
     args = parser.parse_args()
     load_before = bench.loadavg()
     rounds = args.rounds or (5 if args.quick else 15)
-    lhs_quant = ops.QuantConfig(symmetric=args.lhs == "symmetric")
-    rhs_quant = ops.QuantConfig(axis=-1)
+    lhs_quant = QuantConfig(symmetric=args.lhs == "symmetric")
+    rhs_quant = QuantConfig(axis=-1)
 
     keys = jax.random.split(jax.random.key(0), 4)
     shapes = {
@@ -235,10 +235,10 @@ def main() -> None:
     cases = []
     for op, (x, w_shape) in shapes.items():
         w = jax.random.normal(keys[2], w_shape) / np.sqrt(np.prod(w_shape[:-1]))
-        static = ops.dynamic_qparams(x, lhs_quant)  # as calibrated once, ahead of time
+        static = dynamic_qparams(x, lhs_quant)  # as calibrated once, ahead of time
         codes = (
             quantize(x, static, lhs_quant.fmt).astype(jnp.int8),
-            quantize(w, ops.dynamic_qparams(w, rhs_quant), rhs_quant.fmt).astype(jnp.int8),
+            quantize(w, dynamic_qparams(w, rhs_quant), rhs_quant.fmt).astype(jnp.int8),
         )
         for passes in ("fwd", "fwd+bwd"):
             fns = {

@@ -29,16 +29,13 @@ from jquant.formats import (
     uint4,
     uint8,
 )
-from jquant.ops import (
-    QuantConfig,
-    dynamic_qparams,
-    quantized_conv_general_dilated,
-    quantized_dot_general,
-)
+from jquant.ops import quantized_conv_general_dilated, quantized_dot_general
 from jquant.quant import (
     ROUNDING_MODES,
     QParams,
+    QuantConfig,
     dequantize,
+    dynamic_qparams,
     fake_quant_forward,
     from_blocks,
     qparams_from_range,

@@ -33,10 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jquant import ops
 from jquant.bench import timing
 from jquant.bench.peaks import Peak
-from jquant.quant import QParams
+from jquant.quant import QParams, QuantConfig, dynamic_qparams
 
 __all__ = [
     "OPERANDS",
@@ -136,9 +135,9 @@ def raw_product(case: Case, op: Operand):
 def _jquant_fn(case: Case, mode: str, lhs: jax.Array, rhs: jax.Array):
     """jquant's op in ``mode``: int8 symmetric, lhs per tensor, rhs per output channel, with
     QParams computed once ahead of time (static)."""
-    lhs_quant, rhs_quant = ops.QuantConfig(), ops.QuantConfig(axis=-1)
-    qp_l = ops.dynamic_qparams(lhs, lhs_quant)
-    qp_r = ops.dynamic_qparams(rhs, rhs_quant)
+    lhs_quant, rhs_quant = QuantConfig(), QuantConfig(axis=-1)
+    qp_l = dynamic_qparams(lhs, lhs_quant)
+    qp_r = dynamic_qparams(rhs, rhs_quant)
     qp_l = QParams(qp_l.scale.reshape(()), qp_l.zero_point.reshape(()))
     fn = functools.partial(case.quantized, lhs_quant=lhs_quant, rhs_quant=rhs_quant, mode=mode)
     return jax.jit(lambda x, w, a, b: fn(x, w, lhs_qparams=a, rhs_qparams=b)), (qp_l, qp_r)

@@ -32,7 +32,6 @@ import numpy as np
 import optax
 
 from jquant import convert as C
-from jquant import ops
 from jquant.bench import timing
 from jquant.formats import int4, int8
 from jquant.integer.packing import pack
@@ -40,7 +39,7 @@ from jquant.models import linen as models
 from jquant.models import train as T
 from jquant.nn import QuantRule
 from jquant.nn import linen as ql
-from jquant.quant import quantize
+from jquant.quant import QuantConfig, dynamic_qparams, quantize
 
 __all__ = ["compiled_memory", "format_summary", "run", "weight_bytes"]
 
@@ -74,7 +73,7 @@ def weight_bytes(params) -> dict[str, int]:
             if "kernel" not in jax.tree_util.keystr(path):
                 total += 4 * int(np.size(v))
                 continue
-            qp = ops.dynamic_qparams(v, ops.QuantConfig(fmt=fmt, axis=-1))
+            qp = dynamic_qparams(v, QuantConfig(fmt=fmt, axis=-1))
             codes = np.asarray(quantize(v, qp, fmt)).astype(np.int8)
             stored = codes if fmt.bits == 8 else pack(codes.reshape(-1), 4)
             total += stored.nbytes + 4 * int(np.size(qp.scale))

@@ -37,7 +37,7 @@ from jax import lax
 
 from jquant import ops
 from jquant.bench import timing
-from jquant.quant import nan_if_invalid, quantize
+from jquant.quant import QuantConfig, dynamic_qparams, nan_if_invalid, quantize
 
 __all__ = ["TARGET", "entry_ops", "format_overhead", "int_overhead"]
 
@@ -73,9 +73,9 @@ def int_overhead(
     keys = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(keys[0], (batch, size, size, channels))
     w = jax.random.normal(keys[1], (3, 3, channels, channels)) / (3 * channels**0.5)
-    lhs_quant, rhs_quant = ops.QuantConfig(symmetric=False), ops.QuantConfig(axis=-1)
-    qp_x = ops.dynamic_qparams(x, lhs_quant)  # calibrated once, ahead of time
-    qp_w = ops.dynamic_qparams(w, rhs_quant)
+    lhs_quant, rhs_quant = QuantConfig(symmetric=False), QuantConfig(axis=-1)
+    qp_x = dynamic_qparams(x, lhs_quant)  # calibrated once, ahead of time
+    qp_w = dynamic_qparams(w, rhs_quant)
     q_x = quantize(x, qp_x, lhs_quant.fmt).astype(jnp.int8)
     q_w = quantize(w, qp_w, rhs_quant.fmt).astype(jnp.int8)
     z = qp_x.zero_point.reshape(())
@@ -96,7 +96,7 @@ def int_overhead(
         return out if nan_w is None else jnp.where(nan_w, jnp.nan, out)
 
     def rescale_with_checks(acc, w):
-        qp = nan_if_invalid(ops.dynamic_qparams(w, rhs_quant))
+        qp = nan_if_invalid(dynamic_qparams(w, rhs_quant))
         q_w = quantize(w, qp, rhs_quant.fmt).astype(jnp.int8)
         nan_w = jnp.any(jnp.isnan(w), (0, 1, 2)) | jnp.isnan(qp.zero_point).reshape(-1)
         return rescale(acc, q_w, qp.scale, nan_w)

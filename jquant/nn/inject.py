@@ -24,7 +24,7 @@ from jquant import ops
 from jquant.estimators import fake_quant
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import Slots, tensor_qparams
-from jquant.quant import QParams
+from jquant.quant import QParams, QuantConfig
 
 __all__ = [
     "KINDS",
@@ -42,7 +42,7 @@ KINDS = tuple(_FLOAT_OPS)
 
 def kernel_config(
     rule: QuantRule, kind: str, rhs_ndim: int, dimension_numbers=None
-) -> ops.QuantConfig | None:
+) -> QuantConfig | None:
     """The kernel's QuantConfig: per channel along its output axes, i.e. the last axis of a
     conv kernel (HWIO) and every non-contracted axis of a ``dot_general`` kernel (Dense's
     ``(in, out)``, DenseGeneral's batch and feature axes, an einsum's free and batch axes)."""
@@ -59,7 +59,7 @@ def operand_qparams(
     phase: str,
     lhs: jax.Array,
     rhs: jax.Array,
-    rhs_cfg: ops.QuantConfig | None,
+    rhs_cfg: QuantConfig | None,
 ) -> tuple[QParams | None, QParams | None]:
     """QParams of the input (``lhs``) and the kernel (``rhs``, quantized by ``rhs_cfg``) of
     a layer in ``phase``."""

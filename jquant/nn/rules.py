@@ -23,7 +23,7 @@ from typing import NamedTuple
 from jquant.estimators import ESTIMATORS
 from jquant.formats import Format, IntFormat, get_format
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
-from jquant.ops import QuantConfig
+from jquant.quant import QuantConfig
 
 __all__ = [
     "ACT_SCALES",

@@ -36,8 +36,7 @@ from flax import nnx
 
 from jquant import calibration
 from jquant.estimators import lsq_init_scale, lsq_plus_weight_init_scale
-from jquant.ops import QuantConfig, dynamic_qparams
-from jquant.quant import QParams
+from jquant.quant import QParams, QuantConfig, dynamic_qparams
 
 __all__ = [
     "PHASES",

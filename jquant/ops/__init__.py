@@ -40,16 +40,17 @@ All entry points keep ``lax``'s signatures, so ``functools.partial`` of them (se
 NNX counterparts.
 
 Modules: ``dot`` (dot_general), ``conv`` (conv_general_dilated, with the channels-last int8
-layout), ``pool`` (avg_pool, max_pool), ``config`` (QuantConfig, dynamic_qparams) and the
-private ``_prepare``, the preamble and int / simulate dispatch both products share.
+layout), ``pool`` (avg_pool, max_pool) and the private ``_prepare``, the preamble and int / simulate
+dispatch both products share. ``QuantConfig`` and ``dynamic_qparams`` live in the quant layer
+(:mod:`jquant.quant`) and are re-exported here.
 """
 
 from jquant.ops._prepare import ACCUMULATORS, MODES
-from jquant.ops.config import QuantConfig, dynamic_qparams
 from jquant.ops.conv import conv_general_dilated, quantized_conv_general_dilated
 from jquant.ops.dot import dot_general, quantized_dot_general
 from jquant.ops.pool import avg_pool, max_pool
 from jquant.quant import QParams as QParams  # jquant.ops.QParams, as before
+from jquant.quant import QuantConfig, dynamic_qparams
 
 __all__ = [
     "MODES",

@@ -19,8 +19,14 @@ import numpy as np
 from jquant.estimators import fake_quant
 from jquant.formats import BinaryFormat, IntFormat
 from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
-from jquant.ops.config import QuantConfig, check_config, dynamic_qparams
-from jquant.quant import QParams, check_qparams, quantize
+from jquant.quant import (
+    QParams,
+    QuantConfig,
+    check_config,
+    check_qparams,
+    dynamic_qparams,
+    quantize,
+)
 
 MODES = ("simulate", "int")
 # "int32": exact int32 accumulation, refused at trace time when the worst case can exceed

@@ -10,8 +10,7 @@ import numpy as np
 from jax import lax
 
 from jquant.ops import _prepare as prep
-from jquant.ops.config import QuantConfig
-from jquant.quant import QParams, nan_if_invalid
+from jquant.quant import QParams, QuantConfig, nan_if_invalid
 
 __all__ = ["dot_general", "quantized_dot_general"]
 

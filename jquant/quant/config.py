@@ -1,5 +1,9 @@
 """How one operand of a quantized product is quantized: :class:`QuantConfig`, and the
-QParams a config derives from the data itself (:func:`dynamic_qparams`)."""
+QParams a config derives from the data itself (:func:`dynamic_qparams`).
+
+``jquant.ops`` runs the products; the config lives here, beside :class:`QParams`, so that
+the layers above ``ops`` (``nn``, ``bench``, ...) take it from the quant layer.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.estimators import ESTIMATORS
+# a module import: jquant.estimators imports this package (for QParams), so its names are
+# looked up when a config is built, not when this module loads
+from jquant import estimators
 from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat, int8
-from jquant.quant import ROUNDING_MODES, QParams, check_real, qparams_from_data_range
+from jquant.quant.affine import ROUNDING_MODES, QParams, check_real, qparams_from_data_range
 
 __all__ = ["QuantConfig", "check_config", "dynamic_qparams"]
 
@@ -68,8 +74,9 @@ class QuantConfig:
             or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes)
         ):
             raise TypeError(f"axis must be None, an int or a tuple of ints, got {self.axis!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        names = estimators.ESTIMATORS
+        if self.estimator not in names:
+            raise ValueError(f"estimator must be one of {names}, got {self.estimator!r}")
         if self.rounding not in _ROUNDINGS:
             raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {self.rounding!r}")
 
@@ -89,7 +96,7 @@ class QuantConfig:
 def check_config(name: str, cfg) -> None:
     """TypeError unless ``cfg`` (the argument ``name``) is a :class:`QuantConfig` or None."""
     if cfg is not None and not isinstance(cfg, QuantConfig):
-        raise TypeError(f"{name} must be a jquant.ops.QuantConfig or None, got {cfg!r}")
+        raise TypeError(f"{name} must be a jquant.QuantConfig or None, got {cfg!r}")
 
 
 def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:

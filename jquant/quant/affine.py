@@ -25,20 +25,7 @@ import numpy as np
 
 from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
 
-__all__ = [
-    "ROUNDING_MODES",
-    "QParams",
-    "qparams_from_range",
-    "qparams_from_data_range",
-    "nan_if_invalid",
-    "round_values",
-    "quantize",
-    "dequantize",
-    "fake_quant_forward",
-    "round_to_float_format",
-    "to_blocks",
-    "from_blocks",
-]
+# The public names are listed in jquant/quant/__init__.py, which re-exports them.
 
 ROUNDING_MODES = ("nearest_even", "half_away", "half_up", "floor", "stochastic")
 
