@@ -1123,3 +1123,34 @@ def test_dynamic_activation_scales_are_refused():
     v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), x[:2]), [x])
     with pytest.raises(ValueError, match="act_scale='dynamic_per_example'"):
         C.convert(qmodel, v, x[:1], output_qparams=QParams(jnp.float32(0.1), jnp.float32(0)))
+
+
+# --- the program file through the safetensors package: old files, packed weights, modes ---
+
+_V5_SHA256 = {
+    "program_v5.safetensors": "8b7b2be9125849f7931715b278b2725d5e4d23150f74fcf683fec6c294691d04",
+    "program_v5_expected.npz": "f2f64198d0c2e391aef9d8fd091fec0b8c09dd231f9ee08f984fc6f7a44b6362",
+}
+
+
+def _make_program_v5():
+    """``tests/data/make_program_v5.py`` as a module (it builds the program in the file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_program_v5", DATA / "make_program_v5.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_version_5_file_loads_and_runs_to_its_stored_outputs():
+    """A file written by the version 5 code (hand-written layout) loads with today's code to
+    the program its script builds, and runs to the int8 codes that code computed."""
+    for name, digest in _V5_SHA256.items():
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, name
+    loaded = C.load(DATA / "program_v5.safetensors")
+    _assert_same_program(loaded, _make_program_v5().build())
+    expected = np.load(DATA / "program_v5_expected.npz")
+    got = RUN(loaded, loaded.quantize_input(expected["x"]))
+    assert got.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(got), expected["y"])
