@@ -1188,3 +1188,191 @@ def test_version_5_file_loads_and_runs_to_its_stored_outputs():
     got = RUN(loaded, loaded.quantize_input(expected["x"]))
     assert got.dtype == jnp.int8
     np.testing.assert_array_equal(np.asarray(got), expected["y"])
+
+
+def _low_bit_program():
+    """``_tiny_program`` with its weights redrawn in narrower ranges, odd sizes: conv1 int4
+    (2 x 3 x 4 = 24 codes, incl. -8), conv2 int2 (16 codes in [-2, 1]), head uint4 (36 codes
+    in [0, 15], one of them 15); the int8 fallback is tested by the other programs."""
+    p = _tiny_program()
+    rng = np.random.default_rng(1)
+    conv1, conv2, add, pool, flat, head = p.layers
+    w1 = rng.integers(-8, 8, (1, 3, 2, 4)).astype(np.int8)
+    w1.flat[5] = -8
+    w2 = rng.integers(-2, 2, (1, 1, 4, 4)).astype(np.int8)
+    w3 = rng.integers(0, 16, (12, 3)).astype(np.int8)
+    w3.flat[7] = 15
+    layers = (dataclasses.replace(conv1, w=w1), dataclasses.replace(conv2, w=w2), add, pool,
+              flat, dataclasses.replace(head, w=w3))  # fmt: skip
+    return dataclasses.replace(p, layers=layers)
+
+
+def test_low_bit_weights_are_stored_packed_and_load_bit_exact(tmp_path):
+    program = _low_bit_program()
+    size = C.save(program, tmp_path / "p")
+    tensors, metadata = C.read_tensors(tmp_path / "p")
+    meta = json.loads(metadata["jquant_program"])
+    assert [e[3].get("w_storage") for e in meta["layers"]] == [
+        "int4", "int2", None, None, None, "uint4"]  # fmt: skip
+    assert "i8" not in tensors  # no layer needs 8 bits
+    assert tensors["u8"].size == 24 // 2 + 16 // 4 + -(-36 // 2)  # 34 bytes for 76 codes
+    loaded = C.load(tmp_path / "p")
+    _assert_same_program(loaded, program)
+    x = jax.random.normal(jax.random.key(0), (8, 6, 2))
+    np.testing.assert_array_equal(_program_codes(loaded, x), _program_codes(program, x))
+    # the same program with one code each needing 8 bits (int8 storage) takes more bytes
+    wide = _replace_layer(program, 0, w=np.asarray(program.layers[0].w).copy())
+    wide.layers[0].w.flat[0] = -128
+    wide = _replace_layer(wide, 5, w=np.where(program.layers[5].w == 15, 127, program.layers[5].w))
+    assert C.save(wide, tmp_path / "wide") > size
+    _, metadata = C.read_tensors(tmp_path / "wide")
+    entries = json.loads(metadata["jquant_program"])["layers"]
+    assert [e[3].get("w_storage") for e in entries] == [
+        "int8", "int2", None, None, None, "int8"]  # fmt: skip
+    _assert_same_program(C.load(tmp_path / "wide"), wide)
+
+
+@pytest.mark.slow  # ~15-25 s on 2 shared cores (two conversions of the zoo CNN)
+def test_int4_program_file_is_at_most_0_55x_its_int8_file(tmp_path):
+    """The zoo's MNIST-1D CNN (untrained: the size does not depend on the values), weights
+    per channel at 8 and 4 bits: the int4 file (weights two per byte) is <= 0.55x the int8
+    one, and loads to the identical program."""
+    from jquant.models.linen import make_model
+
+    x = jax.random.normal(jax.random.key(0), (32, 40, 1))
+    model = make_model("cnn", (40, 1), 10)
+    sizes = {}
+    for bits in (8, 4):
+        qmodel, _ = ql.quantize_model(model, QuantRule(".*", weight=IntFormat(bits)), x[:2])
+        v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(1), x[:2]), [x])
+        oqp = C.output_qparams_from_data(qmodel, v, [x])
+        program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+        sizes[bits] = C.save(program, tmp_path / f"int{bits}")
+        _, metadata = C.read_tensors(tmp_path / f"int{bits}")
+        layers = json.loads(metadata["jquant_program"])["layers"]
+        storages = {e[3]["w_storage"] for e in layers if "w_storage" in e[3]}
+        assert storages == {f"int{bits}"}
+    loaded = C.load(tmp_path / "int4")
+    _assert_same_program(loaded, program)
+    np.testing.assert_array_equal(_program_codes(loaded, x), _program_codes(program, x))
+    assert sizes[4] <= 0.55 * sizes[8], sizes  # measured: 15568 / 28768 = 0.54
+
+
+def _saved_and_loaded(program, path):
+    C.save(program, path)
+    _, metadata = C.read_tensors(path)
+    return C.load(path), json.loads(metadata["jquant_program"])["layers"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["litert_ref", "xnnpack", {"conv": "single", "add": "fp32", "dense": "double"}],
+    ids=["litert_ref", "xnnpack", "mapping"],
+)
+def test_retargeted_programs_round_trip_bit_for_bit(residual, target, tmp_path):
+    """Per-layer requantization modes (conv double, dense single for LiteRT's reference
+    kernels) survive save -> load: the same leaves and the same codes as in memory."""
+    x, qmodel, v, oqp, _, rq = residual
+    program = C.retarget(
+        C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq), target
+    )
+    modes = C.TARGETS[target] if isinstance(target, str) else target
+    want = {"conv1": modes["conv"], "conv2": modes["conv"], "head": modes["dense"]}
+    linear = {layer.path: layer.requant.mode for layer in program.layers if hasattr(layer, "w")}
+    assert linear == want
+    loaded, entries = _saved_and_loaded(program, tmp_path / "p")
+    assert [e[3].get("mode") for e in entries] == [
+        getattr(layer, "requant", None) and layer.requant.mode for layer in program.layers
+    ]
+    _assert_same_program(loaded, program)
+    np.testing.assert_array_equal(_program_codes(loaded, x), _program_codes(program, x))
+
+
+def test_retargeted_mean_program_round_trips(branch_gap, tmp_path):
+    qmodel, v, oqp, _, rq = branch_gap
+    program = C.convert(qmodel, v, X2D[:1], output_qparams=oqp, residual_qparams=rq)
+    program = C.retarget(program, {"conv": "fp32", "mean": "single", "dense": "double"})
+    loaded, entries = _saved_and_loaded(program, tmp_path / "p")
+    assert [e[3].get("mode") for e in entries] == [
+        "fp32", "fp32", "fp32", None, "single", "double"]  # fmt: skip
+    _assert_same_program(loaded, program)
+    np.testing.assert_array_equal(_program_codes(loaded, X2D), _program_codes(program, X2D))
+
+
+def _rewrite_v6(path, out, edit) -> None:
+    """``path``'s tensors and program metadata after ``edit(meta)``, with a valid checksum
+    (computed here from the format's definition) written to ``out``."""
+    tensors, metadata = C.read_tensors(path)
+    meta = json.loads(metadata["jquant_program"])
+    edit(meta)
+    metadata = {"jquant_program": json.dumps(meta)}
+    layout = {
+        "metadata": metadata,
+        "tensors": {k: [a.dtype.name, list(a.shape)] for k, a in tensors.items()},
+    }
+    h = hashlib.sha256(json.dumps(layout, sort_keys=True, separators=(",", ":")).encode())
+    for k in sorted(tensors):
+        h.update(tensors[k].astype(tensors[k].dtype.newbyteorder("<")).tobytes())
+    C.write_tensors(out, tensors, {**metadata, "jquant_sha256": h.hexdigest()})
+
+
+def _set(i, key, value):
+    def edit(meta):
+        meta["layers"][i][3][key] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: None, None),  # the checksum written by the test is the format's
+        (_set(0, "mode", "half"), r"'conv1'.*mode must be in"),
+        (_set(0, "w_storage", "int3"), r"'conv1'.*w_storage must be in"),
+        (_set(0, "w_storage", "int8"), "packed tensor 'i8'"),
+        (_set(0, "w_storage", "int2"), "packed tensor 'u8' has 6 extra"),  # 24 codes: 12 -> 6 B
+        (_set(0, "w_shape", [1, 3, 2]), "weight shape must be 4 positive integers"),
+        (_set(2, "w_shape", [1]), r"stored fields of 'add' 'add' must be exactly \['mode'\]"),
+        (lambda m: m["layers"][3].pop(), "a 'pool' entry has 4 items"),
+        (lambda m: m["layers"][0][3].pop("mode"), "must be exactly"),
+    ],
+)
+def test_bad_stored_fields_raise_value_error(tmp_path, edit, match):
+    C.save(_low_bit_program(), tmp_path / "p")
+    _rewrite_v6(tmp_path / "p", tmp_path / "q", edit)
+    if match is None:
+        _assert_same_program(C.load(tmp_path / "q"), _low_bit_program())
+        return
+    with pytest.raises(ValueError, match=match) as e:
+        C.load(tmp_path / "q")
+    assert str(tmp_path / "q") in str(e.value)
+
+
+@functools.cache
+def _low_bit_file() -> bytes:
+    path = pathlib.Path(tempfile.mkdtemp()) / "low_bit.safetensors"
+    C.save(_low_bit_program(), path)
+    return path.read_bytes()
+
+
+@hypothesis.settings(deadline=None)
+@hypothesis.given(st.data())
+def test_version_6_metadata_of_wrong_types_raises_value_error(tmp_path_factory, data):
+    """Any value (or a deletion) anywhere in a version 6 file's metadata, the checksum made
+    valid again: the file loads or load raises ValueError naming it, never another error."""
+    path = tmp_path_factory.mktemp("v6") / "p"
+    path.write_bytes(_low_bit_file())
+
+    def edit(meta):
+        where = data.draw(st.sampled_from([w for w in _locations(meta) if w]), "where")
+        parent = functools.reduce(lambda v, k: v[k], where[:-1], meta)
+        if isinstance(parent, dict) and data.draw(st.booleans(), "delete"):
+            del parent[where[-1]]
+        else:
+            parent[where[-1]] = data.draw(_json_values(), "value")
+
+    _rewrite_v6(path, path, edit)
+    try:
+        C.load(path)
+    except ValueError as e:
+        assert str(path) in str(e)
