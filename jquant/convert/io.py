@@ -53,8 +53,8 @@ import json
 import math
 import os
 import pathlib
+import secrets
 import struct
-import tempfile
 from collections.abc import Mapping
 
 import jax
@@ -143,13 +143,13 @@ def write_tensors(
         raise TypeError("metadata must map str to str")
     data = safetensors.numpy.save(arrays, metadata=dict(metadata) or None)
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # a new file, with the umask's permissions
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return len(data)
 
