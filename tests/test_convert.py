@@ -1190,6 +1190,14 @@ def test_version_5_file_loads_and_runs_to_its_stored_outputs():
     np.testing.assert_array_equal(np.asarray(got), expected["y"])
 
 
+def test_version_5_checksum_is_still_verified(tmp_path):
+    raw = bytearray((DATA / "program_v5.safetensors").read_bytes())
+    raw[-1] ^= 1  # the last data byte
+    (tmp_path / "p").write_bytes(raw)
+    with pytest.raises(ValueError, match="sha256 checksum mismatch"):
+        C.load(tmp_path / "p")
+
+
 def _low_bit_program():
     """``_tiny_program`` with its weights redrawn in narrower ranges, odd sizes: conv1 int4
     (2 x 3 x 4 = 24 codes, incl. -8), conv2 int2 (16 codes in [-2, 1]), head uint4 (36 codes
