@@ -558,8 +558,40 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmarks_dir() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+def _benchmark_folders() -> tuple[pathlib.Path, pathlib.Path]:
+    """Where ``jquant bench SCRIPT`` looks for ``benchmarks/``, in order: the current working
+    directory, then the source checkout the package was imported from (an editable install)."""
+    source = pathlib.Path(__file__).resolve().parents[1]
+    return pathlib.Path.cwd() / "benchmarks", source / "benchmarks"
+
+
+def _benchmarks_dir() -> pathlib.Path | None:
+    """The first of :func:`_benchmark_folders` that holds ``*.py`` scripts, or None.
+
+    The benchmark scripts are not part of the package: an installed (non-editable) wheel has
+    only the grids (``jquant.bench``). The source tree counts only where it is a checkout
+    (``pyproject.toml`` beside ``jquant/``), so an unrelated ``benchmarks`` folder in
+    site-packages is never run.
+    """
+    cwd, source = _benchmark_folders()
+    if any(cwd.glob("*.py")):
+        return cwd
+    if (source.parent / "pyproject.toml").is_file() and any(source.glob("*.py")):
+        return source
+    return None
+
+
+def _no_scripts_message(name: str | None) -> str:
+    from jquant.bench.command import GRIDS
+
+    looked = " and ".join(str(f) for f in _benchmark_folders())
+    what = f"no benchmark script {name!r}: " if name else ""
+    return (
+        f"jquant bench: {what}the benchmark scripts are not part of the installed package, and "
+        f"no benchmarks/ folder with scripts was found (looked in {looked}). Run from a "
+        "checkout of jquant's source (its benchmarks/ folder), or copy that folder into the "
+        f"current directory. The grids ({', '.join(GRIDS)}) need no scripts."
+    )
 
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
@@ -567,7 +599,8 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
         "name",
         nargs="?",
         help="a grid (matmul, conv, model: jquant bench NAME --help) or a benchmark script "
-        "under benchmarks/ (see --list)",
+        "under benchmarks/ (looked for in the current directory, then the source checkout; "
+        "see --list)",
     )
     p.add_argument("--list", action="store_true", help="list the grids and benchmarks and exit")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
@@ -579,14 +612,19 @@ def _run_bench(args: argparse.Namespace) -> int:
     from jquant.bench.command import GRIDS
     from jquant.bench.command import main as run_grid
 
-    scripts = sorted(f.stem for f in _benchmarks_dir().glob("*.py"))
+    folder = _benchmarks_dir()
+    if folder is None and (args.list or args.name not in (None, *GRIDS)):
+        print(_no_scripts_message(None if args.list else args.name), file=sys.stderr)
+        if not args.list:
+            return 2
+    scripts = sorted(f.stem for f in folder.glob("*.py")) if folder is not None else []
     status = _list_or_check("bench", args, [*GRIDS, *scripts])
     if status is not None:
         return status
     if args.name in GRIDS:
         return run_grid(args.name, args.rest)
     sys.argv = [args.name, *args.rest]
-    runpy.run_path(str(_benchmarks_dir() / f"{args.name}.py"), run_name="__main__")
+    runpy.run_path(str(folder / f"{args.name}.py"), run_name="__main__")
     return 0
 
 

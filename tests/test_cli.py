@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -407,3 +408,60 @@ def test_results_json_is_strict(tmp_path):
     assert doc["meta"] == {"budget_bytes": None, "nested": {"x": [1.0, None]}, "ok": 2}
     assert Table.from_json(t.to_json()).to_dicts() == doc["rows"]
     assert t.to_csv().splitlines()[1:] == ["1.5,inf", "nan,-inf"]  # CSV keeps them
+
+
+def _installed_layout(tmp_path, monkeypatch, *, scripts_in_cwd=()):
+    """cli.py as an installed (non-editable) wheel has it: site-packages/jquant/cli.py with no
+    pyproject.toml above it, and a stray site-packages/benchmarks/ of another distribution;
+    the working directory a fresh folder, with ``benchmarks/<name>.py`` scripts if given."""
+    site = tmp_path / "site-packages"
+    (site / "jquant").mkdir(parents=True)
+    (site / "benchmarks").mkdir()
+    (site / "benchmarks" / "stray.py").write_text("raise SystemExit('must not run')\n")
+    monkeypatch.setattr(cli, "__file__", str(site / "jquant" / "cli.py"))
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in scripts_in_cwd:
+        (work / "benchmarks").mkdir(exist_ok=True)
+        (work / "benchmarks" / f"{name}.py").write_text(
+            "import pathlib, sys\npathlib.Path('ran.txt').write_text(' '.join(sys.argv))\n"
+        )
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # a script run rewrites sys.argv
+    return site, work
+
+
+def test_bench_from_an_installed_wheel_without_scripts_exits_2_naming_where_it_looked(
+    tmp_path, monkeypatch, capsys
+):
+    site, work = _installed_layout(tmp_path, monkeypatch)
+    assert cli.main(["bench", "integer"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark script 'integer'" in err
+    assert str(work / "benchmarks") in err and str(site / "benchmarks") in err
+    assert "checkout of jquant's source" in err and "matmul, conv, model" in err
+    assert cli.main(["bench", "stray"]) == 2  # site-packages/benchmarks is not jquant's
+    assert cli.main(["bench", "--list"]) == 0  # the grids only, and a note on stderr
+    out, err = capsys.readouterr()
+    assert out.split() == ["matmul", "conv", "model"] and "looked in" in err
+    with pytest.raises(SystemExit) as e:  # the grids live in the package: they still run
+        cli.main(["bench", "matmul", "--help"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_bench_runs_scripts_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    _, work = _installed_layout(tmp_path, monkeypatch, scripts_in_cwd=("hello",))
+    assert cli.main(["bench", "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["matmul", "conv", "model", "hello"]
+    assert cli.main(["bench", "hello", "--quick", "7"]) == 0
+    assert (work / "ran.txt").read_text() == f"{work / 'benchmarks' / 'hello.py'} --quick 7"
+    assert cli.main(["bench", "stray"]) == 2
+    assert "NAME must be one of matmul, conv, model, hello" in capsys.readouterr().err
+
+
+def test_bench_finds_the_source_checkout_of_an_editable_install(tmp_path, monkeypatch, capsys):
+    """From any folder, an editable install (this checkout) finds its own benchmarks/."""
+    monkeypatch.chdir(tmp_path)
+    assert cli._benchmarks_dir() == pathlib.Path(cli.__file__).resolve().parents[1] / "benchmarks"
+    assert cli.main(["bench", "--list"]) == 0
+    assert {"integer", "ops"} <= set(capsys.readouterr().out.split())

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from jquant.integer.packing import pack, packed_length, unpack
+from jquant.integer.packing import STORAGES, narrowest_storage, pack, packed_length, unpack
 
 
 @given(
@@ -52,3 +52,25 @@ def test_bad_input():
         unpack(np.zeros(3, np.uint8), 4, 4)
     with pytest.raises(TypeError, match="uint8"):
         unpack(np.zeros(2, np.int8), 4, 4)
+
+
+@given(lo=st.integers(-130, 20), span=st.integers(0, 150), n=st.integers(1, 9))
+def test_narrowest_storage_is_the_first_range_that_holds_the_codes(lo, span, n):
+    """Oracle: the ranges written out from the formula, tried narrowest first."""
+    hi = lo + span
+    codes = np.linspace(lo, hi, n).round().astype(np.int16)
+    codes[0], codes[-1] = lo, hi
+    ranges = {"int2": (-2, 1), "uint2": (0, 3), "int4": (-8, 7), "uint4": (0, 15)}
+    want = next((k for k, (a, b) in ranges.items() if a <= lo and hi <= b), None)
+    assert narrowest_storage(codes) == want
+    assert list(STORAGES) == list(ranges)
+    if want is not None:  # and the codes round-trip through that storage
+        bits, signed = STORAGES[want]
+        packed = pack(codes, bits, signed=signed)
+        assert packed.size == -(-n * bits // 8)
+        np.testing.assert_array_equal(unpack(packed, bits, n, signed=signed), codes)
+
+
+def test_narrowest_storage_rejects_floats():
+    with pytest.raises(TypeError, match="integer array"):
+        narrowest_storage(np.array([0.5]))

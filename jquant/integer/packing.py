@@ -4,22 +4,69 @@ Layout (ONNX's INT4 / UINT4 packing, extended to 2 bits): along the last axis, e
 goes to byte ``i // k`` at bits ``(i % k) * bits`` (``k = 8 // bits``), the first element in the
 lowest bits; a last axis whose length ``k`` does not divide is padded with zero codes, and
 :func:`unpack` takes the length back. Signed codes are stored in two's complement.
+
+:data:`STORAGES` names the packed storages (``int2``, ``uint2``, ``int4``, ``uint4``);
+:func:`narrowest_storage` picks the smallest that holds given codes (the integer program file
+stores each layer's int8 weight codes so: :mod:`jquant.convert.io`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PACKABLE_BITS", "pack", "unpack", "packed_length"]
+__all__ = [
+    "PACKABLE_BITS",
+    "STORAGES",
+    "code_range",
+    "narrowest_storage",
+    "pack",
+    "packed_length",
+    "unpack",
+]
 
 PACKABLE_BITS = (2, 4)
+# name -> (bits, signed), narrowest first (signed before unsigned at each width)
+STORAGES: dict[str, tuple[int, bool]] = {
+    "int2": (2, True),
+    "uint2": (2, False),
+    "int4": (4, True),
+    "uint4": (4, False),
+}
 
 
 def _check(bits: int, signed: bool) -> tuple[int, int, int]:
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits!r}")
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    return 8 // bits, lo, hi
+    return (8 // bits, *code_range(bits, signed))
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(lo, hi)`` of ``bits``-bit codes: ``[-2^(b-1), 2^(b-1) - 1]`` signed, ``[0, 2^b - 1]``
+    unsigned."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def narrowest_storage(codes: np.ndarray) -> str | None:
+    """The first of :data:`STORAGES` (narrowest first) whose range holds every code, or None
+    when none does (the codes need 8 bits or more)::
+
+        min(codes) >= lo(bits, signed)  and  max(codes) <= hi(bits, signed)
+
+    >>> narrowest_storage(np.array([-8, 3, 7])), narrowest_storage(np.array([0, 15]))
+    ('int4', 'uint4')
+
+    Raises:
+      TypeError: ``codes`` is not an integer array.
+    """
+    codes = np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise TypeError(f"codes must be an integer array, got {codes.dtype}")
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
+    for name, (bits, signed) in STORAGES.items():
+        qmin, qmax = code_range(bits, signed)
+        if qmin <= lo and hi <= qmax:
+            return name
+    return None
 
 
 def packed_length(n: int, bits: int) -> int:
