@@ -16,28 +16,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tflite
-from ai_edge_litert import interpreter as litert
 from test_convert import MODELS, X1D, X2D, _BranchGAP, _program_codes, _ResCNN, _setup
 
 from jquant import convert as C
 from jquant import integer as qi
-from jquant.export import onnx_model, tflite_bytes, to_onnx, to_tflite
+from jquant.export import (
+    TFLITE_TARGETS,
+    onnx_model,
+    run_onnx,
+    run_tflite,
+    tflite_bytes,
+    to_onnx,
+    to_tflite,
+)
 from jquant.nn import QuantRule
-
-RUNTIMES = {
-    "litert_ref": litert.OpResolverType.BUILTIN_REF,
-    "xnnpack": litert.OpResolverType.AUTO,
-}
-
-
-def _litert(data: bytes, x: np.ndarray, resolver) -> np.ndarray:
-    interp = litert.Interpreter(model_content=data, experimental_op_resolver_type=resolver)
-    inp = interp.get_input_details()[0]
-    interp.resize_tensor_input(inp["index"], list(x.shape))
-    interp.allocate_tensors()
-    interp.set_tensor(inp["index"], x)
-    interp.invoke()
-    return interp.get_tensor(interp.get_output_details()[0]["index"])
 
 
 class _Depthwise(nn.Module):
@@ -62,20 +54,26 @@ CASES = {
 _MEASURED = ("residual", "branch_gap")  # values only adds / means read: ranges from data
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def program(request):
-    model, x, rules = CASES[request.param]
+def build_program(name: str):
+    """``(program, x)`` of conversion-test model ``name`` (a key of ``CASES``); also used by
+    ``tests/data/make_export_golden.py``."""
+    model, x, rules = CASES[name]
     qmodel, v, oqp, _ = _setup(model, x, rules)
-    rq = C.residual_qparams_from_data(qmodel, v, [x]) if request.param in _MEASURED else None
+    rq = C.residual_qparams_from_data(qmodel, v, [x]) if name in _MEASURED else None
     return C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq), x
 
 
-@pytest.mark.parametrize("target", sorted(RUNTIMES))
+@pytest.fixture(scope="module", params=sorted(CASES))
+def program(request):
+    return build_program(request.param)
+
+
+@pytest.mark.parametrize("target", TFLITE_TARGETS)
 def test_litert_equals_the_retargeted_program_bit_for_bit(program, target):
     program, x = program
     prog = C.retarget(program, target)
     want = _program_codes(prog, x)
-    got = _litert(tflite_bytes(prog), np.asarray(prog.quantize_input(x)), RUNTIMES[target])
+    got = run_tflite(tflite_bytes(prog), np.asarray(prog.quantize_input(x)), target=target)
     np.testing.assert_array_equal(got.astype(np.int32).reshape(want.shape), want)
 
 
@@ -113,7 +111,7 @@ def test_the_ops_and_quantization_in_the_file(program):
 def test_float_io_quantizes_and_dequantizes_at_the_edges(program):
     program, x = program
     prog = C.retarget(program, "litert_ref")
-    got = _litert(tflite_bytes(prog, io="float"), np.asarray(x, np.float32), RUNTIMES["litert_ref"])
+    got = run_tflite(tflite_bytes(prog, io="float"), np.asarray(x, np.float32), target="litert_ref")
     assert got.dtype == np.float32
     want = np.asarray(prog.dequantize_output(jax.jit(C.run)(prog, prog.quantize_input(x))))
     # the reference QUANTIZE rounds half away from zero, the program half to even: equal
@@ -154,11 +152,6 @@ def test_retarget_rejects_unknown_targets(program):
 # ------------------------------------------------------------------------------ ONNX
 
 
-def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x})[0]
-
-
 def _has_avg_pool(program) -> bool:
     """An average pool or a mean: onnxruntime rounds its own float formula there."""
     return any(
@@ -174,7 +167,7 @@ def test_onnxruntime_equals_the_program(program, form):
     model = onnx_model(prog, form=form)
     ops = {n.op_type for n in model.graph.node}
     assert ("QLinearConv" in ops) == (form == "qoperator")
-    got = _ort(model, np.asarray(prog.quantize_input(x))).astype(np.int32).reshape(want.shape)
+    got = run_onnx(model, np.asarray(prog.quantize_input(x))).astype(np.int32).reshape(want.shape)
     if not _has_avg_pool(prog):
         np.testing.assert_array_equal(got, want)
     else:  # QLinearAveragePool / AveragePool / QLinearGlobalAveragePool / ReduceMean round
