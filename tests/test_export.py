@@ -228,3 +228,68 @@ def test_onnx_refuses_a_narrow_clamp(tmp_path):
     with pytest.raises(ValueError, match=r"layer '.*': output clamp \(-8, 7\)"):
         to_onnx(program, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- ONNX INT4 weights
+
+
+@pytest.fixture(scope="module")
+def int4_program():
+    """The 1-D CNN with int8 weights in ``conv1`` and 4-bit weights in ``head`` (int8
+    activations): the program stores the head's codes in int8, within [-8, 7]."""
+    model, x, _ = MODELS["cnn_1d"]
+    rules = (QuantRule("conv1"), QuantRule(".*", weight="int4"))
+    qmodel, v, oqp, _ = _setup(model, x, rules)
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+    head = next(s for s in program.layers if s.path == "head")
+    assert -8 <= int(np.min(head.w)) and int(np.max(head.w)) <= 7
+    return C.retarget(program, "onnxruntime"), x
+
+
+def _dq_weight_types(model: onnx.ModelProto) -> list[int]:
+    """Element types of the weights (first input) of the per-axis DequantizeLinear nodes that
+    feed a Conv, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {n.output[0]: n for n in model.graph.node}
+    types = []
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            dq = producer[n.input[1]]
+            assert dq.op_type == "DequantizeLinear"
+            types.append(inits[dq.input[0]].data_type)
+    return types
+
+
+def test_onnx_int4_weights_where_the_program_has_them(int4_program, tmp_path):
+    program, x = int4_program
+    int4 = onnx_model(program, form="qdq", opset=21)  # weight_type="auto"
+    int8 = onnx_model(program, form="qdq", opset=21, weight_type="int8")
+    assert _dq_weight_types(int4) == [onnx.TensorProto.INT8, onnx.TensorProto.INT4]
+    assert _dq_weight_types(int8) == [onnx.TensorProto.INT8, onnx.TensorProto.INT8]
+    head_w = next(s.w for s in program.layers if s.path == "head")
+    stored = [t for t in int4.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    (w,) = [t for t in stored if t.dims[0] > 1 and len(t.dims) == 4]  # (out, in, 1, 1)
+    codes = onnx.numpy_helper.to_array(w).astype(np.int8).reshape(w.dims[0], -1)
+    np.testing.assert_array_equal(codes, np.asarray(head_w).T)
+    path = tmp_path / "int4.onnx"
+    to_onnx(program, path, form="qdq", opset=21)
+    onnx.checker.check_model(str(path))
+    assert path.stat().st_size < len(int8.SerializeToString())
+    xq = np.asarray(program.quantize_input(x))
+    got4, got8 = run_onnx(int4, xq), run_onnx(int8, xq)  # onnxruntime runs INT4 DQ
+    np.testing.assert_array_equal(got4, got8)
+    want = _program_codes(program, x)
+    np.testing.assert_array_equal(got4.astype(np.int32).reshape(want.shape), want)
+
+
+def test_onnx_int4_only_where_onnx_has_it(int4_program):
+    int4_prog, _ = int4_program
+    for form, opset in (("qoperator", 21), ("qdq", 13), ("qdq", 20)):
+        model = onnx_model(int4_prog, form=form, opset=opset)
+        assert all(t.data_type != onnx.TensorProto.INT4 for t in model.graph.initializer)
+        with pytest.raises(ValueError, match="weight_type='int4' needs form='qdq' and opset 21"):
+            onnx_model(int4_prog, form=form, opset=opset, weight_type="int4")
+    with pytest.raises(ValueError, match=r"layer 'conv1': weight codes in \[-\d+, \d+\] do not"):
+        onnx_model(int4_prog, form="qdq", weight_type="int4")
+    with pytest.raises(ValueError, match="weight_type must be one of"):
+        onnx_model(int4_prog, form="qdq", weight_type="int2")
