@@ -13,7 +13,7 @@ files in LiteRT and onnxruntime.
 """
 
 from jquant.export.onnx import ONNX_FORMS, onnx_model, to_onnx
-from jquant.export.runtimes import TFLITE_TARGETS, run_onnx, run_tflite
+from jquant.export.runtimes import TFLITE_TARGETS, run_onnx, run_tflite, tflite_runner
 from jquant.export.tflite import IO_TYPES, tflite_bytes, to_tflite
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "run_onnx",
     "run_tflite",
     "tflite_bytes",
+    "tflite_runner",
     "to_onnx",
     "to_tflite",
 ]

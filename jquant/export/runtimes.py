@@ -12,10 +12,18 @@ package.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["RUNTIME_PACKAGES", "TFLITE_TARGETS", "require", "run_onnx", "run_tflite"]
+__all__ = [
+    "RUNTIME_PACKAGES",
+    "TFLITE_TARGETS",
+    "require",
+    "run_onnx",
+    "run_tflite",
+    "tflite_runner",
+]
 
 TFLITE_TARGETS = ("litert_ref", "xnnpack")
 # import name -> the package that provides it
@@ -37,13 +45,18 @@ def require(module: str):
         ) from None
 
 
-def run_tflite(data: bytes, x: np.ndarray, *, target: str = "xnnpack") -> np.ndarray:
-    """The output of the .tflite flatbuffer ``data`` on input ``x`` in LiteRT.
+def tflite_runner(
+    data: bytes, shape, dtype, *, target: str = "xnnpack", num_threads: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A LiteRT interpreter of the .tflite flatbuffer ``data``, its input resized to ``shape``
+    and its tensors allocated once, as a function ``x -> output`` (a copy).
 
     Args:
       data: the file's bytes (:func:`jquant.export.tflite_bytes`).
-      x: the input, of the model's input dtype (int8 codes, or float32 with ``io="float"``).
+      shape, dtype: the input's shape (the batch included) and dtype (int8 codes, or float32
+        with ``io="float"``).
       target: ``"litert_ref"`` (reference kernels) or ``"xnnpack"`` (the default delegate).
+      num_threads: LiteRT's ``num_threads`` (None: its default).
 
     Raises:
       ValueError: ``target`` unknown. ImportError: ``ai-edge-litert`` is missing.
@@ -55,13 +68,31 @@ def run_tflite(data: bytes, x: np.ndarray, *, target: str = "xnnpack") -> np.nda
         "litert_ref": litert.OpResolverType.BUILTIN_REF,
         "xnnpack": litert.OpResolverType.AUTO,
     }[target]
-    interp = litert.Interpreter(model_content=bytes(data), experimental_op_resolver_type=resolver)
-    inp = interp.get_input_details()[0]
-    interp.resize_tensor_input(inp["index"], list(x.shape))
+    interp = litert.Interpreter(
+        model_content=bytes(data), experimental_op_resolver_type=resolver, num_threads=num_threads
+    )
+    inp = interp.get_input_details()[0]["index"]
+    out = interp.get_output_details()[0]["index"]
+    interp.resize_tensor_input(inp, list(shape))
     interp.allocate_tensors()
-    interp.set_tensor(inp["index"], np.asarray(x))
-    interp.invoke()
-    return interp.get_tensor(interp.get_output_details()[0]["index"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        interp.set_tensor(inp, np.asarray(x, dtype))
+        interp.invoke()
+        return interp.get_tensor(out)
+
+    return run
+
+
+def run_tflite(data: bytes, x: np.ndarray, *, target: str = "xnnpack") -> np.ndarray:
+    """The output of the .tflite flatbuffer ``data`` on input ``x`` in LiteRT
+    (:func:`tflite_runner` for ``x``'s shape and dtype).
+
+    Raises:
+      ValueError: ``target`` unknown. ImportError: ``ai-edge-litert`` is missing.
+    """
+    x = np.asarray(x)
+    return tflite_runner(data, x.shape, x.dtype, target=target)(x)
 
 
 def run_onnx(model, x: np.ndarray) -> np.ndarray:
