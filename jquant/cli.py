@@ -628,6 +628,271 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+CONVERT_FORMATS = ("tflite", "onnx", "program")
+# the runtimes that run each format, the first being the default --target
+CONVERT_TARGETS = {
+    "tflite": ("xnnpack", "litert_ref"),
+    "onnx": ("onnxruntime",),
+    "program": ("xnnpack", "onnxruntime"),  # a program file holds one requantization mode
+}
+_RUNTIME_MODULES = {"tflite": "ai_edge_litert.interpreter", "onnx": "onnxruntime"}
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    from jquant.convert import TARGETS
+    from jquant.nn.rules import CALIBRATIONS
+    from jquant.nn.rules import GRANULARITIES as WEIGHT_GRANULARITIES
+
+    p.add_argument("--model", choices=MODELS, default="cnn", help="zoo model (default: cnn)")
+    p.add_argument(
+        "--data", choices=DATASETS, default="mnist1d", help="data set (default: mnist1d)"
+    )
+    p.add_argument(
+        "--weight", default="int8", help="weight format: a signed integer format of 2 to 8 "
+        "bits (int8, int4, ...), stored as int8 codes (default: int8)"
+    )  # fmt: skip
+    p.add_argument(
+        "--act", default="int8", help="activation format: an integer format of 2 to 8 bits; "
+        ".tflite and ONNX need 8 (default: int8)"
+    )  # fmt: skip
+    p.add_argument(
+        "--granularity",
+        choices=WEIGHT_GRANULARITIES,
+        default="per_channel",
+        help="weight scales (default: per_channel, TFLite's convention)",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default="minmax",
+        help="activation range estimator on the representative data (default: minmax)",
+    )
+    p.add_argument(
+        "--format",
+        choices=CONVERT_FORMATS,
+        default="tflite",
+        help="tflite (LiteRT), onnx (onnxruntime) or program (jquant's program file; "
+        "jquant.convert.load) (default: tflite)",
+    )
+    p.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default=None,
+        help="the runtime whose per-op requantization the program takes "
+        "(jquant.convert.targets); tflite: xnnpack (default) or litert_ref; onnx: "
+        "onnxruntime; program: xnnpack (default) or onnxruntime",
+    )
+    p.add_argument(
+        "--onnx-form", choices=("qoperator", "qdq"), default=None,
+        help="ONNX only: QLinear operators or float ops between Q / DQ (default: qoperator)",
+    )  # fmt: skip
+    p.add_argument(
+        "--opset", type=int, default=None, help="ONNX only: opset, 13 to 21 (default: 21)"
+    )
+    p.add_argument(
+        "--io", choices=("int8", "float"), default=None,
+        help="tflite only: int8 codes in and out (default) or float32 through QUANTIZE / "
+        "DEQUANTIZE",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", required=True, help="the file to write (written to a temporary file beside it, "
+        "then renamed)"
+    )  # fmt: skip
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not run the written model in its runtime (LiteRT / onnxruntime)",
+    )
+    p.add_argument("--steps", type=_positive, default=600, help="training steps if not cached")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
+    p.add_argument("--calib-examples", type=_positive, default=1024, help="representative examples")
+    p.add_argument(
+        "--cache",
+        type=_check_cache,
+        default=None,
+        help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)",
+    )
+    p.add_argument(
+        "--retrain", action="store_true", help="retrain and overwrite the cached weights"
+    )
+
+
+def check_convert_args(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The first bad ``jquant convert`` option as ``(option, message)``, or None; fills in
+    the per-format defaults of ``--target``, ``--onnx-form``, ``--opset`` and ``--io``.
+    Checks only the options: nothing is trained, loaded or written."""
+    from jquant.formats import IntFormat, get_format
+
+    formats = {}
+    for option, name in (("--weight", args.weight), ("--act", args.act)):
+        try:
+            fmt = get_format(name)
+        except (ValueError, TypeError) as e:
+            return option, str(e)
+        signed = option == "--weight"
+        if (
+            not isinstance(fmt, IntFormat)
+            or not 2 <= fmt.bits <= 8
+            or fmt.midrise
+            or (signed and not fmt.signed)
+        ):
+            kind = "a signed integer format" if signed else "an integer format"
+            return option, f"{name!r}: the integer program needs {kind} of 2 to 8 bits"
+        formats[option] = fmt
+    if args.format != "program" and formats["--act"].bits != 8:
+        return "--act", (
+            f"{args.act!r}: --format {args.format} needs 8-bit activations (its int8 ops); "
+            "narrower ones fit only --format program"
+        )
+    allowed = CONVERT_TARGETS[args.format]
+    args.target = args.target or allowed[0]
+    if args.target not in allowed:
+        return "--target", (
+            f"{args.target!r} does not run --format {args.format}; choose {' or '.join(allowed)}"
+        )
+    per_format = {"--onnx-form": ("onnx", "onnx_form", "qoperator"),
+                  "--opset": ("onnx", "opset", 21), "--io": ("tflite", "io", "int8")}  # fmt: skip
+    for option, (fmt_name, attr, default) in per_format.items():
+        if getattr(args, attr) is not None and args.format != fmt_name:
+            return option, f"applies to --format {fmt_name} only, not {args.format}"
+        if getattr(args, attr) is None:
+            setattr(args, attr, default)
+    if not 13 <= args.opset <= 21:
+        return "--opset", f"must be in [13, 21], got {args.opset}"
+    out = pathlib.Path(args.out).expanduser().absolute()
+    if out.is_dir():
+        return "--out", f"{args.out!r} is a folder; give a file name"
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        return (
+            "--out",
+            f"{args.out!r} cannot be written: {str(out.parent)!r} is not a writable folder",
+        )
+    args.out = out
+    if not args.no_verify and args.format in _RUNTIME_MODULES:
+        from jquant.export.runtimes import require
+
+        try:
+            require(_RUNTIME_MODULES[args.format])
+        except ImportError as e:
+            return "--format", f"{e}; or pass --no-verify"
+    return None
+
+
+def _accuracy(predictions, labels) -> float:
+    import numpy as np
+
+    return float(np.mean(np.asarray(predictions).reshape(len(labels), -1).argmax(1) == labels))
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    bad = check_convert_args(args)
+    if bad is not None:
+        print(f"jquant convert: error: argument {bad[0]}: {bad[1]}", file=sys.stderr)
+        return 2
+    import jax
+    import numpy as np
+
+    from jquant import convert as C
+    from jquant import data
+    from jquant.models.train import train_or_load
+    from jquant.nn import QuantRule
+    from jquant.nn import linen as ql
+
+    ds = data.load(args.data)
+    print(f"[jquant] {args.model} on {args.data}: training ({args.steps} steps) or loading cache")
+    trained = train_or_load(
+        args.model, ds, args.seed, args.steps, cache=args.cache, retrain=args.retrain
+    )
+    rule = QuantRule(
+        ".*", weight=args.weight, act=args.act, calibration=args.calibration,
+        weight_granularity=args.granularity,
+    )  # fmt: skip
+    x0 = ds.x_train[:2]
+    qmodel, _ = ql.quantize_model(trained.model, rule, x0)
+    x_cal = ds.x_train[: args.calib_examples]
+    calib = [x_cal[i : i + 128] for i in range(0, len(x_cal), 128)]
+    variables = qmodel.calibrate(qmodel.attach(trained.variables, x0), calib)
+    try:
+        program = C.convert(
+            qmodel,
+            variables,
+            x0,
+            output_qparams=C.output_qparams_from_data(qmodel, variables, calib),
+        )
+        program = C.retarget(program, args.target)
+    except ValueError as e:
+        print(f"jquant convert: error: {e}", file=sys.stderr)
+        return 1
+    x, y = ds.x_test[: args.eval_examples], np.asarray(ds.y_test[: args.eval_examples])
+    xq = np.asarray(program.quantize_input(x))
+    codes = np.asarray(jax.jit(C.run)(program, xq))
+    accuracy = {
+        "float": _accuracy(trained.model.apply(trained.variables, x), y),
+        "fake-quant": _accuracy(qmodel.with_phase("eval").apply(variables, x), y),
+        f"integer program ({args.target})": _accuracy(codes, y),
+    }
+    runtime = {"tflite": f"LiteRT {args.target}", "onnx": f"onnxruntime {args.onnx_form}"}.get(
+        args.format, "program file, loaded"
+    )
+    try:
+        got, size = _export(args, program, x, xq)
+    except (ValueError, TypeError) as e:
+        print(f"jquant convert: error: {e}", file=sys.stderr)
+        return 1
+    if got is not None:
+        got = got.astype(np.int32).reshape(codes.shape)
+        accuracy[runtime] = _accuracy(got, y)
+    float_bytes = 4 * sum(int(np.size(w)) for w in jax.tree.leaves(trained.variables))
+    print(f"[jquant] test accuracy on {len(y)} examples:")
+    for name, acc in accuracy.items():
+        print(f"  {name:<34} {100 * acc:6.2f}%")
+    if got is not None:
+        differ = int(np.sum(got != codes))
+        print(
+            f"[jquant] {runtime} vs the integer program: {differ} of {codes.size} output codes "
+            f"differ (max {int(np.abs(got - codes).max())}), argmax agreement "
+            f"{100 * np.mean(got.argmax(1) == codes.argmax(1)):.2f}%"
+        )
+    print(
+        f"[jquant] wrote {args.out}: {size} bytes; float32 weights {float_bytes} bytes "
+        f"(ratio {size / float_bytes:.3f})"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace, program, x, xq):
+    """Writes ``program`` in ``args.format`` to ``args.out`` (atomically) and, unless
+    ``--no-verify``, runs what was written in its runtime on the test inputs ``x`` (float) /
+    ``xq`` (their int8 codes): ``(output codes or None, file size)``."""
+    import jax
+    import numpy as np
+
+    from jquant import convert as C
+    from jquant import export as E
+    from jquant.export.files import staged_path, write_atomically
+
+    verify = not args.no_verify
+    if args.format == "tflite":
+        data = E.tflite_bytes(program, io=args.io)
+        got = None
+        if verify and args.io == "float":  # float32 out: back to the output codes
+            y = E.run_tflite(data, np.asarray(x, np.float32), target=args.target)
+            got = np.rint(y / np.float32(program.output_scale)) + int(program.output_zp)
+        elif verify:
+            got = E.run_tflite(data, xq, target=args.target)
+        return got, write_atomically(args.out, data)
+    if args.format == "onnx":
+        model = E.onnx_model(program, form=args.onnx_form, opset=args.opset)
+        data = model.SerializeToString()
+        got = E.run_onnx(data, xq) if verify else None
+        return got, write_atomically(args.out, data)
+    with staged_path(args.out) as tmp:
+        size = C.save(program, tmp)
+        got = np.asarray(jax.jit(C.run)(C.load(tmp), xq)) if verify else None
+    return got, size
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "sweep",
@@ -643,6 +908,12 @@ COMMANDS: tuple[Command, ...] = (
         "accelerator benchmark grids (matmul, conv, model) or a benchmark script (benchmarks/)",
         _configure_bench,
         _run_bench,
+    ),
+    Command(
+        "convert",
+        "a zoo model -> PTQ on a representative dataset -> .tflite, ONNX or a program file",
+        _configure_convert,
+        _run_convert,
     ),
 )
 

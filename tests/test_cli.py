@@ -465,3 +465,142 @@ def test_bench_finds_the_source_checkout_of_an_editable_install(tmp_path, monkey
     assert cli._benchmarks_dir() == pathlib.Path(cli.__file__).resolve().parents[1] / "benchmarks"
     assert cli.main(["bench", "--list"]) == 0
     assert {"integer", "ops"} <= set(capsys.readouterr().out.split())
+
+
+# ------------------------------------------------------------------------- jquant convert
+
+
+@pytest.mark.parametrize(
+    "argv, option, message",
+    [
+        (["--weight", "int16"], "--weight", "signed integer format of 2 to 8 bits"),
+        (["--weight", "uint4"], "--weight", "signed integer format of 2 to 8 bits"),
+        (["--weight", "fp8_e4m3"], "--weight", "integer format of 2 to 8 bits"),
+        (["--weight", "int9x"], "--weight", "unknown format 'int9x'"),
+        (["--act", "int4"], "--act", "--format tflite needs 8-bit activations"),
+        (["--format", "onnx", "--act", "int4"], "--act", "--format onnx needs 8-bit"),
+        (["--target", "onnxruntime"], "--target", "choose xnnpack or litert_ref"),
+        (["--format", "onnx", "--target", "xnnpack"], "--target", "choose onnxruntime"),
+        (["--format", "program", "--target", "litert_ref"], "--target", "choose xnnpack or"),
+        (["--onnx-form", "qdq"], "--onnx-form", "applies to --format onnx only"),
+        (["--opset", "17"], "--opset", "applies to --format onnx only"),
+        (["--format", "onnx", "--io", "float"], "--io", "applies to --format tflite only"),
+        (["--format", "onnx", "--opset", "9"], "--opset", "must be in [13, 21]"),
+        (["--calibration", "best"], "--calibration", "invalid choice: 'best'"),
+        (["--format", "keras"], "--format", "invalid choice: 'keras'"),
+    ],
+)
+def test_convert_bad_arguments_exit_2_before_any_work(argv, option, message, capsys, tmp_path):
+    cache = tmp_path / "cache"
+    argv = ["convert", *argv, "--out", str(tmp_path / "m.bin"), "--cache", str(cache)]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument {option}" in err and message in err, err
+    assert sorted(os.listdir(tmp_path)) == []  # no model trained, no file, no cache
+
+
+def test_convert_out_must_be_a_writable_file(capsys, tmp_path):
+    for out, message in [(tmp_path, "is a folder"), (tmp_path / "no" / "m", "cannot be written")]:
+        code = cli.main(["convert", "--out", str(out), "--cache", str(tmp_path / "cache")])
+        assert code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+_CONVERT_TINY = ["--model", "mlp", "--data", "digits", "--steps", "20", "--calib-examples", "128"]
+
+
+@pytest.fixture(scope="module")
+def convert_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("convert_cache")
+
+
+def _convert(argv, out, cache, capsys):
+    import re
+
+    code = cli.main(["convert", *_CONVERT_TINY, *argv, "--out", str(out), "--cache", str(cache)])
+    printed = capsys.readouterr().out
+    accuracy = dict(re.findall(r"^  (\S.*?)\s+([\d.]+)%$", printed, re.M))
+    return code, printed, {k: float(v) / 100 for k, v in accuracy.items()}
+
+
+@pytest.mark.slow  # trains the tiny MLP once (~10 s), then ~5 s per format
+@pytest.mark.parametrize(
+    "argv, runtime",
+    [
+        (["--eval-examples", "300"], "LiteRT xnnpack"),
+        (
+            ["--eval-examples", "300", "--target", "litert_ref", "--io", "float"],
+            "LiteRT litert_ref",
+        ),
+        (["--eval-examples", "300", "--format", "onnx"], "onnxruntime qoperator"),
+        (["--eval-examples", "300", "--format", "program", "--weight", "int4"], "program file"),
+    ],
+)
+def test_convert_end_to_end_tiny(argv, runtime, tmp_path, convert_cache, capsys):
+    """The written file, run by the runtime itself here (not by the CLI), scores the accuracy
+    the CLI printed for it; that equals the integer program's (0 codes differ)."""
+    import re
+
+    import numpy as np
+    from ai_edge_litert import interpreter as litert
+
+    from jquant import convert as C
+    from jquant import data
+
+    out = tmp_path / "model.bin"
+    code, printed, accuracy = _convert(argv, out, convert_cache, capsys)
+    assert code == 0, printed
+    assert sorted(os.listdir(tmp_path)) == ["model.bin"]  # no temporary file left
+    assert f"wrote {out}: {out.stat().st_size} bytes" in printed
+    assert re.search(r"vs the integer program: 0 of 3000 output codes differ", printed), printed
+    name = next(k for k in accuracy if k.startswith(runtime))
+    program_acc = next(v for k, v in accuracy.items() if k.startswith("integer program"))
+    assert accuracy[name] == program_acc and abs(accuracy["float"] - program_acc) <= 0.05
+    ds = data.load("digits")
+    x, y = ds.x_test[:300], np.asarray(ds.y_test[:300])
+    if "--format" not in argv:  # .tflite
+        interp = litert.Interpreter(model_path=str(out))
+        inp = interp.get_input_details()[0]
+        float_io = inp["dtype"] == np.float32
+        if not float_io:
+            scale, zp = inp["quantization"]
+            x = np.clip(np.rint(x / scale) + zp, -128, 127).astype(np.int8)
+        interp.resize_tensor_input(inp["index"], list(x.shape))
+        interp.allocate_tensors()
+        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        interp.invoke()
+        logits = interp.get_tensor(interp.get_output_details()[0]["index"])
+        assert float_io == ("float" in argv)
+    elif "onnx" in argv:
+        import onnx
+        import onnxruntime as ort
+
+        onnx.checker.check_model(str(out))
+        model = onnx.load(str(out))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        first = next(n for n in model.graph.node if n.op_type == "QLinearConv")
+        scale, zp = inits[first.input[1]], inits[first.input[2]]
+        x = np.clip(np.rint(x / scale) + zp, -128, 127).astype(np.int8)
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {"input": x})[0]
+    else:
+        program = C.load(out)
+        logits = np.asarray(C.run(program, program.quantize_input(x)))
+    assert np.mean(logits.reshape(len(y), -1).argmax(1) == y) == accuracy[name]
+
+
+@pytest.mark.slow
+def test_convert_failure_leaves_nothing(tmp_path, convert_cache, capsys, monkeypatch):
+    from jquant import convert as C
+
+    def broken(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(C, "load", broken)  # fails after the program file is staged
+    with pytest.raises(OSError, match="disk full"):
+        _convert(["--format", "program", "--eval-examples", "50"], tmp_path / "m", convert_cache,
+                 capsys)  # fmt: skip
+    assert os.listdir(tmp_path) == []

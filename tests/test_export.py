@@ -16,28 +16,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tflite
-from ai_edge_litert import interpreter as litert
 from test_convert import MODELS, X1D, X2D, _BranchGAP, _program_codes, _ResCNN, _setup
 
 from jquant import convert as C
 from jquant import integer as qi
-from jquant.export import onnx_model, tflite_bytes, to_onnx, to_tflite
+from jquant.export import (
+    TFLITE_TARGETS,
+    onnx_model,
+    run_onnx,
+    run_tflite,
+    tflite_bytes,
+    to_onnx,
+    to_tflite,
+)
 from jquant.nn import QuantRule
-
-RUNTIMES = {
-    "litert_ref": litert.OpResolverType.BUILTIN_REF,
-    "xnnpack": litert.OpResolverType.AUTO,
-}
-
-
-def _litert(data: bytes, x: np.ndarray, resolver) -> np.ndarray:
-    interp = litert.Interpreter(model_content=data, experimental_op_resolver_type=resolver)
-    inp = interp.get_input_details()[0]
-    interp.resize_tensor_input(inp["index"], list(x.shape))
-    interp.allocate_tensors()
-    interp.set_tensor(inp["index"], x)
-    interp.invoke()
-    return interp.get_tensor(interp.get_output_details()[0]["index"])
 
 
 class _Depthwise(nn.Module):
@@ -62,20 +54,26 @@ CASES = {
 _MEASURED = ("residual", "branch_gap")  # values only adds / means read: ranges from data
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def program(request):
-    model, x, rules = CASES[request.param]
+def build_program(name: str):
+    """``(program, x)`` of conversion-test model ``name`` (a key of ``CASES``); also used by
+    ``tests/data/make_export_golden.py``."""
+    model, x, rules = CASES[name]
     qmodel, v, oqp, _ = _setup(model, x, rules)
-    rq = C.residual_qparams_from_data(qmodel, v, [x]) if request.param in _MEASURED else None
+    rq = C.residual_qparams_from_data(qmodel, v, [x]) if name in _MEASURED else None
     return C.convert(qmodel, v, x[:1], output_qparams=oqp, residual_qparams=rq), x
 
 
-@pytest.mark.parametrize("target", sorted(RUNTIMES))
+@pytest.fixture(scope="module", params=sorted(CASES))
+def program(request):
+    return build_program(request.param)
+
+
+@pytest.mark.parametrize("target", TFLITE_TARGETS)
 def test_litert_equals_the_retargeted_program_bit_for_bit(program, target):
     program, x = program
     prog = C.retarget(program, target)
     want = _program_codes(prog, x)
-    got = _litert(tflite_bytes(prog), np.asarray(prog.quantize_input(x)), RUNTIMES[target])
+    got = run_tflite(tflite_bytes(prog), np.asarray(prog.quantize_input(x)), target=target)
     np.testing.assert_array_equal(got.astype(np.int32).reshape(want.shape), want)
 
 
@@ -113,7 +111,7 @@ def test_the_ops_and_quantization_in_the_file(program):
 def test_float_io_quantizes_and_dequantizes_at_the_edges(program):
     program, x = program
     prog = C.retarget(program, "litert_ref")
-    got = _litert(tflite_bytes(prog, io="float"), np.asarray(x, np.float32), RUNTIMES["litert_ref"])
+    got = run_tflite(tflite_bytes(prog, io="float"), np.asarray(x, np.float32), target="litert_ref")
     assert got.dtype == np.float32
     want = np.asarray(prog.dequantize_output(jax.jit(C.run)(prog, prog.quantize_input(x))))
     # the reference QUANTIZE rounds half away from zero, the program half to even: equal
@@ -154,11 +152,6 @@ def test_retarget_rejects_unknown_targets(program):
 # ------------------------------------------------------------------------------ ONNX
 
 
-def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x})[0]
-
-
 def _has_avg_pool(program) -> bool:
     """An average pool or a mean: onnxruntime rounds its own float formula there."""
     return any(
@@ -174,7 +167,7 @@ def test_onnxruntime_equals_the_program(program, form):
     model = onnx_model(prog, form=form)
     ops = {n.op_type for n in model.graph.node}
     assert ("QLinearConv" in ops) == (form == "qoperator")
-    got = _ort(model, np.asarray(prog.quantize_input(x))).astype(np.int32).reshape(want.shape)
+    got = run_onnx(model, np.asarray(prog.quantize_input(x))).astype(np.int32).reshape(want.shape)
     if not _has_avg_pool(prog):
         np.testing.assert_array_equal(got, want)
     else:  # QLinearAveragePool / AveragePool / QLinearGlobalAveragePool / ReduceMean round
@@ -235,3 +228,68 @@ def test_onnx_refuses_a_narrow_clamp(tmp_path):
     with pytest.raises(ValueError, match=r"layer '.*': output clamp \(-8, 7\)"):
         to_onnx(program, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- ONNX INT4 weights
+
+
+@pytest.fixture(scope="module")
+def int4_program():
+    """The 1-D CNN with int8 weights in ``conv1`` and 4-bit weights in ``head`` (int8
+    activations): the program stores the head's codes in int8, within [-8, 7]."""
+    model, x, _ = MODELS["cnn_1d"]
+    rules = (QuantRule("conv1"), QuantRule(".*", weight="int4"))
+    qmodel, v, oqp, _ = _setup(model, x, rules)
+    program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
+    head = next(s for s in program.layers if s.path == "head")
+    assert -8 <= int(np.min(head.w)) and int(np.max(head.w)) <= 7
+    return C.retarget(program, "onnxruntime"), x
+
+
+def _dq_weight_types(model: onnx.ModelProto) -> list[int]:
+    """Element types of the weights (first input) of the per-axis DequantizeLinear nodes that
+    feed a Conv, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {n.output[0]: n for n in model.graph.node}
+    types = []
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            dq = producer[n.input[1]]
+            assert dq.op_type == "DequantizeLinear"
+            types.append(inits[dq.input[0]].data_type)
+    return types
+
+
+def test_onnx_int4_weights_where_the_program_has_them(int4_program, tmp_path):
+    program, x = int4_program
+    int4 = onnx_model(program, form="qdq", opset=21)  # weight_type="auto"
+    int8 = onnx_model(program, form="qdq", opset=21, weight_type="int8")
+    assert _dq_weight_types(int4) == [onnx.TensorProto.INT8, onnx.TensorProto.INT4]
+    assert _dq_weight_types(int8) == [onnx.TensorProto.INT8, onnx.TensorProto.INT8]
+    head_w = next(s.w for s in program.layers if s.path == "head")
+    stored = [t for t in int4.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    (w,) = [t for t in stored if t.dims[0] > 1 and len(t.dims) == 4]  # (out, in, 1, 1)
+    codes = onnx.numpy_helper.to_array(w).astype(np.int8).reshape(w.dims[0], -1)
+    np.testing.assert_array_equal(codes, np.asarray(head_w).T)
+    path = tmp_path / "int4.onnx"
+    to_onnx(program, path, form="qdq", opset=21)
+    onnx.checker.check_model(str(path))
+    assert path.stat().st_size < len(int8.SerializeToString())
+    xq = np.asarray(program.quantize_input(x))
+    got4, got8 = run_onnx(int4, xq), run_onnx(int8, xq)  # onnxruntime runs INT4 DQ
+    np.testing.assert_array_equal(got4, got8)
+    want = _program_codes(program, x)
+    np.testing.assert_array_equal(got4.astype(np.int32).reshape(want.shape), want)
+
+
+def test_onnx_int4_only_where_onnx_has_it(int4_program):
+    int4_prog, _ = int4_program
+    for form, opset in (("qoperator", 21), ("qdq", 13), ("qdq", 20)):
+        model = onnx_model(int4_prog, form=form, opset=opset)
+        assert all(t.data_type != onnx.TensorProto.INT4 for t in model.graph.initializer)
+        with pytest.raises(ValueError, match="weight_type='int4' needs form='qdq' and opset 21"):
+            onnx_model(int4_prog, form=form, opset=opset, weight_type="int4")
+    with pytest.raises(ValueError, match=r"layer 'conv1': weight codes in \[-\d+, \d+\] do not"):
+        onnx_model(int4_prog, form="qdq", weight_type="int4")
+    with pytest.raises(ValueError, match="weight_type must be one of"):
+        onnx_model(int4_prog, form="qdq", weight_type="int2")

@@ -37,6 +37,15 @@ and biases stored as int8 / int32 with per-channel ``DequantizeLinear(axis=0)``;
 runtime may fuse into integer kernels or run in float: the output is close to the program's,
 not bit-exact (float accumulation, one rounding).
 
+4-bit weights (``weight_type``): the program stores every weight code in int8, a 4-bit weight
+format as codes in ``[-8, 7]``. In the QDQ form at opset 21 such a layer's weights (and their
+zero points) can be ``INT4`` initializers of its ``DequantizeLinear`` (two codes per byte, the
+same values): ``weight_type="auto"`` (default) does so for every Conv / Dense whose codes all lie
+in ``[-8, 7]`` when ``form="qdq"`` and ``opset >= 21``, and stores int8 otherwise;
+``"int8"`` always stores int8; ``"int4"`` stores every Conv / Dense as INT4 and refuses a
+program, form or opset where that is impossible. The QOperator form has no INT4 (``QLinearConv``
+takes int8 / uint8 weights).
+
 Reference: the ONNX operator specification (opset 13 and 21) and onnxruntime's contrib ops.
 """
 
@@ -64,9 +73,11 @@ from jquant.convert.program import (
 from jquant.export.files import write_atomically
 from jquant.export.values import check_int8_clamp, value_qparams, value_shapes, weight_scales
 
-__all__ = ["ONNX_FORMS", "onnx_model", "to_onnx"]
+__all__ = ["INT4_RANGE", "ONNX_FORMS", "WEIGHT_TYPES", "onnx_model", "to_onnx"]
 
 ONNX_FORMS = ("qoperator", "qdq")
+WEIGHT_TYPES = ("auto", "int8", "int4")
+INT4_RANGE = (-8, 7)
 _MS = "com.microsoft"
 _TO_NCHW, _TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 
@@ -80,8 +91,8 @@ def _explicit(padding) -> list[int]:
 class _Builder:
     """Nodes and initializers of one ONNX graph, with fresh names."""
 
-    def __init__(self, form: str, opset: int = 21) -> None:
-        self.form, self.opset = form, opset
+    def __init__(self, form: str, opset: int = 21, weight_type: str = "int8") -> None:
+        self.form, self.opset, self.weight_type = form, opset, weight_type
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
@@ -94,6 +105,29 @@ class _Builder:
         name = self.name(what)
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    def const_int4(self, what: str, value: np.ndarray) -> str:
+        """An ``INT4`` initializer of the int8 ``value`` (each code in ``[-8, 7]``)."""
+        name = self.name(what)
+        value = np.asarray(value)
+        self.inits.append(
+            helper.make_tensor(name, TensorProto.INT4, value.shape, value.reshape(-1).tolist())
+        )
+        return name
+
+    def weight_consts(self, path: str, w: np.ndarray) -> list[str]:
+        """The QDQ weight and zero-point initializers: INT4 as ``weight_type`` asks (module
+        docstring), else int8."""
+        fits = INT4_RANGE[0] <= int(w.min()) and int(w.max()) <= INT4_RANGE[1]
+        if self.weight_type == "int4" and not fits:
+            raise ValueError(
+                f"layer {path!r}: weight codes in [{int(w.min())}, {int(w.max())}] do not fit "
+                f"INT4 {list(INT4_RANGE)}; use weight_type='auto' or 'int8'"
+            )
+        zeros = np.zeros(w.shape[0], np.int8)
+        if self.weight_type == "int8" or not fits:
+            return [self.const("w", w), self.const("w_zp", zeros)]
+        return [self.const_int4("w", w), self.const_int4("w_zp", zeros)]
 
     def node(self, op: str, inputs: list[str], domain: str = "", **attrs) -> str:
         out = self.name(op.lower())
@@ -148,14 +182,9 @@ class _Builder:
                 **attrs,
             )
             return self.relu(y, *y_qp) if relu else y
+        w_name, zp_name = self.weight_consts(layer.path, w)
         wf = self.node(
-            "DequantizeLinear",
-            [
-                self.const("w", w),
-                self.const("w_scale", w_scale),
-                self.const("w_zp", np.zeros(o, np.int8)),
-            ],
-            axis=0,
+            "DequantizeLinear", [w_name, self.const("w_scale", w_scale), zp_name], axis=0
         )
         bf = self.node(
             "DequantizeLinear",
@@ -217,24 +246,40 @@ def _check(layer) -> None:
         raise ValueError(f"layer {layer.path!r}: activation {layer.activation!r} is not exported")
 
 
-def onnx_model(program: Program, *, form: str = "qoperator", opset: int = 21) -> onnx.ModelProto:
+def onnx_model(
+    program: Program, *, form: str = "qoperator", opset: int = 21, weight_type: str = "auto"
+) -> onnx.ModelProto:
     """The ONNX model of ``program`` (module docstring), checked with ``onnx.checker``.
 
     Args:
       program: a valid integer program.
       form: ``"qoperator"`` or ``"qdq"``.
       opset: the default-domain opset (13 to 21).
+      weight_type: ``"auto"`` (INT4 weights where the codes fit ``[-8, 7]``, in the QDQ form
+        at opset 21; int8 elsewhere), ``"int8"`` or ``"int4"`` (QDQ, opset 21, every Conv /
+        Dense in ``[-8, 7]``).
 
     Raises:
-      ValueError: an unknown ``form`` or ``opset``, or a layer ONNX int8 cannot express (its
-        path named): an output clamp narrower than int8, an activation other than relu.
+      ValueError: an unknown ``form``, ``opset`` or ``weight_type``, ``"int4"`` with the
+        QOperator form, an opset below 21 or weight codes outside ``[-8, 7]`` (the layer named),
+        or a layer ONNX int8 cannot express (its path named): an output clamp narrower than
+        int8, an activation other than relu.
     """
     if form not in ONNX_FORMS:
         raise ValueError(f"form must be one of {ONNX_FORMS}, got {form!r}")
     if not 13 <= opset <= 21:
         raise ValueError(f"opset must be in [13, 21], got {opset}")
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
+    if weight_type == "int4" and (form != "qdq" or opset < 21):
+        raise ValueError(
+            f"weight_type='int4' needs form='qdq' and opset 21 (INT4 DequantizeLinear), got "
+            f"form={form!r}, opset={opset}"
+        )
     validate(program)
-    g = _Builder(form, opset)
+    if weight_type == "auto":
+        weight_type = "auto" if form == "qdq" and opset >= 21 else "int8"
+    g = _Builder(form, opset, weight_type)
     shapes, qps = value_shapes(program), value_qparams(program)
     values = ["input"]
     for layer, reads in zip(program.layers, program.layer_inputs(), strict=True):
@@ -281,7 +326,12 @@ def onnx_model(program: Program, *, form: str = "qoperator", opset: int = 21) ->
 
 
 def to_onnx(
-    program: Program, path: str | os.PathLike, *, form: str = "qoperator", opset: int = 21
+    program: Program,
+    path: str | os.PathLike,
+    *,
+    form: str = "qoperator",
+    opset: int = 21,
+    weight_type: str = "auto",
 ) -> int:
     """Writes :func:`onnx_model` to ``path`` (a temporary file, then renamed: nothing is left
     half-written); returns the file's size in bytes.
@@ -289,5 +339,5 @@ def to_onnx(
     Raises:
       ValueError: as :func:`onnx_model`, or ``path``'s folder does not exist.
     """
-    data = onnx_model(program, form=form, opset=opset).SerializeToString()
+    data = onnx_model(program, form=form, opset=opset, weight_type=weight_type).SerializeToString()
     return write_atomically(pathlib.Path(path), data)

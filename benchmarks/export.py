@@ -1,0 +1,149 @@
+"""Benchmark of jquant.export: file sizes and LiteRT latency of the MNIST-1D CNN.
+
+The model is ``benchmarks/integer.py``'s: the zoo CNN trained on MNIST-1D (cached by
+``train_or_load``), PTQ with int8 weights per channel and int8 activations (minmax on 1024
+representative examples), converted and retargeted to XNNPACK (``fp32`` requantization).
+
+- Sizes: the .tflite (int8 in and out) and the ONNX QOperator and QDQ files against the float32
+  model written the same way as the float checkpoint of ``benchmarks/integer.py`` (its
+  parameters as float32 safetensors): jquant has no float exporter, so the baseline is the
+  float32 weights every float .tflite / ONNX file must hold, plus the safetensors header
+  (target <= 0.27x).
+- Latency: the .tflite in LiteRT with its default XNNPACK delegate (``num_threads`` recorded)
+  against the jquant program under ``jax.jit`` (``convert.run`` on int8 codes), batch 1 and
+  256, with ``jquant.bench.timing.measure`` (warm-up calls, then interleaved, shuffled rounds;
+  median of the paired ratio ``t_litert / t_jquant`` with its bootstrap 95% CI).
+- Check: LiteRT's codes equal the program's on the whole test set (counted), accuracies.
+
+JSON goes to ``benchmarks/results/export.json``.
+
+    python benchmarks/export.py               # 30 rounds per batch size
+    python benchmarks/export.py --quick       # 5 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+
+from jquant import bench
+from jquant import convert as C
+from jquant import export as E
+from jquant.data import load_mnist1d
+from jquant.models import train as T
+from jquant.nn import QuantRule
+from jquant.nn import linen as ql
+
+SIZE_TARGET = 0.27
+BATCHES = (1, 256)
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v, np.float32)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 30")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3000, help="float training steps (cached)")
+    parser.add_argument("--threads", type=int, default=None, help="LiteRT num_threads")
+    parser.add_argument(
+        "--out", default=str(pathlib.Path(__file__).parent / "results" / "export.json")
+    )
+    args = parser.parse_args()
+    load_before = bench.loadavg()
+    rounds = args.rounds or (5 if args.quick else 30)
+
+    data = load_mnist1d()
+    trained = T.train_or_load("cnn", data, 0, args.steps)
+    x0 = data.x_train[:2]
+    qmodel, _ = ql.quantize_model(trained.model, QuantRule(".*"), x0)
+    calib = [data.x_train[i * 128 : (i + 1) * 128] for i in range(8)]
+    v = qmodel.calibrate(qmodel.attach(trained.variables, x0), calib)
+    oqp = C.output_qparams_from_data(qmodel, v, calib)
+    program = C.retarget(C.convert(qmodel, v, x0, output_qparams=oqp), "xnnpack")
+
+    tfl = E.tflite_bytes(program)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        files = {
+            "tflite": E.to_tflite(program, tmp / "m.tflite"),
+            "onnx_qoperator": E.to_onnx(C.retarget(program, "onnxruntime"), tmp / "q.onnx"),
+            "onnx_qdq": E.to_onnx(C.retarget(program, "onnxruntime"), tmp / "d.onnx", form="qdq"),
+            "program": C.save(program, tmp / "p.safetensors"),
+        }
+        float_bytes = C.write_tensors(tmp / "float.safetensors", _flat(trained.variables), {})
+    size = dict(
+        float32_bytes=float_bytes,
+        files={
+            k: dict(bytes=n, ratio=n / float_bytes, target_met=bool(n / float_bytes <= SIZE_TARGET))
+            for k, n in files.items()
+        },
+        target=SIZE_TARGET,
+        weights=int(sum(np.size(w) for w in jax.tree.leaves(trained.variables["params"]))),
+    )
+
+    run = jax.jit(C.run)
+    timing = {}
+    for batch in BATCHES:
+        xq = np.asarray(program.quantize_input(data.x_test[:batch]))
+        litert = E.tflite_runner(tfl, xq.shape, np.int8, num_threads=args.threads)
+        xq_jax = jax.device_put(xq)
+        fns = {
+            "jquant": lambda xq_jax=xq_jax: run(program, xq_jax),
+            "litert": lambda litert=litert, xq=xq: litert(xq),
+        }
+        timings = bench.measure(fns, baseline="jquant", rounds=rounds)
+        timing[f"batch {batch}"] = timings.to_json()
+        print(timings.format(f"batch {batch}"))
+
+    xq = np.asarray(program.quantize_input(data.x_test))
+    codes = np.asarray(run(program, xq))
+    got = E.run_tflite(tfl, xq).reshape(codes.shape)
+    y = np.asarray(data.y_test)
+    accuracy = dict(
+        float=float(
+            np.mean(np.asarray(trained.model.apply(trained.variables, data.x_test)).argmax(1) == y)
+        ),
+        program=float(np.mean(codes.argmax(1) == y)),
+        litert_xnnpack=float(np.mean(got.argmax(1) == y)),
+    )
+    agreement = dict(codes_differing=int(np.sum(got != codes)), codes_total=int(codes.size))
+
+    for name, f in size["files"].items():
+        print(f"size {name}: {f['bytes']} B, {f['ratio']:.3f}x float32 ({float_bytes} B)")
+    differ, total = agreement["codes_differing"], agreement["codes_total"]
+    print(f"LiteRT vs program: {differ} of {total} codes differ")
+    print("test accuracy: " + ", ".join(f"{k} {100 * a:.2f}%" for k, a in accuracy.items()))
+    config = dict(
+        rounds=rounds,
+        batches=list(BATCHES),
+        litert_num_threads=args.threads,
+        model="MNIST-1D CNN (jquant.models 'cnn'), int8 weights per channel, int8 activations, "
+        "xnnpack requantization (fp32)",
+        float_baseline="float32 parameters in safetensors (benchmarks/integer.py's checkpoint)",
+        cpus_usable=len(os.sched_getaffinity(0)),
+    )
+    meta = bench.results_meta(quick=args.quick, load_before=load_before)
+    out = bench.write_results(
+        args.out,
+        dict(meta=meta, config=config, size=size, timing=timing, accuracy=accuracy,
+             agreement=agreement),
+    )  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
