@@ -56,7 +56,8 @@ from jquant.convert.program import (
 from jquant.convert.trace import Node
 from jquant.formats import IntFormat
 from jquant.integer.fixed_point import INT32_MAX, MULTIPLIER_MODES
-from jquant.nn.linen import QuantizedLayer, QuantizedModel
+from jquant.nn.linen import QuantizedModel
+from jquant.nn.state import QuantizedLayer, subtree
 from jquant.quant import QParams, qparams_from_range, quantize
 
 __all__ = [
@@ -176,8 +177,8 @@ def _fold_batch_norm(bn: Node, variables, codes, w_scale, bias):
             f"BatchNorm {path!r}: only running statistics (use_running_average=True) over the "
             f"channel axis can be folded, got use_running_average={use_running}, axis={axis}"
         )
-    params = _subtree(variables.get("params", {}), path)
-    stats = _subtree(variables.get("batch_stats", {}), path)
+    params = subtree(variables.get("params", {}), path)
+    stats = subtree(variables.get("batch_stats", {}), path)
     mean, var = (np.asarray(stats[k], np.float64) for k in ("mean", "var"))
     gamma = np.asarray(params.get("scale", np.ones_like(mean)), np.float64)
     beta = np.asarray(params.get("bias", np.zeros_like(mean)), np.float64)
@@ -190,12 +191,6 @@ def _fold_batch_norm(bn: Node, variables, codes, w_scale, bias):
         )
     w_scale = np.where(k == 0, w_scale, w_scale * np.abs(k))
     return codes, w_scale, (bias - mean) * k + beta
-
-
-def _subtree(tree: Mapping, path: str) -> Mapping:
-    for key in path.split("/"):
-        tree = tree.get(key, {})
-    return tree
 
 
 def _folded(op: _Op, q: QuantizedLayer, variables, x_scale):
@@ -419,10 +414,11 @@ def _value_qps(
     return (lambda v: resolve(groups.find(v))), residual
 
 
-def _plan(
+def conversion_plan(
     qmodel, variables, example_x, apply_kwargs, out_qp: tuple | None = None, given=None
 ) -> _Plan:
-    """Traced and fused steps, their quantized layers, the QParams of every value."""
+    """The conversion's plan (shared by :func:`convert` and :func:`jquant.convert.simulation`):
+    traced and fused steps, their quantized layers, the QParams of every value."""
     nodes = source.trace(qmodel, variables, example_x, apply_kwargs)
     ops = _ops(nodes)
     linear = [k for k, op in enumerate(ops) if op.node.kind in _LINEAR]
@@ -509,7 +505,7 @@ def convert(
     variables = dict(variables)
     example_x = jnp.asarray(example_x)
     out_qp = _signed(output_qparams, IntFormat(8))
-    plan = _plan(qmodel, variables, example_x, apply_kwargs, out_qp, residual_qparams)
+    plan = conversion_plan(qmodel, variables, example_x, apply_kwargs, out_qp, residual_qparams)
     qp = plan.value_qp
     values, specs, reads = {0: 0}, [], []
     for k, op in enumerate(plan.ops):
@@ -578,7 +574,7 @@ def residual_qparams_from_data(
     batches = list(batches)
     if not batches:
         raise ValueError("residual_qparams_from_data needs data: batches yielded no batch")
-    plan = _plan(qmodel, variables, jnp.asarray(batches[0][:1]), apply_kwargs)
+    plan = conversion_plan(qmodel, variables, jnp.asarray(batches[0][:1]), apply_kwargs)
     # the module whose output is the value: the BatchNorm folded into the layer, else it
     ends = {
         (plan.ops[k].bn or plan.ops[k].node).path: plan.ops[k].node.path
@@ -653,7 +649,7 @@ def with_quantized_bias(
     """
     source.check_model(qmodel)
     variables = dict(variables)
-    plan = _plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
+    plan = conversion_plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
     params = variables["params"]
     for k, q in plan.layers.items():
         op = plan.ops[k]
@@ -662,7 +658,7 @@ def with_quantized_bias(
             b_int * np.float64(plan.value_qp(op.inputs[0])[0]) * w_scale.astype(np.float64) - bias
         )
         owner = op.bn.path if op.bn is not None else q.path
-        if "bias" not in _subtree(params, owner):
+        if "bias" not in subtree(params, owner):
             if np.any(delta != 0):
                 raise ValueError(f"layer {owner!r} has no bias parameter to carry the rounding")
             continue

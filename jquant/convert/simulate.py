@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from jquant.convert import source
-from jquant.convert.build import _plan, convert
+from jquant.convert.build import conversion_plan, convert
 from jquant.convert.program import Add, Conv, Dense, Mean
-from jquant.convert.trace import _where
+from jquant.convert.trace import module_path
 from jquant.formats import int8
 from jquant.nn.linen import QuantizedModel
 from jquant.quant import QParams, quantize
@@ -95,7 +95,7 @@ def _with_adds(fn: Callable, adds: list[Add]) -> Callable:
                 and len(operands) == 2
                 and all(v in tainted for v in operands)
                 and operands[0].aval.shape == operands[1].aval.shape
-                and _where(eqn) == pending[0].path
+                and module_path(eqn) == pending[0].path
             ):
                 outs = [_simulated_add(pending.pop(0), *args)]
             else:
@@ -165,7 +165,7 @@ def simulation(
             f"simulation does not model the integer MEAN of {means}; compare with "
             "run(convert(...)) directly"
         )
-    plan = _plan(qmodel, variables, example_x, apply_kwargs)
+    plan = conversion_plan(qmodel, variables, example_x, apply_kwargs)
     linear = [layer for layer in program.layers if isinstance(layer, Conv | Dense)]
     # each layer reads its input at its module and ends at its BatchNorm, else at itself
     pairs = [(plan.ops[k], layer) for k, layer in zip(sorted(plan.layers), linear, strict=True)]

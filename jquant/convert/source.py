@@ -24,7 +24,7 @@ import jax
 from jquant.convert.trace import Node, trace_layers
 from jquant.nn import linen as ql
 from jquant.nn.bn_folding import QConvBN, fold_bn
-from jquant.nn.state import STATS, frozen_qparams
+from jquant.nn.state import STATS, QuantizedLayer, frozen_qparams, subtree
 
 __all__ = ["JQUANT_LAYERS", "check_model", "layer_phase", "eval_forward", "trace", "layer_info"]
 
@@ -82,21 +82,15 @@ def trace(model: Model, variables: Mapping[str, Any], x: jax.Array, apply_kwargs
         return trace_layers(_plain(model), variables, x, **apply_kwargs)
 
 
-def _subtree(tree: Mapping, path: str) -> Mapping:
-    for key in path.split("/"):
-        tree = tree.get(key, {})
-    return tree
-
-
-def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> ql.QuantizedLayer:
+def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> QuantizedLayer:
     """The eval-time weights and QParams of a jquant layer; a QConvBN's kernel and bias are
     the folded ones its eval forward quantizes: ``W gamma / sigma_R`` and
     ``beta - gamma mu_R / sigma_R`` (:func:`jquant.nn.bn_folding.fold_bn`)."""
     module, path = node.module, node.path
-    params = _subtree(variables.get("params", {}), path)
-    stats = _subtree(variables.get(STATS, {}), path)
+    params = subtree(variables.get("params", {}), path)
+    stats = subtree(variables.get(STATS, {}), path)
     if isinstance(module, QConvBN):
-        bn = _subtree(variables.get("batch_stats", {}), path)
+        bn = subtree(variables.get("batch_stats", {}), path)
         fold = jax.jit(fold_bn, static_argnames="eps")
         kernel, bias = fold(
             params["kernel"],
@@ -115,7 +109,7 @@ def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> ql.QuantizedLayer
     qa, qw = frozen_qparams(
         rule.act_config(), rule.weight_config(kernel.ndim), kernel, params, stats
     )
-    return ql.QuantizedLayer(path, rule, kernel, bias, qa, qw)
+    return QuantizedLayer(path, rule, kernel, bias, qa, qw)
 
 
 def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):

@@ -26,7 +26,7 @@ from jax.extend import core as jex_core
 
 from jquant.nn.bn_folding import QConvBN
 
-__all__ = ["Node", "trace_layers"]
+__all__ = ["Node", "module_path", "trace_layers"]
 
 _MARK = "jquant_layer_"
 _LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm, QConvBN)
@@ -54,7 +54,7 @@ class Node(NamedTuple):
     inputs: tuple[int, ...] = ()
 
 
-def _where(eqn) -> str:
+def module_path(eqn) -> str:
     """The module path of an equation, from its name stack (root class and markers removed)."""
     parts = [p for p in str(eqn.source_info.name_stack).split("/") if p]
     parts = [p for p in parts[1:] if not p.startswith(_MARK)]
@@ -88,7 +88,7 @@ def _is_relu(eqn) -> bool:
 
 def _unsupported(eqn, what: str = "") -> ValueError:
     return ValueError(
-        f"unsupported operation {eqn.primitive.name!r}{what} in module {_where(eqn)!r}: the "
+        f"unsupported operation {eqn.primitive.name!r}{what} in module {module_path(eqn)!r}: the "
         "integer program supports Conv / Dense (+ BatchNorm, relu), max / average pooling, "
         "reshape, the add of two activations of one shape, the spatial mean and concatenation"
     )
@@ -174,7 +174,7 @@ def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
     """The node of the glue equation ``eqns[i]`` (kind ``noop``: a cast that keeps the value),
     its output variable and the index of the next equation."""
     eqn = eqns[i]
-    name, path = eqn.primitive.name, _where(eqn)
+    name, path = eqn.primitive.name, module_path(eqn)
     operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
     known = [v for v in operands if v in values]
     if name == "concatenate" and len(eqn.outvars) == 1 and len(known) == len(operands) >= 2:

@@ -53,11 +53,12 @@ from jquant.nn.rules import (
 from jquant.nn.state import (
     STATS,
     LinenSlots,
+    QuantizedLayer,
     check_phase,
     frozen_qparams,
     learned_from_stats,
+    subtree,
 )
-from jquant.quant import QParams
 
 __all__ = [
     "DEFAULT_RULE",
@@ -273,23 +274,6 @@ def learned_from_calibration(variables: Mapping[str, Any]) -> dict[str, Any]:
     return variables
 
 
-class QuantizedLayer(NamedTuple):
-    """A quantized layer as a converter or sweep sees it (eval-time, frozen QParams)."""
-
-    path: str
-    rule: QuantRule
-    kernel: jax.Array
-    bias: jax.Array | None
-    input_qparams: QParams | None
-    kernel_qparams: QParams | None
-
-
-def _subtree(tree: Mapping, path: str) -> Mapping:
-    for key in path.split("/") if path else ():
-        tree = tree.get(key, {})
-    return tree
-
-
 def _deep_merge(base: Mapping, override: Mapping) -> dict:
     out = dict(base)
     for k, v in override.items():
@@ -348,7 +332,7 @@ class QuantizedModel:
         runs with ``fq(W gamma / sigma_R)``; its BatchNorm (:meth:`_folded_bn`) finishes."""
         _, bn_path, eps = fold
         root = conv.scope.root.variables()
-        bn = {c: _subtree(root.get(c, {}), bn_path) for c in ("params", "batch_stats")}
+        bn = {c: subtree(root.get(c, {}), bn_path) for c in ("params", "batch_stats")}
         gamma, _, _, var_r = _bn_constants(bn, conv.features)
         factor = gamma * jax.lax.rsqrt(var_r + eps)
         op = _FoldedOp(QuantOp(LinenSlots(conv), rule, self.phase, "conv"), factor)
@@ -464,8 +448,8 @@ class QuantizedModel:
         for path, rule in self.match.assignment.items():
             if rule is None or rule.keep_float:
                 continue
-            params = _subtree(variables["params"], path)
-            stats = _subtree(variables.get(STATS, {}), path)
+            params = subtree(variables["params"], path)
+            stats = subtree(variables.get(STATS, {}), path)
             kernel = params["kernel"]
             axes = dict(self.channel_axes).get(path)
             qa, qw = frozen_qparams(

@@ -29,7 +29,6 @@ from jax import lax
 
 from jquant.nn.einsum import QuantEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
-from jquant.nn.linen import QuantizedLayer
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
@@ -40,11 +39,14 @@ from jquant.nn.rules import (
     report_unused,
 )
 from jquant.nn.state import (
+    NNXSlots,
+    QuantizedLayer,
     QuantStat,
     check_phase,
     frozen_qparams,
     learned_from_stats,
     learned_placeholders,
+    variable_key,
 )
 
 __all__ = [
@@ -64,38 +66,6 @@ __all__ = [
     "learned_from_calibration",
     "quantized_layers",
 ]
-
-
-class NNXSlots:
-    """:class:`jquant.nn.state.Slots` over an NNX module's attributes. Learned scales exist
-    from construction (:meth:`QuantLayer._init_learned`); statistics are created on use."""
-
-    initializing = False
-
-    def __init__(self, module: nnx.Module):
-        self.module = module
-        self.path = module.quant_path
-
-    def get_stat(self, name):
-        v = getattr(self.module, name, None)
-        return None if v is None else v.value
-
-    def set_stat(self, name, value):
-        v = getattr(self.module, name, None)
-        if v is None:
-            setattr(self.module, name, QuantStat(value))
-        else:
-            v.value = value
-
-    def param(self, name, init):
-        v = getattr(self.module, name, None)
-        if v is None:  # created now, the parameter tree would change under an optimizer
-            raise ValueError(
-                f"layer {self.path!r} has no learned parameter {name!r}: its rule was changed "
-                "after construction; build the layer (or quantize_model) with the final rule "
-                "so that learned scales exist before an optimizer is built"
-            )
-        return v.value
 
 
 class QuantLayer(nnx.Module):
@@ -414,7 +384,8 @@ def set_phase(model: nnx.Module, phase: str) -> nnx.Module:
         missing = [
             m.quant_path or _path_str(p)
             for p, m in layers
-            if m.rule.act_config() is not None and getattr(m, "input_qparams", None) is None
+            if m.rule.act_config() is not None
+            and getattr(m, variable_key("input", "qparams"), None) is None
         ]
         if missing:
             raise ValueError(

@@ -272,7 +272,12 @@ def score(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, fl
     return {k: float(v) for k, v in _score(logits, y, reference).items()}
 
 
-def _check_data(x, y) -> tuple[jax.Array, jax.Array]:
+def check_data(x, y) -> tuple[jax.Array, jax.Array]:
+    """``(x, y)`` as NumPy arrays, one label per example: ``y.shape == (len(x),)``.
+
+    Raises:
+      ValueError: labels of another shape.
+    """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape (len(x),) = ({x.shape[0]},), got {y.shape}")
@@ -318,7 +323,7 @@ def model_vs_bits(
       ``meta["devices"]``: how many devices the widths were split over.
     """
     mesh = sweep_mesh(mesh)
-    x, y = _check_data(x, y)
+    x, y = check_data(x, y)
     grans = (granularities,) if isinstance(granularities, str) else tuple(granularities)
     tgts = (targets,) if isinstance(targets, str) else tuple(targets)
     for g in grans:
