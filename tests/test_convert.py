@@ -292,6 +292,102 @@ def test_nnx_model_converts_to_the_linen_program():
     assert len(np.unique(codes)) > 10
 
 
+class _UserNnxCNN:
+    """Built lazily (flax.nnx imported inside the tests): a user's own NNX CNN, not a zoo
+    model: Conv -> relu -> max pool -> Conv -> relu -> flatten -> Linear."""
+
+    @staticmethod
+    def make(flatten: bool = True):
+        from flax import nnx
+
+        class UserCNN(nnx.Module):
+            def __init__(self, rngs):
+                self.features = nnx.Conv(1, 6, (3,), rngs=rngs)
+                self.mix = nnx.Conv(6, 8, (3,), padding="VALID", rngs=rngs)
+                self.classifier = nnx.Linear(8 * 6 if flatten else 8, 5, rngs=rngs)
+
+            def __call__(self, x):
+                x = nnx.max_pool(nnx.relu(self.features(x)), (2,), strides=(2,))
+                x = nnx.relu(self.mix(x))
+                x = x.reshape(x.shape[0], -1) if flatten else jnp.mean(x, axis=1)
+                return self.classifier(x)
+
+        return UserCNN(nnx.Rngs(3))
+
+
+def _user_nnx_quantized(flatten: bool = True):
+    from jquant.nn import nnx as qn
+
+    model = _UserNnxCNN.make(flatten)
+    qnm, match = qn.quantize_model(model, QuantRule(".*"))
+    assert match.unused == () and set(match.assignment) == {"features", "mix", "classifier"}
+    qn.calibrate(qnm, [X1D[:24], X1D[24:]])
+    return qnm
+
+
+def test_user_nnx_cnn_converts_natively_bit_exact_with_simulation():
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    qnm = _user_nnx_quantized()
+    before = jax.tree.map(np.asarray, nnx.state(qnm))
+    oqp = C.output_qparams_from_data(qnm, None, [X1D])
+    program = C.convert(qnm, None, X1D[:1], output_qparams=oqp, mode="double")
+    assert [type(layer).__name__ for layer in program.layers] == [
+        "Conv",
+        "Pool",
+        "Conv",
+        "Reshape",
+        "Dense",
+    ]
+    codes = _program_codes(program, X1D)
+    sim = jax.jit(C.simulation(qnm, None, X1D[:1], output_qparams=oqp, mode="double"))
+    np.testing.assert_array_equal(np.asarray(quantize(sim(X1D), oqp, int8)), codes)
+    # the NNX model's own fake-quant eval: within one output code
+    qn.with_phase(qnm, "eval")
+    fake = np.asarray(quantize(nnx.jit(lambda m, x: m(x))(qnm, X1D), oqp, int8))
+    assert np.max(np.abs(fake.astype(np.int32) - codes)) <= 1
+    assert len(np.unique(codes)) > 10
+    # converting left the model as it was (phase aside): same variables
+    qn.with_phase(qnm, "float")
+    after = jax.tree.map(np.asarray, nnx.state(qnm))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    # convert_nnx is convert(model, None, ...)
+    again = C.convert_nnx(qnm, X1D[:1], output_qparams=oqp, mode="double")
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(program), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_user_nnx_cnn_with_spatial_mean_converts():
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    qnm = _user_nnx_quantized(flatten=False)
+    oqp = C.output_qparams_from_data(qnm, None, [X1D])
+    residual = C.residual_qparams_from_data(qnm, None, [X1D])
+    assert set(residual) == {"mix"}  # read by the mean alone: its range from the data
+    program = C.convert(qnm, None, X1D[:1], output_qparams=oqp, residual_qparams=residual)
+    assert "Mean" in [type(layer).__name__ for layer in program.layers]
+    fake = np.asarray(
+        quantize(nnx.jit(lambda m, x: m(x))(qn.with_phase(qnm, "eval"), X1D), oqp, int8)
+    )
+    assert np.max(np.abs(fake.astype(np.int32) - _program_codes(program, X1D))) <= 1
+
+
+def test_nnx_convert_errors_name_the_problem():
+    qnm = _user_nnx_quantized()
+    oqp = qparams_from_range(jnp.float32(-3.0), jnp.float32(3.0), int8)
+    with pytest.raises(TypeError, match="variables must be a mapping of collections or None"):
+        C.convert(qnm, 3, X1D[:1], output_qparams=oqp)
+    plain = _UserNnxCNN.make()
+    with pytest.raises(ValueError, match="layer 'features' is not quantized"):
+        C.convert(plain, None, X1D[:1], output_qparams=oqp)
+    with pytest.warns(DeprecationWarning, match="linen_model"):
+        C.convert_nnx(qnm, X1D[:1], output_qparams=oqp, linen_model=object())
+
+
 # --- errors -----------------------------------------------------------------------------
 
 

@@ -1,36 +1,111 @@
-"""Reads a Linen model's layer graph from its jaxpr.
+"""Reads a model's layer graph from its jaxpr (Linen or NNX).
 
-The model is traced once (``jax.make_jaxpr``) with an interceptor that wraps every
-``nn.Conv`` / ``nn.Dense`` / ``nn.BatchNorm`` / :class:`~jquant.nn.bn_folding.QConvBN` call
-in a named scope ``jquant_layer_<i>``, so each equation knows which layer call (if any) it
-belongs to. Equations outside those scopes are the glue between layers and must be one of:
+The model is traced once (``jax.make_jaxpr``) with every Conv / Dense / BatchNorm /
+folded conv + BN call (Linen ``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm``,
+:class:`~jquant.nn.bn_folding.QConvBN`; NNX ``nnx.Conv``, ``nnx.Linear``, ``nnx.BatchNorm``,
+:class:`~jquant.nn.bn_folding.NnxQConvBN`, and the jquant layers derived from them) run in a
+named scope ``jquant_layer_<i>``, so each equation knows which layer call (if any) it
+belongs to. Linen calls are found by ``nn.intercept_methods``; an NNX model is traced as a
+copy whose layers sit inside :class:`CallHook` modules (:func:`with_call_hooks`). Equations
+outside those scopes are the glue between layers and must be one of:
 relu (``jax.nn.relu`` / ``max(x, 0)``), max or average pooling (``reduce_window``), reshape,
 no-op casts, the elementwise ``add`` of two activations of one shape (a residual
 connection), the mean over all spatial axes (``jnp.mean(x, axis=(1, 2))``, global average
 pooling) or the concatenation of activations (``jnp.concatenate``, not along the batch).
 The result is a list of :class:`Node` s in execution order, each naming the
 values it reads (a small DAG); anything else (a layer norm, a softmax) raises ValueError
-naming the module path it came from.
+naming the module path it came from (Linen; NNX glue has no module path).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 from jax.extend import core as jex_core
 
-from jquant.nn.bn_folding import QConvBN
+from jquant.nn.bn_folding import NnxQConvBN, QConvBN
 
-__all__ = ["Node", "module_path", "trace_layers"]
+__all__ = [
+    "CallHook",
+    "Hook",
+    "Node",
+    "layer_kind",
+    "module_path",
+    "trace_calls",
+    "trace_layers",
+    "with_call_hooks",
+]
 
 _MARK = "jquant_layer_"
-_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm, QConvBN)
+# layer classes -> node kind (jquant's quantized layers are subclasses of these)
+_KINDS: tuple[tuple[type, str], ...] = (
+    (QConvBN, "conv_bn"),
+    (NnxQConvBN, "conv_bn"),
+    (nn.BatchNorm, "batch_norm"),
+    (nnx.BatchNorm, "batch_norm"),
+    (nn.Dense, "dense"),
+    (nnx.Linear, "dense"),
+    (nn.Conv, "conv"),
+    (nnx.Conv, "conv"),
+)
 _NOOPS = ("copy", "copy_p")
+
+# hook(path, module, call, args, kwargs) -> output; call(*args, **kwargs) runs the layer
+Hook = Callable[[str, Any, Callable, tuple, dict], Any]
+
+
+def layer_kind(module: Any) -> str | None:
+    """The graph node kind of a Linen or NNX layer (``conv``, ``dense``, ``batch_norm``,
+    ``conv_bn``), None for any other module."""
+    return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
+
+
+class CallHook(nnx.Module):
+    """An NNX layer whose calls go through ``hook(path, layer, layer.__call__, args, kwargs)``
+    (:func:`with_call_hooks`); its variables are the layer's, one level down (``layer``)."""
+
+    def __init__(self, layer: nnx.Module, path: str, hook: Hook):
+        self.layer = layer
+        self.path = path
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
+        return self.hook(self.path, self.layer, self.layer.__call__, args, kwargs)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def with_call_hooks(
+    model: nnx.Module, select: Callable[[str, nnx.Module], bool], hook: Hook
+) -> nnx.Module:
+    """``model`` itself (changed in place: pass a copy) with each submodule ``m`` at ``path``
+    for which ``select(path, m)`` replaced by ``CallHook(m, path, hook)``: the NNX counterpart
+    of ``nn.intercept_methods`` for one forward pass, made by graph surgery on a copy instead
+    of interception. Paths are attribute paths joined by ``/`` (list items by index)."""
+    found = [
+        (p, m)
+        for p, m in nnx.iter_graph(model)
+        if p and isinstance(m, nnx.Module) and select(_path_str(p), m)
+    ]
+    for p, m in found:
+        parent = model
+        for key in p[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        wrapped = CallHook(m, _path_str(p), hook)
+        if isinstance(p[-1], int):
+            parent[p[-1]] = wrapped
+        else:
+            setattr(parent, p[-1], wrapped)
+    return model
 
 
 class Node(NamedTuple):
@@ -137,18 +212,17 @@ def _check_conv(eqn, path: str) -> dict:
     }
 
 
-def _layer_node(module, kwargs, group, values: dict) -> tuple[Node, Any]:
+def _layer_node(path: str, module, kwargs, group, values: dict) -> tuple[Node, Any]:
     """The node of one intercepted layer call and the variable holding its output."""
-    path = "/".join(module.path)
     uses = {values[v] for e in group for v in e.invars if _known(v, values)}
     if len(uses) != 1:
         raise ValueError(
             f"layer {path!r} must consume exactly one activation of the model, got {len(uses)}"
         )
-    if isinstance(module, nn.BatchNorm):
+    kind = layer_kind(module)
+    if kind == "batch_norm":
         return Node("batch_norm", path, module, dict(kwargs), tuple(uses)), group[-1].outvars[0]
-    kind = "dense" if isinstance(module, nn.Dense) else "conv"
-    prim = "conv_general_dilated" if kind == "conv" else "dot_general"
+    prim = "dot_general" if kind == "dense" else "conv_general_dilated"
     core = [e for e in group if e.primitive.name == prim]
     if len(core) != 1 or not _known(core[0].invars[0], values):
         raise ValueError(
@@ -156,13 +230,11 @@ def _layer_node(module, kwargs, group, values: dict) -> tuple[Node, Any]:
             "(circular / causal padding and input transforms are not supported)"
         )
     current = core[0].invars[0]
-    info = _check_conv(core[0], path) if kind == "conv" else None
+    info = None if kind == "dense" else _check_conv(core[0], path)
     if kind == "dense":
         ((lc, rc), (lb, rb)) = core[0].params["dimension_numbers"]
         if lb or rb or tuple(rc) != (0,) or tuple(lc) != (len(current.aval.shape) - 1,):
             raise ValueError(f"layer {path!r}: only x @ kernel over the last axis is supported")
-    if isinstance(module, QConvBN):
-        kind = "conv_bn"
     return Node(kind, path, module, info, (values[current],)), group[-1].outvars[0]
 
 
@@ -243,7 +315,26 @@ def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
 
 
 def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> list[Node]:
-    """The model's graph, in execution order, from one trace of ``model.apply(variables, x)``.
+    """The Linen model's graph, in execution order, from one trace of
+    ``model.apply(variables, x)`` (:func:`trace_calls`)."""
+
+    def run(x, hook: Hook):
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name != "__call__" or not module.path or layer_kind(module) is None:
+                return next_fun(*args, **kwargs)
+            return hook("/".join(module.path), module, next_fun, args, kwargs)
+
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, x, **apply_kwargs)
+
+    return trace_calls(run, x)
+
+
+def trace_calls(run: Callable[[jax.Array, Hook], jax.Array], x: jax.Array) -> list[Node]:
+    """The graph of ``run(x, hook)``, a forward pass that calls ``hook(path, module, call,
+    args, kwargs)`` for each Conv / Dense / BatchNorm call (:func:`layer_kind`), in execution
+    order.
 
     Each node's ``inputs`` names the values it reads (:class:`Node`); the model's output is
     the last node's.
@@ -252,21 +343,14 @@ def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> l
       ValueError: an operation other than the supported ones, naming its module path, or an
         output that is not the last node's.
     """
-    records: list[tuple[nn.Module, dict]] = []
+    records: list[tuple[str, Any, dict]] = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not module.path or not isinstance(module, _LAYERS):
-            return next_fun(*args, **kwargs)
-        records.append((module, dict(kwargs)))
+    def hook(path, module, call, args, kwargs):
+        records.append((path, module, dict(kwargs)))
         with jax.named_scope(f"{_MARK}{len(records) - 1}"):
-            return next_fun(*args, **kwargs)
+            return call(*args, **kwargs)
 
-    def forward(x):
-        with nn.intercept_methods(interceptor):
-            return model.apply(variables, x, **apply_kwargs)
-
-    jaxpr = jax.make_jaxpr(forward)(x).jaxpr
+    jaxpr = jax.make_jaxpr(lambda x: run(x, hook))(x).jaxpr
     if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
         raise ValueError("the model must map one input array to one output array")
     # values: jaxpr variable -> value number (0: the input, k + 1: node k's output)

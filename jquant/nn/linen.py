@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -443,6 +444,15 @@ class QuantizedModel:
         return cache[key]
 
     def layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
+        """Deprecated alias of :meth:`quantized_layers` (the NNX function's name)."""
+        warnings.warn(
+            "QuantizedModel.layers is deprecated; use QuantizedModel.quantized_layers",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.quantized_layers(variables)
+
+    def quantized_layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
         """The quantized layers with their paths, rules, weights and eval-time QParams."""
         out = []
         for path, rule in self.match.assignment.items():

@@ -13,12 +13,13 @@ rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`
 
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
-    set_phase(qmodel, "eval")
+    with_phase(qmodel, "eval")
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,6 +62,7 @@ __all__ = [
     "QAvgPool",
     "QMaxPool",
     "quantize_model",
+    "with_phase",
     "set_phase",
     "calibrate",
     "learned_from_calibration",
@@ -373,7 +375,19 @@ def quantize_model(
 
 
 def set_phase(model: nnx.Module, phase: str) -> nnx.Module:
-    """Sets the phase of every quantized layer of ``model`` (in place) and returns it.
+    """Deprecated alias of :func:`with_phase` (the Linen ``QuantizedModel``'s name)."""
+    warnings.warn(
+        "jquant.nn.nnx.set_phase is deprecated; use jquant.nn.nnx.with_phase",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return with_phase(model, phase)
+
+
+def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
+    """``model`` in another phase (float, calibrate, train or eval), as Linen's
+    :meth:`~jquant.nn.linen.QuantizedModel.with_phase`: an NNX model is mutable, so this sets
+    the phase of every quantized layer in place and returns the model.
 
     Raises:
       ValueError: for train / eval when a layer quantizing its input was never calibrated.
@@ -420,7 +434,7 @@ def calibrate(
       ValueError: when ``batches`` yields nothing.
     """
     before = {id(m): m.phase for _, m in _quant_layers(model)}
-    set_phase(model, "calibrate")
+    with_phase(model, "calibrate")
     step = nnx.jit(lambda m, x: m(x, **call_kwargs))
     n = 0
     for batch in batches:
