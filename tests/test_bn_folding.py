@@ -13,7 +13,7 @@ from flax import nnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from jquant.nn.bn_folding import NnxQConvBN, QConvBN, fold_bn
-from jquant.nn.nnx import set_phase as jnnx_set_phase
+from jquant.nn.nnx import with_phase as jnnx_with_phase
 from jquant.nn.rules import QuantRule
 
 EPS = 1e-5
@@ -233,8 +233,8 @@ def test_nnx_layer_matches_linen_layer_quantized_eval(setup):
     """After calibration the NNX eval equals the Linen eval (checked against NumPy above)."""
     x, params, stats, variables = setup
     layer = _nnx_layer(params, stats)
-    _nnx_run(jnnx_set_phase(layer, "calibrate"), x)
-    y = _nnx_run(jnnx_set_phase(layer, "eval"), x)
+    _nnx_run(jnnx_with_phase(layer, "calibrate"), x)
+    y = _nnx_run(jnnx_with_phase(layer, "eval"), x)
     _, q = _apply(_layer("calibrate"), variables, x, mutable=["quant_stats"])
     np.testing.assert_allclose(y, _apply(_layer("eval"), {**variables, **q}, x), atol=1e-5)
     np.testing.assert_array_equal(layer.mean.value, stats["mean"])  # no update in eval

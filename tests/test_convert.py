@@ -158,7 +158,7 @@ def test_program_structure_and_bn_folding(setup):
     program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
     kinds = [type(layer).__name__ for layer in program.layers]
     linear = [layer for layer in program.layers if isinstance(layer, C.Conv | C.Dense)]
-    assert [layer.path for layer in linear] == [q.path for q in qmodel.layers(v)]
+    assert [layer.path for layer in linear] == [q.path for q in qmodel.quantized_layers(v)]
     assert kinds.count("Pool") == sum(isinstance(layer, C.Conv) for layer in linear)
     for layer in linear:
         assert layer.w.dtype == np.int8 and layer.b.dtype == np.int32
@@ -171,7 +171,7 @@ def test_program_structure_and_bn_folding(setup):
         assert np.abs(np.asarray(linear[1].w, int)).max() <= 7
         conv1 = linear[0]
         k = np.asarray(v["params"]["bn1"]["scale"])
-        q = next(q for q in qmodel.layers(v) if q.path == "conv1")
+        q = next(q for q in qmodel.quantized_layers(v) if q.path == "conv1")
         raw = np.asarray(quantize(q.kernel, q.kernel_qparams, int8)).astype(int)
         # negative gamma flips the codes of channel 0; zero gamma zeroes channel 1
         np.testing.assert_array_equal(conv1.w[0, :, :, 0], -raw[:, :, 0])
@@ -251,7 +251,7 @@ def test_save_load_roundtrip_and_file_layout(setup, tmp_path):
 def test_quantize_dequantize_helpers(setup):
     _, x, qmodel, v, oqp, _ = setup
     program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
-    q1 = qmodel.layers(v)[0]
+    q1 = qmodel.quantized_layers(v)[0]
     fmt = q1.rule.act  # unsigned codes move down by 2^(b-1) onto the int8 grid
     want = np.asarray(quantize(x, q1.input_qparams, fmt)).astype(int) - (not fmt.signed) * 128
     got = program.quantize_input(x)

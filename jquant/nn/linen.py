@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jquant.calibration import calibration_loop
 from jquant.nn.einsum import QEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
@@ -189,9 +190,12 @@ def _bn_constants(bn: Mapping, features: int):
 
 
 class QDense(nn.Dense):
-    """``nn.Dense`` whose product is quantized by ``rule`` (formats, estimator, mode).
+    """jquant: ``nn.Dense`` whose product is quantized by ``rule`` (formats, estimator, mode).
 
     ``y = fq_in(x) @ fq_w(W) + b`` in train / eval; ``x @ W + b`` in float / calibrate.
+
+    Attributes: those of ``nn.Dense`` plus ``rule`` (:class:`~jquant.nn.rules.QuantRule`) and
+    ``phase`` (float, calibrate, train, eval); statistics in the ``quant_stats`` collection.
     """
 
     rule: QuantRule = DEFAULT_RULE
@@ -199,13 +203,18 @@ class QDense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        """``fq_in(x) @ fq_w(W) + b`` (train / eval) or ``x @ W + b`` (float / calibrate,
+        which also updates the input's observer)."""
         return _quantized_call(self, self.rule, self.phase, nn.Dense.__call__, inputs)
 
 
 class QConv(nn.Conv):
-    """``nn.Conv`` (depthwise with ``feature_group_count``) quantized by ``rule``.
+    """jquant: ``nn.Conv`` (depthwise with ``feature_group_count``) quantized by ``rule``.
 
     ``y = conv(fq_in(x), fq_w(W)) + b``; per-channel weight scales are per output channel.
+
+    Attributes: those of ``nn.Conv`` plus ``rule`` (:class:`~jquant.nn.rules.QuantRule`) and
+    ``phase`` (float, calibrate, train, eval); statistics in the ``quant_stats`` collection.
     """
 
     rule: QuantRule = DEFAULT_RULE
@@ -213,6 +222,8 @@ class QConv(nn.Conv):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        """``conv(fq_in(x), fq_w(W)) + b`` (train / eval) or the float conv (float /
+        calibrate, which also updates the input's observer)."""
         return _quantized_call(self, self.rule, self.phase, nn.Conv.__call__, inputs)
 
 
@@ -283,6 +294,32 @@ def _deep_merge(base: Mapping, override: Mapping) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _call(qmodel: QuantizedModel, kind: str, kwargs: tuple, *args):
+    """``qmodel.init(*args, **kwargs)`` (``kind="init"``) or the new ``quant_stats`` of one
+    calibrate-phase ``apply(variables, batch)`` (``kind="calibrate"``)."""
+    if kind == "init":
+        return qmodel.init(*args, **dict(kwargs))
+    variables, batch = args
+    calibrating = qmodel.with_phase("calibrate")
+    return calibrating.apply(variables, batch, mutable=[STATS], **dict(kwargs))[1][STATS]
+
+
+# one compiled program per (model, kind, keyword arguments): jit's own cache, keyed on the
+# static arguments (a QuantizedModel hashes by identity)
+_jitted = jax.jit(_call, static_argnums=(0, 1, 2))
+
+
+def _jitted_call(qmodel: QuantizedModel, kind: str, kwargs: Mapping[str, Any]) -> Callable:
+    """``(*args) -> _call(qmodel, kind, kwargs, *args)`` under ``jax.jit``; compiled once per
+    model, ``kind`` and hashable keyword arguments (unhashable ones: a fresh ``jax.jit``)."""
+    key = tuple(sorted(kwargs.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return jax.jit(functools.partial(_call, qmodel, kind, key))
+    return functools.partial(_jitted, qmodel, kind, key)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -393,8 +430,7 @@ class QuantizedModel:
     def attach(self, variables: Mapping[str, Any], *args, rng=None, **kwargs) -> dict[str, Any]:
         """``variables`` of the plain model plus fresh quantization state (stats, scales)."""
         rng = jax.random.key(0) if rng is None else rng
-        init = self._jitted("init", lambda: functools.partial(self.init, **kwargs), kwargs)
-        return _deep_merge(init(rng, *args), variables)
+        return _deep_merge(_jitted_call(self, "init", kwargs)(rng, *args), variables)
 
     def calibrate(
         self,
@@ -402,46 +438,27 @@ class QuantizedModel:
         batches: Iterable[Any],
         *,
         max_batches: int | None = None,
+        progress: bool = False,
         **apply_kwargs,
     ) -> dict[str, Any]:
-        """Runs the calibrate phase (jitted) over ``batches`` of inputs, then sets learned
-        scales from the calibrated ranges (:func:`learned_from_calibration`).
+        """Runs the calibrate phase (jitted) over ``batches`` of inputs
+        (:func:`jquant.calibration.calibration_loop`: ``max_batches``, a progress bar with
+        ``progress``), then sets learned scales from the calibrated ranges
+        (:func:`learned_from_calibration`).
 
         Raises:
-          ValueError: when ``batches`` yields nothing.
+          ValueError: when ``batches`` yields nothing, or ``max_batches`` is not None or an
+            int >= 1.
         """
-        step = self._calibrate_step(apply_kwargs)
-        variables, n = dict(variables), 0
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            variables[STATS] = step(variables, batch)
-            n += 1
-        if n == 0:
-            raise ValueError("calibrate needs data: batches yielded no batch")
+        stats = _jitted_call(self, "calibrate", apply_kwargs)
+
+        def step(variables, batch):
+            return {**variables, STATS: stats(variables, batch)}
+
+        variables = calibration_loop(
+            step, dict(variables), batches, max_batches=max_batches, progress=progress
+        )
         return learned_from_calibration(variables)
-
-    def _calibrate_step(self, apply_kwargs: dict) -> Callable:
-        """The jitted calibrate step, compiled once per model and keyword arguments."""
-        calib = self.with_phase("calibrate")
-
-        def step(v, batch):
-            return calib.apply(v, batch, mutable=[STATS], **apply_kwargs)[1][STATS]
-
-        return self._jitted("calibrate", lambda: step, apply_kwargs)
-
-    def _jitted(self, kind: str, make: Callable[[], Callable], kwargs: dict) -> Callable:
-        """``jax.jit(make())``, kept per model, ``kind`` and keyword arguments so that repeated
-        calls reuse one compiled program (a fresh ``jax.jit`` object would compile again)."""
-        try:
-            key = (kind, tuple(sorted(kwargs.items())))
-            hash(key)
-        except TypeError:  # unhashable keyword values: no caching
-            return jax.jit(make())
-        cache = self.__dict__.setdefault("_jit_cache", {})
-        if key not in cache:
-            cache[key] = jax.jit(make())
-        return cache[key]
 
     def layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
         """Deprecated alias of :meth:`quantized_layers` (the NNX function's name)."""

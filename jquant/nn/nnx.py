@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jquant.calibration import calibration_loop
+from jquant.calibration.driver import check_max_batches
 from jquant.nn.einsum import QuantEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
@@ -122,7 +124,7 @@ def _injected(kind: str, default, wrap=None) -> property:
 
 
 class QLinear(nnx.Linear, QuantLayer):
-    """``nnx.Linear`` whose product is quantized by ``rule``: ``fq_in(x) @ fq_w(W) + b``.
+    """jquant: ``nnx.Linear`` whose product is quantized by ``rule``: ``fq_in(x) @ fq_w(W) + b``.
 
     Args: those of ``nnx.Linear`` plus ``rule`` (QuantRule), ``phase`` and ``quant_path``
     (the name used in messages).
@@ -141,12 +143,14 @@ class QLinear(nnx.Linear, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """A ``nnx.Linear`` (same arguments) quantized by ``rule`` in ``phase``; ``quant_path``
+        names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
 
 class QConv(nnx.Conv, QuantLayer):
-    """``nnx.Conv`` (depthwise through ``feature_group_count``) quantized by ``rule``.
+    """jquant: ``nnx.Conv`` (depthwise through ``feature_group_count``) quantized by ``rule``.
 
     Args: those of ``nnx.Conv`` plus ``rule``, ``phase`` and ``quant_path``.
     """
@@ -166,12 +170,14 @@ class QConv(nnx.Conv, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """A ``nnx.Conv`` (same arguments) quantized by ``rule`` in ``phase``; ``quant_path``
+        names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
 
 class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
-    """``nnx.LinearGeneral`` quantized by ``rule``: ``dot_general(fq_in(x), fq_w(W)) + b``;
+    """jquant: ``nnx.LinearGeneral`` quantized by ``rule``: ``dot_general(fq_in(x), fq_w(W)) + b``;
     per-channel kernel scales along its batch and output-feature axes (those not contracted).
 
     Args: those of ``nnx.LinearGeneral`` plus ``rule``, ``phase`` and ``quant_path``.
@@ -190,6 +196,9 @@ class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """A ``nnx.LinearGeneral`` (same arguments) quantized by ``rule`` in ``phase``;
+        ``quant_path`` names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now
+        on."""
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
@@ -200,7 +209,7 @@ class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
 
 
 class QEinsum(nnx.Einsum, QuantLayer):
-    """``nnx.Einsum`` quantized by ``rule``: ``einsum(fq_in(x), fq_w(W)) + b`` through
+    """jquant: ``nnx.Einsum`` quantized by ``rule``: ``einsum(fq_in(x), fq_w(W)) + b`` through
     :class:`jquant.nn.einsum.QuantEinsum` (two operands, no ellipsis); per-channel kernel
     scales along its non-contracted axes.
 
@@ -221,6 +230,8 @@ class QEinsum(nnx.Einsum, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """An ``nnx.Einsum`` (same arguments) quantized by ``rule`` in ``phase``; ``quant_path``
+        names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         einsum_dims(einsum_str.replace(" ", ""))  # a dot_general, or a ValueError now
         super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
@@ -425,27 +436,36 @@ def learned_from_calibration(model: nnx.Module) -> nnx.Module:
 
 
 def calibrate(
-    model: nnx.Module, batches: Iterable[Any], *, max_batches: int | None = None, **call_kwargs
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    progress: bool = False,
+    **call_kwargs,
 ) -> nnx.Module:
-    """Runs the calibrate phase (``nnx.jit``) over ``batches`` of inputs, in place, then sets
-    learned scales from the calibrated ranges; the layers' phases are restored after.
+    """Runs the calibrate phase (``nnx.jit``) over ``batches`` of inputs, in place
+    (:func:`jquant.calibration.calibration_loop`: ``max_batches``, a progress bar with
+    ``progress``), then sets learned scales from the calibrated ranges; the layers' phases are
+    restored after.
 
     Raises:
-      ValueError: when ``batches`` yields nothing.
+      ValueError: when ``batches`` yields nothing, or ``max_batches`` is not None or an
+        int >= 1.
     """
+    check_max_batches(max_batches)
     before = {id(m): m.phase for _, m in _quant_layers(model)}
     with_phase(model, "calibrate")
     step = nnx.jit(lambda m, x: m(x, **call_kwargs))
-    n = 0
-    for batch in batches:
-        if max_batches is not None and n >= max_batches:
-            break
-        step(model, batch)
-        n += 1
-    for _, m in _quant_layers(model):
-        m.phase = before.get(id(m), "float")
-    if n == 0:
-        raise ValueError("calibrate needs data: batches yielded no batch")
+
+    def run(m, batch):
+        step(m, batch)
+        return m
+
+    try:
+        calibration_loop(run, model, batches, max_batches=max_batches, progress=progress)
+    finally:
+        for _, m in _quant_layers(model):
+            m.phase = before.get(id(m), "float")
     return learned_from_calibration(model)
 
 
