@@ -36,7 +36,7 @@ from jquant.nn.inject import QuantOp
 from jquant.nn.rules import DEFAULT_RULE, QuantRule
 from jquant.nn.state import LinenSlots, check_phase
 
-__all__ = ["fold_bn", "QConvBN", "NnxQConvBN"]
+__all__ = ["fold_bn", "folded_kernel", "folded_batch_norm", "QConvBN", "NnxQConvBN"]
 
 BATCH_STATS = "batch_stats"
 _KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's default
@@ -104,21 +104,52 @@ def _conv_dims(ndim: int) -> lax.ConvDimensionNumbers:
     )
 
 
-def _conv_bn(quant_conv, x, kernel, gamma, beta, mean_r, var_r, conv_kw, eps, momentum, running):
-    """The folded conv + BN of :class:`QConvBN` (module docstring): ``(y, mean, var)`` with
-    the updated running statistics (unchanged when ``running``)."""
-    w_fold, b_fold = fold_bn(kernel, None, gamma, beta, mean_r, var_r, eps)
-    y = quant_conv(x, w_fold, **conv_kw)
+def folded_kernel(
+    kernel: jax.Array, gamma: jax.Array, mean: jax.Array, var: jax.Array, eps: float
+) -> jax.Array:
+    """The kernel a folded conv quantizes: ``W gamma / sigma_R`` (:func:`fold_bn`)."""
+    return fold_bn(kernel, None, gamma, jnp.zeros_like(gamma), mean, var, eps)[0]
+
+
+def folded_batch_norm(
+    y_quant: jax.Array,
+    y_float: jax.Array | None,
+    gamma: jax.Array,
+    beta: jax.Array,
+    mean_r: jax.Array,
+    var_r: jax.Array,
+    eps: float,
+    momentum: float,
+    running: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The BatchNorm that follows a conv whose kernel was folded (:func:`folded_kernel`):
+    ``(y, running mean, running var)`` from the quantized conv ``y_quant = conv(fq(x),
+    fq(W gamma / sigma_R))`` and, for batch statistics, the float ``y_float = conv(x, W)``::
+
+        running: y = y_quant + beta - gamma mu_R / sigma_R              (statistics unchanged)
+        batch:   y = y_quant sigma_R / sigma_B + beta - gamma mu_B / sigma_B,
+                 r <- momentum r + (1 - momentum) batch               (mu_B, sigma_B of y_float)
+
+    with ``sigma = sqrt(var + eps)``; the one formula of :class:`QConvBN`,
+    :class:`NnxQConvBN` and ``jquant.nn.linen.quantize_model(..., fold_bn=True)``.
+    """
     if running:
-        return y + b_fold, mean_r, var_r
+        return y_quant + (beta - mean_r * _bn_factor(gamma, var_r, eps)), mean_r, var_r
     sigma_r = jnp.sqrt(var_r + eps)  # the statistics W was folded with
-    y_float = lax.conv_general_dilated(x, kernel, **conv_kw)
     axes = tuple(range(y_float.ndim - 1))
     mu_b, var_b = jnp.mean(y_float, axis=axes), jnp.var(y_float, axis=axes)
     new_mean = momentum * mean_r + (1 - momentum) * lax.stop_gradient(mu_b)
     new_var = momentum * var_r + (1 - momentum) * lax.stop_gradient(var_b)
-    y = y * (sigma_r * lax.rsqrt(var_b + eps)) + (beta - mu_b * _bn_factor(gamma, var_b, eps))
+    y = y_quant * (sigma_r * lax.rsqrt(var_b + eps)) + (beta - mu_b * _bn_factor(gamma, var_b, eps))
     return y, new_mean, new_var
+
+
+def _conv_bn(quant_conv, x, kernel, gamma, beta, mean_r, var_r, conv_kw, eps, momentum, running):
+    """The folded conv + BN of :class:`QConvBN` (module docstring): ``(y, mean, var)`` with
+    the updated running statistics (unchanged when ``running``)."""
+    y = quant_conv(x, folded_kernel(kernel, gamma, mean_r, var_r, eps), **conv_kw)
+    y_float = None if running else lax.conv_general_dilated(x, kernel, **conv_kw)
+    return folded_batch_norm(y, y_float, gamma, beta, mean_r, var_r, eps, momentum, running)
 
 
 def _conv_kw(x, kernel_size, strides, padding, feature_group_count) -> dict:
