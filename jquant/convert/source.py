@@ -30,7 +30,7 @@ from jquant.convert.nnx import nnx_forward, nnx_variables
 from jquant.convert.trace import Hook, Node, layer_kind, trace_calls, trace_layers
 from jquant.nn import linen as ql
 from jquant.nn import nnx as qnnx
-from jquant.nn.bn_folding import NnxQConvBN, QConvBN, fold_bn
+from jquant.nn.bn_folding import QConvBN, fold_bn
 from jquant.nn.state import STATS, QuantizedLayer, frozen_qparams, subtree
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "layer_info",
 ]
 
-JQUANT_LAYERS = (ql.QDense, ql.QConv, QConvBN, qnnx.QLinear, qnnx.QConv, NnxQConvBN)
+JQUANT_LAYERS = (ql.QDense, ql.QConv, QConvBN, qnnx.QLinear, qnnx.QConv, qnnx.NnxQConvBN)
 Model = ql.QuantizedModel | nn.Module | nnx.Module
 
 
@@ -51,8 +51,8 @@ def check_model(model: Any) -> None:
     """TypeError unless ``model`` is a QuantizedModel, a Linen module or an NNX module."""
     if not isinstance(model, ql.QuantizedModel | nn.Module | nnx.Module):
         raise TypeError(
-            "qmodel must be a jquant.nn.linen.QuantizedModel, a Linen model built from jquant "
-            "layers (QDense, QConv, QConvBN) or an NNX model with jquant layers "
+            "qmodel must be a jquant.nn.linen.QuantizedModel or a Linen model built from jquant "
+            "layers (QDense, QConv, QConvBN), or an NNX model with jquant layers "
             f"(jquant.nn.nnx.quantize_model), got {type(model).__name__}"
         )
 
@@ -176,7 +176,7 @@ def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> QuantizedLayer:
     module, path = node.module, node.path
     params = subtree(variables.get("params", {}), path)
     stats = subtree(variables.get(STATS, {}), path)
-    if isinstance(module, QConvBN | NnxQConvBN):
+    if isinstance(module, QConvBN | qnnx.NnxQConvBN):
         bn = subtree(variables.get("batch_stats", {}), path)
         fold = jax.jit(fold_bn, static_argnames="eps")
         kernel, bias = fold(

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jex_core
 
-from jquant.nn.bn_folding import NnxQConvBN, QConvBN
+from jquant.nn.bn_folding import QConvBN
+from jquant.nn.nnx import CallHook, Hook, NnxQConvBN, with_call_hooks
 
 __all__ = [
     "CallHook",
@@ -57,55 +58,11 @@ _KINDS: tuple[tuple[type, str], ...] = (
 )
 _NOOPS = ("copy", "copy_p")
 
-# hook(path, module, call, args, kwargs) -> output; call(*args, **kwargs) runs the layer
-Hook = Callable[[str, Any, Callable, tuple, dict], Any]
-
 
 def layer_kind(module: Any) -> str | None:
     """The graph node kind of a Linen or NNX layer (``conv``, ``dense``, ``batch_norm``,
     ``conv_bn``), None for any other module."""
     return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
-
-
-class CallHook(nnx.Module):
-    """An NNX layer whose calls go through ``hook(path, layer, layer.__call__, args, kwargs)``
-    (:func:`with_call_hooks`); its variables are the layer's, one level down (``layer``)."""
-
-    def __init__(self, layer: nnx.Module, path: str, hook: Hook):
-        self.layer = layer
-        self.path = path
-        self.hook = hook
-
-    def __call__(self, *args, **kwargs):
-        return self.hook(self.path, self.layer, self.layer.__call__, args, kwargs)
-
-
-def _path_str(path: tuple) -> str:
-    return "/".join(str(k) for k in path)
-
-
-def with_call_hooks(
-    model: nnx.Module, select: Callable[[str, nnx.Module], bool], hook: Hook
-) -> nnx.Module:
-    """``model`` itself (changed in place: pass a copy) with each submodule ``m`` at ``path``
-    for which ``select(path, m)`` replaced by ``CallHook(m, path, hook)``: the NNX counterpart
-    of ``nn.intercept_methods`` for one forward pass, made by graph surgery on a copy instead
-    of interception. Paths are attribute paths joined by ``/`` (list items by index)."""
-    found = [
-        (p, m)
-        for p, m in nnx.iter_graph(model)
-        if p and isinstance(m, nnx.Module) and select(_path_str(p), m)
-    ]
-    for p, m in found:
-        parent = model
-        for key in p[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        wrapped = CallHook(m, _path_str(p), hook)
-        if isinstance(p[-1], int):
-            parent[p[-1]] = wrapped
-        else:
-            setattr(parent, p[-1], wrapped)
-    return model
 
 
 class Node(NamedTuple):

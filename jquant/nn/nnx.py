@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,12 @@ from jax import lax
 
 from jquant.calibration import calibration_loop
 from jquant.calibration.driver import check_max_batches
+from jquant.nn.bn_folding import (
+    KERNEL_INIT,
+    conv_bn,
+    conv_keywords,
+    running_statistics,
+)
 from jquant.nn.einsum import QuantEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
@@ -63,12 +69,16 @@ __all__ = [
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
+    "NnxQConvBN",
     "quantize_model",
     "with_phase",
     "set_phase",
     "calibrate",
     "learned_from_calibration",
     "quantized_layers",
+    "CallHook",
+    "Hook",
+    "with_call_hooks",
 ]
 
 
@@ -287,6 +297,69 @@ class QMaxPool(_QPool):
         return self._pool(x, "max")
 
 
+class NnxQConvBN(QuantLayer):
+    """jquant: NNX twin of :class:`jquant.nn.bn_folding.QConvBN` (same formulas): ``kernel``
+    (``HWIO``), ``scale``, ``bias`` are ``nnx.Param``; running ``mean`` / ``var`` are
+    ``nnx.BatchStat``; input statistics are ``QuantStat`` attributes. ``use_running_average``
+    (None: by phase) and the call's argument choose running or batch statistics as in the
+    Linen layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: str | Sequence[tuple[int, int]] = "SAME",
+        feature_group_count: int = 1,
+        use_running_average: bool | None = None,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        kernel_init: Callable = KERNEL_INIT,
+        rule: QuantRule = DEFAULT_RULE,
+        phase: str = "float",
+        quant_path: str = "",
+        rngs: nnx.Rngs,
+    ):
+        shape = (*kernel_size, in_features // feature_group_count, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
+        self._init_quant(rule, phase, quant_path)
+        self.scale = nnx.Param(jnp.ones((out_features,)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.mean = nnx.BatchStat(jnp.zeros((out_features,)))
+        self.var = nnx.BatchStat(jnp.ones((out_features,)))
+        self.kernel_size = tuple(kernel_size)
+        self.strides, self.padding = strides, padding
+        self.feature_group_count = feature_group_count
+        self.use_running_average = use_running_average
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        check_phase(self.phase)
+        conv_kw = conv_keywords(
+            x, self.kernel_size, self.strides, self.padding, self.feature_group_count
+        )
+        running = running_statistics(self.phase, use_running_average, self.use_running_average)
+        y, mean, var = conv_bn(
+            QuantOp(NNXSlots(self), self.rule, self.phase, "conv"),
+            x,
+            self.kernel.value,
+            self.scale.value,
+            self.bias.value,
+            self.mean.value,
+            self.var.value,
+            conv_kw,
+            self.epsilon,
+            self.momentum,
+            running,
+        )
+        if not running:
+            self.mean.value, self.var.value = mean, var
+        return y
+
+
 # exact plain type -> its quantized layer (a subclass, e.g. nnx.LoRALinear, is not replaced)
 _REPLACEMENTS = {
     nnx.Linear: QLinear,
@@ -331,6 +404,47 @@ def _path_str(path: tuple) -> str:
 
 def _quant_layers(model: nnx.Module):
     return [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, QuantLayer)]
+
+
+# hook(path, module, call, args, kwargs) -> output; call(*args, **kwargs) runs the layer
+Hook = Callable[[str, Any, Callable, tuple, dict], Any]
+
+
+class CallHook(nnx.Module):
+    """An NNX layer whose calls go through ``hook(path, layer, layer.__call__, args, kwargs)``
+    (:func:`with_call_hooks`); its variables are the layer's, one level down (``layer``)."""
+
+    def __init__(self, layer: nnx.Module, path: str, hook: Hook):
+        self.layer = layer
+        self.path = path
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
+        return self.hook(self.path, self.layer, self.layer.__call__, args, kwargs)
+
+
+def with_call_hooks(
+    model: nnx.Module, select: Callable[[str, nnx.Module], bool], hook: Hook
+) -> nnx.Module:
+    """``model`` itself (changed in place: pass a copy) with each submodule ``m`` at ``path``
+    for which ``select(path, m)`` replaced by ``CallHook(m, path, hook)``: the NNX counterpart
+    of ``nn.intercept_methods`` for one forward pass, made by graph surgery on a copy instead
+    of interception. Paths are attribute paths joined by ``/`` (list items by index)."""
+    found = [
+        (p, m)
+        for p, m in nnx.iter_graph(model)
+        if p and isinstance(m, nnx.Module) and select(_path_str(p), m)
+    ]
+    for p, m in found:
+        parent = model
+        for key in p[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        wrapped = CallHook(m, _path_str(p), hook)
+        if isinstance(p[-1], int):
+            parent[p[-1]] = wrapped
+        else:
+            setattr(parent, p[-1], wrapped)
+    return model
 
 
 def quantize_model(
