@@ -34,6 +34,8 @@ from jquant.nn.bn_folding import (
     KERNEL_INIT,
     conv_bn,
     conv_keywords,
+    folded_batch_norm,
+    folded_kernel,
     running_statistics,
 )
 from jquant.nn.einsum import QuantEinsum, einsum_dims
@@ -76,6 +78,10 @@ __all__ = [
     "calibrate",
     "learned_from_calibration",
     "quantized_layers",
+    "FoldLink",
+    "FoldedQConv",
+    "FoldedBatchNorm",
+    "fold_pairs",
     "CallHook",
     "Hook",
     "with_call_hooks",
@@ -360,6 +366,174 @@ class NnxQConvBN(QuantLayer):
         return y
 
 
+class FoldLink:
+    """The channel of one folded Conv -> BatchNorm pair within a forward pass.
+
+    The :class:`FoldedQConv` returns its float output ``conv(x, W)`` (what its BatchNorm
+    reads) and leaves here, for the :class:`FoldedBatchNorm` that reads that very value, a
+    function computing its quantized output from a kernel transform; the BatchNorm takes it at
+    once. A static attribute of both layers (no variable); it is empty between calls.
+    """
+
+    def __init__(self, conv: str, bn: str):
+        self.conv = conv
+        self.bn = bn
+        self._pending: tuple[jax.Array, Callable, str] | None = None
+
+    def put(self, y_float: jax.Array, quantized: Callable, phase: str) -> None:
+        """Leaves the conv's float output, ``quantized(kernel_fn) -> y`` and its phase."""
+        self._pending = (y_float, quantized, phase)
+
+    def take(self, x: jax.Array) -> tuple[Callable, str] | None:
+        """``(quantized, phase)`` left by the conv whose output ``x`` is; None when nothing
+        is pending (phase float: the BatchNorm runs as it is).
+
+        Raises:
+          ValueError: the BatchNorm reads something other than its conv's output.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending[0] is not x:
+            raise ValueError(
+                f"fold_bn: BatchNorm {self.bn!r} no longer reads the output of {self.conv!r}"
+            )
+        return pending[1], pending[2]
+
+
+class FoldedQConv(QConv):
+    """jquant: a :class:`QConv` whose BatchNorm (a :class:`FoldedBatchNorm`) is folded into
+    its quantized weights (Jacob et al. 2018, sec. 3.2), as
+    :class:`jquant.nn.bn_folding.QConvBN` with the plain model's variables. In phase float it
+    is the float conv; otherwise it returns ``conv(x, W)`` for its BatchNorm, which computes
+    ``conv(fq(x), fq(W gamma / sigma_R))`` through ``fold_link`` and finishes with
+    :func:`jquant.nn.bn_folding.folded_batch_norm`.
+
+    Args: those of :class:`QConv` plus ``fold_link`` (:class:`FoldLink`).
+    """
+
+    def __init__(self, *args, fold_link: FoldLink, **kwargs):
+        """A :class:`QConv` (same arguments) paired with a BatchNorm through ``fold_link``."""
+        super().__init__(*args, **kwargs)
+        self.fold_link = fold_link
+        self.op_override = None
+
+    @property
+    def conv_general_dilated(self):
+        op = getattr(self, "op_override", None)
+        return QConv.conv_general_dilated.fget(self) if op is None else op
+
+    @conv_general_dilated.setter
+    def conv_general_dilated(self, value):
+        QConv.conv_general_dilated.fset(self, value)
+
+    def _with_op(self, op: Callable, x: jax.Array) -> jax.Array:
+        """``nnx.Conv``'s forward with ``op`` as its ``conv_general_dilated``."""
+        self.op_override = op
+        try:
+            return nnx.Conv.__call__(self, x)
+        finally:
+            self.op_override = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``conv(x, W)`` (phase float: the BatchNorm runs plain; otherwise the BatchNorm
+        finishes the folded layer)."""
+        if self.phase == "float":
+            return super().__call__(x)
+        y_float = self._with_op(lax.conv_general_dilated, x)
+        op = QuantOp(NNXSlots(self), self.rule, self.phase, "conv")
+
+        def quantized(kernel_fn: Callable) -> jax.Array:
+            return self._with_op(lambda lhs, rhs, *a, **k: op(lhs, kernel_fn(rhs), *a, **k), x)
+
+        self.fold_link.put(y_float, quantized, self.phase)
+        return y_float
+
+
+class FoldedBatchNorm(nnx.BatchNorm):
+    """jquant: the ``nnx.BatchNorm`` of a :class:`FoldedQConv` (same variables): plain in
+    phase float; otherwise :func:`jquant.nn.bn_folding.folded_batch_norm` of the conv's
+    quantized output with the folded kernel ``W gamma / sigma_R``, running statistics in the
+    calibrate and eval phases or when the call (or ``use_running_average``) asks for them.
+
+    Args: those of ``nnx.BatchNorm`` plus ``fold_link`` (:class:`FoldLink`).
+    """
+
+    def __init__(self, num_features: int, *, fold_link: FoldLink, **kwargs):
+        """An ``nnx.BatchNorm`` (same arguments) paired with a conv through ``fold_link``."""
+        super().__init__(num_features, **kwargs)
+        self.fold_link = fold_link
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
+        """The folded conv + BN output (the plain BatchNorm in phase float)."""
+        pending = self.fold_link.take(x)
+        if pending is None:
+            return super().__call__(x, use_running_average, mask=mask)
+        quantized, phase = pending
+        if mask is not None:
+            raise ValueError(f"fold_bn: BatchNorm {self.fold_link.bn!r} cannot take a mask")
+        flag = self.use_running_average if use_running_average is None else use_running_average
+        if flag is None and phase not in ("calibrate", "eval"):
+            raise ValueError("No `use_running_average` argument was provided to BatchNorm")
+        running = phase in ("calibrate", "eval") or bool(flag)
+        n = x.shape[-1]
+        gamma = jnp.ones((n,)) if self.scale is None else self.scale.value
+        beta = jnp.zeros((n,)) if self.bias is None else self.bias.value
+        mean_r, var_r = self.mean.value, self.var.value
+        y_quant = quantized(lambda w: folded_kernel(w, gamma, mean_r, var_r, self.epsilon))
+        y, mean, var = folded_batch_norm(
+            y_quant, x, gamma, beta, mean_r, var_r, self.epsilon, self.momentum, running
+        )
+        if not running:
+            self.mean.value, self.var.value = mean, var
+        return y
+
+
+def fold_pairs(model: nnx.Module, *example_args, **example_kwargs) -> list[tuple[str, str]]:
+    """``(conv path, BatchNorm path)`` of each bias-free ``nnx.Conv`` whose output (the very
+    value) goes straight into an ``nnx.BatchNorm`` over the channel axis, from one forward
+    pass of a copy of ``model`` on the example inputs (:func:`with_call_hooks`)."""
+    outputs: list[tuple[str, jax.Array]] = []
+    pairs: list[tuple[str, str]] = []
+
+    def hook(path, module, call, args, kwargs):
+        y = call(*args, **kwargs)
+        if not isinstance(module, nnx.BatchNorm):
+            outputs.append((path, y))
+        elif args and module.axis in (-1, args[0].ndim - 1) and module.axis_name is None:
+            conv = next((p for p, out in outputs if out is args[0]), None)
+            if conv is not None:
+                pairs.append((conv, path))
+        return y
+
+    def select(path, m):
+        return (type(m) is nnx.Conv and not m.use_bias) or type(m) is nnx.BatchNorm
+
+    probe = with_call_hooks(nnx.clone(model), select, hook)
+    probe(*example_args, **example_kwargs)
+    return pairs
+
+
+def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def _folded_bn_copy(bn: nnx.BatchNorm, link: FoldLink) -> FoldedBatchNorm:
+    """A :class:`FoldedBatchNorm` with ``bn``'s hyperparameters and variables."""
+    params = inspect.signature(nnx.BatchNorm.__init__).parameters
+    skip = ("self", "num_features", "rngs", "bias_metadata", "scale_metadata")
+    kwargs = {n: getattr(bn, n) for n in params if n not in skip and hasattr(bn, n)}
+    q = FoldedBatchNorm(bn.num_features, fold_link=link, rngs=nnx.Rngs(0), **kwargs)
+    q.scale, q.bias, q.mean, q.var = bn.scale, bn.bias, bn.mean, bn.var
+    return q
+
+
 # exact plain type -> its quantized layer (a subclass, e.g. nnx.LoRALinear, is not replaced)
 _REPLACEMENTS = {
     nnx.Linear: QLinear,
@@ -371,8 +545,11 @@ _INJECTED = ("dot_general", "dot_general_cls", "conv_general_dilated", "einsum_o
 _NOT_COPIED = ("self", "rngs", "kernel_metadata", "bias_metadata", *_INJECTED)
 
 
-def _quantized_copy(layer: nnx.Module, rule: QuantRule, phase: str, path: str) -> nnx.Module:
-    """The quantized layer with ``layer``'s hyperparameters and its kernel / bias variables.
+def _quantized_copy(
+    layer: nnx.Module, rule: QuantRule, phase: str, path: str, cls: type | None = None, **extra
+) -> nnx.Module:
+    """The quantized layer (``cls(..., **extra)``, default by type) with ``layer``'s
+    hyperparameters and its kernel / bias variables.
 
     Raises:
       ValueError: the layer brings its own product op, which jquant would have to replace.
@@ -391,7 +568,8 @@ def _quantized_copy(layer: nnx.Module, rule: QuantRule, phase: str, path: str) -
         for name in params
         if name not in _NOT_COPIED and hasattr(layer, name)
     }
-    q = _REPLACEMENTS[base](**kwargs, rule=rule, phase=phase, quant_path=path, rngs=nnx.Rngs(0))
+    cls = _REPLACEMENTS[base] if cls is None else cls
+    q = cls(**kwargs, **extra, rule=rule, phase=phase, quant_path=path, rngs=nnx.Rngs(0))
     q.kernel = layer.kernel
     q.bias = layer.bias
     q._init_learned()  # the kernel's learned scale from the real kernel
@@ -450,9 +628,11 @@ def with_call_hooks(
 def quantize_model(
     model: nnx.Module,
     rules: QuantRule | Iterable[QuantRule],
-    *,
+    *example_args,
     phase: str = "float",
     on_unused: str = "warn",
+    fold_bn: bool = False,
+    **example_kwargs,
 ) -> tuple[nnx.Module, RuleMatch]:
     """A copy of ``model`` whose ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` /
     ``nnx.Einsum`` layers are quantized by rules.
@@ -461,6 +641,13 @@ def quantize_model(
     first rule that fullmatches a path wins; ``keep_float`` rules leave the layer as it is.
     Learned scales (LSQ / LSQ+ / PACT) exist from now on (the input's as a placeholder that
     :func:`calibrate` sets), so an ``nnx.Optimizer`` may be built before calibration.
+
+    With ``fold_bn=True`` (and example inputs of ``model.__call__``, which find the pairs:
+    :func:`fold_pairs`) every quantized bias-free ``nnx.Conv`` whose output goes straight into
+    an ``nnx.BatchNorm`` trains with the BN folded into its quantized weights, exactly as the
+    Linen ``quantize_model(..., fold_bn=True)`` and :class:`jquant.nn.bn_folding.QConvBN`
+    (Jacob et al. 2018, sec. 3.2): the pair becomes a :class:`FoldedQConv` and a
+    :class:`FoldedBatchNorm` holding the same variables under the same paths.
 
     Returns:
       ``(quantized copy, RuleMatch)``; rules that match nothing are warned about, raised on
@@ -472,6 +659,14 @@ def quantize_model(
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     check_phase(phase)
     rules = check_rules(rules)
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+    if fold_bn and not example_args and not example_kwargs:
+        raise TypeError(
+            "quantize_model(nnx_model, rules, *example_args, fold_bn=True): pass example "
+            "inputs (they show which BatchNorm reads which conv's output)"
+        )
+    pairs = dict(fold_pairs(model, *example_args, **example_kwargs)) if fold_bn else {}
     model = nnx.clone(model)
     targets, unsupported = {}, {}
     for p, m in nnx.iter_graph(model):
@@ -488,14 +683,21 @@ def quantize_model(
         if rule is None or rule.keep_float:
             continue
         path, layer = targets[name]
-        parent = model
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        q = _quantized_copy(layer, rule, phase, name)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = q
+        if name in pairs:
+            link = FoldLink(name, pairs[name])
+            q = _quantized_copy(layer, rule, phase, name, FoldedQConv, fold_link=link)
         else:
-            setattr(parent, path[-1], q)
+            q = _quantized_copy(layer, rule, phase, name)
+        _set(model, path, q)
+    bns = {
+        _path_str(p): (p, m)
+        for p, m in nnx.iter_graph(model)
+        if type(m) is nnx.BatchNorm and _path_str(p) in pairs.values()
+    }
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, FoldedQConv):
+            bn_path, bn = bns[m.fold_link.bn]
+            _set(model, bn_path, _folded_bn_copy(bn, m.fold_link))
     return model, match
 
 
