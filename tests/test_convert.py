@@ -1109,6 +1109,48 @@ def test_fold_bn_model_converts():
     assert np.abs(got - want).max() <= 1
 
 
+def test_nnx_fold_bn_model_converts_as_its_linen_twin():
+    """An NNX Conv -> BatchNorm model quantized with ``fold_bn=True`` converts natively: the
+    program equals ``simulation`` bit for bit, its eval model within 1 LSB, and the Linen
+    fold of the same weights gives the same program."""
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    class ConvBN(nnx.Module):  # _ConvBNHead in NNX: the same paths, the same variables
+        def __init__(self, rngs):
+            self.Conv_0 = nnx.Conv(2, 8, (3,), use_bias=False, rngs=rngs)
+            self.BatchNorm_0 = nnx.BatchNorm(8, rngs=rngs)
+            self.Dense_0 = nnx.Linear(8 * 16, 10, rngs=rngs)
+
+        def __call__(self, x, train=False):
+            x = nnx.relu(self.BatchNorm_0(self.Conv_0(x), use_running_average=not train))
+            return self.Dense_0(x.reshape(x.shape[0], -1))
+
+    x = jax.random.normal(jax.random.key(0), (64, 16, 2))
+    v = _ConvBNHead().init(jax.random.key(1), x)
+    v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+    model = ConvBN(nnx.Rngs(0))
+    params, stats = nnx.state(model, nnx.Param, nnx.BatchStat)
+    params.replace_by_pure_dict(v["params"])
+    stats.replace_by_pure_dict(v["batch_stats"])
+    nnx.update(model, params, stats)
+    qnm, _ = qn.quantize_model(model, QuantRule(".*"), x, fold_bn=True)
+    qn.calibrate(qnm, [x])
+    oqp = C.output_qparams_from_data(qnm, None, [x])
+    program = C.convert(qnm, None, x[:2], output_qparams=oqp, mode="fp32")
+    got = _program_codes(program, x)
+    sim = jax.jit(C.simulation(qnm, None, x[:2], output_qparams=oqp, mode="fp32"))(x)
+    np.testing.assert_array_equal(got, np.asarray(quantize(sim, oqp, int8)).astype(np.int32))
+    fake = nnx.jit(lambda m, x: m(x))(qn.with_phase(qnm, "eval"), x)
+    assert np.abs(got - np.asarray(quantize(fake, oqp, int8)).astype(np.int32)).max() <= 1
+    lq, _ = ql.quantize_model(_ConvBNHead(), QuantRule(".*"), x, fold_bn=True)
+    lv = lq.calibrate(lq.attach(v, x), [x])
+    linen = C.convert(lq, lv, x[:2], output_qparams=oqp, mode="fp32")
+    for a, b in zip(jax.tree.leaves(program), jax.tree.leaves(linen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ------------------------------------------------------------------------------ mean / concat
 
 
