@@ -769,7 +769,7 @@ def calibrate(
         int >= 1.
     """
     check_max_batches(max_batches)
-    before = {id(m): m.phase for _, m in _quant_layers(model)}
+    before = {path: m.phase for path, m in _quant_layers(model)}
     with_phase(model, "calibrate")
     step = nnx.jit(lambda m, x: m(x, **call_kwargs))
 
@@ -780,8 +780,8 @@ def calibrate(
     try:
         calibration_loop(run, model, batches, max_batches=max_batches, progress=progress)
     finally:
-        for _, m in _quant_layers(model):
-            m.phase = before.get(id(m), "float")
+        for path, m in _quant_layers(model):
+            m.phase = before.get(path, "float")
     return learned_from_calibration(model)
 
 
