@@ -384,8 +384,9 @@ def test_nnx_convert_errors_name_the_problem():
     plain = _UserNnxCNN.make()
     with pytest.raises(ValueError, match="layer 'features' is not quantized"):
         C.convert(plain, None, X1D[:1], output_qparams=oqp)
-    with pytest.warns(DeprecationWarning, match="linen_model"):
-        C.convert_nnx(qnm, X1D[:1], output_qparams=oqp, linen_model=object())
+    with pytest.warns(DeprecationWarning, match="linen_model"):  # warned, then validated
+        with pytest.raises(ValueError, match="mode must be one of"):
+            C.convert_nnx(qnm, X1D[:1], output_qparams=oqp, mode="exact", linen_model=object())
 
 
 # --- errors -----------------------------------------------------------------------------
