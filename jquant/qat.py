@@ -423,9 +423,9 @@ def run_nnx(
         acc = T.evaluate(floats[-1][0], p_f, s_f, data.x_test, data.y_test)["accuracy"]
         qm, _ = qn.quantize_model(m, rules, on_unused="ignore")
         qn.calibrate(qm, calib)
-        g_e, p, ms = T.split_nnx(qn.set_phase(qm, "eval"))
+        g_e, p, ms = T.split_nnx(qn.with_phase(qm, "eval"))
         ptq = T.evaluate(T.nnx_apply_fn(g_e), p, ms, data.x_test, data.y_test)["accuracy"]
-        g_t, _, _ = T.split_nnx(qn.set_phase(qm, "train"))
+        g_t, _, _ = T.split_nnx(qn.with_phase(qm, "train"))
         results.append({"float": acc, "ptq": ptq})
         starts.append((p, ms))
     say(f"float {[r['float'] for r in results]}; ptq {[r['ptq'] for r in results]}")

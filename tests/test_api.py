@@ -92,3 +92,25 @@ def test_fake_quant_keeps_low_precision_dtype(dtype):
     assert y.dtype == dtype
     g = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32)))(x)
     assert g.dtype == dtype
+
+
+def test_help_of_quantized_layers_starts_with_jquant_docs():
+    """pydoc shows each quantized layer's own docs (class, then its own methods) before any
+    inherited Flax text."""
+    import pydoc
+
+    from jquant.nn import linen as ql
+    from jquant.nn import nnx as qn
+    from jquant.nn.einsum import QEinsum as LinenQEinsum
+
+    layers = (ql.QDense, ql.QConv, LinenQEinsum, qn.QLinear, qn.QConv, qn.QLinearGeneral)
+    for cls in (*layers, qn.QEinsum):
+        text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+        head = text[: text.index("Method resolution order")]
+        assert "jquant: " in head, cls
+        own = text[text.index("Methods defined here") :]
+        own = own[: own.index("-" * 20)]  # up to the first inherited section
+        assert "Applies a linear transformation" not in own, cls  # Flax's __call__ doc
+        if cls.__module__ == "jquant.nn.nnx":  # an __init__ of ours (Linen's is a dataclass's)
+            assert "Initialize self." not in own, cls
+        assert "fq_in(x)" in own or "quantized by ``rule``" in own, cls

@@ -13,7 +13,7 @@ from flax import nnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from jquant.nn.bn_folding import NnxQConvBN, QConvBN, fold_bn
-from jquant.nn.nnx import set_phase as jnnx_set_phase
+from jquant.nn.nnx import with_phase as jnnx_with_phase
 from jquant.nn.rules import QuantRule
 
 EPS = 1e-5
@@ -233,8 +233,8 @@ def test_nnx_layer_matches_linen_layer_quantized_eval(setup):
     """After calibration the NNX eval equals the Linen eval (checked against NumPy above)."""
     x, params, stats, variables = setup
     layer = _nnx_layer(params, stats)
-    _nnx_run(jnnx_set_phase(layer, "calibrate"), x)
-    y = _nnx_run(jnnx_set_phase(layer, "eval"), x)
+    _nnx_run(jnnx_with_phase(layer, "calibrate"), x)
+    y = _nnx_run(jnnx_with_phase(layer, "eval"), x)
     _, q = _apply(_layer("calibrate"), variables, x, mutable=["quant_stats"])
     np.testing.assert_allclose(y, _apply(_layer("eval"), {**variables, **q}, x), atol=1e-5)
     np.testing.assert_array_equal(layer.mean.value, stats["mean"])  # no update in eval
@@ -320,3 +320,94 @@ def test_quantize_model_fold_bn_equals_hand_built_qconvbn(setup):
     )(hv["params"])
     np.testing.assert_allclose(g["Conv_0"]["kernel"], hg["kernel"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g["BatchNorm_0"]["scale"], hg["scale"], rtol=1e-4, atol=1e-5)
+
+
+class _LinenConvBNHead(nn.Module):
+    """Conv (no bias) -> BatchNorm -> relu -> flatten -> Dense, Linen."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(C_OUT, (3,), use_bias=False, name="conv")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
+        return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+class _NnxConvBNHead(nnx.Module):
+    """The same model in NNX (same attribute paths, so the same variable tree)."""
+
+    def __init__(self, length: int, rngs):
+        self.conv = nnx.Conv(C_IN, C_OUT, (3,), use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(C_OUT, rngs=rngs)
+        self.head = nnx.Linear(C_OUT * length, 3, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def nnx_conv_bn_head(x):
+    """A float NNX Conv -> BN model with BN statistics and affine away from the identity
+    (one gamma negative), and its variables as a Linen tree."""
+    _, params, stats = _data()
+    model = _NnxConvBNHead(x.shape[1], nnx.Rngs(0))
+    model.bn.scale.value = params["scale"].at[0].set(-1.3)
+    model.bn.bias.value = params["bias"]
+    model.bn.mean.value, model.bn.var.value = stats["mean"], stats["var"]
+    p, s = nnx.state(model, nnx.Param, nnx.BatchStat)
+    return model, {"params": p.to_pure_dict(), "batch_stats": s.to_pure_dict()}
+
+
+def test_nnx_quantize_model_fold_bn_equals_the_linen_fold():
+    """NNX ``quantize_model(..., fold_bn=True)`` computes what the Linen one computes (itself
+    checked against QConvBN above) from the same weights: float phase = the plain model,
+    calibrated statistics, eval and train outputs, the running-statistic update, gradients."""
+    from jquant.nn import linen as ql
+    from jquant.nn import nnx as qn
+    from jquant.nn.state import QuantStat
+
+    x = jax.random.normal(jax.random.key(2), (6, 10, C_IN))
+    model, v = nnx_conv_bn_head(x)
+    rule = QuantRule(".*", weight="int4", act="int8", weight_granularity="per_tensor")
+    lq, _ = ql.quantize_model(_LinenConvBNHead(), rule, x, fold_bn=True)
+    assert lq.folds == (("conv", "bn", EPS),)
+    nq, _ = qn.quantize_model(model, rule, x, fold_bn=True)
+    assert isinstance(nq.conv, qn.FoldedQConv) and isinstance(nq.bn, qn.FoldedBatchNorm)
+    assert type(model.conv) is nnx.Conv  # the input model is left as it is
+    with pytest.raises(TypeError, match="example"):
+        qn.quantize_model(model, rule, fold_bn=True)
+    with pytest.raises(TypeError, match="fold_bn"):
+        qn.quantize_model(model, rule, x, fold_bn="yes")
+    run = nnx.jit(lambda m, x, t: m(x, train=t), static_argnums=2)
+    # float phase: the plain model
+    np.testing.assert_array_equal(run(nq, x, False), run(model, x, False))
+    lv = lq.calibrate(lq.attach(v, x), [x])
+    qn.calibrate(nq, [x])
+    got = nnx.state(nq, QuantStat).to_pure_dict()["conv"]
+    jax.tree.map(np.testing.assert_array_equal, got, lv["quant_stats"]["conv"])
+    qn.with_phase(nq, "eval")
+    want = jax.jit(lq.with_phase("eval").apply)(lv, x)
+    np.testing.assert_allclose(run(nq, x, False), want, rtol=1e-6, atol=1e-6)
+    # the fold is not the plain quantized conv then a float BN
+    plain, _ = qn.quantize_model(model, rule)
+    qn.with_phase(qn.calibrate(plain, [x]), "eval")
+    assert not np.allclose(run(plain, x, False), want, atol=1e-3)
+
+    train = lq.with_phase("train")
+    out, upd = jax.jit(lambda v: train.apply(v, x, True, mutable=["batch_stats"]))(lv)
+    qn.with_phase(nq, "train")
+    grad_model = nnx.clone(nq)
+    np.testing.assert_allclose(run(nq, x, True), out, rtol=1e-5, atol=1e-6)
+    for k in ("mean", "var"):  # the folded BN updated its running statistics as Linen's
+        np.testing.assert_allclose(getattr(nq.bn, k).value, upd["batch_stats"]["bn"][k], rtol=1e-6)
+
+    def linen_loss(params):
+        y = train.apply({**lv, "params": params}, x, True, mutable=["batch_stats"])[0]
+        return jnp.sum(y**2)
+
+    g_linen = jax.jit(jax.grad(linen_loss))(lv["params"])
+    g_nnx = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, train=True) ** 2)))(grad_model)
+    g_nnx = g_nnx.to_pure_dict()
+    for layer, name in (("conv", "kernel"), ("bn", "scale"), ("bn", "bias"), ("head", "kernel")):
+        np.testing.assert_allclose(
+            g_nnx[layer][name], g_linen[layer][name], rtol=1e-4, atol=1e-5, err_msg=layer
+        )

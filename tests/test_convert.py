@@ -158,7 +158,7 @@ def test_program_structure_and_bn_folding(setup):
     program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
     kinds = [type(layer).__name__ for layer in program.layers]
     linear = [layer for layer in program.layers if isinstance(layer, C.Conv | C.Dense)]
-    assert [layer.path for layer in linear] == [q.path for q in qmodel.layers(v)]
+    assert [layer.path for layer in linear] == [q.path for q in qmodel.quantized_layers(v)]
     assert kinds.count("Pool") == sum(isinstance(layer, C.Conv) for layer in linear)
     for layer in linear:
         assert layer.w.dtype == np.int8 and layer.b.dtype == np.int32
@@ -171,7 +171,7 @@ def test_program_structure_and_bn_folding(setup):
         assert np.abs(np.asarray(linear[1].w, int)).max() <= 7
         conv1 = linear[0]
         k = np.asarray(v["params"]["bn1"]["scale"])
-        q = next(q for q in qmodel.layers(v) if q.path == "conv1")
+        q = next(q for q in qmodel.quantized_layers(v) if q.path == "conv1")
         raw = np.asarray(quantize(q.kernel, q.kernel_qparams, int8)).astype(int)
         # negative gamma flips the codes of channel 0; zero gamma zeroes channel 1
         np.testing.assert_array_equal(conv1.w[0, :, :, 0], -raw[:, :, 0])
@@ -270,7 +270,7 @@ def _unpack_by_hand(raw: bytes, bits: int, signed: bool, n: int) -> np.ndarray:
 def test_quantize_dequantize_helpers(setup):
     _, x, qmodel, v, oqp, _ = setup
     program = C.convert(qmodel, v, x[:1], output_qparams=oqp)
-    q1 = qmodel.layers(v)[0]
+    q1 = qmodel.quantized_layers(v)[0]
     fmt = q1.rule.act  # unsigned codes move down by 2^(b-1) onto the int8 grid
     want = np.asarray(quantize(x, q1.input_qparams, fmt)).astype(int) - (not fmt.signed) * 128
     got = program.quantize_input(x)
@@ -309,6 +309,103 @@ def test_nnx_model_converts_to_the_linen_program():
     codes = _program_codes(nnx_p, X1D)
     np.testing.assert_array_equal(codes, _program_codes(linen_p, X1D))
     assert len(np.unique(codes)) > 10
+
+
+class _UserNnxCNN:
+    """Built lazily (flax.nnx imported inside the tests): a user's own NNX CNN, not a zoo
+    model: Conv -> relu -> max pool -> Conv -> relu -> flatten -> Linear."""
+
+    @staticmethod
+    def make(flatten: bool = True):
+        from flax import nnx
+
+        class UserCNN(nnx.Module):
+            def __init__(self, rngs):
+                self.features = nnx.Conv(1, 6, (3,), rngs=rngs)
+                self.mix = nnx.Conv(6, 8, (3,), padding="VALID", rngs=rngs)
+                self.classifier = nnx.Linear(8 * 6 if flatten else 8, 5, rngs=rngs)
+
+            def __call__(self, x):
+                x = nnx.max_pool(nnx.relu(self.features(x)), (2,), strides=(2,))
+                x = nnx.relu(self.mix(x))
+                x = x.reshape(x.shape[0], -1) if flatten else jnp.mean(x, axis=1)
+                return self.classifier(x)
+
+        return UserCNN(nnx.Rngs(3))
+
+
+def _user_nnx_quantized(flatten: bool = True):
+    from jquant.nn import nnx as qn
+
+    model = _UserNnxCNN.make(flatten)
+    qnm, match = qn.quantize_model(model, QuantRule(".*"))
+    assert match.unused == () and set(match.assignment) == {"features", "mix", "classifier"}
+    qn.calibrate(qnm, [X1D[:24], X1D[24:]])
+    return qnm
+
+
+def test_user_nnx_cnn_converts_natively_bit_exact_with_simulation():
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    qnm = _user_nnx_quantized()
+    before = jax.tree.map(np.asarray, nnx.state(qnm))
+    oqp = C.output_qparams_from_data(qnm, None, [X1D])
+    program = C.convert(qnm, None, X1D[:1], output_qparams=oqp, mode="double")
+    assert [type(layer).__name__ for layer in program.layers] == [
+        "Conv",
+        "Pool",
+        "Conv",
+        "Reshape",
+        "Dense",
+    ]
+    codes = _program_codes(program, X1D)
+    sim = jax.jit(C.simulation(qnm, None, X1D[:1], output_qparams=oqp, mode="double"))
+    np.testing.assert_array_equal(np.asarray(quantize(sim(X1D), oqp, int8)), codes)
+    # the NNX model's own fake-quant eval: within one output code
+    qn.with_phase(qnm, "eval")
+    fake = np.asarray(quantize(nnx.jit(lambda m, x: m(x))(qnm, X1D), oqp, int8))
+    assert np.max(np.abs(fake.astype(np.int32) - codes)) <= 1
+    assert len(np.unique(codes)) > 10
+    # converting left the model as it was (phase aside): same variables
+    qn.with_phase(qnm, "float")
+    after = jax.tree.map(np.asarray, nnx.state(qnm))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    # convert_nnx is convert(model, None, ...)
+    again = C.convert_nnx(qnm, X1D[:1], output_qparams=oqp, mode="double")
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(program), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_user_nnx_cnn_with_spatial_mean_converts():
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    qnm = _user_nnx_quantized(flatten=False)
+    oqp = C.output_qparams_from_data(qnm, None, [X1D])
+    residual = C.residual_qparams_from_data(qnm, None, [X1D])
+    assert set(residual) == {"mix"}  # read by the mean alone: its range from the data
+    program = C.convert(qnm, None, X1D[:1], output_qparams=oqp, residual_qparams=residual)
+    assert "Mean" in [type(layer).__name__ for layer in program.layers]
+    fake = np.asarray(
+        quantize(nnx.jit(lambda m, x: m(x))(qn.with_phase(qnm, "eval"), X1D), oqp, int8)
+    )
+    assert np.max(np.abs(fake.astype(np.int32) - _program_codes(program, X1D))) <= 1
+
+
+def test_nnx_convert_errors_name_the_problem():
+    qnm = _user_nnx_quantized()
+    oqp = qparams_from_range(jnp.float32(-3.0), jnp.float32(3.0), int8)
+    with pytest.raises(TypeError, match="variables must be a mapping of collections or None"):
+        C.convert(qnm, 3, X1D[:1], output_qparams=oqp)
+    plain = _UserNnxCNN.make()
+    with pytest.raises(ValueError, match="layer 'features' is not quantized"):
+        C.convert(plain, None, X1D[:1], output_qparams=oqp)
+    with pytest.warns(DeprecationWarning, match="linen_model"):  # warned, then validated
+        with pytest.raises(ValueError, match="mode must be one of"):
+            C.convert_nnx(qnm, X1D[:1], output_qparams=oqp, mode="exact", linen_model=object())
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -1045,6 +1142,48 @@ def test_fold_bn_model_converts():
     np.testing.assert_array_equal(got, np.asarray(quantize(sim, oqp, int8)).astype(np.int32))
     want = np.asarray(quantize(qm.with_phase("eval").apply(qv, x), oqp, int8)).astype(np.int32)
     assert np.abs(got - want).max() <= 1
+
+
+def test_nnx_fold_bn_model_converts_as_its_linen_twin():
+    """An NNX Conv -> BatchNorm model quantized with ``fold_bn=True`` converts natively: the
+    program equals ``simulation`` bit for bit, its eval model within 1 LSB, and the Linen
+    fold of the same weights gives the same program."""
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    class ConvBN(nnx.Module):  # _ConvBNHead in NNX: the same paths, the same variables
+        def __init__(self, rngs):
+            self.Conv_0 = nnx.Conv(2, 8, (3,), use_bias=False, rngs=rngs)
+            self.BatchNorm_0 = nnx.BatchNorm(8, rngs=rngs)
+            self.Dense_0 = nnx.Linear(8 * 16, 10, rngs=rngs)
+
+        def __call__(self, x, train=False):
+            x = nnx.relu(self.BatchNorm_0(self.Conv_0(x), use_running_average=not train))
+            return self.Dense_0(x.reshape(x.shape[0], -1))
+
+    x = jax.random.normal(jax.random.key(0), (64, 16, 2))
+    v = _ConvBNHead().init(jax.random.key(1), x)
+    v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+    model = ConvBN(nnx.Rngs(0))
+    params, stats = nnx.state(model, nnx.Param, nnx.BatchStat)
+    params.replace_by_pure_dict(v["params"])
+    stats.replace_by_pure_dict(v["batch_stats"])
+    nnx.update(model, params, stats)
+    qnm, _ = qn.quantize_model(model, QuantRule(".*"), x, fold_bn=True)
+    qn.calibrate(qnm, [x])
+    oqp = C.output_qparams_from_data(qnm, None, [x])
+    program = C.convert(qnm, None, x[:2], output_qparams=oqp, mode="fp32")
+    got = _program_codes(program, x)
+    sim = jax.jit(C.simulation(qnm, None, x[:2], output_qparams=oqp, mode="fp32"))(x)
+    np.testing.assert_array_equal(got, np.asarray(quantize(sim, oqp, int8)).astype(np.int32))
+    fake = nnx.jit(lambda m, x: m(x))(qn.with_phase(qnm, "eval"), x)
+    assert np.abs(got - np.asarray(quantize(fake, oqp, int8)).astype(np.int32)).max() <= 1
+    lq, _ = ql.quantize_model(_ConvBNHead(), QuantRule(".*"), x, fold_bn=True)
+    lv = lq.calibrate(lq.attach(v, x), [x])
+    linen = C.convert(lq, lv, x[:2], output_qparams=oqp, mode="fp32")
+    for a, b in zip(jax.tree.leaves(program), jax.tree.leaves(linen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------------------------ mean / concat

@@ -120,7 +120,7 @@ def test_calibrate_then_eval_under_jit_and_enumeration():
     y, y_float = jax.jit(ev.apply)(v, X), jax.jit(cnn.apply)(v, X)
     err = np.abs(y - y_float).max()
     assert 0 < err < 0.1 * np.abs(y_float).max()
-    layers = {layer.path: layer for layer in qmodel.layers(v)}
+    layers = {layer.path: layer for layer in qmodel.quantized_layers(v)}
     assert set(layers) == {"conv1", "head"}
     data = np.concatenate([np.asarray(b) for b in BATCHES])
     _, s, zp = np_fq_affine(data, data.min(), data.max())
@@ -323,7 +323,7 @@ def test_dense_general_and_einsum_are_quantized_by_rules(kind):
         y = jax.jit(qmode.with_phase("eval").apply)(v, x)
         np.testing.assert_allclose(y, y_ref, atol=2e-5, err_msg=mode)
     assert np.abs(y_float - y_ref).max() > 1e-3  # quantization did something
-    (layer,) = qm.layers(v)  # per-channel kernel QParams along the non-contracted axes
+    (layer,) = qm.quantized_layers(v)  # per-channel kernel QParams along the non-contracted axes
     s_w = np.abs(w).max(axis=contracted, keepdims=True) / 127
     np.testing.assert_allclose(layer.kernel_qparams.scale, s_w, rtol=1e-6)
 
@@ -408,7 +408,9 @@ def test_two_bit_weight_grids_against_numpy():
         rule = QuantRule(".*", weight=kw.pop("weight", "int2"), act=None, **kw)
         qm, _ = ql.quantize_model(net, rule, x)
         v = qm.calibrate(qm.attach(v0, x), [x])
-        return np.asarray(qm.with_phase("eval").apply(v, eye)), qm.layers(v)[0].kernel_qparams
+        return np.asarray(qm.with_phase("eval").apply(v, eye)), qm.quantized_layers(v)[
+            0
+        ].kernel_qparams
 
     s = np.abs(w).max(0) / 1.5
     got, qp = kernel_q(weight_scale_bound="qmax_plus_half")
@@ -429,3 +431,34 @@ def test_two_bit_weight_grids_against_numpy():
     np.testing.assert_allclose(got, sa * (np.clip(np.round(w / sa) + z, -2, 1) - z), rtol=1e-5)
     with pytest.raises(ValueError, match="weight_scale_bound"):
         QuantRule(".*", weight=IntFormat(2, midrise=True), weight_scale_bound="qmax_plus_half")
+
+
+def test_calibrate_shares_the_loop_and_compiles_once_per_model(capsys):
+    """QuantizedModel.calibrate runs jquant.calibration.calibration_loop (max_batches check,
+    progress bar) and compiles its step once per model: a second call traces nothing."""
+    traces = []
+
+    class Counted(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            traces.append(1)
+            return nn.Dense(3, name="fc")(x)
+
+    x = jnp.ones((2, 4))
+    qm, _ = ql.quantize_model(Counted(), QuantRule(".*"), x)
+    v = qm.attach(Counted().init(jax.random.key(0), x), x)
+    before = len(traces)
+    v1 = qm.calibrate(v, [x, 2 * x])
+    first = len(traces)
+    v2 = qm.calibrate(v, [x, 2 * x], progress=True)
+    assert first > before and len(traces) == first  # the second call reuses the compiled step
+    jax.tree.map(np.testing.assert_array_equal, v1, v2)
+    assert "calibrate" in capsys.readouterr().err  # the progress bar
+    half = qm.calibrate(v, [x, 2 * x], max_batches=1)
+    np.testing.assert_allclose(half["quant_stats"]["fc"]["input_qparams"]["scale"], 1 / 255)
+    with pytest.raises(ValueError, match="max_batches"):
+        qm.calibrate(v, [x], max_batches=0)
+    # the NNX names: quantized_layers (layers: deprecated alias, same result)
+    with pytest.warns(DeprecationWarning, match="quantized_layers"):
+        old = qm.layers(v1)
+    assert [q.path for q in old] == [q.path for q in qm.quantized_layers(v1)] == ["fc"]

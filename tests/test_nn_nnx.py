@@ -41,7 +41,7 @@ def pair():
 def test_linen_and_nnx_identical(pair, phase):
     qm, qv, qnm = pair
     y_linen = jax.jit(qm.with_phase(phase).apply)(qv, X)
-    qn.set_phase(qnm, phase)
+    qn.with_phase(qnm, phase)
     y_nnx = nnx.jit(lambda m, x: m(x))(qnm, X)
     np.testing.assert_array_equal(y_nnx, y_linen)
     assert not np.allclose(y_linen, jax.jit(qm.model.apply)(qv, X), atol=1e-3)
@@ -57,7 +57,7 @@ def test_state_types_and_enumeration(pair):
         stats["conv2"]["input_qparams"]["scale"],
         qv["quant_stats"]["conv2"]["input_qparams"]["scale"],
     )
-    linen_layers = qm.layers(qv)
+    linen_layers = qm.quantized_layers(qv)
     nnx_layers = qn.quantized_layers(qnm)
     assert [layer.path for layer in nnx_layers] == [layer.path for layer in linen_layers]
     for a, b in zip(nnx_layers, linen_layers, strict=True):
@@ -78,7 +78,7 @@ def test_original_model_unchanged():
 
 def test_gradients_reach_weights_and_learned_scales(pair):
     _, _, qnm = pair
-    qn.set_phase(qnm, "train")
+    qn.with_phase(qnm, "train")
 
     @nnx.jit
     def grads(m):
@@ -93,7 +93,7 @@ def test_gradients_reach_weights_and_learned_scales(pair):
 
 def test_save_restore_identical_outputs(pair):
     _, _, qnm = pair
-    qn.set_phase(qnm, "eval")
+    qn.with_phase(qnm, "eval")
     # msgpack of the state's leaves, no pickle. (nnx's replace_by_pure_dict cannot restore
     # Variables whose value is a pytree, as the observer states and calibrated QParams are.)
     blob = serialization.to_bytes(jax.tree_util.tree_leaves(nnx.state(qnm)))
@@ -104,7 +104,7 @@ def test_save_restore_identical_outputs(pair):
     leaves, treedef = jax.tree_util.tree_flatten(state)
     state = jax.tree_util.tree_unflatten(treedef, serialization.from_bytes(leaves, blob))
     nnx.update(other, state)
-    qn.set_phase(other, "eval")
+    qn.with_phase(other, "eval")
     f = nnx.jit(lambda m, x: m(x))
     np.testing.assert_array_equal(f(other, X), f(qnm, X))
 
@@ -113,11 +113,11 @@ def test_errors():
     nm = mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(0))
     qnm, _ = qn.quantize_model(nm, QuantRule(".*"))
     with pytest.raises(ValueError, match=r"never calibrated: \['conv1', 'conv2'"):
-        qn.set_phase(qnm, "eval")
+        qn.with_phase(qnm, "eval")
     with pytest.raises(ValueError, match="batches yielded no batch"):
         qn.calibrate(qnm, iter(()))
     with pytest.raises(ValueError, match="phase must be one of"):
-        qn.set_phase(qnm, "deploy")
+        qn.with_phase(qnm, "deploy")
     with pytest.warns(UserWarning, match="matched no layer"):
         qn.quantize_model(nm, (QuantRule(".*"), QuantRule("conv7")))
     with pytest.raises(TypeError, match="flax.nnx.Module"):
@@ -152,7 +152,7 @@ def test_optimizer_built_before_calibrate_keeps_working():
     qn.calibrate(qnm, [x])
     calibrated = float(qnm.fc.input_scale.value)
     np.testing.assert_allclose(calibrated, qnm.fc.input_qparams.value["scale"])  # set by calibrate
-    qn.set_phase(qnm, "train")
+    qn.with_phase(qnm, "train")
 
     @nnx.jit
     def step(m, opt, x):
@@ -190,7 +190,7 @@ def test_linear_general_and_einsum_quantized_like_their_numpy_reference():
         assert isinstance(qnm.lg, qn.QLinearGeneral) and isinstance(qnm.ein, qn.QEinsum)
         assert set(match.assignment) == {"lg", "ein"}
         qn.calibrate(qnm, [x])
-        qn.set_phase(qnm, "eval")
+        qn.with_phase(qnm, "eval")
         y = nnx.jit(lambda m, x: m(x))(qnm, x)
         h = np.asarray(x, np.float64)
         layers = ((qnm.lg, "btd,dnh->btnh", 0), (qnm.ein, "btnh,nhk->btk", (0, 1)))
@@ -218,3 +218,17 @@ def test_layers_with_a_kernel_rules_cannot_quantize_are_reported():
     assert match.not_quantized == {"up": "ConvTranspose", "lora": "LoRALinear"}
     assert match.assignment == {} and match.unused == ()
     assert type(qnm.lora) is nnx.LoRALinear  # left as it is, not replaced by a QLinear
+
+
+def test_same_verbs_as_linen_and_the_shared_calibration_loop(capsys):
+    nm = mnnx.CNN(CFG, (16, 2), rngs=nnx.Rngs(0))
+    qnm, _ = qn.quantize_model(nm, QuantRule(".*"))
+    with pytest.raises(ValueError, match="max_batches"):
+        qn.calibrate(qnm, BATCHES, max_batches=0)
+    assert qnm.conv1.phase == qnm.head.phase == "float"  # untouched by the error
+    qn.calibrate(qnm, BATCHES, max_batches=1, progress=True)
+    assert "calibrate" in capsys.readouterr().err
+    assert qn.with_phase(qnm, "eval") is qnm and qnm.conv1.phase == "eval"
+    with pytest.warns(DeprecationWarning, match="with_phase"):
+        assert qn.set_phase(qnm, "train") is qnm
+    assert qnm.head.phase == "train"

@@ -21,7 +21,7 @@ finite value, or constant data, gives a finite scale. Empty arrays and empty dat
 ``ValueError``.
 """
 
-from jquant.calibration.driver import calibrate
+from jquant.calibration.driver import calibrate, calibration_loop
 from jquant.calibration.observers import (
     HISTOGRAM_METHODS,
     HistogramState,
@@ -54,6 +54,7 @@ __all__ = [
     "aciq_clip",
     "aciq_mse",
     "calibrate",
+    "calibration_loop",
     "ema_minmax",
     "histogram",
     "kl",

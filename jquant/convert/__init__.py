@@ -1,8 +1,9 @@
 """Model conversion: a quantized Flax model -> an integer-only program (data + interpreter).
 
-The model: a rule-quantized ``QuantizedModel`` or a Linen model built from jquant layers
-(``QDense``, ``QConv``, ``QConvBN``); Conv / Dense (+ BatchNorm, relu), pooling, reshape and
-residual adds (the program is then a small DAG: ``program.inputs``).
+The model: a rule-quantized ``QuantizedModel``, a Linen model built from jquant layers
+(``QDense``, ``QConv``, ``QConvBN``) or an NNX model with jquant layers (pass
+``variables=None``); Conv / Dense (+ BatchNorm, relu), pooling, reshape and residual adds
+(the program is then a small DAG: ``program.inputs``).
 
 program = convert(qmodel, variables, x[:1], output_qparams=qp)
     # residual blocks: residual_qparams=residual_qparams_from_data(qmodel, variables, batches)
@@ -16,12 +17,13 @@ sim = simulation(qmodel, variables, x[:1], output_qparams=qp, mode="double")  # 
 
 from jquant.convert.build import (
     convert,
+    convert_nnx,
     output_qparams_from_data,
     residual_qparams_from_data,
     with_quantized_bias,
 )
 from jquant.convert.io import load, read_tensors, save, write_tensors
-from jquant.convert.nnx import convert_nnx, linen_twin
+from jquant.convert.nnx import nnx_variables
 from jquant.convert.program import (
     AccumulatorInfo,
     Add,
@@ -57,8 +59,8 @@ __all__ = [
     "accumulator_report",
     "convert",
     "convert_nnx",
-    "linen_twin",
     "load",
+    "nnx_variables",
     "output_qparams_from_data",
     "read_tensors",
     "residual_qparams_from_data",

@@ -31,13 +31,14 @@ as their own steps.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jquant import integer
 from jquant.convert import source
@@ -56,11 +57,12 @@ from jquant.convert.program import (
 from jquant.convert.trace import Node
 from jquant.formats import IntFormat
 from jquant.integer.fixed_point import INT32_MAX, MULTIPLIER_MODES
-from jquant.nn.linen import QuantizedLayer, QuantizedModel
+from jquant.nn.state import QuantizedLayer, subtree
 from jquant.quant import QParams, qparams_from_range, quantize
 
 __all__ = [
     "convert",
+    "convert_nnx",
     "output_qparams_from_data",
     "residual_qparams_from_data",
     "with_quantized_bias",
@@ -176,8 +178,8 @@ def _fold_batch_norm(bn: Node, variables, codes, w_scale, bias):
             f"BatchNorm {path!r}: only running statistics (use_running_average=True) over the "
             f"channel axis can be folded, got use_running_average={use_running}, axis={axis}"
         )
-    params = _subtree(variables.get("params", {}), path)
-    stats = _subtree(variables.get("batch_stats", {}), path)
+    params = subtree(variables.get("params", {}), path)
+    stats = subtree(variables.get("batch_stats", {}), path)
     mean, var = (np.asarray(stats[k], np.float64) for k in ("mean", "var"))
     gamma = np.asarray(params.get("scale", np.ones_like(mean)), np.float64)
     beta = np.asarray(params.get("bias", np.zeros_like(mean)), np.float64)
@@ -190,12 +192,6 @@ def _fold_batch_norm(bn: Node, variables, codes, w_scale, bias):
         )
     w_scale = np.where(k == 0, w_scale, w_scale * np.abs(k))
     return codes, w_scale, (bias - mean) * k + beta
-
-
-def _subtree(tree: Mapping, path: str) -> Mapping:
-    for key in path.split("/"):
-        tree = tree.get(key, {})
-    return tree
 
 
 def _folded(op: _Op, q: QuantizedLayer, variables, x_scale):
@@ -419,10 +415,11 @@ def _value_qps(
     return (lambda v: resolve(groups.find(v))), residual
 
 
-def _plan(
+def conversion_plan(
     qmodel, variables, example_x, apply_kwargs, out_qp: tuple | None = None, given=None
 ) -> _Plan:
-    """Traced and fused steps, their quantized layers, the QParams of every value."""
+    """The conversion's plan (shared by :func:`convert` and :func:`jquant.convert.simulation`):
+    traced and fused steps, their quantized layers, the QParams of every value."""
     nodes = source.trace(qmodel, variables, example_x, apply_kwargs)
     ops = _ops(nodes)
     linear = [k for k, op in enumerate(ops) if op.node.kind in _LINEAR]
@@ -459,8 +456,8 @@ def _checked_qparams(name: str, qp) -> QParams:
 
 
 def convert(
-    qmodel: QuantizedModel | nn.Module,
-    variables: Mapping[str, Any],
+    qmodel: source.Model,
+    variables: Mapping[str, Any] | None,
     example_x: jax.Array,
     *,
     output_qparams: QParams,
@@ -468,7 +465,8 @@ def convert(
     residual_qparams: Mapping[str, QParams] | None = None,
     **apply_kwargs,
 ) -> Program:
-    """Converts a calibrated / QAT-trained quantized Linen model into an integer :class:`Program`.
+    """Converts a calibrated / QAT-trained quantized Linen or NNX model into an integer
+    :class:`Program`.
 
     Weights become int8 codes (symmetric per output channel, as the rule quantizes them),
     biases int32 at ``s_x * s_w[c]``, BatchNorm is folded (a :class:`QConvBN`'s exactly as its
@@ -478,9 +476,11 @@ def convert(
     checked: ``255 sum|w| + |b| <= 2^31 - 1``.
 
     Args:
-      qmodel: a :class:`jquant.nn.linen.QuantizedModel` (rules included), or a Linen model
-        built from jquant layers (``QDense``, ``QConv``, ``QConvBN``; any phase).
-      variables: its variables, calibrated (``quant_stats``) and/or QAT-trained.
+      qmodel: a :class:`jquant.nn.linen.QuantizedModel` (rules included), a Linen model
+        built from jquant layers (``QDense``, ``QConv``, ``QConvBN``; any phase), or an NNX
+        model whose Linear / Conv layers are jquant's (:func:`jquant.nn.nnx.quantize_model`).
+      variables: its variables, calibrated (``quant_stats``) and/or QAT-trained; for an NNX
+        model ``None`` (its own) or :func:`jquant.convert.nnx.nnx_variables`-shaped.
       example_x: an example input batch (its shape fixes the program's input shape).
       output_qparams: per-tensor int8 QParams of the logits, e.g. from
         :func:`output_qparams_from_data`.
@@ -488,7 +488,7 @@ def convert(
       residual_qparams: QParams of the outputs of layers (by path) that only residual adds
         read, e.g. from :func:`residual_qparams_from_data`; default: symmetric int8 over the
         range of the add's output.
-      **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+      **apply_kwargs: passed to ``model.apply`` (NNX: ``model(x, ...)``), e.g. ``train=False``.
 
     Returns:
       A validated :class:`Program`.
@@ -498,7 +498,7 @@ def convert(
       ValueError: unsupported layers or operations (naming the module path), unquantized or
         uncalibrated layers, bad scales / zero points, a possible int32 overflow.
     """
-    source.check_model(qmodel)
+    variables = source.model_variables(qmodel, variables)
     if mode not in MULTIPLIER_MODES:
         raise ValueError(f"mode must be one of {MULTIPLIER_MODES}, got {mode!r}")
     if not isinstance(output_qparams, QParams):
@@ -506,10 +506,9 @@ def convert(
             f"output_qparams must be a jquant.QParams (see output_qparams_from_data), got "
             f"{type(output_qparams).__name__}"
         )
-    variables = dict(variables)
     example_x = jnp.asarray(example_x)
     out_qp = _signed(output_qparams, IntFormat(8))
-    plan = _plan(qmodel, variables, example_x, apply_kwargs, out_qp, residual_qparams)
+    plan = conversion_plan(qmodel, variables, example_x, apply_kwargs, out_qp, residual_qparams)
     qp = plan.value_qp
     values, specs, reads = {0: 0}, [], []
     for k, op in enumerate(plan.ops):
@@ -542,14 +541,49 @@ def convert(
     return validate(program)
 
 
+def convert_nnx(
+    model: nnx.Module,
+    example_x: jax.Array,
+    *,
+    output_qparams: QParams,
+    mode: str = "double",
+    residual_qparams: Mapping[str, QParams] | None = None,
+    linen_model: Any = None,
+    **call_kwargs,
+) -> Program:
+    """``convert(model, None, example_x, ...)``: a quantized NNX model (any class made of
+    supported layers) read directly, with its own variables.
+
+    ``linen_model`` is deprecated and unused (conversion no longer goes through a Linen twin).
+    """
+    if linen_model is not None:
+        warnings.warn(
+            "convert_nnx(linen_model=...) is deprecated and unused: NNX models convert directly",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+    return convert(
+        model,
+        None,
+        example_x,
+        output_qparams=output_qparams,
+        mode=mode,
+        residual_qparams=residual_qparams,
+        **call_kwargs,
+    )
+
+
 def output_qparams_from_data(
-    qmodel: QuantizedModel,
-    variables: Mapping[str, Any],
+    qmodel: source.Model,
+    variables: Mapping[str, Any] | None,
     batches: Iterable[jax.Array],
     **apply_kwargs,
 ) -> QParams:
     """Affine int8 QParams of the model's output (phase ``eval``) over ``batches``:
     ``qparams_from_range(min y, max y, int8)``, the output quantizer of the last layer."""
+    variables = source.model_variables(qmodel, variables)
     fwd = jax.jit(lambda v, x: source.eval_forward(qmodel, v, apply_kwargs)(x))
     lo, hi = np.inf, -np.inf
     for x in batches:
@@ -562,8 +596,8 @@ def output_qparams_from_data(
 
 
 def residual_qparams_from_data(
-    qmodel: QuantizedModel | nn.Module,
-    variables: Mapping[str, Any],
+    qmodel: source.Model,
+    variables: Mapping[str, Any] | None,
     batches: Iterable[jax.Array],
     **apply_kwargs,
 ) -> dict[str, QParams]:
@@ -573,32 +607,27 @@ def residual_qparams_from_data(
 
     Returns ``{layer path: QParams}`` for :func:`convert`'s ``residual_qparams`` (empty for a
     model without such layers)."""
-    source.check_model(qmodel)
-    variables = dict(variables)
+    variables = source.model_variables(qmodel, variables)
     batches = list(batches)
     if not batches:
         raise ValueError("residual_qparams_from_data needs data: batches yielded no batch")
-    plan = _plan(qmodel, variables, jnp.asarray(batches[0][:1]), apply_kwargs)
+    plan = conversion_plan(qmodel, variables, jnp.asarray(batches[0][:1]), apply_kwargs)
     # the module whose output is the value: the BatchNorm folded into the layer, else it
     ends = {
         (plan.ops[k].bn or plan.ops[k].node).path: plan.ops[k].node.path
         for k in plan.layers
         if plan.ops[k].node.path in plan.residual
     }
-    forward = source.eval_forward(qmodel, variables, apply_kwargs)
 
     def ranges(x):
         found: dict[str, tuple] = {}
 
-        def interceptor(next_fun, args, kwargs, context):
-            y = next_fun(*args, **kwargs)
-            path = "/".join(context.module.path)
-            if context.method_name == "__call__" and path in ends:
-                found[ends[path]] = (jnp.min(y), jnp.max(y))
+        def hook(path, module, call, args, kwargs):
+            y = call(*args, **kwargs)
+            found[ends[path]] = (jnp.min(y), jnp.max(y))
             return y
 
-        with nn.intercept_methods(interceptor):
-            forward(x)
+        source.eval_forward(qmodel, variables, apply_kwargs, hook=hook, paths=set(ends))(x)
         return found
 
     step = jax.jit(ranges)
@@ -629,8 +658,8 @@ def _add(tree: Mapping, path: str, name: str, delta: np.ndarray) -> dict:
 
 
 def with_quantized_bias(
-    qmodel: QuantizedModel,
-    variables: Mapping[str, Any],
+    qmodel: source.Model,
+    variables: Mapping[str, Any] | None,
     example_x: jax.Array,
     **apply_kwargs,
 ) -> dict[str, Any]:
@@ -651,9 +680,8 @@ def with_quantized_bias(
     Raises:
       ValueError: as :func:`convert`, or a layer whose bias has nowhere to go.
     """
-    source.check_model(qmodel)
-    variables = dict(variables)
-    plan = _plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
+    variables = source.model_variables(qmodel, variables)
+    plan = conversion_plan(qmodel, variables, jnp.asarray(example_x), apply_kwargs)
     params = variables["params"]
     for k, q in plan.layers.items():
         op = plan.ops[k]
@@ -662,7 +690,7 @@ def with_quantized_bias(
             b_int * np.float64(plan.value_qp(op.inputs[0])[0]) * w_scale.astype(np.float64) - bias
         )
         owner = op.bn.path if op.bn is not None else q.path
-        if "bias" not in _subtree(params, owner):
+        if "bias" not in subtree(params, owner):
             if np.any(delta != 0):
                 raise ValueError(f"layer {owner!r} has no bias parameter to carry the rounding")
             continue

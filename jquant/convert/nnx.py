@@ -1,89 +1,102 @@
-"""NNX quantized models -> the same integer program as their Linen twins.
+"""NNX models as conversion sources: their variables, their forward pass with call hooks.
 
-A jquant NNX model (:func:`jquant.nn.nnx.quantize_model`) holds the same variables as the
-Linen one under the same paths: ``nnx.Param`` (kernels, biases, BatchNorm affine, learned
-scales) = Linen ``params``, ``nnx.BatchStat`` = ``batch_stats``, :class:`QuantStat` =
-``quant_stats``. :func:`linen_twin` rebuilds the Linen :class:`QuantizedModel` (one rule per
-quantized layer, its path escaped as the pattern) and its variables; :func:`convert_nnx`
-converts that, so an NNX model and its Linen twin give identical programs.
+An NNX model quantized by :func:`jquant.nn.nnx.quantize_model` (or built from the NNX
+jquant layers) converts directly, whatever its class: its ``__call__`` is traced like a Linen
+model's ``apply`` (:func:`jquant.convert.trace.trace_calls`), each layer call reached through
+a :class:`~jquant.convert.trace.CallHook` placed in a copy of the model. Its variables, as the
+converter reads them, are the Linen collections under the same ``/``-joined paths
+(:func:`nnx_variables`): ``nnx.Param`` -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``,
+:class:`~jquant.nn.state.QuantStat` -> ``quant_stats``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 from flax import nnx
 
-from jquant.convert.build import convert
-from jquant.convert.program import Program
-from jquant.nn import linen as ql
-from jquant.nn import nnx as qnnx
+from jquant.convert.trace import Hook, with_call_hooks
+from jquant.nn.nnx import QuantLayer
 from jquant.nn.state import STATS, QuantStat
-from jquant.quant import QParams
 
-__all__ = ["linen_twin", "convert_nnx"]
+__all__ = ["COLLECTIONS", "nnx_variables", "nnx_forward"]
 
-
-def _zoo_twin(model: nnx.Module) -> nn.Module:
-    from jquant.models import linen as zoo
-    from jquant.models.config import CNNConfig, MLPConfig
-
-    config = getattr(model, "config", None)
-    if isinstance(config, CNNConfig):
-        return zoo.CNN(config)
-    if isinstance(config, MLPConfig):
-        return zoo.MLP(config)
-    raise TypeError(
-        "linen_model is required unless the NNX model is a jquant.models zoo model (with a "
-        f"CNNConfig / MLPConfig .config), got {type(model).__name__}"
-    )
+# converter collection -> NNX variable type
+COLLECTIONS: tuple[tuple[str, type], ...] = (
+    ("params", nnx.Param),
+    ("batch_stats", nnx.BatchStat),
+    (STATS, QuantStat),
+)
 
 
-def linen_twin(
-    model: nnx.Module, example_x: jax.Array, *, linen_model: nn.Module | None = None
-) -> tuple[ql.QuantizedModel, dict[str, Any]]:
-    """``(Linen QuantizedModel, variables)`` computing what the quantized NNX ``model`` does.
+def _str_keys(tree: Any) -> Any:
+    """A pure dict with every key a string (list items of NNX state are ints)."""
+    if isinstance(tree, Mapping):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
 
-    Args:
-      model: an NNX model quantized by :func:`jquant.nn.nnx.quantize_model` (calibrated).
-      example_x: an example input batch (traces the Linen model's paths).
-      linen_model: the plain Linen module with the same structure and parameter paths;
-        defaults to the zoo twin (:mod:`jquant.models.linen`) of a zoo model's ``config``.
+
+def nnx_variables(model: nnx.Module) -> dict[str, Any]:
+    """``{"params": ..., "batch_stats": ..., "quant_stats": ...}``: the model's variables as
+    nested dicts keyed by attribute name (list items by their index as a string); empty
+    collections are left out.
 
     Raises:
-      TypeError: not an NNX module, or no Linen twin known.
+      TypeError: ``model`` is not an ``nnx.Module``.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
-    linen_model = _zoo_twin(model) if linen_model is None else linen_model
-    rules = [
-        dataclasses.replace(q.rule, pattern=re.escape(q.path)) for q in qnnx.quantized_layers(model)
-    ]
-    if not rules:
-        raise ValueError("the NNX model has no quantized layer (use jquant.nn.nnx.quantize_model)")
-    qmodel, _ = ql.quantize_model(linen_model, rules, example_x, on_unused="ignore")
-    params, stats, quant = nnx.state(model, nnx.Param, nnx.BatchStat, QuantStat)
-    variables = {"params": params.to_pure_dict()}
-    if stats := stats.to_pure_dict():
-        variables["batch_stats"] = stats
-    if quant := quant.to_pure_dict():
-        variables[STATS] = quant
-    return qmodel, variables
+    states = nnx.state(model, *(t for _, t in COLLECTIONS))
+    out = {}
+    for (name, _), state in zip(COLLECTIONS, states, strict=True):
+        if pure := _str_keys(state.to_pure_dict()):
+            out[name] = pure
+    return out
 
 
-def convert_nnx(
+def _lookup(tree: Mapping, path: tuple, what: str) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or str(key) not in tree:
+            raise ValueError(f"variables has no {what} {'/'.join(map(str, path))!r}")
+        tree = tree[str(key)]
+    return tree
+
+
+def nnx_forward(
     model: nnx.Module,
-    example_x: jax.Array,
+    variables: Mapping[str, Any],
+    call_kwargs: Mapping[str, Any],
     *,
-    output_qparams: QParams,
-    mode: str = "double",
-    linen_model: nn.Module | None = None,
-) -> Program:
-    """:func:`jquant.convert.convert` of a quantized NNX model, through :func:`linen_twin`
-    (same program as the Linen model with the same variables)."""
-    qmodel, variables = linen_twin(model, example_x, linen_model=linen_model)
-    return convert(qmodel, variables, example_x, output_qparams=output_qparams, mode=mode)
+    phase: str,
+    select: Callable[[str, nnx.Module], bool] | None = None,
+    hook: Hook | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+    """``x -> model(x, **call_kwargs)`` on ``variables`` (as :func:`nnx_variables` gives them,
+    possibly traced), every jquant layer in ``phase``, with each submodule that ``select``
+    picks called through ``hook`` (:func:`jquant.convert.trace.with_call_hooks`). ``model``
+    itself is left unchanged: each call builds a fresh copy (``nnx.merge``), under a
+    named scope of the model's class as Linen's ``apply`` has.
+    """
+    graphdef, *states, rest = nnx.split(model, *(t for _, t in COLLECTIONS), ...)
+    flats = [nnx.to_flat_state(s) for s in states]
+    name = type(model).__name__
+
+    def forward(x: jax.Array) -> jax.Array:
+        new = [
+            nnx.from_flat_state(
+                [(p, v.replace(_lookup(variables.get(c, {}), p, c))) for p, v in flat]
+            )
+            for (c, _), flat in zip(COLLECTIONS, flats, strict=True)
+        ]
+        copy = nnx.merge(graphdef, *new, rest)
+        for _, m in nnx.iter_graph(copy):
+            if isinstance(m, QuantLayer):
+                m.phase = phase
+        if hook is not None:
+            copy = with_call_hooks(copy, select or (lambda p, m: False), hook)
+        with jax.named_scope(name):
+            return copy(x, **call_kwargs)
+
+    return forward

@@ -29,17 +29,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from jquant.convert import source
-from jquant.convert.build import _plan, convert
+from jquant.convert.build import conversion_plan, convert
 from jquant.convert.program import Add, Conv, Dense, Mean
-from jquant.convert.trace import _where
+from jquant.convert.trace import module_path
 from jquant.formats import int8
-from jquant.nn.linen import QuantizedModel
 from jquant.quant import QParams, quantize
 
 __all__ = ["simulation"]
@@ -95,7 +93,7 @@ def _with_adds(fn: Callable, adds: list[Add]) -> Callable:
                 and len(operands) == 2
                 and all(v in tainted for v in operands)
                 and operands[0].aval.shape == operands[1].aval.shape
-                and _where(eqn) == pending[0].path
+                and module_path(eqn) == pending[0].path
             ):
                 outs = [_simulated_add(pending.pop(0), *args)]
             else:
@@ -113,8 +111,8 @@ def _with_adds(fn: Callable, adds: list[Add]) -> Callable:
 
 
 def simulation(
-    qmodel: QuantizedModel | nn.Module,
-    variables: Mapping[str, Any],
+    qmodel: source.Model,
+    variables: Mapping[str, Any] | None,
     example_x: jax.Array,
     *,
     output_qparams: QParams,
@@ -147,8 +145,7 @@ def simulation(
       as :func:`convert`; ValueError for a model with a spatial mean (TFLite MEAN), which
       simulation does not model yet.
     """
-    source.check_model(qmodel)
-    variables = dict(variables)
+    variables = source.model_variables(qmodel, variables)
     example_x = jnp.asarray(example_x)
     program = convert(
         qmodel,
@@ -165,36 +162,28 @@ def simulation(
             f"simulation does not model the integer MEAN of {means}; compare with "
             "run(convert(...)) directly"
         )
-    plan = _plan(qmodel, variables, example_x, apply_kwargs)
+    plan = conversion_plan(qmodel, variables, example_x, apply_kwargs)
     linear = [layer for layer in program.layers if isinstance(layer, Conv | Dense)]
     # each layer reads its input at its module and ends at its BatchNorm, else at itself
     pairs = [(plan.ops[k], layer) for k, layer in zip(sorted(plan.layers), linear, strict=True)]
     starts = {op.node.path: op.node.path for op, _ in pairs}
     ends = {(op.bn or op.node).path: (op.node.path, layer) for op, layer in pairs}
-    forward = source.eval_forward(qmodel, variables, apply_kwargs)
 
     def apply(x: jax.Array) -> jax.Array:
         inputs: dict[str, jax.Array] = {}  # one forward's layer inputs, by layer path
 
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            path = "/".join(module.path)
-            call = context.method_name == "__call__"
-            if call and path in starts:
-                # the outermost call of the layer reads its input and (start == end) ends it;
-                # the calls nested in it (the clone with the QuantOp injected, a jquant
-                # layer's eval clone) compute the float output it replaces
-                if path in inputs:
-                    return next_fun(*args, **kwargs)
+        def hook(path, module, call, args, kwargs):
+            # a layer reads its input at its own call and ends at its BatchNorm, else itself
+            if path in starts:
                 inputs[path] = args[0]
-            y = next_fun(*args, **kwargs)
-            if not call or path not in ends:
+            y = call(*args, **kwargs)
+            if path not in ends:
                 return y
             start, layer = ends[path]
             return _requantized(layer, inputs.pop(start))
 
-        with nn.intercept_methods(interceptor):
-            return forward(x)
+        paths = set(starts) | set(ends)
+        return source.eval_forward(qmodel, variables, apply_kwargs, hook=hook, paths=paths)(x)
 
     adds = [layer for layer in program.layers if isinstance(layer, Add)]
     return _with_adds(apply, adds) if adds else apply

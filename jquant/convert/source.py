@@ -1,15 +1,19 @@
 """The model being converted: its graph, its quantized layers and its fake-quant forward.
 
-Two kinds of models convert:
+Three kinds of models convert:
 
 - a :class:`~jquant.nn.linen.QuantizedModel` (a plain Linen model quantized by rules);
 - a Linen model built from jquant layers (:class:`~jquant.nn.linen.QDense`,
   :class:`~jquant.nn.linen.QConv`, :class:`~jquant.nn.bn_folding.QConvBN`), each carrying its
-  own ``rule`` and ``phase`` (e.g. a QAT model with folded BatchNorm).
+  own ``rule`` and ``phase`` (e.g. a QAT model with folded BatchNorm);
+- an NNX model whose Linear / Conv layers are jquant's (:func:`jquant.nn.nnx.quantize_model`,
+  or built from :class:`~jquant.nn.nnx.QLinear`, :class:`~jquant.nn.nnx.QConv`,
+  :class:`~jquant.nn.bn_folding.NnxQConvBN`), any class; its variables are its own
+  (``variables=None``) or :func:`jquant.convert.nnx.nnx_variables`-shaped.
 
-The two may mix: jquant layers inside a rule-quantized model keep their own rules. The graph
-is traced with every jquant layer in phase ``float`` (plain lax products), the fake-quant
-forward runs them in phase ``eval``, whatever phase the model was built with.
+Linen jquant layers inside a rule-quantized model keep their own rules. The graph is traced
+with every jquant layer in phase ``float`` (plain lax products), the fake-quant forward runs
+them in phase ``eval``, whatever phase the model was built with.
 """
 
 from __future__ import annotations
@@ -20,25 +24,58 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
-from jquant.convert.trace import Node, trace_layers
+from jquant.convert.nnx import nnx_forward, nnx_variables
+from jquant.convert.trace import Hook, Node, layer_kind, trace_calls, trace_layers
 from jquant.nn import linen as ql
+from jquant.nn import nnx as qnnx
 from jquant.nn.bn_folding import QConvBN, fold_bn
-from jquant.nn.state import STATS, frozen_qparams
+from jquant.nn.state import STATS, QuantizedLayer, frozen_qparams, subtree
 
-__all__ = ["JQUANT_LAYERS", "check_model", "layer_phase", "eval_forward", "trace", "layer_info"]
+__all__ = [
+    "JQUANT_LAYERS",
+    "check_model",
+    "model_variables",
+    "layer_phase",
+    "eval_forward",
+    "trace",
+    "layer_info",
+]
 
-JQUANT_LAYERS = (ql.QDense, ql.QConv, QConvBN)
-Model = ql.QuantizedModel | nn.Module
+JQUANT_LAYERS = (ql.QDense, ql.QConv, QConvBN, qnnx.QLinear, qnnx.QConv, qnnx.NnxQConvBN)
+Model = ql.QuantizedModel | nn.Module | nnx.Module
 
 
 def check_model(model: Any) -> None:
-    """TypeError unless ``model`` is a QuantizedModel or a Linen module."""
-    if not isinstance(model, ql.QuantizedModel | nn.Module):
+    """TypeError unless ``model`` is a QuantizedModel, a Linen module or an NNX module."""
+    if not isinstance(model, ql.QuantizedModel | nn.Module | nnx.Module):
         raise TypeError(
             "qmodel must be a jquant.nn.linen.QuantizedModel or a Linen model built from jquant "
-            f"layers (QDense, QConv, QConvBN), got {type(model).__name__}"
+            "layers (QDense, QConv, QConvBN), or an NNX model with jquant layers "
+            f"(jquant.nn.nnx.quantize_model), got {type(model).__name__}"
         )
+
+
+def model_variables(model: Model, variables: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The variables the converter reads, as a new dict: ``variables`` itself, or for an NNX
+    model given ``None`` its own (:func:`jquant.convert.nnx.nnx_variables`).
+
+    Raises:
+      TypeError: a model that does not convert (:func:`check_model`), or ``variables`` not a
+        mapping (``None`` is allowed for an NNX model only).
+    """
+    check_model(model)
+    if variables is None and isinstance(model, nnx.Module):
+        return nnx_variables(model)
+    if not isinstance(variables, Mapping):
+        allowed = (
+            "a mapping of collections or None"
+            if isinstance(model, nnx.Module)
+            else ("a mapping of collections")
+        )
+        raise TypeError(f"variables must be {allowed}, got {type(variables).__name__}")
+    return dict(variables)
 
 
 def _plain(model: Model) -> nn.Module:
@@ -65,38 +102,82 @@ def layer_phase(phase: str) -> Iterator[None]:
         yield
 
 
-def eval_forward(model: Model, variables: Mapping[str, Any], apply_kwargs: dict) -> Callable:
-    """``x -> logits`` of the fake-quant model: rules and jquant layers in phase ``eval``."""
+def _linen_hooked(forward: Callable, paths, hook: Hook | None) -> Callable:
+    """``forward`` with the outermost ``__call__`` of each Linen module at a path in ``paths``
+    made through ``hook`` (the calls nested in it, e.g. a jquant layer's clones, run as
+    they are)."""
+    if hook is None:
+        return forward
+
+    def hooked(x: jax.Array) -> jax.Array:
+        active: set[str] = set()
+
+        def interceptor(next_fun, args, kwargs, context):
+            path = "/".join(context.module.path)
+            if context.method_name != "__call__" or path not in paths or path in active:
+                return next_fun(*args, **kwargs)
+            active.add(path)
+            try:
+                return hook(path, context.module, next_fun, args, kwargs)
+            finally:
+                active.discard(path)
+
+        with nn.intercept_methods(interceptor):
+            return forward(x)
+
+    return hooked
+
+
+def eval_forward(
+    model: Model,
+    variables: Mapping[str, Any],
+    apply_kwargs: dict,
+    *,
+    hook: Hook | None = None,
+    paths: frozenset[str] | set[str] = frozenset(),
+) -> Callable:
+    """``x -> logits`` of the fake-quant model: rules and jquant layers in phase ``eval``;
+    each call of a layer at one of ``paths`` goes through ``hook(path, module, call, args,
+    kwargs)`` (:data:`jquant.convert.trace.Hook`), Linen or NNX alike."""
+    if isinstance(model, nnx.Module):
+        return nnx_forward(
+            model, variables, apply_kwargs, phase="eval", select=lambda p, m: p in paths, hook=hook
+        )
     evaluate = model.with_phase("eval") if isinstance(model, ql.QuantizedModel) else model
 
     def forward(x: jax.Array) -> jax.Array:
         with layer_phase("eval"):
             return evaluate.apply(variables, x, **apply_kwargs)
 
-    return forward
+    return _linen_hooked(forward, paths, hook)
 
 
 def trace(model: Model, variables: Mapping[str, Any], x: jax.Array, apply_kwargs: dict):
-    """The float model's graph (:func:`jquant.convert.trace.trace_layers`)."""
+    """The float model's graph (:func:`jquant.convert.trace.trace_layers` for Linen,
+    :func:`jquant.convert.trace.trace_calls` of the NNX model's ``__call__``)."""
+    if isinstance(model, nnx.Module):
+
+        def run(x, hook):
+            select = lambda p, m: layer_kind(m) is not None  # noqa: E731
+            fwd = nnx_forward(
+                model, variables, apply_kwargs, phase="float", select=select, hook=hook
+            )
+            return fwd(x)
+
+        return trace_calls(run, x)
     with layer_phase("float"):
         return trace_layers(_plain(model), variables, x, **apply_kwargs)
 
 
-def _subtree(tree: Mapping, path: str) -> Mapping:
-    for key in path.split("/"):
-        tree = tree.get(key, {})
-    return tree
-
-
-def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> ql.QuantizedLayer:
+def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> QuantizedLayer:
     """The eval-time weights and QParams of a jquant layer; a QConvBN's kernel and bias are
     the folded ones its eval forward quantizes: ``W gamma / sigma_R`` and
     ``beta - gamma mu_R / sigma_R`` (:func:`jquant.nn.bn_folding.fold_bn`)."""
     module, path = node.module, node.path
-    params = _subtree(variables.get("params", {}), path)
-    stats = _subtree(variables.get(STATS, {}), path)
-    if isinstance(module, QConvBN):
-        bn = _subtree(variables.get("batch_stats", {}), path)
+    params = subtree(variables.get("params", {}), path)
+    stats = subtree(variables.get(STATS, {}), path)
+    if isinstance(module, QConvBN | qnnx.NnxQConvBN):
+        bn = subtree(variables.get("batch_stats", {}), path)
         fold = jax.jit(fold_bn, static_argnames="eps")
         kernel, bias = fold(
             params["kernel"],
@@ -115,7 +196,7 @@ def _jquant_layer(node: Node, variables: Mapping[str, Any]) -> ql.QuantizedLayer
     qa, qw = frozen_qparams(
         rule.act_config(), rule.weight_config(kernel.ndim), kernel, params, stats
     )
-    return ql.QuantizedLayer(path, rule, kernel, bias, qa, qw)
+    return QuantizedLayer(path, rule, kernel, bias, qa, qw)
 
 
 def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
@@ -126,7 +207,9 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
         input QParams.
     """
     by_rule = (
-        {q.path: q for q in model.layers(variables)} if isinstance(model, ql.QuantizedModel) else {}
+        {q.path: q for q in model.quantized_layers(variables)}
+        if isinstance(model, ql.QuantizedModel)
+        else {}
     )
     out = []
     for node in nodes:

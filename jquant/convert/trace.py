@@ -1,36 +1,68 @@
-"""Reads a Linen model's layer graph from its jaxpr.
+"""Reads a model's layer graph from its jaxpr (Linen or NNX).
 
-The model is traced once (``jax.make_jaxpr``) with an interceptor that wraps every
-``nn.Conv`` / ``nn.Dense`` / ``nn.BatchNorm`` / :class:`~jquant.nn.bn_folding.QConvBN` call
-in a named scope ``jquant_layer_<i>``, so each equation knows which layer call (if any) it
-belongs to. Equations outside those scopes are the glue between layers and must be one of:
+The model is traced once (``jax.make_jaxpr``) with every Conv / Dense / BatchNorm /
+folded conv + BN call (Linen ``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm``,
+:class:`~jquant.nn.bn_folding.QConvBN`; NNX ``nnx.Conv``, ``nnx.Linear``, ``nnx.BatchNorm``,
+:class:`~jquant.nn.bn_folding.NnxQConvBN`, and the jquant layers derived from them) run in a
+named scope ``jquant_layer_<i>``, so each equation knows which layer call (if any) it
+belongs to. Linen calls are found by ``nn.intercept_methods``; an NNX model is traced as a
+copy whose layers sit inside :class:`CallHook` modules (:func:`with_call_hooks`). Equations
+outside those scopes are the glue between layers and must be one of:
 relu (``jax.nn.relu`` / ``max(x, 0)``), max or average pooling (``reduce_window``), reshape,
 no-op casts, the elementwise ``add`` of two activations of one shape (a residual
 connection), the mean over all spatial axes (``jnp.mean(x, axis=(1, 2))``, global average
 pooling) or the concatenation of activations (``jnp.concatenate``, not along the batch).
 The result is a list of :class:`Node` s in execution order, each naming the
 values it reads (a small DAG); anything else (a layer norm, a softmax) raises ValueError
-naming the module path it came from.
+naming the module path it came from (Linen; NNX glue has no module path).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 from jax.extend import core as jex_core
 
 from jquant.nn.bn_folding import QConvBN
+from jquant.nn.nnx import CallHook, Hook, NnxQConvBN, with_call_hooks
 
-__all__ = ["Node", "trace_layers"]
+__all__ = [
+    "CallHook",
+    "Hook",
+    "Node",
+    "layer_kind",
+    "module_path",
+    "trace_calls",
+    "trace_layers",
+    "with_call_hooks",
+]
 
 _MARK = "jquant_layer_"
-_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm, QConvBN)
+# layer classes -> node kind (jquant's quantized layers are subclasses of these)
+_KINDS: tuple[tuple[type, str], ...] = (
+    (QConvBN, "conv_bn"),
+    (NnxQConvBN, "conv_bn"),
+    (nn.BatchNorm, "batch_norm"),
+    (nnx.BatchNorm, "batch_norm"),
+    (nn.Dense, "dense"),
+    (nnx.Linear, "dense"),
+    (nn.Conv, "conv"),
+    (nnx.Conv, "conv"),
+)
 _NOOPS = ("copy", "copy_p")
+
+
+def layer_kind(module: Any) -> str | None:
+    """The graph node kind of a Linen or NNX layer (``conv``, ``dense``, ``batch_norm``,
+    ``conv_bn``), None for any other module."""
+    return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
 
 
 class Node(NamedTuple):
@@ -54,7 +86,7 @@ class Node(NamedTuple):
     inputs: tuple[int, ...] = ()
 
 
-def _where(eqn) -> str:
+def module_path(eqn) -> str:
     """The module path of an equation, from its name stack (root class and markers removed)."""
     parts = [p for p in str(eqn.source_info.name_stack).split("/") if p]
     parts = [p for p in parts[1:] if not p.startswith(_MARK)]
@@ -88,7 +120,7 @@ def _is_relu(eqn) -> bool:
 
 def _unsupported(eqn, what: str = "") -> ValueError:
     return ValueError(
-        f"unsupported operation {eqn.primitive.name!r}{what} in module {_where(eqn)!r}: the "
+        f"unsupported operation {eqn.primitive.name!r}{what} in module {module_path(eqn)!r}: the "
         "integer program supports Conv / Dense (+ BatchNorm, relu), max / average pooling, "
         "reshape, the add of two activations of one shape, the spatial mean and concatenation"
     )
@@ -137,18 +169,17 @@ def _check_conv(eqn, path: str) -> dict:
     }
 
 
-def _layer_node(module, kwargs, group, values: dict) -> tuple[Node, Any]:
+def _layer_node(path: str, module, kwargs, group, values: dict) -> tuple[Node, Any]:
     """The node of one intercepted layer call and the variable holding its output."""
-    path = "/".join(module.path)
     uses = {values[v] for e in group for v in e.invars if _known(v, values)}
     if len(uses) != 1:
         raise ValueError(
             f"layer {path!r} must consume exactly one activation of the model, got {len(uses)}"
         )
-    if isinstance(module, nn.BatchNorm):
+    kind = layer_kind(module)
+    if kind == "batch_norm":
         return Node("batch_norm", path, module, dict(kwargs), tuple(uses)), group[-1].outvars[0]
-    kind = "dense" if isinstance(module, nn.Dense) else "conv"
-    prim = "conv_general_dilated" if kind == "conv" else "dot_general"
+    prim = "dot_general" if kind == "dense" else "conv_general_dilated"
     core = [e for e in group if e.primitive.name == prim]
     if len(core) != 1 or not _known(core[0].invars[0], values):
         raise ValueError(
@@ -156,13 +187,11 @@ def _layer_node(module, kwargs, group, values: dict) -> tuple[Node, Any]:
             "(circular / causal padding and input transforms are not supported)"
         )
     current = core[0].invars[0]
-    info = _check_conv(core[0], path) if kind == "conv" else None
+    info = None if kind == "dense" else _check_conv(core[0], path)
     if kind == "dense":
         ((lc, rc), (lb, rb)) = core[0].params["dimension_numbers"]
         if lb or rb or tuple(rc) != (0,) or tuple(lc) != (len(current.aval.shape) - 1,):
             raise ValueError(f"layer {path!r}: only x @ kernel over the last axis is supported")
-    if isinstance(module, QConvBN):
-        kind = "conv_bn"
     return Node(kind, path, module, info, (values[current],)), group[-1].outvars[0]
 
 
@@ -174,7 +203,7 @@ def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
     """The node of the glue equation ``eqns[i]`` (kind ``noop``: a cast that keeps the value),
     its output variable and the index of the next equation."""
     eqn = eqns[i]
-    name, path = eqn.primitive.name, _where(eqn)
+    name, path = eqn.primitive.name, module_path(eqn)
     operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
     known = [v for v in operands if v in values]
     if name == "concatenate" and len(eqn.outvars) == 1 and len(known) == len(operands) >= 2:
@@ -243,7 +272,26 @@ def _glue_node(eqns, i: int, values: dict, batch: int) -> tuple[Node, Any, int]:
 
 
 def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> list[Node]:
-    """The model's graph, in execution order, from one trace of ``model.apply(variables, x)``.
+    """The Linen model's graph, in execution order, from one trace of
+    ``model.apply(variables, x)`` (:func:`trace_calls`)."""
+
+    def run(x, hook: Hook):
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name != "__call__" or not module.path or layer_kind(module) is None:
+                return next_fun(*args, **kwargs)
+            return hook("/".join(module.path), module, next_fun, args, kwargs)
+
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, x, **apply_kwargs)
+
+    return trace_calls(run, x)
+
+
+def trace_calls(run: Callable[[jax.Array, Hook], jax.Array], x: jax.Array) -> list[Node]:
+    """The graph of ``run(x, hook)``, a forward pass that calls ``hook(path, module, call,
+    args, kwargs)`` for each Conv / Dense / BatchNorm call (:func:`layer_kind`), in execution
+    order.
 
     Each node's ``inputs`` names the values it reads (:class:`Node`); the model's output is
     the last node's.
@@ -252,21 +300,14 @@ def trace_layers(model: nn.Module, variables, x: jax.Array, **apply_kwargs) -> l
       ValueError: an operation other than the supported ones, naming its module path, or an
         output that is not the last node's.
     """
-    records: list[tuple[nn.Module, dict]] = []
+    records: list[tuple[str, Any, dict]] = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not module.path or not isinstance(module, _LAYERS):
-            return next_fun(*args, **kwargs)
-        records.append((module, dict(kwargs)))
+    def hook(path, module, call, args, kwargs):
+        records.append((path, module, dict(kwargs)))
         with jax.named_scope(f"{_MARK}{len(records) - 1}"):
-            return next_fun(*args, **kwargs)
+            return call(*args, **kwargs)
 
-    def forward(x):
-        with nn.intercept_methods(interceptor):
-            return model.apply(variables, x, **apply_kwargs)
-
-    jaxpr = jax.make_jaxpr(forward)(x).jaxpr
+    jaxpr = jax.make_jaxpr(lambda x: run(x, hook))(x).jaxpr
     if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
         raise ValueError("the model must map one input array to one output array")
     # values: jaxpr variable -> value number (0: the input, k + 1: node k's output)

@@ -24,22 +24,30 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 
-from jquant.nn import nnx as jnnx
 from jquant.nn.inject import QuantOp
 from jquant.nn.rules import DEFAULT_RULE, QuantRule
 from jquant.nn.state import LinenSlots, check_phase
 
-__all__ = ["fold_bn", "QConvBN", "NnxQConvBN"]
+__all__ = [
+    "KERNEL_INIT",
+    "fold_bn",
+    "folded_kernel",
+    "folded_batch_norm",
+    "conv_bn",
+    "conv_keywords",
+    "running_statistics",
+    "QConvBN",
+]
 
 BATCH_STATS = "batch_stats"
-_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's default
+KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's default
 
 
 def _bn_factor(scale: jax.Array, var: jax.Array, eps: float) -> jax.Array:
@@ -104,24 +112,72 @@ def _conv_dims(ndim: int) -> lax.ConvDimensionNumbers:
     )
 
 
-def _conv_bn(quant_conv, x, kernel, gamma, beta, mean_r, var_r, conv_kw, eps, momentum, running):
-    """The folded conv + BN of :class:`QConvBN` (module docstring): ``(y, mean, var)`` with
-    the updated running statistics (unchanged when ``running``)."""
-    w_fold, b_fold = fold_bn(kernel, None, gamma, beta, mean_r, var_r, eps)
-    y = quant_conv(x, w_fold, **conv_kw)
+def folded_kernel(
+    kernel: jax.Array, gamma: jax.Array, mean: jax.Array, var: jax.Array, eps: float
+) -> jax.Array:
+    """The kernel a folded conv quantizes: ``W gamma / sigma_R`` (:func:`fold_bn`)."""
+    return fold_bn(kernel, None, gamma, jnp.zeros_like(gamma), mean, var, eps)[0]
+
+
+def folded_batch_norm(
+    y_quant: jax.Array,
+    y_float: jax.Array | None,
+    gamma: jax.Array,
+    beta: jax.Array,
+    mean_r: jax.Array,
+    var_r: jax.Array,
+    eps: float,
+    momentum: float,
+    running: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The BatchNorm that follows a conv whose kernel was folded (:func:`folded_kernel`):
+    ``(y, running mean, running var)`` from the quantized conv ``y_quant = conv(fq(x),
+    fq(W gamma / sigma_R))`` and, for batch statistics, the float ``y_float = conv(x, W)``::
+
+        running: y = y_quant + beta - gamma mu_R / sigma_R              (statistics unchanged)
+        batch:   y = y_quant sigma_R / sigma_B + beta - gamma mu_B / sigma_B,
+                 r <- momentum r + (1 - momentum) batch               (mu_B, sigma_B of y_float)
+
+    with ``sigma = sqrt(var + eps)``; the one formula of :class:`QConvBN`,
+    :class:`NnxQConvBN` and ``jquant.nn.linen.quantize_model(..., fold_bn=True)``.
+    """
     if running:
-        return y + b_fold, mean_r, var_r
+        return y_quant + (beta - mean_r * _bn_factor(gamma, var_r, eps)), mean_r, var_r
     sigma_r = jnp.sqrt(var_r + eps)  # the statistics W was folded with
-    y_float = lax.conv_general_dilated(x, kernel, **conv_kw)
     axes = tuple(range(y_float.ndim - 1))
     mu_b, var_b = jnp.mean(y_float, axis=axes), jnp.var(y_float, axis=axes)
     new_mean = momentum * mean_r + (1 - momentum) * lax.stop_gradient(mu_b)
     new_var = momentum * var_r + (1 - momentum) * lax.stop_gradient(var_b)
-    y = y * (sigma_r * lax.rsqrt(var_b + eps)) + (beta - mu_b * _bn_factor(gamma, var_b, eps))
+    y = y_quant * (sigma_r * lax.rsqrt(var_b + eps)) + (beta - mu_b * _bn_factor(gamma, var_b, eps))
     return y, new_mean, new_var
 
 
-def _conv_kw(x, kernel_size, strides, padding, feature_group_count) -> dict:
+def conv_bn(
+    quant_conv: Callable,
+    x: jax.Array,
+    kernel: jax.Array,
+    gamma: jax.Array,
+    beta: jax.Array,
+    mean_r: jax.Array,
+    var_r: jax.Array,
+    conv_kw: dict,
+    eps: float,
+    momentum: float,
+    running: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The folded conv + BN of :class:`QConvBN` (module docstring): ``(y, mean, var)`` with
+    the updated running statistics (unchanged when ``running``)::
+
+        y, mean, var = folded_batch_norm(quant_conv(x, W gamma / sigma_R), conv(x, W), ...)
+    """
+    y = quant_conv(x, folded_kernel(kernel, gamma, mean_r, var_r, eps), **conv_kw)
+    y_float = None if running else lax.conv_general_dilated(x, kernel, **conv_kw)
+    return folded_batch_norm(y, y_float, gamma, beta, mean_r, var_r, eps, momentum, running)
+
+
+def conv_keywords(
+    x: jax.Array, kernel_size, strides, padding, feature_group_count: int
+) -> dict[str, Any]:
     """``lax.conv_general_dilated`` keywords of a channels-last conv, checking ``x``'s rank."""
     nsp = len(kernel_size)
     if x.ndim != nsp + 2:
@@ -138,7 +194,7 @@ def _conv_kw(x, kernel_size, strides, padding, feature_group_count) -> dict:
     )
 
 
-def _running(phase: str, *choices: bool | None) -> bool:
+def running_statistics(phase: str, *choices: bool | None) -> bool:
     """First non-None of ``choices``, else running statistics in calibrate / eval."""
     for c in choices:
         if c is not None:
@@ -179,7 +235,7 @@ class QConvBN(nn.Module):
     use_running_average: bool | None = None
     momentum: float = 0.99
     epsilon: float = 1e-5
-    kernel_init: Callable = _KERNEL_INIT
+    kernel_init: Callable = KERNEL_INIT
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
     rule: QuantRule = DEFAULT_RULE
@@ -188,10 +244,12 @@ class QConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         check_phase(self.phase)
-        conv_kw = _conv_kw(
+        conv_kw = conv_keywords(
             x, self.kernel_size, self.strides, self.padding, self.feature_group_count
         )
-        use_running_average = _running(self.phase, use_running_average, self.use_running_average)
+        use_running_average = running_statistics(
+            self.phase, use_running_average, self.use_running_average
+        )
         in_features = x.shape[-1] // self.feature_group_count
         kernel = self.param(
             "kernel", self.kernel_init, (*self.kernel_size, in_features, self.features)
@@ -201,7 +259,7 @@ class QConvBN(nn.Module):
         ra_mean = self.variable(BATCH_STATS, "mean", jnp.zeros, (self.features,))
         ra_var = self.variable(BATCH_STATS, "var", jnp.ones, (self.features,))
 
-        y, mean, var = _conv_bn(
+        y, mean, var = conv_bn(
             QuantOp(LinenSlots(self), self.rule, self.phase, "conv"),
             x,
             kernel,
@@ -219,63 +277,11 @@ class QConvBN(nn.Module):
         return y
 
 
-class NnxQConvBN(jnnx.QuantLayer):
-    """NNX twin of :class:`QConvBN` (same formulas): ``kernel`` (``HWIO``), ``scale``,
-    ``bias`` are ``nnx.Param``; running ``mean`` / ``var`` are ``nnx.BatchStat``; input
-    statistics are ``QuantStat`` attributes. ``use_running_average`` (None: by phase) and the
-    call's argument choose running or batch statistics as in the Linen layer.
-    """
+def __getattr__(name: str):
+    """``NnxQConvBN`` lives in :mod:`jquant.nn.nnx` (beside the other NNX layers), which
+    imports this module; the old import path still works."""
+    if name == "NnxQConvBN":
+        from jquant.nn.nnx import NnxQConvBN
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        kernel_size: Sequence[int],
-        *,
-        strides: int | Sequence[int] = 1,
-        padding: str | Sequence[tuple[int, int]] = "SAME",
-        feature_group_count: int = 1,
-        use_running_average: bool | None = None,
-        momentum: float = 0.99,
-        epsilon: float = 1e-5,
-        kernel_init: Callable = _KERNEL_INIT,
-        rule: QuantRule = DEFAULT_RULE,
-        phase: str = "float",
-        quant_path: str = "",
-        rngs: nnx.Rngs,
-    ):
-        shape = (*kernel_size, in_features // feature_group_count, out_features)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
-        self._init_quant(rule, phase, quant_path)
-        self.scale = nnx.Param(jnp.ones((out_features,)))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
-        self.mean = nnx.BatchStat(jnp.zeros((out_features,)))
-        self.var = nnx.BatchStat(jnp.ones((out_features,)))
-        self.kernel_size = tuple(kernel_size)
-        self.strides, self.padding = strides, padding
-        self.feature_group_count = feature_group_count
-        self.use_running_average = use_running_average
-        self.momentum, self.epsilon = momentum, epsilon
-
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        check_phase(self.phase)
-        conv_kw = _conv_kw(
-            x, self.kernel_size, self.strides, self.padding, self.feature_group_count
-        )
-        running = _running(self.phase, use_running_average, self.use_running_average)
-        y, mean, var = _conv_bn(
-            QuantOp(jnnx.NNXSlots(self), self.rule, self.phase, "conv"),
-            x,
-            self.kernel.value,
-            self.scale.value,
-            self.bias.value,
-            self.mean.value,
-            self.var.value,
-            conv_kw,
-            self.epsilon,
-            self.momentum,
-            running,
-        )
-        if not running:
-            self.mean.value, self.var.value = mean, var
-        return y
+        return NnxQConvBN
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

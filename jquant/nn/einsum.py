@@ -129,7 +129,7 @@ class QuantEinsum:
 
 
 class QEinsum(nn.Einsum):
-    """``nn.Einsum`` (input ``x`` as lhs, kernel ``W`` of ``shape`` as rhs) quantized by
+    """jquant: ``nn.Einsum`` (input ``x`` as lhs, kernel ``W`` of ``shape`` as rhs) quantized by
     ``rule``: ``y = einsum(fq_in(x), fq_w(W)) + b`` in train / eval, float otherwise.
 
     Activations use the rule's calibrated (or learned) per-tensor QParams, the kernel its own
@@ -144,6 +144,7 @@ class QEinsum(nn.Einsum):
 
     @nn.compact
     def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+        """``einsum(fq_in(x), fq_w(W)) + b`` (train / eval) or the float einsum."""
         check_phase(self.phase)
         einsum_str = nn.merge_param("einsum_str", self.einsum_str, einsum_str).replace(" ", "")
         einsum_dims(einsum_str)  # validates before any variable is created

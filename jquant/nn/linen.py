@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -38,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jquant.calibration import calibration_loop
+from jquant.nn.bn_folding import folded_batch_norm, folded_kernel
 from jquant.nn.einsum import QEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
@@ -53,11 +56,12 @@ from jquant.nn.rules import (
 from jquant.nn.state import (
     STATS,
     LinenSlots,
+    QuantizedLayer,
     check_phase,
     frozen_qparams,
     learned_from_stats,
+    subtree,
 )
-from jquant.quant import QParams
 
 __all__ = [
     "DEFAULT_RULE",
@@ -154,42 +158,76 @@ def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callab
     return call(clone, *args, **kw)
 
 
-@dataclasses.dataclass(eq=False)
+class Fold(NamedTuple):
+    """A bias-free Conv whose output goes straight into a BatchNorm, by module path."""
+
+    conv: str
+    bn: str
+    epsilon: float
+
+
+class BatchNormConstants(NamedTuple):
+    """A BatchNorm's ``gamma``, ``beta`` and running ``mean`` / ``var`` (defaults if absent)."""
+
+    gamma: jax.Array
+    beta: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+    @classmethod
+    def of(cls, bn: Mapping, features: int) -> BatchNormConstants:
+        """From a BatchNorm's variables ``{"params": ..., "batch_stats": ...}``."""
+        params, stats = bn.get("params", {}), bn["batch_stats"]
+        gamma = params.get("scale", jnp.ones((features,)))
+        beta = params.get("bias", jnp.zeros((features,)))
+        return cls(gamma, beta, stats["mean"], stats["var"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class _FoldedOp:
-    """The conv op of a Conv whose BatchNorm is folded: ``op(x, W * gamma / sigma_R)``; it
-    also keeps the float ``conv(x, W)`` (the BatchNorm's batch statistics) in ``float_out``."""
+    """The conv op of a Conv whose BatchNorm is folded: ``op(x, W gamma / sigma_R)``
+    (:func:`jquant.nn.bn_folding.folded_kernel`)."""
 
     op: QuantOp
-    factor: jax.Array  # gamma / sigma_R per output channel, the kernel's last axis
-    float_out: list = dataclasses.field(default_factory=list)
+    bn: BatchNormConstants
+    eps: float
 
     def __call__(self, lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
-        kw = {k: v for k, v in kwargs.items() if k != "out_sharding" or v is not None}
-        self.float_out.append(jax.lax.conv_general_dilated(lhs, rhs, *args, **kw))
-        return self.op(lhs, rhs * self.factor, *args, **kwargs)
+        w = folded_kernel(rhs, self.bn.gamma, self.bn.mean, self.bn.var, self.eps)
+        return self.op(lhs, w, *args, **kwargs)
 
 
-class _Folding(NamedTuple):
-    """A folded Conv's results, kept for its BatchNorm: the float conv output (the BN's
-    input), the quantized conv of the folded kernel, and the BN constants it used."""
+class _FoldedConv(NamedTuple):
+    """A folded Conv's outputs for its BatchNorm: the float ``conv(x, W)`` (the BN's input
+    and batch statistics) and the quantized conv of the folded kernel."""
 
     y_float: jax.Array
     y_quant: jax.Array
-    factor: jax.Array
 
 
-def _bn_constants(bn: Mapping, features: int):
-    """``(gamma, beta, mean_R, var_R)`` of a BatchNorm's variables (defaults if absent)."""
-    params, stats = bn.get("params", {}), bn["batch_stats"]
-    gamma = params.get("scale", jnp.ones((features,)))
-    beta = params.get("bias", jnp.zeros((features,)))
-    return gamma, beta, stats["mean"], stats["var"]
+class _Interception:
+    """One ``init`` / ``apply`` of a :class:`QuantizedModel`: Flax's method interceptor.
+
+    A folded Conv returns its float output, which its BatchNorm reads, and leaves its
+    quantized output in ``folded`` under the BatchNorm's path; the BatchNorm's call takes it
+    (:meth:`QuantizedModel._folded_bn`). Nothing outlives the call.
+    """
+
+    def __init__(self, qmodel: QuantizedModel):
+        self.qmodel = qmodel
+        self.folded: dict[str, _FoldedConv] = {}
+
+    def __call__(self, next_fun, args, kwargs, context):
+        return self.qmodel._intercept(self, next_fun, args, kwargs, context)
 
 
 class QDense(nn.Dense):
-    """``nn.Dense`` whose product is quantized by ``rule`` (formats, estimator, mode).
+    """jquant: ``nn.Dense`` whose product is quantized by ``rule`` (formats, estimator, mode).
 
     ``y = fq_in(x) @ fq_w(W) + b`` in train / eval; ``x @ W + b`` in float / calibrate.
+
+    Attributes: those of ``nn.Dense`` plus ``rule`` (:class:`~jquant.nn.rules.QuantRule`) and
+    ``phase`` (float, calibrate, train, eval); statistics in the ``quant_stats`` collection.
     """
 
     rule: QuantRule = DEFAULT_RULE
@@ -197,13 +235,18 @@ class QDense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        """``fq_in(x) @ fq_w(W) + b`` (train / eval) or ``x @ W + b`` (float / calibrate,
+        which also updates the input's observer)."""
         return _quantized_call(self, self.rule, self.phase, nn.Dense.__call__, inputs)
 
 
 class QConv(nn.Conv):
-    """``nn.Conv`` (depthwise with ``feature_group_count``) quantized by ``rule``.
+    """jquant: ``nn.Conv`` (depthwise with ``feature_group_count``) quantized by ``rule``.
 
     ``y = conv(fq_in(x), fq_w(W)) + b``; per-channel weight scales are per output channel.
+
+    Attributes: those of ``nn.Conv`` plus ``rule`` (:class:`~jquant.nn.rules.QuantRule`) and
+    ``phase`` (float, calibrate, train, eval); statistics in the ``quant_stats`` collection.
     """
 
     rule: QuantRule = DEFAULT_RULE
@@ -211,6 +254,8 @@ class QConv(nn.Conv):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        """``conv(fq_in(x), fq_w(W)) + b`` (train / eval) or the float conv (float /
+        calibrate, which also updates the input's observer)."""
         return _quantized_call(self, self.rule, self.phase, nn.Conv.__call__, inputs)
 
 
@@ -273,23 +318,6 @@ def learned_from_calibration(variables: Mapping[str, Any]) -> dict[str, Any]:
     return variables
 
 
-class QuantizedLayer(NamedTuple):
-    """A quantized layer as a converter or sweep sees it (eval-time, frozen QParams)."""
-
-    path: str
-    rule: QuantRule
-    kernel: jax.Array
-    bias: jax.Array | None
-    input_qparams: QParams | None
-    kernel_qparams: QParams | None
-
-
-def _subtree(tree: Mapping, path: str) -> Mapping:
-    for key in path.split("/") if path else ():
-        tree = tree.get(key, {})
-    return tree
-
-
 def _deep_merge(base: Mapping, override: Mapping) -> dict:
     out = dict(base)
     for k, v in override.items():
@@ -298,6 +326,32 @@ def _deep_merge(base: Mapping, override: Mapping) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _call(qmodel: QuantizedModel, kind: str, kwargs: tuple, *args):
+    """``qmodel.init(*args, **kwargs)`` (``kind="init"``) or the new ``quant_stats`` of one
+    calibrate-phase ``apply(variables, batch)`` (``kind="calibrate"``)."""
+    if kind == "init":
+        return qmodel.init(*args, **dict(kwargs))
+    variables, batch = args
+    calibrating = qmodel.with_phase("calibrate")
+    return calibrating.apply(variables, batch, mutable=[STATS], **dict(kwargs))[1][STATS]
+
+
+# one compiled program per (model, kind, keyword arguments): jit's own cache, keyed on the
+# static arguments (a QuantizedModel hashes by identity)
+_jitted = jax.jit(_call, static_argnums=(0, 1, 2))
+
+
+def _jitted_call(qmodel: QuantizedModel, kind: str, kwargs: Mapping[str, Any]) -> Callable:
+    """``(*args) -> _call(qmodel, kind, kwargs, *args)`` under ``jax.jit``; compiled once per
+    model, ``kind`` and hashable keyword arguments (unhashable ones: a fresh ``jax.jit``)."""
+    key = tuple(sorted(kwargs.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return jax.jit(functools.partial(_call, qmodel, kind, key))
+    return functools.partial(_jitted, qmodel, kind, key)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -313,19 +367,19 @@ class QuantizedModel:
     rules: tuple[QuantRule, ...]
     match: RuleMatch
     phase: str = "float"
-    folds: tuple[tuple[str, str, float], ...] = ()  # (conv path, its BatchNorm's, epsilon)
+    folds: tuple[Fold, ...] = ()  # Conv -> BatchNorm pairs trained folded
     channel_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # DenseGeneral / Einsum kernels
 
     def __post_init__(self):
         check_phase(self.phase)
 
-    def _interceptor(self, stash: dict, next_fun, args, kwargs, context):
+    def _intercept(self, state: _Interception, next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        if isinstance(module, nn.BatchNorm) and path in stash:
-            return self._folded_bn(module, stash.pop(path), next_fun, args, kwargs)
+        if isinstance(module, nn.BatchNorm) and path in state.folded:
+            return self._folded_bn(module, state.folded.pop(path), args, kwargs)
         if _is_jquant_layer(module):  # hand-built (or our own QEinsum): the model's phase
             if module.phase == self.phase:
                 return next_fun(*args, **kwargs)
@@ -338,37 +392,32 @@ class QuantizedModel:
         rule = first_match(self.rules, path)
         if rule is None:
             return next_fun(*args, **kwargs)
-        fold = next((f for f in self.folds if f[0] == path), None)
+        fold = next((f for f in self.folds if f.conv == path), None)
         if fold is not None and self.phase != "float" and not module.is_initializing():
-            return self._folded_conv(module, rule, fold, stash, next_fun, args, kwargs)
+            y_float, y_quant = self._folded_conv(module, rule, fold, next_fun, args, kwargs)
+            state.folded[fold.bn] = _FoldedConv(y_float, y_quant)
+            return y_float
         return _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
 
-    def _folded_conv(self, conv, rule, fold, stash, next_fun, args, kwargs):
-        """Jacob et al. (2018) sec. 3.2, as :class:`jquant.nn.bn_folding.QConvBN`: the conv
-        runs with ``fq(W gamma / sigma_R)``; its BatchNorm (:meth:`_folded_bn`) finishes."""
-        _, bn_path, eps = fold
+    def _folded_conv(self, conv, rule, fold: Fold, next_fun, args, kwargs):
+        """``(conv(x, W), conv_q(x, W gamma / sigma_R))``: Jacob et al. (2018) sec. 3.2, as
+        :class:`jquant.nn.bn_folding.QConvBN`; its BatchNorm (:meth:`_folded_bn`) finishes."""
         root = conv.scope.root.variables()
-        bn = {c: _subtree(root.get(c, {}), bn_path) for c in ("params", "batch_stats")}
-        gamma, _, _, var_r = _bn_constants(bn, conv.features)
-        factor = gamma * jax.lax.rsqrt(var_r + eps)
-        op = _FoldedOp(QuantOp(LinenSlots(conv), rule, self.phase, "conv"), factor)
-        y_quant = type(conv).__call__(
-            conv.clone(parent=conv.scope, conv_general_dilated=op), *args, **kwargs
+        bn = BatchNormConstants.of(
+            {c: subtree(root.get(c, {}), fold.bn) for c in ("params", "batch_stats")},
+            conv.features,
         )
-        # conv(x, W), laid out as the Conv's output (a bias-free Conv only reshapes): the BN's
-        # input and its batch statistics
-        y_float = op.float_out[0].reshape(y_quant.shape)
-        stash[bn_path] = _Folding(y_float, y_quant, factor)
-        return y_float
+        op = _FoldedOp(QuantOp(LinenSlots(conv), rule, self.phase, "conv"), bn, fold.epsilon)
+        y_float = next_fun(*args, **kwargs)
+        # the same variables again: a rewound scope (its names' reservations emptied)
+        clone = conv.clone(parent=conv.scope.rewound(), conv_general_dilated=op)
+        return y_float, type(conv).__call__(clone, *args, **kwargs)
 
-    def _folded_bn(self, bn: nn.BatchNorm, folding: _Folding, next_fun, args, kwargs):
-        """The BatchNorm after a folded conv (:class:`jquant.nn.bn_folding.QConvBN`'s formula)::
-
-        running: y = conv_q + beta - gamma mu_R / sigma_R
-        batch:   y = conv_q sigma_R / sigma_B + beta - gamma mu_B / sigma_B
-        """
+    def _folded_bn(self, bn: nn.BatchNorm, folded: _FoldedConv, args, kwargs):
+        """The BatchNorm after a folded conv: :func:`jquant.nn.bn_folding.folded_batch_norm`
+        (running statistics in calibrate / eval, or when the call asks for them)."""
         x = args[0] if args else kwargs["x"]
-        if x is not folding.y_float:  # something ran between the conv and its BatchNorm
+        if x is not folded.y_float:  # something ran between the conv and its BatchNorm
             raise ValueError(
                 f"fold_bn: BatchNorm {'/'.join(bn.path)!r} no longer reads its conv's output"
             )
@@ -376,20 +425,14 @@ class QuantizedModel:
         running = self.phase in ("calibrate", "eval") or bool(
             nn.merge_param("use_running_average", bn.use_running_average, flag)
         )
-        eps = bn.epsilon
-        gamma, beta, mean_r, var_r = _bn_constants(bn.variables, x.shape[-1])
-        if running:
-            return folding.y_quant + (beta - mean_r * folding.factor)
-        axes = tuple(range(x.ndim - 1))
-        mu_b, var_b = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
-        if not bn.is_initializing():
-            m = bn.momentum
-            stop = jax.lax.stop_gradient
-            bn.put_variable("batch_stats", "mean", m * mean_r + (1 - m) * stop(mu_b))
-            bn.put_variable("batch_stats", "var", m * var_r + (1 - m) * stop(var_b))
-        sigma_r = jnp.sqrt(var_r + eps)
-        inv_b = jax.lax.rsqrt(var_b + eps)
-        return folding.y_quant * (sigma_r * inv_b) + (beta - mu_b * gamma * inv_b)
+        c = BatchNormConstants.of(bn.variables, x.shape[-1])
+        y, mean, var = folded_batch_norm(
+            folded.y_quant, x, c.gamma, c.beta, c.mean, c.var, bn.epsilon, bn.momentum, running
+        )
+        if not running and not bn.is_initializing():
+            bn.put_variable("batch_stats", "mean", mean)
+            bn.put_variable("batch_stats", "var", var)
+        return y
 
     def with_phase(self, phase: str) -> QuantizedModel:
         """The same model in another phase: float, calibrate, train or eval."""
@@ -397,19 +440,18 @@ class QuantizedModel:
 
     def init(self, rngs, *args, **kwargs) -> dict[str, Any]:
         """``model.init`` with the rules applied (creates ``quant_stats`` and learned scales)."""
-        with nn.intercept_methods(functools.partial(self._interceptor, {})):
+        with nn.intercept_methods(_Interception(self)):
             return self.model.init(rngs, *args, **kwargs)
 
     def apply(self, variables, *args, **kwargs):
         """``model.apply`` with the rules applied in this model's phase."""
-        with nn.intercept_methods(functools.partial(self._interceptor, {})):
+        with nn.intercept_methods(_Interception(self)):
             return self.model.apply(variables, *args, **kwargs)
 
     def attach(self, variables: Mapping[str, Any], *args, rng=None, **kwargs) -> dict[str, Any]:
         """``variables`` of the plain model plus fresh quantization state (stats, scales)."""
         rng = jax.random.key(0) if rng is None else rng
-        init = self._jitted("init", lambda: functools.partial(self.init, **kwargs), kwargs)
-        return _deep_merge(init(rng, *args), variables)
+        return _deep_merge(_jitted_call(self, "init", kwargs)(rng, *args), variables)
 
     def calibrate(
         self,
@@ -417,55 +459,45 @@ class QuantizedModel:
         batches: Iterable[Any],
         *,
         max_batches: int | None = None,
+        progress: bool = False,
         **apply_kwargs,
     ) -> dict[str, Any]:
-        """Runs the calibrate phase (jitted) over ``batches`` of inputs, then sets learned
-        scales from the calibrated ranges (:func:`learned_from_calibration`).
+        """Runs the calibrate phase (jitted) over ``batches`` of inputs
+        (:func:`jquant.calibration.calibration_loop`: ``max_batches``, a progress bar with
+        ``progress``), then sets learned scales from the calibrated ranges
+        (:func:`learned_from_calibration`).
 
         Raises:
-          ValueError: when ``batches`` yields nothing.
+          ValueError: when ``batches`` yields nothing, or ``max_batches`` is not None or an
+            int >= 1.
         """
-        step = self._calibrate_step(apply_kwargs)
-        variables, n = dict(variables), 0
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            variables[STATS] = step(variables, batch)
-            n += 1
-        if n == 0:
-            raise ValueError("calibrate needs data: batches yielded no batch")
+        stats = _jitted_call(self, "calibrate", apply_kwargs)
+
+        def step(variables, batch):
+            return {**variables, STATS: stats(variables, batch)}
+
+        variables = calibration_loop(
+            step, dict(variables), batches, max_batches=max_batches, progress=progress
+        )
         return learned_from_calibration(variables)
 
-    def _calibrate_step(self, apply_kwargs: dict) -> Callable:
-        """The jitted calibrate step, compiled once per model and keyword arguments."""
-        calib = self.with_phase("calibrate")
-
-        def step(v, batch):
-            return calib.apply(v, batch, mutable=[STATS], **apply_kwargs)[1][STATS]
-
-        return self._jitted("calibrate", lambda: step, apply_kwargs)
-
-    def _jitted(self, kind: str, make: Callable[[], Callable], kwargs: dict) -> Callable:
-        """``jax.jit(make())``, kept per model, ``kind`` and keyword arguments so that repeated
-        calls reuse one compiled program (a fresh ``jax.jit`` object would compile again)."""
-        try:
-            key = (kind, tuple(sorted(kwargs.items())))
-            hash(key)
-        except TypeError:  # unhashable keyword values: no caching
-            return jax.jit(make())
-        cache = self.__dict__.setdefault("_jit_cache", {})
-        if key not in cache:
-            cache[key] = jax.jit(make())
-        return cache[key]
-
     def layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
+        """Deprecated alias of :meth:`quantized_layers` (the NNX function's name)."""
+        warnings.warn(
+            "QuantizedModel.layers is deprecated; use QuantizedModel.quantized_layers",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.quantized_layers(variables)
+
+    def quantized_layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
         """The quantized layers with their paths, rules, weights and eval-time QParams."""
         out = []
         for path, rule in self.match.assignment.items():
             if rule is None or rule.keep_float:
                 continue
-            params = _subtree(variables["params"], path)
-            stats = _subtree(variables.get(STATS, {}), path)
+            params = subtree(variables["params"], path)
+            stats = subtree(variables.get(STATS, {}), path)
             kernel = params["kernel"]
             axes = dict(self.channel_axes).get(path)
             qa, qw = frozen_qparams(
@@ -528,8 +560,8 @@ def quantize_model(
     paths: list[str] = []
     unsupported: dict[str, str] = {}  # path -> type of a layer with a kernel jquant can't run
     channel_axes: dict[str, tuple[int, ...]] = {}
-    conv_outputs: dict[int, str] = {}  # id of a bias-free Conv's output -> its path
-    folds: list[tuple[str, str, float]] = []
+    conv_outputs: list[tuple[str, jax.Array]] = []  # (path, output) of bias-free Convs
+    folds: list[Fold] = []
 
     def record(next_fun, args, kwargs, context):
         module, out = context.module, next_fun(*args, **kwargs)
@@ -545,12 +577,14 @@ def quantize_model(
             if axes is not None:
                 channel_axes[path] = axes
             if isinstance(module, nn.Conv) and not module.use_bias:
-                conv_outputs[id(out)] = path
+                conv_outputs.append((path, out))
         elif not _is_jquant_layer(module) and _owns_kernel(module):
             unsupported[path] = type(module).__name__
-        elif isinstance(module, nn.BatchNorm) and args and id(args[0]) in conv_outputs:
-            if module.axis == -1 and module.axis_name is None:
-                folds.append((conv_outputs.pop(id(args[0])), path, float(module.epsilon)))
+        elif isinstance(module, nn.BatchNorm) and args:
+            # the Conv whose output (the very value, not a copy) this BatchNorm reads
+            conv = next((p for p, y in conv_outputs if y is args[0]), None)
+            if conv is not None and module.axis == -1 and module.axis_name is None:
+                folds.append(Fold(conv, path, float(module.epsilon)))
         return out
 
     with nn.intercept_methods(record):
@@ -559,7 +593,7 @@ def quantize_model(
     report_unused(match, on_unused)
     report_not_quantized(match)
     if fold_bn:
-        folds = [f for f in folds if (r := match.assignment.get(f[0])) and not r.keep_float]
+        folds = [f for f in folds if (r := match.assignment.get(f.conv)) and not r.keep_float]
     folds = tuple(folds) if fold_bn else ()
     qmodel = QuantizedModel(model, rules, match, phase, folds, tuple(channel_axes.items()))
     return qmodel, match

@@ -13,13 +13,14 @@ rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`
 
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
-    set_phase(qmodel, "eval")
+    with_phase(qmodel, "eval")
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -27,9 +28,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jquant.calibration import calibration_loop
+from jquant.calibration.driver import check_max_batches
+from jquant.nn.bn_folding import (
+    KERNEL_INIT,
+    conv_bn,
+    conv_keywords,
+    folded_batch_norm,
+    folded_kernel,
+    running_statistics,
+)
 from jquant.nn.einsum import QuantEinsum, einsum_dims
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
-from jquant.nn.linen import QuantizedLayer
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
@@ -40,11 +50,14 @@ from jquant.nn.rules import (
     report_unused,
 )
 from jquant.nn.state import (
+    NNXSlots,
+    QuantizedLayer,
     QuantStat,
     check_phase,
     frozen_qparams,
     learned_from_stats,
     learned_placeholders,
+    variable_key,
 )
 
 __all__ = [
@@ -58,44 +71,21 @@ __all__ = [
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
+    "NnxQConvBN",
     "quantize_model",
+    "with_phase",
     "set_phase",
     "calibrate",
     "learned_from_calibration",
     "quantized_layers",
+    "FoldLink",
+    "FoldedQConv",
+    "FoldedBatchNorm",
+    "fold_pairs",
+    "CallHook",
+    "Hook",
+    "with_call_hooks",
 ]
-
-
-class NNXSlots:
-    """:class:`jquant.nn.state.Slots` over an NNX module's attributes. Learned scales exist
-    from construction (:meth:`QuantLayer._init_learned`); statistics are created on use."""
-
-    initializing = False
-
-    def __init__(self, module: nnx.Module):
-        self.module = module
-        self.path = module.quant_path
-
-    def get_stat(self, name):
-        v = getattr(self.module, name, None)
-        return None if v is None else v.value
-
-    def set_stat(self, name, value):
-        v = getattr(self.module, name, None)
-        if v is None:
-            setattr(self.module, name, QuantStat(value))
-        else:
-            v.value = value
-
-    def param(self, name, init):
-        v = getattr(self.module, name, None)
-        if v is None:  # created now, the parameter tree would change under an optimizer
-            raise ValueError(
-                f"layer {self.path!r} has no learned parameter {name!r}: its rule was changed "
-                "after construction; build the layer (or quantize_model) with the final rule "
-                "so that learned scales exist before an optimizer is built"
-            )
-        return v.value
 
 
 class QuantLayer(nnx.Module):
@@ -150,7 +140,7 @@ def _injected(kind: str, default, wrap=None) -> property:
 
 
 class QLinear(nnx.Linear, QuantLayer):
-    """``nnx.Linear`` whose product is quantized by ``rule``: ``fq_in(x) @ fq_w(W) + b``.
+    """jquant: ``nnx.Linear`` whose product is quantized by ``rule``: ``fq_in(x) @ fq_w(W) + b``.
 
     Args: those of ``nnx.Linear`` plus ``rule`` (QuantRule), ``phase`` and ``quant_path``
     (the name used in messages).
@@ -169,12 +159,14 @@ class QLinear(nnx.Linear, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """A ``nnx.Linear`` (same arguments) quantized by ``rule`` in ``phase``; ``quant_path``
+        names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
 
 class QConv(nnx.Conv, QuantLayer):
-    """``nnx.Conv`` (depthwise through ``feature_group_count``) quantized by ``rule``.
+    """jquant: ``nnx.Conv`` (depthwise through ``feature_group_count``) quantized by ``rule``.
 
     Args: those of ``nnx.Conv`` plus ``rule``, ``phase`` and ``quant_path``.
     """
@@ -194,12 +186,14 @@ class QConv(nnx.Conv, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """A ``nnx.Conv`` (same arguments) quantized by ``rule`` in ``phase``; ``quant_path``
+        names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
 
 class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
-    """``nnx.LinearGeneral`` quantized by ``rule``: ``dot_general(fq_in(x), fq_w(W)) + b``;
+    """jquant: ``nnx.LinearGeneral`` quantized by ``rule``: ``dot_general(fq_in(x), fq_w(W)) + b``;
     per-channel kernel scales along its batch and output-feature axes (those not contracted).
 
     Args: those of ``nnx.LinearGeneral`` plus ``rule``, ``phase`` and ``quant_path``.
@@ -218,6 +212,9 @@ class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """A ``nnx.LinearGeneral`` (same arguments) quantized by ``rule`` in ``phase``;
+        ``quant_path`` names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now
+        on."""
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
@@ -228,7 +225,7 @@ class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
 
 
 class QEinsum(nnx.Einsum, QuantLayer):
-    """``nnx.Einsum`` quantized by ``rule``: ``einsum(fq_in(x), fq_w(W)) + b`` through
+    """jquant: ``nnx.Einsum`` quantized by ``rule``: ``einsum(fq_in(x), fq_w(W)) + b`` through
     :class:`jquant.nn.einsum.QuantEinsum` (two operands, no ellipsis); per-channel kernel
     scales along its non-contracted axes.
 
@@ -249,6 +246,8 @@ class QEinsum(nnx.Einsum, QuantLayer):
         rngs: nnx.Rngs,
         **kwargs,
     ):
+        """An ``nnx.Einsum`` (same arguments) quantized by ``rule`` in ``phase``; ``quant_path``
+        names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         einsum_dims(einsum_str.replace(" ", ""))  # a dot_general, or a ValueError now
         super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
@@ -304,6 +303,237 @@ class QMaxPool(_QPool):
         return self._pool(x, "max")
 
 
+class NnxQConvBN(QuantLayer):
+    """jquant: NNX twin of :class:`jquant.nn.bn_folding.QConvBN` (same formulas): ``kernel``
+    (``HWIO``), ``scale``, ``bias`` are ``nnx.Param``; running ``mean`` / ``var`` are
+    ``nnx.BatchStat``; input statistics are ``QuantStat`` attributes. ``use_running_average``
+    (None: by phase) and the call's argument choose running or batch statistics as in the
+    Linen layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: str | Sequence[tuple[int, int]] = "SAME",
+        feature_group_count: int = 1,
+        use_running_average: bool | None = None,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        kernel_init: Callable = KERNEL_INIT,
+        rule: QuantRule = DEFAULT_RULE,
+        phase: str = "float",
+        quant_path: str = "",
+        rngs: nnx.Rngs,
+    ):
+        shape = (*kernel_size, in_features // feature_group_count, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
+        self._init_quant(rule, phase, quant_path)
+        self.scale = nnx.Param(jnp.ones((out_features,)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.mean = nnx.BatchStat(jnp.zeros((out_features,)))
+        self.var = nnx.BatchStat(jnp.ones((out_features,)))
+        self.kernel_size = tuple(kernel_size)
+        self.strides, self.padding = strides, padding
+        self.feature_group_count = feature_group_count
+        self.use_running_average = use_running_average
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        check_phase(self.phase)
+        conv_kw = conv_keywords(
+            x, self.kernel_size, self.strides, self.padding, self.feature_group_count
+        )
+        running = running_statistics(self.phase, use_running_average, self.use_running_average)
+        y, mean, var = conv_bn(
+            QuantOp(NNXSlots(self), self.rule, self.phase, "conv"),
+            x,
+            self.kernel.value,
+            self.scale.value,
+            self.bias.value,
+            self.mean.value,
+            self.var.value,
+            conv_kw,
+            self.epsilon,
+            self.momentum,
+            running,
+        )
+        if not running:
+            self.mean.value, self.var.value = mean, var
+        return y
+
+
+class FoldLink:
+    """The channel of one folded Conv -> BatchNorm pair within a forward pass.
+
+    The :class:`FoldedQConv` returns its float output ``conv(x, W)`` (what its BatchNorm
+    reads) and leaves here, for the :class:`FoldedBatchNorm` that reads that very value, a
+    function computing its quantized output from a kernel transform; the BatchNorm takes it at
+    once. A static attribute of both layers (no variable); it is empty between calls.
+    """
+
+    def __init__(self, conv: str, bn: str):
+        self.conv = conv
+        self.bn = bn
+        self._pending: tuple[jax.Array, Callable, str] | None = None
+
+    def put(self, y_float: jax.Array, quantized: Callable, phase: str) -> None:
+        """Leaves the conv's float output, ``quantized(kernel_fn) -> y`` and its phase."""
+        self._pending = (y_float, quantized, phase)
+
+    def take(self, x: jax.Array) -> tuple[Callable, str] | None:
+        """``(quantized, phase)`` left by the conv whose output ``x`` is; None when nothing
+        is pending (phase float: the BatchNorm runs as it is).
+
+        Raises:
+          ValueError: the BatchNorm reads something other than its conv's output.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending[0] is not x:
+            raise ValueError(
+                f"fold_bn: BatchNorm {self.bn!r} no longer reads the output of {self.conv!r}"
+            )
+        return pending[1], pending[2]
+
+
+class FoldedQConv(QConv):
+    """jquant: a :class:`QConv` whose BatchNorm (a :class:`FoldedBatchNorm`) is folded into
+    its quantized weights (Jacob et al. 2018, sec. 3.2), as
+    :class:`jquant.nn.bn_folding.QConvBN` with the plain model's variables. In phase float it
+    is the float conv; otherwise it returns ``conv(x, W)`` for its BatchNorm, which computes
+    ``conv(fq(x), fq(W gamma / sigma_R))`` through ``fold_link`` and finishes with
+    :func:`jquant.nn.bn_folding.folded_batch_norm`.
+
+    Args: those of :class:`QConv` plus ``fold_link`` (:class:`FoldLink`).
+    """
+
+    def __init__(self, *args, fold_link: FoldLink, **kwargs):
+        """A :class:`QConv` (same arguments) paired with a BatchNorm through ``fold_link``."""
+        super().__init__(*args, **kwargs)
+        self.fold_link = fold_link
+        self.op_override = None
+
+    @property
+    def conv_general_dilated(self):
+        op = getattr(self, "op_override", None)
+        return QConv.conv_general_dilated.fget(self) if op is None else op
+
+    @conv_general_dilated.setter
+    def conv_general_dilated(self, value):
+        QConv.conv_general_dilated.fset(self, value)
+
+    def _with_op(self, op: Callable, x: jax.Array) -> jax.Array:
+        """``nnx.Conv``'s forward with ``op`` as its ``conv_general_dilated``."""
+        self.op_override = op
+        try:
+            return nnx.Conv.__call__(self, x)
+        finally:
+            self.op_override = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``conv(x, W)`` (phase float: the BatchNorm runs plain; otherwise the BatchNorm
+        finishes the folded layer)."""
+        if self.phase == "float":
+            return super().__call__(x)
+        y_float = self._with_op(lax.conv_general_dilated, x)
+        op = QuantOp(NNXSlots(self), self.rule, self.phase, "conv")
+
+        def quantized(kernel_fn: Callable) -> jax.Array:
+            return self._with_op(lambda lhs, rhs, *a, **k: op(lhs, kernel_fn(rhs), *a, **k), x)
+
+        self.fold_link.put(y_float, quantized, self.phase)
+        return y_float
+
+
+class FoldedBatchNorm(nnx.BatchNorm):
+    """jquant: the ``nnx.BatchNorm`` of a :class:`FoldedQConv` (same variables): plain in
+    phase float; otherwise :func:`jquant.nn.bn_folding.folded_batch_norm` of the conv's
+    quantized output with the folded kernel ``W gamma / sigma_R``, running statistics in the
+    calibrate and eval phases or when the call (or ``use_running_average``) asks for them.
+
+    Args: those of ``nnx.BatchNorm`` plus ``fold_link`` (:class:`FoldLink`).
+    """
+
+    def __init__(self, num_features: int, *, fold_link: FoldLink, **kwargs):
+        """An ``nnx.BatchNorm`` (same arguments) paired with a conv through ``fold_link``."""
+        super().__init__(num_features, **kwargs)
+        self.fold_link = fold_link
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
+        """The folded conv + BN output (the plain BatchNorm in phase float)."""
+        pending = self.fold_link.take(x)
+        if pending is None:
+            return super().__call__(x, use_running_average, mask=mask)
+        quantized, phase = pending
+        if mask is not None:
+            raise ValueError(f"fold_bn: BatchNorm {self.fold_link.bn!r} cannot take a mask")
+        flag = self.use_running_average if use_running_average is None else use_running_average
+        if flag is None and phase not in ("calibrate", "eval"):
+            raise ValueError("No `use_running_average` argument was provided to BatchNorm")
+        running = phase in ("calibrate", "eval") or bool(flag)
+        n = x.shape[-1]
+        gamma = jnp.ones((n,)) if self.scale is None else self.scale.value
+        beta = jnp.zeros((n,)) if self.bias is None else self.bias.value
+        mean_r, var_r = self.mean.value, self.var.value
+        y_quant = quantized(lambda w: folded_kernel(w, gamma, mean_r, var_r, self.epsilon))
+        y, mean, var = folded_batch_norm(
+            y_quant, x, gamma, beta, mean_r, var_r, self.epsilon, self.momentum, running
+        )
+        if not running:
+            self.mean.value, self.var.value = mean, var
+        return y
+
+
+def fold_pairs(model: nnx.Module, *example_args, **example_kwargs) -> list[tuple[str, str]]:
+    """``(conv path, BatchNorm path)`` of each bias-free ``nnx.Conv`` whose output (the very
+    value) goes straight into an ``nnx.BatchNorm`` over the channel axis, from one forward
+    pass of a copy of ``model`` on the example inputs (:func:`with_call_hooks`)."""
+    outputs: list[tuple[str, jax.Array]] = []
+    pairs: list[tuple[str, str]] = []
+
+    def hook(path, module, call, args, kwargs):
+        y = call(*args, **kwargs)
+        if not isinstance(module, nnx.BatchNorm):
+            outputs.append((path, y))
+        elif args and module.axis in (-1, args[0].ndim - 1) and module.axis_name is None:
+            conv = next((p for p, out in outputs if out is args[0]), None)
+            if conv is not None:
+                pairs.append((conv, path))
+        return y
+
+    def select(path, m):
+        return (type(m) is nnx.Conv and not m.use_bias) or type(m) is nnx.BatchNorm
+
+    probe = with_call_hooks(nnx.clone(model), select, hook)
+    probe(*example_args, **example_kwargs)
+    return pairs
+
+
+def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def _folded_bn_copy(bn: nnx.BatchNorm, link: FoldLink) -> FoldedBatchNorm:
+    """A :class:`FoldedBatchNorm` with ``bn``'s hyperparameters and variables."""
+    params = inspect.signature(nnx.BatchNorm.__init__).parameters
+    skip = ("self", "num_features", "rngs", "bias_metadata", "scale_metadata")
+    kwargs = {n: getattr(bn, n) for n in params if n not in skip and hasattr(bn, n)}
+    q = FoldedBatchNorm(bn.num_features, fold_link=link, rngs=nnx.Rngs(0), **kwargs)
+    q.scale, q.bias, q.mean, q.var = bn.scale, bn.bias, bn.mean, bn.var
+    return q
+
+
 # exact plain type -> its quantized layer (a subclass, e.g. nnx.LoRALinear, is not replaced)
 _REPLACEMENTS = {
     nnx.Linear: QLinear,
@@ -315,8 +545,11 @@ _INJECTED = ("dot_general", "dot_general_cls", "conv_general_dilated", "einsum_o
 _NOT_COPIED = ("self", "rngs", "kernel_metadata", "bias_metadata", *_INJECTED)
 
 
-def _quantized_copy(layer: nnx.Module, rule: QuantRule, phase: str, path: str) -> nnx.Module:
-    """The quantized layer with ``layer``'s hyperparameters and its kernel / bias variables.
+def _quantized_copy(
+    layer: nnx.Module, rule: QuantRule, phase: str, path: str, cls: type | None = None, **extra
+) -> nnx.Module:
+    """The quantized layer (``cls(..., **extra)``, default by type) with ``layer``'s
+    hyperparameters and its kernel / bias variables.
 
     Raises:
       ValueError: the layer brings its own product op, which jquant would have to replace.
@@ -335,7 +568,8 @@ def _quantized_copy(layer: nnx.Module, rule: QuantRule, phase: str, path: str) -
         for name in params
         if name not in _NOT_COPIED and hasattr(layer, name)
     }
-    q = _REPLACEMENTS[base](**kwargs, rule=rule, phase=phase, quant_path=path, rngs=nnx.Rngs(0))
+    cls = _REPLACEMENTS[base] if cls is None else cls
+    q = cls(**kwargs, **extra, rule=rule, phase=phase, quant_path=path, rngs=nnx.Rngs(0))
     q.kernel = layer.kernel
     q.bias = layer.bias
     q._init_learned()  # the kernel's learned scale from the real kernel
@@ -350,12 +584,55 @@ def _quant_layers(model: nnx.Module):
     return [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, QuantLayer)]
 
 
+# hook(path, module, call, args, kwargs) -> output; call(*args, **kwargs) runs the layer
+Hook = Callable[[str, Any, Callable, tuple, dict], Any]
+
+
+class CallHook(nnx.Module):
+    """An NNX layer whose calls go through ``hook(path, layer, layer.__call__, args, kwargs)``
+    (:func:`with_call_hooks`); its variables are the layer's, one level down (``layer``)."""
+
+    def __init__(self, layer: nnx.Module, path: str, hook: Hook):
+        self.layer = layer
+        self.path = path
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
+        return self.hook(self.path, self.layer, self.layer.__call__, args, kwargs)
+
+
+def with_call_hooks(
+    model: nnx.Module, select: Callable[[str, nnx.Module], bool], hook: Hook
+) -> nnx.Module:
+    """``model`` itself (changed in place: pass a copy) with each submodule ``m`` at ``path``
+    for which ``select(path, m)`` replaced by ``CallHook(m, path, hook)``: the NNX counterpart
+    of ``nn.intercept_methods`` for one forward pass, made by graph surgery on a copy instead
+    of interception. Paths are attribute paths joined by ``/`` (list items by index)."""
+    found = [
+        (p, m)
+        for p, m in nnx.iter_graph(model)
+        if p and isinstance(m, nnx.Module) and select(_path_str(p), m)
+    ]
+    for p, m in found:
+        parent = model
+        for key in p[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        wrapped = CallHook(m, _path_str(p), hook)
+        if isinstance(p[-1], int):
+            parent[p[-1]] = wrapped
+        else:
+            setattr(parent, p[-1], wrapped)
+    return model
+
+
 def quantize_model(
     model: nnx.Module,
     rules: QuantRule | Iterable[QuantRule],
-    *,
+    *example_args,
     phase: str = "float",
     on_unused: str = "warn",
+    fold_bn: bool = False,
+    **example_kwargs,
 ) -> tuple[nnx.Module, RuleMatch]:
     """A copy of ``model`` whose ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` /
     ``nnx.Einsum`` layers are quantized by rules.
@@ -364,6 +641,13 @@ def quantize_model(
     first rule that fullmatches a path wins; ``keep_float`` rules leave the layer as it is.
     Learned scales (LSQ / LSQ+ / PACT) exist from now on (the input's as a placeholder that
     :func:`calibrate` sets), so an ``nnx.Optimizer`` may be built before calibration.
+
+    With ``fold_bn=True`` (and example inputs of ``model.__call__``, which find the pairs:
+    :func:`fold_pairs`) every quantized bias-free ``nnx.Conv`` whose output goes straight into
+    an ``nnx.BatchNorm`` trains with the BN folded into its quantized weights, exactly as the
+    Linen ``quantize_model(..., fold_bn=True)`` and :class:`jquant.nn.bn_folding.QConvBN`
+    (Jacob et al. 2018, sec. 3.2): the pair becomes a :class:`FoldedQConv` and a
+    :class:`FoldedBatchNorm` holding the same variables under the same paths.
 
     Returns:
       ``(quantized copy, RuleMatch)``; rules that match nothing are warned about, raised on
@@ -375,6 +659,14 @@ def quantize_model(
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     check_phase(phase)
     rules = check_rules(rules)
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+    if fold_bn and not example_args and not example_kwargs:
+        raise TypeError(
+            "quantize_model(nnx_model, rules, *example_args, fold_bn=True): pass example "
+            "inputs (they show which BatchNorm reads which conv's output)"
+        )
+    pairs = dict(fold_pairs(model, *example_args, **example_kwargs)) if fold_bn else {}
     model = nnx.clone(model)
     targets, unsupported = {}, {}
     for p, m in nnx.iter_graph(model):
@@ -391,19 +683,38 @@ def quantize_model(
         if rule is None or rule.keep_float:
             continue
         path, layer = targets[name]
-        parent = model
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        q = _quantized_copy(layer, rule, phase, name)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = q
+        if name in pairs:
+            link = FoldLink(name, pairs[name])
+            q = _quantized_copy(layer, rule, phase, name, FoldedQConv, fold_link=link)
         else:
-            setattr(parent, path[-1], q)
+            q = _quantized_copy(layer, rule, phase, name)
+        _set(model, path, q)
+    bns = {
+        _path_str(p): (p, m)
+        for p, m in nnx.iter_graph(model)
+        if type(m) is nnx.BatchNorm and _path_str(p) in pairs.values()
+    }
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, FoldedQConv):
+            bn_path, bn = bns[m.fold_link.bn]
+            _set(model, bn_path, _folded_bn_copy(bn, m.fold_link))
     return model, match
 
 
 def set_phase(model: nnx.Module, phase: str) -> nnx.Module:
-    """Sets the phase of every quantized layer of ``model`` (in place) and returns it.
+    """Deprecated alias of :func:`with_phase` (the Linen ``QuantizedModel``'s name)."""
+    warnings.warn(
+        "jquant.nn.nnx.set_phase is deprecated; use jquant.nn.nnx.with_phase",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return with_phase(model, phase)
+
+
+def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
+    """``model`` in another phase (float, calibrate, train or eval), as Linen's
+    :meth:`~jquant.nn.linen.QuantizedModel.with_phase`: an NNX model is mutable, so this sets
+    the phase of every quantized layer in place and returns the model.
 
     Raises:
       ValueError: for train / eval when a layer quantizing its input was never calibrated.
@@ -414,7 +725,8 @@ def set_phase(model: nnx.Module, phase: str) -> nnx.Module:
         missing = [
             m.quant_path or _path_str(p)
             for p, m in layers
-            if m.rule.act_config() is not None and getattr(m, "input_qparams", None) is None
+            if m.rule.act_config() is not None
+            and getattr(m, variable_key("input", "qparams"), None) is None
         ]
         if missing:
             raise ValueError(
@@ -440,27 +752,36 @@ def learned_from_calibration(model: nnx.Module) -> nnx.Module:
 
 
 def calibrate(
-    model: nnx.Module, batches: Iterable[Any], *, max_batches: int | None = None, **call_kwargs
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    progress: bool = False,
+    **call_kwargs,
 ) -> nnx.Module:
-    """Runs the calibrate phase (``nnx.jit``) over ``batches`` of inputs, in place, then sets
-    learned scales from the calibrated ranges; the layers' phases are restored after.
+    """Runs the calibrate phase (``nnx.jit``) over ``batches`` of inputs, in place
+    (:func:`jquant.calibration.calibration_loop`: ``max_batches``, a progress bar with
+    ``progress``), then sets learned scales from the calibrated ranges; the layers' phases are
+    restored after.
 
     Raises:
-      ValueError: when ``batches`` yields nothing.
+      ValueError: when ``batches`` yields nothing, or ``max_batches`` is not None or an
+        int >= 1.
     """
-    before = {id(m): m.phase for _, m in _quant_layers(model)}
-    set_phase(model, "calibrate")
+    check_max_batches(max_batches)
+    before = {path: m.phase for path, m in _quant_layers(model)}
+    with_phase(model, "calibrate")
     step = nnx.jit(lambda m, x: m(x, **call_kwargs))
-    n = 0
-    for batch in batches:
-        if max_batches is not None and n >= max_batches:
-            break
-        step(model, batch)
-        n += 1
-    for _, m in _quant_layers(model):
-        m.phase = before.get(id(m), "float")
-    if n == 0:
-        raise ValueError("calibrate needs data: batches yielded no batch")
+
+    def run(m, batch):
+        step(m, batch)
+        return m
+
+    try:
+        calibration_loop(run, model, batches, max_batches=max_batches, progress=progress)
+    finally:
+        for path, m in _quant_layers(model):
+            m.phase = before.get(path, "float")
     return learned_from_calibration(model)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -38,13 +38,23 @@ from jquant import calibration
 from jquant.estimators import lsq_init_scale, lsq_plus_weight_init_scale
 from jquant.quant import QParams, QuantConfig, dynamic_qparams
 
+if TYPE_CHECKING:
+    from jquant.nn.rules import QuantRule
+
 __all__ = [
     "PHASES",
     "STATS",
     "LEARNED",
+    "TENSORS",
+    "VARIABLE_KINDS",
     "QuantStat",
+    "QuantizedLayer",
     "Slots",
     "LinenSlots",
+    "NNXSlots",
+    "variable_key",
+    "parse_variable_key",
+    "subtree",
     "positive_scale",
     "check_phase",
     "make_observer",
@@ -67,6 +77,50 @@ LEARNED = ("lsq", "lsq_plus", "pact")
 ACT_SCALES = ("static", "dynamic_per_tensor", "dynamic_per_example", "dynamic_per_token")
 LEARNED_INITS = ("paper", "calibration")
 WEIGHT_SCALE_BOUNDS = ("qmax", "qmax_plus_half")
+TENSORS = ("input", "kernel")  # the quantized tensors of a layer
+# what a layer stores per tensor: learned parameters, then statistics
+VARIABLE_KINDS = ("scale", "zero_point", "qparams", "init", "observer", "abs_mean")
+
+
+def variable_key(tensor: str, kind: str) -> str:
+    """The name of a layer's variable of ``kind`` for ``tensor``: ``f"{tensor}_{kind}"``,
+    e.g. ``variable_key("input", "qparams") == "input_qparams"``; the one place these names
+    are built (:func:`parse_variable_key` reads them back).
+
+    Raises:
+      ValueError: ``tensor`` not in ``TENSORS`` or ``kind`` not in ``VARIABLE_KINDS``.
+    """
+    if tensor not in TENSORS:
+        raise ValueError(f"tensor must be one of {TENSORS}, got {tensor!r}")
+    if kind not in VARIABLE_KINDS:
+        raise ValueError(f"kind must be one of {VARIABLE_KINDS}, got {kind!r}")
+    return f"{tensor}_{kind}"
+
+
+def parse_variable_key(key: str) -> tuple[str, str] | None:
+    """``(tensor, kind)`` of a name built by :func:`variable_key`, else None."""
+    tensor, _, kind = key.partition("_")
+    return (tensor, kind) if tensor in TENSORS and kind in VARIABLE_KINDS else None
+
+
+def subtree(tree: Mapping, path: str) -> Mapping:
+    """The nested dict at the ``/``-joined module ``path`` of a variable tree (``{}`` if
+    absent; ``""`` is the tree itself)."""
+    for key in path.split("/") if path else ():
+        tree = tree.get(key, {})
+    return tree
+
+
+class QuantizedLayer(NamedTuple):
+    """A quantized layer as a converter or sweep sees it (eval-time, frozen QParams), from a
+    Linen or an NNX model."""
+
+    path: str
+    rule: QuantRule
+    kernel: jax.Array
+    bias: jax.Array | None
+    input_qparams: QParams | None
+    kernel_qparams: QParams | None
 
 
 class QuantStat(nnx.Variable):
@@ -110,6 +164,39 @@ class LinenSlots:
 
     def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array:
         return self.module.param(name, lambda _: init())
+
+
+class NNXSlots:
+    """:class:`Slots` over an NNX module's attributes: statistics are :class:`QuantStat`
+    variables created on use; learned scales are ``nnx.Param`` that must exist from the
+    layer's construction (an optimizer built before calibration keeps its tree)."""
+
+    initializing = False
+
+    def __init__(self, module: nnx.Module):
+        self.module = module
+        self.path = module.quant_path
+
+    def get_stat(self, name: str) -> Any | None:
+        v = getattr(self.module, name, None)
+        return None if v is None else v.value
+
+    def set_stat(self, name: str, value: Any) -> None:
+        v = getattr(self.module, name, None)
+        if v is None:
+            setattr(self.module, name, QuantStat(value))
+        else:
+            v.value = value
+
+    def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array:
+        v = getattr(self.module, name, None)
+        if v is None:  # created now, the parameter tree would change under an optimizer
+            raise ValueError(
+                f"layer {self.path!r} has no learned parameter {name!r}: its rule was changed "
+                "after construction; build the layer (or quantize_model) with the final rule "
+                "so that learned scales exist before an optimizer is built"
+            )
+        return v.value
 
 
 def check_phase(phase: str) -> None:
@@ -159,9 +246,9 @@ def positive_scale(param: jax.Array) -> jax.Array:
 def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) -> QParams:
     """QParams whose scale (and, for LSQ+, zero point) are parameters, created from init_qp."""
     init_qp = jax.tree_util.tree_map(jax.lax.stop_gradient, init_qp)
-    scale = slots.param(f"{name}_scale", lambda: init_qp.scale)
+    scale = slots.param(variable_key(name, "scale"), lambda: init_qp.scale)
     if cfg.estimator == "lsq_plus":
-        zp = slots.param(f"{name}_zero_point", lambda: init_qp.zero_point)
+        zp = slots.param(variable_key(name, "zero_point"), lambda: init_qp.zero_point)
     return QParams(positive_scale(scale), zp)
 
 
@@ -219,18 +306,18 @@ def _paper_weight_init(w: jax.Array, cfg: QuantConfig, own: QParams) -> QParams:
 def _lsq_activation_init(slots: Slots, name: str, x: jax.Array, cfg: QuantConfig, phase: str):
     """Accumulates ``mean|x|`` over calibration batches and stores LSQ's initial step
     ``2 <mean|x|> / sqrt(qmax - zp)`` (zero point: the calibrated one) as ``{name}_init``."""
-    acc = slots.get_stat(f"{name}_abs_mean")
+    acc = slots.get_stat(variable_key(name, "abs_mean"))
     if acc is None:
         acc = {"sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
-        slots.set_stat(f"{name}_abs_mean", acc)
+        slots.set_stat(variable_key(name, "abs_mean"), acc)
     if phase != "calibrate" or slots.initializing:
         return
     batch_mean = jnp.mean(jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32)))
     acc = {"sum": acc["sum"] + batch_mean, "count": acc["count"] + 1.0}
-    slots.set_stat(f"{name}_abs_mean", acc)
-    zp = jnp.asarray(slots.get_stat(f"{name}_qparams")["zero_point"], jnp.float32)
+    slots.set_stat(variable_key(name, "abs_mean"), acc)
+    zp = jnp.asarray(slots.get_stat(variable_key(name, "qparams"))["zero_point"], jnp.float32)
     scale = lsq_init_scale(acc["sum"] / acc["count"], cfg.fmt, zero_point=zp)
-    slots.set_stat(f"{name}_init", {"scale": scale, "zero_point": zp})
+    slots.set_stat(variable_key(name, "init"), {"scale": scale, "zero_point": zp})
 
 
 def tensor_qparams(
@@ -278,10 +365,10 @@ def tensor_qparams(
     if calibration_name is None:  # a weight
         own = kernel_qparams(x, cfg, scale_bound)
         if phase == "calibrate" and not slots.initializing:
-            slots.set_stat(f"{name}_qparams", qparams_to_dict(own))
+            slots.set_stat(variable_key(name, "qparams"), qparams_to_dict(own))
             if learned and learned_init == "paper":
                 init = _paper_weight_init(x, cfg, own)
-                slots.set_stat(f"{name}_init", qparams_to_dict(_per_tensor(init, cfg)))
+                slots.set_stat(variable_key(name, "init"), qparams_to_dict(_per_tensor(init, cfg)))
         if learned:
             qp = _learned(slots, name, cfg, own, own.zero_point)
         else:
@@ -289,21 +376,21 @@ def tensor_qparams(
         return qp if phase in ("train", "eval") else None
 
     obs = make_observer(calibration_name)
-    state = slots.get_stat(f"{name}_observer")
+    state = slots.get_stat(variable_key(name, "observer"))
     if state is None:
         state = obs.init(x)
-        slots.set_stat(f"{name}_observer", state)
+        slots.set_stat(variable_key(name, "observer"), state)
     if phase == "calibrate" and not slots.initializing:
         state = obs.update(x, state)
-        slots.set_stat(f"{name}_observer", state)
+        slots.set_stat(variable_key(name, "observer"), state)
         qp = obs.result(state, cfg.fmt, symmetric=cfg.symmetric)
-        slots.set_stat(f"{name}_qparams", qparams_to_dict(_per_tensor(qp, cfg)))
+        slots.set_stat(variable_key(name, "qparams"), qparams_to_dict(_per_tensor(qp, cfg)))
     if learned and learned_init == "paper" and cfg.estimator == "lsq":
         _lsq_activation_init(slots, name, x, cfg, phase)
     dynamic = act_scale != "static"
     if dynamic and phase in ("train", "eval"):
         return dynamic_act_qparams(x, cfg, act_scale)
-    stored = slots.get_stat(f"{name}_qparams")
+    stored = slots.get_stat(variable_key(name, "qparams"))
     if stored is None:
         if phase in ("train", "eval") and not slots.initializing:
             raise ValueError(
@@ -338,13 +425,14 @@ def frozen_qparams(
     def one(t, cfg, fallback):
         if cfg is None:
             return None
-        if f"{t}_scale" in params:
-            base = fallback or QParams(params[f"{t}_scale"], 0.0)
-            zp = params.get(f"{t}_zero_point", base.zero_point)
-            return QParams(positive_scale(params[f"{t}_scale"]), jnp.asarray(zp))
+        scale_key = variable_key(t, "scale")
+        if scale_key in params:
+            base = fallback or QParams(params[scale_key], 0.0)
+            zp = params.get(variable_key(t, "zero_point"), base.zero_point)
+            return QParams(positive_scale(params[scale_key]), jnp.asarray(zp))
         return fallback
 
-    stored = stats.get("input_qparams")
+    stored = stats.get(variable_key("input", "qparams"))
     qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
     own = kernel_qparams(kernel, cfg_kernel, scale_bound) if cfg_kernel else None
     return qa, one("kernel", cfg_kernel, own)
@@ -352,17 +440,18 @@ def frozen_qparams(
 
 def learned_from_stats(params: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
     """``params`` with each learned ``{t}_scale`` / ``{t}_zero_point`` set to
-    ``stats[f"{t}_init"]`` (the paper's initialisation, when calibrate stored one) or else the
-    calibrated ``stats[f"{t}_qparams"]``, recursively over nested module dicts (Linen trees)."""
+    ``stats["{t}_init"]`` (the paper's initialisation, when calibrate stored one) or else the
+    calibrated ``stats["{t}_qparams"]`` (names: :func:`variable_key`), recursively over nested
+    module dicts (Linen trees)."""
     out = dict(params)
     for key, value in stats.items():
-        suffix = next((x for x in ("_init", "_qparams") if key.endswith(x)), None)
-        if suffix and isinstance(value, Mapping) and "scale" in value:
-            t = key[: -len(suffix)]
-            if suffix == "_qparams" and f"{t}_init" in stats:
+        parsed = parse_variable_key(key)
+        if parsed and parsed[1] in ("init", "qparams") and "scale" in value:
+            t, kind = parsed
+            if kind == "qparams" and variable_key(t, "init") in stats:
                 continue  # the paper's initialisation wins over the calibrated range
             for field in ("scale", "zero_point"):
-                name = f"{t}_{field}"
+                name = variable_key(t, field)
                 if name in out:
                     old = jnp.asarray(out[name])
                     out[name] = jnp.reshape(jnp.asarray(value[field]), old.shape).astype(old.dtype)
@@ -390,7 +479,7 @@ def learned_placeholders(
             qp = _per_tensor(dynamic_qparams(kernel, cfg), cfg)
         else:
             qp = QParams(jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32))
-        out[f"{t}_scale"] = jnp.asarray(qp.scale)
+        out[variable_key(t, "scale")] = jnp.asarray(qp.scale)
         if cfg.estimator == "lsq_plus":
-            out[f"{t}_zero_point"] = jnp.asarray(qp.zero_point)
+            out[variable_key(t, "zero_point")] = jnp.asarray(qp.zero_point)
     return out

@@ -45,7 +45,7 @@ from flax import traverse_util
 from jquant.nn.rules import GRANULARITIES, QuantRule
 from jquant.sweep.model_vs_bits import (
     PTQ,
-    _check_data,
+    check_data,
     check_rules,
     layer_rules,
     logits_vs_bits,
@@ -228,7 +228,7 @@ def mixed_precision(
     check_rules(rules, widths, target)
     float_bytes = model_size_bytes(variables, {})
     budget = _check_budget(budget_bytes, budget_fraction, float_bytes)
-    x, y = _check_data(x, y)
+    x, y = check_data(x, y)
     calib = x if calib_x is None else calib_x
     layers = layer_paths(model, rules, np.asarray(calib)[:1])
     flat_params = traverse_util.flatten_dict(dict(variables["params"]), sep="/")

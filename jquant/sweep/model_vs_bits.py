@@ -41,7 +41,7 @@ from jquant import metrics
 from jquant.formats import IntFormat
 from jquant.nn.linen import QuantizedModel, quantize_model
 from jquant.nn.rules import GRANULARITIES, QuantRule, first_match
-from jquant.nn.state import STATS, make_observer, qparams_to_dict
+from jquant.nn.state import STATS, make_observer, qparams_to_dict, variable_key
 from jquant.sweep.results import Table
 from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes, sweep_mesh
 
@@ -205,13 +205,13 @@ def _eval_model(
     stats = traverse_util.flatten_dict(dict(variables.get(STATS, {})), sep="/")
     for path, rule in match.assignment.items():
         cfg = None if rule is None else rule.act_config()
-        key = f"{path}/input_observer"
+        key = f"{path}/{variable_key('input', 'observer')}"
         if cfg is None or key not in stats:
             continue
         qp = make_observer(rule.calibration).result(stats[key], cfg.fmt, symmetric=cfg.symmetric)
         for name, value in qparams_to_dict(qp).items():
-            old = stats[f"{path}/input_qparams/{name}"]
-            stats[f"{path}/input_qparams/{name}"] = jnp.reshape(value, jnp.shape(old))
+            flat = f"{path}/{variable_key('input', 'qparams')}/{name}"
+            stats[flat] = jnp.reshape(value, jnp.shape(stats[flat]))
     variables = {**variables, STATS: traverse_util.unflatten_dict(stats, sep="/")}
     return qm.with_phase("eval"), variables
 
@@ -272,7 +272,12 @@ def score(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, fl
     return {k: float(v) for k, v in _score(logits, y, reference).items()}
 
 
-def _check_data(x, y) -> tuple[jax.Array, jax.Array]:
+def check_data(x, y) -> tuple[jax.Array, jax.Array]:
+    """``(x, y)`` as NumPy arrays, one label per example: ``y.shape == (len(x),)``.
+
+    Raises:
+      ValueError: labels of another shape.
+    """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape (len(x),) = ({x.shape[0]},), got {y.shape}")
@@ -318,7 +323,7 @@ def model_vs_bits(
       ``meta["devices"]``: how many devices the widths were split over.
     """
     mesh = sweep_mesh(mesh)
-    x, y = _check_data(x, y)
+    x, y = check_data(x, y)
     grans = (granularities,) if isinstance(granularities, str) else tuple(granularities)
     tgts = (targets,) if isinstance(targets, str) else tuple(targets)
     for g in grans:

@@ -30,7 +30,7 @@ from jquant.sweep.error_vs_bits import QuantSpec
 from jquant.sweep.model_vs_bits import (
     PTQ,
     TARGETS,
-    _check_data,
+    check_data,
     check_rules,
     layer_rules,
     logits_vs_bits,
@@ -84,7 +84,7 @@ def sensitivity(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     widths = check_rules(rules, bits, target)
-    x, y = _check_data(x, y)
+    x, y = check_data(x, y)
     ptq = PTQ.calibrated(
         model, variables, x if calib_x is None else calib_x, rules, batch_size=batch_size
     )
