@@ -16,6 +16,9 @@ from jquant.data import text
 from jquant.models import config as config_lib
 from jquant.models import gpt, linen, train
 from jquant.models import nnx as nnx_models
+from jquant.nn.einsum import QuantActEinsum
+from jquant.nn.linen import quantize_model as quantize_linen
+from jquant.nn.rules import QuantRule
 
 TINY = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=16)
 
@@ -214,3 +217,63 @@ def test_int8_kv_cache_generation_equals_the_forward_with_fake_quantized_kv(fram
     floating = forward(out.tokens[:, :-1])[:, 3:]
     gap = float(jnp.max(jnp.abs(out.logits - floating)))
     assert 0.0 < gap < 1e-2  # int8 K/V moves the logits, slightly
+
+
+def _numpy_per_token(x, bits):
+    """Symmetric fake-quant with one scale per vector along the last axis (NumPy)."""
+    x = np.asarray(x, np.float64)
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(x).max(-1, keepdims=True) / qmax
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale * np.clip(np.round(x / scale), -qmax - 1, qmax)
+
+
+def _attention_rule(bits):
+    return QuantRule(
+        ".*/attn/(scores|mix)",
+        weight=None,
+        act=jq.IntFormat(bits),
+        act_symmetric=True,
+        act_scale="dynamic_per_token",
+    )
+
+
+def test_quant_act_einsum_matches_numpy_per_token_fake_quant():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 5, 3, 4)), rng.normal(size=(2, 6, 3, 4))
+    op = QuantActEinsum(_attention_rule(4), "eval")
+    got = op(gpt.SCORES, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    want = np.einsum(gpt.SCORES, _numpy_per_token(a, 4), _numpy_per_token(b, 4))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (
+        float(
+            jnp.max(
+                jnp.abs(
+                    QuantActEinsum(_attention_rule(4), "float")(
+                        gpt.SCORES, jnp.asarray(a), jnp.asarray(b)
+                    )
+                    - np.einsum(gpt.SCORES, a, b)
+                )
+            )
+        )
+        < 1e-5
+    )
+
+
+def test_rules_quantize_the_attention_products():
+    model, variables = gpt.GPT(TINY), _variables(TINY)
+    tokens = _tokens(TINY, (2, TINY.context))
+    reference = model.apply(variables, tokens)
+    gaps = {}
+    for bits in (8, 2):
+        qmodel, match = quantize_linen(model, _attention_rule(bits), tokens, on_unused="raise")
+        quantized = [p for p, r in match.assignment.items() if r is not None]
+        assert quantized == [f"block{i}/attn/{n}" for i in (1, 2) for n in ("scores", "mix")]
+        qvars = qmodel.attach(variables, tokens)
+        np.testing.assert_array_equal(qmodel.apply(qvars, tokens), reference)  # float phase
+        logits = qmodel.with_phase("eval").apply(qvars, tokens)
+        gaps[bits] = float(jnp.max(jnp.abs(logits - reference)))
+    assert 0.0 < gaps[8] < 0.02 < 0.1 < gaps[2]
+    static = QuantRule(".*/attn/scores", weight=None, act="int8")
+    with pytest.raises(ValueError, match="act_scale.*block1/attn/scores"):
+        quantize_linen(model, static, tokens)

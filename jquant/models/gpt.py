@@ -21,6 +21,7 @@ decoding). :func:`generate` runs that loop under ``jit``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,6 +39,8 @@ __all__ = [
     "KVCache",
     "KVTransform",
     "NNXGPT",
+    "NNXProduct",
+    "Product",
     "TRAIN_RECIPE",
     "causal_attention",
     "generate",
@@ -66,18 +69,40 @@ def init_cache(config: GPTConfig, batch: int, dtype: Any = jnp.float32) -> KVCac
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_start: Any = 0) -> jax.Array:
+SCORES = "bqhd,bkhd->bhqk"  # q k^T per head
+MIX = "bhqk,bkhd->bqhd"  # softmax(scores) v per head
+# ``product(a, b)`` of two activations: an attention einsum (SCORES or MIX)
+ActProduct = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_start: Any = 0,
+    *,
+    scores: ActProduct | None = None,
+    mix: ActProduct | None = None,
+) -> jax.Array:
     """Multi-head causal attention ``softmax(q k^T / sqrt(d) + mask) v``.
 
     ``q`` is ``(B, n, H, d)`` at positions ``q_start + i``; ``k``, ``v`` are ``(B, m, H, d)``
     at positions ``j = 0..m-1``; query ``i`` sees key ``j`` iff ``j <= q_start + i`` (the mask
     adds ``-inf`` elsewhere). Returns ``(B, n, H, d)``.
+
+    ``scores(q, k)`` and ``mix(p, v)`` are the two activation x activation products,
+    ``einsum("bqhd,bkhd->bhqk", q, k)`` and ``einsum("bhqk,bkhd->bqhd", p, v)`` by default;
+    the models pass their :class:`Product` modules so that quantization rules reach them.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if scores is None:
+        scores = functools.partial(jnp.einsum, SCORES)
+    if mix is None:
+        mix = functools.partial(jnp.einsum, MIX)
+    s = scores(q, k) / math.sqrt(q.shape[-1])
     q_pos = q_start + jnp.arange(q.shape[1])
     visible = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    s = jnp.where(visible, s, -jnp.inf)
+    return mix(jax.nn.softmax(s, axis=-1), v)
 
 
 def _start(tokens: jax.Array, cache: KVCache | None, context: int):
@@ -118,8 +143,24 @@ def _join_cache(layers: list, start, n: int) -> KVCache:
 # ---------------------------------------------------------------------------------------- Linen
 
 
+class Product(nn.Module):
+    """``einsum(einsum_str, a, b)`` of two activations, a parameter-free module so that it
+    has a path (``block1/attn/scores``, ``block1/attn/mix``).
+
+    ``einsum`` (``jnp.einsum``'s signature) is the injection point, as ``dot_general=`` is
+    Flax Dense's: ``jquant.nn.linen.quantize_model`` fills it with a quantized einsum.
+    """
+
+    einsum_str: str
+    einsum: Callable[..., jax.Array] = jnp.einsum
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return self.einsum(self.einsum_str, a, b)
+
+
 class Attention(nn.Module):
-    """``out(causal_attention(x Wq, x Wk, x Wv))`` with heads split from the projections."""
+    """``out(causal_attention(x Wq, x Wk, x Wv))`` with heads split from the projections;
+    the attention products are the :class:`Product` modules ``scores`` and ``mix``."""
 
     config: GPTConfig
 
@@ -137,7 +178,8 @@ class Attention(nn.Module):
             k, v = kv_transform(k), kv_transform(v)
         if layer_cache is not None:
             k, v = layer_cache = _with_cache(k, v, layer_cache, start)
-        out = causal_attention(q, k, v, start).reshape(b, n, cfg.width)
+        products = {"scores": Product(SCORES, name="scores"), "mix": Product(MIX, name="mix")}
+        out = causal_attention(q, k, v, start, **products).reshape(b, n, cfg.width)
         return nn.Dense(cfg.width, use_bias=False, name="out")(out), layer_cache
 
 
@@ -211,11 +253,23 @@ class GPT(nn.Module):
 # ------------------------------------------------------------------------------------------ NNX
 
 
+class NNXProduct(nnx.Module):
+    """NNX twin of :class:`Product`: ``einsum(einsum_str, a, b)``, ``einsum`` injectable."""
+
+    def __init__(self, einsum_str: str, einsum: Callable[..., jax.Array] = jnp.einsum):
+        self.einsum_str = einsum_str
+        self.einsum = einsum
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return self.einsum(self.einsum_str, a, b)
+
+
 class NNXAttention(nnx.Module):
     """NNX twin of :class:`Attention`."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.scores, self.mix = NNXProduct(SCORES), NNXProduct(MIX)
         for name in ("query", "key", "value", "out"):
             setattr(self, name, nnx.Linear(config.width, config.width, use_bias=False, rngs=rngs))
 
@@ -230,7 +284,8 @@ class NNXAttention(nnx.Module):
             k, v = kv_transform(k), kv_transform(v)
         if layer_cache is not None:
             k, v = layer_cache = _with_cache(k, v, layer_cache, start)
-        return self.out(causal_attention(q, k, v, start).reshape(b, n, cfg.width)), layer_cache
+        out = causal_attention(q, k, v, start, scores=self.scores, mix=self.mix)
+        return self.out(out.reshape(b, n, cfg.width)), layer_cache
 
 
 class NNXMLP(nnx.Module):
