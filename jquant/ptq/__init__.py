@@ -8,6 +8,8 @@ Kernels are in Flax layout ``(in, out)``; calibration inputs ``x`` are ``(n, in)
 - :func:`smoothquant_scales`: SmoothQuant's migration scales (Xiao et al. 2022);
 - :func:`hadamard`, :func:`rotate_input`, :func:`rotate_output`, :func:`absorb_gain`:
   QuaRot's computational invariance (Ashkboos et al. 2024), and the scale folds;
+- :func:`quantize_model`: a whole GPT by a :class:`Recipe` (sequential, layer by layer), and
+  :func:`inject_outlier`;
 - :func:`kv_fake_quant`, :func:`kv_ranges`: a KV-cache quantizer per head and token, or per
   calibrated channel, for ``generate`` and ``perplexity``.
 
@@ -21,6 +23,16 @@ Kernels are in Flax layout ``(in, out)``; calibration inputs ``x`` are ``(n, in)
 from jquant.ptq.awq import AWQResult, awq
 from jquant.ptq.gptq import gptq, gptq_from_hessian, hessian
 from jquant.ptq.kv import KV_GRANULARITIES, KVRanges, kv_fake_quant, kv_ranges
+from jquant.ptq.model import (
+    METHODS,
+    TRANSFORMS,
+    PTQModel,
+    Recipe,
+    inject_outlier,
+    quantize_model,
+    rotate_model,
+    smooth_model,
+)
 from jquant.ptq.rtn import Quantized, fake_quant_kernel, kernel_qparams, rtn
 from jquant.ptq.smoothquant import smoothquant_scales
 from jquant.ptq.transforms import (
@@ -35,6 +47,14 @@ from jquant.ptq.transforms import (
 
 __all__ = [
     "AWQResult",
+    "METHODS",
+    "PTQModel",
+    "Recipe",
+    "TRANSFORMS",
+    "inject_outlier",
+    "quantize_model",
+    "rotate_model",
+    "smooth_model",
     "KVRanges",
     "KV_GRANULARITIES",
     "Quantized",
