@@ -349,7 +349,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from jquant.nn.rules import QuantRule
     from jquant.sweep import Table, check_options, error_vs_bits
     from jquant.sweep.mixed_precision import mixed_precision
-    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
+    from jquant.sweep.model_sweep import check_rules, model_vs_bits
     from jquant.sweep.sensitivity import layer_paths, sensitivity
     from jquant.sweep.sharding import is_main_process
 

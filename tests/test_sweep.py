@@ -215,7 +215,7 @@ def test_bad_input():
 def test_options_checked_at_every_width_before_any_work():
     from jquant.nn.rules import QuantRule
     from jquant.sweep import check_options
-    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
+    from jquant.sweep.model_sweep import check_rules, model_vs_bits
 
     # KL with 2048 bins serves qmax + 1 <= 2048 levels: 12 bits; a traced 13-bit width used
     # to give a meaningless threshold (SQNR ~0 dB) where a static one raises
@@ -291,7 +291,7 @@ _SHARDED_MODEL = textwrap.dedent(
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
     from jquant.nn.rules import QuantRule
-    from jquant.sweep.model_vs_bits import (PTQ, QuantizedLogits, _batches, model_vs_bits,
+    from jquant.sweep.model_sweep import (PTQ, QuantizedLogits, _batches, model_vs_bits,
                                             uniform_rules)
     from jquant.sweep.sharding import bits_mesh, compiled_sweep, map_over_bits
 
@@ -365,7 +365,7 @@ _EVERY_SWEEP = textwrap.dedent(
     from jquant.nn.rules import CALIBRATIONS as MODEL_CALIBRATIONS, QuantRule
     from jquant.sweep import CALIBRATIONS, error_vs_bits
     from jquant.sweep.mixed_precision import mixed_precision
-    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.model_sweep import model_vs_bits
     from jquant.sweep.sensitivity import sensitivity
 
     assert jax.device_count() == devices, jax.devices()
@@ -638,7 +638,7 @@ def _logit_sqnr(model, variables, x, quantize_layers, bits):
 
 
 def test_model_vs_bits_and_sensitivity_match_numpy_quantized_kernels():
-    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.model_sweep import model_vs_bits
     from jquant.sweep.sensitivity import sensitivity
 
     model, variables, x, y = _tiny_mlp()
@@ -676,7 +676,7 @@ class _CountingNet(nn.Module):
 
 def test_model_sweep_is_one_program_equal_to_static_widths(caplog):
     from jquant.nn.rules import QuantRule
-    from jquant.sweep.model_vs_bits import PTQ, logits_vs_bits, score, uniform_rules
+    from jquant.sweep.model_sweep import PTQ, logits_vs_bits, score, uniform_rules
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(40, 8, 1)).astype(np.float32)

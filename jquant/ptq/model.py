@@ -69,6 +69,7 @@ __all__ = [
     "TRANSFORMS",
     "PTQModel",
     "Recipe",
+    "act_rules",
     "inject_outlier",
     "quantize_model",
     "rotate_model",
@@ -378,15 +379,21 @@ def quantize_model(
     elif recipe.transform == "rotate":
         model, variables = rotate_model(model, variables, recipe.seed)
     variables = _quantize_weights(model, variables, batches, recipe)
-    rules = ()
-    if recipe.act is not None:
-        rules = (
-            QuantRule(
-                r"block\d+/(attn/(query|key|value|out)|mlp/(up|down))",
-                weight=None,
-                act=recipe.act,
-                act_symmetric=True,
-                act_scale="dynamic_per_token",
-            ),
-        )
-    return PTQModel(model, variables, rules)
+    return PTQModel(model, variables, act_rules(recipe.act))
+
+
+def act_rules(act: str | Format | None) -> tuple[QuantRule, ...]:
+    """Rules quantizing every Dense input of a GPT block (``query, key, value, out, up,
+    down``) to ``act`` with symmetric dynamic per-token ranges, weights left as they are
+    (``()`` when ``act`` is None: weight-only)."""
+    if act is None:
+        return ()
+    return (
+        QuantRule(
+            r"block\d+/(attn/(query|key|value|out)|mlp/(up|down))",
+            weight=None,
+            act=act,
+            act_symmetric=True,
+            act_scale="dynamic_per_token",
+        ),
+    )
