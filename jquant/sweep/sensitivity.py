@@ -45,9 +45,17 @@ __all__ = ["layer_paths", "sensitivity"]
 
 
 def layer_paths(model: nn.Module, rules: Sequence[QuantRule], example: jax.Array) -> list[str]:
-    """Paths of the Dense / Conv layers that ``rules`` quantize (not kept float), in call order."""
+    """Paths of the Dense / Conv layers that ``rules`` quantize (not kept float), in call order.
+
+    Only layers with a kernel count: an activation x activation einsum (attention's products)
+    that a rule quantizes has no weights to give a width to."""
     _, match = quantize_model(model, tuple(rules), example, on_unused="ignore")
-    return [p for p, r in match.assignment.items() if r is not None and not r.keep_float]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example))
+    params = traverse_util.flatten_dict(dict(shapes["params"]), sep="/")
+    owners = {k.removesuffix("/kernel") for k in params if k.endswith("/kernel")}
+    return [
+        p for p, r in match.assignment.items() if r is not None and not r.keep_float and p in owners
+    ]
 
 
 def sensitivity(
