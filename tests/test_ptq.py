@@ -374,3 +374,18 @@ def test_quantize_model_bad_input(tiny_gpt):
         ptq.quantize_model(model, variables, [], ptq.Recipe("gptq"))
     with pytest.raises(TypeError, match="recipe"):
         ptq.quantize_model(model, variables, calib, "rtn")
+
+
+@pytest.mark.slow  # two W4A4 recipes with dynamic activation rules (~25 s loaded)
+def test_rotation_beats_no_rotation_at_w4a4_on_an_outlier_model(tiny_gpt):
+    model, variables, calib, tokens = tiny_gpt
+    for block in (1, 2):
+        for norm in ("norm1", "norm2"):
+            variables = ptq.inject_outlier(model, variables, f"block{block}/{norm}", 3, 100.0)
+    want = model.apply(variables, tokens)
+    errors = {}
+    for transform in (None, "rotate"):
+        recipe = ptq.Recipe("rtn", weight="int4", act="int4", transform=transform, symmetric=True)
+        runner, rvars = ptq.quantize_model(model, variables, calib, recipe).runner(tokens)
+        errors[transform] = float(jnp.mean((runner.apply(rvars, tokens) - want) ** 2))
+    assert errors["rotate"] < 0.5 * errors[None]
