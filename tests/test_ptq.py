@@ -312,7 +312,7 @@ def _kernel(variables, block, name):
     return variables["params"][f"block{block}"][name.split("/")[0]][name.split("/")[1]]["kernel"]
 
 
-@pytest.mark.slow  # GPTQ compiles per kernel shape and captures 8 layer inputs (~40 s loaded)
+@pytest.mark.slow  # GPTQ per kernel shape, 8 layer-input captures (47 s at load ~16)
 def test_gptq_recipe_is_sequential_and_layerwise_gptq(tiny_gpt):
     """Block 1's query is ptq.gptq on the float model's norm1 output; block 2's on the norm1
     output of the model whose block 1 is already quantized (and block 2 still float)."""
@@ -333,7 +333,7 @@ def test_gptq_recipe_is_sequential_and_layerwise_gptq(tiny_gpt):
     )
 
 
-@pytest.mark.slow  # AWQ's grid search per group shape (~30 s loaded)
+@pytest.mark.slow  # AWQ's grid search per group shape (18 s at load ~16)
 def test_awq_recipe_folds_its_scales_into_the_norm_and_the_value_kernel(tiny_gpt):
     model, variables, calib, tokens = tiny_gpt
     recipe = ptq.Recipe("awq", weight=jq.IntFormat(3), group_size=8)
@@ -349,7 +349,7 @@ def test_awq_recipe_folds_its_scales_into_the_norm_and_the_value_kernel(tiny_gpt
     assert float(jnp.max(jnp.abs(qlogits - model.apply(variables, tokens)))) < 1.0
 
 
-@pytest.mark.slow  # two recipes with dynamic activation rules (~25 s loaded)
+@pytest.mark.slow  # two W8A8 recipes (129 s measured at load average ~30)
 def test_smoothquant_w8a8_recovers_naive_w8a8_on_an_outlier_model(tiny_gpt):
     model, variables, calib, tokens = tiny_gpt
     for block in (1, 2):
@@ -376,7 +376,7 @@ def test_quantize_model_bad_input(tiny_gpt):
         ptq.quantize_model(model, variables, calib, "rtn")
 
 
-@pytest.mark.slow  # two W4A4 recipes with dynamic activation rules (~25 s loaded)
+@pytest.mark.slow  # two W4A4 recipes (51 s measured at load average ~30)
 def test_rotation_beats_no_rotation_at_w4a4_on_an_outlier_model(tiny_gpt):
     model, variables, calib, tokens = tiny_gpt
     for block in (1, 2):

@@ -748,7 +748,7 @@ def test_model_vs_bits_is_the_function_and_metrics_are_checked():
         model_sweep.Metric(lambda *a: {"x": 1.0}, "perplexity")(logits, y, logits)
 
 
-@pytest.mark.slow  # compiles the GPT's sweep program (~40 s on a loaded machine)
+@pytest.mark.slow  # compiles the GPT's sweep program (215 s measured at load average ~30)
 def test_model_vs_bits_reports_the_perplexity_of_a_gpt():
     from jquant.nn.rules import QuantRule
     from jquant.sweep import model_vs_bits
@@ -765,7 +765,7 @@ def test_model_vs_bits_reports_the_perplexity_of_a_gpt():
     assert abs(rows[8]["perplexity"] - want) < 0.01 * want < abs(rows[2]["perplexity"] - want)
 
 
-@pytest.mark.slow  # four PTQ runs with GPTQ on a tiny GPT (~60 s on a loaded machine)
+@pytest.mark.slow  # four PTQ runs with GPTQ on a tiny GPT (376 s measured at load ~30)
 def test_ptq_vs_bits_perplexity_of_rtn_and_gptq():
     from jquant.sweep import ptq_vs_bits
 
@@ -785,7 +785,7 @@ def test_ptq_vs_bits_perplexity_of_rtn_and_gptq():
         ptq_vs_bits(model, variables, x, y, calib_x=x, methods=("nearest",))
 
 
-@pytest.mark.slow  # trains the zoo GPT for 2 steps, then RTN and GPTQ at 4 bits (~2 min)
+@pytest.mark.slow  # zoo GPT, 2 training steps, RTN and GPTQ at 4 bits (563 s at load ~30)
 def test_cli_sweep_gpt_prints_perplexity_and_writes_the_plot(tmp_path, capsys):
     from jquant import cli
 
