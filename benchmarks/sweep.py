@@ -36,7 +36,7 @@ from jquant.models.linen import make_model
 from jquant.nn.rules import QuantRule
 from jquant.sweep import error_vs_bits, sharding
 from jquant.sweep.error_vs_bits import QuantSpec
-from jquant.sweep.model_vs_bits import PTQ, QuantizedLogits, uniform_rules
+from jquant.sweep.model_sweep import PTQ, QuantizedLogits, uniform_rules
 
 WIDTHS = np.arange(2, 17)
 MODEL_WIDTHS = np.arange(2, 9)

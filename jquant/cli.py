@@ -81,6 +81,11 @@ __all__ = [
 
 MODELS = ("mlp", "cnn", "cnn_bn")  # jquant.models.config.MODEL_NAMES (checked in a test)
 DATASETS = ("mnist1d", "digits")  # jquant.data.DATASETS (checked in a test)
+LM_MODELS = ("gpt",)  # jquant.models.config.LM_MODEL_NAMES: the PTQ perplexity sweep
+LM_DATASETS = ("text",)  # jquant.data.TEXT_DATASETS
+# --model gpt defaults (the zoo GPT's recipe is jquant.models.gpt.TRAIN_RECIPE)
+LM_DEFAULTS = {"bits": [3, 4, 8], "eval_examples": 64, "calib_examples": 32}
+CLASSIFIER_DEFAULTS = {"bits": list(range(2, 9)), "eval_examples": 1000, "calib_examples": 1024}
 GRANULARITIES = ("per_tensor", "per_channel")
 CALIBRATIONS = ("minmax", "percentile", "mse", "kl", "aciq")
 # Activation calibrations that jquant.nn's observers offer (for the model sweep).
@@ -252,12 +257,35 @@ def remove_stale_staging(out: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _configure_sweep(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=MODELS, default="cnn", help="zoo model (default: cnn)")
     p.add_argument(
-        "--data", choices=DATASETS, default="mnist1d", help="data set (default: mnist1d)"
+        "--model",
+        choices=MODELS + LM_MODELS,
+        default="cnn",
+        help="zoo model (default: cnn); gpt (with --data text) runs the PTQ perplexity sweep",
     )
     p.add_argument(
-        "--bits", type=parse_bits, default="2-8", help="widths: '2-8' or '2,4,8' (default: 2-8)"
+        "--data",
+        choices=DATASETS + LM_DATASETS,
+        default="mnist1d",
+        help="data set (default: mnist1d)",
+    )
+    p.add_argument(
+        "--bits",
+        type=parse_bits,
+        default=None,
+        help="widths: '2-8' or '2,4,8' (default: 2-8; 3,4,8 for --model gpt)",
+    )
+    p.add_argument(
+        "--methods",
+        type=parse_choices(("rtn", "rtn_g32", "gptq", "gptq_g32", "awq", "awq_g32")),
+        default="rtn,rtn_g32,gptq,awq_g32",
+        help="--model gpt: PTQ recipes, comma-separated (default: rtn,rtn_g32,gptq,awq_g32)",
+    )
+    p.add_argument(
+        "--act-bits",
+        type=_positive,
+        default=8,
+        help="--model gpt: activation width of the W/A rows (default: 8)",
     )
     p.add_argument(
         "--granularity",
@@ -286,10 +314,25 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
         "at 8 bits (0.5) or bytes (3000B); the table and pareto_front.png mark the chosen "
         "configuration (default: no budget)",
     )
-    p.add_argument("--steps", type=_positive, default=600, help="training steps if not cached")
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="training steps if not cached (default: 600; gpt: its TRAIN_RECIPE)",
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
-    p.add_argument("--calib-examples", type=_positive, default=1024, help="calibration examples")
+    p.add_argument(
+        "--eval-examples",
+        type=_positive,
+        default=None,
+        help="test examples (gpt: windows) to score (default: 1000; gpt: 64)",
+    )
+    p.add_argument(
+        "--calib-examples",
+        type=_positive,
+        default=None,
+        help="calibration examples (default: 1024; gpt: 32 windows)",
+    )
     p.add_argument(
         "--cache",
         type=_check_cache,
@@ -343,13 +386,90 @@ def budget_bytes(budget: Budget | None, variables, layers: Sequence[str], bits: 
     return value
 
 
+def _defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
+    """``args`` with the options left at None set from ``defaults``."""
+    values = {k: (defaults[k] if v is None and k in defaults else v) for k, v in vars(args).items()}
+    return argparse.Namespace(**values)
+
+
+def _run_lm_sweep(args: argparse.Namespace) -> int:
+    """``jquant sweep --model gpt --data text``: perplexity against bits for the PTQ recipes."""
+    import dataclasses
+
+    from jquant import data
+    from jquant.models.gpt import TRAIN_RECIPE
+    from jquant.models.train import train_or_load
+    from jquant.sweep import ptq_vs_bits
+    from jquant.sweep.sharding import is_main_process
+
+    args = _defaults(args, LM_DEFAULTS)
+    progress = not args.no_progress and is_main_process()
+    say = print if progress else (lambda *a, **k: None)
+    if is_main_process():
+        for stale in remove_stale_staging(args.out):
+            say(f"[jquant] removed {stale}, left by a killed run")
+    recipe = {**TRAIN_RECIPE, **({"steps": args.steps} if args.steps else {})}
+    ds = data.load(args.data)
+    say(f"[jquant] gpt on {args.data}: training ({recipe['steps']} steps) or loading cache")
+    trained = train_or_load("gpt", ds, args.seed, cache=args.cache, retrain=args.retrain, **recipe)
+    table = ptq_vs_bits(
+        trained.model,
+        trained.variables,
+        ds.x_test[: args.eval_examples],
+        ds.y_test[: args.eval_examples],
+        args.bits,
+        calib_x=ds.x_train[: args.calib_examples],
+        methods=args.methods,
+        act_bits=args.act_bits,
+        progress=progress,
+    )
+    config = dataclasses.asdict(trained.model.config)
+    table = table.with_meta(model="gpt", data=args.data, config=config, **trained.metrics)
+    if not is_main_process():
+        return 0
+    print(table.format())
+
+    def draw(folder: pathlib.Path) -> None:
+        from jquant.sweep import plots
+
+        float_ppl = table.to_dicts()[0]["perplexity"]
+        plots.metric_vs_bits(
+            _quantized_rows(table),
+            str(folder / "perplexity_vs_bits.png"),
+            "perplexity",
+            group_by=("method", "target"),
+            title=f"gpt on {args.data}: perplexity vs weight bits (float {float_ppl:.3f})",
+        )
+
+    written = write_results(args.out, {"ptq": table}, draw)
+    print(f"\n[jquant] wrote {', '.join(written)} to {args.out}")
+    return 0
+
+
+def _quantized_rows(table):
+    """``table`` without its float row (``method == "float"``)."""
+    rows = [r for r in table.to_dicts() if r["method"] != "float"]
+    return type(table).from_dicts(rows, table.columns)
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
+    lm = (args.model in LM_MODELS, args.data in LM_DATASETS)
+    if any(lm) and not all(lm):
+        print(
+            f"jquant sweep: error: argument --model: --model {args.model} needs "
+            f"--data {'text' if lm[0] else 'mnist1d or digits'}, got --data {args.data}",
+            file=sys.stderr,
+        )
+        return 2
+    if all(lm):
+        return _run_lm_sweep(args)
+    args = _defaults(args, {**CLASSIFIER_DEFAULTS, "steps": 600})
     from jquant import data
     from jquant.models.train import train_or_load
     from jquant.nn.rules import QuantRule
     from jquant.sweep import Table, check_options, error_vs_bits
     from jquant.sweep.mixed_precision import mixed_precision
-    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
+    from jquant.sweep.model_sweep import check_rules, model_vs_bits
     from jquant.sweep.sensitivity import layer_paths, sensitivity
     from jquant.sweep.sharding import is_main_process
 

@@ -16,6 +16,9 @@ from jquant.data import text
 from jquant.models import config as config_lib
 from jquant.models import gpt, linen, train
 from jquant.models import nnx as nnx_models
+from jquant.nn.einsum import QuantActEinsum
+from jquant.nn.linen import quantize_model as quantize_linen
+from jquant.nn.rules import QuantRule
 
 TINY = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=16)
 
@@ -214,3 +217,110 @@ def test_int8_kv_cache_generation_equals_the_forward_with_fake_quantized_kv(fram
     floating = forward(out.tokens[:, :-1])[:, 3:]
     gap = float(jnp.max(jnp.abs(out.logits - floating)))
     assert 0.0 < gap < 1e-2  # int8 K/V moves the logits, slightly
+
+
+def _numpy_per_token(x, bits):
+    """Symmetric fake-quant with one scale per vector along the last axis (NumPy)."""
+    x = np.asarray(x, np.float64)
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(x).max(-1, keepdims=True) / qmax
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale * np.clip(np.round(x / scale), -qmax - 1, qmax)
+
+
+def _attention_rule(bits):
+    return QuantRule(
+        ".*/attn/(scores|mix)",
+        weight=None,
+        act=jq.IntFormat(bits),
+        act_symmetric=True,
+        act_scale="dynamic_per_token",
+    )
+
+
+def test_quant_act_einsum_matches_numpy_per_token_fake_quant():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 5, 3, 4)), rng.normal(size=(2, 6, 3, 4))
+    op = QuantActEinsum(_attention_rule(4), "eval")
+    got = op(gpt.SCORES, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    want = np.einsum(gpt.SCORES, _numpy_per_token(a, 4), _numpy_per_token(b, 4))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (
+        float(
+            jnp.max(
+                jnp.abs(
+                    QuantActEinsum(_attention_rule(4), "float")(
+                        gpt.SCORES, jnp.asarray(a), jnp.asarray(b)
+                    )
+                    - np.einsum(gpt.SCORES, a, b)
+                )
+            )
+        )
+        < 1e-5
+    )
+
+
+def test_rules_quantize_the_attention_products():
+    model, variables = gpt.GPT(TINY), _variables(TINY)
+    tokens = _tokens(TINY, (2, TINY.context))
+    reference = model.apply(variables, tokens)
+    gaps = {}
+    for bits in (8, 2):
+        qmodel, match = quantize_linen(model, _attention_rule(bits), tokens, on_unused="raise")
+        quantized = [p for p, r in match.assignment.items() if r is not None]
+        assert quantized == [f"block{i}/attn/{n}" for i in (1, 2) for n in ("scores", "mix")]
+        qvars = qmodel.attach(variables, tokens)
+        np.testing.assert_array_equal(qmodel.apply(qvars, tokens), reference)  # float phase
+        logits = qmodel.with_phase("eval").apply(qvars, tokens)
+        gaps[bits] = float(jnp.max(jnp.abs(logits - reference)))
+    assert 0.0 < gaps[8] < 0.02 < 0.1 < gaps[2]
+    static = QuantRule(".*/attn/scores", weight=None, act="int8")
+    with pytest.raises(ValueError, match="act_scale.*block1/attn/scores"):
+        quantize_linen(model, static, tokens)
+
+
+def _numpy_kv_per_channel(x, amax, bits):
+    """Symmetric fake-quant with fixed per-(head, channel) ranges ``amax`` (NumPy)."""
+    x, qmax = np.asarray(x, np.float64), 2 ** (bits - 1) - 1
+    scale = np.where(amax > 0, np.asarray(amax, np.float64) / qmax, 1.0)
+    return scale * np.clip(np.round(x / scale), -qmax - 1, qmax)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_per_channel_kv_cache_generation_equals_the_forward(framework):
+    """Calibrated per-channel int4 K/V: the NumPy formula, and cached decoding computes the
+    quantized forward's logits (the ranges are constants)."""
+    variables = _variables(TINY)
+    if framework == "linen":
+        model, kwargs = gpt.GPT(TINY), {"variables": variables}
+    else:
+        model, kwargs = nnx_models.linen_to_nnx(variables, gpt.NNXGPT(TINY, rngs=nnx.Rngs(0))), {}
+    ranges = ptq.kv_ranges(model, [_tokens(TINY, (2, 16), seed=s) for s in (7, 8)], **kwargs)
+    assert ranges.keys.shape == ranges.values.shape == (2, 2, 8)
+    kv = ptq.kv_fake_quant(jq.int4, granularity="per_channel", ranges=ranges)
+    x = jax.random.normal(jax.random.key(5), (2, 7, 2, 8))
+    want = _numpy_kv_per_channel(x, np.asarray(ranges.values[1]), 4)
+    np.testing.assert_allclose(kv(x, 1, "value"), want, rtol=1e-6, atol=1e-6)
+    forward, state = gpt.forward_fn(model, kwargs.get("variables"))
+    out = gpt.generate(model, _tokens(TINY, (2, 4)), 10, kv_transform=kv, **kwargs)
+    quantized = forward(state, out.tokens[:, :-1], kv_transform=kv)[:, 3:]
+    np.testing.assert_allclose(out.logits, quantized, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(out.logits - forward(state, out.tokens[:, :-1])[:, 3:]))) > 0
+
+
+def test_perplexity_matches_numpy_and_int8_kv_stays_close():
+    model, variables = gpt.GPT(TINY), _variables(TINY)
+    x, y = _tokens(TINY, (5, 16), seed=3), _tokens(TINY, (5, 16), seed=4)
+    logits = np.asarray(model.apply(variables, x), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = math.exp(-np.take_along_axis(logp, np.asarray(y)[..., None], -1).mean())
+    ppl = gpt.perplexity(model, x, y, variables=variables, batch_size=2)  # padded last batch
+    assert ppl == pytest.approx(want, rel=1e-5)
+    ppl = {
+        bits: gpt.perplexity(
+            model, x, y, variables=variables, kv_transform=ptq.kv_fake_quant(jq.IntFormat(bits))
+        )
+        for bits in (8, 2)
+    }
+    assert abs(ppl[8] - want) / want < 1e-3 < abs(ppl[2] - want) / want

@@ -15,7 +15,7 @@ from test_sweep import _numpy_fake_quant, _tiny_mlp
 
 from jquant.sweep import Table
 from jquant.sweep.mixed_precision import bits_column, mixed_precision
-from jquant.sweep.model_vs_bits import PTQ
+from jquant.sweep.model_sweep import PTQ
 
 WIDTHS = (2, 4, 8)
 LAYERS = ("dense1", "head")

@@ -1,5 +1,7 @@
 """Tests of jquant.ptq: RTN, GPTQ against a NumPy Algorithm 1, AWQ, SmoothQuant, rotations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import scipy.linalg
 
 import jquant as jq
 from jquant import ptq
+from jquant.models import gpt
+from jquant.models.config import GPTConfig
 
 IN, OUT, BLOCK = 64, 16, 32
 CONFIGS = [(None, False), (16, False), (None, True), (16, True)]  # (group_size, act_order)
@@ -241,3 +245,147 @@ def test_non_finite_calibration_inputs_raise(layer):
     w, x = layer
     with pytest.raises(ValueError, match="positive definite"):
         ptq.gptq(w, x.at[0, 0].set(jnp.nan), jq.int4, block=BLOCK)
+
+
+# ------------------------------------------------------------------ whole model: quantize_model
+
+GPT_CFG = GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    """A 2-layer width-32 GPT with non-trivial RMSNorm gains, calibration and eval tokens."""
+    model = gpt.GPT(GPT_CFG)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    keys = iter(jax.random.split(jax.random.key(1), 16))
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, v: (
+            v * jnp.exp(0.3 * jax.random.normal(next(keys), v.shape))
+            if "scale" in jax.tree_util.keystr(p)
+            else v
+        ),
+        variables,
+    )
+    calib = [jax.random.randint(jax.random.key(s), (4, 16), 0, 13) for s in (2, 3)]
+    return model, variables, calib, jax.random.randint(jax.random.key(4), (4, 16), 0, 13)
+
+
+def _norm_output(model, variables, tokens, path):
+    """The RMSNorm at ``path``'s output, via Flax's capture_intermediates (N, width)."""
+    _, state = model.apply(variables, tokens, capture_intermediates=True, mutable="intermediates")
+    tree = state["intermediates"]
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree["__call__"][0].reshape(-1, GPT_CFG.width)
+
+
+def test_outlier_injection_preserves_the_float_model_and_shows_in_activations(tiny_gpt):
+    model, variables, _, tokens = tiny_gpt
+    injected = ptq.inject_outlier(model, variables, "block1/norm1", 5, 30.0)
+    np.testing.assert_allclose(
+        model.apply(injected, tokens), model.apply(variables, tokens), rtol=1e-5, atol=1e-5
+    )
+    before = jnp.abs(_norm_output(model, variables, tokens, "block1/norm1"))
+    after = jnp.abs(_norm_output(model, injected, tokens, "block1/norm1"))
+    np.testing.assert_allclose(after[:, 5], 30.0 * before[:, 5], rtol=1e-5)
+    assert float(jnp.max(after[:, 5])) > 5 * float(jnp.max(jnp.delete(after, 5, axis=1)))
+    with pytest.raises(ValueError, match="norm must be"):
+        ptq.inject_outlier(model, variables, "block1/attn", 0, 2.0)
+
+
+def test_rotation_and_smoothing_preserve_the_float_model(tiny_gpt):
+    model, variables, calib, tokens = tiny_gpt
+    want = model.apply(variables, tokens)
+    rotated, rvars = ptq.rotate_model(model, variables, seed=1)
+    assert not rotated.config.tied_embeddings
+    np.testing.assert_allclose(rotated.apply(rvars, tokens), want, rtol=1e-4, atol=1e-4)
+    assert all(
+        bool(jnp.all(leaf == 1.0))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(rvars)
+        if "scale" in jax.tree_util.keystr(path)
+    )
+    smoothed = ptq.smooth_model(model, variables, calib, alpha=0.5)
+    np.testing.assert_allclose(model.apply(smoothed, tokens), want, rtol=1e-4, atol=1e-4)
+
+
+def _kernel(variables, block, name):
+    return variables["params"][f"block{block}"][name.split("/")[0]][name.split("/")[1]]["kernel"]
+
+
+@pytest.mark.slow  # GPTQ per kernel shape, 8 layer-input captures (47 s at load ~16)
+def test_gptq_recipe_is_sequential_and_layerwise_gptq(tiny_gpt):
+    """Block 1's query is ptq.gptq on the float model's norm1 output; block 2's on the norm1
+    output of the model whose block 1 is already quantized (and block 2 still float)."""
+    model, variables, calib, _ = tiny_gpt
+    recipe = ptq.Recipe("gptq", weight=jq.IntFormat(3), group_size=8)
+    out = ptq.quantize_model(model, variables, calib, recipe)
+    x1 = jnp.concatenate([_norm_output(model, variables, t, "block1/norm1") for t in calib])
+    want = ptq.gptq(_kernel(variables, 1, "attn/query"), x1, jq.IntFormat(3), group_size=8)
+    np.testing.assert_allclose(_kernel(out.variables, 1, "attn/query"), want.kernel, atol=1e-5)
+    partial = {"params": {**variables["params"], "block1": out.variables["params"]["block1"]}}
+    x2 = jnp.concatenate([_norm_output(model, partial, t, "block2/norm1") for t in calib])
+    want = ptq.gptq(_kernel(variables, 2, "attn/query"), x2, jq.IntFormat(3), group_size=8)
+    np.testing.assert_allclose(_kernel(out.variables, 2, "attn/query"), want.kernel, atol=1e-5)
+    rtn = ptq.quantize_model(model, variables, calib, dataclasses.replace(recipe, method="rtn"))
+    np.testing.assert_allclose(
+        _kernel(rtn.variables, 2, "mlp/down"),
+        ptq.rtn(_kernel(variables, 2, "mlp/down"), jq.IntFormat(3), group_size=8).kernel,
+    )
+
+
+@pytest.mark.slow  # AWQ's grid search per group shape (18 s at load ~16)
+def test_awq_recipe_folds_its_scales_into_the_norm_and_the_value_kernel(tiny_gpt):
+    model, variables, calib, tokens = tiny_gpt
+    recipe = ptq.Recipe("awq", weight=jq.IntFormat(3), group_size=8)
+    out = ptq.quantize_model(model, variables, calib, recipe)
+    p, q = variables["params"]["block1"], out.variables["params"]["block1"]
+    s = p["norm1"]["scale"] / q["norm1"]["scale"]  # the scales AWQ folded into the gain
+    assert float(jnp.max(jnp.abs(s - 1.0))) > 1e-3
+    for name in ("query", "key"):  # value: also divided by the out layer's scales
+        want = ptq.rtn(ptq.scale_input(p["attn"][name]["kernel"], s), jq.IntFormat(3), group_size=8)
+        np.testing.assert_allclose(q["attn"][name]["kernel"], want.kernel, rtol=1e-5, atol=1e-6)
+    # quantized logits stay finite and near the float model's
+    qlogits = model.apply(out.variables, tokens)
+    assert float(jnp.max(jnp.abs(qlogits - model.apply(variables, tokens)))) < 1.0
+
+
+@pytest.mark.slow  # two W8A8 recipes (129 s measured at load average ~30)
+def test_smoothquant_w8a8_recovers_naive_w8a8_on_an_outlier_model(tiny_gpt):
+    model, variables, calib, tokens = tiny_gpt
+    for block in (1, 2):
+        for norm in ("norm1", "norm2"):
+            variables = ptq.inject_outlier(model, variables, f"block{block}/{norm}", 3, 100.0)
+    want = model.apply(variables, tokens)
+    errors = {}
+    for transform in (None, "smoothquant"):
+        recipe = ptq.Recipe("rtn", weight="int8", act="int8", transform=transform, symmetric=True)
+        runner, rvars = ptq.quantize_model(model, variables, calib, recipe).runner(tokens)
+        errors[transform] = float(jnp.mean((runner.apply(rvars, tokens) - want) ** 2))
+    assert errors["smoothquant"] < 0.5 * errors[None]
+
+
+def test_quantize_model_bad_input(tiny_gpt):
+    model, variables, calib, _ = tiny_gpt
+    with pytest.raises(ValueError, match="Recipe.method"):
+        ptq.Recipe("nearest")
+    with pytest.raises(ValueError, match="group_size must divide"):
+        ptq.quantize_model(model, variables, calib, ptq.Recipe(group_size=24))
+    with pytest.raises(ValueError, match="calib_batches"):
+        ptq.quantize_model(model, variables, [], ptq.Recipe("gptq"))
+    with pytest.raises(TypeError, match="recipe"):
+        ptq.quantize_model(model, variables, calib, "rtn")
+
+
+@pytest.mark.slow  # two W4A4 recipes (51 s measured at load average ~30)
+def test_rotation_beats_no_rotation_at_w4a4_on_an_outlier_model(tiny_gpt):
+    model, variables, calib, tokens = tiny_gpt
+    for block in (1, 2):
+        for norm in ("norm1", "norm2"):
+            variables = ptq.inject_outlier(model, variables, f"block{block}/{norm}", 3, 100.0)
+    want = model.apply(variables, tokens)
+    errors = {}
+    for transform in (None, "rotate"):
+        recipe = ptq.Recipe("rtn", weight="int4", act="int4", transform=transform, symmetric=True)
+        runner, rvars = ptq.quantize_model(model, variables, calib, recipe).runner(tokens)
+        errors[transform] = float(jnp.mean((runner.apply(rvars, tokens) - want) ** 2))
+    assert errors["rotate"] < 0.5 * errors[None]

@@ -215,7 +215,7 @@ def test_bad_input():
 def test_options_checked_at_every_width_before_any_work():
     from jquant.nn.rules import QuantRule
     from jquant.sweep import check_options
-    from jquant.sweep.model_vs_bits import check_rules, model_vs_bits
+    from jquant.sweep.model_sweep import check_rules, model_vs_bits
 
     # KL with 2048 bins serves qmax + 1 <= 2048 levels: 12 bits; a traced 13-bit width used
     # to give a meaningless threshold (SQNR ~0 dB) where a static one raises
@@ -291,7 +291,7 @@ _SHARDED_MODEL = textwrap.dedent(
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
     from jquant.nn.rules import QuantRule
-    from jquant.sweep.model_vs_bits import (PTQ, QuantizedLogits, _batches, model_vs_bits,
+    from jquant.sweep.model_sweep import (PTQ, QuantizedLogits, _batches, model_vs_bits,
                                             uniform_rules)
     from jquant.sweep.sharding import bits_mesh, compiled_sweep, map_over_bits
 
@@ -365,7 +365,7 @@ _EVERY_SWEEP = textwrap.dedent(
     from jquant.nn.rules import CALIBRATIONS as MODEL_CALIBRATIONS, QuantRule
     from jquant.sweep import CALIBRATIONS, error_vs_bits
     from jquant.sweep.mixed_precision import mixed_precision
-    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.model_sweep import model_vs_bits
     from jquant.sweep.sensitivity import sensitivity
 
     assert jax.device_count() == devices, jax.devices()
@@ -638,7 +638,7 @@ def _logit_sqnr(model, variables, x, quantize_layers, bits):
 
 
 def test_model_vs_bits_and_sensitivity_match_numpy_quantized_kernels():
-    from jquant.sweep.model_vs_bits import model_vs_bits
+    from jquant.sweep.model_sweep import model_vs_bits
     from jquant.sweep.sensitivity import sensitivity
 
     model, variables, x, y = _tiny_mlp()
@@ -676,7 +676,7 @@ class _CountingNet(nn.Module):
 
 def test_model_sweep_is_one_program_equal_to_static_widths(caplog):
     from jquant.nn.rules import QuantRule
-    from jquant.sweep.model_vs_bits import PTQ, logits_vs_bits, score, uniform_rules
+    from jquant.sweep.model_sweep import PTQ, logits_vs_bits, score, uniform_rules
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(40, 8, 1)).astype(np.float32)
@@ -703,3 +703,99 @@ def test_model_sweep_is_one_program_equal_to_static_widths(caplog):
         np.testing.assert_allclose(swept[b - 2], want, rtol=1e-5, atol=1e-5)
         assert score(swept[b - 2], y, ref) == pytest.approx(score(want, y, ref), rel=1e-4)
         assert score(swept[b - 2], y, ref)["accuracy"] == score(want, y, ref)["accuracy"]
+
+
+# --------------------------------------------------------- metrics other than accuracy; the GPT
+
+
+def _tiny_gpt():
+    from jquant.models import config as config_lib
+    from jquant.models import gpt
+
+    cfg = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=32)
+    model = gpt.GPT(cfg)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    x = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 13))
+    y = np.asarray(jax.random.randint(jax.random.key(2), (8, 16), 0, 13))
+    return model, variables, x, y
+
+
+def _numpy_perplexity(logits, y):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(logp, np.asarray(y)[..., None], -1).mean()))
+
+
+def test_model_vs_bits_is_the_function_and_metrics_are_checked():
+    import jquant.sweep
+    from jquant.sweep import model_sweep
+
+    assert jquant.sweep.model_vs_bits is model_sweep.model_vs_bits and callable(
+        jquant.sweep.model_vs_bits
+    )
+    ppl = model_sweep.PERPLEXITY
+    logits = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    y = np.arange(12).reshape(3, 4) % 5
+    row = ppl(logits, y, logits)
+    assert row["perplexity"] == pytest.approx(_numpy_perplexity(logits, y), rel=1e-5)
+    assert ppl.drop_column == "perplexity_increase" and ppl.drop({"perplexity": 2.0}, row) > 0
+    assert model_sweep.SQNR(logits, y, logits)["sqnr_db"] == np.inf
+    assert model_sweep.ACCURACY.drop_column == "accuracy_drop"
+    with pytest.raises(TypeError, match="metric must be"):
+        model_sweep.model_vs_bits(None, {}, logits, y, metric=lambda *a: {})
+    with pytest.raises(ValueError, match="without its key"):
+        model_sweep.Metric(lambda *a: {"x": 1.0}, "perplexity")(logits, y, logits)
+
+
+@pytest.mark.slow  # compiles the GPT's sweep program (215 s measured at load average ~30)
+def test_model_vs_bits_reports_the_perplexity_of_a_gpt():
+    from jquant.nn.rules import QuantRule
+    from jquant.sweep import model_vs_bits
+    from jquant.sweep.model_sweep import PERPLEXITY
+
+    model, variables, x, y = _tiny_gpt()
+    rules = (QuantRule(r"block\d+/(attn/(query|key|value|out)|mlp/(up|down))"),)
+    table = model_vs_bits(
+        model, variables, x, y, bits=[2, 8], rules=rules, metric=PERPLEXITY, batch_size=8
+    )
+    rows = {r["bits"]: r for r in table.to_dicts()}
+    want = _numpy_perplexity(model.apply(variables, x), y)
+    assert rows[32]["perplexity"] == pytest.approx(want, rel=1e-5)
+    assert abs(rows[8]["perplexity"] - want) < 0.01 * want < abs(rows[2]["perplexity"] - want)
+
+
+@pytest.mark.slow  # four PTQ runs with GPTQ on a tiny GPT (376 s measured at load ~30)
+def test_ptq_vs_bits_perplexity_of_rtn_and_gptq():
+    from jquant.sweep import ptq_vs_bits
+
+    model, variables, x, y = _tiny_gpt()
+    table = ptq_vs_bits(
+        model, variables, x, y, bits=[2, 8], calib_x=x, methods=("rtn", "gptq_g8"), batch_size=8
+    )
+    rows = table.to_dicts()
+    want = _numpy_perplexity(model.apply(variables, x), y)
+    assert rows[0]["method"] == "float" and rows[0]["perplexity"] == pytest.approx(want, rel=1e-5)
+    assert len(rows) == 1 + 2 * 2 * 2
+    for r in rows[1:]:
+        assert r["act_bits"] == (8 if r["target"] == "weights+acts" else 32)
+        gap = abs(r["perplexity"] - want) / want
+        assert gap < 0.01 if r["bits"] == 8 else gap > 0.001
+    with pytest.raises(ValueError, match="methods"):
+        ptq_vs_bits(model, variables, x, y, calib_x=x, methods=("nearest",))
+
+
+@pytest.mark.slow  # zoo GPT, 2 training steps, RTN and GPTQ at 4 bits (563 s at load ~30)
+def test_cli_sweep_gpt_prints_perplexity_and_writes_the_plot(tmp_path, capsys):
+    from jquant import cli
+
+    out = tmp_path / "out"
+    argv = ["sweep", "--model", "gpt", "--data", "text", "--steps", "2", "--bits", "4",
+            "--methods", "rtn,gptq", "--eval-examples", "4", "--calib-examples", "4",
+            "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert {"ptq.csv", "ptq.json", "perplexity_vs_bits.png"} <= set(os.listdir(out))
+    rows = json.loads((out / "ptq.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["float", "rtn", "rtn", "gptq", "gptq"]
+    assert cli.main(["sweep", "--model", "gpt", "--data", "digits"]) == 2

@@ -21,6 +21,7 @@ decoding). :func:`generate` runs that loop under ``jit``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,15 +39,27 @@ __all__ = [
     "KVCache",
     "KVTransform",
     "NNXGPT",
+    "NNXProduct",
+    "Product",
     "TRAIN_RECIPE",
     "causal_attention",
+    "forward_fn",
     "generate",
     "init_cache",
+    "perplexity",
 ]
 
 EMBED_INIT = jax.nn.initializers.normal(0.02)
-# Maps keys or values (B, n, heads, head_dim) before they are used and cached.
-KVTransform = Callable[[jax.Array], jax.Array]
+# ``kv_transform(x, layer, kind)`` maps the keys (kind "key") or values ("value")
+# (B, n, heads, head_dim) of block ``layer`` (0-based) before they are used and cached.
+KVTransform = Callable[[jax.Array, int, str], jax.Array]
+
+
+def _layer_kv(kv_transform: KVTransform | None, layer: int):
+    """``kv_transform`` bound to one layer: ``(k, v) -> (t(k, layer, "key"), t(v, ...))``."""
+    if kv_transform is None:
+        return None
+    return lambda k, v: (kv_transform(k, layer, "key"), kv_transform(v, layer, "value"))
 
 
 class KVCache(NamedTuple):
@@ -66,18 +79,40 @@ def init_cache(config: GPTConfig, batch: int, dtype: Any = jnp.float32) -> KVCac
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_start: Any = 0) -> jax.Array:
+SCORES = "bqhd,bkhd->bhqk"  # q k^T per head
+MIX = "bhqk,bkhd->bqhd"  # softmax(scores) v per head
+# ``product(a, b)`` of two activations: an attention einsum (SCORES or MIX)
+ActProduct = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_start: Any = 0,
+    *,
+    scores: ActProduct | None = None,
+    mix: ActProduct | None = None,
+) -> jax.Array:
     """Multi-head causal attention ``softmax(q k^T / sqrt(d) + mask) v``.
 
     ``q`` is ``(B, n, H, d)`` at positions ``q_start + i``; ``k``, ``v`` are ``(B, m, H, d)``
     at positions ``j = 0..m-1``; query ``i`` sees key ``j`` iff ``j <= q_start + i`` (the mask
     adds ``-inf`` elsewhere). Returns ``(B, n, H, d)``.
+
+    ``scores(q, k)`` and ``mix(p, v)`` are the two activation x activation products,
+    ``einsum("bqhd,bkhd->bhqk", q, k)`` and ``einsum("bhqk,bkhd->bqhd", p, v)`` by default;
+    the models pass their :class:`Product` modules so that quantization rules reach them.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if scores is None:
+        scores = functools.partial(jnp.einsum, SCORES)
+    if mix is None:
+        mix = functools.partial(jnp.einsum, MIX)
+    s = scores(q, k) / math.sqrt(q.shape[-1])
     q_pos = q_start + jnp.arange(q.shape[1])
     visible = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    s = jnp.where(visible, s, -jnp.inf)
+    return mix(jax.nn.softmax(s, axis=-1), v)
 
 
 def _start(tokens: jax.Array, cache: KVCache | None, context: int):
@@ -118,13 +153,29 @@ def _join_cache(layers: list, start, n: int) -> KVCache:
 # ---------------------------------------------------------------------------------------- Linen
 
 
+class Product(nn.Module):
+    """``einsum(einsum_str, a, b)`` of two activations, a parameter-free module so that it
+    has a path (``block1/attn/scores``, ``block1/attn/mix``).
+
+    ``einsum`` (``jnp.einsum``'s signature) is the injection point, as ``dot_general=`` is
+    Flax Dense's: ``jquant.nn.linen.quantize_model`` fills it with a quantized einsum.
+    """
+
+    einsum_str: str
+    einsum: Callable[..., jax.Array] = jnp.einsum
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return self.einsum(self.einsum_str, a, b)
+
+
 class Attention(nn.Module):
-    """``out(causal_attention(x Wq, x Wk, x Wv))`` with heads split from the projections."""
+    """``out(causal_attention(x Wq, x Wk, x Wv))`` with heads split from the projections;
+    the attention products are the :class:`Product` modules ``scores`` and ``mix``."""
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache=None, start=0, kv_transform=None):
+    def __call__(self, x, layer_cache=None, start=0, kv=None):
         cfg = self.config
         b, n, _ = x.shape
         q, k, v = (
@@ -133,11 +184,12 @@ class Attention(nn.Module):
             )
             for name in ("query", "key", "value")
         )
-        if kv_transform is not None:
-            k, v = kv_transform(k), kv_transform(v)
+        if kv is not None:  # the model's kv_transform bound to this layer (_layer_kv)
+            k, v = kv(k, v)
         if layer_cache is not None:
             k, v = layer_cache = _with_cache(k, v, layer_cache, start)
-        out = causal_attention(q, k, v, start).reshape(b, n, cfg.width)
+        products = {"scores": Product(SCORES, name="scores"), "mix": Product(MIX, name="mix")}
+        out = causal_attention(q, k, v, start, **products).reshape(b, n, cfg.width)
         return nn.Dense(cfg.width, use_bias=False, name="out")(out), layer_cache
 
 
@@ -159,10 +211,10 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, h, layer_cache=None, start=0, kv_transform=None):
+    def __call__(self, h, layer_cache=None, start=0, kv=None):
         cfg = self.config
         a, layer_cache = Attention(cfg, name="attn")(
-            nn.RMSNorm(cfg.rms_epsilon, name="norm1")(h), layer_cache, start, kv_transform
+            nn.RMSNorm(cfg.rms_epsilon, name="norm1")(h), layer_cache, start, kv
         )
         h = h + a
         m = MLP(cfg, name="mlp")(nn.RMSNorm(cfg.rms_epsilon, name="norm2")(h))
@@ -185,8 +237,9 @@ class GPT(nn.Module):
     ):
         """Logits ``(B, n, vocab)`` of token ids ``(B, n)``; with ``cache``, ``(logits, cache)``.
 
-        ``kv_transform`` maps every layer's keys and values ``(B, n, heads, head_dim)`` before
-        they are used or cached (e.g. a KV-cache quantizer, ``jquant.ptq.kv_fake_quant``);
+        ``kv_transform(x, layer, kind)`` maps every layer's keys (``kind="key"``) and values
+        (``"value"``) ``(B, n, heads, head_dim)`` before they are used or cached (e.g. a
+        KV-cache quantizer, ``jquant.ptq.kv_fake_quant``);
         ``train`` is unused (no dropout).
         """
         del train
@@ -199,7 +252,7 @@ class GPT(nn.Module):
         layers = _split_cache(cache, cfg.num_layers)
         for i in range(cfg.num_layers):
             block = Block(cfg, name=f"block{i + 1}")
-            h, layers[i] = block(h, layers[i], start, kv_transform)
+            h, layers[i] = block(h, layers[i], start, _layer_kv(kv_transform, i))
         h = nn.RMSNorm(cfg.rms_epsilon, name="norm")(h)
         if cfg.tied_embeddings:
             logits = embed.attend(h)
@@ -211,26 +264,39 @@ class GPT(nn.Module):
 # ------------------------------------------------------------------------------------------ NNX
 
 
+class NNXProduct(nnx.Module):
+    """NNX twin of :class:`Product`: ``einsum(einsum_str, a, b)``, ``einsum`` injectable."""
+
+    def __init__(self, einsum_str: str, einsum: Callable[..., jax.Array] = jnp.einsum):
+        self.einsum_str = einsum_str
+        self.einsum = einsum
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return self.einsum(self.einsum_str, a, b)
+
+
 class NNXAttention(nnx.Module):
     """NNX twin of :class:`Attention`."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.scores, self.mix = NNXProduct(SCORES), NNXProduct(MIX)
         for name in ("query", "key", "value", "out"):
             setattr(self, name, nnx.Linear(config.width, config.width, use_bias=False, rngs=rngs))
 
-    def __call__(self, x, layer_cache=None, start=0, kv_transform=None):
+    def __call__(self, x, layer_cache=None, start=0, kv=None):
         cfg = self.config
         b, n, _ = x.shape
         q, k, v = (
             layer(x).reshape(b, n, cfg.num_heads, cfg.head_dim)
             for layer in (self.query, self.key, self.value)
         )
-        if kv_transform is not None:
-            k, v = kv_transform(k), kv_transform(v)
+        if kv is not None:  # the model's kv_transform bound to this layer (_layer_kv)
+            k, v = kv(k, v)
         if layer_cache is not None:
             k, v = layer_cache = _with_cache(k, v, layer_cache, start)
-        return self.out(causal_attention(q, k, v, start).reshape(b, n, cfg.width)), layer_cache
+        out = causal_attention(q, k, v, start, scores=self.scores, mix=self.mix)
+        return self.out(out.reshape(b, n, cfg.width)), layer_cache
 
 
 class NNXMLP(nnx.Module):
@@ -255,8 +321,8 @@ class NNXBlock(nnx.Module):
         self.norm2 = nnx.RMSNorm(config.width, epsilon=eps, rngs=rngs)
         self.mlp = NNXMLP(config, rngs=rngs)
 
-    def __call__(self, h, layer_cache=None, start=0, kv_transform=None):
-        a, layer_cache = self.attn(self.norm1(h), layer_cache, start, kv_transform)
+    def __call__(self, h, layer_cache=None, start=0, kv=None):
+        a, layer_cache = self.attn(self.norm1(h), layer_cache, start, kv)
         h = h + a
         return h + self.mlp(self.norm2(h)), layer_cache
 
@@ -293,7 +359,8 @@ class NNXGPT(nnx.Module):
         h = self.embed(tokens) + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, n)
         layers = _split_cache(cache, cfg.num_layers)
         for i in range(cfg.num_layers):
-            h, layers[i] = getattr(self, f"block{i + 1}")(h, layers[i], start, kv_transform)
+            block = getattr(self, f"block{i + 1}")
+            h, layers[i] = block(h, layers[i], start, _layer_kv(kv_transform, i))
         h = self.norm(h)
         logits = self.embed.attend(h) if cfg.tied_embeddings else self.head(h)
         return logits if cache is None else (logits, _join_cache(layers, start, n))
@@ -310,20 +377,81 @@ class Generated(NamedTuple):
     logits: jax.Array
 
 
-def _decoder(model, variables, kv_transform):
-    """``(fn, state)`` with ``fn(state, tokens, cache) -> (logits, cache)`` pure."""
+def forward_fn(model: GPT | NNXGPT, variables: dict | None = None):
+    """``(fn, state)``: ``fn(state, tokens, cache=None, kv_transform=None)`` is the model's
+    call as a pure function of ``state`` (the Linen variables, or the NNX model's state), for
+    ``jax.jit``.
+
+    Raises:
+      TypeError: not a jquant GPT; variables missing (Linen) or given (NNX).
+    """
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise TypeError("variables must be None for an NNX model (it holds its own)")
         graphdef, state = nnx.split(model)
-        return (lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c, kv_transform=kv_transform)), (
-            state
-        )
+
+        def nnx_fn(s, tokens, cache=None, kv_transform=None):
+            return nnx.merge(graphdef, s)(tokens, cache=cache, kv_transform=kv_transform)
+
+        return nnx_fn, state
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a jquant GPT (Linen or NNX), got {type(model).__name__}")
     if variables is None:
         raise TypeError("variables are required for a Linen model")
-    return (lambda v, t, c: model.apply(v, t, cache=c, kv_transform=kv_transform)), variables
+
+    def linen_fn(v, tokens, cache=None, kv_transform=None):
+        return model.apply(v, tokens, cache=cache, kv_transform=kv_transform)
+
+    return linen_fn, variables
+
+
+def perplexity(
+    model: GPT | NNXGPT,
+    tokens: jax.Array,
+    targets: jax.Array,
+    *,
+    variables: dict | None = None,
+    kv_transform: KVTransform | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Perplexity ``exp(mean_{b,i} -log softmax(z_{b,i})[y_{b,i}])`` of next-token targets.
+
+    ``z = model(tokens, kv_transform=kv_transform)`` (a quantized KV cache gives the same
+    logits as cached decoding: :func:`jquant.ptq.kv_fake_quant`), averaged over every
+    position of every window; batches of ``batch_size`` windows, the last one padded and
+    masked so that one program is compiled.
+
+    Args:
+      model: a Linen :class:`GPT` (pass ``variables``) or an :class:`NNXGPT`.
+      tokens: int ids ``(N, n)``; targets: int ids ``(N, n)``, the next tokens.
+    """
+    tokens, targets = jnp.asarray(tokens), jnp.asarray(targets)
+    if tokens.ndim != 2 or tokens.shape != targets.shape or len(tokens) == 0:
+        raise ValueError(
+            f"tokens and targets must be non-empty (N, n) of one shape, got {tokens.shape} "
+            f"and {targets.shape}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    fn, state = forward_fn(model, variables)
+
+    @jax.jit
+    def nll_sum(state, x, y, mask):
+        logits = fn(state, x, kv_transform=kv_transform)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1)[..., 0]
+        return jnp.sum(nll * mask[:, None])
+
+    n = len(tokens)
+    pad = -n % batch_size if n > batch_size else 0
+    size = min(batch_size, n)
+    tokens = jnp.concatenate([tokens, jnp.zeros((pad, tokens.shape[1]), tokens.dtype)])
+    targets = jnp.concatenate([targets, jnp.zeros((pad, targets.shape[1]), targets.dtype)])
+    mask = (jnp.arange(n + pad) < n).astype(jnp.float32)
+    total = sum(
+        float(nll_sum(state, tokens[s : s + size], targets[s : s + size], mask[s : s + size]))
+        for s in range(0, n + pad, size)
+    )
+    return math.exp(total / (n * tokens.shape[1]))
 
 
 def generate(
@@ -372,7 +500,10 @@ def generate(
     if temperature > 0 and key is None:
         raise ValueError("key is required when temperature > 0")
     keys = jax.random.split(jax.random.key(0) if key is None else key, num_tokens)
-    fn, state = _decoder(model, variables, kv_transform)
+    forward, state = forward_fn(model, variables)
+
+    def fn(state, tokens, cache):
+        return forward(state, tokens, cache, kv_transform)
 
     @jax.jit
     def run(state, prompt, keys):

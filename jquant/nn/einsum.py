@@ -12,6 +12,19 @@ The kernel's per-channel scales are along its non-contracted axes (those whose l
 the output), whatever their position, e.g. ``"bd,hd->bh"`` has one scale per ``h``.
 :class:`QuantEinsum` is the op with ``jnp.einsum``'s signature that NNX's ``einsum_op=``
 takes; :class:`QEinsum` is the quantized ``flax.linen.Einsum``.
+
+An einsum of two activations (attention's ``q k^T`` and ``softmax(.) v``) has no kernel and
+no calibrated range: :class:`QuantActEinsum` quantizes both operands with each one's own
+dynamic range (``QuantRule.act_scale``, e.g. ``"dynamic_per_token"``: one scale per vector
+along the last axis, the head features of ``q``, ``k``, ``v`` and the keys of the attention
+probabilities)::
+
+    y = einsum(fq(a, qp(a)), fq(b, qp(b)))       (train / eval)
+    y = einsum(a, b)                             (float / calibrate)
+
+A model exposes such a product as a parameter-free module with an ``einsum_str`` and an
+``einsum`` attribute holding ``jnp.einsum`` (:func:`is_act_product`, e.g.
+``jquant.models.gpt.Product``); ``quantize_model`` injects the quantized einsum there.
 """
 
 from __future__ import annotations
@@ -23,11 +36,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jquant.estimators import fake_quant
 from jquant.nn.inject import QuantOp
 from jquant.nn.rules import DEFAULT_RULE, QuantRule
-from jquant.nn.state import LinenSlots, check_phase
+from jquant.nn.state import LinenSlots, check_phase, dynamic_act_qparams
 
-__all__ = ["EinsumDims", "einsum_dims", "QuantEinsum", "QEinsum"]
+__all__ = [
+    "EinsumDims",
+    "einsum_dims",
+    "QuantEinsum",
+    "QEinsum",
+    "QuantActEinsum",
+    "check_act_rule",
+    "is_act_product",
+]
 
 
 class EinsumDims(NamedTuple):
@@ -165,3 +187,64 @@ class QEinsum(nn.Einsum):
         if bias is not None:
             y = y + jnp.reshape(bias, broadcast_shape)
         return y
+
+
+def is_act_product(module) -> bool:
+    """Whether ``module`` is an activation x activation einsum open to quantization: it has
+    a str ``einsum_str``, its ``einsum`` attribute is ``jnp.einsum`` (not yet injected) and it
+    holds no ``kernel``."""
+    return (
+        isinstance(getattr(module, "einsum_str", None), str)
+        and getattr(module, "einsum", None) is jnp.einsum
+        and getattr(module, "kernel", None) is None
+    )
+
+
+def check_act_rule(rule: QuantRule, path: str) -> None:
+    """Raises ValueError if ``rule`` asks to quantize the activation product at ``path``
+    with static (calibrated) ranges, which such a product does not record."""
+    if rule.keep_float or rule.act is None or rule.act_scale != "static":
+        return
+    raise ValueError(
+        f"QuantRule.act_scale: the activation x activation einsum {path!r} quantizes both "
+        "operands with their own dynamic ranges; set act_scale to one of "
+        "'dynamic_per_tensor', 'dynamic_per_example', 'dynamic_per_token' (with "
+        "act_estimator 'ste' or 'clipped_ste'), or keep it float with "
+        f"QuantRule({path!r}, keep_float=True)"
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantActEinsum:
+    """``jnp.einsum(einsum_str, a, b)`` look-alike with both activations fake-quantized.
+
+    In train / eval: ``einsum(fq(a, qp_a), fq(b, qp_b))`` with ``qp_x`` from ``x``'s own
+    range (``rule.act_scale``; :func:`jquant.nn.state.dynamic_act_qparams`), format, symmetry
+    and estimator of ``rule.act``; in float / calibrate (and with ``keep_float`` or
+    ``act=None``) the float einsum. The weight fields of ``rule`` do not apply.
+
+    >>> import jquant as jq
+    >>> rule = QuantRule(".*", act="int8", act_scale="dynamic_per_token")
+    >>> op = QuantActEinsum(rule, "eval")
+    >>> op("ij,jk->ik", jnp.ones((2, 3)), jnp.ones((3, 4))).shape
+    (2, 4)
+    """
+
+    rule: QuantRule
+    phase: str
+
+    def __post_init__(self):
+        if not isinstance(self.rule, QuantRule):
+            raise TypeError(f"rule must be a QuantRule, got {type(self.rule).__name__}")
+        check_phase(self.phase)
+        check_act_rule(self.rule, self.rule.pattern)
+
+    def _fq(self, x: jax.Array) -> jax.Array:
+        cfg = self.rule.act_config()
+        qp = dynamic_act_qparams(x, cfg, self.rule.act_scale)
+        return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
+
+    def __call__(self, einsum_str: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
+        if self.phase in ("float", "calibrate") or self.rule.act_config() is None:
+            return jnp.einsum(einsum_str, a, b, **kwargs)
+        return jnp.einsum(einsum_str, self._fq(a), self._fq(b), **kwargs)

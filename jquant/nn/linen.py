@@ -10,9 +10,12 @@ activations and pool them the TFLite way (the output keeps the input's scale and
 Flax's ``nn.intercept_methods``: every ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` /
 ``nn.Einsum`` call whose module path matches a rule runs as the corresponding jquant layer,
 on the same scope, so the variables are the plain model's plus ``quant_stats`` and any
-learned scales. Any other layer with a ``kernel`` that a rule matches cannot be quantized:
-it stays float, is listed in ``RuleMatch.not_quantized`` and warned about. Hand-built jquant
-layers inside the model (QDense, QEinsum, ActQuant, ...) run in the model's phase, so
+learned scales. An activation x activation einsum module (attention's products, see
+:func:`jquant.nn.einsum.is_act_product`) gets a :class:`~jquant.nn.einsum.QuantActEinsum`
+injected into its ``einsum`` attribute (dynamic ranges on both operands). Any other layer
+with a ``kernel`` that a rule matches cannot be quantized: it stays float, is listed in
+``RuleMatch.not_quantized`` and warned about. Hand-built jquant layers inside the model
+(QDense, QEinsum, ActQuant, ...) run in the model's phase, so
 :meth:`QuantizedModel.calibrate` calibrates them too. Pooling in a plain model
 is a function call (``nn.max_pool`` / ``nn.avg_pool``), which no Flax mechanism intercepts, so
 it stays float: max pooling is unchanged by that (a max of grid values is a grid value, and
@@ -41,7 +44,13 @@ import jax.numpy as jnp
 
 from jquant.calibration import calibration_loop
 from jquant.nn.bn_folding import folded_batch_norm, folded_kernel
-from jquant.nn.einsum import QEinsum, einsum_dims
+from jquant.nn.einsum import (
+    QEinsum,
+    QuantActEinsum,
+    check_act_rule,
+    einsum_dims,
+    is_act_product,
+)
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
     DEFAULT_RULE,
@@ -380,6 +389,12 @@ class QuantizedModel:
         path = "/".join(module.path)
         if isinstance(module, nn.BatchNorm) and path in state.folded:
             return self._folded_bn(module, state.folded.pop(path), args, kwargs)
+        if is_act_product(module):  # an activation x activation einsum (attention)
+            rule = first_match(self.rules, path)
+            if rule is None:
+                return next_fun(*args, **kwargs)
+            clone = module.clone(parent=module.scope, einsum=QuantActEinsum(rule, self.phase))
+            return clone(*args, **kwargs)
         if _is_jquant_layer(module):  # hand-built (or our own QEinsum): the model's phase
             if module.phase == self.phase:
                 return next_fun(*args, **kwargs)
@@ -497,6 +512,8 @@ class QuantizedModel:
             if rule is None or rule.keep_float:
                 continue
             params = subtree(variables["params"], path)
+            if "kernel" not in params:  # an activation x activation einsum: nothing to deploy
+                continue
             stats = subtree(variables.get(STATS, {}), path)
             kernel = params["kernel"]
             axes = dict(self.channel_axes).get(path)
@@ -578,6 +595,10 @@ def quantize_model(
                 channel_axes[path] = axes
             if isinstance(module, nn.Conv) and not module.use_bias:
                 conv_outputs.append((path, out))
+        elif is_act_product(module):
+            if (rule := first_match(rules, path)) is not None:
+                check_act_rule(rule, path)
+            paths.append(path)
         elif not _is_jquant_layer(module) and _owns_kernel(module):
             unsupported[path] = type(module).__name__
         elif isinstance(module, nn.BatchNorm) and args:

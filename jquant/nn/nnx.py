@@ -38,7 +38,7 @@ from jquant.nn.bn_folding import (
     folded_kernel,
     running_statistics,
 )
-from jquant.nn.einsum import QuantEinsum, einsum_dims
+from jquant.nn.einsum import QuantEinsum, einsum_dims, is_act_product
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
     DEFAULT_RULE,
@@ -674,7 +674,8 @@ def quantize_model(
             continue
         if type(m) in _REPLACEMENTS:
             targets[_path_str(p)] = (p, m)
-        elif isinstance(getattr(m, "kernel", None), nnx.Param):
+        elif isinstance(getattr(m, "kernel", None), nnx.Param) or is_act_product(m):
+            # activation x activation einsums: quantized by the Linen rules only (for now)
             unsupported[_path_str(p)] = type(m).__name__
     match = match_rules(rules, targets, unsupported)
     report_unused(match, on_unused)

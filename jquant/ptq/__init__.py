@@ -8,7 +8,10 @@ Kernels are in Flax layout ``(in, out)``; calibration inputs ``x`` are ``(n, in)
 - :func:`smoothquant_scales`: SmoothQuant's migration scales (Xiao et al. 2022);
 - :func:`hadamard`, :func:`rotate_input`, :func:`rotate_output`, :func:`absorb_gain`:
   QuaRot's computational invariance (Ashkboos et al. 2024), and the scale folds;
-- :func:`kv_fake_quant`: a KV-cache quantizer per head and token for ``generate``.
+- :func:`quantize_model`: a whole GPT by a :class:`Recipe` (sequential, layer by layer), and
+  :func:`inject_outlier`;
+- :func:`kv_fake_quant`, :func:`kv_ranges`: a KV-cache quantizer per head and token, or per
+  calibrated channel, for ``generate`` and ``perplexity``.
 
 >>> import jax.numpy as jnp, jquant as jq
 >>> w = jnp.linspace(-1.0, 1.0, 32).reshape(8, 4)
@@ -19,7 +22,18 @@ Kernels are in Flax layout ``(in, out)``; calibration inputs ``x`` are ``(n, in)
 
 from jquant.ptq.awq import AWQResult, awq
 from jquant.ptq.gptq import gptq, gptq_from_hessian, hessian
-from jquant.ptq.kv import kv_fake_quant
+from jquant.ptq.kv import KV_GRANULARITIES, KVRanges, kv_fake_quant, kv_ranges
+from jquant.ptq.model import (
+    METHODS,
+    TRANSFORMS,
+    PTQModel,
+    Recipe,
+    act_rules,
+    inject_outlier,
+    quantize_model,
+    rotate_model,
+    smooth_model,
+)
 from jquant.ptq.rtn import Quantized, fake_quant_kernel, kernel_qparams, rtn
 from jquant.ptq.smoothquant import smoothquant_scales
 from jquant.ptq.transforms import (
@@ -34,6 +48,17 @@ from jquant.ptq.transforms import (
 
 __all__ = [
     "AWQResult",
+    "METHODS",
+    "PTQModel",
+    "Recipe",
+    "TRANSFORMS",
+    "act_rules",
+    "inject_outlier",
+    "quantize_model",
+    "rotate_model",
+    "smooth_model",
+    "KVRanges",
+    "KV_GRANULARITIES",
     "Quantized",
     "absorb_gain",
     "awq",
@@ -44,6 +69,7 @@ __all__ = [
     "hessian",
     "kernel_qparams",
     "kv_fake_quant",
+    "kv_ranges",
     "random_hadamard",
     "rotate_input",
     "rotate_output",

@@ -20,11 +20,13 @@ Two ways to choose the widths ``b_L`` from ``candidate_bits``:
   (``len(candidate_bits) ** len(layers)``, at most ``max_configs``).
 
 Each configuration is evaluated jointly (all layers at their widths, through the Flax rules)
-for accuracy, loss, KL and logit SQNR; all configurations are one compiled program mapped over
-a traced ``(configs, layers)`` array of widths (:func:`~jquant.sweep.model_vs_bits.logits_vs_bits`).
+for a :class:`~jquant.sweep.model_sweep.Metric` (``score_metric``; by default accuracy, loss,
+KL and logit SQNR, or e.g. a GPT's ``PERPLEXITY``), whose headline column (``key``) the
+choice trades against size; all configurations are one compiled program mapped over
+a traced ``(configs, layers)`` array of widths (:func:`~jquant.sweep.model_sweep.logits_vs_bits`).
 The chosen configuration is, for ``"greedy"``, the first point of the path that fits the
-budget, and for ``"pareto"`` the most accurate assignment that fits (ties: the smaller, then
-the earlier).
+budget, and for ``"pareto"`` the best-scoring (most accurate) assignment that fits (ties:
+the smaller, then the earlier).
 :func:`jquant.sweep.plots.pareto_front` draws the table.
 """
 
@@ -43,13 +45,15 @@ import numpy as np
 from flax import traverse_util
 
 from jquant.nn.rules import GRANULARITIES, QuantRule
-from jquant.sweep.model_vs_bits import (
+from jquant.sweep.model_sweep import (
+    ACCURACY,
     PTQ,
+    Metric,
     check_data,
+    check_metric,
     check_rules,
     layer_rules,
     logits_vs_bits,
-    score,
 )
 from jquant.sweep.plots import pareto_mask
 from jquant.sweep.results import Table
@@ -173,8 +177,10 @@ def mixed_precision(
     progress: bool = False,
     chunk_size: int | None = None,
     mesh=None,
+    score_metric: Metric = ACCURACY,
 ) -> Table:
-    """Per-layer widths under a size budget, with the accuracy of each configuration explored.
+    """Per-layer widths under a size budget, with the accuracy (or ``score_metric``) of each
+    configuration explored.
 
     Args:
       model, variables: a plain Linen classifier and its float variables.
@@ -188,7 +194,8 @@ def mixed_precision(
         the layer's width); the size counts weights only.
       granularity: weight granularity, ``"per_channel"`` or ``"per_tensor"``.
       method: ``"greedy"`` (sensitivity-guided path) or ``"pareto"`` (all assignments).
-      metric: greedy cost from the sensitivity table: ``"kl"``, ``"loss"``, ``"accuracy_drop"``.
+      metric: greedy cost from the sensitivity table: ``"kl"``, ``"loss"`` or the score
+        metric's drop column (``"accuracy_drop"``; ``"perplexity_increase"`` for PERPLEXITY).
       max_configs: largest number of assignments ``method="pareto"`` evaluates.
       full_path: greedy only: evaluate the whole path down to every layer at the narrowest
         width (for a Pareto plot), not just up to the first configuration that fits.
@@ -199,13 +206,16 @@ def mixed_precision(
         calibrating again (calibration compiles the most; pass the same model and variables).
       batch_size, progress, chunk_size, mesh: as in :func:`jquant.sweep.model_vs_bits`
         (``chunk_size``: configurations vmapped at once).
+      score_metric: the :class:`~jquant.sweep.model_sweep.Metric` each configuration is
+        scored by (the sensitivity table's too): ``ACCURACY`` (default), ``PERPLEXITY``, ...
 
     Returns:
       Table, one row per configuration explored (in order): ``step, changed, bits/<layer>...,
-      size_bytes, accuracy, loss, kl, sqnr_db, fits, pareto, chosen``. ``changed`` is the layer
-      the greedy step lowered; ``fits``: ``size_bytes <= budget``; ``pareto``: not dominated in
-      (size, accuracy) among the rows. ``meta``: ``method, budget_bytes, float_bytes,
-      float_accuracy, layers, chosen_bits, chosen_size_bytes, chosen_accuracy, peak_bytes,
+      size_bytes``, the metric's columns (``accuracy, loss, kl, sqnr_db``), ``fits, pareto,
+      chosen``. ``changed`` is the layer the greedy step lowered; ``fits``:
+      ``size_bytes <= budget``; ``pareto``: not dominated in (size, metric key) among the rows.
+      ``meta``: ``method, budget_bytes, float_bytes, float_<key>, layers, chosen_bits,
+      chosen_size_bytes, chosen_<key>`` (``float_accuracy``, ``chosen_accuracy``), ``peak_bytes,
       devices`` (how many devices the configurations were split over)
       and, for greedy, ``sensitivity`` (the per-layer table's rows).
 
@@ -217,8 +227,10 @@ def mixed_precision(
     mesh = sweep_mesh(mesh)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    score_metric = check_metric(score_metric)
+    costs = (*METRICS[:2], score_metric.drop_column)
+    if metric not in costs:
+        raise ValueError(f"metric must be one of {costs}, got {metric!r}")
     if target not in ("weights", "weights+acts"):
         raise ValueError(f"target must be 'weights' or 'weights+acts', got {target!r}")
     if granularity not in GRANULARITIES:
@@ -260,6 +272,7 @@ def mixed_precision(
                 batch_size=batch_size,
                 chunk_size=chunk_size,
                 mesh=mesh,
+                metric=score_metric,
             )
         cost = _costs(sens, layers, widths, metric)
         params = {p: int(np.size(flat_params[f"{p}/kernel"])) for p in layers}
@@ -285,7 +298,8 @@ def mixed_precision(
     elif not isinstance(ptq, PTQ) or ptq.model is not model:
         raise ValueError(f"ptq must be a PTQ of this model (PTQ.calibrated), got {ptq!r}")
     ref = ptq.logits(None, x)
-    float_accuracy = score(ref, y, ref)["accuracy"]
+    key = score_metric.key
+    float_score = score_metric(ref, y, ref)[key]
     rules_at = functools.partial(
         layer_rules, tuple(rules), tuple(layers), target, granularity, tuple(rules)
     )
@@ -305,12 +319,13 @@ def mixed_precision(
                 "changed": changed,
                 **{bits_column(p): b for p, b in layer_bits.items()},
                 "size_bytes": size,
-                **score(logits, y, ref),
+                **score_metric(logits, y, ref),
                 "fits": size <= budget,
             }
         )
     sizes = np.array([r["size_bytes"] for r in rows])
-    accs = np.array([r["accuracy"] for r in rows])
+    sign = 1.0 if score_metric.higher_is_better else -1.0
+    accs = sign * np.array([r[key] for r in rows])  # higher is better
     for r, on_front in zip(rows, pareto_mask(sizes, accs), strict=True):
         r["pareto"] = bool(on_front)
     fitting = [i for i, r in enumerate(rows) if r["fits"]]
@@ -329,11 +344,10 @@ def mixed_precision(
         granularity=granularity,
         budget_bytes=budget,
         float_bytes=float_bytes,
-        float_accuracy=float_accuracy,
+        **{f"float_{key}": float_score, f"chosen_{key}": rows[best][key]},
         layers=list(layers),
         chosen_bits=chosen,
         chosen_size_bytes=rows[best]["size_bytes"],
-        chosen_accuracy=rows[best]["accuracy"],
         peak_bytes=peak,
         devices=mesh.size,
     )

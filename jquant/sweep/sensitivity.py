@@ -27,14 +27,16 @@ from flax import traverse_util
 from jquant.nn.linen import quantize_model
 from jquant.nn.rules import QuantRule, first_match
 from jquant.sweep.error_vs_bits import QuantSpec
-from jquant.sweep.model_vs_bits import (
+from jquant.sweep.model_sweep import (
+    ACCURACY,
     PTQ,
     TARGETS,
+    Metric,
     check_data,
+    check_metric,
     check_rules,
     layer_rules,
     logits_vs_bits,
-    score,
 )
 from jquant.sweep.results import Table
 from jquant.sweep.sharding import map_over_bits, sweep_mesh
@@ -43,9 +45,17 @@ __all__ = ["layer_paths", "sensitivity"]
 
 
 def layer_paths(model: nn.Module, rules: Sequence[QuantRule], example: jax.Array) -> list[str]:
-    """Paths of the Dense / Conv layers that ``rules`` quantize (not kept float), in call order."""
+    """Paths of the Dense / Conv layers that ``rules`` quantize (not kept float), in call order.
+
+    Only layers with a kernel count: an activation x activation einsum (attention's products)
+    that a rule quantizes has no weights to give a width to."""
     _, match = quantize_model(model, tuple(rules), example, on_unused="ignore")
-    return [p for p, r in match.assignment.items() if r is not None and not r.keep_float]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example))
+    params = traverse_util.flatten_dict(dict(shapes["params"]), sep="/")
+    owners = {k.removesuffix("/kernel") for k in params if k.endswith("/kernel")}
+    return [
+        p for p, r in match.assignment.items() if r is not None and not r.keep_float and p in owners
+    ]
 
 
 def sensitivity(
@@ -63,8 +73,10 @@ def sensitivity(
     progress: bool = False,
     chunk_size: int | None = None,
     mesh=None,
+    metric: Metric = ACCURACY,
 ) -> Table:
-    """Accuracy drop and SQNR when only one layer is quantized, for every layer and width.
+    """Accuracy drop (or any metric's) and SQNR when only one layer is quantized, for every
+    layer and width.
 
     Args:
       model, variables: a plain Linen classifier and its float variables.
@@ -72,11 +84,14 @@ def sensitivity(
       bits: one width or several.
       rules: base rules (which layers count, calibration); ``target`` and ``granularity``
         as in :func:`jquant.sweep.model_vs_bits`; so are ``batch_size``, ``progress`` (over
-        layers), ``chunk_size`` and ``mesh``.
+        layers), ``chunk_size``, ``mesh`` and ``metric`` (a
+        :class:`~jquant.sweep.model_sweep.Metric`, e.g. ``PERPLEXITY`` for a GPT).
 
     Returns:
-      Table ``layer, bits, params, accuracy, accuracy_drop, loss, kl, sqnr_db,
-      weight_sqnr_db`` (one row per layer and width); ``meta``: ``float_accuracy`` and
+      Table ``layer, bits, params``, the metric's columns, its drop (``accuracy_drop``, or
+      ``<key>_increase`` when lower is better: ``perplexity_increase``) and
+      ``weight_sqnr_db`` (one row per layer and width); ``meta``: ``float_<key>`` (e.g.
+      ``float_accuracy``), ``float_metrics`` (every column of the float model) and
       ``peak_bytes`` (the largest sweep program's memory high-water mark) and ``devices``
       (how many devices the widths were split over).
     """
@@ -84,12 +99,13 @@ def sensitivity(
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     widths = check_rules(rules, bits, target)
+    metric = check_metric(metric)
     x, y = check_data(x, y)
     ptq = PTQ.calibrated(
         model, variables, x if calib_x is None else calib_x, rules, batch_size=batch_size
     )
     ref = ptq.logits(None, x)
-    base = score(ref, y, ref)
+    base = metric(ref, y, ref)
     kernels = traverse_util.flatten_dict(dict(variables["params"]), sep="/")
     layers = layer_paths(model, rules, ptq.example)
     if progress:
@@ -112,20 +128,20 @@ def sensitivity(
             spec = QuantSpec(granularity=granularity, symmetric=rule.weight_symmetric)
             w_sqnr = map_over_bits(spec, widths, (kernel,), mesh=mesh)["sqnr_db"]
         for b, z, ws in zip(widths, logits, w_sqnr, strict=True):
-            s = score(z, y, ref)
+            s = metric(z, y, ref)
             rows.append(
                 {
                     "layer": path,
                     "bits": int(b),
                     "params": int(np.size(kernel)),
-                    "accuracy": s["accuracy"],
-                    "accuracy_drop": base["accuracy"] - s["accuracy"],
-                    "loss": s["loss"],
-                    "kl": s["kl"],
-                    "sqnr_db": s["sqnr_db"],
+                    **s,
+                    metric.drop_column: metric.drop(base, s),
                     "weight_sqnr_db": float(ws),
                 }
             )
     return Table.from_dicts(rows).with_meta(
-        float_accuracy=base["accuracy"], peak_bytes=peak, devices=mesh.size
+        **{f"float_{metric.key}": base[metric.key]},
+        float_metrics=base,
+        peak_bytes=peak,
+        devices=mesh.size,
     )

@@ -1,4 +1,6 @@
-"""A Flax model's accuracy and loss with its weights and activations at each bit width (PTQ).
+"""A Flax model's accuracy (or any :class:`Metric`) with its weights and activations at each
+bit width (PTQ): :func:`model_vs_bits`; and a GPT's perplexity under the ``jquant.ptq``
+recipes: :func:`ptq_vs_bits`.
 
 Post-training quantization through the rules of :mod:`jquant.nn` (``quantize_model``):
 
@@ -20,6 +22,11 @@ widths vmapped at a time, sharded over a ``mesh``); inside it the data run in ba
 ``batch_size`` (``lax.map``), so memory is about ``chunk_size`` batches' activations.
 Every calibration method supports traced widths; ``"mse"`` picks its clip by a search whose
 float rounding may differ by an ulp from the static-width program.
+
+What is reported is a :class:`Metric` of the quantized logits, the labels and the float
+logits: :data:`ACCURACY` (the default: accuracy, loss, KL, SQNR), :data:`PERPLEXITY`
+(a language model's labels ``(N, positions)``: ``perplexity = exp(loss)``) or :data:`SQNR`
+(output SQNR alone, labels unused), or any ``Metric(fn, key, higher_is_better)``.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from jquant import metrics
+from jquant import metrics, ptq
 from jquant.formats import IntFormat
+from jquant.models import gpt
 from jquant.nn.linen import QuantizedModel, quantize_model
 from jquant.nn.rules import GRANULARITIES, QuantRule, first_match
 from jquant.nn.state import STATS, make_observer, qparams_to_dict, variable_key
@@ -46,13 +54,20 @@ from jquant.sweep.results import Table
 from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes, sweep_mesh
 
 __all__ = [
+    "ACCURACY",
+    "PERPLEXITY",
+    "SQNR",
     "TARGETS",
+    "Metric",
     "PTQ",
     "QuantizedLogits",
+    "check_data",
     "check_rules",
     "layer_rules",
     "logits_vs_bits",
     "model_vs_bits",
+    "ptq_vs_bits",
+    "score",
     "uniform_rules",
     "with_bits",
 ]
@@ -272,15 +287,75 @@ def score(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, fl
     return {k: float(v) for k, v in _score(logits, y, reference).items()}
 
 
-def check_data(x, y) -> tuple[jax.Array, jax.Array]:
-    """``(x, y)`` as NumPy arrays, one label per example: ``y.shape == (len(x),)``.
+def _perplexity(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, float]:
+    out = score(logits, y, reference)
+    return {"perplexity": float(np.exp(out["loss"])), **out}
 
-    Raises:
-      ValueError: labels of another shape.
+
+def _sqnr(logits: jax.Array, y: jax.Array, reference: jax.Array) -> dict[str, float]:
+    del y
+    return {"sqnr_db": float(metrics.sqnr_db(jnp.asarray(reference), jnp.asarray(logits)))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What a model sweep reports: ``fn(logits, y, reference) -> {column: value}`` of the
+    quantized logits, the labels and the float model's logits; ``key`` is its headline
+    column (what ``sensitivity`` ranks and ``mixed_precision`` trades against size) and
+    ``higher_is_better`` its direction.
+
+    >>> Metric(score, "accuracy", True).drop({"accuracy": 0.9}, {"accuracy": 0.8})
+    0.09999999999999998
     """
+
+    fn: Callable[[Any, Any, Any], Mapping[str, float]]
+    key: str
+    higher_is_better: bool = True
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Metric.fn must be callable, got {type(self.fn).__name__}")
+        if not isinstance(self.key, str) or not isinstance(self.higher_is_better, bool):
+            raise TypeError("Metric.key must be a str and Metric.higher_is_better a bool")
+
+    def __call__(self, logits, y, reference) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.fn(logits, y, reference).items()}
+        if self.key not in out:
+            raise ValueError(f"Metric.fn returned {list(out)}, without its key {self.key!r}")
+        return out
+
+    @property
+    def drop_column(self) -> str:
+        """``"<key>_drop"`` (higher is better) or ``"<key>_increase"`` (lower is better)."""
+        return f"{self.key}_{'drop' if self.higher_is_better else 'increase'}"
+
+    def drop(self, base: Mapping[str, float], value: Mapping[str, float]) -> float:
+        """How much worse ``value`` is than ``base`` on ``key`` (positive: worse)."""
+        diff = base[self.key] - value[self.key]
+        return diff if self.higher_is_better else -diff
+
+
+ACCURACY = Metric(score, "accuracy", True)
+PERPLEXITY = Metric(_perplexity, "perplexity", False)
+SQNR = Metric(_sqnr, "sqnr_db", True)
+
+
+def check_metric(metric) -> Metric:
+    """``metric`` if it is a :class:`Metric`; TypeError otherwise."""
+    if not isinstance(metric, Metric):
+        raise TypeError(
+            f"metric must be a jquant.sweep.model_sweep.Metric (ACCURACY, PERPLEXITY, SQNR or "
+            f"Metric(fn, key, higher_is_better)), got {type(metric).__name__}"
+        )
+    return metric
+
+
+def check_data(x, y) -> tuple[np.ndarray, np.ndarray]:
+    """``x``, ``y`` as NumPy arrays; ValueError unless ``y`` has one label (or one label per
+    position, a language model's) for each example: ``y.shape[0] == len(x)``."""
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim < 1 or y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape (len(x),) = ({x.shape[0]},), got {y.shape}")
+    if x.ndim < 1 or y.ndim < 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have shape (len(x), ...) = ({x.shape[0]}, ...), got {y.shape}")
     return x, y
 
 
@@ -299,12 +374,15 @@ def model_vs_bits(
     progress: bool = False,
     chunk_size: int | None = None,
     mesh=None,
+    metric: Metric = ACCURACY,
 ) -> Table:
-    """Accuracy, loss, KL and logit SQNR of a PTQ model at each width (see module docstring).
+    """A metric (accuracy, loss, KL and logit SQNR by default) of a PTQ model at each width
+    (see module docstring).
 
     Args:
       model, variables: a plain Linen classifier and its float variables.
-      x, y: evaluation inputs and integer labels.
+      x, y: evaluation inputs and integer labels (``(N,)``, or ``(N, positions)`` for a
+        language model).
       bits: integer widths in ``[2, 16]``, applied to every quantized layer.
       calib_x: calibration inputs (default: ``x``).
       rules: base rules (which layers, calibration, symmetry); their widths are replaced.
@@ -315,14 +393,17 @@ def model_vs_bits(
       chunk_size: widths vmapped at once (memory ~ chunk_size batches); None: all at once.
       mesh: a ``jquant.sweep.sharding.bits_mesh(...)`` to shard the widths over; None: all
         devices (``bits_mesh()``; one device runs unsharded).
+      metric: a :class:`Metric`: :data:`ACCURACY` (default), :data:`PERPLEXITY`, :data:`SQNR`.
 
     Returns:
-      Table with columns ``target, granularity, bits, accuracy, loss, kl, sqnr_db``; the first
+      Table with columns ``target, granularity, bits`` and the metric's (by default
+      ``accuracy, loss, kl, sqnr_db``); the first
       row is the float model (``target="float"``, ``bits=32``). ``meta["peak_bytes"]``: the
       largest sweep program's memory high-water mark (XLA's analysis, per device);
       ``meta["devices"]``: how many devices the widths were split over.
     """
     mesh = sweep_mesh(mesh)
+    metric = check_metric(metric)
     x, y = check_data(x, y)
     grans = (granularities,) if isinstance(granularities, str) else tuple(granularities)
     tgts = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -337,7 +418,7 @@ def model_vs_bits(
         model, variables, x if calib_x is None else calib_x, rules, batch_size=batch_size
     )
     ref = ptq.logits(None, x)
-    rows = [{"target": "float", "granularity": "", "bits": FLOAT_BITS, **score(ref, y, ref)}]
+    rows = [{"target": "float", "granularity": "", "bits": FLOAT_BITS, **metric(ref, y, ref)}]
     programs = [(t, g) for t in tgts for g in grans]
     if progress:
         from tqdm.auto import tqdm
@@ -349,5 +430,95 @@ def model_vs_bits(
         logits, p = logits_vs_bits(ptq, rules_at, widths, x, chunk_size=chunk_size, mesh=mesh)
         peak = max(peak, p)
         for b, z in zip(widths, logits, strict=True):
-            rows.append({"target": t, "granularity": g, "bits": int(b), **score(z, y, ref)})
+            rows.append({"target": t, "granularity": g, "bits": int(b), **metric(z, y, ref)})
     return Table.from_dicts(rows).with_meta(peak_bytes=peak, devices=mesh.size)
+
+
+PTQ_METHODS = ("rtn", "rtn_g32", "gptq", "awq_g32")  # ptq_vs_bits's default methods
+
+
+def parse_method(name: str) -> tuple[str, int | None]:
+    """``"gptq"`` -> ``("gptq", None)`` (per channel); ``"awq_g32"`` -> ``("awq", 32)``."""
+    method, _, group = str(name).partition("_g")
+    if method not in ptq.METHODS or (group and not group.isdigit()) or group == "0":
+        raise ValueError(
+            f"methods: {name!r} must be one of {ptq.METHODS}, optionally with '_g<group size>' "
+            "(e.g. 'rtn_g32')"
+        )
+    return method, int(group) if group else None
+
+
+def _lm_logits(model, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
+    fn = jax.jit(lambda v, xb: model.apply(v, xb))
+    parts, n = _batches(x, batch_size)
+    return np.concatenate([np.asarray(fn(variables, xb)) for xb in parts])[:n]
+
+
+def ptq_vs_bits(
+    model: gpt.GPT,
+    variables: Mapping[str, Any],
+    x: jax.Array,
+    y: jax.Array,
+    bits: Sequence[int] = (3, 4, 8),
+    *,
+    calib_x: jax.Array,
+    methods: Sequence[str] = PTQ_METHODS,
+    act_bits: int | None = 8,
+    targets: Sequence[str] = ("weights", "weights+acts"),
+    metric: Metric = PERPLEXITY,
+    calib_batch: int = 8,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Table:
+    """A GPT's perplexity (or ``metric``) with its block kernels quantized by the
+    ``jquant.ptq`` recipes at each width (:func:`jquant.ptq.quantize_model`, sequential).
+
+    For each method (``"rtn"``, ``"gptq"``, ``"awq"``, per channel or with ``_g<size>``
+    groups: ``"rtn_g32"``) and width ``b``, the weights are quantized once to
+    ``IntFormat(b)``; target ``"weights"`` evaluates them with float activations,
+    ``"weights+acts"`` also quantizes every block Dense input to ``IntFormat(act_bits)``
+    (``act_bits=None``: ``b``) with dynamic per-token ranges (:func:`jquant.ptq.act_rules`).
+    Embeddings and attention products stay float. Not one traced program: every width is a
+    separate PTQ run.
+
+    Args:
+      model, variables: a Linen ``jquant.models.gpt.GPT`` and its float variables.
+      x, y: evaluation windows and next-token targets ``(N, n)``.
+      calib_x: calibration windows ``(M, n)``, in batches of ``calib_batch``.
+
+    Returns:
+      Table ``method, group_size, target, bits, act_bits`` and the metric's columns; the first
+      row is the float model (``method="float"``, ``bits=32``).
+    """
+    metric = check_metric(metric)
+    x, y = check_data(x, y)
+    widths = check_bits_list(bits, "bits")
+    parsed = [(name, *parse_method(name)) for name in methods]
+    for t in targets:
+        if t not in ("weights", "weights+acts"):
+            raise ValueError(f"targets must be in ('weights', 'weights+acts'), got {t!r}")
+    calib_x = np.asarray(calib_x)
+    calib = [calib_x[s : s + calib_batch] for s in range(0, len(calib_x), calib_batch)]
+    ref = _lm_logits(model, variables, x, batch_size)
+    rows = [
+        {"method": "float", "group_size": 0, "target": "float", "bits": FLOAT_BITS,
+         "act_bits": FLOAT_BITS, **metric(ref, y, ref)}
+    ]  # fmt: skip
+    runs = [(p, int(b)) for p in parsed for b in widths]
+    if progress:
+        from tqdm.auto import tqdm
+
+        runs = tqdm(runs, desc="ptq_vs_bits", unit="run")
+    for (name, method, group), b in runs:
+        recipe = ptq.Recipe(method, weight=IntFormat(b), group_size=group)
+        result = ptq.quantize_model(model, variables, calib, recipe)
+        for t in targets:
+            a = (b if act_bits is None else act_bits) if t == "weights+acts" else FLOAT_BITS
+            run = result._replace(rules=ptq.act_rules(IntFormat(a) if a != FLOAT_BITS else None))
+            qmodel, qvars = run.runner(x[:1])
+            logits = _lm_logits(qmodel, qvars, x, batch_size)
+            rows.append(
+                {"method": name, "group_size": group or 0, "target": t, "bits": b,
+                 "act_bits": a, **metric(logits, y, ref)}
+            )  # fmt: skip
+    return Table.from_dicts(rows)
