@@ -1,4 +1,10 @@
-"""Fake quantization with gradient estimators, each a ``jax.custom_vjp``.
+"""Fake quantization with gradient estimators: :class:`Estimator` objects, one registry.
+
+An estimator is an object: its backward rule (run by one shared ``jax.custom_vjp`` whose
+forward is ``fake_quant_forward``), which quantizer parameters it learns (scale, zero point,
+clip) and how they start. :func:`register_estimator` makes its name a shorthand that
+:func:`get_estimator` resolves (``fake_quant``, ``QuantConfig`` and ``QuantRule`` accept either);
+an estimator written outside jquant works wherever a built-in one does.
 
 Forward, for every estimator: ``y = scale * Q(x / scale)`` where, in units of the step,
 ``Q(v) = clip(round(v) + zp, qmin, qmax) - zp`` (``fake_quant_forward``). Rounding has zero
@@ -239,7 +245,8 @@ def _clipped_ste_bwd(res: Residuals, g):
 
 def _lsq_scale_grad(res: Residuals, g):
     # where, not v * inside: v is +-inf for +-inf inputs, and inf * 0 is NaN
-    return sum_to(g * (res.qv - jnp.where(res.inside > 0, res.v, 0.0)) * _grad_scale(res), res.scale)
+    step = res.qv - jnp.where(res.inside > 0, res.v, 0.0)
+    return sum_to(g * step * _grad_scale(res), res.scale)
 
 
 def _lsq_bwd(res: Residuals, g):

@@ -75,8 +75,6 @@ ROUNDING_MODES = ("nearest_even", "half_away", "half_up", "floor", "stochastic")
 RANGE_LIMIT = 2.0**126
 
 
-
-
 def round_values(v: jax.Array, rounding: str = "nearest_even", noise: jax.Array | None = None):
     """Rounds to integers with a named tie rule (all exact in float arithmetic).
 
@@ -103,8 +101,6 @@ def round_values(v: jax.Array, rounding: str = "nearest_even", noise: jax.Array 
         f = jnp.floor(v)
         return f + (noise < v - f)
     raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-
-
 
 
 def round_to_float_format(
@@ -197,8 +193,6 @@ def exact_divide(x: jax.Array, scale: jax.Array) -> jax.Array:
     a broadcast (not under ``vmap`` either), so the division stays a division.
     """
     return x / jnp.where(jnp.isnan(x), 1.0, scale)
-
-
 
 
 @runtime_checkable

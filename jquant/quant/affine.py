@@ -38,7 +38,6 @@ from jquant.formats import (
 __all__ = ["RANGE_LIMIT", "ROUNDING_MODES", "round_to_float_format", "round_values"]
 
 
-
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=["scale", "zero_point"], meta_fields=[]
 )
