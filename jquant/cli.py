@@ -62,6 +62,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from jquant.calibration import observer_names
 from jquant.formats import MAX_BITS, MIN_BITS
 
 __all__ = [
@@ -82,9 +83,10 @@ __all__ = [
 MODELS = ("mlp", "cnn", "cnn_bn")  # jquant.models.config.MODEL_NAMES (checked in a test)
 DATASETS = ("mnist1d", "digits")  # jquant.data.DATASETS (checked in a test)
 GRANULARITIES = ("per_tensor", "per_channel")
-CALIBRATIONS = ("minmax", "percentile", "mse", "kl", "aciq")
-# Activation calibrations that jquant.nn's observers offer (for the model sweep).
-MODEL_CALIBRATIONS = ("minmax", "percentile", "mse", "kl")
+# Calibration names from the registry of jquant.calibration: those that calibrate whole
+# tensors (the tensor sweep), and of those the ones that stream (the model sweep's rules).
+CALIBRATIONS = observer_names(one_shot=True)
+MODEL_CALIBRATIONS = observer_names(one_shot=True, streams=True)
 
 
 class Command(NamedTuple):
