@@ -59,7 +59,7 @@ __all__ = [
     "observer_names",
     "get_observer",
     "observed_range",
-    "label",
+    "calibration_label",
 ]
 
 HISTOGRAM_METHODS = ("percentile", "mse", "kl")
@@ -608,7 +608,7 @@ def _one_batch(obs, x, fmt, axis, symmetric):
     return obs.bounds(obs.update(x, obs.init(x)), fmt, symmetric=symmetric)
 
 
-def label(calibration) -> str:
+def calibration_label(calibration) -> str:
     """The name of a registered method (or of a name), else its ``repr``."""
     if isinstance(calibration, str):
         return calibration

@@ -304,7 +304,7 @@ def error_vs_bits(
                     "shape": "x".join(map(str, x.shape)) or "scalar",
                     "family": _family_label(spec.family),
                     "granularity": spec.granularity,
-                    "calibration": calibration.label(spec.calibration),
+                    "calibration": calibration.calibration_label(spec.calibration),
                     "symmetric": spec.symmetric,
                     "bits": int(b),
                     **{k: float(values[k][i]) for k in METRIC_NAMES},
