@@ -162,13 +162,18 @@ class Estimator:
             return _REGISTRY.get(other) is self
         if not isinstance(other, Estimator):
             return NotImplemented
-        return dataclasses.astuple(self) == dataclasses.astuple(other)
+        return self is other or _fields(self) == _fields(other)
 
     def __hash__(self):
         return hash(self.name)
 
     def __repr__(self) -> str:
         return f"Estimator({self.name!r})"
+
+
+def _fields(obj) -> tuple:
+    """The field values (not deep copies, as ``dataclasses.astuple`` makes)."""
+    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
 
 
 def _format_of(treedef, leaves) -> Format:

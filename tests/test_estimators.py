@@ -419,3 +419,17 @@ def test_unregistered_estimator_object_works_and_matches_its_rule():
     np.testing.assert_array_equal(np.asarray(gx), 2.0 * ((v >= -8) & (v <= 7)))
     np.testing.assert_array_equal(np.asarray(gqp.scale), [[2.0, 2.0, 2.0]])
     np.testing.assert_array_equal(np.asarray(gqp.zero_point), 0.0)
+
+
+def test_estimator_with_a_partial_backward_is_one_static_value():
+    from jquant import estimators as est
+
+    def rule(factor, res, g):
+        return factor * g, None, None
+
+    e = est.Estimator("scaled", functools.partial(rule, 3.0))
+    assert e == e and hash(e) == hash(e)  # equality does not deep-copy the partial
+    cfgs = [jq.QuantConfig(estimator=e) for _ in range(2)]
+    assert jax.tree_util.tree_structure(cfgs[0]) == jax.tree_util.tree_structure(cfgs[1])
+    g = jax.grad(lambda x: jnp.sum(jq.fake_quant(x, jq.QParams(1.0), jq.int8, estimator=e)))
+    np.testing.assert_array_equal(np.asarray(g(jnp.ones(3))), 3.0)

@@ -407,10 +407,13 @@ class Calibration:
             return _REGISTRY.get(other) == self
         if type(other) is not type(self):
             return NotImplemented
-        return dataclasses.astuple(self) == dataclasses.astuple(other)
+        return self is other or self._fields() == other._fields()
 
     def __hash__(self):
-        return hash((type(self).__name__, dataclasses.astuple(self)))
+        return hash((type(self).__name__, self._fields()))
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
