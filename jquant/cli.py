@@ -62,6 +62,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from jquant.calibration import observer_names
 from jquant.formats import MAX_BITS, MIN_BITS
 
 __all__ = [
@@ -87,9 +88,10 @@ LM_DATASETS = ("text",)  # jquant.data.TEXT_DATASETS
 LM_DEFAULTS = {"bits": [3, 4, 8], "eval_examples": 64, "calib_examples": 32}
 CLASSIFIER_DEFAULTS = {"bits": list(range(2, 9)), "eval_examples": 1000, "calib_examples": 1024}
 GRANULARITIES = ("per_tensor", "per_channel")
-CALIBRATIONS = ("minmax", "percentile", "mse", "kl", "aciq")
-# Activation calibrations that jquant.nn's observers offer (for the model sweep).
-MODEL_CALIBRATIONS = ("minmax", "percentile", "mse", "kl")
+# Calibration names from the registry of jquant.calibration: those that calibrate whole
+# tensors (the tensor sweep), and of those the ones that stream (the model sweep's rules).
+CALIBRATIONS = observer_names(one_shot=True)
+MODEL_CALIBRATIONS = observer_names(one_shot=True, streams=True)
 
 
 class Command(NamedTuple):

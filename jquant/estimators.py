@@ -1,4 +1,10 @@
-"""Fake quantization with gradient estimators, each a ``jax.custom_vjp``.
+"""Fake quantization with gradient estimators: :class:`Estimator` objects, one registry.
+
+An estimator is an object: its backward rule (run by one shared ``jax.custom_vjp`` whose
+forward is ``fake_quant_forward``), which quantizer parameters it learns (scale, zero point,
+clip) and how they start. :func:`register_estimator` makes its name a shorthand that
+:func:`get_estimator` resolves (``fake_quant``, ``QuantConfig`` and ``QuantRule`` accept either);
+an estimator written outside jquant works wherever a built-in one does.
 
 Forward, for every estimator: ``y = scale * Q(x / scale)`` where, in units of the step,
 ``Q(v) = clip(round(v) + zp, qmin, qmax) - zp`` (``fake_quant_forward``). Rounding has zero
@@ -43,12 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+from jquant.formats import Format, check_format
 from jquant.quant import (
     QParams,
     check_qparams,
@@ -59,48 +67,155 @@ from jquant.quant import (
 
 __all__ = [
     "ESTIMATORS",
+    "Estimator",
+    "Residuals",
+    "estimator_names",
     "fake_quant",
+    "get_estimator",
     "pact_qparams",
     "lsq_init_scale",
     "lsq_plus_weight_init_scale",
+    "register_estimator",
 ]
 
-ESTIMATORS = ("ste", "clipped_ste", "lsq", "lsq_plus", "pact")
-_LEARNED = ("lsq", "lsq_plus", "pact")
+
+class Residuals(NamedTuple):
+    """What a backward rule receives, with ``v = x / scale``.
+
+    ``inside`` is 1 where ``lo <= v + round(zp) <= hi`` for ``(lo, hi) = fmt.grid_range()``
+    (before rounding), else 0; ``qv = y / scale`` is ``Q(v)``, the forward output in units of
+    the step; ``fmt`` is the format (``bits`` traced as float32 for integer grids).
+    """
+
+    v: jax.Array
+    inside: jax.Array
+    qv: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array
+    fmt: Format
 
 
-def _with_bits(spec: Format, bits) -> Format:
-    return dataclasses.replace(spec, bits=bits) if isinstance(spec, IntFormat) else spec
+@dataclasses.dataclass(frozen=True, eq=False)
+class Estimator:
+    """A gradient estimator of fake quantization: one ``jax.custom_vjp`` whose forward is
+    ``fake_quant_forward`` and whose backward is ``backward(res, g) -> (dL/dx, dL/dscale,
+    dL/dzero_point)`` (:class:`Residuals` ``res``; ``None`` for a zero cotangent), plus what
+    the estimator learns and how it starts.
+
+    Args:
+      name: its name, the shorthand that :func:`get_estimator` resolves once registered.
+      backward: the backward rule; scale / zero-point gradients have their shapes
+        (use :func:`sum_to`).
+      learns_scale: the step is a parameter (LSQ, LSQ+).
+      learns_zero_point: the zero point (offset) is a parameter too (LSQ+).
+      learns_clip: the clip value ``alpha = scale * qmax`` is the parameter (PACT: an
+        unsigned grid clipped to ``[0, alpha]``, zero point 0).
+      weight_init: ``(w, fmt, axis, own) -> QParams``, the paper's initial weight QParams
+        from the weight's own range ``own`` (None: ``own``).
+      activation_init: ``(mean_abs, fmt, zero_point) -> scale``, the paper's initial
+        activation step from ``mean|x|`` over calibration (None: the calibrated range).
+
+    A learned estimator needs an integer grid (``fmt.integer_grid``). An estimator compares
+    equal to its registered name, so ``cfg.estimator == "lsq"`` reads as before.
+    """
+
+    name: str
+    backward: Callable[[Residuals, jax.Array], tuple[Any, Any, Any]]
+    learns_scale: bool = False
+    learns_zero_point: bool = False
+    learns_clip: bool = False
+    weight_init: Callable[..., QParams] | None = None
+    activation_init: Callable[..., jax.Array] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Estimator.name must be a non-empty str, got {self.name!r}")
+        if not callable(self.backward):
+            raise TypeError(f"Estimator.backward must be callable, got {self.backward!r}")
+
+    @property
+    def learned(self) -> bool:
+        """True when a quantizer parameter (scale, zero point or clip) is learned."""
+        return self.learns_scale or self.learns_zero_point or self.learns_clip
+
+    def check_format(self, fmt: Format, name: str = "fmt") -> None:
+        """ValueError unless ``fmt`` suits this estimator (learned ones need an integer grid)."""
+        if self.learned and not getattr(fmt, "integer_grid", False):
+            raise ValueError(
+                f"estimator {self.name!r} learns an integer grid's step; {name} must have an "
+                f"integer grid (an IntFormat), got {fmt} (use 'ste' or 'clipped_ste')"
+            )
+
+    def __call__(self, x, scale, zero_point, fmt: Format, rounding: str, noise=None):
+        """``fake_quant_forward(x, QParams(scale, zero_point), fmt)`` with this backward.
+
+        The format's leaves (an IntFormat's ``bits``) pass as float32 arrays with zero
+        cotangents, so traced widths sweep through the custom VJP.
+        """
+        leaves, treedef = jax.tree_util.tree_flatten(fmt)
+        leaves = [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
+        static = (treedef, rounding, self.backward)
+        return _quantizer(static, x, scale, zero_point, leaves, noise)
+
+    def __eq__(self, other):
+        if isinstance(other, str):
+            return _REGISTRY.get(other) is self
+        if not isinstance(other, Estimator):
+            return NotImplemented
+        return self is other or _fields(self) == _fields(other)
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"Estimator({self.name!r})"
 
 
-def _range(spec: Format, bits):
-    """(lo, hi) of ``v + zp`` that is inside the grid, as float arrays."""
-    fmt = _with_bits(spec, bits)
-    if isinstance(fmt, FloatFormat):
-        return -fmt.max, fmt.max
-    if isinstance(fmt, BinaryFormat):
-        return -1.0, 1.0
-    if fmt.midrise:  # levels (q + 1/2) s for q in [qmin, qmax]
-        return fmt.qmin + 0.5, fmt.qmax + 0.5
-    return fmt.qmin, fmt.qmax
+def _fields(obj) -> tuple:
+    """The field values (not deep copies, as ``dataclasses.astuple`` makes)."""
+    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
 
 
-def _forward(static, x, scale, zp, bits, noise):
-    spec, rounding = static
-    return fake_quant_forward(x, QParams(scale, zp), _with_bits(spec, bits), rounding, noise)
+def _format_of(treedef, leaves) -> Format:
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _residuals(static, x, scale, zp, bits, noise):
+def _forward(static, x, scale, zp, leaves, noise):
+    treedef, rounding, _ = static
+    return fake_quant_forward(x, QParams(scale, zp), _format_of(treedef, leaves), rounding, noise)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _quantizer(static, x, scale, zp, leaves, noise):
+    return _forward(static, x, scale, zp, leaves, noise)
+
+
+def _quantizer_fwd(static, x, scale, zp, leaves, noise):
     """Forward output plus what every backward rule needs: ``v``, the inside mask, ``Q(v)``."""
-    y = _forward(static, x, scale, zp, bits, noise)
-    lo, hi = _range(static[0], bits)
+    y = _forward(static, x, scale, zp, leaves, noise)
+    fmt = _format_of(static[0], leaves)
+    lo, hi = fmt.grid_range()
     v = x.astype(jnp.float32) / scale
     vz = v + jnp.round(zp)
     inside = ((vz >= lo) & (vz <= hi)).astype(jnp.float32)
-    return y, (v, inside, y.astype(jnp.float32) / scale, scale, zp, bits, noise)
+    res = Residuals(v, inside, y.astype(jnp.float32) / scale, scale, zp, fmt)
+    return y, (res, leaves, noise)
 
 
-def _sum_to(g: jax.Array, like) -> jax.Array:
+def _quantizer_bwd(static, saved, g):
+    res, leaves, noise = saved
+    dx, d_scale, d_zp = static[2](res, g)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (res.scale, res.zero_point, leaves, noise))
+    d_scale = zeros[0] if d_scale is None else d_scale
+    d_zp = zeros[1] if d_zp is None else d_zp
+    dx = jnp.zeros_like(g) if dx is None else dx
+    return (dx.astype(g.dtype), d_scale, d_zp, zeros[2], zeros[3])
+
+
+_quantizer.defvjp(_quantizer_fwd, _quantizer_bwd)
+
+
+def sum_to(g: jax.Array, like) -> jax.Array:
     """Sums ``g`` over the axes along which ``like`` was broadcast, to ``like``'s shape."""
     shape = jnp.shape(like)
     lead = g.ndim - len(shape)
@@ -110,133 +225,93 @@ def _sum_to(g: jax.Array, like) -> jax.Array:
     return jnp.sum(g, axis=axes).reshape(shape).astype(jnp.result_type(like))
 
 
-def _grad_scale(v, scale, spec: Format, bits) -> jax.Array:
+def _grad_scale(res: Residuals) -> jax.Array:
     """LSQ's ``1 / sqrt(N * qmax)``; ``N`` = elements per scale."""
-    n = v.size / max(int(np.prod(jnp.shape(scale))), 1)
-    qmax = _with_bits(spec, bits).qmax
-    return jax.lax.rsqrt(jnp.asarray(n * jnp.maximum(qmax, 1), jnp.float32))
+    n = res.v.size / max(int(np.prod(jnp.shape(res.scale))), 1)
+    return jax.lax.rsqrt(jnp.asarray(n * jnp.maximum(res.fmt.qmax, 1), jnp.float32))
 
 
-def _no_grads(res):
-    _, _, _, scale, zp, bits, noise = res
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, (scale, zp, bits, noise))
-    return zeros
+# --- ste: dL/dx = g ---------------------------------------------------------------------------
 
 
-# --- ste --------------------------------------------------------------------------------------
+def _ste_bwd(res: Residuals, g):
+    return g, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ste(static, x, scale, zp, bits, noise):
-    return _forward(static, x, scale, zp, bits, noise)
+# --- clipped_ste: dL/dx = g * inside ----------------------------------------------------------
 
 
-def _ste_fwd(static, x, scale, zp, bits, noise):
-    return _residuals(static, x, scale, zp, bits, noise)
+def _clipped_ste_bwd(res: Residuals, g):
+    return g * res.inside, None, None
 
 
-def _ste_bwd(static, res, g):
-    return (g, *_no_grads(res))
+# --- lsq: dL/dscale = sum(g * (Q(v) - v * inside)) * gs ---------------------------------------
 
 
-_ste.defvjp(_ste_fwd, _ste_bwd)
-
-
-# --- clipped_ste ------------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _clipped_ste(static, x, scale, zp, bits, noise):
-    return _forward(static, x, scale, zp, bits, noise)
-
-
-def _clipped_ste_bwd(static, res, g):
-    inside = res[1]
-    return ((g * inside).astype(g.dtype), *_no_grads(res))
-
-
-_clipped_ste.defvjp(_ste_fwd, _clipped_ste_bwd)
-
-
-# --- lsq --------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lsq(static, x, scale, zp, bits, noise):
-    return _forward(static, x, scale, zp, bits, noise)
-
-
-def _lsq_scale_grad(static, res, g):
-    v, inside, qv, scale, _, bits, _ = res
-    gs = _grad_scale(v, scale, static[0], bits)
+def _lsq_scale_grad(res: Residuals, g):
     # where, not v * inside: v is +-inf for +-inf inputs, and inf * 0 is NaN
-    return _sum_to(g * (qv - jnp.where(inside > 0, v, 0.0)) * gs, scale)
+    step = res.qv - jnp.where(res.inside > 0, res.v, 0.0)
+    return sum_to(g * step * _grad_scale(res), res.scale)
 
 
-def _lsq_bwd(static, res, g):
-    inside = res[1]
-    _, zp_zero, bits_zero, noise_zero = _no_grads(res)
-    return (
-        (g * inside).astype(g.dtype),
-        _lsq_scale_grad(static, res, g),
-        zp_zero,
-        bits_zero,
-        noise_zero,
-    )
+def _lsq_bwd(res: Residuals, g):
+    return g * res.inside, _lsq_scale_grad(res, g), None
 
 
-_lsq.defvjp(_ste_fwd, _lsq_bwd)
+# --- lsq_plus: as lsq, dL/dzp = -s sum(g (1 - inside)) gs -------------------------------------
 
 
-# --- lsq_plus ---------------------------------------------------------------------------------
+def _lsq_plus_bwd(res: Residuals, g):
+    d_zp = sum_to(-res.scale * g * (1.0 - res.inside) * _grad_scale(res), res.zero_point)
+    return g * res.inside, _lsq_scale_grad(res, g), d_zp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lsq_plus(static, x, scale, zp, bits, noise):
-    return _forward(static, x, scale, zp, bits, noise)
+# --- pact: dL/dscale = sum(g * Q(v) * (1 - inside)) -------------------------------------------
 
 
-def _lsq_plus_bwd(static, res, g):
-    v, inside, _, scale, zp, bits, _ = res
-    _, _, bits_zero, noise_zero = _no_grads(res)
-    gs = _grad_scale(v, scale, static[0], bits)
-    d_zp = _sum_to(-scale * g * (1.0 - inside) * gs, zp)
-    return (
-        (g * inside).astype(g.dtype),
-        _lsq_scale_grad(static, res, g),
-        d_zp,
-        bits_zero,
-        noise_zero,
-    )
+def _pact_bwd(res: Residuals, g):
+    return g * res.inside, sum_to(g * res.qv * (1.0 - res.inside), res.scale), None
 
 
-_lsq_plus.defvjp(_ste_fwd, _lsq_plus_bwd)
+# --- the registry -----------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Estimator] = {}
 
 
-# --- pact -------------------------------------------------------------------------------------
+def register_estimator(estimator: Estimator) -> Estimator:
+    """Makes ``estimator.name`` a shorthand for ``estimator``; returns it.
+
+    Raises ValueError if the name is taken by a different estimator.
+    """
+    if not isinstance(estimator, Estimator):
+        raise TypeError(f"estimator must be a jquant.estimators.Estimator, got {estimator!r}")
+    old = _REGISTRY.get(estimator.name)
+    if old is not None and old is not estimator:
+        raise ValueError(f"estimator name {estimator.name!r} is already registered: {old}")
+    _REGISTRY[estimator.name] = estimator
+    return estimator
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pact(static, x, scale, zp, bits, noise):
-    return _forward(static, x, scale, zp, bits, noise)
+def estimator_names() -> tuple[str, ...]:
+    """The registered estimator names, built-ins first."""
+    return tuple(_REGISTRY)
 
 
-def _pact_bwd(static, res, g):
-    _, inside, qv, scale, _, _, _ = res
-    _, zp_zero, bits_zero, noise_zero = _no_grads(res)
-    d_scale = _sum_to(g * qv * (1.0 - inside), scale)
-    return ((g * inside).astype(g.dtype), d_scale, zp_zero, bits_zero, noise_zero)
-
-
-_pact.defvjp(_ste_fwd, _pact_bwd)
-
-_IMPLS = {
-    "ste": _ste,
-    "clipped_ste": _clipped_ste,
-    "lsq": _lsq,
-    "lsq_plus": _lsq_plus,
-    "pact": _pact,
-}
+def get_estimator(estimator: str | Estimator, name: str = "estimator") -> Estimator:
+    """Resolves a registered name (``"ste"``, ``"lsq"``, ...) to its :class:`Estimator`;
+    estimators pass through. ``name`` is the argument named in errors."""
+    if isinstance(estimator, Estimator):
+        return estimator
+    if not isinstance(estimator, str):
+        raise TypeError(
+            f"{name} must be a name or a jquant.estimators.Estimator, got {estimator!r}"
+        )
+    try:
+        return _REGISTRY[estimator]
+    except KeyError:
+        raise ValueError(
+            f"{name} must be one of {estimator_names()} or an Estimator, got {estimator!r}"
+        ) from None
 
 
 def fake_quant(
@@ -245,17 +320,20 @@ def fake_quant(
     fmt: Format,
     *,
     rounding: str = "nearest_even",
-    estimator: str = "ste",
+    estimator: str | Estimator = "ste",
     key: jax.Array | None = None,
 ) -> jax.Array:
     """``scale * (clip(round(x / scale) + zp, qmin, qmax) - zp)`` with a chosen gradient.
+
+    Generally ``scale * fmt.decode(fmt.encode(x / scale, zp))`` for any format.
 
     Args:
       x: float array.
       qp: QParams broadcastable against ``x``; learned estimators send gradients into it.
       fmt: the number format (``IntFormat`` may carry traced ``bits``).
       rounding: one of ``jquant.quant.ROUNDING_MODES``; ``"stochastic"`` needs ``key``.
-      estimator: one of ``ESTIMATORS`` (see the module docstring for each backward rule).
+      estimator: an :class:`Estimator` or a registered name, ``ESTIMATORS`` for the
+        built-ins (see the module docstring for each backward rule).
       key: PRNG key for stochastic rounding.
 
     Returns:
@@ -265,26 +343,23 @@ def fake_quant(
     >>> float(fake_quant(jnp.float32(0.3), jq.QParams(0.25), jq.int8))
     0.25
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    est = get_estimator(estimator)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a float array, got dtype {x.dtype}")
     check_qparams(x, qp, fmt)
     check_rounding(rounding, key)
-    if estimator in _LEARNED and not isinstance(fmt, IntFormat):
-        raise ValueError(
-            f"estimator {estimator!r} learns an integer grid's step; fmt must be an IntFormat, "
-            f"got {type(fmt).__name__} (use 'ste' or 'clipped_ste')"
-        )
+    est.check_format(fmt)
     noise = stochastic_noise(key, x.shape) if rounding == "stochastic" else None
     scale = jnp.asarray(qp.scale, jnp.float32)
     zp = jnp.asarray(qp.zero_point, jnp.float32)
-    if isinstance(fmt, IntFormat):
-        spec, bits = dataclasses.replace(fmt, bits=None), jnp.asarray(fmt.bits, jnp.float32)
-    else:
-        spec, bits = fmt, jnp.zeros((), jnp.float32)
-    return _IMPLS[estimator]((spec, rounding), x, scale, zp, bits, noise)
+    return est(x, scale, zp, fmt, rounding, noise)
+
+
+def _check_integer_grid(fmt) -> None:
+    check_format(fmt)
+    if not getattr(fmt, "integer_grid", False):
+        raise TypeError(f"fmt must be an IntFormat (an integer grid), got {type(fmt).__name__}")
 
 
 def _reduce_axes(x: jax.Array, axis) -> tuple[int, ...]:
@@ -295,7 +370,7 @@ def _reduce_axes(x: jax.Array, axis) -> tuple[int, ...]:
 
 
 def lsq_init_scale(
-    x: jax.Array, fmt: IntFormat, *, axis: int | tuple[int, ...] | None = None, zero_point=0.0
+    x: jax.Array, fmt: Format, *, axis: int | tuple[int, ...] | None = None, zero_point=0.0
 ) -> jax.Array:
     """LSQ's initial step ``s0 = 2 mean|x| / sqrt(Q_P)`` (Esser et al. 2019, sec. 2.1).
 
@@ -304,11 +379,11 @@ def lsq_init_scale(
     The mean runs over every axis not in ``axis`` (None: per tensor, a scalar), kept as size 1
     so the result broadcasts against ``x``; a zero mean gives ``tiny``, never 0.
 
+    >>> from jquant.formats import IntFormat
     >>> float(lsq_init_scale(jnp.array([1.0, -3.0]), IntFormat(4)))  # 2 * 2 / sqrt(7)
     1.5118578...
     """
-    if not isinstance(fmt, IntFormat):
-        raise TypeError(f"fmt must be an IntFormat, got {type(fmt).__name__}")
+    _check_integer_grid(fmt)
     x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
     q_p = jnp.maximum(jnp.asarray(fmt.qmax, jnp.float32) - zero_point, 1.0)
     mean = jnp.mean(jnp.abs(x), axis=_reduce_axes(x, axis), keepdims=axis is not None)
@@ -316,17 +391,17 @@ def lsq_init_scale(
 
 
 def lsq_plus_weight_init_scale(
-    w: jax.Array, fmt: IntFormat, *, axis: int | tuple[int, ...] | None = None
+    w: jax.Array, fmt: Format, *, axis: int | tuple[int, ...] | None = None
 ) -> jax.Array:
     """LSQ+'s initial weight step ``max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)``
     (Bhalgat et al. 2020, sec. 3.3), with ``mu``, ``sigma`` the mean and standard deviation
     over every axis not in ``axis`` (kept as size 1; None: per tensor, a scalar).
 
+    >>> from jquant.formats import IntFormat
     >>> float(lsq_plus_weight_init_scale(jnp.array([1.0, -1.0]), IntFormat(4)))  # 3 / 8
     0.375
     """
-    if not isinstance(fmt, IntFormat):
-        raise TypeError(f"fmt must be an IntFormat, got {type(fmt).__name__}")
+    _check_integer_grid(fmt)
     w = jax.lax.stop_gradient(jnp.asarray(w, jnp.float32))
     red, keep = _reduce_axes(w, axis), axis is not None
     mu, sigma = jnp.mean(w, red, keepdims=keep), jnp.std(w, red, keepdims=keep)
@@ -335,8 +410,47 @@ def lsq_plus_weight_init_scale(
     return jnp.maximum(s, jnp.finfo(jnp.float32).tiny)
 
 
-def pact_qparams(alpha: jax.Array, fmt: IntFormat) -> QParams:
+def pact_qparams(alpha: jax.Array, fmt: Format) -> QParams:
     """QParams of PACT's clip ``[0, alpha]`` on an unsigned grid: ``scale = alpha / qmax``."""
-    if not isinstance(fmt, IntFormat) or fmt.signed:
+    check_format(fmt)
+    if not getattr(fmt, "integer_grid", False) or fmt.signed:
         raise ValueError(f"PACT clips to [0, alpha]: fmt must be an unsigned IntFormat, got {fmt}")
     return QParams(jnp.asarray(alpha, jnp.float32) / fmt.qmax, jnp.zeros((), jnp.float32))
+
+
+def _lsq_weight_init(w, fmt, axis, own: QParams) -> QParams:
+    return QParams(lsq_init_scale(w, fmt, axis=axis, zero_point=own.zero_point), own.zero_point)
+
+
+def _lsq_plus_weight_init(w, fmt, axis, own: QParams) -> QParams:
+    return QParams(lsq_plus_weight_init_scale(w, fmt, axis=axis), own.zero_point)
+
+
+def _lsq_activation_init(mean_abs, fmt, zero_point) -> jax.Array:
+    return lsq_init_scale(mean_abs, fmt, zero_point=zero_point)
+
+
+ste = register_estimator(Estimator("ste", _ste_bwd))
+clipped_ste = register_estimator(Estimator("clipped_ste", _clipped_ste_bwd))
+lsq = register_estimator(
+    Estimator(
+        "lsq",
+        _lsq_bwd,
+        learns_scale=True,
+        weight_init=_lsq_weight_init,
+        activation_init=_lsq_activation_init,
+    )
+)
+lsq_plus = register_estimator(
+    Estimator(
+        "lsq_plus",
+        _lsq_plus_bwd,
+        learns_scale=True,
+        learns_zero_point=True,
+        weight_init=_lsq_plus_weight_init,
+    )
+)
+pact = register_estimator(Estimator("pact", _pact_bwd, learns_clip=True))
+
+# The built-in names (the registry may hold more: estimator_names()).
+ESTIMATORS = estimator_names()

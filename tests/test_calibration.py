@@ -609,3 +609,45 @@ def test_aciq_mse_is_minimised_at_aciq_clip_and_checks_prior():
         assert at < float(aciq_mse(t * 0.97, 4, prior)) and at < float(aciq_mse(t * 1.03, 4, prior))
     with pytest.raises(ValueError, match="prior"):
         aciq_mse(1.0, 4, "cauchy")
+
+
+# --- calibration methods as objects, one registry -------------------------------------------
+
+
+def test_calibration_registry_names_and_uses():
+    from jquant.nn.rules import CALIBRATIONS as RULE_CALIBRATIONS
+    from jquant.sweep import CALIBRATIONS as SWEEP_CALIBRATIONS
+
+    assert cal.observer_names()[:6] == ("minmax", "ema", "percentile", "mse", "kl", "aciq")
+    assert RULE_CALIBRATIONS == cal.observer_names(streams=True)[:5]
+    assert SWEEP_CALIBRATIONS == cal.observer_names(one_shot=True)[:5]
+    assert cal.get_observer("percentile") == cal.Percentile() == "percentile"
+    assert cal.Percentile(99.9) != "percentile"
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        cal.get_observer("nope")
+    with pytest.raises(TypeError, match="lacking"):
+        cal.get_observer(object())
+    with pytest.raises(ValueError, match="already registered"):
+        cal.register_observer(cal.Percentile(99.0), "percentile")
+    with pytest.raises(ValueError, match="percentile"):
+        cal.Percentile(101.0)
+
+
+def test_percentile_setting_is_an_observer_argument():
+    from jquant.nn.rules import QuantRule
+
+    rule = QuantRule(".*", calibration=cal.Percentile(99.0))
+    assert rule.calibration == cal.Percentile(99.0)
+    with pytest.raises(ValueError, match="streaming"):
+        QuantRule(".*", calibration="aciq")
+    x = np.random.default_rng(0).standard_normal((2, 4000)).astype(np.float32)
+    obs = rule.calibration
+    state = obs.init(x[0])
+    for batch in x:
+        state = obs.update(batch, state)
+    lo, hi = obs.bounds(state, jq.int8, symmetric=True)
+    want = np.percentile(np.abs(x), 99.0)
+    width = np.abs(x).max() / 2048  # the histogram's bin width
+    assert abs(float(hi) - want) <= width and float(lo) == -float(hi)
+    one_shot = cal.Percentile(99.0).range(x, jq.int8, symmetric=True)
+    np.testing.assert_allclose(float(one_shot[1]), want, rtol=1e-6)

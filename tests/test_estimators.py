@@ -370,3 +370,66 @@ def test_lsq_and_lsq_plus_initialisations_against_numpy():
     assert float(lsq_init_scale(np.zeros(3), jq.int4)) > 0  # never a zero step
     with pytest.raises(TypeError, match="IntFormat"):
         lsq_init_scale(w, jq.fp8_e4m3)
+
+
+# --- estimator objects and their registry ---------------------------------------------------
+
+
+def test_estimator_registry_resolves_names_once_and_refuses_clashes():
+    from jquant import estimators as est
+
+    for name in jq.ESTIMATORS:
+        obj = est.get_estimator(name)
+        assert obj.name == name and obj == name and est.get_estimator(obj) is obj
+    learned = {
+        n: (e.learns_scale, e.learns_zero_point, e.learns_clip)
+        for n in jq.ESTIMATORS
+        if (e := est.get_estimator(n)).learned
+    }
+    assert learned == {
+        "lsq": (True, False, False),
+        "lsq_plus": (True, True, False),
+        "pact": (False, False, True),
+    }
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        est.get_estimator("nope")
+    with pytest.raises(TypeError, match="estimator"):
+        est.get_estimator(3)
+    with pytest.raises(ValueError, match="already registered"):
+        est.register_estimator(est.Estimator("lsq", lambda res, g: (g, None, None)))
+    cfg = jq.QuantConfig(estimator="lsq")
+    assert cfg.estimator is est.lsq and cfg == jq.QuantConfig(estimator=est.lsq)
+
+
+def test_unregistered_estimator_object_works_and_matches_its_rule():
+    from jquant import estimators as est
+
+    # dL/dx = 2 g inside, dL/dscale = sum g: a rule written here, not registered
+    doubled = est.Estimator(
+        "doubled",
+        lambda res, g: (2 * g * res.inside, est.sum_to(g, res.scale), None),
+        learns_scale=True,
+    )
+    x = jnp.array([[0.1, 0.7, 9.0], [-0.3, -9.0, 0.2]], jnp.float32)
+    qp = jq.QParams(jnp.full((1, 3), 0.5, jnp.float32), jnp.zeros((), jnp.float32))
+    gx, gqp = jax.grad(
+        lambda x, qp: jnp.sum(jq.fake_quant(x, qp, jq.int4, estimator=doubled)), (0, 1)
+    )(x, qp)
+    v = np.asarray(x) / 0.5
+    np.testing.assert_array_equal(np.asarray(gx), 2.0 * ((v >= -8) & (v <= 7)))
+    np.testing.assert_array_equal(np.asarray(gqp.scale), [[2.0, 2.0, 2.0]])
+    np.testing.assert_array_equal(np.asarray(gqp.zero_point), 0.0)
+
+
+def test_estimator_with_a_partial_backward_is_one_static_value():
+    from jquant import estimators as est
+
+    def rule(factor, res, g):
+        return factor * g, None, None
+
+    e = est.Estimator("scaled", functools.partial(rule, 3.0))
+    assert e == e and hash(e) == hash(e)  # equality does not deep-copy the partial
+    cfgs = [jq.QuantConfig(estimator=e) for _ in range(2)]
+    assert jax.tree_util.tree_structure(cfgs[0]) == jax.tree_util.tree_structure(cfgs[1])
+    g = jax.grad(lambda x: jnp.sum(jq.fake_quant(x, jq.QParams(1.0), jq.int8, estimator=e)))
+    np.testing.assert_array_equal(np.asarray(g(jnp.ones(3))), 3.0)

@@ -21,6 +21,7 @@ CHECKED_ELSEWHERE = {
 SETUP = {
     "jquant": ["10", "2"],  # 10 single-op golden cases; two set-up commands
     "A first example": ["0", "1024"],
+    "Your own format": [],
     "Layout": [],
     "Command line": ["2"],  # exit status 2
     "Sweeps on several devices and hosts": ["0", "4"],

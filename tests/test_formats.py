@@ -402,3 +402,37 @@ def test_float_format_stochastic_needs_a_key_and_quantize_uses_it():
     q = np.asarray(q)
     assert set(np.unique(q)) == {1.0, 1.125}
     assert abs(q.mean() - 1.1) < 0.01
+
+
+# --- the format protocol ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(jq.NAMED_FORMATS))
+def test_named_formats_follow_the_protocol(name):
+    fmt = jq.NAMED_FORMATS[name]
+    assert isinstance(fmt, jq.formats.Format)
+    jq.formats.check_format(fmt)
+    lo, hi = fmt.grid_range()
+    assert float(lo) <= 0 < float(hi)
+    # values across the grid land on it, inside its range, and grid values are fixed points
+    v = jnp.linspace(float(lo), float(hi), 97, dtype=jnp.float32)
+    back = fmt.decode(fmt.encode(v, 0.0), 0.0)
+    assert np.all((np.asarray(back) >= float(lo)) & (np.asarray(back) <= float(hi)))
+    np.testing.assert_array_equal(np.asarray(fmt.decode(fmt.encode(back, 0.0), 0.0)), back)
+
+
+def test_binary_format_has_no_integer_fields():
+    assert dataclasses.fields(jq.binary) == ()
+    with pytest.raises(TypeError):
+        jq.BinaryFormat(bits=4)
+    assert not hasattr(jq.binary, "midrise") and not hasattr(jq.binary, "narrow")
+
+
+def test_get_format_names_missing_protocol_members():
+    class Half:
+        bits = 4
+
+    with pytest.raises(TypeError, match="encode"):
+        jq.get_format(Half())
+    with pytest.raises(TypeError, match="fmt"):
+        jq.quantize(jnp.ones(2), jq.QParams(1.0), Half())

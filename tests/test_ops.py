@@ -58,8 +58,12 @@ def _close(actual, desired, rel=1e-5):
 
 def test_quant_config_is_hashable_and_validates():
     assert hash(QuantConfig(axis=(0, 1))) == hash(QuantConfig(axis=(0, 1)))
+    assert QuantConfig(fmt="int4") == QuantConfig(fmt=jq.int4)  # names resolved at the edge
+    assert QuantConfig(estimator="lsq").estimator is jq.estimators.get_estimator("lsq")
     with pytest.raises(TypeError, match="fmt"):
-        QuantConfig(fmt="int8")
+        QuantConfig(fmt=4)
+    with pytest.raises(ValueError, match="format"):
+        QuantConfig(fmt="int9")
     with pytest.raises(ValueError, match="estimator"):
         QuantConfig(estimator="nope")
     with pytest.raises(ValueError, match="rounding"):

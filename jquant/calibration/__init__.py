@@ -10,6 +10,13 @@ channel; blocks via :func:`jquant.to_blocks`), and results have the keepdims sha
 - :func:`kl`: TensorRT entropy calibration over a histogram of ``|x|`` (2048 bins);
 - :func:`aciq`: Banner et al. (2019) analytical clipping for Gaussian / Laplace priors.
 
+Calibration methods are objects (:class:`Calibration`: :class:`MinMax`, :class:`EmaMinMax`,
+:class:`Percentile`, :class:`MSE`, :class:`KL`, :class:`ACIQ`), each an observer factory and a
+one-shot range, with their settings as fields (``Percentile(99.9)``); one registry
+(:func:`register_observer` / :func:`get_observer`) resolves the names ``"minmax"``, ``"ema"``,
+``"percentile"``, ``"mse"``, ``"kl"``, ``"aciq"``. A method written outside jquant (any object
+with ``init`` / ``update`` / ``result`` / ``bounds``) works wherever a built-in does.
+
 Streaming observers (:class:`Observer`: pure ``init`` / ``update`` / ``result`` over NamedTuple
 states, all jit-able): :func:`running_minmax`, :func:`ema_minmax` and :func:`histogram`
 (growing range, serving percentile, MSE and KL). :func:`calibrate` runs a Flax model over a
@@ -23,12 +30,25 @@ finite value, or constant data, gives a finite scale. Empty arrays and empty dat
 
 from jquant.calibration.driver import calibrate, calibration_loop
 from jquant.calibration.observers import (
+    ACIQ,
     HISTOGRAM_METHODS,
+    KL,
+    MSE,
+    Calibration,
+    EmaMinMax,
     HistogramState,
+    MinMax,
     MinMaxState,
     Observer,
+    Percentile,
+    calibration_label,
+    check_observer,
     ema_minmax,
+    get_observer,
     histogram,
+    observed_range,
+    observer_names,
+    register_observer,
     running_minmax,
 )
 from jquant.calibration.ranges import (
@@ -44,6 +64,19 @@ from jquant.calibration.ranges import (
 )
 
 __all__ = [
+    "ACIQ",
+    "KL",
+    "MSE",
+    "Calibration",
+    "EmaMinMax",
+    "MinMax",
+    "Percentile",
+    "calibration_label",
+    "check_observer",
+    "get_observer",
+    "observed_range",
+    "observer_names",
+    "register_observer",
     "ACIQ_PRIORS",
     "HISTOGRAM_METHODS",
     "HistogramState",

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+from jquant import formats
+from jquant.formats import Format, IntFormat
 
 Axis = int | tuple[int, ...] | None
 
@@ -106,17 +107,14 @@ def varying_like(value, *refs):
 
 
 def check_format(fmt) -> None:
-    """TypeError unless ``fmt`` is an IntFormat, BinaryFormat or FloatFormat."""
-    if not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
-        raise TypeError(
-            f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
-        )
+    """TypeError unless ``fmt`` follows the ``jquant.formats.Format`` protocol."""
+    formats.check_format(fmt)
 
 
 def check_int_format(fmt: Format, method: str, *, signed: bool = False) -> IntFormat:
     """Raises unless ``fmt`` is an IntFormat (and signed, if asked): ``method`` needs a grid."""
     check_format(fmt)
-    if not isinstance(fmt, IntFormat):
+    if not getattr(fmt, "integer_grid", False):
         raise ValueError(
             f"{method} needs a uniform integer grid: fmt must be an IntFormat, got {fmt}"
         )

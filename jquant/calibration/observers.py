@@ -15,15 +15,16 @@ saw no finite value gives the range ``[0, 0]`` (a finite scale).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.calibration import histograms
+from jquant.calibration import histograms, ranges
 from jquant.calibration.grouping import (
     Axis,
     check_data,
@@ -46,6 +47,19 @@ __all__ = [
     "running_minmax",
     "ema_minmax",
     "histogram",
+    "Calibration",
+    "MinMax",
+    "EmaMinMax",
+    "Percentile",
+    "MSE",
+    "KL",
+    "ACIQ",
+    "check_observer",
+    "register_observer",
+    "observer_names",
+    "get_observer",
+    "observed_range",
+    "calibration_label",
 ]
 
 HISTOGRAM_METHODS = ("percentile", "mse", "kl")
@@ -339,3 +353,273 @@ def histogram(
     return _observer(
         _histogram_init(num_bins), _histogram_update, _histogram_check, _histogram_core, **static
     )
+
+
+# ----------------------------------------------------------------------------- calibration methods
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Calibration:
+    """A calibration method: an observer factory (Optax style) and a one-shot range.
+
+    As an observer it is ``init(x) -> state``, ``update(x, state) -> state``,
+    ``result(state, fmt, *, symmetric=False) -> QParams`` and ``bounds(state, fmt, *,
+    symmetric=False) -> (rmin, rmax)``, per tensor (what rules use, through
+    :func:`observer`); :meth:`range` is the same method applied at once to a whole tensor,
+    with ``axis`` keeping its own ranges (what the tensor sweeps use). The hyperparameters are
+    its fields (``Percentile(99.9)``); ``streams`` / ``one_shot`` say which uses it offers.
+
+    A method written outside jquant needs only ``init``, ``update``, ``result`` and ``bounds``
+    (:func:`observed_range` then gives its one-shot per-tensor range); it compares equal to
+    the name that :func:`get_observer` resolves to an equal method.
+    """
+
+    name: ClassVar[str] = ""
+    streams: ClassVar[bool] = True
+    one_shot: ClassVar[bool] = True
+
+    def observer(self) -> Observer:
+        """The streaming :class:`Observer` (per tensor) of this method."""
+        raise ValueError(
+            f"calibration {self.name!r} has no streaming observer; use it on whole tensors "
+            f"(jquant.sweep) or choose one of {observer_names(streams=True)}"
+        )
+
+    def init(self, x: jax.Array):
+        return self.observer().init(x)
+
+    def update(self, x: jax.Array, state):
+        return self.observer().update(x, state)
+
+    def result(self, state, fmt: Format, *, symmetric: bool = False) -> QParams:
+        return self.observer().result(state, fmt, symmetric=symmetric)
+
+    def bounds(self, state, fmt: Format | None = None, *, symmetric: bool = False):
+        return self.observer().bounds(state, fmt, symmetric=symmetric)
+
+    def range(self, x: jax.Array, fmt: Format, *, axis: Axis = None, symmetric: bool = False):
+        """``(rmin, rmax)`` of the whole of ``x``, ``axis`` keeping its own ranges (the
+        built-ins); by default ``x`` is one batch of the observer (per tensor only)."""
+        return _one_batch(self, x, fmt, axis, symmetric)
+
+    def __eq__(self, other):
+        if isinstance(other, str):
+            return _REGISTRY.get(other) == self
+        if type(other) is not type(self):
+            return NotImplemented
+        return self is other or self._fields() == other._fields()
+
+    def __hash__(self):
+        return hash((type(self).__name__, self._fields()))
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MinMax(Calibration):
+    """The range ``[min x, max x]``: :func:`running_minmax` / :func:`~jquant.calibration.minmax`."""
+
+    name: ClassVar[str] = "minmax"
+
+    def observer(self) -> Observer:
+        return running_minmax()
+
+    def range(self, x, fmt, *, axis=None, symmetric=False):
+        return ranges.minmax(x, axis=axis)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmaMinMax(Calibration):
+    """Exponential moving average of batch ranges (:func:`ema_minmax`); streams only."""
+
+    decay: float = 0.99
+    name: ClassVar[str] = "ema"
+    one_shot: ClassVar[bool] = False
+
+    def __post_init__(self):
+        ema_minmax(self.decay)  # validates
+
+    def observer(self) -> Observer:
+        return ema_minmax(self.decay)
+
+    def range(self, x, fmt, *, axis=None, symmetric=False):
+        return ranges.minmax(x, axis=axis)  # one batch: its own range
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Percentile(Calibration):
+    """The ``percentile``-th percentile range, of ``x`` (two-sided) or of ``|x|``
+    (symmetric): :func:`~jquant.calibration.percentile`, streamed by :func:`histogram`."""
+
+    percentile: float = 99.99
+    num_bins: int = 2048
+    name: ClassVar[str] = "percentile"
+
+    def __post_init__(self):
+        self.observer()  # validates
+
+    def observer(self) -> Observer:
+        return histogram(self.num_bins, "percentile", self.percentile)
+
+    def range(self, x, fmt, *, axis=None, symmetric=False):
+        return ranges.percentile(x, self.percentile, axis=axis, symmetric=symmetric)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MSE(Calibration):
+    """The clip range of least quantization MSE for ``fmt``: :func:`~jquant.calibration.mse`,
+    streamed by :func:`histogram`."""
+
+    num_candidates: int = 16
+    num_rounds: int = 4
+    num_bins: int = 2048
+    name: ClassVar[str] = "mse"
+
+    def __post_init__(self):
+        self.observer()  # validates
+
+    def observer(self) -> Observer:
+        return histogram(
+            self.num_bins, "mse", num_candidates=self.num_candidates, num_rounds=self.num_rounds
+        )
+
+    def range(self, x, fmt, *, axis=None, symmetric=False):
+        return ranges.mse(
+            x,
+            fmt,
+            axis=axis,
+            symmetric=symmetric,
+            num_candidates=self.num_candidates,
+            num_rounds=self.num_rounds,
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KL(Calibration):
+    """TensorRT's entropy calibration: :func:`~jquant.calibration.kl`, streamed by
+    :func:`histogram`."""
+
+    num_bins: int = 2048
+    name: ClassVar[str] = "kl"
+
+    def __post_init__(self):
+        self.observer()  # validates
+
+    def observer(self) -> Observer:
+        return histogram(self.num_bins, "kl")
+
+    def range(self, x, fmt, *, axis=None, symmetric=False):
+        return ranges.kl(x, fmt, axis=axis, num_bins=self.num_bins)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ACIQ(Calibration):
+    """Banner et al.'s analytical clipping (:func:`~jquant.calibration.aciq`); one-shot only."""
+
+    prior: str = "gaussian"
+    name: ClassVar[str] = "aciq"
+    streams: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.prior not in ranges.ACIQ_PRIORS:
+            raise ValueError(f"prior must be one of {ranges.ACIQ_PRIORS}, got {self.prior!r}")
+
+    def range(self, x, fmt, *, axis=None, symmetric=False):
+        return ranges.aciq(x, fmt, prior=self.prior, axis=axis)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_OBSERVER_MEMBERS = ("init", "update", "result", "bounds")
+_REGISTRY: dict[str, Any] = {}
+
+
+def check_observer(obs, name: str = "calibration") -> None:
+    """TypeError unless ``obs`` has ``init``, ``update``, ``result`` and ``bounds``."""
+    missing = [m for m in _OBSERVER_MEMBERS if not callable(getattr(obs, m, None))]
+    if missing:
+        raise TypeError(
+            f"{name} must be a calibration name or an observer with "
+            f"{', '.join(_OBSERVER_MEMBERS)}, got {type(obs).__name__} lacking {missing}"
+        )
+
+
+def register_observer(obs, name: str | None = None):
+    """Makes ``name`` (default ``obs.name``) a shorthand for the calibration method ``obs``;
+    returns ``obs``. ValueError if the name is taken by a different method."""
+    check_observer(obs, "obs")
+    name = getattr(obs, "name", None) if name is None else name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str (or obs.name), got {name!r}")
+    old = _REGISTRY.get(name)
+    if old is not None and old is not obs:
+        raise ValueError(f"calibration name {name!r} is already registered: {old!r}")
+    _REGISTRY[name] = obs
+    return obs
+
+
+def observer_names(*, streams: bool | None = None, one_shot: bool | None = None):
+    """Registered calibration names, optionally only those that stream (rules) or work on
+    whole tensors (sweeps); built-ins first."""
+    return tuple(
+        n
+        for n, o in _REGISTRY.items()
+        if (streams is None or getattr(o, "streams", True) == streams)
+        and (one_shot is None or getattr(o, "one_shot", True) == one_shot)
+    )
+
+
+def get_observer(calibration, name: str = "calibration"):
+    """Resolves a registered name (``"minmax"``, ``"percentile"``, ...) to its method;
+    objects with ``init`` / ``update`` / ``result`` / ``bounds`` pass through."""
+    if isinstance(calibration, str):
+        try:
+            return _REGISTRY[calibration]
+        except KeyError:
+            raise ValueError(
+                f"{name} must be one of {observer_names()} or an observer, got {calibration!r}"
+            ) from None
+    check_observer(calibration, name)
+    return calibration
+
+
+def observed_range(
+    calibration, x: jax.Array, fmt: Format, *, axis: Axis = None, symmetric: bool = False
+):
+    """``(rmin, rmax)`` of the whole tensor ``x`` by a calibration method (or its name).
+
+    Methods with a ``range`` (the built-ins) compute it directly, ``axis`` keeping its own
+    ranges; any other observer sees ``x`` as one batch, ``init -> update -> bounds``, per
+    tensor only (ValueError for ``axis``).
+    """
+    obs = get_observer(calibration)
+    if not getattr(obs, "one_shot", True):
+        raise ValueError(f"calibration {obs!r} does not calibrate whole tensors")
+    if hasattr(obs, "range"):
+        return obs.range(x, fmt, axis=axis, symmetric=symmetric)
+    return _one_batch(obs, x, fmt, axis, symmetric)
+
+
+def _one_batch(obs, x, fmt, axis, symmetric):
+    """``bounds(update(x, init(x)))``: ``x`` as the one batch of a per-tensor observer."""
+    if axis is not None:
+        raise ValueError(
+            f"calibration {obs!r} is a streaming observer (per tensor): it has no range() for "
+            f"per-channel ranges (axis={axis!r}); use granularity 'per_tensor'"
+        )
+    return obs.bounds(obs.update(x, obs.init(x)), fmt, symmetric=symmetric)
+
+
+def calibration_label(calibration) -> str:
+    """The name of a registered method (or of a name), else its ``repr``."""
+    if isinstance(calibration, str):
+        return calibration
+    name = getattr(calibration, "name", None)
+    if isinstance(name, str) and _REGISTRY.get(name) == calibration:
+        return name
+    return repr(calibration)
+
+
+for _method in (MinMax(), EmaMinMax(), Percentile(), MSE(), KL(), ACIQ()):
+    register_observer(_method)

@@ -18,9 +18,10 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from jquant.estimators import ESTIMATORS
+from jquant.calibration import get_observer, observer_names
+from jquant.estimators import Estimator, get_estimator
 from jquant.formats import Format, IntFormat, get_format
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.quant import QuantConfig
@@ -41,10 +42,10 @@ __all__ = [
     "set_bits",
 ]
 
-CALIBRATIONS = ("minmax", "ema", "percentile", "mse", "kl")
+# The built-in streaming calibration names (the registry of jquant.calibration owns them).
+CALIBRATIONS = observer_names(streams=True)
 GRANULARITIES = ("per_channel", "per_tensor")
 MODES = ("simulate", "int")
-_LEARNED = ("lsq", "lsq_plus", "pact")
 
 
 def _format_or_none(name: str, value) -> Format | None:
@@ -73,12 +74,15 @@ class QuantRule:
         axis, TFLite's convention) or ``"per_tensor"``.
       weight_symmetric: symmetric weight grid (zero point 0), TFLite's convention.
       act_symmetric: symmetric activation grid; the default is affine, as TFLite.
-      calibration: activation range estimator, one of ``CALIBRATIONS``: ``"minmax"``
-        (running min/max), ``"ema"`` (exponential moving min/max), or a histogram observer
-        choosing the range by ``"percentile"`` (99.99%), ``"mse"`` or ``"kl"``.
-      estimator: gradient estimator of both quantizers (``jquant.estimators.ESTIMATORS``);
-        ``lsq``/``lsq_plus``/``pact`` learn the scale (a parameter initialised from
-        calibration).
+      calibration: activation range estimator, a streaming calibration method of
+        ``jquant.calibration`` (``Percentile(99.9)``, a user-defined observer) or a name of
+        ``CALIBRATIONS``: ``"minmax"`` (running min/max), ``"ema"`` (exponential moving
+        min/max), or a histogram observer choosing the range by ``"percentile"`` (99.99%),
+        ``"mse"`` or ``"kl"``. Stored as the object.
+      estimator: gradient estimator of both quantizers, a ``jquant.estimators.Estimator`` or
+        a registered name (``jquant.estimators.ESTIMATORS``); learned ones (``lsq``,
+        ``lsq_plus``, ``pact``) learn the scale (a parameter initialised from calibration).
+        Stored as the object.
       act_estimator: overrides ``estimator`` for activations (e.g. ``"pact"``) when set.
       mode: ``"simulate"`` (fake-quant in float) or ``"int"`` (int8 x int8 -> int32).
       keep_float: leave the matched layers in float (first / last layer).
@@ -105,9 +109,9 @@ class QuantRule:
     weight_granularity: str = "per_channel"
     weight_symmetric: bool = True
     act_symmetric: bool = False
-    calibration: str = "minmax"
-    estimator: str = "ste"
-    act_estimator: str | None = None
+    calibration: Any = "minmax"
+    estimator: str | Estimator = "ste"
+    act_estimator: str | Estimator | None = None
     mode: str = "simulate"
     keep_float: bool = False
     act_scale: str = "static"
@@ -125,10 +129,17 @@ class QuantRule:
         object.__setattr__(self, "weight", _format_or_none("weight", self.weight))
         object.__setattr__(self, "act", _format_or_none("act", self.act))
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
-        _check_choice("calibration", self.calibration, CALIBRATIONS)
-        _check_choice("estimator", self.estimator, ESTIMATORS)
+        calibration = get_observer(self.calibration, "QuantRule.calibration")
+        if not getattr(calibration, "streams", True):
+            raise ValueError(
+                f"QuantRule.calibration {calibration!r} has no streaming observer; choose one "
+                f"of {observer_names(streams=True)} or an observer object"
+            )
+        object.__setattr__(self, "calibration", calibration)
+        object.__setattr__(self, "estimator", get_estimator(self.estimator, "QuantRule.estimator"))
         if self.act_estimator is not None:
-            _check_choice("act_estimator", self.act_estimator, ESTIMATORS)
+            act_est = get_estimator(self.act_estimator, "QuantRule.act_estimator")
+            object.__setattr__(self, "act_estimator", act_est)
         _check_choice("mode", self.mode, MODES)
         _check_choice("act_scale", self.act_scale, ACT_SCALES)
         _check_choice("learned_init", self.learned_init, LEARNED_INITS)
@@ -146,7 +157,7 @@ class QuantRule:
                 "QuantRule.weight_scale_bound='qmax_plus_half' needs symmetric integer "
                 f"weights (weight_symmetric=True, not midrise), got {self.weight}"
             )
-        if self.act_scale != "static" and self._estimator("act") in _LEARNED:
+        if self.act_scale != "static" and self._estimator("act").learned:
             raise ValueError(
                 f"QuantRule.act_scale={self.act_scale!r} takes each activation's own range, "
                 f"which is not learned, but the activation estimator is "
@@ -159,18 +170,18 @@ class QuantRule:
             )
         for name in ("weight", "act"):
             fmt, est = getattr(self, name), self._estimator(name)
-            if fmt is not None and est in _LEARNED and not isinstance(fmt, IntFormat):
+            if fmt is not None and est.learned and not getattr(fmt, "integer_grid", False):
                 raise ValueError(
-                    f"QuantRule.{name}: estimator {est!r} learns an integer step, "
+                    f"QuantRule.{name}: estimator {est.name!r} learns an integer step, "
                     f"so the format must be an IntFormat, got {fmt}"
                 )
-        if self.act is not None and self._estimator("act") == "pact" and self.act.signed:
+        if self.act is not None and self._estimator("act").learns_clip and self.act.signed:
             raise ValueError(
                 f"QuantRule.act: PACT clips to [0, alpha] and needs an unsigned format, "
                 f"got {self.act}"
             )
 
-    def _estimator(self, which: str) -> str:
+    def _estimator(self, which: str) -> Estimator:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
 
     def weight_config(
@@ -200,7 +211,7 @@ class QuantRule:
         """The per-tensor ``ops.QuantConfig`` of the input activation (None: float)."""
         if self.keep_float or self.act is None:
             return None
-        symmetric = self.act_symmetric and self._estimator("act") != "pact"
+        symmetric = self.act_symmetric and not self._estimator("act").learns_clip
         return QuantConfig(fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"))
 
 

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import calibration
-from jquant.estimators import lsq_init_scale, lsq_plus_weight_init_scale
 from jquant.quant import QParams, QuantConfig, dynamic_qparams
 
 if TYPE_CHECKING:
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PHASES",
     "STATS",
-    "LEARNED",
     "TENSORS",
     "VARIABLE_KINDS",
     "QuantStat",
@@ -73,7 +71,6 @@ __all__ = [
 
 PHASES = ("float", "calibrate", "train", "eval")
 STATS = "quant_stats"
-LEARNED = ("lsq", "lsq_plus", "pact")
 ACT_SCALES = ("static", "dynamic_per_tensor", "dynamic_per_example", "dynamic_per_token")
 LEARNED_INITS = ("paper", "calibration")
 WEIGHT_SCALE_BOUNDS = ("qmax", "qmax_plus_half")
@@ -205,15 +202,10 @@ def check_phase(phase: str) -> None:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def make_observer(name: str) -> calibration.Observer:
-    """The observer of a rule's ``calibration`` name (per-tensor ranges)."""
-    if name == "minmax":
-        return calibration.running_minmax()
-    if name == "ema":
-        return calibration.ema_minmax()
-    if name in ("percentile", "mse", "kl"):
-        return calibration.histogram(method=name)
-    raise ValueError(f"unknown calibration {name!r}")
+def make_observer(name) -> calibration.Observer:
+    """The observer (``init`` / ``update`` / ``result``, per tensor) of a rule's
+    ``calibration``: a calibration method or its registered name."""
+    return calibration.get_observer(name)
 
 
 def qparams_to_dict(qp: QParams) -> dict[str, jax.Array]:
@@ -247,7 +239,7 @@ def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) ->
     """QParams whose scale (and, for LSQ+, zero point) are parameters, created from init_qp."""
     init_qp = jax.tree_util.tree_map(jax.lax.stop_gradient, init_qp)
     scale = slots.param(variable_key(name, "scale"), lambda: init_qp.scale)
-    if cfg.estimator == "lsq_plus":
+    if cfg.estimator.learns_zero_point:
         zp = slots.param(variable_key(name, "zero_point"), lambda: init_qp.zero_point)
     return QParams(positive_scale(scale), zp)
 
@@ -294,18 +286,14 @@ def kernel_qparams(w: jax.Array, cfg: QuantConfig, scale_bound: str = "qmax") ->
 
 def _paper_weight_init(w: jax.Array, cfg: QuantConfig, own: QParams) -> QParams:
     """A learned weight step initialised by its paper (LSQ, LSQ+; PACT: its own range)."""
-    kept = cfg.axes(w.ndim) or None
-    if cfg.estimator == "lsq":
-        scale = lsq_init_scale(w, cfg.fmt, axis=kept, zero_point=own.zero_point)
-        return QParams(scale, own.zero_point)
-    if cfg.estimator == "lsq_plus":
-        return QParams(lsq_plus_weight_init_scale(w, cfg.fmt, axis=kept), own.zero_point)
-    return own
+    init = cfg.estimator.weight_init
+    return own if init is None else init(w, cfg.fmt, cfg.axes(w.ndim) or None, own)
 
 
 def _lsq_activation_init(slots: Slots, name: str, x: jax.Array, cfg: QuantConfig, phase: str):
-    """Accumulates ``mean|x|`` over calibration batches and stores LSQ's initial step
-    ``2 <mean|x|> / sqrt(qmax - zp)`` (zero point: the calibrated one) as ``{name}_init``."""
+    """Accumulates ``mean|x|`` over calibration batches and stores the estimator's initial
+    step ``cfg.estimator.activation_init(<mean|x|>, fmt, zp)`` (LSQ: ``2 <mean|x|> /
+    sqrt(qmax - zp)``; zero point: the calibrated one) as ``{name}_init``."""
     acc = slots.get_stat(variable_key(name, "abs_mean"))
     if acc is None:
         acc = {"sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
@@ -316,7 +304,7 @@ def _lsq_activation_init(slots: Slots, name: str, x: jax.Array, cfg: QuantConfig
     acc = {"sum": acc["sum"] + batch_mean, "count": acc["count"] + 1.0}
     slots.set_stat(variable_key(name, "abs_mean"), acc)
     zp = jnp.asarray(slots.get_stat(variable_key(name, "qparams"))["zero_point"], jnp.float32)
-    scale = lsq_init_scale(acc["sum"] / acc["count"], cfg.fmt, zero_point=zp)
+    scale = cfg.estimator.activation_init(acc["sum"] / acc["count"], cfg.fmt, zp)
     slots.set_stat(variable_key(name, "init"), {"scale": scale, "zero_point": zp})
 
 
@@ -361,7 +349,7 @@ def tensor_qparams(
     """
     if cfg is None:
         return None
-    learned = cfg.estimator in LEARNED
+    learned = cfg.estimator.learned
     if calibration_name is None:  # a weight
         own = kernel_qparams(x, cfg, scale_bound)
         if phase == "calibrate" and not slots.initializing:
@@ -385,7 +373,7 @@ def tensor_qparams(
         slots.set_stat(variable_key(name, "observer"), state)
         qp = obs.result(state, cfg.fmt, symmetric=cfg.symmetric)
         slots.set_stat(variable_key(name, "qparams"), qparams_to_dict(_per_tensor(qp, cfg)))
-    if learned and learned_init == "paper" and cfg.estimator == "lsq":
+    if learned and learned_init == "paper" and cfg.estimator.activation_init is not None:
         _lsq_activation_init(slots, name, x, cfg, phase)
     dynamic = act_scale != "static"
     if dynamic and phase in ("train", "eval"):
@@ -473,13 +461,13 @@ def learned_placeholders(
     """
     out = {}
     for t, cfg in (("input", cfg_input), ("kernel", cfg_kernel)):
-        if cfg is None or cfg.estimator not in LEARNED:
+        if cfg is None or not cfg.estimator.learned:
             continue
         if t == "kernel":
             qp = _per_tensor(dynamic_qparams(kernel, cfg), cfg)
         else:
             qp = QParams(jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32))
         out[variable_key(t, "scale")] = jnp.asarray(qp.scale)
-        if cfg.estimator == "lsq_plus":
+        if cfg.estimator.learns_zero_point:
             out[variable_key(t, "zero_point")] = jnp.asarray(qp.zero_point)
     return out

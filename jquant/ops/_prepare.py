@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.estimators import fake_quant
-from jquant.formats import BinaryFormat, IntFormat
 from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
 from jquant.quant import (
     QParams,
@@ -120,15 +119,12 @@ def check_int_config(name: str, cfg: QuantConfig | None) -> None:
             f"mode='int' quantizes both operands: {name}_quant must be a QuantConfig, got None"
         )
     fmt = cfg.fmt
-    if isinstance(fmt, IntFormat) and not fmt.is_static:
+    if not fmt.is_static:
         raise ValueError(
             f"mode='int' needs a static bit width (a Python int) for {name}_quant.fmt, got "
             f"traced bits {fmt.bits!r}; sweep traced widths with mode='simulate'"
         )
-    ok = isinstance(fmt, BinaryFormat) or (
-        isinstance(fmt, IntFormat) and fmt.bits <= 8 and not fmt.midrise
-    )
-    if not ok:
+    if not getattr(fmt, "supports_int_kernel", False):
         raise ValueError(
             f"mode='int' needs a static integer format of <= 8 bits (not midrise) for "
             f"{name}_quant.fmt, got {fmt}; use mode='simulate'"
@@ -146,7 +142,7 @@ def int8_codes(x, qp: QParams, cfg: QuantConfig):
     Unsigned grids are shifted by ``2^(b-1)`` onto the signed grid of the same width.
     """
     fmt = cfg.fmt
-    if isinstance(fmt, IntFormat) and not fmt.signed:
+    if not fmt.signed:  # an int-kernel format: an integer grid
         half = float(1 << (fmt.bits - 1))
         qp = QParams(qp.scale, qp.zero_point - half)
         fmt = dataclasses.replace(fmt, signed=True)

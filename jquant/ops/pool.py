@@ -48,7 +48,7 @@ def _pool_geometry(x, window, strides, padding):
 
 
 def _check_pool_format(fmt) -> None:
-    if not isinstance(fmt, IntFormat) or fmt.midrise:
+    if not (getattr(fmt, "integer_grid", False) and fmt.has_zero_point):
         raise ValueError(f"pooling works on integer codes: fmt must be an IntFormat, got {fmt}")
 
 

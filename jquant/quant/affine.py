@@ -23,11 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
+from jquant.formats import (
+    RANGE_LIMIT,
+    ROUNDING_MODES,
+    Format,
+    check_format,
+    exact_divide,
+    round_to_float_format,
+    round_values,
+)
 
-# The public names are listed in jquant/quant/__init__.py, which re-exports them.
-
-ROUNDING_MODES = ("nearest_even", "half_away", "half_up", "floor", "stochastic")
+# The public names are listed in jquant/quant/__init__.py, which re-exports them; the rounding
+# rules and RANGE_LIMIT live with the formats that encode with them (jquant.formats).
+__all__ = ["RANGE_LIMIT", "ROUNDING_MODES", "round_to_float_format", "round_values"]
 
 
 @functools.partial(
@@ -58,13 +66,6 @@ def _concrete(x) -> np.ndarray | None:
         return np.asarray(x)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return None
-
-
-def _check_format(fmt) -> None:
-    if not isinstance(fmt, IntFormat | BinaryFormat | FloatFormat):
-        raise TypeError(
-            f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {type(fmt).__name__}"
-        )
 
 
 def is_real_dtype(dtype) -> bool:
@@ -124,7 +125,7 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
     """
     if not isinstance(qp, QParams):
         raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
-    _check_format(fmt)
+    check_format(fmt)
     check_real("qp.scale", qp.scale)
     check_real("qp.zero_point", qp.zero_point)
     x_shape = np.shape(x)
@@ -140,11 +141,14 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
     zp = _concrete(qp.zero_point)
     if zp is None:
         return
-    if isinstance(fmt, FloatFormat | BinaryFormat) or (isinstance(fmt, IntFormat) and fmt.midrise):
+    if not fmt.has_zero_point:
         if np.any(zp != 0):
-            raise ValueError("qp.zero_point must be 0 for float, binary and midrise formats")
+            raise ValueError(
+                f"qp.zero_point must be 0 for {fmt}, which has no zero point (float, binary "
+                "and midrise formats)"
+            )
         return
-    lo, hi = _concrete(fmt.qmin), _concrete(fmt.qmax)
+    lo, hi = (_concrete(b) for b in fmt.grid_range())
     if lo is not None and hi is not None:
         # learned (LSQ+) zero points are rounded in the forward pass; their rounding must fit
         if np.any(np.round(zp) < np.min(lo)) or np.any(np.round(zp) > np.max(hi)):
@@ -152,13 +156,6 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
                 f"qp.zero_point must round to an integer in [qmin, qmax] = [{np.min(lo)}, "
                 f"{np.max(hi)}] for {fmt}, got values in [{np.min(zp)}, {np.max(zp)}]"
             )
-
-
-# Integer grids reach past their range (by half a step for a rounded zero point, to twice the
-# range end for the lowest code of a 2-bit symmetric grid): their ranges are clipped to
-# +-2^126 so that every grid value is a finite float32. Float, binary and midrise grids end at
-# +-max|r| and need no clip.
-RANGE_LIMIT = 2.0**126
 
 
 def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> QParams:
@@ -186,11 +183,12 @@ def qparams_from_range(rmin, rmax, fmt: Format, *, symmetric: bool = False) -> Q
       fmt: the target format.
       symmetric: zero point 0 (integer formats).
 
+    >>> from jquant.formats import IntFormat
     >>> qp = qparams_from_range(-1.0, 1.0, IntFormat(8), symmetric=True)
     >>> round(float(qp.scale) * 127, 6), float(qp.zero_point)
     (1.0, 0.0)
     """
-    _check_format(fmt)
+    check_format(fmt)
     check_real("rmin", rmin)
     check_real("rmax", rmax)
     cmin, cmax = _concrete(rmin), _concrete(rmax)
@@ -210,29 +208,15 @@ def qparams_from_data_range(rmin, rmax, fmt: Format, *, symmetric: bool = False)
     the affected elements, eagerly and under ``jit`` alike, so a NaN (or inf) in the data makes
     NaN exactly the outputs quantized with that range. Dtypes and ``fmt`` are still checked.
     """
-    _check_format(fmt)
+    check_format(fmt)
     check_real("rmin", rmin)
     check_real("rmax", rmax)
     rmin = jnp.asarray(rmin).astype(jnp.float32)
     rmax = jnp.asarray(rmax).astype(jnp.float32)
     bad = ~(jnp.isfinite(rmin) & jnp.isfinite(rmax) & (rmin <= rmax))
     rmin, rmax = jnp.minimum(rmin, 0.0), jnp.maximum(rmax, 0.0)
-    if isinstance(fmt, IntFormat) and not fmt.midrise:  # grids that reach past the range
-        rmin, rmax = jnp.maximum(rmin, -RANGE_LIMIT), jnp.minimum(rmax, RANGE_LIMIT)
-    amax = jnp.maximum(-rmin, rmax)
-    zero = jnp.zeros_like(amax)
-    if isinstance(fmt, FloatFormat):
-        scale, zp = _divide(amax, fmt.max), zero
-    elif isinstance(fmt, BinaryFormat):
-        scale, zp = amax, zero
-    elif fmt.midrise:
-        scale, zp = _divide(amax, fmt.qmax + 0.5), zero
-    elif symmetric:
-        scale, zp = _divide(amax, fmt.qmax), zero
-    else:
-        scale = _divide(rmax - rmin, fmt.qmax - fmt.qmin)
-        safe = jnp.where(scale > 0, scale, 1.0)
-        zp = jnp.clip(jnp.round(fmt.qmin - _divide(rmin, safe)), fmt.qmin, fmt.qmax)
+    scale, zp = fmt.scale_for_range(rmin, rmax, symmetric)
+    scale, zp = jnp.asarray(scale, jnp.float32), jnp.asarray(zp, jnp.float32)
     tiny = jnp.finfo(jnp.float32).tiny
     # a zero (or subnormal) range gives 1; NaN (an invalid traced width) stays NaN
     scale = jnp.where(scale < tiny, 1.0, scale)
@@ -241,129 +225,9 @@ def qparams_from_data_range(rmin, rmax, fmt: Format, *, symmetric: bool = False)
     return QParams(scale=scale.astype(jnp.float32), zero_point=zp.astype(jnp.float32))
 
 
-def round_values(v: jax.Array, rounding: str = "nearest_even", noise: jax.Array | None = None):
-    """Rounds to integers with a named tie rule (all exact in float arithmetic).
-
-    - ``nearest_even``: ties to even (``jnp.round``; ONNX, PyTorch, XNNPACK).
-    - ``half_away``: ties away from zero (C ``round``; TFLite reference kernels).
-    - ``half_up``: ties towards +inf, ``floor(v + 1/2)``.
-    - ``floor``: towards -inf.
-    - ``stochastic``: ``floor(v) + [u < v - floor(v)]`` with ``u = noise ~ U[0, 1)``, so
-      ``E[round(v)] = v``.
-    """
-    if rounding == "nearest_even":
-        return jnp.round(v)
-    if rounding == "half_away":
-        t = jnp.trunc(v)
-        return t + jnp.where(jnp.abs(v - t) >= 0.5, jnp.sign(v), 0.0)
-    if rounding == "half_up":
-        f = jnp.floor(v)
-        return f + (v - f >= 0.5)
-    if rounding == "floor":
-        return jnp.floor(v)
-    if rounding == "stochastic":
-        if noise is None:
-            raise ValueError("rounding='stochastic' needs noise ~ U[0, 1) (or a key upstream)")
-        f = jnp.floor(v)
-        return f + (noise < v - f)
-    raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-
-
 def stochastic_noise(key, shape) -> jax.Array:
     """Uniform noise in [0, 1) for stochastic rounding."""
     return jax.random.uniform(key, shape, jnp.float32)
-
-
-def round_to_float_format(
-    x: jax.Array,
-    fmt: FloatFormat,
-    rounding: str = "nearest_even",
-    noise: jax.Array | None = None,
-) -> jax.Array:
-    """Rounds float32 ``x`` to a value of the minifloat ``fmt`` with a named rounding mode.
-
-    ``|x| = 2^e * f`` with ``e = max(floor(log2|x|), emin)``; the grid spacing at ``x`` is
-    ``ulp = 2^(e - M)``, the exponent unbounded above. With ``lo = trunc(|x| / ulp) * ulp``
-    and ``hi = lo + ulp`` (the two grid neighbours of ``|x|``), the result is ``lo`` or ``hi``
-    with the sign of ``x``:
-
-    - ``nearest_even`` (default, as ``ml_dtypes`` casts): nearer one, ties to even mantissa;
-    - ``half_away``: nearer one, ties to ``hi``; ``half_up``: nearer one, ties towards +inf;
-    - ``floor``: the largest grid value ``<= x`` (``lo`` for ``x >= 0``, ``hi`` below 0);
-    - ``stochastic``: ``hi`` with probability ``(|x| - lo) / ulp``, so ``E[result] = x``,
-      given ``noise ~ U[0, 1)`` of ``x``'s shape.
-
-    Overflow (a result above ``fmt.max``) gives inf for IEEE formats, NaN for ``fn`` formats,
-    ``+-max`` when ``fmt.saturate``, as ``ml_dtypes`` casts do, except that ``floor`` of a
-    finite positive ``x`` gives ``max`` (IEEE round-toward-negative). NaN passes through.
-
-    Computed on the float32 bit pattern with integer arithmetic, so it is exact also where
-    float32 subnormals would be flushed to zero (XLA on CPU flushes them).
-    """
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    if rounding == "stochastic" and noise is None:
-        raise ValueError(
-            f"rounding='stochastic' to {fmt.name or fmt} needs noise ~ U[0, 1) (a key upstream)"
-        )
-    x = jnp.asarray(x, jnp.float32)
-    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-    negative = bits < 0
-    mag = bits & 0x7FFFFFFF
-    biased = mag >> 23
-    # |x| = sig * 2^e exactly, with sig < 2^24 (implicit leading bit added for normal numbers)
-    sig = (mag & 0x7FFFFF) | jnp.where(biased > 0, 1 << 23, 0)
-    e = jnp.maximum(biased, 1) - 150
-    floor_log2 = 31 - jax.lax.clz(sig) + e
-    shift = jnp.maximum(floor_log2, fmt.emin) - fmt.mantissa_bits - e  # bits of sig to drop
-    s = jnp.clip(shift, 1, 31)
-    kept = sig >> s
-    rem = sig & ((1 << s) - 1)  # |x| - lo in units of 2^-s ulp (shift > 31: kept = 0, rem = sig)
-    half = 1 << (s - 1)
-    if rounding == "nearest_even":
-        up = (rem > half) | ((rem == half) & ((kept & 1) == 1))
-    elif rounding == "half_away":
-        up = rem >= half
-    elif rounding == "half_up":
-        up = jnp.where(negative, rem > half, rem >= half)
-    elif rounding == "floor":
-        up = negative & (rem > 0)
-    else:  # stochastic: up with probability rem / 2^shift, from 31 bits of the noise
-        r = (jnp.asarray(noise, jnp.float32) * 2.0**31).astype(jnp.int32)
-        frac = jnp.where(shift > 31, sig >> jnp.clip(shift - 31, 0, 31), rem)
-        up = (r >> (31 - s)) < frac
-    q = kept + up.astype(jnp.int32)
-    sig_r = q << jnp.minimum(s, 24)  # <= 2^25: q > 0 with s > 24 only as the smallest subnormal
-    # a carry to 2^24 moves into the exponent field, and a subnormal to the smallest normal
-    mag_r = jnp.where(biased > 0, (biased << 23) + sig_r - (1 << 23), sig_r)
-    mag_r = jnp.where(shift > 24, _f32_bits(fmt.smallest_subnormal), mag_r)
-    mag_r = jnp.where(shift <= 0, mag, jnp.where(q == 0, 0, mag_r))
-    if fmt.saturate:
-        top = _f32_bits(fmt.max)
-    elif fmt.inf == "ieee":
-        top = 0x7F800000
-    else:
-        top = 0x7FC00000
-    over = mag_r > _f32_bits(fmt.max)
-    if rounding == "floor":  # largest grid value <= x: a finite positive x never overflows
-        top = jnp.where(negative | (mag >= 0x7F800000), top, _f32_bits(fmt.max))
-    mag_r = jnp.where(over, top, mag_r)
-    y = jax.lax.bitcast_convert_type(mag_r | (bits & jnp.int32(-(1 << 31))), jnp.float32)
-    return jnp.where(jnp.isnan(x), x, y)
-
-
-def _f32_bits(v: float) -> int:
-    return int(np.array(v, np.float32).view(np.int32))
-
-
-def _divide(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x / scale`` correctly rounded, as ONNX Runtime and NumPy compute it.
-
-    XLA rewrites a division by a broadcast operand into a multiplication by its reciprocal,
-    which is off by one ulp often enough to move ties. A divisor that depends on ``x`` is never
-    a broadcast (not under ``vmap`` either), so the division stays a division.
-    """
-    return x / jnp.where(jnp.isnan(x), 1.0, scale)
 
 
 def nan_if_invalid(qp: QParams) -> QParams:
@@ -382,20 +246,14 @@ def _codes(x, qp: QParams, fmt: Format, rounding: str, noise) -> jax.Array:
     """Float codes ``clip(round(x / scale) + zp, qmin, qmax)`` (float formats: grid values)."""
     qp = nan_if_invalid(qp)
     x = jnp.asarray(x, jnp.float32)
-    v = _divide(x, qp.scale)
-    if isinstance(fmt, FloatFormat):
-        return round_to_float_format(v, fmt, rounding, noise)
-    if isinstance(fmt, BinaryFormat):
-        return jnp.where(jnp.isnan(v), jnp.nan, jnp.where(v >= 0, 1.0, -1.0))
-    if fmt.midrise:
-        v = v - 0.5
-    return jnp.clip(round_values(v, rounding, noise) + jnp.round(qp.zero_point), fmt.qmin, fmt.qmax)
+    return fmt.encode(exact_divide(x, qp.scale), qp.zero_point, rounding, noise)
 
 
 def _values(codes, qp: QParams, fmt: Format | None) -> jax.Array:
-    offset = 0.5 if isinstance(fmt, IntFormat) and fmt.midrise else 0.0
     qp = nan_if_invalid(qp)
-    return qp.scale * (codes + offset - jnp.round(qp.zero_point))
+    if fmt is None:
+        return qp.scale * (codes - jnp.round(qp.zero_point))
+    return qp.scale * fmt.decode(codes, qp.zero_point)
 
 
 def quantize(
@@ -423,14 +281,15 @@ def quantize(
     check_rounding(rounding, key)
     noise = stochastic_noise(key, jnp.shape(x)) if rounding == "stochastic" else None
     q = _codes(x, qp, fmt, rounding, noise)
-    if isinstance(fmt, FloatFormat):
+    if jnp.issubdtype(fmt.dtype, jnp.floating):  # grid values (float formats)
         return q
     no_code = 0 if fmt.is_static else jnp.iinfo(jnp.int32).min
     return jnp.where(jnp.isnan(q), no_code, q).astype(fmt.dtype)
 
 
 def dequantize(q: jax.Array, qp: QParams, fmt: Format | None = None) -> jax.Array:
-    """``x = scale * (q - zero_point)`` as float32 (midrise formats add 1/2: pass ``fmt``).
+    """``x = scale * fmt.decode(q, zero_point)`` as float32: ``scale * (q - zero_point)``
+    without ``fmt`` or for integer grids (midrise formats add 1/2: pass ``fmt``).
 
     A concrete scale must be finite and > 0 and a concrete zero point finite (ValueError);
     traced bad ones give NaN (:func:`nan_if_invalid`).

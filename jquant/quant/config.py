@@ -18,7 +18,7 @@ from jax import lax
 # a module import: jquant.estimators imports this package (for QParams), so its names are
 # looked up when a config is built, not when this module loads
 from jquant import estimators
-from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat, int8
+from jquant.formats import Format, check_format, get_format, int8
 from jquant.quant.affine import ROUNDING_MODES, QParams, check_real, qparams_from_data_range
 
 __all__ = ["QuantConfig", "check_config", "dynamic_qparams"]
@@ -41,11 +41,13 @@ class QuantConfig:
     widths inside ``jit`` / ``vmap``) is allowed in ``mode="simulate"`` only.
 
     Args:
-      fmt: the number format (``IntFormat``, ``FloatFormat`` or ``BinaryFormat``).
+      fmt: the number format (``IntFormat``, ``FloatFormat``, ``BinaryFormat``, any object
+        following the ``jquant.formats.Format`` protocol, or a name of ``NAMED_FORMATS``).
       symmetric: zero point 0 (``scale = max|x| / qmax``) if True, else affine
         (``scale = (max - min) / (qmax - qmin)``); given QParams must then have zero point 0.
       axis: axes that keep their own scale (per channel / per row); ``None`` is per tensor.
-      estimator: gradient estimator, one of ``jquant.estimators.ESTIMATORS``.
+      estimator: gradient estimator, a ``jquant.estimators.Estimator`` or a registered name
+        (``jquant.estimators.ESTIMATORS``); stored as the object.
       rounding: one of ``jquant.quant.ROUNDING_MODES`` except ``"stochastic"``.
 
     >>> QuantConfig(axis=-1).axes(2)
@@ -55,17 +57,16 @@ class QuantConfig:
     fmt: Format = int8
     symmetric: bool = True
     axis: int | tuple[int, ...] | None = None
-    estimator: str = "ste"
+    estimator: str | estimators.Estimator = "ste"
     rounding: str = "nearest_even"
 
     def __post_init__(self):
         # Unflattening inside jax transformations may pass placeholders for the child.
         if self.fmt is None or type(self.fmt) is object:
             return
-        if not isinstance(self.fmt, IntFormat | BinaryFormat | FloatFormat):
-            raise TypeError(
-                f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {self.fmt!r}"
-            )
+        if isinstance(self.fmt, str):
+            object.__setattr__(self, "fmt", get_format(self.fmt))
+        check_format(self.fmt)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
         axes = (self.axis,) if isinstance(self.axis, numbers.Integral) else self.axis
@@ -74,9 +75,7 @@ class QuantConfig:
             or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes)
         ):
             raise TypeError(f"axis must be None, an int or a tuple of ints, got {self.axis!r}")
-        names = estimators.ESTIMATORS
-        if self.estimator not in names:
-            raise ValueError(f"estimator must be one of {names}, got {self.estimator!r}")
+        object.__setattr__(self, "estimator", estimators.get_estimator(self.estimator))
         if self.rounding not in _ROUNDINGS:
             raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {self.rounding!r}")
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jquant import calibration, metrics
-from jquant.formats import NAMED_FORMATS, FloatFormat, Format, IntFormat
+from jquant.formats import NAMED_FORMATS, Format, IntFormat, check_format
 from jquant.quant import QParams, fake_quant_forward, qparams_from_range
 from jquant.sweep.results import Table
 from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes
@@ -45,25 +45,22 @@ __all__ = [
 
 GRANULARITIES = ("per_tensor", "per_channel")
 INT_FAMILIES = ("int", "midrise")
-FLOAT_FAMILIES = tuple(k for k, v in NAMED_FORMATS.items() if isinstance(v, FloatFormat))
+FLOAT_FAMILIES = tuple(k for k, v in NAMED_FORMATS.items() if jnp.issubdtype(v.dtype, jnp.floating))
 METRIC_NAMES = ("mse", "rmse", "sqnr_db", "cosine", "max_abs")
 
 
-# Range estimators of jquant.calibration by name: f(x, fmt, kept_axis, symmetric) -> range.
-_RANGES = {
-    "minmax": lambda x, fmt, axis, sym: calibration.minmax(x, axis=axis),
-    "percentile": lambda x, fmt, axis, sym: calibration.percentile(x, axis=axis, symmetric=sym),
-    "mse": lambda x, fmt, axis, sym: calibration.mse(x, fmt, axis=axis, symmetric=sym),
-    "kl": lambda x, fmt, axis, sym: calibration.kl(x, fmt, axis=axis),
-    "aciq": lambda x, fmt, axis, sym: calibration.aciq(x, fmt, axis=axis),
-}
-CALIBRATIONS = tuple(_RANGES)
+# The built-in one-shot calibration names (the registry of jquant.calibration owns them).
+CALIBRATIONS = calibration.observer_names(one_shot=True)
 
 
-def calibrated_range(method: str, x: jax.Array, fmt: Format, axis: int | None, symmetric: bool):
-    """``(rmin, rmax)`` of ``x`` by ``method``; ``axis`` keeps its own range (None: tensor)."""
-    _check_choice("calibration", method, CALIBRATIONS)
-    return _RANGES[method](x, fmt, axis, symmetric)
+def calibrated_range(method, x: jax.Array, fmt: Format, axis: int | None, symmetric: bool):
+    """``(rmin, rmax)`` of ``x`` by ``method`` (a calibration method or its name); ``axis``
+    keeps its own range (None: tensor)."""
+    return calibration.observed_range(method, x, fmt, axis=axis, symmetric=symmetric)
+
+
+def _family_label(family) -> str:
+    return family if isinstance(family, str) else getattr(family, "name", None) or repr(family)
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -76,26 +73,39 @@ class QuantSpec:
     """How one tensor is quantized, apart from the width (hashable: static under jit).
 
     Args:
-      family: ``"int"`` (signed integer grid), ``"midrise"`` (no zero level, symmetric) or a
-        float format name from ``jquant.NAMED_FORMATS`` (``"fp8_e4m3"``, ...).
+      family: ``"int"`` (signed integer grid), ``"midrise"`` (no zero level, symmetric), a
+        float format name from ``jquant.NAMED_FORMATS`` (``"fp8_e4m3"``, ...) or a format
+        object (any ``jquant.formats.Format``; swept over ``bits`` through its ``with_bits``,
+        else one width).
       granularity: ``"per_tensor"`` or ``"per_channel"`` (one range per index of
         ``channel_axis``).
-      calibration: range estimator, one of ``CALIBRATIONS``.
+      calibration: range estimator, a calibration method of ``jquant.calibration`` (an object
+        with ``init`` / ``update`` / ``result`` / ``bounds``) or a name of ``CALIBRATIONS``;
+        stored as the object.
       symmetric: ``zero_point = 0`` and ``scale = max|r| / qmax``; else affine.
       channel_axis: the axis that keeps its own range for ``per_channel`` (Flax kernels keep
         their output features last: ``-1``).
     """
 
-    family: str = "int"
+    family: str | Format = "int"
     granularity: str = "per_tensor"
-    calibration: str = "minmax"
+    calibration: Any = "minmax"
     symmetric: bool = True
     channel_axis: int = -1
 
     def __post_init__(self):
-        _check_choice("family", self.family, INT_FAMILIES + FLOAT_FAMILIES)
+        if isinstance(self.family, str):
+            _check_choice("family", self.family, INT_FAMILIES + FLOAT_FAMILIES)
+        else:
+            check_format(self.family, "family")
         _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("calibration", self.calibration, CALIBRATIONS)
+        method = calibration.get_observer(self.calibration)
+        if not getattr(method, "one_shot", True):
+            raise ValueError(
+                f"calibration must be one of {CALIBRATIONS} or an observer, got {method!r} "
+                "(it does not calibrate whole tensors)"
+            )
+        object.__setattr__(self, "calibration", method)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
         if isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int):
@@ -103,10 +113,15 @@ class QuantSpec:
 
     @property
     def is_float(self) -> bool:
-        return self.family in FLOAT_FAMILIES
+        """True for a family of one width (a float format, or a format without ``with_bits``)."""
+        if isinstance(self.family, str):
+            return self.family in FLOAT_FAMILIES
+        return not hasattr(self.family, "with_bits")
 
     def format(self, bits) -> Format:
-        """The number format at width ``bits`` (ignored by float families)."""
+        """The number format at width ``bits`` (ignored by one-width families)."""
+        if not isinstance(self.family, str):
+            return self.family if self.is_float else self.family.with_bits(bits)
         if self.is_float:
             return NAMED_FORMATS[self.family]
         return IntFormat(bits, midrise=self.family == "midrise")
@@ -178,8 +193,9 @@ def tensor_items(tree: Any) -> list[tuple[str, jax.Array]]:
     return items
 
 
-def _as_tuple(name: str, value: str | Iterable[str]) -> tuple[str, ...]:
-    out = (value,) if isinstance(value, str) else tuple(value)
+def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
+    one = isinstance(value, str) or not isinstance(value, Iterable)
+    out = (value,) if one else tuple(value)
     if not out:
         raise ValueError(f"{name} must name at least one choice, got {value!r}")
     return out
@@ -239,7 +255,8 @@ def error_vs_bits(
       tensors: an array or any pytree of arrays (weights, captured activations); non-float
         leaves are skipped.
       bits: integer widths in ``[2, 16]``.
-      families, granularities, calibrations: the options to cross (see :class:`QuantSpec`).
+      families, granularities, calibrations: the options to cross (see :class:`QuantSpec`):
+        names, or format objects and calibration methods (user-defined ones too).
       symmetric: symmetric (``zp = 0``) or affine integer grids.
       channel_axis: channel axis for ``per_channel``; tensors of rank < 2 are skipped there.
       chunk_size: widths vmapped at once (memory bound); None: all at once.
@@ -285,9 +302,9 @@ def error_vs_bits(
                 {
                     "tensor": name,
                     "shape": "x".join(map(str, x.shape)) or "scalar",
-                    "family": spec.family,
+                    "family": _family_label(spec.family),
                     "granularity": spec.granularity,
-                    "calibration": spec.calibration,
+                    "calibration": calibration.calibration_label(spec.calibration),
                     "symmetric": spec.symmetric,
                     "bits": int(b),
                     **{k: float(values[k][i]) for k in METRIC_NAMES},
