@@ -213,9 +213,9 @@ def qwix_storage_check(bits: int) -> float:
 
 
 def _fixed(lo: float, hi: float, bits: int) -> str:
-    """Qwix's fixed range: ``[lo, hi]``; Qwix's int2 is symmetric only, so there
+    """Qwix's fixed range: ``[lo, hi]``; Qwix's int2 and int3 are symmetric only, so there
     ``[-m, m]`` with ``m = max(|lo|, |hi|)``."""
-    if bits > 2:
+    if bits > 3:
         return f"fixed,{lo},{hi}"
     m = max(abs(lo), abs(hi))
     return f"fixed,{-m},{m}"
@@ -234,7 +234,7 @@ def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
                 module_path=".*",
                 weight_qtype=qt,
                 act_qtype=qt,
-                act_calibration_method="minmax" if bits > 2 else "absmax",
+                act_calibration_method="minmax" if bits > 3 else "absmax",
             )
         ]
     else:  # qwix_fixed: calibrated min / max of each layer's input, from seed 0's model
