@@ -446,7 +446,9 @@ class Recipe:
       learned_init: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``) or ``"calibration"``.
       quant_lr: relative rate of the learned steps (:func:`qat_optimizer`); None: plain Adam.
       distill: weight of the float model's soft targets (:func:`distillation_loss`; 0: off).
-      schedule: progressive lowering of the width (:func:`width_stages`; None: off).
+      schedule: progressive lowering: the widths to pass through on the way down, e.g.
+        ``(8, 4)``; :meth:`config` keeps those above its ``target_bits`` and ends at it
+        (``(8, 4, 2)`` for 2 bits, ``(8, 3)`` for 3, none for 8). None: off.
       bn_batches: batch-norm re-estimation batches after QAT (0: off; a model with BatchNorm).
       cosine: cosine decay of the rates (False: Adam's constant rate, as the peers').
     """
@@ -464,7 +466,7 @@ class Recipe:
     def __post_init__(self):
         # fail at construction: a rule and a config built from these fields validate them
         self.rule(".*", "int8", "int8")
-        self.config(0)
+        self.config(0, target_bits=2)
 
     def rule(self, pattern: str, weight: Any, act: Any, **overrides: Any) -> QuantRule:
         """The :class:`jquant.nn.QuantRule` of ``pattern`` with this recipe's quantizers
@@ -477,13 +479,27 @@ class Recipe:
         )
         return QuantRule(pattern, weight=weight, act=act, **{**fields, **overrides})
 
-    def config(self, steps: int, **overrides: Any) -> QATConfig:
+    def config(self, steps: int, *, target_bits: int | None = None, **overrides: Any) -> QATConfig:
         """The :class:`QATConfig` of ``steps`` QAT steps with this recipe's training options
-        (``overrides``: any other QATConfig field, such as ``batch_size``)."""
+        (``overrides``: any other QATConfig field, such as ``batch_size``).
+
+        ``target_bits``: the rules' smallest width, where a ``schedule`` ends:
+        ``QATConfig.schedule = (w for w in schedule if w > target_bits) + (target_bits,)``
+        (None when no width is above it). Needed when the recipe has a schedule.
+        """
+        schedule = None
+        if self.schedule is not None:
+            if target_bits is None:
+                raise ValueError(
+                    f"Recipe.schedule={self.schedule!r}: config() needs target_bits, the "
+                    "width the lowering ends at"
+                )
+            above = tuple(w for w in self.schedule if w > target_bits)
+            schedule = above + (target_bits,) if above else None
         fields = dict(
             quant_lr=self.quant_lr,
             distill=self.distill,
-            schedule=self.schedule,
+            schedule=schedule,
             bn_batches=self.bn_batches,
             cosine=self.cosine,
         )

@@ -362,3 +362,42 @@ def test_progressive_lowering_changes_the_width_at_the_scheduled_steps(monkeypat
         for s in ((2,), None)
     ]
     assert same[0] == same[1]
+
+
+def test_named_recipes_rules_configs_and_switches():
+    """STATIC_RECIPE / DYNAMIC_RECIPE give rules and configs with their fields; a schedule
+    ends at the target width; every part can be switched off; bad fields raise at once."""
+    from jquant import qat
+    from jquant.formats import IntFormat
+
+    r = qat.STATIC_RECIPE.rule("conv.*", IntFormat(2), IntFormat(2))
+    assert (r.pattern, r.act_scale, r.estimator) == ("conv.*", "static", "lsq")
+    assert r.act_estimator == qat.STATIC_RECIPE.act_estimator
+    d = qat.DYNAMIC_RECIPE.rule(".*", "int4", "int4", weight_granularity="per_tensor")
+    assert (d.act_scale, d.act_estimator, d.weight_granularity) == (
+        "dynamic_per_token",
+        "ste",
+        "per_tensor",
+    )
+    lowering = dataclasses.replace(qat.STATIC_RECIPE, schedule=(8, 4))
+    assert lowering.config(30, target_bits=2).schedule == (8, 4, 2)
+    assert lowering.config(30, target_bits=3).schedule == (8, 4, 3)
+    assert lowering.config(30, target_bits=8).schedule is None
+    with pytest.raises(ValueError, match="target_bits"):
+        lowering.config(30)
+    off = dataclasses.replace(
+        qat.STATIC_RECIPE, distill=0.0, quant_lr=None, schedule=None, bn_batches=0
+    )
+    cfg = off.config(10, batch_size=64)
+    assert (cfg.steps, cfg.distill, cfg.quant_lr, cfg.schedule, cfg.bn_batches) == (
+        10,
+        0.0,
+        None,
+        None,
+        0,
+    )
+    assert cfg.batch_size == 64
+    with pytest.raises(ValueError, match="act_scale"):
+        qat.Recipe(act_scale="dynamic_per_token", act_estimator="lsq")
+    with pytest.raises(ValueError, match="QATConfig.distill"):
+        qat.Recipe(distill=3.0)
