@@ -13,6 +13,8 @@ Configurations (``CONFIGS``):
 - ``jquant_ste``: jquant's default rule (STE, static min/max ranges), plain Adam.
 - ``jquant_recipe``: :mod:`jquant.qat`'s dynamic recipe, ``qat.DYNAMIC_RECIPE`` (``RECIPES``).
 - ``jquant_static_recipe``: the deployable recipe, ``qat.STATIC_RECIPE`` (``RECIPES``).
+- ``jquant_static_lowering``: the static recipe with progressive lowering of the width,
+  ``schedule=(8, 4)`` down to the target (``(8, 4, 2)`` at 2 bits), equal thirds of the steps.
 - ``jquant_static``: the deployable variant: LSQ on weights and activations (static ranges,
   steps initialised by LSQ's formula, activation zero points from min/max calibration),
   relative rate 1e-2, no distillation.
@@ -47,6 +49,7 @@ command that measured it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -81,9 +84,9 @@ RECIPES = {
     "jquant_static_recipe": (
         qat.STATIC_RECIPE,
         "the deployable recipe: LSQ weights as the dynamic recipe; static per-tensor affine "
-        "activation ranges whose steps are learned (LSQ, initialised by 2 mean|v| / sqrt(Q_P) "
-        "on the calibration batches, zero points from their min/max); distillation from the "
-        "float model (weight 0.5, T=1)",
+        "activation ranges whose step and offset are learned (LSQ+, act_estimator="
+        "'lsq_plus', initialised from the calibration batches), relative rate 1e-2; "
+        "distillation from the float model (weight 0.5, T=1); no lowering schedule",
     ),
 }
 
@@ -101,6 +104,10 @@ def run_jquant(name, model, float_vars, data, bits, steps, seeds, log):
     elif name == "jquant_static":  # deployable: static activation ranges, all steps learned
         rule = _jquant_rule(bits, estimator="lsq", learned_init="paper")
         cfg = qat.QATConfig(steps=steps, quant_lr=1e-2, distill=0.0)
+    elif name == "jquant_static_lowering":  # the static recipe, lowering 8 -> 4 -> ... -> b
+        recipe = dataclasses.replace(qat.STATIC_RECIPE, schedule=(8, 4))
+        rule = recipe.rule(".*", IntFormat(bits), IntFormat(bits))
+        cfg = recipe.config(steps, target_bits=bits)
     else:
         recipe = RECIPES[name][0]
         rule = recipe.rule(".*", IntFormat(bits), IntFormat(bits))
@@ -312,6 +319,7 @@ CONFIGS = {
     "jquant_recipe": run_jquant,
     "jquant_static": run_jquant,
     "jquant_static_recipe": run_jquant,
+    "jquant_static_lowering": run_jquant,
     "qwix_default": run_qwix,
     "qwix_fixed": run_qwix,
     "qwix_minmax": run_qwix,

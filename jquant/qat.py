@@ -455,7 +455,7 @@ class Recipe:
 
     act_scale: str = "static"
     estimator: str = "lsq"
-    act_estimator: str | None = "lsq"
+    act_estimator: str | None = "lsq_plus"
     learned_init: str = "paper"
     quant_lr: float | None = 1e-2
     distill: float = 0.5
@@ -506,7 +506,8 @@ class Recipe:
         return QATConfig(steps=steps, **{**fields, **overrides})
 
 
-#: The deployable recipe: static per-tensor activation ranges, every step learned.
+#: The deployable recipe: static per-tensor activation ranges, every step learned (LSQ weights,
+#: LSQ+ activations: a learned step and offset), distillation from the float model.
 STATIC_RECIPE = Recipe()
 
 #: Dynamic per-example-and-position activation ranges (Qwix's and AQT's default is dynamic).

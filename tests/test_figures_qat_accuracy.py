@@ -19,6 +19,7 @@ WIDTHS = ("w8a8", "w4a4", "w3a3", "w2a2")
 LABELS = {
     "jquant_recipe": "jquant dynamic recipe (jquant.qat.DYNAMIC_RECIPE)",
     "jquant_static_recipe": "jquant static recipe (jquant.qat.STATIC_RECIPE)",
+    "jquant_static_lowering": "jquant static recipe, width lowered 8 -> 4 -> 2 over the steps",
     "jquant_static": "jquant LSQ, static activation ranges",
     "jquant_ste": "jquant STE, default rule",
     "qwix_default": "Qwix default (dynamic absmax per example)",
