@@ -340,6 +340,9 @@ def merge(out: pathlib.Path, files: list[str]) -> None:
         runs.append(part["meta"])
         payload["float"] = part["float"]
     payload["cells"], payload["runs"] = dict(sorted(cells.items())), runs
+    payload.pop("recipe", None)  # one description per recipe now, under "recipes"
+    payload["recipes"] = {k: d for k, (_, d) in RECIPES.items()}
+    payload["protocol"] = __doc__.split("\n\n")[1]
     bench.write_results(out, payload)
     print(f"merged {len(files)} files into {out}")
 
