@@ -3,7 +3,7 @@
 Protocol, the same for every library: the zoo's float MNIST-1D CNN (one per seed, 3000 Adam
 steps, cached), every layer quantized (Dense and Conv, first and last included), weights
 per output channel, activations per tensor unless a configuration says otherwise, ``b``-bit
-weights and activations (w8a8 / w4a4 / w2a2, ``--bits``), the same 8 calibration batches (the
+weights and activations (w8a8 / w4a4 / w3a3 / w2a2, ``--bits``), the same 8 calibration batches (the
 first 8 x 128 training examples), then QAT: Adam 1e-3 (constant), batch 128, ``--steps``
 steps, seed ``s``'s batch order from ``jax.random.key(s)`` for every library. Seeds train in
 one ``jax.vmap``-ed program per (configuration, width). Test accuracy on the 1000 test examples.
@@ -11,36 +11,45 @@ one ``jax.vmap``-ed program per (configuration, width). Test accuracy on the 100
 Configurations (``CONFIGS``):
 
 - ``jquant_ste``: jquant's default rule (STE, static min/max ranges), plain Adam.
-- ``jquant_recipe``: :mod:`jquant.qat`'s recipe (see ``RECIPE``).
+- ``jquant_recipe``: :mod:`jquant.qat`'s dynamic recipe, ``qat.DYNAMIC_RECIPE`` (``RECIPES``).
+- ``jquant_static_recipe``: the deployable recipe, ``qat.STATIC_RECIPE`` (``RECIPES``).
+- ``jquant_static_lowering``: the static recipe with progressive lowering of the width,
+  ``schedule=(8, 4)`` down to the target (``(8, 4, 2)`` at 2 bits), equal thirds of the steps.
 - ``jquant_static``: the deployable variant: LSQ on weights and activations (static ranges,
   steps initialised by LSQ's formula, activation zero points from min/max calibration),
   relative rate 1e-2, no distillation.
 - ``qwix_default``: ``qwix.QtRule(weight_qtype, act_qtype)``: Qwix's default on XLA, dynamic
   absmax activation scales per example.
 - ``qwix_fixed``: Qwix with fixed activation ranges ``"fixed,min,max"`` per layer, from the
-  calibration batches' min / max (static, as jquant's PTQ ranges); Qwix's int2 rejects
-  asymmetric ranges, so at 2 bits ``"fixed,-m,m"``, ``m = max(|min|, |max|)``.
+  calibration batches' min / max (static, as jquant's PTQ ranges); Qwix's int2 and int3
+  reject asymmetric ranges, so at 2 and 3 bits ``"fixed,-m,m"``, ``m = max(|min|, |max|)``.
 - ``qwix_minmax``: Qwix, dynamic affine (``"minmax"``) activation ranges. Qwix ignores
   ``act_batch_axes`` in dynamic mode, so these are per example, as its default, not per
-  position; Qwix's int2 is symmetric only, so at 2 bits this is ``"absmax"``, i.e. the default.
+  position; Qwix's int2 and int3 are symmetric only, so at 2 and 3 bits this is ``"absmax"``,
+  i.e. the default.
 - ``aqt_default``: ``aqt.jax.v2.flax`` ``AqtDotGeneral`` (``config_v4``, float backward) and
   ``AqtConvGeneralDilated`` (``conv_general_dilated_make``) injected into every Dense / Conv:
   dynamic activation scales (AQT's default).
 
-The "best peer" of a cell is the best of that library's configurations there (the table says
-which). Qwix's int4 / int2 codes are stored as int4, which XLA:CPU's conv and dot do not
-compile; here (and only here) its ``numerics.convert_to`` stores them in int8 (the same codes,
-scales and zero points), checked against Qwix's own quantize -> dequantize -> float conv
-(``qwix_storage_check`` in the JSON).
+The "best peer" of a cell is the best of the peers' configurations there with the same kind
+of activation ranges (the table says which): dynamic (Qwix default and minmax, AQT) for
+jquant's dynamic recipe, static (Qwix fixed ranges; AQT has no static activation mode) for
+jquant's static recipe. Qwix's int4 / int2 codes are stored as int4, which XLA:CPU's conv and
+dot do not compile; here (and only here) its ``numerics.convert_to`` stores them in int8 (the
+same codes, scales and zero points), checked against Qwix's own quantize -> dequantize -> float
+conv (``qwix_storage_check`` in the JSON).
 
-Run: ``python benchmarks/qat_accuracy.py [--steps 300] [--seeds 3] [--bits 8 4 2]
-[--configs ...]``; results are merged into ``benchmarks/results/qat_accuracy.json`` keyed by
-steps, configuration and width, so runs can be split.
+Run: ``python benchmarks/qat_accuracy.py [--steps 300] [--seeds 3] [--bits 8 4 3 2]
+[--configs ...] [--out FILE]``; results are merged into ``--out`` (default
+``benchmarks/results/qat_accuracy.json``) keyed by steps, configuration and width, so runs can
+be split; ``--merge FILE ...`` merges split runs' files into ``--out``, every cell keeping the
+command that measured it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -63,19 +72,23 @@ CALIB_BATCHES = 8
 BATCH = 128
 LR = 1e-3
 
-# jquant's recipe: every choice and what it means
-RECIPE = dict(
-    rule=dict(
-        estimator="lsq", act_estimator="ste", act_scale="dynamic_per_token", learned_init="paper"
-    ),
-    config=dict(quant_lr=1e-2, distill=0.5),
-    description=(
+# jquant's recipes (jquant.qat): every choice and what it means
+RECIPES = {
+    "jquant_recipe": (
+        qat.DYNAMIC_RECIPE,
         "LSQ weights (per-channel steps initialised by LSQ's 2 mean|w| / sqrt(Q_P), learned "
         "on Adam with a relative rate 1e-2, jquant.qat.qat_optimizer); activations with "
         "dynamic affine min/max ranges per example and position (act_scale="
-        "'dynamic_per_token', STE); distillation from the float model (weight 0.5, T=1)"
+        "'dynamic_per_token', STE); distillation from the float model (weight 0.5, T=1)",
     ),
-)
+    "jquant_static_recipe": (
+        qat.STATIC_RECIPE,
+        "the deployable recipe: LSQ weights as the dynamic recipe; static per-tensor affine "
+        "activation ranges whose step and offset are learned (LSQ+, act_estimator="
+        "'lsq_plus', initialised from the calibration batches), relative rate 1e-2; "
+        "distillation from the float model (weight 0.5, T=1); no lowering schedule",
+    ),
+}
 
 
 # --- jquant -----------------------------------------------------------------------------------
@@ -91,9 +104,14 @@ def run_jquant(name, model, float_vars, data, bits, steps, seeds, log):
     elif name == "jquant_static":  # deployable: static activation ranges, all steps learned
         rule = _jquant_rule(bits, estimator="lsq", learned_init="paper")
         cfg = qat.QATConfig(steps=steps, quant_lr=1e-2, distill=0.0)
+    elif name == "jquant_static_lowering":  # the static recipe, lowering 8 -> 4 -> ... -> b
+        recipe = dataclasses.replace(qat.STATIC_RECIPE, schedule=(8, 4))
+        rule = recipe.rule(".*", IntFormat(bits), IntFormat(bits))
+        cfg = recipe.config(steps, target_bits=bits)
     else:
-        rule = _jquant_rule(bits, **RECIPE["rule"])
-        cfg = qat.QATConfig(steps=steps, **RECIPE["config"])
+        recipe = RECIPES[name][0]
+        rule = recipe.rule(".*", IntFormat(bits), IntFormat(bits))
+        cfg = recipe.config(steps, target_bits=bits)
     return qat.run_linen(model, float_vars, rule, data, cfg, seeds=seeds, log=log)
 
 
@@ -213,9 +231,9 @@ def qwix_storage_check(bits: int) -> float:
 
 
 def _fixed(lo: float, hi: float, bits: int) -> str:
-    """Qwix's fixed range: ``[lo, hi]``; Qwix's int2 is symmetric only, so there
+    """Qwix's fixed range: ``[lo, hi]``; Qwix's int2 and int3 are symmetric only, so there
     ``[-m, m]`` with ``m = max(|lo|, |hi|)``."""
-    if bits > 2:
+    if bits > 3:
         return f"fixed,{lo},{hi}"
     m = max(abs(lo), abs(hi))
     return f"fixed,{-m},{m}"
@@ -234,7 +252,7 @@ def run_qwix(name, model, float_vars, data, bits, steps, seeds, log):
                 module_path=".*",
                 weight_qtype=qt,
                 act_qtype=qt,
-                act_calibration_method="minmax" if bits > 2 else "absmax",
+                act_calibration_method="minmax" if bits > 3 else "absmax",
             )
         ]
     else:  # qwix_fixed: calibrated min / max of each layer's input, from seed 0's model
@@ -300,6 +318,8 @@ CONFIGS = {
     "jquant_ste": run_jquant,
     "jquant_recipe": run_jquant,
     "jquant_static": run_jquant,
+    "jquant_static_recipe": run_jquant,
+    "jquant_static_lowering": run_jquant,
     "qwix_default": run_qwix,
     "qwix_fixed": run_qwix,
     "qwix_minmax": run_qwix,
@@ -307,14 +327,37 @@ CONFIGS = {
 }
 
 
+def merge(out: pathlib.Path, files: list[str]) -> None:
+    """Merges the cells of result ``files`` (runs with ``--out``) into ``out``, each cell
+    recording the command that measured it (its file's ``meta.command``), and each file's
+    meta under ``runs``."""
+    payload = json.loads(out.read_text()) if out.exists() else {}
+    cells, runs = payload.get("cells", {}), payload.get("runs", [])
+    for f in files:
+        part = json.loads(pathlib.Path(f).read_text())
+        for k, c in part["cells"].items():
+            cells[k] = {**c, "command": c.get("command", part["meta"]["command"])}
+        runs.append(part["meta"])
+        payload["float"] = part["float"]
+    payload["cells"], payload["runs"] = dict(sorted(cells.items())), runs
+    payload.pop("recipe", None)  # one description per recipe now, under "recipes"
+    payload["recipes"] = {k: d for k, (_, d) in RECIPES.items()}
+    payload["protocol"] = __doc__.split("\n\n")[1]
+    bench.write_results(out, payload)
+    print(f"merged {len(files)} files into {out}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--merge", nargs="+", metavar="FILE", help="merge these results into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(pathlib.Path(args.out), args.merge)
     load_before = bench.loadavg()
     data = load_mnist1d()
     seeds = list(range(args.seeds))
@@ -337,12 +380,13 @@ def main(argv=None) -> None:
                 "seeds": seeds,
                 "ptq": [r["ptq"] for r in res],
                 "qat": [r["qat"] for r in res] if args.steps else None,
+                "command": bench.results_meta(quick=False, load_before=None)["command"],
                 "wall_s": round(time.perf_counter() - start),
             }
             payload["cells"] = dict(sorted(cells.items()))
             payload["meta"] = bench.results_meta(quick=False, load_before=load_before)
             payload["protocol"] = __doc__.split("\n\n")[1]
-            payload["recipe"] = RECIPE["description"]
+            payload["recipes"] = {k: d for k, (_, d) in RECIPES.items()}
             bench.write_results(out, payload)
     print(f"wrote {out}")
 

@@ -8,12 +8,19 @@ The recipe (:func:`run_linen`, :func:`run_nnx`) takes float models, data and rul
 3. **QAT**: phase ``train`` with Adam, the learned quantizer parameters (``*_scale``,
    ``*_zero_point``) on a *relative* rate (:func:`qat_optimizer`), optionally distilling the
    float model's logits (:func:`distillation_loss`);
-4. optionally **re-estimate** batch-norm statistics on training batches (``bn_batches``);
+   optionally lowering the width progressively (``schedule=(8, 4, 2)``, :func:`width_stages`);
+4. optionally **re-estimate** batch-norm statistics on training batches (``bn_batches``,
+   :func:`reestimate_batch_stats`);
 5. **eval**: test accuracy, one row per seed, and a table (:func:`format_table`).
 
-Every option can be switched off (``distill=0``, ``bn_batches=0``, ``quant_lr=None`` to train
-learned parameters at the weights' rate). Seeds (one float model each) train in one
-``jax.vmap``-ed program: the same compile serves all of them.
+Every option can be switched off (``distill=0``, ``bn_batches=0``, ``schedule=None``,
+``quant_lr=None`` to train learned parameters at the weights' rate). Seeds (one float model
+each) train in one ``jax.vmap``-ed program: the same compile serves all of them.
+
+Two named recipes (:class:`Recipe`) bundle the rule and the config: :data:`STATIC_RECIPE`, the
+deployable one (calibrated per-tensor activation ranges whose steps are then learned, as an
+integer runtime runs them), and :data:`DYNAMIC_RECIPE` (each activation's own range per example
+and position, as Qwix's and AQT's defaults; not what ``jquant.convert`` deploys).
 
 Learned-parameter rates without hand tuning. Adam's step has the size of the learning rate
 whatever the gradient, so LSQ's gradient scale ``1/sqrt(N Q_P)`` cancels out under Adam
@@ -30,22 +37,31 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
+from jquant.formats import IntFormat
 from jquant.models import train as T
 from jquant.nn import linen as ql
 from jquant.nn.rules import QuantRule, check_rules
+from jquant.nn.state import STATS
 
 __all__ = [
     "QUANT_PARAM_SUFFIXES",
     "QATConfig",
+    "Recipe",
+    "STATIC_RECIPE",
+    "DYNAMIC_RECIPE",
+    "Stage",
+    "width_stages",
+    "rules_at_width",
     "param_partition",
     "qat_optimizer",
     "distillation_loss",
@@ -215,14 +231,17 @@ def fit_seeds(
     keys: Sequence[jax.Array],
     teacher_fn: Callable[[int, jax.Array], jax.Array] | None = None,
     log: Callable[[str], None] | None = None,
+    start: int = 0,
 ) -> list[T.TrainState]:
     """Trains one state per seed in one ``vmap``-ed, jitted step (one compile for all seeds).
 
-    Seed ``i`` draws its batches with ``keys[i]`` (:func:`batch_indices`). ``teacher_fn(i, xb)``
-    gives seed ``i``'s teacher logits of a batch (None: zeros, unused by the loss).
+    Seed ``i`` draws its batches with ``keys[i]`` (:func:`batch_indices`), steps
+    ``start .. start + steps - 1`` of that order (a later stage continues where the previous
+    one stopped). ``teacher_fn(i, xb)`` gives seed ``i``'s teacher logits of a batch (None:
+    zeros, unused by the loss).
     """
     n = len(states)
-    idx = np.stack([batch_indices(k, len(x), batch_size, steps) for k in keys])  # (S, steps, B)
+    idx = np.stack([batch_indices(k, len(x), batch_size, start + steps) for k in keys])[:, start:]
     stacked = _stack(states)
     vstep = jax.jit(jax.vmap(step))
     for t in range(steps):
@@ -233,22 +252,116 @@ def fit_seeds(
             tl = jnp.stack([teacher_fn(i, xb[i]) for i in range(n)])
         stacked, metrics = vstep(stacked, xb, yb, tl)
         if log is not None and ((t + 1) % 100 == 0 or t + 1 == steps):
-            log(f"  step {t + 1}/{steps}: loss {np.asarray(metrics['loss']).round(3).tolist()}")
+            log(f"  step {start + t + 1}: loss {np.asarray(metrics['loss']).round(3).tolist()}")
     return _unstack(stacked, n)
+
+
+def _map_batch_stats(model_state: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
+    """``model_state`` with ``fn`` applied to every batch-norm statistic: the leaves of Linen's
+    ``batch_stats`` collection, or the ``nnx.BatchStat`` variables of an NNX state."""
+    if isinstance(model_state, nnx.State):
+
+        def one(v):
+            return v.replace(fn(v.value)) if isinstance(v, nnx.BatchStat) else v
+
+        return jax.tree.map(one, model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    if isinstance(model_state, Mapping) and "batch_stats" in model_state:
+        return {**model_state, "batch_stats": jax.tree.map(fn, model_state["batch_stats"])}
+    return model_state
+
+
+def _batch_stat_leaves(model_state: Any) -> list[jax.Array]:
+    found: list[jax.Array] = []
+    _map_batch_stats(model_state, lambda a: found.append(a) or a)
+    return found
 
 
 def reestimate_batch_stats(
     apply_fn: T.ApplyFn, params: Any, model_state: Any, batches: Sequence[jax.Array]
 ) -> Any:
-    """Batch-norm re-estimation after QAT: ``batches`` forward passes in training mode (the
-    BatchNorms' running averages move to the quantized network's statistics), parameters
-    unchanged. Returns the new model state (unchanged when the model has no BatchNorm)."""
-    if "batch_stats" not in model_state:
-        return model_state
-    fwd = jax.jit(lambda p, s, xb: apply_fn(p, s, xb, True)[1])
-    for xb in batches:
-        model_state = {**model_state, "batch_stats": fwd(params, model_state, xb)["batch_stats"]}
-    return model_state
+    """Batch-norm re-estimation after QAT: every running mean / variance becomes the average,
+    over ``batches``, of the quantized network's batch statistics there (parameters and every
+    other state unchanged):
+
+    ``mu = (1/K) sum_k mean_k(z)``, ``var = (1/K) sum_k var_k(z)``, ``z`` a BatchNorm's input
+    in training mode, ``K = len(batches)`` (PyTorch's cumulative average, ``momentum=None``).
+
+    A BatchNorm's running update is affine in its old value, ``new = m old + (1 - m) b`` with
+    ``b`` the batch statistic, whatever its momentum ``m``: one forward pass from ``old = 0``
+    and one from ``old = 1`` give ``m = new_1 - new_0`` and ``b = new_0 / (1 - m)``. Works on
+    Linen (``batch_stats``) and NNX (``nnx.BatchStat``) states.
+
+    Raises:
+      ValueError: when the model has no BatchNorm statistics, or ``batches`` is empty.
+    """
+    if not _batch_stat_leaves(model_state):
+        raise ValueError(
+            "reestimate_batch_stats: the model has no BatchNorm statistics (no 'batch_stats' "
+            "collection, no nnx.BatchStat) to re-estimate; set bn_batches=0"
+        )
+    batches = list(batches)
+    if not batches:
+        raise ValueError("reestimate_batch_stats: batches must hold at least one batch")
+
+    def batch_stats(p, s, xb):
+        new0 = apply_fn(p, _map_batch_stats(s, jnp.zeros_like), xb, True)[1]
+        new1 = apply_fn(p, _map_batch_stats(s, jnp.ones_like), xb, True)[1]
+        a0, a1 = _batch_stat_leaves(new0), _batch_stat_leaves(new1)
+        return [n0 / (1.0 - (n1 - n0)) for n0, n1 in zip(a0, a1, strict=True)]
+
+    fwd = jax.jit(batch_stats)
+    per_batch = [fwd(params, model_state, xb) for xb in batches]
+    mean = iter([sum(col) / len(batches) for col in zip(*per_batch, strict=True)])
+    return _map_batch_stats(model_state, lambda _: next(mean))
+
+
+class Stage(NamedTuple):
+    """A stage of progressive lowering: steps ``start .. stop - 1`` at ``width`` bits (None:
+    the rules' own widths)."""
+
+    start: int
+    stop: int
+    width: int | None
+
+
+def width_stages(steps: int, schedule: Sequence[int] | None) -> tuple[Stage, ...]:
+    """Progressive lowering of the width: ``k = len(schedule)`` stages over ``steps``, stage
+    ``i`` covering steps ``floor(i steps / k) .. floor((i + 1) steps / k) - 1`` at width
+    ``schedule[i]``; None: one stage at the rules' own widths.
+
+    >>> [tuple(s) for s in width_stages(10, (8, 4, 2))]
+    [(0, 3, 8), (3, 6, 4), (6, 10, 2)]
+    """
+    if schedule is None:
+        return (Stage(0, steps, None),)
+    k = len(schedule)
+    return tuple(Stage(i * steps // k, (i + 1) * steps // k, w) for i, w in enumerate(schedule))
+
+
+def _widen(fmt: Any, width: int | None) -> Any:
+    if width is None or not isinstance(fmt, IntFormat) or fmt.bits >= width:
+        return fmt
+    return dataclasses.replace(fmt, bits=width)
+
+
+def rules_at_width(rules: Sequence[QuantRule], width: int | None) -> tuple[QuantRule, ...]:
+    """The rules of a lowering stage: every integer weight / activation format of ``b`` bits
+    runs at ``max(b, width)`` bits (a first layer kept at 8 bits stays at 8); other formats,
+    and everything when ``width`` is None, unchanged."""
+    return tuple(
+        dataclasses.replace(r, weight=_widen(r.weight, width), act=_widen(r.act, width))
+        for r in check_rules(rules)
+    )
+
+
+def _int_widths(rules: Sequence[QuantRule]) -> list[int]:
+    return [
+        f.bits
+        for r in rules
+        if not r.keep_float
+        for f in (r.weight, r.act)
+        if isinstance(f, IntFormat) and f.is_static
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +377,16 @@ class QATConfig:
       distill: weight ``a`` of the float model's soft targets (0: off).
       temperature: distillation temperature.
       calib_batches: calibration batches (of ``batch_size`` training examples, in order).
-      bn_batches: batch-norm re-estimation batches after QAT (0: off).
-      cosine: cosine decay of both rates over ``steps``.
+      bn_batches: batch-norm re-estimation batches after QAT (:func:`reestimate_batch_stats`,
+        the first ``bn_batches`` training batches; 0: off). A model without BatchNorm raises.
+      cosine: cosine decay of both rates over ``steps`` (over each stage's steps with a
+        ``schedule``).
+      schedule: progressive lowering, strictly decreasing widths such as ``(8, 4, 2)``
+        (:func:`width_stages`, :func:`rules_at_width`); at each stage the quantizers are
+        re-calibrated at the new width on the current weights (the learned steps restart from
+        their initialisation) and Adam restarts. The last width must not exceed the rules'
+        smallest integer width, so the last stage trains the rules themselves. None: off.
+        Linen only (:func:`run_nnx` raises).
     """
 
     steps: int = 300
@@ -277,6 +398,7 @@ class QATConfig:
     calib_batches: int = 8
     bn_batches: int = 0
     cosine: bool = False
+    schedule: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("steps", "calib_batches", "bn_batches"):
@@ -291,6 +413,105 @@ class QATConfig:
             raise ValueError(f"QATConfig.batch_size must be a positive int, got {self.batch_size}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"QATConfig.distill must be in [0, 1], got {self.distill!r}")
+        if self.schedule is not None:
+            sch = self.schedule
+            ok = isinstance(sch, tuple) and len(sch) >= 1
+            ok = ok and all(isinstance(w, int) and not isinstance(w, bool) for w in sch)
+            ok = ok and all(2 <= w <= 16 for w in sch)
+            if not ok or any(a <= b for a, b in zip(sch, sch[1:], strict=False)):
+                raise ValueError(
+                    "QATConfig.schedule must be None or a tuple of strictly decreasing int "
+                    f"widths in [2, 16], such as (8, 4, 2); got {sch!r}"
+                )
+            if self.steps and self.steps < len(sch):
+                raise ValueError(
+                    f"QATConfig.steps={self.steps} is fewer than the {len(sch)} stages of "
+                    f"schedule={sch!r}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """jquant's QAT recipe: a rule and a :class:`QATConfig`, each part a field that can be
+    switched off with ``dataclasses.replace``.
+
+    Args:
+      act_scale: ``"static"`` (calibrated per-tensor activation ranges, what an integer runtime
+        deploys) or a dynamic range (``"dynamic_per_token"``, ...: each activation's own
+        range, see :class:`jquant.nn.QuantRule`).
+      estimator: weight (and static activation) estimator: ``"lsq"`` learns the step
+        ``s`` with ``dL/ds`` of Esser et al. (2020), ``"ste"`` keeps the calibrated one.
+      act_estimator: activation estimator: ``"lsq"`` / ``"lsq_plus"`` (learned step, and
+        offset for LSQ+) for static ranges, ``"ste"`` for dynamic ones; None: ``estimator``.
+      learned_init: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``) or ``"calibration"``.
+      quant_lr: relative rate of the learned steps (:func:`qat_optimizer`); None: plain Adam.
+      distill: weight of the float model's soft targets (:func:`distillation_loss`; 0: off).
+      schedule: progressive lowering: the widths to pass through on the way down, e.g.
+        ``(8, 4)``; :meth:`config` keeps those above its ``target_bits`` and ends at it
+        (``(8, 4, 2)`` for 2 bits, ``(8, 3)`` for 3, none for 8). None: off.
+      bn_batches: batch-norm re-estimation batches after QAT (0: off; a model with BatchNorm).
+      cosine: cosine decay of the rates (False: Adam's constant rate, as the peers').
+    """
+
+    act_scale: str = "static"
+    estimator: str = "lsq"
+    act_estimator: str | None = "lsq_plus"
+    learned_init: str = "paper"
+    quant_lr: float | None = 1e-2
+    distill: float = 0.5
+    schedule: tuple[int, ...] | None = None
+    bn_batches: int = 0
+    cosine: bool = False
+
+    def __post_init__(self):
+        # fail at construction: a rule and a config built from these fields validate them
+        self.rule(".*", "int8", "int8")
+        self.config(0, target_bits=2)
+
+    def rule(self, pattern: str, weight: Any, act: Any, **overrides: Any) -> QuantRule:
+        """The :class:`jquant.nn.QuantRule` of ``pattern`` with this recipe's quantizers
+        (``overrides``: any other QuantRule field, such as ``weight_granularity``)."""
+        fields = dict(
+            estimator=self.estimator,
+            act_estimator=self.act_estimator,
+            act_scale=self.act_scale,
+            learned_init=self.learned_init,
+        )
+        return QuantRule(pattern, weight=weight, act=act, **{**fields, **overrides})
+
+    def config(self, steps: int, *, target_bits: int | None = None, **overrides: Any) -> QATConfig:
+        """The :class:`QATConfig` of ``steps`` QAT steps with this recipe's training options
+        (``overrides``: any other QATConfig field, such as ``batch_size``).
+
+        ``target_bits``: the rules' smallest width, where a ``schedule`` ends:
+        ``QATConfig.schedule = (w for w in schedule if w > target_bits) + (target_bits,)``
+        (None when no width is above it). Needed when the recipe has a schedule.
+        """
+        schedule = None
+        if self.schedule is not None:
+            if target_bits is None:
+                raise ValueError(
+                    f"Recipe.schedule={self.schedule!r}: config() needs target_bits, the "
+                    "width the lowering ends at"
+                )
+            above = tuple(w for w in self.schedule if w > target_bits)
+            schedule = above + (target_bits,) if above else None
+        fields = dict(
+            quant_lr=self.quant_lr,
+            distill=self.distill,
+            schedule=schedule,
+            bn_batches=self.bn_batches,
+            cosine=self.cosine,
+        )
+        return QATConfig(steps=steps, **{**fields, **overrides})
+
+
+#: The deployable recipe: static per-tensor activation ranges, every step learned (LSQ weights,
+#: LSQ+ activations: a learned step and offset), distillation from the float model.
+STATIC_RECIPE = Recipe()
+
+#: Dynamic per-example-and-position activation ranges (Qwix's and AQT's default is dynamic).
+DYNAMIC_RECIPE = Recipe(act_scale="dynamic_per_token", act_estimator="ste")
 
 
 def _check_seeds(seeds, n: int) -> list[int]:
@@ -332,6 +553,7 @@ def run_linen(
       ``config.steps > 0``).
     """
     rules = check_rules(rules)
+    _check_schedule(rules, config)
     float_variables = list(float_variables)
     if not float_variables:
         raise ValueError("float_variables must hold at least one variable tree")
@@ -359,37 +581,66 @@ def run_linen(
     def teacher(i, xb):
         return logits(float_variables[i], xb)
 
-    return _train_and_eval(results, starts, train_apply, ev, teacher, data, config, seeds, say)
+    def stage(width, pms):
+        """The train step's model at a lowering stage's width, every seed re-calibrated."""
+        if width is None:
+            return train_apply, pms
+        qm, _ = ql.quantize_model(model, rules_at_width(rules, width), x0, on_unused="ignore")
+        out = []
+        for p, ms in pms:
+            v = {**{k: c for k, c in ms.items() if k != STATS}, "params": p}
+            out.append(T.split_linen(qm.calibrate(qm.attach(v, x0), calib)))
+        return T.linen_apply_fn(qm.with_phase("train")), out
+
+    return _train_and_eval(results, starts, stage, ev, teacher, data, config, seeds, say)
 
 
-def _train_and_eval(results, starts, train_apply, eval_apply, teacher, data, config, seeds, say):
-    """QAT of every seed's start (one vmapped program), BN re-estimation, eval: ``qat``."""
+def _check_schedule(rules: Sequence[QuantRule], config: QATConfig) -> None:
+    widths = _int_widths(rules)
+    if config.schedule is not None and widths and config.schedule[-1] > min(widths):
+        raise ValueError(
+            f"QATConfig.schedule={config.schedule!r} ends at {config.schedule[-1]} bits, above "
+            f"the rules' smallest integer width {min(widths)}: the last stage must train the "
+            "rules themselves (end the schedule at that width or lower)"
+        )
+
+
+def _train_and_eval(results, starts, stage_fn, eval_apply, teacher, data, config, seeds, say):
+    """QAT of every seed's start (one vmapped program per lowering stage), BN re-estimation,
+    eval: ``qat``. ``stage_fn(width, [(params, model_state)])`` gives a stage's train apply
+    function and its re-calibrated starts (``width`` None: the rules' own)."""
     x_tr, y_tr, bs = data.x_train, data.y_train, config.batch_size
-    opt = qat_optimizer(
-        config.learning_rate,
-        quant_lr=config.quant_lr,
-        steps=config.steps if config.cosine else None,
-    )
-    step = make_qat_step(train_apply, opt, distill=config.distill, temperature=config.temperature)
-    states = [T.TrainState.create(p, ms, opt) for p, ms in starts]
     start = time.perf_counter()
-    states = fit_seeds(
-        step,
-        states,
-        x_tr,
-        y_tr,
-        steps=config.steps,
-        batch_size=bs,
-        keys=[jax.random.key(s) for s in seeds],
-        teacher_fn=teacher if config.distill > 0 else None,
-        log=say,
-    )
-    for res, st in zip(results, states, strict=True):
-        ms = st.model_state
+    pms = list(starts)
+    for st in width_stages(config.steps, config.schedule):
+        train_apply, pms = stage_fn(st.width, pms)
+        if st.width is not None:
+            say(f"stage: steps {st.start}..{st.stop - 1} at widths >= {st.width} bits")
+        n = st.stop - st.start
+        opt = qat_optimizer(
+            config.learning_rate, quant_lr=config.quant_lr, steps=n if config.cosine else None
+        )
+        step = make_qat_step(
+            train_apply, opt, distill=config.distill, temperature=config.temperature
+        )
+        states = fit_seeds(
+            step,
+            [T.TrainState.create(p, ms, opt) for p, ms in pms],
+            x_tr,
+            y_tr,
+            steps=n,
+            batch_size=bs,
+            keys=[jax.random.key(s) for s in seeds],
+            teacher_fn=teacher if config.distill > 0 else None,
+            log=say,
+            start=st.start,
+        )
+        pms = [(s.params, s.model_state) for s in states]
+    for res, (params, ms) in zip(results, pms, strict=True):
         if config.bn_batches:
             bn = [x_tr[i * bs : (i + 1) * bs] for i in range(config.bn_batches)]
-            ms = reestimate_batch_stats(train_apply, st.params, ms, bn)
-        res["qat"] = T.evaluate(eval_apply, st.params, ms, data.x_test, data.y_test)["accuracy"]
+            ms = reestimate_batch_stats(train_apply, params, ms, bn)
+        res["qat"] = T.evaluate(eval_apply, params, ms, data.x_test, data.y_test)["accuracy"]
     say(f"qat {[r['qat'] for r in results]} ({time.perf_counter() - start:.0f} s)")
     return results
 
@@ -405,10 +656,19 @@ def run_nnx(
 ) -> list[dict[str, float]]:
     """:func:`run_linen` for NNX: one trained float ``nnx.Module`` per seed (same architecture,
     called as ``model(x, train=...)``), quantized by ``jquant.nn.nnx.quantize_model`` (the
-    float models are left unchanged). Returns ``{"float", "ptq", "qat"}`` per seed."""
+    float models are left unchanged). Returns ``{"float", "ptq", "qat"}`` per seed.
+
+    Raises:
+      ValueError: for ``config.schedule`` (progressive lowering is Linen only).
+    """
     from jquant.nn import nnx as qn
 
     rules = check_rules(rules)
+    if config.schedule is not None:
+        raise ValueError(
+            "run_nnx: QATConfig.schedule (progressive lowering) is supported by run_linen "
+            "only; set schedule=None"
+        )
     models = list(models)
     if not models:
         raise ValueError("models must hold at least one nnx.Module")
@@ -436,10 +696,11 @@ def run_nnx(
         apply, p_f, s_f = floats[i]
         return apply(p_f, s_f, xb, False)[0]
 
+    train_apply = T.nnx_apply_fn(g_t)
     return _train_and_eval(
         results,
         starts,
-        T.nnx_apply_fn(g_t),
+        lambda _, pms: (train_apply, pms),
         T.nnx_apply_fn(g_e),
         teacher,
         data,

@@ -1,5 +1,7 @@
 """QAT end to end: a train step on a rule-quantized model lowers the loss; accuracy (slow)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -183,3 +185,219 @@ def test_recipe_nnx_matches_linen_structure_and_trains():
     assert min(r["float"] for r in res) > 0.8 and min(r["qat"] for r in res) > 0.7  # chance 0.5
     after = nnx.state(models[0], nnx.Param)  # the float models are left unchanged
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
+
+
+class _ConvBN(__import__("flax").linen.Module):
+    """Conv -> BatchNorm -> relu -> Dense: a small model with batch statistics."""
+
+    @__import__("flax").linen.compact
+    def __call__(self, x, train: bool = False):
+        import flax.linen as fnn
+
+        x = fnn.Conv(3, (3,), use_bias=False, name="conv")(x)
+        x = fnn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+        x = fnn.relu(x)
+        return fnn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_bn_reestimation_equals_batch_stats_of_the_quantized_pre_bn_activations():
+    """After re-estimation the running mean / var are the averages over the batches of the
+    batch mean / (biased) variance of the BN's input in the *quantized* model, computed here
+    from the captured pre-BN activations in NumPy; other state and parameters unchanged."""
+    import flax.linen as fnn
+
+    from jquant import qat
+    from jquant.formats import IntFormat
+    from jquant.nn import QuantRule
+
+    model = _ConvBN()
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (64, 12, 2))
+    v = model.init(k[1], x[:2])
+    v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}  # stale stats
+    rule = QuantRule(".*", weight=IntFormat(3), act=IntFormat(3))
+    qm, _ = ql.quantize_model(model, rule, x[:2], on_unused="ignore")
+    qv = qm.calibrate(qm.attach(v, x[:2]), [x[:32]])
+    params, state = T.split_linen(qv)
+    train_apply = T.linen_apply_fn(qm.with_phase("train"))
+    batches = [x[:16], x[16:32], x[32:48]]  # one shape: one compile
+    new = qat.reestimate_batch_stats(train_apply, params, state, batches)
+
+    def capture(apply_model, variables, xb):
+        seen = []
+
+        def spy(next_fun, args, kwargs, context):
+            if isinstance(context.module, fnn.BatchNorm) and context.method_name == "__call__":
+                seen.append(np.asarray(args[0], np.float64))
+            return next_fun(*args, **kwargs)
+
+        with fnn.intercept_methods(spy):
+            apply_model.apply(variables, xb, train=True, mutable=["batch_stats", "quant_stats"])
+        return seen[0].reshape(-1, seen[0].shape[-1])
+
+    z = [capture(qm.with_phase("train"), qv, xb) for xb in batches]
+    mean = np.mean([a.mean(0) for a in z], 0)
+    var = np.mean([a.var(0) for a in z], 0)
+    np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], var, rtol=1e-4, atol=1e-5)
+    z_float = capture(model, v, batches[0])  # the quantized activations are not the float ones
+    assert np.max(np.abs(z_float - z[0])) > 1e-3
+    jax.tree.map(np.testing.assert_array_equal, new["quant_stats"], state["quant_stats"])
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        qat.reestimate_batch_stats(train_apply, params, {"quant_stats": {}}, batches)
+    with pytest.raises(ValueError, match="at least one batch"):
+        qat.reestimate_batch_stats(train_apply, params, state, [])
+
+
+def test_bn_reestimation_nnx_batch_stats():
+    """NNX: the nnx.BatchStat leaves become the batch statistics of a batch (one batch: the
+    running value is that batch's mean / biased variance), whatever the momentum."""
+    from flax import nnx
+
+    from jquant import qat
+
+    class M(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+            self.bn = nnx.BatchNorm(4, momentum=0.5, rngs=nnx.Rngs(0))
+
+        def __call__(self, x, train=False):
+            self.bn.use_running_average = not train
+            return self.bn(self.lin(x))
+
+    m = M()
+    g, p, s = T.split_nnx(m)
+    xb = jax.random.normal(jax.random.key(3), (32, 3)) * 2 + 1
+    new = qat.reestimate_batch_stats(T.nnx_apply_fn(g), p, s, [xb])
+    z = np.asarray(m.lin(xb), np.float64)
+    np.testing.assert_allclose(new["bn"]["mean"].value, z.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["bn"]["var"].value, z.var(0), rtol=1e-4, atol=1e-5)
+
+
+def test_progressive_lowering_stages_and_widths():
+    """width_stages splits the steps evenly (remainder last); rules_at_width raises every
+    integer width to at least the stage's (an 8-bit first layer stays 8, float stays float);
+    QATConfig.schedule and run_linen validate the schedule."""
+    from jquant import qat
+    from jquant.formats import IntFormat
+    from jquant.nn import QuantRule
+
+    assert qat.width_stages(300, (8, 4, 2)) == (
+        qat.Stage(0, 100, 8),
+        qat.Stage(100, 200, 4),
+        qat.Stage(200, 300, 2),
+    )
+    assert qat.width_stages(7, None) == (qat.Stage(0, 7, None),)
+    rules = (
+        QuantRule("conv0", weight=IntFormat(8), act=IntFormat(8)),
+        QuantRule(".*", weight=IntFormat(2), act=IntFormat(3), estimator="lsq"),
+        QuantRule("head", weight=None, act=None),
+    )
+    for width, want in ((8, [8, 8, 8, 8]), (4, [8, 8, 4, 4]), (2, [8, 8, 2, 3]), (None, None)):
+        got = qat.rules_at_width(rules, width)
+        bits = [f.bits for r in got[:2] for f in (r.weight, r.act)]
+        assert bits == (want or [8, 8, 2, 3])
+        assert got[1].estimator == "lsq" and got[2].weight is None
+    for bad in ((2, 4), (8, 8), (8, 1), [8, 2], (8.0, 2)):
+        with pytest.raises(ValueError, match="QATConfig.schedule"):
+            qat.QATConfig(schedule=bad)
+    with pytest.raises(ValueError, match="fewer than"):
+        qat.QATConfig(steps=2, schedule=(8, 4, 2))
+    data = _tiny_data()
+    with pytest.raises(ValueError, match="smallest integer width 2"):
+        qat.run_linen(
+            data.model, [data.v], rules[1], data, qat.QATConfig(schedule=(8, 4)), log=None
+        )
+    with pytest.raises(ValueError, match="run_linen only"):
+        qat.run_nnx([], rules[1], data, qat.QATConfig(schedule=(8, 2)), log=None)
+
+
+def _tiny_data():
+    from types import SimpleNamespace
+
+    k = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(k[0], (256, 8, 1))
+    y = (x[:, :4, 0].sum(1) > 0).astype(np.int32)
+    cnn = models.CNN(models.CNNConfig(features=(4,), dense=(8,), num_classes=2))
+    v = cnn.init(k[1], x[:2])
+    return SimpleNamespace(
+        x_train=x[:128], y_train=y[:128], x_test=x[128:], y_test=y[128:], model=cnn, v=v
+    )
+
+
+@pytest.mark.slow
+def test_progressive_lowering_changes_the_width_at_the_scheduled_steps(monkeypatch):
+    """run_linen with schedule=(8, 2) over 4 steps: the model of steps 0..1 is quantized at 8
+    bits and that of steps 2..3 at 2 bits (the rules given to quantize_model, in the order of
+    the stage log lines); a one-width schedule at the rules' width trains exactly as none."""
+    from jquant import qat
+    from jquant.formats import IntFormat
+    from jquant.nn import QuantRule
+
+    data = _tiny_data()
+    rule = QuantRule(".*", weight=IntFormat(2), act=IntFormat(2), estimator="lsq")
+    events = []
+    quantize_model = ql.quantize_model
+
+    def spy(model, rules, *a, **k):
+        events.append(("quantize", rules[0].weight.bits, rules[0].act.bits))
+        return quantize_model(model, rules, *a, **k)
+
+    monkeypatch.setattr(qat.ql, "quantize_model", spy)
+    cfg = qat.QATConfig(steps=4, batch_size=32, calib_batches=1, schedule=(8, 2))
+    qat.run_linen(data.model, [data.v], rule, data, cfg, log=events.append)
+    events = [e for e in events if isinstance(e, tuple) or e.startswith("stage")]
+    assert events == [
+        ("quantize", 2, 2),  # the target model: PTQ and evaluation
+        ("quantize", 8, 8),
+        "stage: steps 0..1 at widths >= 8 bits",
+        ("quantize", 2, 2),
+        "stage: steps 2..3 at widths >= 2 bits",
+    ]
+    monkeypatch.undo()
+    same = [
+        qat.run_linen(
+            data.model, [data.v], rule, data, dataclasses.replace(cfg, schedule=s), log=None
+        )
+        for s in ((2,), None)
+    ]
+    assert same[0] == same[1]
+
+
+def test_named_recipes_rules_configs_and_switches():
+    """STATIC_RECIPE / DYNAMIC_RECIPE give rules and configs with their fields; a schedule
+    ends at the target width; every part can be switched off; bad fields raise at once."""
+    from jquant import qat
+    from jquant.formats import IntFormat
+
+    r = qat.STATIC_RECIPE.rule("conv.*", IntFormat(2), IntFormat(2))
+    assert (r.pattern, r.act_scale, r.estimator) == ("conv.*", "static", "lsq")
+    assert r.act_estimator == qat.STATIC_RECIPE.act_estimator
+    d = qat.DYNAMIC_RECIPE.rule(".*", "int4", "int4", weight_granularity="per_tensor")
+    assert (d.act_scale, d.act_estimator, d.weight_granularity) == (
+        "dynamic_per_token",
+        "ste",
+        "per_tensor",
+    )
+    lowering = dataclasses.replace(qat.STATIC_RECIPE, schedule=(8, 4))
+    assert lowering.config(30, target_bits=2).schedule == (8, 4, 2)
+    assert lowering.config(30, target_bits=3).schedule == (8, 4, 3)
+    assert lowering.config(30, target_bits=8).schedule is None
+    with pytest.raises(ValueError, match="target_bits"):
+        lowering.config(30)
+    off = dataclasses.replace(
+        qat.STATIC_RECIPE, distill=0.0, quant_lr=None, schedule=None, bn_batches=0
+    )
+    cfg = off.config(10, batch_size=64)
+    assert (cfg.steps, cfg.distill, cfg.quant_lr, cfg.schedule, cfg.bn_batches) == (
+        10,
+        0.0,
+        None,
+        None,
+        0,
+    )
+    assert cfg.batch_size == 64
+    with pytest.raises(ValueError, match="act_scale"):
+        qat.Recipe(act_scale="dynamic_per_token", act_estimator="lsq")
+    with pytest.raises(ValueError, match="QATConfig.distill"):
+        qat.Recipe(distill=3.0)
