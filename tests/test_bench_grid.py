@@ -452,6 +452,7 @@ def test_smoke_int_overhead_profile():
         "float",
         "lax_int8",
         "int_static",
+        "quantize",
         "quantize_pad",
         "lax_int8_prepadded",
         "nan_mask",
@@ -460,6 +461,7 @@ def test_smoke_int_overhead_profile():
         "nan_check_sum",
     }
     assert r["parts_besides_the_conv_over_lax_int8"] < r["parts_over_lax_int8"]
+    assert r["parts"] == ["quantize", "lax_int8", "nan_check_sum", "rescale_with_checks"]
     assert r["int_static_vs_lax_int8"]["verdict"] in timing.VERDICTS
     assert r["int_static_vs_lax_int8"]["target"] == overhead.TARGET
     ops_ = " ".join(r["int_static_entry_ops"])
@@ -486,13 +488,33 @@ def _speedup(row: dict) -> str:
     return f"{row['speedup']:.2f}x [{1 / hi:.2f}, {1 / lo:.2f}]"
 
 
+def _ratio(row: dict) -> str:
+    """``time ratio x [low, high]``."""
+    r = row["time_ratio"]
+    return f"{r['median']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+
+def _model_row(results: dict, name: str, phase: str, variant: str) -> dict:
+    return next(
+        r
+        for r in results["rows"]
+        if (r["model"], r["phase"], r["variant"]) == (name, phase, variant)
+    )
+
+
 def test_readme_accelerator_benchmarking_matches_the_results():
     mm = load("benchmarks/results/bench_matmul_cpu.json")
     cv = load("benchmarks/results/bench_conv_cpu.json")
+    mo = load("benchmarks/results/bench_model_cpu.json")
     rates = mm["peak"]["rates_tflops"]
     over = cv["int_overhead"]
     pair = over["int_static_vs_lax_int8"]
     assert mm["peak"]["kind"] == "measured" and mm["meta"]["quick"] and cv["meta"]["quick"]
+    assert mo["meta"]["quick"]
+    gpt, cnn = mo["models"]["gpt"], mo["models"]["cnn"]
+    program = _model_row(mo, "gpt", "inference", "program")
+    assert program["status"] == "unsupported" and program["error"]
+    weights = gpt["weights_bytes"]
     figures = {
         "float32 peak": f"{1e3 * rates['float32']:.1f} GFLOP/s",
         "int8 peak": f"{1e3 * rates['int8']:.1f} GOP/s",
@@ -503,7 +525,21 @@ def test_readme_accelerator_benchmarking_matches_the_results():
         "verdict": f"(target <= {pair['target']}: {pair['verdict']})",
         "passes": f"{over['parts_besides_the_conv_over_lax_int8']:.2f}x",
         "parts": f"{over['parts_over_lax_int8']:.2f}x",
+        "previous parts": f"{over['previous_parts_over_lax_int8']:.2f}x",
         "prepadded": f"{over['prepadded_vs_lax_int8']['median']:.2f}x",
+        "cnn batch": f"CNN batch {cnn['batch']}",
+        "gpt batch": f"GPT {gpt['batch']} windows of {gpt['context']} tokens",
+        "gpt source": "freshly initialised"
+        if "freshly initialised" in gpt["description"]
+        else "cached zoo weights",
+        "cnn int": _ratio(_model_row(mo, "cnn", "inference", "int")),
+        "cnn program": _ratio(_model_row(mo, "cnn", "inference", "program")),
+        "gpt float": f"{_model_row(mo, 'gpt', 'inference', 'float')['tokens_per_s']:.0f} tokens/s",
+        "gpt int": _ratio(_model_row(mo, "gpt", "inference", "int")),
+        "gpt int training": _ratio(_model_row(mo, "gpt", "training", "int")),
+        "gpt float32 weights": f"{weights['float32'] / 1e6:.2f} MB",
+        "gpt int8 weights": f"{weights['int8'] / 1e6:.2f} MB",
+        "gpt int4 weights": f"{weights['int4_packed'] / 1e6:.2f} MB",
     }
     assert pair["verdict"] == verdict(pair["ci95"], pair["target"])
     check_section(
