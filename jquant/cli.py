@@ -663,10 +663,32 @@ def _configure_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="reduced-size run")
 
 
+def _papers_root() -> pathlib.Path | None:
+    """``$JQUANT_PAPERS`` if set, else ``papers/`` with ``*/reproduce.py`` scripts in the
+    current directory, then the source checkout (:func:`_checkout_folder`), or None."""
+    from jquant.reproduce import PAPERS_ENV
+
+    env = os.environ.get(PAPERS_ENV)
+    if env:
+        return pathlib.Path(env).expanduser()
+    return _checkout_folder("papers", "*/reproduce.py")
+
+
 def _run_reproduce(args: argparse.Namespace) -> int:
     from jquant import reproduce
 
-    status = _list_or_check("reproduce", args, reproduce.list_papers())
+    root = _papers_root()
+    if root is None:
+        looked = " and ".join(str(f) for f in _checkout_folders("papers"))
+        print(
+            "jquant reproduce: error: the paper scripts are not part of the installed package, "
+            f"and no papers/ folder with <name>/reproduce.py was found (looked in {looked}). "
+            "Run from a checkout of jquant's source, copy its papers/ folder into the current "
+            f"directory, or set ${reproduce.PAPERS_ENV} to such a folder.",
+            file=sys.stderr,
+        )
+        return 2
+    status = _list_or_check("reproduce", args, reproduce.list_papers(root))
     if status is not None:
         return status
     out = args.out
@@ -676,37 +698,42 @@ def _run_reproduce(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as e:
             print(f"jquant reproduce: error: argument --out: {e}", file=sys.stderr)
             return 2
-    reproduce.run_paper(args.name, out, quick=args.quick)
+    reproduce.run_paper(args.name, out, quick=args.quick, root=root)
     return 0
 
 
-def _benchmark_folders() -> tuple[pathlib.Path, pathlib.Path]:
-    """Where ``jquant bench SCRIPT`` looks for ``benchmarks/``, in order: the current working
-    directory, then the source checkout the package was imported from (an editable install)."""
+def _checkout_folders(name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """Where the CLI looks for the source-tree folder ``name`` (``benchmarks``, ``papers``),
+    in order: the current working directory, then the source checkout the package was
+    imported from (an editable install)."""
     source = pathlib.Path(__file__).resolve().parents[1]
-    return pathlib.Path.cwd() / "benchmarks", source / "benchmarks"
+    return pathlib.Path.cwd() / name, source / name
+
+
+def _checkout_folder(name: str, pattern: str) -> pathlib.Path | None:
+    """The first of :func:`_checkout_folders` holding a file matching ``pattern``, or None.
+
+    ``benchmarks/`` and ``papers/`` are not part of the package: an installed (non-editable)
+    wheel has neither. The source tree counts only where it is a checkout (``pyproject.toml``
+    beside ``jquant/``), so an unrelated folder of that name in site-packages is never used.
+    """
+    cwd, source = _checkout_folders(name)
+    if any(cwd.glob(pattern)):
+        return cwd
+    if (source.parent / "pyproject.toml").is_file() and any(source.glob(pattern)):
+        return source
+    return None
 
 
 def _benchmarks_dir() -> pathlib.Path | None:
-    """The first of :func:`_benchmark_folders` that holds ``*.py`` scripts, or None.
-
-    The benchmark scripts are not part of the package: an installed (non-editable) wheel has
-    only the grids (``jquant.bench``). The source tree counts only where it is a checkout
-    (``pyproject.toml`` beside ``jquant/``), so an unrelated ``benchmarks`` folder in
-    site-packages is never run.
-    """
-    cwd, source = _benchmark_folders()
-    if any(cwd.glob("*.py")):
-        return cwd
-    if (source.parent / "pyproject.toml").is_file() and any(source.glob("*.py")):
-        return source
-    return None
+    """``benchmarks/`` with ``*.py`` scripts (:func:`_checkout_folder`), or None."""
+    return _checkout_folder("benchmarks", "*.py")
 
 
 def _no_scripts_message(name: str | None) -> str:
     from jquant.bench.command import GRIDS
 
-    looked = " and ".join(str(f) for f in _benchmark_folders())
+    looked = " and ".join(str(f) for f in _checkout_folders("benchmarks"))
     what = f"no benchmark script {name!r}: " if name else ""
     return (
         f"jquant bench: {what}the benchmark scripts are not part of the installed package, and "

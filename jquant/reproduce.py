@@ -46,20 +46,23 @@ def papers_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent.parent / "papers"
 
 
-def list_papers() -> list[str]:
-    """Names of the folders under :func:`papers_dir` that hold a ``reproduce.py``, sorted."""
-    root = papers_dir()
+def list_papers(root: str | os.PathLike | None = None) -> list[str]:
+    """Names of the folders under ``root`` (default :func:`papers_dir`) that hold a
+    ``reproduce.py``, sorted."""
+    root = papers_dir() if root is None else pathlib.Path(root)
     if not root.is_dir():
         return []
     return sorted(p.parent.name for p in root.glob("*/reproduce.py"))
 
 
-def load_paper(name: str) -> ModuleType:
-    """Imports ``papers/<name>/reproduce.py`` as a module (it is not part of the package)."""
-    known = list_papers()
+def load_paper(name: str, root: str | os.PathLike | None = None) -> ModuleType:
+    """Imports ``<root>/<name>/reproduce.py`` (``root`` default :func:`papers_dir`) as a
+    module (it is not part of the package)."""
+    root = papers_dir() if root is None else pathlib.Path(root)
+    known = list_papers(root)
     if name not in known:
         raise ValueError(f"unknown paper {name!r}; known papers: {', '.join(known) or 'none'}")
-    path = papers_dir() / name / "reproduce.py"
+    path = root / name / "reproduce.py"
     module_name = f"jquant_papers_{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -75,17 +78,23 @@ def load_paper(name: str) -> ModuleType:
     return module
 
 
-def run_paper(name: str, out_dir: str | os.PathLike, quick: bool = False) -> dict[str, Table]:
+def run_paper(
+    name: str,
+    out_dir: str | os.PathLike,
+    quick: bool = False,
+    root: str | os.PathLike | None = None,
+) -> dict[str, Table]:
     """Runs paper ``name`` and returns its tables (also written, with plots, into ``out_dir``).
 
     Args:
       name: one of :func:`list_papers`.
       out_dir: output folder, created if missing.
       quick: the reduced-size run (seconds instead of minutes; the tests use it).
+      root: the folder of paper folders (default :func:`papers_dir`).
     """
     if not isinstance(quick, bool):
         raise TypeError(f"quick must be a bool, got {quick!r}")
-    module = load_paper(name)
+    module = load_paper(name, root)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return module.main(out, quick=quick)

@@ -7,6 +7,7 @@ jquant's simulate mode and a NumPy conv (the int conv that item 4 profiles).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -33,6 +34,7 @@ from jquant.bench import (
     verdict,
 )
 from jquant.estimators import fake_quant
+from jquant.models.config import GPTConfig, model_config
 
 OPERAND = {o.name: o for o in grid.OPERANDS}
 
@@ -252,13 +254,68 @@ def test_compiled_memory_counts_arguments_and_outputs():
     assert got >= x.nbytes + 256 * 256 * 4
 
 
+TINY_GPT = GPTConfig(vocab_size=13, context=8, num_layers=1, num_heads=2, width=16)
+
+
+def test_gpt_weight_bytes_per_format_match_the_analytic_count():
+    cfg = dataclasses.replace(TINY_GPT, num_layers=2)
+    _, variables, source = model.gpt_model(cfg)
+    assert source == "given GPTConfig, freshly initialised"
+    w, h = cfg.width, cfg.mlp_ratio * cfg.width
+    # per block: query, key, value, out (w x w), up (w x h), down (h x w); scales per column
+    kernels = cfg.num_layers * (4 * w * w + 2 * w * h)
+    channels = cfg.num_layers * (4 * w + h + w)
+    others = cfg.vocab_size * w + cfg.context * w + (2 * cfg.num_layers + 1) * w
+    b = model.weight_bytes(variables["params"])
+    assert b["float32"] == 4 * (kernels + others)
+    assert b["int8"] == kernels + 4 * channels + 4 * others
+    assert b["int4_packed"] == kernels // 2 + 4 * channels + 4 * others
+
+
+def test_zoo_gpt_without_cached_weights_is_freshly_initialised_and_says_so(tmp_path):
+    gpt_model, variables, source = model.gpt_model(cache=tmp_path)
+    assert "freshly initialised" in source and str(tmp_path) in source
+    assert gpt_model.config == model_config("gpt", (128,), 103)
+    assert variables["params"]["pos_embed"].shape == (128, gpt_model.config.width)
+
+
+@pytest.mark.slow  # about 75 s on the loaded 2-core machine (six compiles and a convert)
+def test_smoke_gpt_model_bench():
+    part = model.run_gpt(quick=True, rounds=2, config=TINY_GPT, batch=2)
+    rows = {(r["phase"], r["variant"]): r for r in part["rows"]}
+    ok = [(p, v) for p in ("inference", "training") for v in ("float", "simulate", "int")]
+    assert sorted(k for k, r in rows.items() if r["status"] == "ok") == sorted(ok)
+    for key in ok:
+        r = rows[key]
+        assert r["model"] == "gpt" and r["median_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 8 / (r["median_ms"] / 1e3))
+        assert r["samples_per_s"] == pytest.approx(2 / (r["median_ms"] / 1e3))
+        assert r["compiled_memory_bytes"] > 0
+        assert r["device_peak_bytes"] is None  # CPU: no memory_stats(), none made up
+    assert rows[("inference", "float")]["time_ratio"]["median"] == 1
+    # the integer program is reported, with convert's own refusal, not omitted
+    program = rows[("inference", "program")]
+    assert program["status"] == "unsupported" and ":" in program["error"]
+    assert "freshly initialised" in part["description"]
+    assert part["weights_bytes"]["int4_packed"] < part["weights_bytes"]["int8"]
+    text = model.format_summary(
+        dict(rows=part.pop("rows"), models=dict(gpt=part), device_memory_source="none")
+    )
+    assert "tokens/s" in text and "program      unsupported: " in text
+
+
 @pytest.mark.slow
-def test_smoke_model_bench():
-    payload = model.run(quick=True, rounds=2)
-    variants = {(r["phase"], r["variant"]) for r in payload["rows"]}
-    assert ("inference", "program") in variants and ("training", "int") in variants
-    assert all(r["samples_per_s"] > 0 for r in payload["rows"])
-    assert payload["weights_bytes"]["int4_packed"] < payload["weights_bytes"]["int8"]
+def test_smoke_model_bench(tmp_path):
+    payload = model.run(quick=True, rounds=2, gpt_config=TINY_GPT)
+    variants = {(r["model"], r["phase"], r["variant"]) for r in payload["rows"]}
+    assert ("cnn", "inference", "program") in variants and ("cnn", "training", "int") in variants
+    assert ("gpt", "training", "int") in variants
+    assert all(r["samples_per_s"] > 0 for r in payload["rows"] if r["status"] == "ok")
+    cnn = payload["models"]["cnn"]["weights_bytes"]
+    assert cnn["int4_packed"] < cnn["int8"] < cnn["float32"]
+    report.write_csv(payload["rows"], tmp_path / "m.csv", model.CSV_COLUMNS)
+    lines = (tmp_path / "m.csv").read_text().strip().splitlines()
+    assert len(lines) == len(payload["rows"]) + 1 and lines[0].startswith("model,phase")
 
 
 # --- the CLI --------------------------------------------------------------------------------
@@ -395,6 +452,7 @@ def test_smoke_int_overhead_profile():
         "float",
         "lax_int8",
         "int_static",
+        "quantize",
         "quantize_pad",
         "lax_int8_prepadded",
         "nan_mask",
@@ -403,6 +461,7 @@ def test_smoke_int_overhead_profile():
         "nan_check_sum",
     }
     assert r["parts_besides_the_conv_over_lax_int8"] < r["parts_over_lax_int8"]
+    assert r["parts"] == ["quantize", "lax_int8", "nan_check_sum", "rescale_with_checks"]
     assert r["int_static_vs_lax_int8"]["verdict"] in timing.VERDICTS
     assert r["int_static_vs_lax_int8"]["target"] == overhead.TARGET
     ops_ = " ".join(r["int_static_entry_ops"])
@@ -429,13 +488,33 @@ def _speedup(row: dict) -> str:
     return f"{row['speedup']:.2f}x [{1 / hi:.2f}, {1 / lo:.2f}]"
 
 
+def _ratio(row: dict) -> str:
+    """``time ratio x [low, high]``."""
+    r = row["time_ratio"]
+    return f"{r['median']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+
+def _model_row(results: dict, name: str, phase: str, variant: str) -> dict:
+    return next(
+        r
+        for r in results["rows"]
+        if (r["model"], r["phase"], r["variant"]) == (name, phase, variant)
+    )
+
+
 def test_readme_accelerator_benchmarking_matches_the_results():
     mm = load("benchmarks/results/bench_matmul_cpu.json")
     cv = load("benchmarks/results/bench_conv_cpu.json")
+    mo = load("benchmarks/results/bench_model_cpu.json")
     rates = mm["peak"]["rates_tflops"]
     over = cv["int_overhead"]
     pair = over["int_static_vs_lax_int8"]
     assert mm["peak"]["kind"] == "measured" and mm["meta"]["quick"] and cv["meta"]["quick"]
+    assert mo["meta"]["quick"]
+    gpt, cnn = mo["models"]["gpt"], mo["models"]["cnn"]
+    program = _model_row(mo, "gpt", "inference", "program")
+    assert program["status"] == "unsupported" and program["error"]
+    weights = gpt["weights_bytes"]
     figures = {
         "float32 peak": f"{1e3 * rates['float32']:.1f} GFLOP/s",
         "int8 peak": f"{1e3 * rates['int8']:.1f} GOP/s",
@@ -446,7 +525,21 @@ def test_readme_accelerator_benchmarking_matches_the_results():
         "verdict": f"(target <= {pair['target']}: {pair['verdict']})",
         "passes": f"{over['parts_besides_the_conv_over_lax_int8']:.2f}x",
         "parts": f"{over['parts_over_lax_int8']:.2f}x",
+        "previous parts": f"{over['previous_parts_over_lax_int8']:.2f}x",
         "prepadded": f"{over['prepadded_vs_lax_int8']['median']:.2f}x",
+        "cnn batch": f"CNN batch {cnn['batch']}",
+        "gpt batch": f"GPT {gpt['batch']} windows of {gpt['context']} tokens",
+        "gpt source": "freshly initialised"
+        if "freshly initialised" in gpt["description"]
+        else "cached zoo weights",
+        "cnn int": _ratio(_model_row(mo, "cnn", "inference", "int")),
+        "cnn program": _ratio(_model_row(mo, "cnn", "inference", "program")),
+        "gpt float": f"{_model_row(mo, 'gpt', 'inference', 'float')['tokens_per_s']:.0f} tokens/s",
+        "gpt int": _ratio(_model_row(mo, "gpt", "inference", "int")),
+        "gpt int training": _ratio(_model_row(mo, "gpt", "training", "int")),
+        "gpt float32 weights": f"{weights['float32'] / 1e6:.2f} MB",
+        "gpt int8 weights": f"{weights['int8'] / 1e6:.2f} MB",
+        "gpt int4 weights": f"{weights['int4_packed'] / 1e6:.2f} MB",
     }
     assert pair["verdict"] == verdict(pair["ci95"], pair["target"])
     check_section(

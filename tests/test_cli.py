@@ -604,3 +604,49 @@ def test_convert_failure_leaves_nothing(tmp_path, convert_cache, capsys, monkeyp
         _convert(["--format", "program", "--eval-examples", "50"], tmp_path / "m", convert_cache,
                  capsys)  # fmt: skip
     assert os.listdir(tmp_path) == []
+
+
+# --- jquant reproduce: papers/ from the working directory, then the source checkout ---------
+
+
+def _toy_paper(folder):
+    (folder / "toy").mkdir(parents=True)
+    (folder / "toy" / "reproduce.py").write_text(
+        "def main(out_dir, quick=False):\n"
+        "    (out_dir / 'ran.txt').write_text(f'quick={quick}')\n"
+        "    return {}\n"
+    )
+
+
+def test_reproduce_from_an_installed_wheel_without_papers_exits_2_naming_where_it_looked(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("JQUANT_PAPERS", raising=False)
+    site, work = _installed_layout(tmp_path, monkeypatch)
+    _toy_paper(site / "papers")  # a stray site-packages/papers is not jquant's
+    for argv in (["reproduce", "--list"], ["reproduce", "toy", "--quick"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "jquant reproduce: error: the paper scripts are not part of the installed" in err
+        assert str(work / "papers") in err and str(site / "papers") in err
+        assert "checkout of jquant's source" in err and "JQUANT_PAPERS" in err
+    assert not (work / "jquant_out").exists()  # nothing written
+
+
+def test_reproduce_runs_papers_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JQUANT_PAPERS", raising=False)
+    _, work = _installed_layout(tmp_path, monkeypatch)
+    _toy_paper(work / "papers")
+    assert cli.main(["reproduce", "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["toy"]
+    assert cli.main(["reproduce", "toy", "--quick"]) == 0
+    assert (work / "jquant_out" / "toy" / "ran.txt").read_text() == "quick=True"
+
+
+def test_reproduce_finds_the_source_checkout_of_an_editable_install(tmp_path, monkeypatch):
+    monkeypatch.delenv("JQUANT_PAPERS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    source = pathlib.Path(cli.__file__).resolve().parents[1]
+    assert cli._papers_root() == source / "papers"
+    monkeypatch.setenv("JQUANT_PAPERS", str(tmp_path))  # the variable still wins
+    assert cli._papers_root() == tmp_path

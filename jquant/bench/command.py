@@ -157,7 +157,10 @@ def main(grid: str, argv: Sequence[str]) -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     timing.write_results(paths["json"], dict(meta=meta, grid=grid, rounds=rounds, **payload))
-    report.write_csv(rows, paths["csv"])
+    if grid == "model":
+        report.write_csv(rows, paths["csv"], model.CSV_COLUMNS)
+    else:
+        report.write_csv(rows, paths["csv"])
     if grid != "model":
         report.speedup_plot(rows, paths["speedup"], title)
         report.roofline_plot(rows, peak, paths["roofline"], title)

@@ -68,14 +68,19 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> pathlib.Path:
-    """Writes the rows as CSV with the grid's columns; lists and dicts as JSON text."""
+def write_csv(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | pathlib.Path,
+    columns: Sequence[str] = _COLUMNS,
+) -> pathlib.Path:
+    """Writes the rows as CSV with ``columns`` (default: the grid's); lists and dicts as JSON
+    text, a missing value as an empty field."""
     path = pathlib.Path(path)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(_COLUMNS)
+        w.writerow(columns)
         for r in rows:
-            values = [r.get(c) for c in _COLUMNS]
+            values = [r.get(c) for c in columns]
             w.writerow(
                 [
                     json.dumps(v) if isinstance(v, list | dict) else ("" if v is None else v)

@@ -53,6 +53,32 @@ def _explicit_pads(st: _ConvStatic, lhs_shape, rhs_shape) -> list[tuple[int, int
     return list(lax.padtype_to_pads(spatial, window, st.window_strides, st.padding))
 
 
+def _real_taps(st: _ConvStatic, lhs_shape, rhs_shape) -> list[np.ndarray]:
+    """Per spatial axis, the 0/1 matrix ``R[j, t] = 1`` where tap ``t`` of output ``j``'s
+    window reads a real input, not padding: ``0 <= j * stride - low + t * dilation < size``
+    (no input dilation)."""
+    lhs_spec, rhs_spec, _ = st.dimension_numbers
+    pads = _explicit_pads(st, lhs_shape, rhs_shape)
+    dilation = st.rhs_dilation or (1,) * len(pads)
+    spatial = zip(lhs_spec[2:], rhs_spec[2:], pads, st.window_strides, dilation, strict=True)
+    real = []
+    for d_l, d_r, (lo, hi), stride, dil in spatial:
+        size, k = lhs_shape[d_l], rhs_shape[d_r]
+        n_out = max((size + lo + hi - (k - 1) * dil - 1) // stride + 1, 0)
+        index = np.arange(n_out)[:, None] * stride - lo + np.arange(k)[None, :] * dil
+        real.append(((index >= 0) & (index < size)).astype(np.int32))
+    return real
+
+
+def _sum_over_real_taps(ksum, real: list[np.ndarray]):
+    """``out[j..., o] = sum_t prod_d R_d[j_d, t_d] ksum[t..., o]``: per output position and
+    feature, the sum of ``ksum`` (window axes, then features) over the real taps."""
+    n = len(real)
+    taps, outs = "abcdef"[:n], "ghijkl"[:n]
+    spec = ",".join(o + t for o, t in zip(outs, taps, strict=True)) + f",{taps}z->{outs}z"
+    return jnp.einsum(spec, *real, ksum)
+
+
 def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
     """The conv in the layout XLA:CPU's int8 kernel takes: channels last (NHWC / HWIO) and at
     least 2 spatial axes (a 1-D conv gains a unit axis after its spatial one). Same numbers.
@@ -130,13 +156,17 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
         # one output feature per kernel: count the NaN taps with an all-ones kernel
         return int_conv(nan_l, jnp.ones(rhs.shape, jnp.int8)) > 0
 
-    nan_l = jnp.isnan(lhs).astype(jnp.int8)
-    no_nan = jax.eval_shape(count_nan_windows, nan_l)
+    # (the predicate isnan(sum(x)) reads x once and writes no mask; it is also true for +-inf
+    # summing to NaN, where the branch finds no NaN window: the same outputs)
+    def nan_windows_of(x):
+        return count_nan_windows(jnp.isnan(x).astype(jnp.int8))
+
+    no_nan = jax.eval_shape(nan_windows_of, lhs)
     nan_windows = lax.cond(
-        jnp.any(nan_l),
-        count_nan_windows,
+        jnp.isnan(jnp.sum(lhs)),
+        nan_windows_of,
         lambda _: jnp.zeros(no_nan.shape, no_nan.dtype),
-        nan_l,
+        lhs,
     )
     z_r = None if z_r is None else along(z_r, rhs.ndim, rhs_spec[0], out_spec[1])
     lhs_dilated = st.lhs_dilation is not None and any(d != 1 for d in st.lhs_dilation)
@@ -145,21 +175,17 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
         if z_r is not None:
             acc = acc - z_r * window_sums(q_l)
     elif z_l.size == 1 and not lhs_dilated:
-        # Real padding is 0, i.e. the code z_l: pad the codes with z_l, then every window is
-        # full and sum (q_l - z_l)(q_r - z_r) expands over the K taps of a window.
-        pads = _explicit_pads(st, lhs.shape, rhs.shape)
-        config = [(0, 0, 0)] * lhs.ndim
-        for d, (lo, hi) in zip(lhs_spec[2:], pads, strict=True):
-            config[d] = (lo, hi, 0)
-        z8 = z_l.reshape(()).astype(jnp.int8)
-        q_l = lax.pad(q_l, z8, config)
-        int_conv = functools.partial(int_conv, padding=[(0, 0)] * len(pads))
-        acc = int_conv(q_l, q_r)
-        kernel_sum = jnp.sum(q_r, tuple(d for d in range(rhs.ndim) if d != rhs_spec[0]), jnp.int32)
-        acc = acc - z_l.reshape(()) * along(kernel_sum, 1, 0, out_spec[1])
-        if z_r is not None:
-            k = int(np.prod(rhs.shape)) // n_out
-            acc = acc - z_r * (window_sums(q_l) - k * z_l.reshape(()))
+        # Real padding is 0, i.e. the code z_l, but the conv pads the codes with 0 (XLA's own
+        # padding: faster than a conv on codes padded with z_l). So z_l is subtracted over the
+        # taps of each window that hit real inputs only: the kernel sums over those taps.
+        z = z_l.reshape(())
+        real = _real_taps(st, lhs.shape, rhs.shape)
+        ksum = jnp.sum(q_r, rhs_spec[1], jnp.int32)  # (*window, out features)
+        acc = int_conv(q_l, q_r) - z * _sum_over_real_taps(ksum, real)
+        if z_r is not None:  # window sums of (q_l - z_l): z_l times the real taps' count
+            count = functools.reduce(np.multiply.outer, [r.sum(1) for r in real])
+            count = (count * rhs.shape[rhs_spec[1]]).astype(np.int32)[..., None]
+            acc = acc - z_r * (window_sums(q_l) - z * count)
     else:
         # Per-sample zero points or input dilation: the corrections count, per output position,
         # only the kernel taps that hit real (not padded, not inserted) inputs: convs of ones.
@@ -206,11 +232,12 @@ def conv_general_dilated(
     """``lax.conv_general_dilated(fq(lhs), fq(rhs), ...)`` with per-side fake quantizers.
 
     ``mode="int"`` computes ``s_l s_r conv(q_l - z_l, q_r)`` with int8 codes and an int32
-    accumulator. Padding is 0 in the real domain, i.e. the code ``z_l``: the codes are padded
-    with ``z_l`` and ``z_l * sum(kernel)`` subtracted (per-sample zero points and input dilation
-    subtract ``z_l * conv(1, q_r)`` instead). A weight zero point ``z_r`` subtracts
-    ``z_r * (window sums of q_l - z_l * taps)``, the window sums being a conv with an all-ones
-    kernel (one output per feature group). It needs both configs, static integer formats of
+    accumulator. Padding is 0 in the real domain, i.e. the code ``z_l``: the conv pads the
+    codes with 0 and ``z_l`` times the kernel's sum over each window's real (unpadded) taps is
+    subtracted (per-sample zero points and input dilation subtract ``z_l * conv(1, q_r)``
+    instead). A weight zero point ``z_r`` subtracts ``z_r * (window sums of q_l - z_l *
+    real taps)``, the window sums being a conv with an all-ones kernel (one output per feature
+    group). It needs both configs, static integer formats of
     <= 8 bits, ``lhs`` QParams constant except along the batch axis, ``rhs`` QParams constant
     except along the output features, and a symmetric signed ``rhs`` if ``batch_group_count >
     1``.
