@@ -51,10 +51,12 @@ import numpy as np
 from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat
 from jquant.quant import (
     QParams,
+    block_view,
     check_qparams,
     check_rounding,
     fake_quant_forward,
     stochastic_noise,
+    unblock,
 )
 
 __all__ = [
@@ -252,7 +254,9 @@ def fake_quant(
 
     Args:
       x: float array.
-      qp: QParams broadcastable against ``x``; learned estimators send gradients into it.
+      qp: QParams broadcastable against ``x``, or block-wise (``qp.block_size``: one scale per
+        block; learned estimators then learn one step per block, with LSQ's ``N = B`` times
+        the broadcast extent); learned estimators send gradients into it.
       fmt: the number format (``IntFormat`` may carry traced ``bits``).
       rounding: one of ``jquant.quant.ROUNDING_MODES``; ``"stochastic"`` needs ``key``.
       estimator: one of ``ESTIMATORS`` (see the module docstring for each backward rule).
@@ -277,6 +281,10 @@ def fake_quant(
             f"estimator {estimator!r} learns an integer grid's step; fmt must be an IntFormat, "
             f"got {type(fmt).__name__} (use 'ste' or 'clipped_ste')"
         )
+    if qp.block_size is not None:  # one scale per block: LSQ's N is the block's element count
+        xb, qpb = block_view(x, qp)
+        yb = fake_quant(xb, qpb, fmt, rounding=rounding, estimator=estimator, key=key)
+        return unblock(yb, qp)
     noise = stochastic_noise(key, x.shape) if rounding == "stochastic" else None
     scale = jnp.asarray(qp.scale, jnp.float32)
     zp = jnp.asarray(qp.zero_point, jnp.float32)
