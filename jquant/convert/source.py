@@ -144,6 +144,12 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
                 f"layer {path!r} is not quantized ({why} float); an integer-only program "
                 "needs every Conv / Dense quantized"
             )
+        if q.rule.block_size is not None:
+            raise ValueError(
+                f"layer {path!r} has block-wise weight scales (block_size={q.rule.block_size}): "
+                "the integer program has no block-wise kernel; convert a per-channel model, or "
+                "run this one with jquant.nn (mode='int' computes block-wise layers)"
+            )
         if q.rule.act_scale != "static":  # no silent swap to the calibrated ranges
             raise ValueError(
                 f"layer {path!r} has act_scale={q.rule.act_scale!r}: an integer program needs "

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 CALIBRATIONS = ("minmax", "ema", "percentile", "mse", "kl")
-GRANULARITIES = ("per_channel", "per_tensor")
+GRANULARITIES = ("per_channel", "per_tensor", "per_block")
 MODES = ("simulate", "int")
 _LEARNED = ("lsq", "lsq_plus", "pact")
 
@@ -71,6 +71,13 @@ class QuantRule:
       act: format of the layer's input activation; None keeps it float.
       weight_granularity: ``"per_channel"`` (one scale per output channel, the last kernel
         axis, TFLite's convention) or ``"per_tensor"``.
+        ``"per_block"``: per output channel and per block of ``block_size`` consecutive
+        inputs along the contracted axis (a Dense kernel's axis 0, a Conv's input features).
+      block_size: elements per weight scale along the contracted axis; setting it makes the
+        granularity ``"per_block"`` (``QuantRule(weight="int4", block_size=128)``). It must
+        divide the layer's input features (else ValueError when the layer runs). Block-wise
+        layers run in both modes (``"int"``: an int32 partial sum per block) but
+        ``jquant.convert`` refuses them: the integer program has no block-wise kernel.
       weight_symmetric: symmetric weight grid (zero point 0), TFLite's convention.
       act_symmetric: symmetric activation grid; the default is affine, as TFLite.
       calibration: activation range estimator, one of ``CALIBRATIONS``: ``"minmax"``
@@ -113,6 +120,7 @@ class QuantRule:
     act_scale: str = "static"
     learned_init: str = "paper"
     weight_scale_bound: str = "qmax"
+    block_size: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -125,6 +133,7 @@ class QuantRule:
         object.__setattr__(self, "weight", _format_or_none("weight", self.weight))
         object.__setattr__(self, "act", _format_or_none("act", self.act))
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        self._check_blocks()
         _check_choice("calibration", self.calibration, CALIBRATIONS)
         _check_choice("estimator", self.estimator, ESTIMATORS)
         if self.act_estimator is not None:
@@ -170,6 +179,20 @@ class QuantRule:
                 f"got {self.act}"
             )
 
+    def _check_blocks(self) -> None:
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"QuantRule.block_size must be None or a positive int, got {b!r}")
+        if b is None and self.weight_granularity == "per_block":
+            raise ValueError("QuantRule.weight_granularity='per_block' needs block_size")
+        if b is not None and self.weight_granularity == "per_tensor":
+            raise ValueError(
+                f"QuantRule.block_size={b} asks for per-block scales, but weight_granularity "
+                "is 'per_tensor': use 'per_block' (or leave the default)"
+            )
+        if b is not None:
+            object.__setattr__(self, "weight_granularity", "per_block")
+
     def _estimator(self, which: str) -> str:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
 
@@ -189,11 +212,26 @@ class QuantRule:
             axis = kernel_ndim - 1
         else:
             axis = tuple(channel_axes) or None
+        block_axis = None
+        if self.block_size is not None:  # the contracted axis: Dense / Conv input features
+            if channel_axes is None:
+                contracted = [kernel_ndim - 2]
+            else:
+                contracted = [a for a in range(kernel_ndim) if a not in (axis or ())]
+            if len(contracted) != 1:
+                raise ValueError(
+                    f"QuantRule({self.pattern!r}).block_size: a kernel of rank {kernel_ndim} "
+                    f"with output axes {axis} contracts {len(contracted)} axes; block-wise "
+                    "weights need exactly one"
+                )
+            block_axis = contracted[0]
         return QuantConfig(
             fmt=self.weight,
             symmetric=self.weight_symmetric,
             axis=axis,
             estimator=self._estimator("weight"),
+            block_size=self.block_size,
+            block_axis=block_axis,
         )
 
     def act_config(self) -> QuantConfig | None:

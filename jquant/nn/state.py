@@ -36,7 +36,7 @@ from flax import nnx
 
 from jquant import calibration
 from jquant.estimators import lsq_init_scale, lsq_plus_weight_init_scale
-from jquant.quant import QParams, QuantConfig, dynamic_qparams
+from jquant.quant import QParams, QuantConfig, block_view, dynamic_qparams
 
 __all__ = [
     "PHASES",
@@ -139,7 +139,7 @@ def qparams_from_dict(d: dict[str, jax.Array]) -> QParams:
 
 def _per_tensor(qp: QParams, cfg: QuantConfig) -> QParams:
     """Drops the size-1 axes that ``dynamic_qparams`` keeps when the config is per tensor."""
-    if cfg.axis is not None:
+    if cfg.axis is not None or cfg.block_size is not None:
         return qp
     return QParams(jnp.reshape(qp.scale, ()), jnp.reshape(qp.zero_point, ()))
 
@@ -162,7 +162,7 @@ def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) ->
     scale = slots.param(f"{name}_scale", lambda: init_qp.scale)
     if cfg.estimator == "lsq_plus":
         zp = slots.param(f"{name}_zero_point", lambda: init_qp.zero_point)
-    return QParams(positive_scale(scale), zp)
+    return dataclasses.replace(init_qp, scale=positive_scale(scale), zero_point=zp)
 
 
 def dynamic_act_qparams(x: jax.Array, cfg: QuantConfig, act_scale: str) -> QParams:
@@ -207,6 +207,13 @@ def kernel_qparams(w: jax.Array, cfg: QuantConfig, scale_bound: str = "qmax") ->
 
 def _paper_weight_init(w: jax.Array, cfg: QuantConfig, own: QParams) -> QParams:
     """A learned weight step initialised by its paper (LSQ, LSQ+; PACT: its own range)."""
+    if own.block_size is not None and cfg.estimator in ("lsq", "lsq_plus"):  # per block
+        wb, own_b = block_view(w, own)
+        ax = own.block_axis % w.ndim
+        kept = tuple(sorted({ax} | {a + (a > ax) for a in cfg.axes(w.ndim)}))
+        flat = dataclasses.replace(cfg, axis=kept, block_size=None, block_axis=None)
+        scale = _paper_weight_init(wb, flat, own_b).scale
+        return dataclasses.replace(own, scale=jnp.squeeze(scale, ax + 1))
     kept = cfg.axes(w.ndim) or None
     if cfg.estimator == "lsq":
         scale = lsq_init_scale(w, cfg.fmt, axis=kept, zero_point=own.zero_point)
@@ -341,7 +348,8 @@ def frozen_qparams(
         if f"{t}_scale" in params:
             base = fallback or QParams(params[f"{t}_scale"], 0.0)
             zp = params.get(f"{t}_zero_point", base.zero_point)
-            return QParams(positive_scale(params[f"{t}_scale"]), jnp.asarray(zp))
+            scale = positive_scale(params[f"{t}_scale"])
+            return dataclasses.replace(base, scale=scale, zero_point=jnp.asarray(zp))
         return fallback
 
     stored = stats.get("input_qparams")
