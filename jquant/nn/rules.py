@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
+from jquant import mx
 from jquant.estimators import ESTIMATORS
 from jquant.formats import Format, IntFormat, get_format
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
@@ -47,9 +48,11 @@ MODES = ("simulate", "int")
 _LEARNED = ("lsq", "lsq_plus", "pact")
 
 
-def _format_or_none(name: str, value) -> Format | None:
+def _format_or_none(name: str, value) -> Format | mx.BlockFormat | None:
     if value is None:
         return None
+    if isinstance(value, mx.BlockFormat) or (isinstance(value, str) and value in mx.FORMATS):
+        return mx.get_block_format(value)
     try:
         return get_format(value)
     except (ValueError, TypeError) as e:
@@ -68,6 +71,11 @@ class QuantRule:
     Args:
       pattern: regular expression, ``re.fullmatch``-ed against the module path.
       weight: weight format (name such as ``"int4"`` or a Format); None keeps weights float.
+        The block formats of :mod:`jquant.mx` (``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``,
+        ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``, ``"mxfp4"``, ``"mxint8"``, ``"nvfp4"``, ``"nf4"``)
+        work as weight and activation formats, blocks along the contracted axis, in
+        ``mode="simulate"`` with the ``"ste"`` estimator (no calibration: their scales come
+        from each block); ``jquant.convert`` refuses them.
       act: format of the layer's input activation; None keeps it float.
       weight_granularity: ``"per_channel"`` (one scale per output channel, the last kernel
         axis, TFLite's convention) or ``"per_tensor"``.
@@ -190,6 +198,27 @@ class QuantRule:
                 f"QuantRule.block_size={b} asks for per-block scales, but weight_granularity "
                 "is 'per_tensor': use 'per_block' (or leave the default)"
             )
+        if b is not None and isinstance(self.weight, mx.BlockFormat):
+            raise ValueError(
+                f"QuantRule.block_size={b}: the weight format {self.weight.name} has its own "
+                f"blocks of {self.weight.block_size}; leave block_size None"
+            )
+        for name in ("weight", "act"):
+            fmt, est = getattr(self, name), self._estimator(name)
+            if isinstance(fmt, mx.BlockFormat) and est != "ste":
+                raise ValueError(
+                    f"QuantRule.{name}={fmt.name!r} fake-quantizes with jquant.mx.fake_quant "
+                    f"(straight-through gradient): its estimator must be 'ste', got {est!r}"
+                )
+            if isinstance(fmt, mx.BlockFormat) and self.mode == "int":
+                raise ValueError(
+                    f"QuantRule.{name}={fmt.name!r} has no integer kernel: use mode='simulate'"
+                )
+        if isinstance(self.act, mx.BlockFormat) and self.act_scale != "static":
+            raise ValueError(
+                f"QuantRule.act={self.act.name!r} scales each block itself: act_scale must be "
+                f"'static' (the default), got {self.act_scale!r}"
+            )
         if b is not None:
             object.__setattr__(self, "weight_granularity", "per_block")
 
@@ -213,16 +242,18 @@ class QuantRule:
         else:
             axis = tuple(channel_axes) or None
         block_axis = None
-        if self.block_size is not None:  # the contracted axis: Dense / Conv input features
+        if isinstance(self.weight, mx.BlockFormat):  # its blocks run along the contraction
+            axis = None
+        if self.block_size is not None or isinstance(self.weight, mx.BlockFormat):
             if channel_axes is None:
                 contracted = [kernel_ndim - 2]
             else:
-                contracted = [a for a in range(kernel_ndim) if a not in (axis or ())]
+                contracted = [a for a in range(kernel_ndim) if a not in channel_axes]
             if len(contracted) != 1:
                 raise ValueError(
-                    f"QuantRule({self.pattern!r}).block_size: a kernel of rank {kernel_ndim} "
-                    f"with output axes {axis} contracts {len(contracted)} axes; block-wise "
-                    "weights need exactly one"
+                    f"QuantRule({self.pattern!r}): a kernel of rank {kernel_ndim} with "
+                    f"output axes {tuple(channel_axes)} contracts {len(contracted)} axes; "
+                    "block-wise weights need exactly one"
                 )
             block_axis = contracted[0]
         return QuantConfig(

@@ -279,7 +279,7 @@ def tensor_qparams(
     Raises:
       ValueError: train / eval of an activation that was never calibrated.
     """
-    if cfg is None:
+    if cfg is None or cfg.is_microscaling:  # a block format scales itself: no QParams
         return None
     learned = cfg.estimator in LEARNED
     if calibration_name is None:  # a weight
@@ -354,7 +354,9 @@ def frozen_qparams(
 
     stored = stats.get("input_qparams")
     qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
-    own = kernel_qparams(kernel, cfg_kernel, scale_bound) if cfg_kernel else None
+    own = None
+    if cfg_kernel is not None and not cfg_kernel.is_microscaling:
+        own = kernel_qparams(kernel, cfg_kernel, scale_bound)
     return qa, one("kernel", cfg_kernel, own)
 
 

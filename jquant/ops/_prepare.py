@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import mx
 from jquant.estimators import fake_quant
 from jquant.formats import BinaryFormat, IntFormat
 from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
@@ -86,6 +87,11 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
         return None
     if not isinstance(qp, QParams):
         raise TypeError(f"{name}_qparams must be a jquant.QParams or None, got {qp!r}")
+    if cfg.is_microscaling:
+        raise ValueError(
+            f"{name}_quant.fmt is {cfg.fmt.name}, which computes its own block scales: "
+            f"{name}_qparams must be None"
+        )
     if cfg.block_size is not None:
         qp = given_block_qparams(name, x, cfg, qp)
     check_qparams(x, qp, cfg.fmt)
@@ -108,8 +114,10 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
 
 def default_block_axis(name: str, cfg: QuantConfig | None, axes: tuple[int, ...], what: str):
     """``cfg`` with ``block_axis`` set to the op's single ``axes`` entry (its contracting or
-    input-feature axis) when the config is block-wise and leaves it None."""
-    if cfg is None or cfg.block_size is None or cfg.block_axis is not None:
+    input-feature axis) when the config is block-wise (or microscaling) and leaves it None."""
+    if cfg is None or cfg.block_axis is not None:
+        return cfg
+    if cfg.block_size is None and not cfg.is_microscaling:
         return cfg
     if len(axes) != 1:
         raise ValueError(
@@ -194,12 +202,17 @@ def qparams_shape(x, cfg: QuantConfig, qp: QParams | None) -> tuple[int, ...]:
 
 
 def resolve_qparams(x, cfg: QuantConfig | None, qp: QParams | None):
+    if cfg is not None and cfg.is_microscaling:
+        return None
     return dynamic_qparams(x, cfg) if cfg is not None and qp is None else qp
 
 
 def fake_quant_operand(x, qp: QParams | None, cfg: QuantConfig | None):
     if cfg is None:
         return x
+    if cfg.is_microscaling:  # its own block scales, straight-through gradient
+        y = mx.fake_quant(x, cfg.fmt, axis=cfg.block_axis_for(x.ndim))
+        return y.astype(x.dtype)
     return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
 
 
@@ -212,6 +225,11 @@ def check_int_config(name: str, cfg: QuantConfig | None) -> None:
             f"mode='int' quantizes both operands: {name}_quant must be a QuantConfig, got None"
         )
     fmt = cfg.fmt
+    if cfg.is_microscaling:
+        raise ValueError(
+            f"mode='int' has no integer kernel for the block format {fmt.name} of "
+            f"{name}_quant.fmt: use mode='simulate' (jquant.mx.fake_quant)"
+        )
     if isinstance(fmt, IntFormat) and not fmt.is_static:
         raise ValueError(
             f"mode='int' needs a static bit width (a Python int) for {name}_quant.fmt, got "

@@ -312,17 +312,16 @@ def conv_general_dilated(
         out_sharding=out_sharding,
     )
 
-    if prep.is_blocked(lhs_quant) or prep.is_blocked(rhs_quant):
-        st = dataclasses.replace(
-            st,
-            lhs_quant=prep.default_block_axis("lhs", lhs_quant, (dn.lhs_spec[1],), "feature"),
-            rhs_quant=prep.default_block_axis("rhs", rhs_quant, (dn.rhs_spec[1],), "feature"),
-        )
-        lhs_quant, rhs_quant = st.lhs_quant, st.rhs_quant
-        if mode == "int":
-            if out_sharding is not None:
-                raise ValueError("mode='int' with block-wise scales does not take out_sharding")
-            return _conv_int_blocks(st, lhs, rhs, lhs_qparams, rhs_qparams, accumulator)
+    st = dataclasses.replace(
+        st,
+        lhs_quant=prep.default_block_axis("lhs", lhs_quant, (dn.lhs_spec[1],), "feature"),
+        rhs_quant=prep.default_block_axis("rhs", rhs_quant, (dn.rhs_spec[1],), "feature"),
+    )
+    lhs_quant, rhs_quant = st.lhs_quant, st.rhs_quant
+    if mode == "int" and (prep.is_blocked(lhs_quant) or prep.is_blocked(rhs_quant)):
+        if out_sharding is not None:
+            raise ValueError("mode='int' with block-wise scales does not take out_sharding")
+        return _conv_int_blocks(st, lhs, rhs, lhs_qparams, rhs_qparams, accumulator)
 
     def geometry() -> prep.IntGeometry:
         if prep.has_zero_point(rhs_quant) and batch_group_count != 1:

@@ -17,7 +17,7 @@ from jax import lax
 
 # a module import: jquant.estimators imports this package (for QParams), so its names are
 # looked up when a config is built, not when this module loads
-from jquant import estimators
+from jquant import estimators, mx
 from jquant.formats import BinaryFormat, FloatFormat, Format, IntFormat, int8
 from jquant.quant.affine import (
     ROUNDING_MODES,
@@ -48,7 +48,10 @@ class QuantConfig:
     widths inside ``jit`` / ``vmap``) is allowed in ``mode="simulate"`` only.
 
     Args:
-      fmt: the number format (``IntFormat``, ``FloatFormat`` or ``BinaryFormat``).
+      fmt: the number format (``IntFormat``, ``FloatFormat`` or ``BinaryFormat``), or a
+        block format of :mod:`jquant.mx` (``mx.FORMATS["mxfp4"]``, ...): quantized by
+        ``jquant.mx.fake_quant`` along ``block_axis`` (the op's contracting axis when None),
+        straight-through gradient, ``mode="simulate"`` only, no QParams.
       symmetric: zero point 0 (``scale = max|x| / qmax``) if True, else affine
         (``scale = (max - min) / (qmax - qmin)``); given QParams must then have zero point 0.
       axis: axes that keep their own scale (per channel / per row); ``None`` is per tensor.
@@ -76,9 +79,10 @@ class QuantConfig:
         # Unflattening inside jax transformations may pass placeholders for the child.
         if self.fmt is None or type(self.fmt) is object:
             return
-        if not isinstance(self.fmt, IntFormat | BinaryFormat | FloatFormat):
+        if not isinstance(self.fmt, IntFormat | BinaryFormat | FloatFormat | mx.BlockFormat):
             raise TypeError(
-                f"fmt must be an IntFormat, BinaryFormat or FloatFormat, got {self.fmt!r}"
+                "fmt must be an IntFormat, BinaryFormat, FloatFormat or jquant.mx.BlockFormat, "
+                f"got {self.fmt!r}"
             )
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
@@ -99,8 +103,25 @@ class QuantConfig:
         ba = self.block_axis
         if ba is not None and (isinstance(ba, bool) or not isinstance(ba, numbers.Integral)):
             raise TypeError(f"block_axis must be None or an int, got {ba!r}")
-        if ba is not None and b is None:
+        if self.is_microscaling:
+            if b is not None:
+                raise ValueError(
+                    f"block_size must be None for {self.fmt.name}: the format has its own "
+                    f"blocks of {self.fmt.block_size}"
+                )
+            if self.estimator not in ("ste",):
+                raise ValueError(
+                    f"{self.fmt.name} fake-quantizes with the straight-through estimator: "
+                    f"estimator must be 'ste', got {self.estimator!r}"
+                )
+        elif ba is not None and b is None:
             raise ValueError(f"block_axis={ba!r} needs block_size to be set")
+
+    @property
+    def is_microscaling(self) -> bool:
+        """Whether ``fmt`` is a block format of :mod:`jquant.mx` (MX, NVFP4, NF4): it carries
+        its own scales, so the config has no QParams."""
+        return isinstance(self.fmt, mx.BlockFormat)
 
     def block_axis_for(self, ndim: int) -> int:
         """The block axis as a non-negative int for an operand of rank ``ndim``; ValueError if
@@ -157,6 +178,11 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
     """
     check_config("cfg", cfg)
     check_real("x", x)
+    if cfg.is_microscaling:
+        raise ValueError(
+            f"{cfg.fmt.name} computes its own block scales (jquant.mx.fake_quant): it has no "
+            "QParams"
+        )
     x = lax.stop_gradient(jnp.asarray(x))
     kept = cfg.axes(x.ndim)
     if cfg.block_size is not None:
