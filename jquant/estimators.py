@@ -284,7 +284,7 @@ def fake_quant(
     if qp.block_size is not None:  # one scale per block: LSQ's N is the block's element count
         xb, qpb = block_view(x, qp)
         yb = fake_quant(xb, qpb, fmt, rounding=rounding, estimator=estimator, key=key)
-        return unblock(yb, qp)
+        return unblock(yb, qp, x.shape)
     noise = stochastic_noise(key, x.shape) if rounding == "stochastic" else None
     scale = jnp.asarray(qp.scale, jnp.float32)
     zp = jnp.asarray(qp.zero_point, jnp.float32)

@@ -323,15 +323,24 @@ def fake_quant(
     axis: int = -1,
     rounding: str = "nearest_even",
     key: jax.Array | None = None,
+    pad: bool = False,
 ) -> jax.Array:
     """``dequantize(quantize(x))`` in float32, jit-able, with the straight-through gradient
     (``d/dx = 1`` everywhere: block scales are not differentiated). ``rounding`` and ``key``
     as in :func:`quantize` (stochastic rounding: ``E[fake_quant(x)] = x`` inside the range).
+    ``pad=True`` accepts an axis that is not a multiple of the block size: it is padded with
+    zeros (which change no block's amax) and cropped again, so the last block is partial.
 
     Equal to :func:`dequantize` of :func:`quantize` (which run in NumPy on the host), except
     that XLA:CPU flushes float32 subnormals (``|v| < 2^-126``) to zero."""
     fmt = get_block_format(fmt)
     x = jnp.asarray(x)
+    n = x.shape[axis] if x.ndim else 0
+    if pad and n % fmt.block_size:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, -n % fmt.block_size)
+        y = fake_quant(jnp.pad(x, widths), fmt, axis=axis, rounding=rounding, key=key)
+        return jax.lax.slice_in_dim(y, 0, n, axis=axis)
     elems, scales = _encode(x, fmt, axis, jnp, _noise(key, x.shape, rounding))
     y = _unblocked(_decode(elems, scales, fmt, jnp), x.shape, axis, jnp)
     return _ste(x.astype(jnp.float32), jax.lax.stop_gradient(y))

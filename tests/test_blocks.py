@@ -114,12 +114,37 @@ def test_lsq_learns_one_step_per_block_with_the_papers_gradient():
     np.testing.assert_allclose(d_scale, ref, rtol=1e-4, atol=1e-6)
 
 
-def test_block_size_that_does_not_divide_the_axis_raises():
-    qp = jq.QParams(jnp.ones((2, 3)), block_size=5, block_axis=0)
-    with pytest.raises(ValueError, match="block_size 5 must divide the length 16"):
-        jq.fake_quant(X, qp, jq.int4)
-    with pytest.raises(ValueError, match="block_size 5 must divide the length 16"):
-        dynamic_qparams(X, jq.QuantConfig(fmt=jq.int4, block_size=5, block_axis=0))
+@pytest.mark.slow
+def test_a_partial_last_block_is_documented_padding():
+    """B = 5 on an axis of 16: blocks of 5, 5, 5 and 1 element (zeros padded, then dropped)."""
+    cfg = jq.QuantConfig(fmt=jq.int4, axis=1, block_size=5, block_axis=0)
+    qp = dynamic_qparams(X, cfg)
+    assert qp.scale.shape == (4, 3)
+    starts = [0, 5, 10, 15, 16]
+    for i in range(4):
+        blk = X[starts[i] : starts[i + 1]]
+        np.testing.assert_allclose(qp.scale[i], np.abs(blk).max(0) / 7, rtol=1e-6)
+    y = jq.fake_quant(X, qp, jq.int4)
+    s = np.concatenate(
+        [np.repeat(qp.scale[i : i + 1], starts[i + 1] - starts[i], 0) for i in range(4)]
+    )
+    np.testing.assert_allclose(y, np.clip(np.round(X / s), -8, 7) * s, rtol=1e-6)
+    lo, hi = cal.block_ranges(cal.percentile, X, 5, block_axis=0, axis=1, p=90.0)
+    rlo, rhi = cal.percentile(X[15:], p=90.0, axis=1)  # the partial block: its own element
+    np.testing.assert_allclose([lo[3], hi[3]], [rlo[0], rhi[0]], rtol=1e-6)
+    # int mode: the padded zeros add nothing
+    w = RNG.normal(size=(16, 2)).astype(np.float32)
+    x = RNG.normal(size=(2, 16)).astype(np.float32)
+    kw = dict(lhs_quant=jq.QuantConfig(), rhs_quant=jq.QuantConfig(fmt=jq.int4, block_size=5))
+    np.testing.assert_allclose(
+        dot_general(x, w, DN, mode="int", **kw),
+        dot_general(x, w, DN, mode="simulate", **kw),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_bad_block_arguments_raise():
     with pytest.raises(ValueError, match="one per block"):  # 3 scales for 4 blocks
         jq.quantize(X, jq.QParams(jnp.ones((3, 3)), block_size=4, block_axis=0), jq.int4)
     with pytest.raises(ValueError, match="block_size must be None or a positive int"):
@@ -178,6 +203,7 @@ def test_dot_general_block_weights_match_numpy(mode):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dot_general_int_blocks_on_both_sides_equal_simulate_with_given_qparams():
     x = RNG.normal(size=(2, 3, 16)).astype(np.float32)
     w = RNG.normal(size=(16, 4)).astype(np.float32)

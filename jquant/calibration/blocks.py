@@ -2,15 +2,18 @@
 along ``block_axis``, from any range estimator or min/max observer.
 
 A block-wise range is a per-axis range of the blocked view ``to_blocks(x, block_axis, B)``
-(shape ``(..., N / B, B, ...)``) that keeps the block-index axis (and the ``axis`` kept per
-channel) and reduces the rest; the ``B`` axis is then dropped, so ranges have ``x``'s rank
-with ``N / B`` entries along ``block_axis``, the shape of a block-wise
+(shape ``(..., ceil(N / B), B, ...)``) that keeps the block-index axis (and the ``axis`` kept
+per channel) and reduces the rest; the ``B`` axis is then dropped, so ranges have ``x``'s
+rank with ``ceil(N / B)`` entries along ``block_axis``, the shape of a block-wise
 :class:`~jquant.QParams` (``QParams(..., block_size=B, block_axis=...)``).
 
 >>> from jquant.calibration import minmax
 >>> lo, hi = block_ranges(minmax, jnp.array([1.0, -3.0, 2.0, 0.5]), 2, block_axis=0)
 >>> lo.tolist(), hi.tolist()
 ([-3.0, 0.5], [1.0, 2.0])
+
+A partial last block (``B`` does not divide ``N``) is padded with NaN, which every estimator
+and observer ignores: its range is that of its own elements.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from jquant.calibration.grouping import Axis, check_data, kept_axes
 from jquant.calibration.observers import Observer
 from jquant.formats import Format
 from jquant.quant import QParams, block_qparams, qparams_from_range, to_blocks
+
+
+def _padded_blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """``to_blocks`` of ``x`` padded with NaN along ``axis`` to a multiple of ``size``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -x.shape[axis] % size)
+    return to_blocks(jnp.pad(x.astype(jnp.float32), pad, constant_values=jnp.nan), axis, size)
+
 
 __all__ = ["block_ranges", "block_observer"]
 
@@ -55,11 +66,11 @@ def block_ranges(
     :mod:`jquant.calibration` (``minmax``, ``absmax``, ``percentile``, ``mse``, ``kl``,
     ``aciq``); ``kwargs`` go to it (``fmt=...`` for those that need a format).
 
-    Raises ValueError when ``block_size`` does not divide ``x.shape[block_axis]``.
+    A partial last block is padded with NaN (ignored by the estimators).
     """
     x = jnp.asarray(check_data(x))
     ax, kept = _blocked_axes(x.ndim, block_size, block_axis, axis)
-    lo, hi = estimator(to_blocks(x, ax, block_size), axis=kept, **kwargs)
+    lo, hi = estimator(_padded_blocks(x, ax, block_size), axis=kept, **kwargs)
     return jnp.squeeze(lo, ax + 1), jnp.squeeze(hi, ax + 1)
 
 
@@ -86,7 +97,7 @@ def block_observer(
     def view(x):
         x = jnp.asarray(check_data(x))
         ax, obs = inner(x.ndim)
-        return to_blocks(x, ax, block_size), obs
+        return _padded_blocks(x, ax, block_size), obs
 
     def init(x):
         xb, obs = view(x)

@@ -82,8 +82,8 @@ class QuantRule:
         ``"per_block"``: per output channel and per block of ``block_size`` consecutive
         inputs along the contracted axis (a Dense kernel's axis 0, a Conv's input features).
       block_size: elements per weight scale along the contracted axis; setting it makes the
-        granularity ``"per_block"`` (``QuantRule(weight="int4", block_size=128)``). It must
-        divide the layer's input features (else ValueError when the layer runs). Block-wise
+        granularity ``"per_block"`` (``QuantRule(weight="int4", block_size=128)``). When it does
+        not divide the layer's input features the last block is partial. Block-wise
         layers run in both modes (``"int"``: an int32 partial sum per block) but
         ``jquant.convert`` refuses them: the integer program has no block-wise kernel.
       weight_symmetric: symmetric weight grid (zero point 0), TFLite's convention.

@@ -29,6 +29,7 @@ from jquant.quant import (
     check_qparams,
     dynamic_qparams,
     quantize,
+    to_blocks,
 )
 
 MODES = ("simulate", "int")
@@ -149,7 +150,8 @@ def split_blocks(name: str, x, cfg: QuantConfig | None, qp: QParams | None, axis
     """The int-mode view of one operand of a block-wise product: ``x`` with ``axis`` split
     into ``(n, size)`` (:func:`jquant.quant.to_blocks`), its config without blocks but kept
     along the new block-index axis ``axis`` (when it was block-wise), and its QParams (given
-    ones reshaped by :func:`jquant.quant.block_view`; None stays dynamic).
+    ones reshaped by :func:`jquant.quant.block_view`; None stays dynamic). A partial last
+    block is padded with zeros: their centred codes are 0, so they add nothing to the sums.
 
     Returns ``(xb, cfg, qp, shift)``, ``shift(d)`` the new index of the old axis ``d``.
     """
@@ -157,13 +159,11 @@ def split_blocks(name: str, x, cfg: QuantConfig | None, qp: QParams | None, axis
     def shift(d: int) -> int:
         return d + (d > axis)
 
-    if x.shape[axis] % size:
-        raise ValueError(
-            f"block_size {size} must divide the length {x.shape[axis]} of {name}'s axis {axis} "
-            f"(shape {x.shape}); pad it or choose another block size"
-        )
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -x.shape[axis] % size)  # a partial last block: zeros add nothing
+    padded = jnp.pad(x, pad)
     if cfg is None:
-        return x.reshape(x.shape[:axis] + (-1, size) + x.shape[axis + 1 :]), None, None, shift
+        return to_blocks(padded, axis, size), None, None, shift
     kept = tuple(shift(d) for d in cfg.axes(x.ndim))
     if cfg.block_size is not None:
         new_axis = kept + (axis,)
@@ -173,7 +173,7 @@ def split_blocks(name: str, x, cfg: QuantConfig | None, qp: QParams | None, axis
     if qp is not None and qp.block_size is None:
         qp = block_qparams(qp, size, axis)  # constant along the axis: the same in every block
     if qp is None:
-        xb = x.reshape(x.shape[:axis] + (-1, size) + x.shape[axis + 1 :])
+        xb = to_blocks(padded, axis, size)
     else:
         xb, qp = block_view(x, qp)
     return xb, new_cfg, qp, shift
@@ -211,7 +211,7 @@ def fake_quant_operand(x, qp: QParams | None, cfg: QuantConfig | None):
     if cfg is None:
         return x
     if cfg.is_microscaling:  # its own block scales, straight-through gradient
-        y = mx.fake_quant(x, cfg.fmt, axis=cfg.block_axis_for(x.ndim))
+        y = mx.fake_quant(x, cfg.fmt, axis=cfg.block_axis_for(x.ndim), pad=True)
         return y.astype(x.dtype)
     return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
 

@@ -215,8 +215,6 @@ def _conv_int_blocks(st: _ConvStatic, lhs, rhs, qp_l, qp_r, accumulator):
     qp_r = prep.resolve_qparams(
         rhs, st.rhs_quant, prep.given_qparams("rhs", rhs, st.rhs_quant, qp_r)
     )
-    if lhs.shape[ls] % size:
-        raise ValueError(f"block_size {size} must divide the {lhs.shape[ls]} input features")
     unblocked = {
         f"{k}_quant": dataclasses.replace(
             getattr(st, f"{k}_quant"), block_size=None, block_axis=None
@@ -226,10 +224,11 @@ def _conv_int_blocks(st: _ConvStatic, lhs, rhs, qp_l, qp_r, accumulator):
     kw = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)} | unblocked
     kw.pop("out_sharding")
     out = 0.0
-    for i in range(lhs.shape[ls] // size):
+    n_in = lhs.shape[ls]
+    for i in range(-(-n_in // size)):  # the last block may be partial
         part = conv_general_dilated(
-            lax.slice_in_dim(lhs, i * size, (i + 1) * size, axis=ls),
-            lax.slice_in_dim(rhs, i * size, (i + 1) * size, axis=rs),
+            lax.slice_in_dim(lhs, i * size, min((i + 1) * size, n_in), axis=ls),
+            lax.slice_in_dim(rhs, i * size, min((i + 1) * size, n_in), axis=rs),
             lhs_qparams=_slice_qparams(qp_l, ls, lhs.ndim, i),
             rhs_qparams=_slice_qparams(qp_r, rs, rhs.ndim, i),
             mode="int",

@@ -45,9 +45,10 @@ class QParams:
 
     Block-wise (sub-channel) granularity: with ``block_size = B`` (static), each run of ``B``
     consecutive elements along ``block_axis`` shares one scale / zero point; their shape has
-    ``x``'s rank (left-padded with ones) and ``N / B`` along ``block_axis`` (``N`` its length,
-    a multiple of ``B``, else ValueError), and broadcasts along the other axes. Element ``i``
-    along the axis uses entry ``i // B``. See :func:`block_view`.
+    ``x``'s rank (left-padded with ones) and ``ceil(N / B)`` along ``block_axis`` (``N`` its
+    length), and broadcasts along the other axes. Element ``i`` along the axis uses entry
+    ``i // B``; when ``B`` does not divide ``N`` the last block is partial (``N mod B``
+    elements). See :func:`block_view`.
     """
 
     scale: jax.Array
@@ -437,7 +438,7 @@ def quantize(
     check_rounding(rounding, key)
     if qp.block_size is not None:
         xb, qpb = block_view(x, qp)
-        return unblock(quantize(xb, qpb, fmt, rounding=rounding, key=key), qp)
+        return unblock(quantize(xb, qpb, fmt, rounding=rounding, key=key), qp, np.shape(x))
     noise = stochastic_noise(key, jnp.shape(x)) if rounding == "stochastic" else None
     q = _codes(x, qp, fmt, rounding, noise)
     if isinstance(fmt, FloatFormat):
@@ -460,7 +461,7 @@ def dequantize(q: jax.Array, qp: QParams, fmt: Format | None = None) -> jax.Arra
     _check_qparams_values(qp)
     if qp.block_size is not None:
         qb, qpb = block_view(q, qp)
-        return unblock(dequantize(qb, qpb, fmt), qp)
+        return unblock(dequantize(qb, qpb, fmt), qp, np.shape(q))
     return _values(jnp.asarray(q, jnp.float32), qp, fmt)
 
 
@@ -476,7 +477,7 @@ def fake_quant_forward(
         if noise is not None:
             noise, _ = block_view(noise, qp)
         xb, qpb = block_view(x, qp)
-        return unblock(fake_quant_forward(xb, qpb, fmt, rounding, noise), qp)
+        return unblock(fake_quant_forward(xb, qpb, fmt, rounding, noise), qp, x.shape)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return _values(_codes(x, qp, fmt, rounding, noise), qp, fmt).astype(dtype)
 
@@ -548,40 +549,43 @@ def _block_param(a, ndim: int, axis: int, n: int, name: str):
 
 
 def block_view(x, qp: QParams) -> tuple[jax.Array, QParams]:
-    """``(xb, qpb)``: ``x`` with ``qp.block_axis`` split into ``(N / B, B)`` (:func:`to_blocks`)
-    and ``qp`` as an ordinary QParams broadcasting against it (size 1 on the new ``B`` axis),
-    so that ``f(x, qp) = from_blocks(f(xb, qpb))`` for every element-wise quantizer ``f``.
+    """``(xb, qpb)``: ``x`` with ``qp.block_axis`` split into ``(ceil(N / B), B)`` and ``qp``
+    as an ordinary QParams broadcasting against it (size 1 on the new ``B`` axis), so that
+    ``f(x, qp) = unblock(f(xb, qpb), qp, x.shape)`` for every element-wise quantizer ``f``.
 
-    Raises ValueError when ``B`` does not divide the axis (no padding) or the shapes disagree.
+    When ``B`` does not divide ``N`` the axis is first padded with zeros to a multiple of
+    ``B`` (:func:`unblock` drops them again): the last block is partial.
+    Raises ValueError when the QParams' shapes do not fit.
     """
     if qp.block_size is None:
         return jnp.asarray(x), qp
     ndim = len(np.shape(x))
-    axis = _normalize_axis(qp.block_axis, ndim) if ndim else None
-    if axis is None:
+    if ndim == 0:
         raise ValueError("a block-wise QParams needs x of rank >= 1, got a scalar")
+    axis = _normalize_axis(qp.block_axis, ndim)
     b, n_total = qp.block_size, np.shape(x)[axis]
-    if n_total % b:
-        raise ValueError(
-            f"qp.block_size {b} must divide the length {n_total} of x's block_axis "
-            f"{qp.block_axis} (x shape {tuple(np.shape(x))}); pad x or choose another block size"
-        )
+    n = -(-n_total // b)
     if isinstance(x, jax.ShapeDtypeStruct):
         s = x.shape
-        xb = jax.ShapeDtypeStruct(s[:axis] + (n_total // b, b) + s[axis + 1 :], x.dtype)
+        xb = jax.ShapeDtypeStruct(s[:axis] + (n, b) + s[axis + 1 :], x.dtype)
     else:
-        xb = to_blocks(x, axis, b)
-    n = n_total // b
+        x = jnp.asarray(x)
+        pad = [(0, 0)] * ndim
+        pad[axis] = (0, n * b - n_total)
+        xb = to_blocks(jnp.pad(x, pad) if n * b != n_total else x, axis, b)
     scale = _block_param(qp.scale, ndim, axis, n, "scale")
     zp = _block_param(qp.zero_point, ndim, axis, n, "zero_point")
     return xb, QParams(scale, zp)
 
 
-def unblock(yb: jax.Array, qp: QParams) -> jax.Array:
-    """Inverse of :func:`block_view`'s reshape of ``x``."""
+def unblock(yb: jax.Array, qp: QParams, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`block_view` for an ``x`` of shape ``shape``: merges the block axes
+    and drops the padding of a partial last block."""
     if qp.block_size is None:
         return yb
-    return from_blocks(yb, _normalize_axis(qp.block_axis, yb.ndim - 1))
+    axis = _normalize_axis(qp.block_axis, yb.ndim - 1)
+    y = from_blocks(yb, axis)
+    return jax.lax.slice_in_dim(y, 0, shape[axis], axis=axis)
 
 
 def block_range(
@@ -596,7 +600,9 @@ def block_range(
     """
     x = jnp.asarray(x)
     axis = _normalize_axis(axis, x.ndim)
-    xb = to_blocks(x, axis, block_size)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    xb, _ = block_view(x, QParams(1.0, block_size=block_size, block_axis=axis))
     keep = {axis} | {a + (a > axis) for a in kept}
     reduce = tuple(a for a in range(xb.ndim) if a not in keep)
     if symmetric:
