@@ -37,6 +37,7 @@ __all__ = [
     "QuantRule",
     "RuleMatch",
     "match_rules",
+    "parse_granularity",
     "report_not_quantized",
     "report_unused",
     "set_bits",
@@ -46,6 +47,26 @@ CALIBRATIONS = ("minmax", "ema", "percentile", "mse", "kl")
 GRANULARITIES = ("per_channel", "per_tensor", "per_block")
 MODES = ("simulate", "int")
 _LEARNED = ("lsq", "lsq_plus", "pact")
+
+
+def parse_granularity(granularity: str) -> tuple[str, int | None]:
+    """``(name, block_size)`` of a granularity string: ``"per_channel"`` -> ``("per_channel",
+    None)``, ``"per_block:32"`` -> ``("per_block", 32)`` (the spelling of sweeps and the CLI).
+
+    >>> parse_granularity("per_block:128")
+    ('per_block', 128)
+    """
+    if not isinstance(granularity, str):
+        raise TypeError(f"granularity must be a str, got {granularity!r}")
+    name, sep, size = granularity.partition(":")
+    allowed = f"one of {GRANULARITIES[:2]} or 'per_block:<block size>'"
+    if name not in GRANULARITIES or bool(sep) != (name == "per_block"):
+        raise ValueError(f"granularity must be {allowed}, got {granularity!r}")
+    if not sep:
+        return name, None
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"the block size of {granularity!r} must be a positive integer")
+    return name, int(size)
 
 
 def _format_or_none(name: str, value) -> Format | mx.BlockFormat | None:

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from jquant import calibration, metrics, mx
 from jquant.formats import NAMED_FORMATS, FloatFormat, Format, IntFormat
+from jquant.nn.rules import parse_granularity
 from jquant.quant import QParams, block_qparams, fake_quant_forward, qparams_from_range
 from jquant.sweep.results import Table
 from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes
@@ -100,7 +101,7 @@ class QuantSpec:
         block size, and ``calibration`` is not used.
       granularity: ``"per_tensor"``, ``"per_channel"`` (one range per index of
         ``channel_axis``) or ``"per_block"`` (per channel and per block of ``block_size``
-        elements along ``block_axis``).
+        elements along ``block_axis``); ``"per_block:32"`` sets ``block_size`` too.
       calibration: range estimator, one of ``CALIBRATIONS``.
       symmetric: ``zero_point = 0`` and ``scale = max|r| / qmax``; else affine.
       channel_axis: the axis that keeps its own range for ``per_channel`` (Flax kernels keep
@@ -121,6 +122,10 @@ class QuantSpec:
 
     def __post_init__(self):
         _check_choice("family", self.family, INT_FAMILIES + FLOAT_FAMILIES + BLOCK_FAMILIES)
+        name, size = parse_granularity(self.granularity) if ":" in self.granularity else (None, 0)
+        if size:  # "per_block:32"
+            object.__setattr__(self, "granularity", name)
+            object.__setattr__(self, "block_size", size)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         b = self.block_size
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
@@ -299,6 +304,7 @@ def check_options(
         for g in _as_tuple("granularities", granularities)
         for c in calibrations
     ]
+    specs = list({s: None for s in specs})  # "per_block:32" twice, or with block_size=32
     specs += [  # their own blocks and scales: one curve each
         QuantSpec(
             f, "per_block", calibrations[0], symmetric, channel_axis, mx.FORMATS[f].block_size
@@ -337,7 +343,8 @@ def error_vs_bits(
       families, granularities, calibrations: the options to cross (see :class:`QuantSpec`).
       symmetric: symmetric (``zp = 0``) or affine integer grids.
       channel_axis: channel axis for ``per_channel``; tensors of rank < 2 are skipped there.
-      block_size: elements per range for ``per_block`` (blocks along axis -2, the input
+      block_size: elements per range for a bare ``per_block`` (``"per_block:N"`` in
+        ``granularities`` sets its own; blocks along axis -2, the input
         features of Flax kernels; rank-1 tensors along their axis); the last block may be
         partial.
       chunk_size: widths vmapped at once (memory bound); None: all at once.
