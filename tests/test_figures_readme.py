@@ -15,6 +15,7 @@ CHECKED_ELSEWHERE = {
     "Papers": "test_figures_qat",
     "QAT against Qwix and AQT": "test_figures_qat_accuracy",
     "Accelerator benchmarking": "test_bench_grid",
+    "Formats": "test_figures_formats",
 }
 # the rest: their own text only, with the numbers that are setup
 SETUP = {
