@@ -264,3 +264,17 @@ def test_block_format_rules_refuse_what_they_cannot_do():
         QuantRule(".*", weight="nvfp4", act=None, estimator="clipped_ste")
     with pytest.raises(ValueError, match="has its own blocks of 64"):
         QuantRule(".*", weight="nf4", block_size=32)
+
+
+def test_block_format_activations_in_act_quant_and_pooling_layers(rng):
+    from jquant.nn import QuantRule
+    from jquant.nn import linen as ql
+
+    x = rng.normal(size=(2, 4, 32)).astype(np.float32)
+    rule = QuantRule(".*", act="mxfp4")
+    act = ql.ActQuant(rule=rule, phase="eval")
+    y = act.apply(act.init(jax.random.key(0), x), x)
+    np.testing.assert_array_equal(y, mx.dequantize(mx.quantize(x, "mxfp4"), "mxfp4"))
+    pool = ql.QAvgPool((2,), rule=rule, phase="eval")
+    with pytest.raises(ValueError, match="pooling keeps its input's QParams.*mxfp4"):
+        pool.init(jax.random.key(0), x)
