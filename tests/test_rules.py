@@ -196,7 +196,14 @@ def test_block_rule_with_lsq_learns_one_step_per_block():
     assert np.any(g["kernel_scale"] != 0)
 
 
-def test_convert_refuses_block_wise_layers_naming_the_layer():
+@pytest.mark.parametrize(
+    "rule, match",
+    [
+        (QuantRule(".*", weight="int4", block_size=8), r"layer '.*' has block-wise weight scales"),
+        (QuantRule(".*", weight="mxfp4"), r"layer '.*' uses the block format\(s\) \['mxfp4'\]"),
+    ],
+)
+def test_convert_refuses_block_wise_layers_naming_the_layer(rule, match):
     import jax
     import jax.numpy as jnp
 
@@ -208,7 +215,7 @@ def test_convert_refuses_block_wise_layers_naming_the_layer():
 
     model = MLP(MLPConfig(hidden=(8,), num_classes=3))
     x = np.random.default_rng(2).normal(size=(4, 16)).astype(np.float32)
-    qm, _ = ql.quantize_model(model, QuantRule(".*", weight="int4", block_size=8), x)
+    qm, _ = ql.quantize_model(model, rule, x)
     v = qm.calibrate(qm.attach(model.init(jax.random.key(0), x), x), [x])
-    with pytest.raises(ValueError, match=r"layer '.*' has block-wise weight scales"):
+    with pytest.raises(ValueError, match=match):
         C.convert(qm, v, x[:1], output_qparams=QParams(jnp.float32(0.1), jnp.float32(0)))
