@@ -34,6 +34,7 @@ from jquant.quant import (
     ROUNDING_MODES,
     QParams,
     QuantConfig,
+    block_qparams,
     dequantize,
     dynamic_qparams,
     fake_quant_forward,

@@ -158,6 +158,23 @@ def parse_budget(text: str) -> Budget:
     return Budget(value, unit)
 
 
+def parse_granularities(text: str) -> list[str]:
+    """An argparse type for comma-separated weight granularities: ``per_tensor``,
+    ``per_channel`` and ``per_block:<block size>`` (``per_block:32``)."""
+    from jquant.nn.rules import parse_granularity
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for n in names or [""]:
+        try:
+            parse_granularity(n)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose from per_tensor, per_channel, per_block:<block size> "
+                "(a positive integer; comma-separated)"
+            ) from None
+    return list(dict.fromkeys(names))
+
+
 def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     """An argparse type for a comma-separated list of names from ``allowed``."""
 
@@ -291,9 +308,10 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--granularity",
-        type=parse_choices(GRANULARITIES),
+        type=parse_granularities,
         default=",".join(GRANULARITIES),
-        help="per_tensor and/or per_channel, comma-separated (default: both)",
+        help="per_tensor, per_channel and/or per_block:<size> (one weight scale per block of "
+        "<size> inputs and output channel), comma-separated (default: per_tensor,per_channel)",
     )
     p.add_argument(
         "--calibration",

@@ -59,10 +59,12 @@ import numpy as np
 from jquant.formats import Format, check_format
 from jquant.quant import (
     QParams,
+    block_view,
     check_qparams,
     check_rounding,
     fake_quant_forward,
     stochastic_noise,
+    unblock,
 )
 
 __all__ = [
@@ -329,7 +331,9 @@ def fake_quant(
 
     Args:
       x: float array.
-      qp: QParams broadcastable against ``x``; learned estimators send gradients into it.
+      qp: QParams broadcastable against ``x``, or block-wise (``qp.block_size``: one scale per
+        block; learned estimators then learn one step per block, with LSQ's ``N = B`` times
+        the broadcast extent); learned estimators send gradients into it.
       fmt: the number format (``IntFormat`` may carry traced ``bits``).
       rounding: one of ``jquant.quant.ROUNDING_MODES``; ``"stochastic"`` needs ``key``.
       estimator: an :class:`Estimator` or a registered name, ``ESTIMATORS`` for the
@@ -350,6 +354,10 @@ def fake_quant(
     check_qparams(x, qp, fmt)
     check_rounding(rounding, key)
     est.check_format(fmt)
+    if qp.block_size is not None:  # one scale per block: LSQ's N is the block's element count
+        xb, qpb = block_view(x, qp)
+        yb = fake_quant(xb, qpb, fmt, rounding=rounding, estimator=estimator, key=key)
+        return unblock(yb, qp, x.shape)
     noise = stochastic_noise(key, x.shape) if rounding == "stochastic" else None
     scale = jnp.asarray(qp.scale, jnp.float32)
     zp = jnp.asarray(qp.zero_point, jnp.float32)

@@ -41,6 +41,7 @@ __all__ = [
     "Blocks",
     "NVScales",
     "FORMATS",
+    "ROUNDINGS",
     "NF4_LEVELS",
     "get_block_format",
     "quantize",
@@ -114,6 +115,9 @@ def get_block_format(fmt: str | BlockFormat) -> BlockFormat:
     raise ValueError(f"fmt must be a BlockFormat or one of {sorted(FORMATS)}, got {fmt!r}")
 
 
+ROUNDINGS = ("nearest_even", "stochastic")
+
+
 class NVScales(NamedTuple):
     """NVFP4's two scales: E4M3 per block and float32 per tensor."""
 
@@ -139,16 +143,25 @@ def _pow2(xp, n):
     return jax.lax.bitcast_convert_type((n + 127) << 23, jnp.float32)
 
 
-def round_to_minifloat(v, exponent_bits: int, mantissa_bits: int, top: float, xp=jnp):
+def round_to_minifloat(v, exponent_bits: int, mantissa_bits: int, top: float, xp=jnp, noise=None):
     """``v`` rounded to the nearest value (ties to even) of a minifloat with the given field
     widths, bias ``2^(E-1) - 1``, subnormals, and no Inf/NaN encodings, saturated at
     ``+-top``: ``step = 2^(max(floor(log2|v|), 1 - bias) - M)``, ``rint(v / step) step``.
-    ``xp``: ``jax.numpy`` (jit-able) or ``numpy`` (host; keeps float32 subnormals)."""
+    ``xp``: ``jax.numpy`` (jit-able) or ``numpy`` (host; keeps float32 subnormals).
+
+    With ``noise ~ U[0, 1)`` of ``v``'s shape, stochastic rounding instead:
+    ``floor(v / step + noise) step``, one of the two grid neighbours of ``v`` with
+    probabilities that make ``E[result] = v`` for ``|v| <= top`` (larger ``|v|`` saturate)."""
     bias = (1 << (exponent_bits - 1)) - 1
     v = xp.clip(v, -top, top)
     _, e = xp.frexp(v)  # |v| = f 2^e with f in [0.5, 1): floor(log2|v|) = e - 1
     step = _pow2(xp, xp.maximum(e - 1, 1 - bias) - mantissa_bits)
-    return xp.clip(xp.round(v / step) * step, -top, top)
+    return xp.clip(_round(v / step, noise, xp) * step, -top, top)
+
+
+def _round(v, noise, xp):
+    """Round half to even, or stochastically (``floor(v + noise)``) when noise is given."""
+    return xp.round(v) if noise is None else xp.floor(v + noise)
 
 
 def _blocked(x, axis: int, size: int, xp):
@@ -162,11 +175,14 @@ def _blocked(x, axis: int, size: int, xp):
     return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
 
 
-def _encode(x, fmt: BlockFormat, axis: int, xp):
-    """``(element values as float32, scales as float32 (a pair for NVFP4))``, blocked."""
+def _encode(x, fmt: BlockFormat, axis: int, xp, noise=None):
+    """``(element values as float32, scales as float32 (a pair for NVFP4))``, blocked;
+    ``noise`` (``x``'s shape, U[0, 1)) rounds the elements stochastically."""
     if not xp.issubdtype(x.dtype, xp.floating):
         raise TypeError(f"x must be a float array, got {x.dtype}")
     b = _blocked(x.astype(xp.float32), axis, fmt.block_size, xp)
+    if noise is not None:
+        noise = _blocked(noise, axis, fmt.block_size, xp)
     amax = xp.max(xp.abs(b), axis=-1, keepdims=True)
     bad = ~xp.isfinite(amax)
     if fmt.kind == "mx":
@@ -175,23 +191,31 @@ def _encode(x, fmt: BlockFormat, axis: int, xp):
         scale = xp.where(bad, xp.nan, _pow2(xp, exp))
         v = xp.where(bad, 0.0, b * _pow2(xp, -exp))  # b / X, exact, X never subnormal here
         if fmt.element is np.int8:
-            elems = xp.clip(xp.round(v * 64), -127, 127) / 64
+            elems = xp.clip(_round(xp.clip(v * 64, -127, 127), noise, xp), -127, 127) / 64
         else:
-            elems = round_to_minifloat(v, fmt.exponent_bits, fmt.mantissa_bits, fmt.max, xp)
+            elems = round_to_minifloat(v, fmt.exponent_bits, fmt.mantissa_bits, fmt.max, xp, noise)
         return xp.where(bad, xp.nan, elems), scale
     if fmt.kind == "nvfp4":
         t_amax = xp.max(xp.abs(b))
         tensor = xp.where(t_amax > 0, t_amax / xp.float32(448.0 * 6.0), 1.0).astype(xp.float32)
         block = round_to_minifloat(amax / (6.0 * tensor), 4, 3, 448.0, xp)  # E4M3 (finite)
         eff = block * tensor
-        elems = round_to_minifloat(b / xp.where(eff > 0, eff, 1.0), 2, 1, 6.0, xp)
+        elems = round_to_minifloat(b / xp.where(eff > 0, eff, 1.0), 2, 1, 6.0, xp, noise)
         elems = xp.where(bad | ~xp.isfinite(t_amax), xp.nan, elems)  # t flows everywhere
         return elems, (xp.where(bad, xp.nan, block), tensor)
-    # nf4: nearest NormalFloat level of x / absmax (midpoints between sorted levels)
+    # nf4: nearest NormalFloat level of x / absmax (midpoints between sorted levels); with
+    # noise, the upper of the two neighbouring levels lo <= v < hi with probability
+    # (v - lo) / (hi - lo), so that E[level] = v
     scale = xp.where(bad, xp.nan, amax)
-    v = b / xp.where(amax > 0, amax, 1.0)
-    mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
-    idx = xp.searchsorted(xp.asarray(mids), xp.where(bad, 0.0, v), side="left")
+    v = xp.where(bad, 0.0, b / xp.where(amax > 0, amax, 1.0))
+    if noise is None:
+        mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+        idx = xp.searchsorted(xp.asarray(mids), v, side="left")
+    else:
+        levels = xp.asarray(NF4_LEVELS)
+        lo = xp.clip(xp.searchsorted(levels, v, side="right") - 1, 0, 14)
+        frac = (v - levels[lo]) / (levels[lo + 1] - levels[lo])
+        idx = lo + (noise < frac)
     return xp.where(bad, xp.nan, idx.astype(xp.float32)), scale
 
 
@@ -211,7 +235,19 @@ def _unblocked(b, shape, axis: int, xp):
     return xp.moveaxis(b.reshape(moved), -1, axis)
 
 
-def quantize(x, fmt: str | BlockFormat, *, axis: int = -1) -> Blocks:
+def _noise(key, shape, rounding: str):
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "nearest_even":
+        return None
+    if key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+    return jax.random.uniform(key, shape, jnp.float32)
+
+
+def quantize(
+    x, fmt: str | BlockFormat, *, axis: int = -1, rounding: str = "nearest_even", key=None
+) -> Blocks:
     """Encodes ``x`` in a block format (module docstring).
 
     Args:
@@ -219,6 +255,10 @@ def quantize(x, fmt: str | BlockFormat, *, axis: int = -1) -> Blocks:
       fmt: a :class:`BlockFormat` or its name (``mxfp8_e4m3``, ``mxfp8_e5m2``, ``mxfp6_e3m2``,
         ``mxfp6_e2m3``, ``mxfp4``, ``mxint8``, ``nvfp4``, ``nf4``).
       axis: the axis the blocks run along.
+      rounding: ``"nearest_even"`` (the spec) or ``"stochastic"`` (needs ``key``): each
+        element goes to one of its two grid neighbours (NF4: neighbouring levels) with
+        ``E[element] = x / scale``; block scales are unchanged.
+      key: PRNG key for stochastic rounding.
 
     Returns:
       :class:`Blocks`: ``elements`` in ``x``'s shape as the element dtype (``ml_dtypes``
@@ -232,8 +272,10 @@ def quantize(x, fmt: str | BlockFormat, *, axis: int = -1) -> Blocks:
     """
     fmt = get_block_format(fmt)
     x = np.asarray(x)
+    noise = _noise(key, x.shape, rounding)
+    noise = None if noise is None else np.asarray(noise)
     with np.errstate(over="ignore", invalid="ignore"):  # NaN / Inf blocks are NaN by design
-        elems, scales = _encode(x, fmt, axis, np)
+        elems, scales = _encode(x, fmt, axis, np, noise)
     elems = _unblocked(elems, x.shape, axis, np)
     if fmt.element is np.int8:
         elements = np.rint(elems * 64).astype(np.int8)
@@ -274,14 +316,31 @@ def _ste(x, y):
 _ste.defvjp(lambda x, y: (y, None), lambda _, g: (g, None))
 
 
-def fake_quant(x: jax.Array, fmt: str | BlockFormat, *, axis: int = -1) -> jax.Array:
+def fake_quant(
+    x: jax.Array,
+    fmt: str | BlockFormat,
+    *,
+    axis: int = -1,
+    rounding: str = "nearest_even",
+    key: jax.Array | None = None,
+    pad: bool = False,
+) -> jax.Array:
     """``dequantize(quantize(x))`` in float32, jit-able, with the straight-through gradient
-    (``d/dx = 1`` everywhere: block scales are not differentiated).
+    (``d/dx = 1`` everywhere: block scales are not differentiated). ``rounding`` and ``key``
+    as in :func:`quantize` (stochastic rounding: ``E[fake_quant(x)] = x`` inside the range).
+    ``pad=True`` accepts an axis that is not a multiple of the block size: it is padded with
+    zeros (which change no block's amax) and cropped again, so the last block is partial.
 
     Equal to :func:`dequantize` of :func:`quantize` (which run in NumPy on the host), except
     that XLA:CPU flushes float32 subnormals (``|v| < 2^-126``) to zero."""
     fmt = get_block_format(fmt)
     x = jnp.asarray(x)
-    elems, scales = _encode(x, fmt, axis, jnp)
+    n = x.shape[axis] if x.ndim else 0
+    if pad and n % fmt.block_size:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, -n % fmt.block_size)
+        y = fake_quant(jnp.pad(x, widths), fmt, axis=axis, rounding=rounding, key=key)
+        return jax.lax.slice_in_dim(y, 0, n, axis=axis)
+    elems, scales = _encode(x, fmt, axis, jnp, _noise(key, x.shape, rounding))
     y = _unblocked(_decode(elems, scales, fmt, jnp), x.shape, axis, jnp)
     return _ste(x.astype(jnp.float32), jax.lax.stop_gradient(y))

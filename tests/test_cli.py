@@ -650,3 +650,36 @@ def test_reproduce_finds_the_source_checkout_of_an_editable_install(tmp_path, mo
     assert cli._papers_root() == source / "papers"
     monkeypatch.setenv("JQUANT_PAPERS", str(tmp_path))  # the variable still wins
     assert cli._papers_root() == tmp_path
+
+
+def test_granularity_option_takes_block_sizes(capsys, tmp_path):
+    assert cli.parse_granularities("per_channel, per_block:32,per_block:32") == [
+        "per_channel",
+        "per_block:32",
+    ]
+    for bad in ("per_block", "per_block:0", "per_block:x", "per_channel:4"):
+        code, err = _exit_code(["sweep", "--granularity", bad, "--out", str(tmp_path)], capsys)
+        assert code == 2 and "per_block:<block size>" in err
+
+
+@pytest.mark.slow
+def test_sweep_per_block_end_to_end(tmp_path):
+    out_dir = tmp_path / "results"
+    cmd = [sys.executable, "-m", "jquant", "sweep", "--model", "mlp", "--data", "digits"]
+    cmd += ["--steps", "20", "--bits", "3,8", "--granularity", "per_channel,per_block:16"]
+    cmd += ["--eval-examples", "64", "--calib-examples", "32", "--no-progress"]
+    cmd += ["--cache", str(tmp_path / "cache"), "--out", str(out_dir)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((out_dir / "tensors.json").read_text())["rows"]
+    sqnr = {
+        (r["tensor"], r["granularity"], r["bits"]): r["sqnr_db"]
+        for r in rows
+        if r["kind"] == "weight"
+    }
+    blocks = [k for k in sqnr if k[1] == "per_block:16"]
+    assert blocks
+    for name, _, bits in blocks:  # finer scales never lose to per channel
+        assert sqnr[(name, "per_block:16", bits)] >= sqnr[(name, "per_channel", bits)] - 1e-3
+    model = json.loads((out_dir / "model.json").read_text())["rows"]
+    assert {r["granularity"] for r in model} >= {"per_channel", "per_block:16"}

@@ -16,6 +16,7 @@ CHECKED_ELSEWHERE = {
     "QAT against Qwix and AQT": "test_figures_qat_accuracy",
     "Accelerator benchmarking": "test_bench_grid",
     "Export": "test_figures_export",
+    "Formats": "test_figures_formats",
 }
 # the rest: their own text only, with the numbers that are setup
 SETUP = {

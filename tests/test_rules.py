@@ -3,6 +3,7 @@
 import re
 import warnings
 
+import numpy as np
 import pytest
 
 from jquant.formats import IntFormat, fp8_e4m3, int4
@@ -109,3 +110,112 @@ def test_set_bits_overrides_one_layer_only():
         .assignment["conv1"]
         .keep_float
     )
+
+
+# --- block-wise (sub-channel) weights ----------------------------------------------------------
+
+
+def _np_block_int4(w, b):
+    """NumPy oracle: symmetric int4, one scale per output column and block of ``b`` rows."""
+    k, n = w.shape
+    wb = w.reshape(k // b, b, n)
+    s = np.abs(wb).max(1, keepdims=True) / np.float32(7)
+    return (np.clip(np.round(wb / s), -8, 7) * s).reshape(k, n)
+
+
+def test_block_rule_validation_and_config():
+    r = QuantRule(".*", weight="int4", block_size=8)
+    assert r.weight_granularity == "per_block"
+    cfg = r.weight_config(2)
+    assert (cfg.block_size, cfg.block_axis, cfg.axis) == (8, 0, 1)
+    assert QuantRule(".*", block_size=4).weight_config(4).block_axis == 2  # Conv HWIO: I
+    with pytest.raises(ValueError, match="per_block' needs block_size"):
+        QuantRule(".*", weight_granularity="per_block")
+    with pytest.raises(ValueError, match="QuantRule.block_size must be None or a positive"):
+        QuantRule(".*", block_size=0)
+    with pytest.raises(ValueError, match="weight_granularity is 'per_tensor'"):
+        QuantRule(".*", block_size=8, weight_granularity="per_tensor")
+
+
+@pytest.mark.parametrize("mode", ["simulate", "int"])
+def test_dense_with_block_int4_kernel_equals_numpy_linen_and_nnx(mode):
+    import flax.linen as nn
+    import jax
+    from flax import nnx
+
+    from jquant.nn import linen as ql
+    from jquant.nn import nnx as qn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 16)).astype(np.float32)
+    rule = QuantRule(".*", weight="int4", act=None, block_size=8, mode=mode)
+    if mode == "int":  # int mode quantizes both operands: int8 input, calibrated
+        rule = QuantRule(".*", weight="int4", act="int8", block_size=8, mode=mode)
+    dense = nn.Dense(3)
+    v = dense.init(jax.random.key(0), x)
+    w = np.asarray(v["params"]["kernel"])
+    qm, _ = ql.quantize_model(dense, rule, x)
+    qv = qm.calibrate(qm.attach(v, x), [x])
+    y = jax.jit(qm.with_phase("eval").apply)(qv, x)
+    xs = x
+    if mode == "int":  # the calibrated affine int8 input, fake-quantized in NumPy
+        qp = qv["quant_stats"]["input_qparams"]
+        s, z = np.float32(qp["scale"]), np.float32(qp["zero_point"])
+        xs = (np.clip(np.round(x / s) + z, -128, 127) - z) * s
+    ref = xs.astype(np.float64) @ _np_block_int4(w, 8) + np.asarray(v["params"]["bias"])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.Linear(16, 3, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net.dense.kernel.value, net.dense.bias.value = w, v["params"]["bias"]
+    qn_model, _ = qn.quantize_model(net, rule)
+    qn.calibrate(qn_model, [x])
+    qn.set_phase(qn_model, "eval")
+    np.testing.assert_allclose(qn_model(x), y, rtol=1e-6, atol=1e-6)
+
+
+def test_block_rule_with_lsq_learns_one_step_per_block():
+    import flax.linen as nn
+    import jax
+
+    from jquant.nn import linen as ql
+
+    x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
+    rule = QuantRule(".*", weight="int4", act=None, block_size=4, estimator="lsq")
+    qm, _ = ql.quantize_model(nn.Dense(3), rule, x)
+    v = qm.calibrate(qm.attach(nn.Dense(3).init(jax.random.key(0), x), x), [x])
+    assert v["params"]["kernel_scale"].shape == (4, 3)  # 16 / 4 blocks x 3 channels
+    g = jax.grad(lambda p: qm.with_phase("train").apply(v | {"params": p}, x).sum())(v["params"])
+    assert g["kernel_scale"].shape == (4, 3) and np.all(np.isfinite(g["kernel_scale"]))
+    assert np.any(g["kernel_scale"] != 0)
+
+
+@pytest.mark.parametrize(
+    "rule, match",
+    [
+        (QuantRule(".*", weight="int4", block_size=8), r"layer '.*' has block-wise weight scales"),
+        (QuantRule(".*", weight="mxfp4"), r"layer '.*' uses the block format\(s\) \['mxfp4'\]"),
+    ],
+)
+def test_convert_refuses_block_wise_layers_naming_the_layer(rule, match):
+    import jax
+    import jax.numpy as jnp
+
+    from jquant import convert as C
+    from jquant.models.config import MLPConfig
+    from jquant.models.linen import MLP
+    from jquant.nn import linen as ql
+    from jquant.quant import QParams
+
+    model = MLP(MLPConfig(hidden=(8,), num_classes=3))
+    x = np.random.default_rng(2).normal(size=(4, 16)).astype(np.float32)
+    qm, _ = ql.quantize_model(model, rule, x)
+    v = qm.calibrate(qm.attach(model.init(jax.random.key(0), x), x), [x])
+    with pytest.raises(ValueError, match=match):
+        C.convert(qm, v, x[:1], output_qparams=QParams(jnp.float32(0.1), jnp.float32(0)))

@@ -223,7 +223,7 @@ def test_options_checked_at_every_width_before_any_work():
     with pytest.raises(ValueError, match=levels):
         error_vs_bits(_X_UNIFORM[:64], bits=[8, 13], calibrations=["minmax", "kl"])
     widths, specs = check_options([2, 12], granularities=GRANULARITIES, calibrations=CALIBRATIONS)
-    assert widths.tolist() == [2, 12] and len(specs) == 2 * len(CALIBRATIONS)
+    assert widths.tolist() == [2, 12] and len(specs) == len(GRANULARITIES) * len(CALIBRATIONS)
     with pytest.raises(ValueError, match="aciq needs a uniform integer grid"):
         check_options([4], families=("int", "fp8_e4m3"), calibrations="aciq")
     kl_rules = (QuantRule(".*", calibration="kl"),)
@@ -799,3 +799,43 @@ def test_cli_sweep_gpt_prints_perplexity_and_writes_the_plot(tmp_path, capsys):
     rows = json.loads((out / "ptq.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["float", "rtn", "rtn", "gptq", "gptq"]
     assert cli.main(["sweep", "--model", "gpt", "--data", "digits"]) == 2
+
+
+# --- block-wise granularity and block formats ---------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_block_rows_match_numpy_block_quantizer(symmetric):
+    """per_block:8 on a (24, 6) kernel: one range per output column and block of 8 rows (the
+    Flax kernel's input axis, -2), NumPy quantizer per block; bits traced in one program."""
+    x = np.random.default_rng(3).standard_t(3, (24, 6)).astype(np.float32)
+    bits = [2, 4, 8]
+    t = error_vs_bits(x, bits=bits, granularities="per_block:8", symmetric=symmetric)
+    blocks = x.reshape(3, 8, 6)
+    for b, row in zip(bits, t.to_dicts(), strict=True):
+        y = np.stack([_numpy_fake_quant(blk, b, -1, symmetric) for blk in blocks]).reshape(24, 6)
+        assert row["granularity"] == "per_block:8" and row["bits"] == b
+        np.testing.assert_allclose(row["mse"], np.mean((x - y) ** 2), rtol=1e-4)
+    per_channel = error_vs_bits(x, bits=bits, granularities="per_channel", symmetric=symmetric)
+    assert all(  # finer scales: never worse
+        a >= c - 1e-3
+        for a, c in zip(t.column("sqnr_db"), per_channel.column("sqnr_db"), strict=True)
+    )
+
+
+def test_block_format_families_match_jquant_mx_on_the_host():
+    from jquant import mx
+
+    x = np.random.default_rng(4).standard_t(3, (64, 8)).astype(np.float32)
+    families = ["mxfp4", "mxint8", "nvfp4", "nf4"]
+    t = error_vs_bits({"w": x}, bits=[4], families=families, granularities="per_channel")
+    assert [r["family"] for r in t.to_dicts()] == families  # one curve each, own blocks
+    for row in t.to_dicts():
+        name = row["family"]
+        y = mx.dequantize(mx.quantize(x, name, axis=0), name, axis=0)  # blocks along axis -2
+        fmt = mx.FORMATS[name]
+        assert row["granularity"] == f"per_block:{fmt.block_size}"
+        assert row["bits"] == {"mxfp4": 4, "mxint8": 8, "nvfp4": 4, "nf4": 4}[name]
+        np.testing.assert_allclose(row["mse"], np.mean((x - y) ** 2), rtol=1e-4)
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        error_vs_bits(x, granularities="per_block:-1")

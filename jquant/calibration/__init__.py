@@ -2,7 +2,8 @@
 
 Range estimators are pure functions ``f(x, [fmt], *, axis=...) -> (rmin, rmax)`` for
 :func:`jquant.qparams_from_range`; ``axis`` names the axes that keep their own range (per
-channel; blocks via :func:`jquant.to_blocks`), and results have the keepdims shape:
+channel; blocks: :func:`block_ranges`, :func:`block_observer`), and results have the
+keepdims shape:
 
 - :func:`minmax`, :func:`absmax`, :func:`percentile` (two-sided or symmetric);
 - :func:`mse`: the clip range of least quantization MSE for ``fmt``, searched on device and
@@ -28,6 +29,7 @@ finite value, or constant data, gives a finite scale. Empty arrays and empty dat
 ``ValueError``.
 """
 
+from jquant.calibration.blocks import block_observer, block_ranges
 from jquant.calibration.driver import calibrate, calibration_loop
 from jquant.calibration.observers import (
     ACIQ,
@@ -83,6 +85,8 @@ __all__ = [
     "MinMaxState",
     "Observer",
     "absmax",
+    "block_observer",
+    "block_ranges",
     "aciq",
     "aciq_clip",
     "aciq_mse",

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from jquant import ops
+from jquant import mx, ops
 from jquant.estimators import fake_quant
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import Slots, tensor_qparams
@@ -132,11 +132,14 @@ def _act_qparams(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> QPa
 
 
 def quantize_activation(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> jax.Array:
-    """``fq(x)`` with the activation's calibrated or learned QParams (train / eval), else x."""
+    """``fq(x)`` with the activation's calibrated or learned QParams (train / eval), else x; a
+    block format (``jquant.mx``) quantizes its blocks along the last axis (the features)."""
+    cfg = rule.act_config()
+    if cfg is not None and cfg.is_microscaling:
+        return mx.fake_quant(x, cfg.fmt, axis=-1, pad=True) if phase in ("train", "eval") else x
     qp = _act_qparams(slots, rule, phase, x)
     if qp is None:
         return x
-    cfg = rule.act_config()
     return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
 
 
@@ -146,6 +149,13 @@ def pool_activation(
     """TFLite pooling (``kind`` ``"avg"`` or ``"max"``) of the quantized ``x`` in train / eval:
     the output keeps the input's QParams, the average divides by the count of valid elements.
     Float pooling in the float and calibrate phases."""
+    cfg = rule.act_config()
+    if cfg is not None and cfg.is_microscaling:
+        raise ValueError(
+            f"layer {slots.path!r}: pooling keeps its input's QParams, but the rule's activation "
+            f"format {cfg.fmt.name} has none (its blocks scale themselves); keep the pooling "
+            "layer float (QuantRule(<path>, keep_float=True)) or give it an integer act format"
+        )
     qp = _act_qparams(slots, rule, phase, x)
     if qp is None:
         float_pool = nn.avg_pool if kind == "avg" else nn.max_pool

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from jquant import mx
 from jquant.calibration import get_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
 from jquant.formats import Format, IntFormat, get_format
@@ -37,6 +38,7 @@ __all__ = [
     "QuantRule",
     "RuleMatch",
     "match_rules",
+    "parse_granularity",
     "report_not_quantized",
     "report_unused",
     "set_bits",
@@ -44,13 +46,35 @@ __all__ = [
 
 # The built-in streaming calibration names (the registry of jquant.calibration owns them).
 CALIBRATIONS = observer_names(streams=True)
-GRANULARITIES = ("per_channel", "per_tensor")
+GRANULARITIES = ("per_channel", "per_tensor", "per_block")
 MODES = ("simulate", "int")
 
 
-def _format_or_none(name: str, value) -> Format | None:
+def parse_granularity(granularity: str) -> tuple[str, int | None]:
+    """``(name, block_size)`` of a granularity string: ``"per_channel"`` -> ``("per_channel",
+    None)``, ``"per_block:32"`` -> ``("per_block", 32)`` (the spelling of sweeps and the CLI).
+
+    >>> parse_granularity("per_block:128")
+    ('per_block', 128)
+    """
+    if not isinstance(granularity, str):
+        raise TypeError(f"granularity must be a str, got {granularity!r}")
+    name, sep, size = granularity.partition(":")
+    allowed = f"one of {GRANULARITIES[:2]} or 'per_block:<block size>'"
+    if name not in GRANULARITIES or bool(sep) != (name == "per_block"):
+        raise ValueError(f"granularity must be {allowed}, got {granularity!r}")
+    if not sep:
+        return name, None
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"the block size of {granularity!r} must be a positive integer")
+    return name, int(size)
+
+
+def _format_or_none(name: str, value) -> Format | mx.BlockFormat | None:
     if value is None:
         return None
+    if isinstance(value, mx.BlockFormat) or (isinstance(value, str) and value in mx.FORMATS):
+        return mx.get_block_format(value)
     try:
         return get_format(value)
     except (ValueError, TypeError) as e:
@@ -69,9 +93,21 @@ class QuantRule:
     Args:
       pattern: regular expression, ``re.fullmatch``-ed against the module path.
       weight: weight format (name such as ``"int4"`` or a Format); None keeps weights float.
+        The block formats of :mod:`jquant.mx` (``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``,
+        ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``, ``"mxfp4"``, ``"mxint8"``, ``"nvfp4"``, ``"nf4"``)
+        work as weight and activation formats, blocks along the contracted axis, in
+        ``mode="simulate"`` with the ``"ste"`` estimator (no calibration: their scales come
+        from each block); ``jquant.convert`` refuses them.
       act: format of the layer's input activation; None keeps it float.
       weight_granularity: ``"per_channel"`` (one scale per output channel, the last kernel
         axis, TFLite's convention) or ``"per_tensor"``.
+        ``"per_block"``: per output channel and per block of ``block_size`` consecutive
+        inputs along the contracted axis (a Dense kernel's axis 0, a Conv's input features).
+      block_size: elements per weight scale along the contracted axis; setting it makes the
+        granularity ``"per_block"`` (``QuantRule(weight="int4", block_size=128)``). When it does
+        not divide the layer's input features the last block is partial. Block-wise
+        layers run in both modes (``"int"``: an int32 partial sum per block) but
+        ``jquant.convert`` refuses them: the integer program has no block-wise kernel.
       weight_symmetric: symmetric weight grid (zero point 0), TFLite's convention.
       act_symmetric: symmetric activation grid; the default is affine, as TFLite.
       calibration: activation range estimator, a streaming calibration method of
@@ -117,6 +153,7 @@ class QuantRule:
     act_scale: str = "static"
     learned_init: str = "paper"
     weight_scale_bound: str = "qmax"
+    block_size: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -137,6 +174,7 @@ class QuantRule:
             )
         object.__setattr__(self, "calibration", calibration)
         object.__setattr__(self, "estimator", get_estimator(self.estimator, "QuantRule.estimator"))
+        self._check_blocks()
         if self.act_estimator is not None:
             act_est = get_estimator(self.act_estimator, "QuantRule.act_estimator")
             object.__setattr__(self, "act_estimator", act_est)
@@ -181,6 +219,41 @@ class QuantRule:
                 f"got {self.act}"
             )
 
+    def _check_blocks(self) -> None:
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"QuantRule.block_size must be None or a positive int, got {b!r}")
+        if b is None and self.weight_granularity == "per_block":
+            raise ValueError("QuantRule.weight_granularity='per_block' needs block_size")
+        if b is not None and self.weight_granularity == "per_tensor":
+            raise ValueError(
+                f"QuantRule.block_size={b} asks for per-block scales, but weight_granularity "
+                "is 'per_tensor': use 'per_block' (or leave the default)"
+            )
+        if b is not None and isinstance(self.weight, mx.BlockFormat):
+            raise ValueError(
+                f"QuantRule.block_size={b}: the weight format {self.weight.name} has its own "
+                f"blocks of {self.weight.block_size}; leave block_size None"
+            )
+        for name in ("weight", "act"):
+            fmt, est = getattr(self, name), self._estimator(name)
+            if isinstance(fmt, mx.BlockFormat) and est != "ste":
+                raise ValueError(
+                    f"QuantRule.{name}={fmt.name!r} fake-quantizes with jquant.mx.fake_quant "
+                    f"(straight-through gradient): its estimator must be 'ste', got {est!r}"
+                )
+            if isinstance(fmt, mx.BlockFormat) and self.mode == "int":
+                raise ValueError(
+                    f"QuantRule.{name}={fmt.name!r} has no integer kernel: use mode='simulate'"
+                )
+        if isinstance(self.act, mx.BlockFormat) and self.act_scale != "static":
+            raise ValueError(
+                f"QuantRule.act={self.act.name!r} scales each block itself: act_scale must be "
+                f"'static' (the default), got {self.act_scale!r}"
+            )
+        if b is not None:
+            object.__setattr__(self, "weight_granularity", "per_block")
+
     def _estimator(self, which: str) -> Estimator:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
 
@@ -200,11 +273,28 @@ class QuantRule:
             axis = kernel_ndim - 1
         else:
             axis = tuple(channel_axes) or None
+        block_axis = None
+        if isinstance(self.weight, mx.BlockFormat):  # its blocks run along the contraction
+            axis = None
+        if self.block_size is not None or isinstance(self.weight, mx.BlockFormat):
+            if channel_axes is None:
+                contracted = [kernel_ndim - 2]
+            else:
+                contracted = [a for a in range(kernel_ndim) if a not in channel_axes]
+            if len(contracted) != 1:
+                raise ValueError(
+                    f"QuantRule({self.pattern!r}): a kernel of rank {kernel_ndim} with "
+                    f"output axes {tuple(channel_axes)} contracts {len(contracted)} axes; "
+                    "block-wise weights need exactly one"
+                )
+            block_axis = contracted[0]
         return QuantConfig(
             fmt=self.weight,
             symmetric=self.weight_symmetric,
             axis=axis,
             estimator=self._estimator("weight"),
+            block_size=self.block_size,
+            block_axis=block_axis,
         )
 
     def act_config(self) -> QuantConfig | None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import calibration
-from jquant.quant import QParams, QuantConfig, dynamic_qparams
+from jquant.quant import QParams, QuantConfig, block_view, dynamic_qparams
 
 if TYPE_CHECKING:
     from jquant.nn.rules import QuantRule
@@ -218,7 +218,7 @@ def qparams_from_dict(d: dict[str, jax.Array]) -> QParams:
 
 def _per_tensor(qp: QParams, cfg: QuantConfig) -> QParams:
     """Drops the size-1 axes that ``dynamic_qparams`` keeps when the config is per tensor."""
-    if cfg.axis is not None:
+    if cfg.axis is not None or cfg.block_size is not None:
         return qp
     return QParams(jnp.reshape(qp.scale, ()), jnp.reshape(qp.zero_point, ()))
 
@@ -241,7 +241,7 @@ def _learned(slots: Slots, name: str, cfg: QuantConfig, init_qp: QParams, zp) ->
     scale = slots.param(variable_key(name, "scale"), lambda: init_qp.scale)
     if cfg.estimator.learns_zero_point:
         zp = slots.param(variable_key(name, "zero_point"), lambda: init_qp.zero_point)
-    return QParams(positive_scale(scale), zp)
+    return dataclasses.replace(init_qp, scale=positive_scale(scale), zero_point=zp)
 
 
 def dynamic_act_qparams(x: jax.Array, cfg: QuantConfig, act_scale: str) -> QParams:
@@ -287,7 +287,16 @@ def kernel_qparams(w: jax.Array, cfg: QuantConfig, scale_bound: str = "qmax") ->
 def _paper_weight_init(w: jax.Array, cfg: QuantConfig, own: QParams) -> QParams:
     """A learned weight step initialised by its paper (LSQ, LSQ+; PACT: its own range)."""
     init = cfg.estimator.weight_init
-    return own if init is None else init(w, cfg.fmt, cfg.axes(w.ndim) or None, own)
+    if init is None:
+        return own
+    if own.block_size is not None:  # one step per block: initialise each from its block
+        wb, own_b = block_view(w, own)
+        ax = own.block_axis % w.ndim
+        kept = tuple(sorted({ax} | {a + (a > ax) for a in cfg.axes(w.ndim)}))
+        flat = dataclasses.replace(cfg, axis=kept, block_size=None, block_axis=None)
+        scale = _paper_weight_init(wb, flat, own_b).scale
+        return dataclasses.replace(own, scale=jnp.squeeze(scale, ax + 1))
+    return init(w, cfg.fmt, cfg.axes(w.ndim) or None, own)
 
 
 def _lsq_activation_init(slots: Slots, name: str, x: jax.Array, cfg: QuantConfig, phase: str):
@@ -347,7 +356,7 @@ def tensor_qparams(
     Raises:
       ValueError: train / eval of an activation that was never calibrated.
     """
-    if cfg is None:
+    if cfg is None or cfg.is_microscaling:  # a block format scales itself: no QParams
         return None
     learned = cfg.estimator.learned
     if calibration_name is None:  # a weight
@@ -417,12 +426,15 @@ def frozen_qparams(
         if scale_key in params:
             base = fallback or QParams(params[scale_key], 0.0)
             zp = params.get(variable_key(t, "zero_point"), base.zero_point)
-            return QParams(positive_scale(params[scale_key]), jnp.asarray(zp))
+            scale = positive_scale(params[scale_key])
+            return dataclasses.replace(base, scale=scale, zero_point=jnp.asarray(zp))
         return fallback
 
     stored = stats.get(variable_key("input", "qparams"))
     qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
-    own = kernel_qparams(kernel, cfg_kernel, scale_bound) if cfg_kernel else None
+    own = None
+    if cfg_kernel is not None and not cfg_kernel.is_microscaling:
+        own = kernel_qparams(kernel, cfg_kernel, scale_bound)
     return qa, one("kernel", cfg_kernel, own)
 
 

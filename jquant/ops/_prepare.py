@@ -16,15 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import mx
 from jquant.estimators import fake_quant
 from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
 from jquant.quant import (
     QParams,
     QuantConfig,
+    block_qparams,
+    block_view,
     check_config,
     check_qparams,
     dynamic_qparams,
     quantize,
+    to_blocks,
 )
 
 MODES = ("simulate", "int")
@@ -81,8 +85,21 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
         return None
     if qp is None:
         return None
+    if not isinstance(qp, QParams):
+        raise TypeError(f"{name}_qparams must be a jquant.QParams or None, got {qp!r}")
+    if cfg.is_microscaling:
+        raise ValueError(
+            f"{name}_quant.fmt is {cfg.fmt.name}, which computes its own block scales: "
+            f"{name}_qparams must be None"
+        )
+    if cfg.block_size is not None:
+        qp = given_block_qparams(name, x, cfg, qp)
     check_qparams(x, qp, cfg.fmt)
-    qp = QParams(jnp.asarray(qp.scale, jnp.float32), jnp.asarray(qp.zero_point, jnp.float32))
+    qp = dataclasses.replace(
+        qp,
+        scale=jnp.asarray(qp.scale, jnp.float32),
+        zero_point=jnp.asarray(qp.zero_point, jnp.float32),
+    )
     if cfg.symmetric:
         zp = qp.zero_point
         if not isinstance(zp, jax.core.Tracer) and np.any(np.asarray(zp) != 0):
@@ -90,6 +107,89 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
                 f"{name}_quant is symmetric, so {name}_qparams.zero_point must be 0, got {zp}"
             )
     return qp
+
+
+# --- block-wise operands ----------------------------------------------------------------------
+
+
+def default_block_axis(name: str, cfg: QuantConfig | None, axes: tuple[int, ...], what: str):
+    """``cfg`` with ``block_axis`` set to the op's single ``axes`` entry (its contracting or
+    input-feature axis) when the config is block-wise (or microscaling) and leaves it None."""
+    if cfg is None or cfg.block_axis is not None:
+        return cfg
+    if cfg.block_size is None and not cfg.is_microscaling:
+        return cfg
+    if len(axes) != 1:
+        raise ValueError(
+            f"{name}_quant.block_size is set but block_axis is None and the op has {len(axes)} "
+            f"{what} axes {axes}: set {name}_quant.block_axis"
+        )
+    return dataclasses.replace(cfg, block_axis=int(axes[0]))
+
+
+def given_block_qparams(name: str, x, cfg: QuantConfig, qp: QParams) -> QParams:
+    """A given QParams for a block-wise config: block-shaped scales gain the config's block;
+    a QParams that is block-wise already must agree with it."""
+    axis = cfg.block_axis_for(x.ndim)
+    if qp.block_size is None:
+        return block_qparams(qp, cfg.block_size, axis)
+    if qp.block_size != cfg.block_size or qp.block_axis % x.ndim != axis:
+        raise ValueError(
+            f"{name}_qparams has blocks of {qp.block_size} along axis {qp.block_axis} but "
+            f"{name}_quant asks for blocks of {cfg.block_size} along axis {axis}"
+        )
+    return qp
+
+
+def is_blocked(cfg: QuantConfig | None) -> bool:
+    return cfg is not None and cfg.block_size is not None
+
+
+def split_blocks(name: str, x, cfg: QuantConfig | None, qp: QParams | None, axis: int, size: int):
+    """The int-mode view of one operand of a block-wise product: ``x`` with ``axis`` split
+    into ``(n, size)`` (:func:`jquant.quant.to_blocks`), its config without blocks but kept
+    along the new block-index axis ``axis`` (when it was block-wise), and its QParams (given
+    ones reshaped by :func:`jquant.quant.block_view`; None stays dynamic). A partial last
+    block is padded with zeros: their centred codes are 0, so they add nothing to the sums.
+
+    Returns ``(xb, cfg, qp, shift)``, ``shift(d)`` the new index of the old axis ``d``.
+    """
+
+    def shift(d: int) -> int:
+        return d + (d > axis)
+
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -x.shape[axis] % size)  # a partial last block: zeros add nothing
+    padded = jnp.pad(x, pad)
+    if cfg is None:
+        return to_blocks(padded, axis, size), None, None, shift
+    kept = tuple(shift(d) for d in cfg.axes(x.ndim))
+    if cfg.block_size is not None:
+        new_axis = kept + (axis,)
+    else:
+        new_axis = kept or None
+    new_cfg = dataclasses.replace(cfg, block_size=None, block_axis=None, axis=new_axis)
+    if qp is not None and qp.block_size is None:
+        qp = block_qparams(qp, size, axis)  # constant along the axis: the same in every block
+    if qp is None:
+        xb = to_blocks(padded, axis, size)
+    else:
+        xb, qp = block_view(x, qp)
+    return xb, new_cfg, qp, shift
+
+
+def check_int_blocks(name: str, cfg: QuantConfig | None, ndim: int, axes, what: str):
+    """``(position in axes, block size)`` of a block-wise operand in ``"int"`` mode, or None;
+    ValueError unless its block axis is one of the op's ``axes`` (the contraction)."""
+    if not is_blocked(cfg):
+        return None
+    ax = cfg.block_axis_for(ndim)
+    if ax not in axes:
+        raise ValueError(
+            f"mode='int' sums an int32 partial product per block: {name}_quant.block_axis "
+            f"{cfg.block_axis} must be a {what} axis {tuple(axes)}"
+        )
+    return list(axes).index(ax), cfg.block_size
 
 
 def qparams_shape(x, cfg: QuantConfig, qp: QParams | None) -> tuple[int, ...]:
@@ -101,12 +201,17 @@ def qparams_shape(x, cfg: QuantConfig, qp: QParams | None) -> tuple[int, ...]:
 
 
 def resolve_qparams(x, cfg: QuantConfig | None, qp: QParams | None):
+    if cfg is not None and cfg.is_microscaling:
+        return None
     return dynamic_qparams(x, cfg) if cfg is not None and qp is None else qp
 
 
 def fake_quant_operand(x, qp: QParams | None, cfg: QuantConfig | None):
     if cfg is None:
         return x
+    if cfg.is_microscaling:  # its own block scales, straight-through gradient
+        y = mx.fake_quant(x, cfg.fmt, axis=cfg.block_axis_for(x.ndim), pad=True)
+        return y.astype(x.dtype)
     return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
 
 
@@ -119,6 +224,11 @@ def check_int_config(name: str, cfg: QuantConfig | None) -> None:
             f"mode='int' quantizes both operands: {name}_quant must be a QuantConfig, got None"
         )
     fmt = cfg.fmt
+    if cfg.is_microscaling:
+        raise ValueError(
+            f"mode='int' has no integer kernel for the block format {fmt.name} of "
+            f"{name}_quant.fmt: use mode='simulate' (jquant.mx.fake_quant)"
+        )
     if not fmt.is_static:
         raise ValueError(
             f"mode='int' needs a static bit width (a Python int) for {name}_quant.fmt, got "

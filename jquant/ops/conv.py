@@ -208,6 +208,63 @@ def _conv_int_channels_last(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
     return out.astype(prep.out_dtype(lhs, rhs, st.preferred_element_type))
 
 
+def _slice_qparams(qp: QParams, axis: int, ndim: int, i: int) -> QParams:
+    """Block ``i``'s (ordinary) QParams of a block-wise ``qp`` along ``axis``."""
+    if qp.block_size is None:
+        return qp
+
+    def take(a):
+        a = prep.expand_to(a, ndim)
+        return a if a.shape[axis] == 1 else jax.lax.slice_in_dim(a, i, i + 1, axis=axis)
+
+    return QParams(take(qp.scale), take(qp.zero_point))
+
+
+def _conv_int_blocks(st: _ConvStatic, lhs, rhs, qp_l, qp_r, accumulator):
+    """``mode="int"`` with block-wise scales along the input features: one int8 conv per
+    block of ``B`` input channels (an int32 partial sum), rescaled and summed in float32."""
+    ls, rs = st.dimension_numbers.lhs_spec[1], st.dimension_numbers.rhs_spec[1]
+    prep.check_int_blocks("lhs", st.lhs_quant, lhs.ndim, (ls,), "input-feature")
+    prep.check_int_blocks("rhs", st.rhs_quant, rhs.ndim, (rs,), "input-feature")
+    sizes = {c.block_size for c in (st.lhs_quant, st.rhs_quant) if prep.is_blocked(c)}
+    if len(sizes) != 1:
+        raise ValueError(f"mode='int': lhs and rhs blocks must have the same size, got {sizes}")
+    if st.feature_group_count != 1 or st.batch_group_count != 1:
+        raise ValueError(
+            "mode='int' with block-wise scales needs feature_group_count = batch_group_count "
+            f"= 1, got {st.feature_group_count} and {st.batch_group_count}"
+        )
+    (size,) = sizes
+    qp_l = prep.resolve_qparams(
+        lhs, st.lhs_quant, prep.given_qparams("lhs", lhs, st.lhs_quant, qp_l)
+    )
+    qp_r = prep.resolve_qparams(
+        rhs, st.rhs_quant, prep.given_qparams("rhs", rhs, st.rhs_quant, qp_r)
+    )
+    unblocked = {
+        f"{k}_quant": dataclasses.replace(
+            getattr(st, f"{k}_quant"), block_size=None, block_axis=None
+        )
+        for k in ("lhs", "rhs")
+    }
+    kw = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)} | unblocked
+    kw.pop("out_sharding")
+    out = 0.0
+    n_in = lhs.shape[ls]
+    for i in range(-(-n_in // size)):  # the last block may be partial
+        part = conv_general_dilated(
+            lax.slice_in_dim(lhs, i * size, min((i + 1) * size, n_in), axis=ls),
+            lax.slice_in_dim(rhs, i * size, min((i + 1) * size, n_in), axis=rs),
+            lhs_qparams=_slice_qparams(qp_l, ls, lhs.ndim, i),
+            rhs_qparams=_slice_qparams(qp_r, rs, rhs.ndim, i),
+            mode="int",
+            accumulator=accumulator,
+            **kw,
+        )
+        out = out + part.astype(jnp.float32)
+    return out.astype(part.dtype)
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -241,6 +298,10 @@ def conv_general_dilated(
     <= 8 bits, ``lhs`` QParams constant except along the batch axis, ``rhs`` QParams constant
     except along the output features, and a symmetric signed ``rhs`` if ``batch_group_count >
     1``.
+
+    Block-wise configs (``QuantConfig(block_size=B)``) default their ``block_axis`` to the
+    input-feature axis; ``"int"`` mode then runs one int8 conv per block of ``B`` input
+    channels (``feature_group_count = 1``) and sums the rescaled partial results in float32.
 
     Arguments are those of ``lax.conv_general_dilated`` plus ``lhs_quant``, ``rhs_quant``,
     ``lhs_qparams``, ``rhs_qparams``, ``mode`` and ``accumulator`` as in :func:`dot_general`;
@@ -276,6 +337,17 @@ def conv_general_dilated(
         rhs_quant=rhs_quant,
         out_sharding=out_sharding,
     )
+
+    st = dataclasses.replace(
+        st,
+        lhs_quant=prep.default_block_axis("lhs", lhs_quant, (dn.lhs_spec[1],), "feature"),
+        rhs_quant=prep.default_block_axis("rhs", rhs_quant, (dn.rhs_spec[1],), "feature"),
+    )
+    lhs_quant, rhs_quant = st.lhs_quant, st.rhs_quant
+    if mode == "int" and (prep.is_blocked(lhs_quant) or prep.is_blocked(rhs_quant)):
+        if out_sharding is not None:
+            raise ValueError("mode='int' with block-wise scales does not take out_sharding")
+        return _conv_int_blocks(st, lhs, rhs, lhs_qparams, rhs_qparams, accumulator)
 
     def geometry() -> prep.IntGeometry:
         if prep.has_zero_point(rhs_quant) and batch_group_count != 1:

@@ -58,6 +58,51 @@ def _dot_int(st: _DotStatic, lhs, rhs, qp_l, qp_r):
     return out.astype(prep.out_dtype(lhs, rhs, st.preferred_element_type))
 
 
+def _dot_int_blocks(lhs, rhs, dn, lhs_quant, rhs_quant, lhs_qparams, rhs_qparams, **kw):
+    """``mode="int"`` with block-wise scales along a contracting axis: the axis is split into
+    ``(n, B)``, ``n`` becomes a batch axis, each block's product is an int32 partial sum
+    rescaled by its own scales, and the ``n`` partial products are summed in float32::
+
+        out = sum_b s_l[b] s_r[b] (sum_{k in b} q_l q_r - zero-point terms)
+    """
+    (lc, rc), (lb, rb) = dn
+    pos_l = prep.check_int_blocks("lhs", lhs_quant, lhs.ndim, lc, "contracting")
+    pos_r = prep.check_int_blocks("rhs", rhs_quant, rhs.ndim, rc, "contracting")
+    if pos_l is not None and pos_r is not None and pos_l != pos_r:
+        raise ValueError(
+            f"mode='int': lhs blocks ({lhs_quant.block_size} along axis {lhs_quant.block_axis}) "
+            f"and rhs blocks ({rhs_quant.block_size} along axis {rhs_quant.block_axis}) must "
+            "have the same size along paired contracting axes"
+        )
+    if kw.get("out_sharding") is not None:
+        raise ValueError("mode='int' with block-wise scales does not take out_sharding")
+    p, size = pos_l if pos_l is not None else pos_r
+    al, ar = lc[p], rc[p]
+    lhs_b, cfg_l, qp_l, sl = prep.split_blocks("lhs", lhs, lhs_quant, lhs_qparams, al, size)
+    rhs_b, cfg_r, qp_r, sr = prep.split_blocks("rhs", rhs, rhs_quant, rhs_qparams, ar, size)
+    dn_b = (
+        (
+            tuple(al + 1 if d == al else sl(d) for d in lc),
+            tuple(ar + 1 if d == ar else sr(d) for d in rc),
+        ),
+        (tuple(sl(d) for d in lb) + (al,), tuple(sr(d) for d in rb) + (ar,)),
+    )
+    out = dot_general(
+        lhs_b,
+        rhs_b,
+        dn_b,
+        kw["precision"],
+        kw["preferred_element_type"],
+        lhs_quant=cfg_l,
+        rhs_quant=cfg_r,
+        lhs_qparams=qp_l,
+        rhs_qparams=qp_r,
+        mode="int",
+        accumulator=kw["accumulator"],
+    )
+    return jnp.sum(out.astype(jnp.float32), axis=len(lb)).astype(out.dtype)
+
+
 def dot_general(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -91,6 +136,10 @@ def dot_general(
         gradients); ``None`` computes them from the operand with :func:`dynamic_qparams`.
       mode: ``"simulate"`` or ``"int"``.
       out_sharding: as ``lax.dot_general`` (passed on when set).
+      Block-wise configs (``QuantConfig(block_size=B)``; ``block_axis`` None means the single
+        contracting axis) quantize each run of ``B`` elements with its own scale; in ``"int"``
+        mode the block axis must be contracting (on both sides, with the same ``B``, when
+        both are block-wise): one int32 partial sum per block, scaled and summed in float32.
       accumulator: ``"int32"`` (exact; a contraction whose worst case may overflow int32
         raises ValueError at trace time) or ``"int32_wrap"`` (accept two's-complement
         wrap-around modulo ``2^32``). Only ``"int"`` mode accumulates in integers.
@@ -108,6 +157,23 @@ def dot_general(
             f"dimension_numbers must be ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), "
             f"got {dimension_numbers!r}"
         ) from None
+
+    lhs_quant = prep.default_block_axis("lhs", lhs_quant, dn[0][0], "contracting")
+    rhs_quant = prep.default_block_axis("rhs", rhs_quant, dn[0][1], "contracting")
+    if mode == "int" and (prep.is_blocked(lhs_quant) or prep.is_blocked(rhs_quant)):
+        return _dot_int_blocks(
+            lhs,
+            rhs,
+            dn,
+            lhs_quant,
+            rhs_quant,
+            lhs_qparams,
+            rhs_qparams,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding,
+            accumulator=accumulator,
+        )
 
     def geometry() -> prep.IntGeometry:
         k = int(np.prod([lhs.shape[d] for d in dn[0][0]]))

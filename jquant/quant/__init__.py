@@ -15,6 +15,9 @@ from jquant.quant.affine import (
     RANGE_LIMIT,
     ROUNDING_MODES,
     QParams,
+    block_qparams,
+    block_range,
+    block_view,
     check_qparams,
     check_real,
     check_rounding,
@@ -30,6 +33,7 @@ from jquant.quant.affine import (
     round_values,
     stochastic_noise,
     to_blocks,
+    unblock,
 )
 from jquant.quant.config import QuantConfig, check_config, dynamic_qparams
 
@@ -46,6 +50,10 @@ __all__ = [
     "round_to_float_format",
     "to_blocks",
     "from_blocks",
+    "block_qparams",
+    "block_view",
+    "unblock",
+    "block_range",
     "QuantConfig",
     "dynamic_qparams",
     "check_config",

@@ -39,7 +39,9 @@ __all__ = ["RANGE_LIMIT", "ROUNDING_MODES", "round_to_float_format", "round_valu
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["scale", "zero_point"], meta_fields=[]
+    jax.tree_util.register_dataclass,
+    data_fields=["scale", "zero_point"],
+    meta_fields=["block_size", "block_axis"],
 )
 @dataclasses.dataclass(frozen=True)
 class QParams:
@@ -48,10 +50,19 @@ class QParams:
     ``zero_point`` is stored as float32 holding an integer, so that learned offsets (LSQ+)
     receive gradients; a non-integer value (a learned offset between updates) is rounded where
     it is used. Its shape, like the scale's, sets the granularity.
+
+    Block-wise (sub-channel) granularity: with ``block_size = B`` (static), each run of ``B``
+    consecutive elements along ``block_axis`` shares one scale / zero point; their shape has
+    ``x``'s rank (left-padded with ones) and ``ceil(N / B)`` along ``block_axis`` (``N`` its
+    length), and broadcasts along the other axes. Element ``i`` along the axis uses entry
+    ``i // B``; when ``B`` does not divide ``N`` the last block is partial (``N mod B``
+    elements). See :func:`block_view`.
     """
 
     scale: jax.Array
     zero_point: jax.Array = 0.0
+    block_size: int | None = None
+    block_axis: int = -1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -125,6 +136,9 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
     """
     if not isinstance(qp, QParams):
         raise TypeError(f"qp must be a jquant.QParams, got {type(qp).__name__}")
+    if qp.block_size is not None:
+        xb, qpb = block_view(jax.ShapeDtypeStruct(np.shape(x), jnp.float32), qp)
+        return check_qparams(xb, qpb, fmt)
     check_format(fmt)
     check_real("qp.scale", qp.scale)
     check_real("qp.zero_point", qp.zero_point)
@@ -236,9 +250,10 @@ def nan_if_invalid(qp: QParams) -> QParams:
     plausible numbers (a zero scale would give zeros, a negative one a mirrored grid)."""
     scale = jnp.asarray(qp.scale)
     zp = jnp.asarray(qp.zero_point)
-    return QParams(
-        jnp.where(jnp.isfinite(scale) & (scale > 0), scale, jnp.nan),
-        jnp.where(jnp.isfinite(zp), zp, jnp.nan),
+    return dataclasses.replace(
+        qp,
+        scale=jnp.where(jnp.isfinite(scale) & (scale > 0), scale, jnp.nan),
+        zero_point=jnp.where(jnp.isfinite(zp), zp, jnp.nan),
     )
 
 
@@ -279,6 +294,9 @@ def quantize(
     check_real("x", x)
     check_qparams(x, qp, fmt)
     check_rounding(rounding, key)
+    if qp.block_size is not None:
+        xb, qpb = block_view(x, qp)
+        return unblock(quantize(xb, qpb, fmt, rounding=rounding, key=key), qp, np.shape(x))
     noise = stochastic_noise(key, jnp.shape(x)) if rounding == "stochastic" else None
     q = _codes(x, qp, fmt, rounding, noise)
     if jnp.issubdtype(fmt.dtype, jnp.floating):  # grid values (float formats)
@@ -300,6 +318,9 @@ def dequantize(q: jax.Array, qp: QParams, fmt: Format | None = None) -> jax.Arra
     check_real("qp.scale", qp.scale)
     check_real("qp.zero_point", qp.zero_point)
     _check_qparams_values(qp)
+    if qp.block_size is not None:
+        qb, qpb = block_view(q, qp)
+        return unblock(dequantize(qb, qpb, fmt), qp, np.shape(q))
     return _values(jnp.asarray(q, jnp.float32), qp, fmt)
 
 
@@ -311,6 +332,11 @@ def fake_quant_forward(
     Callers validate first (``jquant.fake_quant`` does). Returns ``x``'s float dtype.
     """
     x = jnp.asarray(x)
+    if qp.block_size is not None:
+        if noise is not None:
+            noise, _ = block_view(noise, qp)
+        xb, qpb = block_view(x, qp)
+        return unblock(fake_quant_forward(xb, qpb, fmt, rounding, noise), qp, x.shape)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return _values(_codes(x, qp, fmt, rounding, noise), qp, fmt).astype(dtype)
 
@@ -342,3 +368,106 @@ def _normalize_axis(axis: int, ndim: int) -> int:
     if not isinstance(axis, int) or not -ndim <= axis < ndim:
         raise ValueError(f"axis must be an int in [{-ndim}, {ndim}), got {axis!r}")
     return axis % ndim
+
+
+# --- block-wise (sub-channel) QParams ----------------------------------------------------------
+
+
+def block_qparams(qp: QParams, block_size: int, axis: int = -1) -> QParams:
+    """``qp`` read block-wise: one scale / zero point per ``block_size`` consecutive elements
+    along ``axis`` (see :class:`QParams`).
+
+    >>> qp = block_qparams(QParams(jnp.array([1.0, 2.0])), 4, axis=0)
+    >>> dequantize(jnp.ones(8), qp).tolist()
+    [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"block_axis must be an int, got {axis!r}")
+    return dataclasses.replace(qp, block_size=block_size, block_axis=axis)
+
+
+def _block_param(a, ndim: int, axis: int, n: int, name: str):
+    a = jnp.asarray(a) if not isinstance(a, jax.ShapeDtypeStruct) else a
+    shape = tuple(np.shape(a))
+    if len(shape) > ndim:
+        raise ValueError(
+            f"qp.{name} of a block-wise QParams must have at most x's rank {ndim}, got shape "
+            f"{shape}"
+        )
+    if len(shape) == 0:
+        return jnp.asarray(a)
+    shape = (1,) * (ndim - len(shape)) + shape
+    if shape[axis] not in (1, n):
+        raise ValueError(
+            f"qp.{name} of a block-wise QParams must have {n} entries (one per block) or 1 "
+            f"along block_axis {axis}, got shape {tuple(np.shape(a))}"
+        )
+    return jnp.asarray(a).reshape(shape[: axis + 1] + (1,) + shape[axis + 1 :])
+
+
+def block_view(x, qp: QParams) -> tuple[jax.Array, QParams]:
+    """``(xb, qpb)``: ``x`` with ``qp.block_axis`` split into ``(ceil(N / B), B)`` and ``qp``
+    as an ordinary QParams broadcasting against it (size 1 on the new ``B`` axis), so that
+    ``f(x, qp) = unblock(f(xb, qpb), qp, x.shape)`` for every element-wise quantizer ``f``.
+
+    When ``B`` does not divide ``N`` the axis is first padded with zeros to a multiple of
+    ``B`` (:func:`unblock` drops them again): the last block is partial.
+    Raises ValueError when the QParams' shapes do not fit.
+    """
+    if qp.block_size is None:
+        return jnp.asarray(x), qp
+    ndim = len(np.shape(x))
+    if ndim == 0:
+        raise ValueError("a block-wise QParams needs x of rank >= 1, got a scalar")
+    axis = _normalize_axis(qp.block_axis, ndim)
+    b, n_total = qp.block_size, np.shape(x)[axis]
+    n = -(-n_total // b)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        s = x.shape
+        xb = jax.ShapeDtypeStruct(s[:axis] + (n, b) + s[axis + 1 :], x.dtype)
+    else:
+        x = jnp.asarray(x)
+        pad = [(0, 0)] * ndim
+        pad[axis] = (0, n * b - n_total)
+        xb = to_blocks(jnp.pad(x, pad) if n * b != n_total else x, axis, b)
+    scale = _block_param(qp.scale, ndim, axis, n, "scale")
+    zp = _block_param(qp.zero_point, ndim, axis, n, "zero_point")
+    return xb, QParams(scale, zp)
+
+
+def unblock(yb: jax.Array, qp: QParams, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`block_view` for an ``x`` of shape ``shape``: merges the block axes
+    and drops the padding of a partial last block."""
+    if qp.block_size is None:
+        return yb
+    axis = _normalize_axis(qp.block_axis, yb.ndim - 1)
+    y = from_blocks(yb, axis)
+    return jax.lax.slice_in_dim(y, 0, shape[axis], axis=axis)
+
+
+def block_range(
+    x: jax.Array, block_size: int, axis: int, kept: tuple[int, ...] = (), *, symmetric: bool
+) -> tuple[jax.Array, jax.Array]:
+    """``(rmin, rmax)`` of each block of ``block_size`` elements along ``axis``, also kept
+    separate along the axes ``kept`` and reduced over all others: arrays of ``x``'s rank with
+    ``N / block_size`` along ``axis``. Symmetric: ``(-max|x|, max|x|)``.
+
+    >>> [a.tolist() for a in block_range(jnp.array([1.0, -3.0, 2.0, 0.5]), 2, 0, symmetric=True)]
+    [[-3.0, -2.0], [3.0, 2.0]]
+    """
+    x = jnp.asarray(x)
+    axis = _normalize_axis(axis, x.ndim)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    xb, _ = block_view(x, QParams(1.0, block_size=block_size, block_axis=axis))
+    keep = {axis} | {a + (a > axis) for a in kept}
+    reduce = tuple(a for a in range(xb.ndim) if a not in keep)
+    if symmetric:
+        amax = jnp.max(jnp.abs(xb), axis=reduce, keepdims=True)
+        rmin, rmax = -amax, amax
+    else:
+        rmin = jnp.min(xb, axis=reduce, keepdims=True)
+        rmax = jnp.max(xb, axis=reduce, keepdims=True)
+    return jnp.squeeze(rmin, axis + 1), jnp.squeeze(rmax, axis + 1)

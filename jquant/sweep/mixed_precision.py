@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jquant.nn.rules import GRANULARITIES, QuantRule
+from jquant.nn.rules import QuantRule, parse_granularity
 from jquant.sweep.model_sweep import (
     ACCURACY,
     PTQ,
@@ -233,8 +233,7 @@ def mixed_precision(
         raise ValueError(f"metric must be one of {costs}, got {metric!r}")
     if target not in ("weights", "weights+acts"):
         raise ValueError(f"target must be 'weights' or 'weights+acts', got {target!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    parse_granularity(granularity)
     if isinstance(max_configs, bool) or not isinstance(max_configs, int) or max_configs < 1:
         raise ValueError(f"max_configs must be a positive int, got {max_configs!r}")
     check_rules(rules, widths, target)

@@ -48,7 +48,7 @@ from jquant import metrics, ptq
 from jquant.formats import IntFormat
 from jquant.models import gpt
 from jquant.nn.linen import QuantizedModel, quantize_model
-from jquant.nn.rules import GRANULARITIES, QuantRule, first_match
+from jquant.nn.rules import QuantRule, first_match, parse_granularity
 from jquant.nn.state import STATS, make_observer, qparams_to_dict, variable_key
 from jquant.sweep.results import Table
 from jquant.sweep.sharding import check_bits_list, map_over_bits, peak_bytes, sweep_mesh
@@ -89,8 +89,10 @@ def with_bits(
     if rule.keep_float:
         return rule
     changes: dict[str, Any] = {}
-    if granularity is not None:
-        changes["weight_granularity"] = granularity
+    if granularity is not None:  # "per_block:32": per-block weights of 32
+        name, block_size = parse_granularity(granularity)
+        changes["weight_granularity"] = name
+        changes["block_size"] = block_size
     if bits is not None:
         changes["weight"] = IntFormat(bits) if target != "acts" else None
         changes["act"] = IntFormat(bits) if target != "weights" else None
@@ -386,7 +388,8 @@ def model_vs_bits(
       bits: integer widths in ``[2, 16]``, applied to every quantized layer.
       calib_x: calibration inputs (default: ``x``).
       rules: base rules (which layers, calibration, symmetry); their widths are replaced.
-      granularities: weight granularities, ``"per_channel"`` and/or ``"per_tensor"``.
+      granularities: weight granularities, ``"per_channel"``, ``"per_tensor"`` and/or
+        ``"per_block:<size>"``.
       targets: what is quantized: ``"weights+acts"``, ``"weights"``, ``"acts"``.
       batch_size: evaluation batch (the last is padded, so each program compiles once).
       progress: tqdm progress bar over the (target, granularity) programs.
@@ -408,8 +411,7 @@ def model_vs_bits(
     grans = (granularities,) if isinstance(granularities, str) else tuple(granularities)
     tgts = (targets,) if isinstance(targets, str) else tuple(targets)
     for g in grans:
-        if g not in GRANULARITIES:
-            raise ValueError(f"granularities must be in {GRANULARITIES}, got {g!r}")
+        parse_granularity(g)
     for t in tgts:
         if t not in TARGETS:
             raise ValueError(f"targets must be in {TARGETS}, got {t!r}")
