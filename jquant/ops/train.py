@@ -190,7 +190,7 @@ def _int_eval(fn, a_codes: jax.Array, b_codes: jax.Array) -> jax.Array:
         if name in _PRODUCTS:
             if any(v.dtype != jnp.int8 for v in vals):
                 raise ValueError(f"mode='int': the backward {name} got non-int8 operands")
-            params["preferred_element_type"] = jnp.int32
+            params["preferred_element_type"] = jnp.dtype(jnp.int32)
             products += 1
         elif name not in ("rev", "transpose", "reshape", "squeeze", "expand_dims"):
             raise ValueError(
