@@ -20,6 +20,7 @@ from jquant.ops.scaling import current_scaling, delayed_scaling
 from jquant.quant import dynamic_qparams, fake_quant_forward, quantize, stochastic_noise
 
 Q8 = QuantConfig(int8)
+slow = pytest.mark.slow
 DENSE_DN = (((1,), (0,)), ((), ()))
 
 
@@ -43,47 +44,72 @@ def _codes(x, cfg, rounding=None, key=None):
 # --- dense --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
-def test_dense_backward_products_simulate(rounding):
-    x, w, g = _rand(0, (4, 6)), _rand(1, (6, 5)), _rand(2, (4, 5))
-    key = jax.random.key(7)
-    bwd = BackwardConfig.uniform(Q8, Q8, rounding)
-    f = lambda x, w: ops.train_dot_general(  # noqa: E731
-        x, w, DENSE_DN, lhs_quant=Q8, rhs_quant=Q8, bwd=bwd, key=key
-    )
-    y, vjp = jax.vjp(f, x, w)
-    dx, dw = vjp(g)
-    # reference: plain matmuls on explicitly quantized operands (same keys, split once)
-    xh, wh = _fq(x, Q8), _fq(w, Q8)
-    np.testing.assert_allclose(y, xh @ wh, rtol=1e-6, atol=1e-6)
-    k_l, k_r = jax.random.split(key)
-    dx_ref = _fq(g, Q8, rounding, k_l) @ _fq(wh, Q8).T
-    dw_ref = _fq(xh, Q8).T @ _fq(g, Q8, rounding, k_r)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-6)
-    # the gradient really is quantized: differs from the float-gradient backward
-    assert not np.allclose(dw, xh.T @ g, rtol=1e-6, atol=1e-7)
+def test_dense_backward_products():
+    x, w, g = _rand(0, (5, 7)), _rand(1, (7, 3)), _rand(2, (5, 3))
+    runs = {
+        "nearest": (BackwardConfig.uniform(Q8, Q8), "simulate"),
+        "stochastic": (BackwardConfig.uniform(Q8, Q8, "stochastic"), "simulate"),
+        "int": (BackwardConfig.uniform(Q8, Q8), "int"),
+    }
 
+    def f(x, w, bwd, mode, key):
+        return ops.train_dot_general(
+            x, w, DENSE_DN, lhs_quant=Q8, rhs_quant=Q8, bwd=bwd, mode=mode, key=key
+        )
 
-def test_dense_backward_int_bit_exact_and_int8_jaxpr():
-    x, w, g = _rand(3, (5, 7)), _rand(4, (7, 3)), _rand(5, (5, 3))
-    bwd = BackwardConfig.uniform(Q8, Q8)
-    f = lambda x, w: ops.train_dot_general(  # noqa: E731
-        x, w, DENSE_DN, lhs_quant=Q8, rhs_quant=Q8, bwd=bwd, mode="int"
-    )
-    _, vjp = jax.vjp(f, x, w)
-    dx, dw = vjp(g)
-    xh, wh = _fq(x, Q8), _fq(w, Q8)
-    qg, sg = _codes(g, Q8)
-    qw, sw = _codes(wh, Q8)
-    qx, sx = _codes(xh, Q8)
-    # integer sums are exact in float32 at these sizes; the int path rescales the same way
-    np.testing.assert_array_equal(dx, (sg * sw) * (qg @ qw.T))
-    np.testing.assert_array_equal(dw, (sx * sg) * (qx.T @ qg))
-    jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(f, x, w)[1](g))(x, w))
-    # forward + two backward products, each int8 x int8 -> int32
-    assert jaxpr.count("preferred_element_type=int32") == 3
-    assert "dot_general" in jaxpr and "i8[" in jaxpr
+    @jax.jit  # one compile for the three runs and their references
+    def compute(x, w, g, key):
+        out = {}
+        for name, (bwd, mode) in runs.items():
+            y, vjp = jax.vjp(lambda x, w, bwd=bwd, mode=mode: f(x, w, bwd, mode, key), x, w)
+            out[name] = (y, *vjp(g))
+        # references: plain matmuls on explicitly quantized operands (same keys, split once)
+        xh, wh = _fq(x, Q8), _fq(w, Q8)
+        k_l, k_r = jax.random.split(key)
+        ref = {
+            "nearest": (xh @ wh, _fq(g, Q8) @ _fq(wh, Q8).T, _fq(xh, Q8).T @ _fq(g, Q8)),
+            "stochastic": (
+                xh @ wh,
+                _fq(g, Q8, "stochastic", k_l) @ _fq(wh, Q8).T,
+                _fq(xh, Q8).T @ _fq(g, Q8, "stochastic", k_r),
+            ),
+        }
+        # int: s_g s_o times integer matmuls of the codes (exact in float32 at these sizes)
+        (qg, sg), (qw, sw), (qx, sx) = _codes(g, Q8), _codes(wh, Q8), _codes(xh, Q8)
+        ref["int"] = (xh @ wh, (sg * sw) * (qg @ qw.T), (sx * sg) * (qx.T @ qg))
+        return out, ref, xh.T @ g
+
+    out, ref, dw_float_grad = compute(x, w, g, jax.random.key(7))
+    for name in runs:
+        np.testing.assert_allclose(out[name][0], ref[name][0], rtol=1e-5, atol=1e-5)
+        if name == "int":  # bit for bit
+            np.testing.assert_array_equal(out[name][1], ref[name][1])
+            np.testing.assert_array_equal(out[name][2], ref[name][2])
+        else:
+            np.testing.assert_allclose(out[name][1], ref[name][1], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out[name][2], ref[name][2], rtol=1e-5, atol=1e-6)
+        # the gradient really is quantized: differs from the float-gradient backward
+        assert not np.allclose(out[name][2], dw_float_grad, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(out["stochastic"][2], out["nearest"][2])
+    # forward + the two backward products, each int8 x int8 -> int32
+    jaxpr = jax.make_jaxpr(
+        lambda x, w: jax.vjp(lambda x, w: f(x, w, *runs["int"], None), x, w)[1](g)
+    )(x, w)
+    products = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    products += [
+        e
+        for eqn in jaxpr.eqns
+        for sub in jax.core.jaxprs_in_params(eqn.params)
+        for e in sub.eqns
+        if e.primitive.name == "dot_general"
+    ]
+    int8_products = [
+        e
+        for e in products
+        if [v.aval.dtype for v in e.invars] == [jnp.int8] * 2
+        and e.outvars[0].aval.dtype == jnp.int32
+    ]
+    assert len(int8_products) == 3, str(jaxpr)
 
 
 def test_batched_dot_general_and_einsum_backward():
@@ -93,11 +119,19 @@ def test_batched_dot_general_and_einsum_backward():
     cfg = QuantConfig(int8, axis=0)  # per batch element: allowed in simulate
     bwd = BackwardConfig.uniform(cfg, cfg)
     f = lambda x, w: ops.train_dot_general(x, w, dn, lhs_quant=cfg, rhs_quant=cfg, bwd=bwd)  # noqa: E731
-    dx, dw = jax.vjp(f, x, w)[1](g)
-    xh, wh = _fq(x, cfg), _fq(w, cfg)
-    gq = _fq(g, cfg)
-    np.testing.assert_allclose(dx, jnp.einsum("bik,bjk->bij", gq, _fq(wh, cfg)), rtol=1e-5)
-    np.testing.assert_allclose(dw, jnp.einsum("bij,bik->bjk", _fq(xh, cfg), gq), rtol=1e-5)
+
+    @jax.jit
+    def compute(x, w, g):
+        xh, wh, gq = _fq(x, cfg), _fq(w, cfg), _fq(g, cfg)
+        ref = (
+            jnp.einsum("bik,bjk->bij", gq, _fq(wh, cfg)),
+            jnp.einsum("bij,bik->bjk", _fq(xh, cfg), gq),
+        )
+        return jax.vjp(f, x, w)[1](g), ref
+
+    (dx, dw), (dx_ref, dw_ref) = compute(x, w, g)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_float_backward_matches_finite_differences():
@@ -115,7 +149,8 @@ def test_float_backward_matches_finite_differences():
 # --- conv ---------------------------------------------------------------------------------------
 
 CONV_CASES = {
-    "1d": dict(lhs=(2, 9, 3), rhs=(3, 3, 4), window_strides=(1,), padding="SAME", dn=("NWC", "WIO", "NWC")),
+    "1d": dict(lhs=(2, 9, 3), rhs=(3, 3, 4), window_strides=(1,), padding="SAME",
+               dn=("NWC", "WIO", "NWC")),
     "2d_strided_dilated": dict(
         lhs=(2, 7, 6, 3), rhs=(3, 2, 3, 4), window_strides=(2, 1), padding=((1, 2), (0, 1)),
         lhs_dilation=(1, 2), rhs_dilation=(2, 1), dn=("NHWC", "HWIO", "NHWC"),
@@ -144,32 +179,47 @@ def _float_conv_vjp(lhs, rhs, g, kw):
     return jax.vjp(lambda a, b: lax.conv_general_dilated(a, b, **kw), lhs, rhs)[1](g)
 
 
-@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=() if c in ("2d_strided_dilated", "2d_grouped_nchw") else slow)
+        for c in CONV_CASES
+    ],
+)
 def test_conv_backward_products(case):
     lhs, rhs, kw = _conv_setup(case)
     bwd = BackwardConfig.uniform(Q8, Q8)
-    outs = {}
-    for mode in ("simulate", "int"):
-        f = lambda a, b, mode=mode: ops.train_conv_general_dilated(  # noqa: E731
-            a, b, **kw, lhs_quant=Q8, rhs_quant=Q8, bwd=bwd, mode=mode
+    y_shape = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, **kw), lhs, rhs).shape
+    g = _rand(22, y_shape)
+
+    @jax.jit  # one compile per case
+    def compute(lhs, rhs, g):
+        outs = {}
+        for mode in ("simulate", "int"):
+            f = lambda a, b, mode=mode: ops.train_conv_general_dilated(  # noqa: E731
+                a, b, **kw, lhs_quant=Q8, rhs_quant=Q8, bwd=bwd, mode=mode
+            )
+            outs[mode] = jax.vjp(f, lhs, rhs)[1](g)
+        lh, rh = _fq(lhs, Q8), _fq(rhs, Q8)
+        # simulate: the float conv's vjp (the transposed and kernel-gradient convs) on
+        # quantized operands
+        gq = _fq(g, Q8)
+        ref = (
+            _float_conv_vjp(lh, _fq(rh, Q8), gq, kw)[0],
+            _float_conv_vjp(_fq(lh, Q8), rh, gq, kw)[1],
         )
-        y, vjp = jax.vjp(f, lhs, rhs)
-        g = _rand(22, y.shape)
-        outs[mode] = vjp(g)
-    lh, rh = _fq(lhs, Q8), _fq(rhs, Q8)
-    # simulate: the float conv's vjp (the transposed and kernel-gradient convs) on quantized
-    # operands
-    gq = _fq(g, Q8)
-    dl_ref = _float_conv_vjp(lh, _fq(rh, Q8), gq, kw)[0]
-    dr_ref = _float_conv_vjp(_fq(lh, Q8), rh, gq, kw)[1]
-    np.testing.assert_allclose(outs["simulate"][0], dl_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(outs["simulate"][1], dr_ref, rtol=1e-5, atol=1e-5)
-    # int: bit for bit, s_g s_o times the exact integer convs of the codes
-    qg, sg = _codes(g, Q8)
-    qr, sr = _codes(rh, Q8)
-    ql, sl = _codes(lh, Q8)
-    np.testing.assert_array_equal(outs["int"][0], (sg * sr) * _float_conv_vjp(ql, qr, qg, kw)[0])
-    np.testing.assert_array_equal(outs["int"][1], (sl * sg) * _float_conv_vjp(ql, qr, qg, kw)[1])
+        # int: s_g s_o times the integer convs of the codes (exact in float32 at these sizes)
+        qg, sg = _codes(g, Q8)
+        qr, sr = _codes(rh, Q8)
+        ql, sl = _codes(lh, Q8)
+        dl_int, dr_int = _float_conv_vjp(ql, qr, qg, kw)
+        return outs, ref, ((sg * sr) * dl_int, (sl * sg) * dr_int)
+
+    outs, ref, ref_int = compute(lhs, rhs, g)
+    np.testing.assert_allclose(outs["simulate"][0], ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs["simulate"][1], ref[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outs["int"][0], ref_int[0])  # bit for bit
+    np.testing.assert_array_equal(outs["int"][1], ref_int[1])
 
 
 # --- stochastic rounding ------------------------------------------------------------------------
@@ -209,7 +259,7 @@ def test_fp8_gradient_matches_ml_dtypes():
     eye = jnp.eye(8)
     bwd = BackwardConfig(drhs_grad=QuantConfig(fp8_e5m2))
     f = lambda w: ops.train_dot_general(eye, w, DENSE_DN, bwd=bwd)  # noqa: E731
-    dw = jax.vjp(f, jnp.zeros((8, 8)))[1](g)[0]
+    dw = jax.jit(lambda g: jax.vjp(f, jnp.zeros((8, 8)))[1](g)[0])(g)
     s = np.float32(np.max(np.abs(np.asarray(g)))) / np.float32(57344.0)
     ref = (np.asarray(g) / s).astype(ml_dtypes.float8_e5m2).astype(np.float32) * s
     np.testing.assert_array_equal(dw, ref)
@@ -249,7 +299,7 @@ def test_grad_amax_sink_and_given_grad_qparams():
         )  # fmt: skip
         return jnp.sum(c * y)
 
-    dx, dw, amax = jax.grad(loss, (0, 1, 2))(x, w, jnp.float32(0.0))
+    dx, dw, amax = jax.jit(jax.grad(loss, (0, 1, 2)))(x, w, jnp.float32(0.0))
     assert float(amax) == pytest.approx(float(jnp.max(jnp.abs(c))))  # g = c
     qp = ds.qparams(st, e5m2.fmt)
     gq = fake_quant_forward(c, qp, e5m2.fmt)  # the delayed scale, saturating

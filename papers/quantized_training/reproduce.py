@@ -11,8 +11,9 @@ configs, its PRNG key and its amax history explicitly.
 Recipes (``RECIPES``): forward operands int8 per-tensor symmetric, dynamic (``amax / 127``);
 gradients int8 / int4 per tensor with stochastic or round-to-nearest-even rounding, the reused
 operands of the backward products int8; fp8: e4m3 forward, e5m2 gradients with Transformer
-Engine's delayed scaling (amax history 16, margin 0, saturating casts) or current scaling. Adam, cosine
-learning rate, the same for every recipe; 3 seeds trained in one ``jax.vmap``-ed program.
+Engine's delayed scaling (amax history 16, margin 0, saturating casts) or current scaling.
+Adam, cosine learning rate, the same for every recipe; 3 seeds trained in one
+``jax.vmap``-ed program.
 
 ``python papers/quantized_training/reproduce.py --out papers/quantized_training/results``
 """
@@ -201,8 +202,11 @@ def run(protocol: Protocol) -> dict:
     runs = []
     for name in protocol.recipes:
         t0 = time.perf_counter()
-        fn = jax.jit(jax.vmap(lambda s, r=RECIPES[name]: train_one(r, protocol, data, s)))
-        acc, loss = jax.device_get(fn(jnp.array(protocol.seeds)))
+        # the data is an argument, not a closed-over constant (XLA would fold it for minutes)
+        fn = jax.jit(
+            jax.vmap(lambda s, d, r=RECIPES[name]: train_one(r, protocol, d, s), (0, None))
+        )
+        acc, loss = jax.device_get(fn(jnp.array(protocol.seeds), data))
         for s, a, lo in zip(protocol.seeds, acc, loss, strict=True):
             runs.append({"recipe": name, "seed": s, "test_acc": float(a), "train_loss": float(lo)})
         print(f"{name}: acc {np.round(acc, 4)} ({time.perf_counter() - t0:.0f} s)", flush=True)
