@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,6 +16,9 @@ from jax.test_util import check_grads
 
 from jquant import ops
 from jquant.formats import fp8_e4m3, fp8_e5m2, int4, int8
+from jquant.nn import linen as ql
+from jquant.nn import nnx as qn
+from jquant.nn.rules import QuantRule
 from jquant.ops import BackwardConfig, QuantConfig
 from jquant.ops.scaling import current_scaling, delayed_scaling
 from jquant.quant import dynamic_qparams, fake_quant_forward, quantize, stochastic_noise
@@ -330,3 +334,63 @@ def test_bad_input():
             delayed_scaling(history_len=h)
     with pytest.raises(ValueError, match="margin"):
         delayed_scaling(margin=-1)
+
+
+# --- rules and layers ---------------------------------------------------------------------------
+
+
+def _layer_rule(rounding):
+    return QuantRule(".*", act_scale="dynamic_per_tensor", grad="int8", grad_rounding=rounding)
+
+
+def _kernel_grad_oracle(x, c):
+    """dL/dkernel of ``sum(c * (fq(x) @ fq(W)))`` with an int8 gradient: ``fq(x)^T Q(c)``."""
+    act = _layer_rule("nearest_even").act_config()
+    return _fq(x, act).T @ _fq(c, Q8)
+
+
+def test_rule_backward_config_and_linen_layer():
+    assert QuantRule(".*").backward_config() is None
+    cfg = QuantRule(".*", grad="fp8_e5m2", grad_rounding="stochastic").backward_config()
+    assert cfg.drhs_grad.fmt.name == "fp8_e5m2" and cfg.stochastic
+    with pytest.raises(ValueError, match="QuantRule.grad_rounding must be one of"):
+        QuantRule(".*", grad="int8", grad_rounding="up")
+    with pytest.raises(ValueError, match="QuantRule.grad_operands must be set"):
+        QuantRule(".*", grad="int8", mode="int")
+    x, c = _rand(50, (4, 5)), _rand(51, (4, 3))
+    layer = ql.QDense(3, rule=_layer_rule("nearest_even"), phase="train")
+    variables = layer.init(jax.random.key(0), x)
+    params = variables["params"]
+
+    def grad_of(layer, **kw):
+        v = lambda p: {**variables, "params": p}  # noqa: E731
+        f = lambda p: jnp.sum(c * layer.apply(v(p), x, mutable=["quant_stats"], **kw)[0])  # noqa: E731
+        return jax.jit(jax.grad(f))(params)["kernel"]
+
+    np.testing.assert_allclose(grad_of(layer), _kernel_grad_oracle(x, c), rtol=1e-5, atol=1e-6)
+    sr = layer.clone(rule=_layer_rule("stochastic"))
+    a, b = (grad_of(sr, rngs={"quant": jax.random.key(k)}) for k in (1, 2))
+    assert not np.array_equal(a, b)  # the stream's key draws the rounding
+    np.testing.assert_array_equal(a, grad_of(sr, rngs={"quant": jax.random.key(1)}))
+    with pytest.raises(ValueError, match="rngs=\\{'quant': key\\}"):
+        grad_of(sr)
+
+
+def test_nnx_layer_quantized_gradient():
+    x, c = _rand(52, (4, 5)), _rand(53, (4, 3))
+    layer = qn.QLinear(5, 3, rule=_layer_rule("nearest_even"), phase="train", rngs=nnx.Rngs(0))
+    grads = nnx.grad(lambda m: jnp.sum(c * m(x)))(layer)
+    np.testing.assert_allclose(
+        grads["kernel"].value, _kernel_grad_oracle(x, c), rtol=1e-5, atol=1e-6
+    )
+    sr = qn.QLinear(5, 3, rule=_layer_rule("stochastic"), phase="train", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="quant_rngs"):
+        sr(x)
+    sr.quant_rngs = nnx.Rngs(quant=1)
+    g1 = nnx.grad(lambda m: jnp.sum(c * m(x)))(sr)["kernel"].value
+    g2 = nnx.grad(lambda m: jnp.sum(c * m(x)))(sr)["kernel"].value  # the stream advanced
+    assert not np.array_equal(g1, g2)
+    # each element of Q(c) is within one step of c: |dW - fq(x)^T c| <= |fq(x)|^T 1 * step
+    x_hat = _fq(x, _layer_rule("nearest_even").act_config())
+    bound = jnp.abs(x_hat).T @ jnp.ones_like(c) * dynamic_qparams(c, Q8).scale
+    assert bool(jnp.all(jnp.abs(g1 - x_hat.T @ c) <= bound))
