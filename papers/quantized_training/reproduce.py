@@ -20,7 +20,6 @@ Adam, cosine learning rate, the same for every recipe; 3 seeds trained in one
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -36,6 +35,8 @@ from jquant.data import load_mnist1d
 from jquant.formats import fp8_e4m3, fp8_e5m2, int4, int8
 from jquant.ops.scaling import delayed_scaling
 from jquant.quant import QuantConfig
+from jquant.reproduce import script_main, write_tables
+from jquant.sweep import Table
 
 LAYERS = ("conv1", "conv2", "dense1", "head")
 CONV_DN = ("NWC", "WIO", "NWC")
@@ -244,13 +245,15 @@ def summarize(runs: list[dict]) -> list[dict]:
     ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="the tests' few-step version")
-    args = parser.parse_args(argv)
-    return run(QUICK if args.quick else Protocol(), args.out)
+def main(out_dir, quick: bool = False) -> dict[str, Table]:
+    """Runs the protocol (``QUICK`` when ``quick``) into ``out_dir``; returns the tables."""
+    result = run(QUICK if quick else Protocol(), pathlib.Path(out_dir))
+    tables = {
+        "quantized_training_runs": Table.from_dicts(result["runs"]),
+        "quantized_training": Table.from_dicts(result["summary"]),
+    }
+    return write_tables(out_dir, tables)
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, __doc__.splitlines()[0])
