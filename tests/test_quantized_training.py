@@ -325,6 +325,15 @@ def test_bad_input():
     per_ch = BackwardConfig.uniform(Q8, QuantConfig(int8, axis=1))
     with pytest.raises(ValueError, match=r"bwd.dlhs_rhs.*per-tensor"):
         ops.train_dot_general(x, w, DENSE_DN, lhs_quant=Q8, rhs_quant=Q8, bwd=per_ch, mode="int")
+    # a backward contraction of K = 2^17 terms (the batch, in dL/dW) may overflow int32
+    xb, gb = jnp.ones((1 << 17, 1)), jnp.ones((1 << 17, 1))
+    big = lambda w, acc: ops.train_dot_general(  # noqa: E731
+        xb, w, DENSE_DN, lhs_quant=Q8, rhs_quant=Q8, bwd=BackwardConfig.uniform(Q8, Q8),
+        mode="int", accumulator=acc,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="int32_wrap"):
+        jax.eval_shape(lambda w: jax.vjp(lambda w: big(w, "int32"), w)[1](gb), jnp.ones((1, 1)))
+    jax.eval_shape(lambda w: jax.vjp(lambda w: big(w, "int32_wrap"), w)[1](gb), jnp.ones((1, 1)))
     with pytest.raises(ValueError, match="grad_rounding must be one of"):
         BackwardConfig(grad_rounding="nearest")
     with pytest.raises(TypeError, match="dlhs_grad must be a jquant.QuantConfig"):

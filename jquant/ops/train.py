@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
@@ -171,12 +172,22 @@ def _check_int_backward(bwd: BackwardConfig) -> None:
             )
 
 
-def _int_eval(fn, a_codes: jax.Array, b_codes: jax.Array) -> jax.Array:
+def _contraction(name: str, params: dict, a, b) -> int:
+    """``K``, the number of terms summed into one output of the product ``name(a, b)``."""
+    if name == "dot_general":
+        (a_contract, _), _ = params["dimension_numbers"]
+        return int(np.prod([a.shape[d] for d in a_contract]))
+    out_features = b.shape[params["dimension_numbers"].rhs_spec[0]]
+    return b.size // out_features
+
+
+def _int_eval(fn, a_codes: jax.Array, b_codes: jax.Array, check_k) -> jax.Array:
     """``fn(a, b)``, a bilinear float function of one product, evaluated on int8 codes.
 
     The jaxpr of ``fn`` holds one ``dot_general`` / ``conv_general_dilated`` and data
     movement (``rev``, ``transpose``, ``reshape``); the product runs with
-    ``preferred_element_type=int32``, so it is int8 x int8 -> int32 and exact.
+    ``preferred_element_type=int32``, so it is int8 x int8 -> int32 and exact
+    (``check_k(K)`` raises when a contraction of ``K`` terms may overflow int32).
     """
     spec = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (a_codes, b_codes)]
     closed = jax.make_jaxpr(fn)(*spec)
@@ -191,6 +202,7 @@ def _int_eval(fn, a_codes: jax.Array, b_codes: jax.Array) -> jax.Array:
             if any(v.dtype != jnp.int8 for v in vals):
                 raise ValueError(f"mode='int': the backward {name} got non-int8 operands")
             params["preferred_element_type"] = jnp.dtype(jnp.int32)
+            check_k(_contraction(name, params, *vals))
             products += 1
         elif name not in ("rev", "transpose", "reshape", "squeeze", "expand_dims"):
             raise ValueError(
@@ -244,7 +256,11 @@ def _backward_product(st: _Static, which: str, g, other, spec, qp_g, key):
     qp_o = dynamic_qparams(other, o_cfg)
     q_g = quantize(g, qp_gg, g_cfg.fmt, rounding=bwd.grad_rounding, key=key).astype(jnp.int8)
     q_o = quantize(other, qp_o, o_cfg.fmt, rounding=o_cfg.rounding).astype(jnp.int8)
-    acc = _int_eval(transpose, q_g, q_o)
+
+    def check_k(k: int) -> None:
+        prep.check_overflow(k, g_cfg, o_cfg, st.accumulator)
+
+    acc = _int_eval(transpose, q_g, q_o, check_k)
     return ((qp_gg.scale * qp_o.scale) * acc.astype(jnp.float32)).astype(spec.dtype)
 
 
