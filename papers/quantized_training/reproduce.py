@@ -83,6 +83,7 @@ class Protocol:
         "int8_grad_nearest",
         "fp8_delayed",
         "int4_grad_stochastic",
+        "int4_grad_nearest",
     )
 
 
