@@ -188,6 +188,13 @@ def _readme_papers() -> Section:
     figures["krishnamoorthi collapse"] = (
         f"({pct(before['quantized_mean'])}% to {pct(after['quantized_mean'])}%)"
     )
+    # quantized_training: every product quantized, trained from scratch (3 seeds)
+    qt = load("papers/quantized_training/results/quantized_training.json")["summary"]
+    qt = {r["recipe"]: pct(r["acc_mean"]) for r in qt}
+    figures["qt int8"] = f"{qt['int8_grad_stochastic']}% against {qt['float']}% for float"
+    figures["qt fp8"] = f"delayed scaling {qt['fp8_delayed']}%"
+    figures["qt int4 stochastic"] = f"{qt['int4_grad_stochastic']}% with stochastic rounding"
+    figures["qt int4 nearest"] = f"{qt['int4_grad_nearest']}% with round-to-nearest"
     setup = [
         "0",
         "1",
@@ -196,6 +203,7 @@ def _readme_papers() -> Section:
         "4",
         "8",
         "300",
+        "800",
         "6",
         "0.03",
         "0.1",

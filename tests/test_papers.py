@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -865,3 +866,55 @@ def test_jacob_folded_layout_roundtrip():
     back = paper.to_zoo(folded)
     assert jax.tree.structure(back) == jax.tree.structure(v)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.all(a == b)), back, v)))
+
+
+# --- quantized training (issue 18) --------------------------------------------------------------
+
+QT_DIR = pathlib.Path(__file__).resolve().parents[1] / "papers" / "quantized_training"
+
+
+def test_quantized_training_summary_against_numpy():
+    mod = reproduce.load_paper("quantized_training")
+    rng = np.random.default_rng(0)
+    runs = [
+        {"recipe": r, "seed": s, "test_acc": float(rng.random())}
+        for r in ("float", "int8_grad_stochastic")
+        for s in range(3)
+    ]
+    rows = {s["recipe"]: s for s in mod.summarize(runs)}
+    acc = {r: np.array([x["test_acc"] for x in runs if x["recipe"] == r]) for r in rows}
+    for r, s in rows.items():
+        assert s["seeds"] == 3
+        assert s["acc_mean"] == pytest.approx(acc[r].sum() / 3)
+        assert (s["acc_min"], s["acc_max"]) == (acc[r].min(), acc[r].max())
+        assert s["gap_points"] == pytest.approx(100 * (acc["float"].mean() - acc[r].mean()))
+
+
+def test_quantized_training_readme_matches_results():
+    """Every row of the README's results table against results/quantized_training.json."""
+    result = json.loads((QT_DIR / "results" / "quantized_training.json").read_text())
+    summary = {s["recipe"]: s for s in result["summary"]}
+    readme = (QT_DIR / "README.md").read_text()
+    rows = re.findall(
+        r"^\| `(\w+)` \| ([\d.]+) \| ([\d.]+)-([\d.]+) \| (-?[\d.]+) \|", readme, re.M
+    )
+    assert sorted(r[0] for r in rows) == sorted(summary)
+    for name, mean, lo, hi, gap in rows:
+        s = summary[name]
+        assert s["seeds"] == len(result["protocol"]["seeds"]) == 3
+        printed = (f"{100 * s['acc_mean']:.1f}", f"{100 * s['acc_min']:.1f}")
+        assert (mean, lo) == printed
+        assert hi == f"{100 * s['acc_max']:.1f}"
+        assert gap == f"{s['gap_points']:.1f}"
+    steps = result["protocol"]["steps"]
+    assert f"{steps} steps" in readme
+
+
+@pytest.mark.slow
+def test_quantized_training_quick_run(tmp_path):
+    tables = reproduce.run_paper("quantized_training", tmp_path, quick=True)
+    runs = tables["quantized_training_runs"].to_dicts()
+    assert {r["recipe"] for r in runs} == {"float", "int8_grad_stochastic", "fp8_delayed"}
+    for r in runs:
+        assert r["test_acc"] > 0.15  # 20 steps train past chance (0.1), no NaN
+        assert np.isfinite(r["train_loss"])

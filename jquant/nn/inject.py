@@ -37,7 +37,29 @@ __all__ = [
 
 _FLOAT_OPS = {"dot_general": lax.dot_general, "conv": lax.conv_general_dilated}
 _QUANT_OPS = {"dot_general": ops.dot_general, "conv": ops.conv_general_dilated}
+_TRAIN_OPS = {"dot_general": ops.train_dot_general, "conv": ops.train_conv_general_dilated}
 KINDS = tuple(_FLOAT_OPS)
+GRAD_RNG = "quant"  # the RNG stream of stochastic gradient rounding
+
+
+def _grad_rounding_key(slots) -> jax.Array:
+    """A key for stochastic gradient rounding from the layer's ``"quant"`` RNG stream:
+    Linen ``apply(..., rngs={"quant": key})``, NNX ``layer.quant_rngs = nnx.Rngs(quant=k)``."""
+    module = slots.module
+    if isinstance(module, nn.Module):
+        if not module.has_rng(GRAD_RNG):
+            raise ValueError(
+                f"layer {slots.path!r} rounds gradients stochastically: apply the model with "
+                f"rngs={{{GRAD_RNG!r}: key}}"
+            )
+        return module.make_rng(GRAD_RNG)
+    rngs = getattr(module, "quant_rngs", None)
+    if rngs is None:
+        raise ValueError(
+            f"layer {slots.path!r} rounds gradients stochastically: set its quant_rngs = "
+            f"nnx.Rngs({GRAD_RNG}=key)"
+        )
+    return getattr(rngs, GRAD_RNG)()
 
 
 def kernel_config(
@@ -103,7 +125,12 @@ class QuantOp:
         qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs, rhs_cfg)
         if self.phase in ("float", "calibrate"):
             return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
-        return _QUANT_OPS[self.kind](
+        bwd = self.rule.backward_config()
+        train = {}
+        if bwd is not None:  # quantized backward products
+            key = _grad_rounding_key(self.slots) if bwd.stochastic else None
+            train = dict(bwd=bwd, key=key)
+        return (_QUANT_OPS if bwd is None else _TRAIN_OPS)[self.kind](
             lhs,
             rhs,
             *args,
@@ -112,6 +139,7 @@ class QuantOp:
             lhs_qparams=qa,
             rhs_qparams=qw,
             mode=self.rule.mode,
+            **train,
             **kwargs,
         )
 

@@ -25,7 +25,8 @@ from jquant.calibration import get_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
 from jquant.formats import Format, IntFormat, get_format
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
-from jquant.quant import QuantConfig
+from jquant.ops.train import BackwardConfig
+from jquant.quant import ROUNDING_MODES, QuantConfig
 
 __all__ = [
     "ACT_SCALES",
@@ -137,6 +138,15 @@ class QuantRule:
         ``max|w| / 1.5`` on the codes -2..1); symmetric integer weights only. The other 2-bit
         grids are formats and flags: ``IntFormat(2, midrise=True)`` (levels ``(q + 1/2) s``,
         no zero) and ``weight_symmetric=False`` (affine).
+      grad: format of the output gradient ``g`` in both backward products (``dL/dinput =
+        g x W^T``, ``dL/dkernel = x^T g``), per tensor with a dynamic scale
+        (``jquant.ops.train_dot_general``); None (default) keeps the backward pass float.
+      grad_rounding: rounding of ``g`` (``jquant.quant.ROUNDING_MODES``); ``"stochastic"``
+        draws from the ``"quant"`` RNG stream (Linen ``apply(..., rngs={"quant": key})``;
+        NNX: the layer's ``quant_rngs = nnx.Rngs(quant=key)``).
+      grad_operands: format the reused input and kernel are requantized to (per tensor) in
+        the backward products; None reuses them as the forward quantized them. Needed with
+        ``mode="int"`` (int8 x int8 -> int32 backward products).
     """
 
     pattern: str
@@ -154,6 +164,9 @@ class QuantRule:
     learned_init: str = "paper"
     weight_scale_bound: str = "qmax"
     block_size: int | None = None
+    grad: str | Format | None = None
+    grad_rounding: str = "nearest_even"
+    grad_operands: str | Format | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -165,6 +178,22 @@ class QuantRule:
             raise ValueError(msg) from None
         object.__setattr__(self, "weight", _format_or_none("weight", self.weight))
         object.__setattr__(self, "act", _format_or_none("act", self.act))
+        object.__setattr__(self, "grad", _format_or_none("grad", self.grad))
+        object.__setattr__(
+            self, "grad_operands", _format_or_none("grad_operands", self.grad_operands)
+        )
+        _check_choice("grad_rounding", self.grad_rounding, ROUNDING_MODES)
+        for name in ("grad", "grad_operands"):
+            if isinstance(getattr(self, name), mx.BlockFormat):
+                raise ValueError(
+                    f"QuantRule.{name}={getattr(self, name).name!r}: the quantized backward "
+                    "products take element formats (int, fp8), not block formats"
+                )
+        if self.grad is not None and self.mode == "int" and self.grad_operands is None:
+            raise ValueError(
+                "QuantRule.grad_operands must be set with mode='int' and a grad format: the "
+                "int8 backward products requantize the reused input and kernel per tensor"
+            )
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
         calibration = get_observer(self.calibration, "QuantRule.calibration")
         if not getattr(calibration, "streams", True):
@@ -303,6 +332,17 @@ class QuantRule:
             return None
         symmetric = self.act_symmetric and not self._estimator("act").learns_clip
         return QuantConfig(fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"))
+
+    def backward_config(self) -> BackwardConfig | None:
+        """The ``jquant.ops.BackwardConfig`` of the layer's product (None: float gradients).
+
+        >>> QuantRule(".*", grad="fp8_e5m2").backward_config().dlhs_grad.fmt.name
+        'fp8_e5m2'
+        """
+        if self.keep_float or self.grad is None:
+            return None
+        operands = None if self.grad_operands is None else QuantConfig(self.grad_operands)
+        return BackwardConfig.uniform(QuantConfig(self.grad), operands, self.grad_rounding)
 
 
 DEFAULT_RULE = QuantRule(".*")

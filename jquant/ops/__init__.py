@@ -42,13 +42,14 @@ NNX counterparts.
 Modules: ``dot`` (dot_general), ``conv`` (conv_general_dilated, with the channels-last int8
 layout), ``pool`` (avg_pool, max_pool) and the private ``_prepare``, the preamble and int / simulate
 dispatch both products share. ``QuantConfig`` and ``dynamic_qparams`` live in the quant layer
-(:mod:`jquant.quant`) and are re-exported here.
+(:mod:`jquant.quant`) and are re-exported here. ``train``: quantized backward products.
 """
 
 from jquant.ops._prepare import ACCUMULATORS, MODES
 from jquant.ops.conv import conv_general_dilated, quantized_conv_general_dilated
 from jquant.ops.dot import dot_general, quantized_dot_general
 from jquant.ops.pool import avg_pool, max_pool
+from jquant.ops.train import BackwardConfig, train_conv_general_dilated, train_dot_general
 from jquant.quant import QParams as QParams  # jquant.ops.QParams, as before
 from jquant.quant import QuantConfig, dynamic_qparams
 
@@ -63,4 +64,7 @@ __all__ = [
     "quantized_conv_general_dilated",
     "avg_pool",
     "max_pool",
+    "BackwardConfig",
+    "train_dot_general",
+    "train_conv_general_dilated",
 ]
