@@ -30,6 +30,7 @@ import tempfile
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jquant import bench
 from jquant import convert as C
@@ -43,14 +44,10 @@ SIZE_TARGET = 0.27
 BATCHES = (1, 256)
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v, np.float32)
-    return out
+def _flat(tree) -> dict[str, np.ndarray]:
+    """``{"a.b.kernel": float32 array}``: the parameters as a safetensors file stores them."""
+    flat = traverse_util.flatten_dict(dict(tree), sep=".")
+    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
 def main() -> None:

@@ -353,15 +353,7 @@ def _configure_sweep(p: argparse.ArgumentParser) -> None:
         default=None,
         help="calibration examples (default: 1024; gpt: 32 windows)",
     )
-    p.add_argument(
-        "--cache",
-        type=_check_cache,
-        default=None,
-        help="weights cache (default: $JQUANT_CACHE or ~/.cache/jquant)",
-    )
-    p.add_argument(
-        "--retrain", action="store_true", help="retrain and overwrite the cached weights"
-    )
+    _add_cache_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -874,6 +866,11 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--eval-examples", type=_positive, default=1000, help="test examples to score")
     p.add_argument("--calib-examples", type=_positive, default=1024, help="representative examples")
+    _add_cache_args(p)
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--cache`` and ``--retrain``: where trained weights are cached, and overwriting them."""
     p.add_argument(
         "--cache",
         type=_check_cache,
