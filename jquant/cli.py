@@ -816,7 +816,8 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--granularity",
-        choices=WEIGHT_GRANULARITIES,
+        # the integer program has no block-wise kernel
+        choices=[g for g in WEIGHT_GRANULARITIES if g != "per_block"],
         default="per_channel",
         help="weight scales (default: per_channel, TFLite's convention)",
     )
