@@ -52,6 +52,7 @@ from jquant.nn.einsum import (
     is_act_product,
 )
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
+from jquant.nn.requant import RequantOp, requantized_add
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
@@ -79,6 +80,7 @@ __all__ = [
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
+    "QAdd",
     "QuantizedModel",
     "QuantizedLayer",
     "quantize_model",
@@ -162,8 +164,23 @@ def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callab
         return QEinsum(**fields, rule=rule, phase=phase, parent=module.scope)(*args, **kw)
     _check_no_custom_op(module)
     field, kind = next(t for cls, t in _TARGETS.items() if isinstance(module, cls))
+    if phase == "eval" and rule.requant is not None and not rule.keep_float:
+        return _requantized_call(module, rule, call, field, kind, *args, **kw)
     op = QuantOp(LinenSlots(module), rule, phase, kind)
     clone = module.clone(parent=module.scope, **{field: op})
+    return call(clone, *args, **kw)
+
+
+def _requantized_call(module: nn.Module, rule: QuantRule, call, field: str, kind: str, *args, **kw):
+    """The eval forward of a Dense / Conv with ``rule.requant``: the integer program's layer
+    (:mod:`jquant.nn.requant`), its int32 bias included (the clone runs without Flax's)."""
+    if isinstance(module, nn.DenseGeneral) or getattr(module, "padding", "") == "CIRCULAR":
+        raise ValueError(
+            f"layer {'/'.join(module.path)!r}: QuantRule.requant={rule.requant!r} supports "
+            "nn.Dense and nn.Conv (zero padding) only"
+        )
+    op = RequantOp(LinenSlots(module), rule, kind)
+    clone = module.clone(parent=module.scope, use_bias=False, **{field: op})
     return call(clone, *args, **kw)
 
 
@@ -315,6 +332,30 @@ class QMaxPool(_QPool):
         return self._pool(x, "max")
 
 
+class QAdd(nn.Module):
+    """A residual add ``a + b`` that the integer program runs as TFLite's ``ADD``.
+
+    Put it in a plain model where a residual ``+`` is (``QAdd(name="add")(conv2(h), h)``):
+    without a rule, and in every phase but ``eval`` with ``rule.requant`` set, it is
+    ``a + b``, so the float model, training and calibration are those of the ``+``. In phase
+    ``eval`` with ``rule.requant=m`` it computes the program's integer add of the operands'
+    codes (:func:`jquant.nn.requant.requantized_add`):
+    ``s_y (ADD_m(q_a, q_b) - z_y)``. Inside a :class:`QuantizedModel` the first rule that
+    matches its path is its rule (a rule given here wins).
+    """
+
+    rule: QuantRule | None = None
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        check_phase(self.phase)
+        rule = self.rule
+        if self.phase != "eval" or rule is None or rule.requant is None or rule.keep_float:
+            return a + b
+        return requantized_add(LinenSlots(self), rule, a, b)
+
+
 def learned_from_calibration(variables: Mapping[str, Any]) -> dict[str, Any]:
     """Variables whose learned scales / zero points are set to their calibrated QParams.
 
@@ -395,13 +436,20 @@ class QuantizedModel:
                 return next_fun(*args, **kwargs)
             clone = module.clone(parent=module.scope, einsum=QuantActEinsum(rule, self.phase))
             return clone(*args, **kwargs)
+        if isinstance(module, QAdd) and module.rule is None:  # the rule of its path
+            rule = first_match(self.rules, path)
+            if rule is None:  # a plain ``a + b``
+                return next_fun(*args, **kwargs)
+            clone = module.clone(parent=module.scope, rule=rule, phase=self.phase)
+            return clone(*args, **kwargs)
         if _is_jquant_layer(module):  # hand-built (or our own QEinsum): the model's phase
             if module.phase == self.phase:
                 return next_fun(*args, **kwargs)
             clone = module.clone(parent=module.scope, phase=self.phase)
             return getattr(clone, context.method_name)(*args, **kwargs)
         if not _quantizable(module) or any(
-            isinstance(getattr(module, f, None), QuantOp | _FoldedOp) for f, _ in _TARGETS.values()
+            isinstance(getattr(module, f, None), QuantOp | _FoldedOp | RequantOp)
+            for f, _ in _TARGETS.values()
         ):
             return next_fun(*args, **kwargs)  # not ours to quantize, or our own clone
         rule = first_match(self.rules, path)
@@ -565,6 +613,14 @@ def quantize_model(
       Einsum path to its rule (None: no rule, stays float), lists the unused rules and, in
       ``not_quantized``, the layers with a kernel that a rule matched but jquant cannot
       quantize (e.g. ``nn.ConvTranspose``), which are also warned about (UserWarning).
+
+    Residual adds: a plain model's ``a + b`` is a ``jax.numpy`` operation, which no Flax
+    mechanism intercepts (and jquant patches nothing), so it stays a float add in every
+    phase; the integer program (:func:`jquant.convert.convert`) runs it as TFLite's ``ADD``
+    of int8 codes. To have the eval forward compute that integer add too (with
+    ``QuantRule.requant``), write the residual as a :class:`QAdd` module in the model,
+    ``QAdd(name="add")(conv2(h), h)``: it is ``a + b`` outside that case, and takes the rule
+    matching its path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
