@@ -180,3 +180,28 @@ def test_folded_conv_bn_layer_refuses_requant_in_eval():
     v = {**v, **layer.apply(v, x, mutable=["quant_stats"])[1]}
     with pytest.raises(ValueError, match=r"requant='fp32' is supported on Conv / Dense"):
         layer.clone(phase="eval").apply(v, x)
+
+
+@pytest.mark.slow
+def test_mnist1d_cnn_whole_test_set_eval_forward_equals_the_program():
+    from jquant.data import load_mnist1d
+    from jquant.models import train as T
+
+    data = load_mnist1d()
+    trained = T.train_or_load("cnn", data, 0, 3000)
+    x0, x = data.x_train[:2], data.x_test
+    rules = (QuantRule(".*"),)
+    qmodel, _ = ql.quantize_model(trained.model, rules, x0)
+    calib = [data.x_train[i * 128 : (i + 1) * 128] for i in range(8)]
+    v = qmodel.calibrate(qmodel.attach(trained.variables, x0), calib)
+    oqp = C.output_qparams_from_data(qmodel, v, calib)
+    plain = np.asarray(quantize(jax.jit(qmodel.with_phase("eval").apply)(v, x), oqp, int8))
+    for mode in MODES:
+        program = C.convert(qmodel, v, x0, output_qparams=oqp, mode=mode)
+        want = np.asarray(jax.jit(C.run)(program, program.quantize_input(x))).astype(np.int32)
+        qm, _ = ql.quantize_model(trained.model, _with_requant(rules, mode), x0)
+        vr = C.with_requant_constants(qm, v, x0, output_qparams=oqp)
+        got = np.asarray(quantize(jax.jit(qm.with_phase("eval").apply)(vr, x), oqp, int8))
+        np.testing.assert_array_equal(got.astype(np.int32), want, err_msg=mode)
+        if mode == "double":  # the plain eval forward rounds once: some codes differ
+            assert np.any(plain.astype(np.int32) != want)
