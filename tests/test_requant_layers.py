@@ -76,7 +76,7 @@ def _calibrated(name):
     the inputs, checked on all of them."""
     model, x, rules = MODELS[name]
     qmodel, _ = ql.quantize_model(model, rules, x[:2])
-    v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), x[:2]), [x[:16], x[16:32]])
+    v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), x[:2]), [x[:32]])
     oqp = C.output_qparams_from_data(qmodel, v, [x])
     rq = C.residual_qparams_from_data(qmodel, v, [x]) if name == "residual" else None
     return model, x, rules, v, oqp, rq
