@@ -205,3 +205,41 @@ def test_mnist1d_cnn_whole_test_set_eval_forward_equals_the_program():
         np.testing.assert_array_equal(got.astype(np.int32), want, err_msg=mode)
         if mode == "double":  # the plain eval forward rounds once: some codes differ
             assert np.any(plain.astype(np.int32) != want)
+
+
+class _HandBuiltRes(nn.Module):
+    """The residual CNN from jquant layers, each with its own rule and phase."""
+
+    rule: QuantRule = QuantRule(".*")
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x):
+        q = {"rule": self.rule, "phase": self.phase}
+        h = nn.relu(ql.QConv(6, (3,), name="conv1", **q)(x))
+        y = nn.relu(ql.QAdd(name="add", **q)(ql.QConv(6, (3,), name="conv2", **q)(h), h))
+        y = nn.max_pool(y, (2,), strides=(2,))
+        return ql.QDense(10, name="head", **q)(y.reshape(y.shape[0], -1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_hand_built_layers_with_their_own_rules_equal_the_program(mode):
+    x = X1D
+    model = _HandBuiltRes()
+    v = dict(jax.jit(model.init)(jax.random.key(0), x[:2]))
+    calib = jax.jit(
+        lambda v, x: _HandBuiltRes(phase="calibrate").apply(v, x, mutable=["quant_stats"])
+    )
+    v["quant_stats"] = calib(v, x[:32])[1]["quant_stats"]
+    y = jax.jit(_HandBuiltRes(phase="eval").apply)(v, x)
+    oqp = qparams_from_range(jnp.min(y), jnp.max(y), int8)
+    program = C.convert(model, v, x[:1], output_qparams=oqp, mode=mode)
+    want = np.asarray(jax.jit(C.run)(program, program.quantize_input(x))).astype(np.int32)
+    rule = QuantRule(".*", requant=mode)
+    # built in phase float, as convert traces it; the same layers in eval compute the program
+    vr = C.with_requant_constants(_HandBuiltRes(rule), v, x[:1], output_qparams=oqp)
+    got = jax.jit(_HandBuiltRes(rule, "eval").apply)(vr, x)
+    got = np.asarray(quantize(got, oqp, int8)).astype(np.int32)
+    assert len(np.unique(want)) > 20
+    np.testing.assert_array_equal(got, want)

@@ -7,8 +7,9 @@ choice of QParams): per Conv / Dense, its int32 bias ``b_int = round(b / (s_x s_
 multipliers of ``M = s_x s_w / s_y`` in the layer's mode (:func:`jquant.convert.requant_for`,
 host-side, float64 for ``double`` / ``single``), and the output's scale, zero point and clamp,
 i.e. the QParams ``convert`` gives the layer's output (the next layer's input quantizer, the
-model's ``output_qparams``, or a residual add's); per residual :class:`~jquant.nn.linen.QAdd`,
-its operands' and output's QParams and the ``ADD`` multipliers.
+model's ``output_qparams``, or a residual add's); per residual add (a
+:class:`~jquant.nn.linen.QAdd`, whose rule may be its own), its operands' and output's QParams
+and the ``ADD`` multipliers of every mode, by mode name.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from jquant.convert import source
 from jquant.convert.build import conversion_plan, convert
 from jquant.convert.program import Add, Conv, Dense
 from jquant.convert.targets import requant_for
+from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn import linen as ql
 from jquant.nn.requant import REQUANT_STAT
-from jquant.nn.rules import first_match
 from jquant.nn.state import STATS
 from jquant.quant import QParams
 
@@ -82,8 +83,8 @@ def with_requant_constants(
     **apply_kwargs,
 ) -> dict[str, Any]:
     """``variables`` with, under ``quant_stats/<path>/requant``, the requantization constants
-    of each Conv / Dense whose rule sets ``requant`` and of each residual ``QAdd`` whose rule
-    does (module docstring), from ``convert(qmodel, variables, example_x, ...)``.
+    of each Conv / Dense whose rule sets ``requant`` and of each residual add (module
+    docstring), from ``convert(qmodel, variables, example_x, ...)``.
 
     Then ``qmodel.with_phase("eval").apply(returned, x)``, quantized with
     ``output_qparams``, equals ``run(convert(..., mode=m), x)`` bit for bit when every layer's
@@ -91,7 +92,9 @@ def with_requant_constants(
 
     Args:
       qmodel, variables, example_x, output_qparams, residual_qparams, **apply_kwargs: as
-        :func:`jquant.convert.convert` (a Linen model: NNX is not supported yet).
+        :func:`jquant.convert.convert` (a Linen model: NNX is not supported yet). A model
+        built from jquant layers (``QDense``, ``QConv``, ``QAdd`` with their own rules) is
+        passed in phase ``float``, as ``convert`` traces it, with the rules it runs with.
 
     Returns:
       New variables (the input is not modified).
@@ -120,7 +123,6 @@ def with_requant_constants(
     rules = {q.path: q.rule for q in plan.layers.values()}
     folded = {plan.ops[k].node.path for k in plan.layers if plan.ops[k].bn is not None}
     folded |= {plan.ops[k].node.path for k in plan.layers if plan.ops[k].node.kind == "conv_bn"}
-    model_rules = qmodel.rules if isinstance(qmodel, ql.QuantizedModel) else ()
     stats = variables.get(STATS, {})
     for layer in program.layers:
         if isinstance(layer, Conv | Dense):
@@ -133,8 +135,7 @@ def with_requant_constants(
                     "BatchNorm is not supported: the eval forward would skip the fold"
                 )
             stats = _put(stats, layer.path, REQUANT_STAT, _linear_constants(layer, mode))
-        elif isinstance(layer, Add):
-            rule = first_match(model_rules, layer.path)
-            if rule is not None and rule.requant is not None and not rule.keep_float:
-                stats = _put(stats, layer.path, REQUANT_STAT, _add_constants(layer, rule.requant))
+        elif isinstance(layer, Add):  # a QAdd's rule may be its own: every mode, by name
+            by_mode = {mode: _add_constants(layer, mode) for mode in MULTIPLIER_MODES}
+            stats = _put(stats, layer.path, REQUANT_STAT, by_mode)
     return {**variables, STATS: jax.tree.map(jnp.asarray, stats)}

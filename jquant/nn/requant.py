@@ -117,9 +117,10 @@ class RequantOp:
 def requantized_add(slots: Slots, rule: QuantRule, a: jax.Array, b: jax.Array) -> jax.Array:
     """TFLite ``ADD`` of the codes of ``a`` and ``b`` (:func:`jquant.integer.add` in mode
     ``rule.requant``) back on the output grid: ``s_y (add(q_a, q_b) - z_y)`` with
-    ``q_a = clamp(round(a / s_a) + z_a)`` (likewise ``b``) and the stored constants."""
-    c = requant_constants(slots, rule)
+    ``q_a = clamp(round(a / s_a) + z_a)`` (likewise ``b``) and the constants stored for
+    that mode."""
     mode = rule.requant
+    c = requant_constants(slots, rule)[mode]
     codes = [
         quantize(v, QParams(c[k]["scale"], c[k]["zero_point"]), int8).astype(jnp.int8)
         for k, v in (("a", a), ("b", b))
