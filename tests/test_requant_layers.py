@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jquant import convert as C
-from jquant.formats import int8
+from jquant.formats import IntFormat, int8
 from jquant.models.config import CNNConfig, MLPConfig
 from jquant.models.linen import CNN, MLP
 from jquant.nn import QuantRule
@@ -63,7 +63,30 @@ MODELS = {
     ),
     "depthwise": (_Depthwise(), X2D, (QuantRule(".*"),)),
     "residual": (_ResCNN(), X1D, (QuantRule(".*"),)),
+    # BatchNorm folded (one gamma negative, one zero), 4-bit inner layers (narrow clamps)
+    "cnn_bn_1d": (
+        CNN(CNNConfig(features=(8, 8), dense=(16,), batch_norm=True)),
+        X1D,
+        (QuantRule("conv1|head"), QuantRule(".*", weight=IntFormat(4), act=IntFormat(4))),
+    ),
 }
+
+
+def _non_trivial_bn(variables):
+    """BatchNorm statistics and affine parameters away from the identity: gamma in
+    [0.5, 2] with channel 0 negative and channel 1 zero."""
+    variables = jax.tree.map(lambda a: a, variables)
+    key = jax.random.key(1)
+    for name in list(variables.get("batch_stats", {})):
+        key, k1, k2, k3, k4 = jax.random.split(key, 5)
+        st, p = variables["batch_stats"][name], variables["params"][name]
+        c = st["mean"].shape[0]
+        st["mean"] = 0.3 * jax.random.normal(k1, (c,))
+        st["var"] = jax.random.uniform(k2, (c,), minval=0.2, maxval=3.0)
+        gamma = jax.random.uniform(k3, (c,), minval=0.5, maxval=2.0)
+        p["scale"] = gamma.at[0].set(-1.3).at[1].set(0.0)
+        p["bias"] = 0.2 * jax.random.normal(k4, (c,))
+    return variables
 
 
 def _with_requant(rules, mode):
@@ -76,7 +99,8 @@ def _calibrated(name):
     the inputs, checked on all of them."""
     model, x, rules = MODELS[name]
     qmodel, _ = ql.quantize_model(model, rules, x[:2])
-    v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), x[:2]), [x[:32]])
+    v = _non_trivial_bn(jax.jit(qmodel.init)(jax.random.key(0), x[:2]))
+    v = qmodel.calibrate(v, [x[:32]])
     oqp = C.output_qparams_from_data(qmodel, v, [x])
     rq = C.residual_qparams_from_data(qmodel, v, [x]) if name == "residual" else None
     return model, x, rules, v, oqp, rq
@@ -111,7 +135,7 @@ def test_mlp_eval_forward_equals_the_program(mode):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["cnn_1d", "cnn_2d", "depthwise", "residual"])
+@pytest.mark.parametrize("name", ["cnn_1d", "cnn_bn_1d", "cnn_2d", "depthwise", "residual"])
 def test_conversion_models_eval_forward_equals_the_program(name, mode):
     _check(name, mode)
 
@@ -159,15 +183,19 @@ def test_rules_the_program_cannot_honour_are_refused(kw, match):
         QuantRule(".*", **kw)
 
 
-def test_batch_norm_after_a_requant_layer_is_refused_naming_it():
+def test_batch_norm_folded_into_constants_needs_its_requant_layer():
+    # the BatchNorm passes through only after a layer with requant: the same variables with
+    # requant-free rules would skip it silently, so they raise, naming it
     model = CNN(CNNConfig(features=(4,), dense=(), batch_norm=True))
     x = X1D[:8]
     rules = (QuantRule(".*", requant="double"),)
     qmodel, _ = ql.quantize_model(model, rules, x[:2])
     v = qmodel.calibrate(jax.jit(qmodel.init)(jax.random.key(0), x[:2]), [x])
     oqp = qparams_from_range(jnp.float32(-3.0), jnp.float32(3.0), int8)
-    with pytest.raises(ValueError, match=r"layer 'conv1'.*BatchNorm"):
-        C.with_requant_constants(qmodel, v, x[:1], output_qparams=oqp)
+    vr = C.with_requant_constants(qmodel, v, x[:1], output_qparams=oqp)
+    plain, _ = ql.quantize_model(model, QuantRule(".*"), x[:2])
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn1' is folded into the requant"):
+        plain.with_phase("eval").apply(vr, x[:2])
 
 
 def test_folded_conv_bn_layer_refuses_requant_in_eval():

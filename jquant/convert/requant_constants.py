@@ -9,7 +9,11 @@ host-side, float64 for ``double`` / ``single``), and the output's scale, zero po
 i.e. the QParams ``convert`` gives the layer's output (the next layer's input quantizer, the
 model's ``output_qparams``, or a residual add's); per residual add (a
 :class:`~jquant.nn.linen.QAdd`, whose rule may be its own), its operands' and output's QParams
-and the ``ADD`` multipliers of every mode, by mode name.
+and the ``ADD`` multipliers of every mode, by mode name. A BatchNorm after a Conv / Dense is
+folded as ``convert`` folds it: the layer's constants carry the folded bias and scales and
+``w_sign = sign(gamma)`` (the sign ``convert`` moves into the weight codes), and the
+BatchNorm gets the marker ``requant = {"folded": 1}``, with which it passes its input
+through in phase ``eval``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from jquant.convert.targets import requant_for
 from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn import linen as ql
 from jquant.nn.requant import REQUANT_STAT
-from jquant.nn.state import STATS
+from jquant.nn.state import STATS, subtree
 from jquant.quant import QParams
 
 __all__ = ["with_requant_constants"]
@@ -62,6 +66,14 @@ def _add_constants(layer: Add, mode: str) -> dict[str, Any]:
         "out": _requant_dict(rq.out),
         **_output(layer),
     }
+
+
+def _bn_sign(variables: Mapping[str, Any], bn_path: str, channels: int) -> np.ndarray:
+    """``sign(k)`` of the BatchNorm factor ``k = gamma / sqrt(var + eps)``, i.e.
+    ``sign(gamma)``: ``convert`` folds it into the weight codes (``q_w sign(k)``), so the
+    program's accumulator is the layer's own times it, per output channel."""
+    gamma = subtree(variables.get("params", {}), bn_path).get("scale", np.ones(channels))
+    return np.sign(np.asarray(gamma, np.float64)).astype(np.int32)
 
 
 def _put(tree: Mapping, path: str, name: str, value) -> dict:
@@ -101,8 +113,8 @@ def with_requant_constants(
 
     Raises:
       TypeError: an NNX model.
-      ValueError: as :func:`convert`; a layer with ``requant`` whose output goes through a
-        BatchNorm (folded by ``convert``) or a folded conv + BN (``QConvBN``), naming it.
+      ValueError: as :func:`convert`; a folded conv + BN layer (``QConvBN``,
+        ``fold_bn=True``) with ``requant``, naming it.
     """
     if isinstance(qmodel, nnx.Module):
         raise TypeError(
@@ -121,20 +133,31 @@ def with_requant_constants(
     )
     plan = conversion_plan(qmodel, variables, example_x, apply_kwargs)
     rules = {q.path: q.rule for q in plan.layers.values()}
-    folded = {plan.ops[k].node.path for k in plan.layers if plan.ops[k].bn is not None}
-    folded |= {plan.ops[k].node.path for k in plan.layers if plan.ops[k].node.kind == "conv_bn"}
+    ops = [plan.ops[k] for k in plan.layers]
+    bns = {op.node.path: op.bn.path for op in ops if op.bn is not None}
+    conv_bn = {op.node.path for op in ops if op.node.kind == "conv_bn"}
     stats = variables.get(STATS, {})
     for layer in program.layers:
         if isinstance(layer, Conv | Dense):
             mode = rules[layer.path].requant
             if mode is None:
                 continue
-            if layer.path in folded:
+            if layer.path in conv_bn:
                 raise ValueError(
-                    f"layer {layer.path!r}: QuantRule.requant={mode!r} with a folded "
-                    "BatchNorm is not supported: the eval forward would skip the fold"
+                    f"layer {layer.path!r}: QuantRule.requant={mode!r} is not supported on a "
+                    "folded conv + BN layer (QConvBN, fold_bn=True)"
                 )
-            stats = _put(stats, layer.path, REQUANT_STAT, _linear_constants(layer, mode))
+            constants = _linear_constants(layer, mode)
+            if layer.path in bns and not isinstance(qmodel, ql.QuantizedModel):
+                raise ValueError(
+                    f"layer {layer.path!r}: QuantRule.requant={mode!r} before BatchNorm "
+                    f"{bns[layer.path]!r} needs a quantize_model model, whose eval forward "
+                    "folds the BatchNorm as convert does"
+                )
+            if layer.path in bns:  # BN folded into the constants; the BN module passes through
+                constants["w_sign"] = _bn_sign(variables, bns[layer.path], layer.b.shape[0])
+                stats = _put(stats, bns[layer.path], REQUANT_STAT, {"folded": np.int32(1)})
+            stats = _put(stats, layer.path, REQUANT_STAT, constants)
         elif isinstance(layer, Add):  # a QAdd's rule may be its own: every mode, by name
             by_mode = {mode: _add_constants(layer, mode) for mode in MULTIPLIER_MODES}
             stats = _put(stats, layer.path, REQUANT_STAT, by_mode)

@@ -52,7 +52,7 @@ from jquant.nn.einsum import (
     is_act_product,
 )
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
-from jquant.nn.requant import RequantOp, requantized_add
+from jquant.nn.requant import REQUANT_STAT, RequantOp, requantized_add
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
@@ -242,6 +242,7 @@ class _Interception:
     def __init__(self, qmodel: QuantizedModel):
         self.qmodel = qmodel
         self.folded: dict[str, _FoldedConv] = {}
+        self.requantized: list[jax.Array] = []  # outputs of layers with requant (eval)
 
     def __call__(self, next_fun, args, kwargs, context):
         return self.qmodel._intercept(self, next_fun, args, kwargs, context)
@@ -430,6 +431,12 @@ class QuantizedModel:
         path = "/".join(module.path)
         if isinstance(module, nn.BatchNorm) and path in state.folded:
             return self._folded_bn(module, state.folded.pop(path), args, kwargs)
+        if (
+            isinstance(module, nn.BatchNorm)
+            and self.phase == "eval"
+            and module.has_variable(STATS, REQUANT_STAT)
+        ):
+            return self._requant_folded_bn(state, path, args, kwargs)
         if is_act_product(module):  # an activation x activation einsum (attention)
             rule = first_match(self.rules, path)
             if rule is None:
@@ -460,7 +467,23 @@ class QuantizedModel:
             y_float, y_quant = self._folded_conv(module, rule, fold, next_fun, args, kwargs)
             state.folded[fold.bn] = _FoldedConv(y_float, y_quant)
             return y_float
-        return _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
+        y = _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
+        if self.phase == "eval" and rule.requant is not None and not rule.keep_float:
+            state.requantized.append(y)
+        return y
+
+    def _requant_folded_bn(self, state: _Interception, path: str, args, kwargs) -> jax.Array:
+        """A BatchNorm folded into the requantization constants of the layer it follows
+        (:func:`jquant.convert.with_requant_constants`): its input, unchanged."""
+        x = args[0] if args else kwargs["x"]
+        if not any(x is y for y in state.requantized):
+            raise ValueError(
+                f"BatchNorm {path!r} is folded into the requantization constants of the layer "
+                "before it, but its input does not come from a layer with QuantRule.requant: "
+                "recompute the variables with jquant.convert.with_requant_constants for these "
+                "rules"
+            )
+        return x
 
     def _folded_conv(self, conv, rule, fold: Fold, next_fun, args, kwargs):
         """``(conv(x, W), conv_q(x, W gamma / sigma_R))``: Jacob et al. (2018) sec. 3.2, as

@@ -19,7 +19,9 @@ keep the grid. A residual :class:`~jquant.nn.linen.QAdd` with ``requant=m`` is T
 program's: the output QParams are those :func:`jquant.convert.convert` gives the layer's
 output (the next layer's input quantizer, the model's output QParams, or a residual add's).
 :func:`jquant.convert.with_requant_constants` stores them, per layer, in the statistic
-``requant`` (Linen: ``quant_stats/<path>/requant``). Training and calibration are unchanged.
+``requant`` (Linen: ``quant_stats/<path>/requant``). A BatchNorm after the layer is folded
+into those constants as ``convert`` folds it (``A`` times ``sign(gamma)`` per channel) and
+passes its input through. Training and calibration are unchanged.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class RequantOp:
         qw_codes = quantize(rhs, qw, w_cfg.fmt, rounding=w_cfg.rounding).astype(jnp.int32)
         acc = _LAX_OPS[self.kind](dx, qw_codes, *args, preferred_element_type=jnp.int32, **kwargs)
         c = requant_constants(self.slots, rule)
+        if "w_sign" in c:  # a folded BatchNorm's sign(gamma), moved into the weight codes
+            acc = acc * c["w_sign"]
         codes = integer.requantize(acc + c["b"], _requant(c, rule.requant), c["out_zp"])
         return _on_grid(codes, c)
 
