@@ -183,6 +183,7 @@ def test_rules_the_program_cannot_honour_are_refused(kw, match):
         QuantRule(".*", **kw)
 
 
+@pytest.mark.slow
 def test_batch_norm_folded_into_constants_needs_its_requant_layer():
     # the BatchNorm passes through only after a layer with requant: the same variables with
     # requant-free rules would skip it silently, so they raise, naming it
@@ -198,6 +199,7 @@ def test_batch_norm_folded_into_constants_needs_its_requant_layer():
         plain.with_phase("eval").apply(vr, x[:2])
 
 
+@pytest.mark.slow
 def test_folded_conv_bn_layer_refuses_requant_in_eval():
     from jquant.nn.bn_folding import QConvBN
 
