@@ -13,6 +13,8 @@ save(program, "model.safetensors"); program = load("model.safetensors")
 accumulator_report(program)     # worst-case accumulator width per layer
 sim = simulation(qmodel, variables, x[:1], output_qparams=qp, mode="double")  # fake-quant
     # model with the program's requantization: quantize(sim(x)) == run(...) bit for bit
+v = with_requant_constants(qmodel, variables, x[:1], output_qparams=qp)  # rules with
+    # requant=m: qmodel.with_phase("eval").apply(v, x) is the program's output, bit for bit
 """
 
 from jquant.convert.build import (
@@ -39,6 +41,7 @@ from jquant.convert.program import (
     run,
     validate,
 )
+from jquant.convert.requant_constants import with_requant_constants
 from jquant.convert.simulate import simulation
 from jquant.convert.targets import TARGETS, requant_for, retarget
 from jquant.convert.trace import Node, trace_layers
@@ -72,5 +75,6 @@ __all__ = [
     "trace_layers",
     "validate",
     "with_quantized_bias",
+    "with_requant_constants",
     "write_tensors",
 ]

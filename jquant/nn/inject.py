@@ -125,6 +125,13 @@ class QuantOp:
         qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs, rhs_cfg)
         if self.phase in ("float", "calibrate"):
             return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
+        if self.phase == "eval" and self.rule.requant is not None:
+            raise ValueError(
+                f"layer {self.slots.path!r}: QuantRule.requant={self.rule.requant!r} is "
+                "supported on Conv / Dense layers (linen QDense, QConv and rule-quantized "
+                "nn.Dense / nn.Conv) only, not on this layer (einsum, DenseGeneral, folded "
+                "conv + BN, NNX): set requant=None for it"
+            )
         bwd = self.rule.backward_config()
         train = {}
         if bwd is not None:  # quantized backward products

@@ -52,6 +52,7 @@ from jquant.nn.einsum import (
     is_act_product,
 )
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
+from jquant.nn.requant import REQUANT_STAT, RequantOp, requantized_add
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
@@ -79,6 +80,7 @@ __all__ = [
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
+    "QAdd",
     "QuantizedModel",
     "QuantizedLayer",
     "quantize_model",
@@ -162,8 +164,23 @@ def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callab
         return QEinsum(**fields, rule=rule, phase=phase, parent=module.scope)(*args, **kw)
     _check_no_custom_op(module)
     field, kind = next(t for cls, t in _TARGETS.items() if isinstance(module, cls))
+    if phase == "eval" and rule.requant is not None and not rule.keep_float:
+        return _requantized_call(module, rule, call, field, kind, *args, **kw)
     op = QuantOp(LinenSlots(module), rule, phase, kind)
     clone = module.clone(parent=module.scope, **{field: op})
+    return call(clone, *args, **kw)
+
+
+def _requantized_call(module: nn.Module, rule: QuantRule, call, field: str, kind: str, *args, **kw):
+    """The eval forward of a Dense / Conv with ``rule.requant``: the integer program's layer
+    (:mod:`jquant.nn.requant`), its int32 bias included (the clone runs without Flax's)."""
+    if isinstance(module, nn.DenseGeneral) or getattr(module, "padding", "") == "CIRCULAR":
+        raise ValueError(
+            f"layer {'/'.join(module.path)!r}: QuantRule.requant={rule.requant!r} supports "
+            "nn.Dense and nn.Conv (zero padding) only"
+        )
+    op = RequantOp(LinenSlots(module), rule, kind)
+    clone = module.clone(parent=module.scope, use_bias=False, **{field: op})
     return call(clone, *args, **kw)
 
 
@@ -225,6 +242,7 @@ class _Interception:
     def __init__(self, qmodel: QuantizedModel):
         self.qmodel = qmodel
         self.folded: dict[str, _FoldedConv] = {}
+        self.requantized: list[jax.Array] = []  # outputs of layers with requant (eval)
 
     def __call__(self, next_fun, args, kwargs, context):
         return self.qmodel._intercept(self, next_fun, args, kwargs, context)
@@ -315,6 +333,30 @@ class QMaxPool(_QPool):
         return self._pool(x, "max")
 
 
+class QAdd(nn.Module):
+    """A residual add ``a + b`` that the integer program runs as TFLite's ``ADD``.
+
+    Put it in a plain model where a residual ``+`` is (``QAdd(name="add")(conv2(h), h)``):
+    without a rule, and in every phase but ``eval`` with ``rule.requant`` set, it is
+    ``a + b``, so the float model, training and calibration are those of the ``+``. In phase
+    ``eval`` with ``rule.requant=m`` it computes the program's integer add of the operands'
+    codes (:func:`jquant.nn.requant.requantized_add`):
+    ``s_y (ADD_m(q_a, q_b) - z_y)``. Inside a :class:`QuantizedModel` the first rule that
+    matches its path is its rule (a rule given here wins).
+    """
+
+    rule: QuantRule | None = None
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        check_phase(self.phase)
+        rule = self.rule
+        if self.phase != "eval" or rule is None or rule.requant is None or rule.keep_float:
+            return a + b
+        return requantized_add(LinenSlots(self), rule, a, b)
+
+
 def learned_from_calibration(variables: Mapping[str, Any]) -> dict[str, Any]:
     """Variables whose learned scales / zero points are set to their calibrated QParams.
 
@@ -389,11 +431,23 @@ class QuantizedModel:
         path = "/".join(module.path)
         if isinstance(module, nn.BatchNorm) and path in state.folded:
             return self._folded_bn(module, state.folded.pop(path), args, kwargs)
+        if (
+            isinstance(module, nn.BatchNorm)
+            and self.phase == "eval"
+            and module.has_variable(STATS, REQUANT_STAT)
+        ):
+            return self._requant_folded_bn(state, path, args, kwargs)
         if is_act_product(module):  # an activation x activation einsum (attention)
             rule = first_match(self.rules, path)
             if rule is None:
                 return next_fun(*args, **kwargs)
             clone = module.clone(parent=module.scope, einsum=QuantActEinsum(rule, self.phase))
+            return clone(*args, **kwargs)
+        if isinstance(module, QAdd) and module.rule is None:  # the rule of its path
+            rule = first_match(self.rules, path)
+            if rule is None:  # a plain ``a + b``
+                return next_fun(*args, **kwargs)
+            clone = module.clone(parent=module.scope, rule=rule, phase=self.phase)
             return clone(*args, **kwargs)
         if _is_jquant_layer(module):  # hand-built (or our own QEinsum): the model's phase
             if module.phase == self.phase:
@@ -401,7 +455,8 @@ class QuantizedModel:
             clone = module.clone(parent=module.scope, phase=self.phase)
             return getattr(clone, context.method_name)(*args, **kwargs)
         if not _quantizable(module) or any(
-            isinstance(getattr(module, f, None), QuantOp | _FoldedOp) for f, _ in _TARGETS.values()
+            isinstance(getattr(module, f, None), QuantOp | _FoldedOp | RequantOp)
+            for f, _ in _TARGETS.values()
         ):
             return next_fun(*args, **kwargs)  # not ours to quantize, or our own clone
         rule = first_match(self.rules, path)
@@ -412,7 +467,23 @@ class QuantizedModel:
             y_float, y_quant = self._folded_conv(module, rule, fold, next_fun, args, kwargs)
             state.folded[fold.bn] = _FoldedConv(y_float, y_quant)
             return y_float
-        return _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
+        y = _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
+        if self.phase == "eval" and rule.requant is not None and not rule.keep_float:
+            state.requantized.append(y)
+        return y
+
+    def _requant_folded_bn(self, state: _Interception, path: str, args, kwargs) -> jax.Array:
+        """A BatchNorm folded into the requantization constants of the layer it follows
+        (:func:`jquant.convert.with_requant_constants`): its input, unchanged."""
+        x = args[0] if args else kwargs["x"]
+        if not any(x is y for y in state.requantized):
+            raise ValueError(
+                f"BatchNorm {path!r} is folded into the requantization constants of the layer "
+                "before it, but its input does not come from a layer with QuantRule.requant: "
+                "recompute the variables with jquant.convert.with_requant_constants for these "
+                "rules"
+            )
+        return x
 
     def _folded_conv(self, conv, rule, fold: Fold, next_fun, args, kwargs):
         """``(conv(x, W), conv_q(x, W gamma / sigma_R))``: Jacob et al. (2018) sec. 3.2, as
@@ -565,6 +636,14 @@ def quantize_model(
       Einsum path to its rule (None: no rule, stays float), lists the unused rules and, in
       ``not_quantized``, the layers with a kernel that a rule matched but jquant cannot
       quantize (e.g. ``nn.ConvTranspose``), which are also warned about (UserWarning).
+
+    Residual adds: a plain model's ``a + b`` is a ``jax.numpy`` operation, which no Flax
+    mechanism intercepts (and jquant patches nothing), so it stays a float add in every
+    phase; the integer program (:func:`jquant.convert.convert`) runs it as TFLite's ``ADD``
+    of int8 codes. To have the eval forward compute that integer add too (with
+    ``QuantRule.requant``), write the residual as a :class:`QAdd` module in the model,
+    ``QAdd(name="add")(conv2(h), h)``: it is ``a + b`` outside that case, and takes the rule
+    matching its path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")

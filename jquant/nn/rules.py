@@ -24,6 +24,7 @@ from jquant import mx
 from jquant.calibration import get_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
 from jquant.formats import Format, IntFormat, get_format
+from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.ops.train import BackwardConfig
 from jquant.quant import ROUNDING_MODES, QuantConfig
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_RULE",
     "GRANULARITIES",
     "MODES",
+    "REQUANT_MODES",
     "QuantRule",
     "RuleMatch",
     "match_rules",
@@ -49,6 +51,8 @@ __all__ = [
 CALIBRATIONS = observer_names(streams=True)
 GRANULARITIES = ("per_channel", "per_tensor", "per_block")
 MODES = ("simulate", "int")
+# the integer program's requantization modes (jquant.integer.fixed_point owns the names)
+REQUANT_MODES = (None, *MULTIPLIER_MODES)
 
 
 def parse_granularity(granularity: str) -> tuple[str, int | None]:
@@ -80,6 +84,18 @@ def _format_or_none(name: str, value) -> Format | mx.BlockFormat | None:
         return get_format(value)
     except (ValueError, TypeError) as e:
         raise type(e)(f"QuantRule.{name}: {e}") from None
+
+
+def _program_format(fmt, *, signed: bool) -> bool:
+    """Whether ``fmt`` is a static integer format of <= 8 bits, on the integer program's
+    grid (not midrise; signed when ``signed``)."""
+    return (
+        isinstance(fmt, IntFormat)
+        and fmt.is_static
+        and fmt.bits <= 8
+        and not fmt.midrise
+        and (fmt.signed or not signed)
+    )
 
 
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
@@ -147,6 +163,15 @@ class QuantRule:
       grad_operands: format the reused input and kernel are requantized to (per tensor) in
         the backward products; None reuses them as the forward quantized them. Needed with
         ``mode="int"`` (int8 x int8 -> int32 backward products).
+      requant: None (default: the fake-quant eval forward, one float rounding) or a
+        requantization mode of the integer program, ``"double"`` (gemmlowp, TFLite
+        reference), ``"single"`` (``TFLITE_SINGLE_ROUNDING``) or ``"fp32"`` (XNNPACK, ONNX
+        Runtime). In phase ``eval`` the layer then computes what the integer kernel computes
+        (:mod:`jquant.nn.requant`): ``q_y = clamp(MBQM(sum (q_x - z_x) q_w + b_int, M) + z_y)``
+        in int32, returned as ``s_y (q_y - z_y)``; the constants ``b_int``, ``M``, ``s_y``,
+        ``z_y`` come from :func:`jquant.convert.with_requant_constants`. Needs static
+        integer formats of <= 8 bits, signed symmetric weights and static activation scales.
+        Other phases are unchanged.
     """
 
     pattern: str
@@ -167,6 +192,7 @@ class QuantRule:
     grad: str | Format | None = None
     grad_rounding: str = "nearest_even"
     grad_operands: str | Format | None = None
+    requant: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -242,6 +268,7 @@ class QuantRule:
                     f"QuantRule.{name}: estimator {est.name!r} learns an integer step, "
                     f"so the format must be an IntFormat, got {fmt}"
                 )
+        self._check_requant()
         if self.act is not None and self._estimator("act").learns_clip and self.act.signed:
             raise ValueError(
                 f"QuantRule.act: PACT clips to [0, alpha] and needs an unsigned format, "
@@ -282,6 +309,29 @@ class QuantRule:
             )
         if b is not None:
             object.__setattr__(self, "weight_granularity", "per_block")
+
+    def _check_requant(self) -> None:
+        """``requant`` needs what the integer program has: static integer formats of <= 8
+        bits (signed, symmetric weights) and static activation scales."""
+        _check_choice("requant", self.requant, REQUANT_MODES)
+        if self.requant is None:
+            return
+        problem = None
+        if self.keep_float:
+            problem = "keep_float=True leaves nothing to requantize"
+        elif self.act_scale != "static":
+            problem = f"act_scale={self.act_scale!r}: the program needs static activation scales"
+        elif self.block_size is not None:
+            problem = f"block_size={self.block_size}: the program has no block-wise kernel"
+        elif not _program_format(self.act, signed=False):
+            problem = f"act={self.act}: the program needs a static integer format of <= 8 bits"
+        elif not _program_format(self.weight, signed=True) or not self.weight_symmetric:
+            problem = (
+                f"weight={self.weight} (weight_symmetric={self.weight_symmetric}): the program "
+                "needs symmetric signed static integer weights of <= 8 bits"
+            )
+        if problem:
+            raise ValueError(f"QuantRule.requant={self.requant!r}: {problem}")
 
     def _estimator(self, which: str) -> Estimator:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
