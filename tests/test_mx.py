@@ -278,3 +278,30 @@ def test_block_format_activations_in_act_quant_and_pooling_layers(rng):
     pool = ql.QAvgPool((2,), rule=rule, phase="eval")
     with pytest.raises(ValueError, match="pooling keeps its input's QParams.*mxfp4"):
         pool.init(jax.random.key(0), x)
+
+
+def test_mx_weight_only_linen_model_calibrates_and_matches_fake_quant_kernels():
+    """A model whose rules create no calibrated statistics (MX weights, float activations)
+    still runs ``calibrate``; its eval forward is the float model on MX-fake-quantized kernels
+    (blocks along the contracted input axis)."""
+    import flax.linen as nn
+
+    from jquant.nn import linen as ql
+    from jquant.nn.rules import QuantRule
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="out")(nn.relu(nn.Dense(64, name="hidden")(x)))
+
+    x = jax.random.normal(jax.random.key(0), (8, 64))
+    model = MLP()
+    qm, _ = ql.quantize_model(model, [QuantRule(".*", weight="mxfp4", act=None)], x)
+    qv = qm.calibrate(qm.init(jax.random.key(1), x), [x])
+    got = qm.with_phase("eval").apply(qv, x)
+    params = dict(qv["params"])
+    for name in ("hidden", "out"):
+        params[name] = dict(params[name])
+        params[name]["kernel"] = mx.fake_quant(params[name]["kernel"], "mxfp4", axis=0)
+    want = model.apply({"params": params}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

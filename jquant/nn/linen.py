@@ -386,7 +386,7 @@ def _call(qmodel: QuantizedModel, kind: str, kwargs: tuple, *args):
         return qmodel.init(*args, **dict(kwargs))
     variables, batch = args
     calibrating = qmodel.with_phase("calibrate")
-    return calibrating.apply(variables, batch, mutable=[STATS], **dict(kwargs))[1][STATS]
+    return calibrating.apply(variables, batch, mutable=[STATS], **dict(kwargs))[1].get(STATS, {})
 
 
 # one compiled program per (model, kind, keyword arguments): jit's own cache, keyed on the
