@@ -314,11 +314,8 @@ def verdict(summary: Table, bits: Sequence[int] = (3, 4), groups=("", "g32")) ->
     return Table.from_dicts(rows)
 
 
-def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
-    """RTN vs GPTQ at 3 and 4 bits, per channel and group 32, 3 calibration seeds."""
-    protocol = QUICK if quick else Protocol()
-    model, variables, ds, metrics = load_gpt(protocol)
-    runs = run_grid(configs(), protocol, model, variables, ds)
+def write(out_dir: str | pathlib.Path, runs: Table, protocol: Protocol, metrics: dict):
+    """Writes the runs, their summary, the verdict and the plot into ``out_dir``."""
     meta = {"paper": "Frantar et al. 2022 (GPTQ)", "protocol": repr(protocol), **metrics}
     runs = runs.with_meta(**meta)
     summary = summarize(runs).with_meta(**meta)
@@ -331,6 +328,13 @@ def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
             "gptq_frantar2022_verdict": verdict(summary).with_meta(**meta),
         },
     )
+
+
+def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
+    """RTN vs GPTQ at 3 and 4 bits, per channel and group 32, 3 calibration seeds."""
+    protocol = QUICK if quick else Protocol()
+    model, variables, ds, metrics = load_gpt(protocol)
+    return write(out_dir, run_grid(configs(), protocol, model, variables, ds), protocol, metrics)
 
 
 if __name__ == "__main__":
