@@ -825,3 +825,31 @@ def test_every_section_is_checked(doc):
     assert heads == list(PAPERS[doc]()), doc
     title, _, rest = text.partition("\n## ")
     assert title.count("\n") <= 1, f"{doc}: text before the first section"
+
+
+# --- README.md § LLM post-training quantization (small GPT) --------------------------------------
+
+LLM_README = "LLM post-training quantization (small GPT)"
+
+
+def _readme_llm() -> Section:
+    g, _, gv, _ = _llm("gptq_frantar2022")
+    (g3,) = [v for v in gv if v["bits"] == 3 and v["grouping"] == "per-channel"]
+    a, _, av, _ = _llm("awq_lin2023")
+    _, _, (sv,), _ = _llm("smoothquant_xiao2022")
+    _, _, qv, _ = _llm("quarot_ashkboos2024")
+    (qo,) = [v for v in qv if v["base"] == "outlier"]
+    awq = " and ".join(f"{v['awq_ppl']:.3f} against {v['rtn_ppl']:.3f}" for v in av)
+    figures = {
+        "gptq": f"{g3['gptq_increase']:+.3f} against {g3['rtn_increase']:+.3f} for RTN "
+        f"(ratio {g3['ratio']:.2f})",
+        "awq": awq,
+        "smoothquant": f"recovers {pct(sv['recovered'])}% of naive W8A8's loss "
+        f"({sv['naive_increase']:+.3f})",
+        "quarot": f"{qo['rotation_ppl']:.3f} against {qo['no_rotation_ppl']:.3f} without",
+    }
+    return figures, ["3", "4", "32"]
+
+
+def test_readme_llm_section():
+    check_section("README.md", LLM_README, *_readme_llm())
