@@ -691,6 +691,9 @@ def _inc(r: dict) -> str:
     return f"{r['increase_mean']:+.3f}"
 
 
+_QUICK_SETUP = ["30", "2"]  # --quick: a 30-step GPT, 2 seeds
+
+
 def _llm_run_setup(meta: dict) -> list[str]:
     """The protocol's numbers, as printed in each LLM paper's Ours section."""
     assert meta["train_steps"] == 1200
@@ -722,10 +725,10 @@ def _gptq_frantar2022() -> dict[str, Section]:
                 f"3 bits, {v['grouping']}: ratio {v['ratio']:.2f} ({word})"
             )
     return {
-        "Claim": (claim, ["2022", "3", "4", "0.5", "2023", "128"]),
+        "Claim": (claim, ["2022", "3", "4", "0.5", "2023", "128", "17", "2"]),  # issue 17
         "Ours": (ours, _llm_run_setup(meta) + ["0.01", "8"]),
-        "Agreement": (agree, ["3", "4", "0.5"]),
-        "Run": ({}, []),
+        "Agreement": (agree, ["3", "4", "0.5", "32"]),
+        "Run": ({}, _QUICK_SETUP),
     }
 
 
@@ -740,10 +743,10 @@ def _awq_lin2023() -> dict[str, Section]:
         word = "holds" if v["holds"] else "fails"
         agree[f"{b}"] = f"{b} bits: AWQ - RTN = {v['awq_minus_rtn']:+.3f} ({word})"
     return {
-        "Claim": ({}, ["2023", "1", "3", "4", "32"]),
+        "Claim": ({}, ["2023", "1", "3", "4", "32", "17"]),
         "Ours": (ours, _llm_run_setup(meta)),
         "Agreement": (agree, ["3", "4", "32"]),
-        "Run": ({}, []),
+        "Run": ({}, _QUICK_SETUP),
     }
 
 
@@ -762,7 +765,7 @@ def _smoothquant_xiao2022() -> dict[str, Section]:
     names = ["float", "float_outlier", "w8a8", "w8a8_outlier", "smooth_w8a8", "smooth_w8a8_outlier"]
     word = "holds" if v["holds"] else "fails"
     return {
-        "Claim": ({}, ["2022", "2023", "8"]),
+        "Claim": ({}, ["2022", "2023", "8", "17"]),
         "Ours": (
             _outlier_rows(s, names),
             _llm_run_setup(meta) + _outlier_setup(meta) + ["0.5", "8"],
@@ -771,7 +774,7 @@ def _smoothquant_xiao2022() -> dict[str, Section]:
             {"recovered": f"recovers {pct(v['recovered'])}% of naive W8A8's loss ({word})"},
             ["0.5", "50", "8"],
         ),
-        "Run": ({}, []),
+        "Run": ({}, _QUICK_SETUP),
     }
 
 
@@ -787,10 +790,10 @@ def _quarot_ashkboos2024() -> dict[str, Section]:
         for v in verdict
     }
     return {
-        "Claim": (claim, ["2024", "4", "70", "2", "1", "99"]),
+        "Claim": (claim, ["2024", "4", "70", "2", "1", "99", "17"]),
         "Ours": (_outlier_rows(s, names), _llm_run_setup(meta) + _outlier_setup(meta)),
-        "Agreement": (agree, ["4"]),
-        "Run": ({}, []),
+        "Agreement": (agree, ["4", "3"]),
+        "Run": ({}, _QUICK_SETUP),
     }
 
 
