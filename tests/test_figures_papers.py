@@ -666,6 +666,137 @@ def _krishnamoorthi2018() -> dict[str, Section]:
     }
 
 
+# --- 6. LLM PTQ on the small GPT: GPTQ, AWQ, SmoothQuant, QuaRot --------------------------------
+
+
+def _llm(paper: str) -> tuple[dict, dict, list[dict], dict]:
+    """A paper's summary rows by name, its meta, its verdict rows and its published.json."""
+    root = f"papers/{paper}/results/{paper}"
+    summary = load(root + ".json")
+    by_name = {r["name"]: r for r in summary["rows"]}
+    return (
+        by_name,
+        summary["meta"],
+        load(root + "_verdict.json")["rows"],
+        load(f"papers/{paper}/results/published.json"),
+    )
+
+
+def _ppl(r: dict) -> str:
+    """A config's perplexity: ``mean +- std`` over seeds, or the single run."""
+    return f"{r['ppl_mean']:.3f} +- {r['ppl_std']:.3f}" if r["runs"] > 1 else f"{r['ppl_mean']:.3f}"
+
+
+def _inc(r: dict) -> str:
+    return f"{r['increase_mean']:+.3f}"
+
+
+_QUICK_SETUP = ["30", "2"]  # --quick: a 30-step GPT, 2 seeds
+
+
+def _llm_run_setup(meta: dict) -> list[str]:
+    """The protocol's numbers, as printed in each LLM paper's Ours section."""
+    assert meta["train_steps"] == 1200
+    assert "seeds=(0, 1, 2), calib_windows=32" in meta["protocol"]
+    assert "eval_windows=256" in meta["protocol"]
+    return ["0", "1", "2", "3", "32", "256", "128", "4", "1200"]
+
+
+def _gptq_frantar2022() -> dict[str, Section]:
+    s, meta, verdict, pub = _llm("gptq_frantar2022")
+    claim = {}
+    for r in pub["rows"]:
+        ratio = (r["gptq_w3"] - r["fp16"]) / (r["rtn_w3"] - r["fp16"])
+        cells = [f"{r[k]:.2f}" for k in ("fp16", "rtn_w4", "gptq_w4", "rtn_w3", "gptq_w3")]
+        claim[r["model"]] = table_row(r["model"], *cells, f"{ratio:.2f}")
+    ours = {"float": f"float model: {s['float']['ppl_mean']:.3f}"}
+    for v in verdict:
+        g = "" if v["grouping"] == "per-channel" else v["grouping"]
+        rtn, gq = s[f"rtn_w{v['bits']}{g}"], s[f"gptq_w{v['bits']}{g}"]
+        ours[f"{v['bits']} {v['grouping']}"] = table_row(
+            str(v["bits"]), v["grouping"], _ppl(rtn), _ppl(gq), _inc(rtn), _inc(gq),
+            f"{v['ratio']:.2f}",
+        )  # fmt: skip
+    agree = {}
+    for v in verdict:
+        if v["bits"] == 3:
+            word = "holds" if v["holds"] else "fails"
+            agree[f"3 {v['grouping']}"] = (
+                f"3 bits, {v['grouping']}: ratio {v['ratio']:.2f} ({word})"
+            )
+    return {
+        "Claim": (claim, ["2022", "3", "4", "0.5", "2023", "128", "17", "2"]),  # issue 17
+        "Ours": (ours, _llm_run_setup(meta) + ["0.01", "8"]),
+        "Agreement": (agree, ["3", "4", "0.5", "32"]),
+        "Run": ({}, _QUICK_SETUP),
+    }
+
+
+def _awq_lin2023() -> dict[str, Section]:
+    s, meta, verdict, _ = _llm("awq_lin2023")
+    ours = {"float": f"float model: {s['float']['ppl_mean']:.3f}"}
+    agree = {}
+    for v in verdict:
+        b = v["bits"]
+        rtn, awq = s[f"rtn_w{b}g32"], s[f"awq_w{b}g32"]
+        ours[f"{b}"] = table_row(str(b), _ppl(rtn), _ppl(awq), _inc(rtn), _inc(awq))
+        word = "holds" if v["holds"] else "fails"
+        agree[f"{b}"] = f"{b} bits: AWQ - RTN = {v['awq_minus_rtn']:+.3f} ({word})"
+    return {
+        "Claim": ({}, ["2023", "1", "3", "4", "32", "17"]),
+        "Ours": (ours, _llm_run_setup(meta)),
+        "Agreement": (agree, ["3", "4", "32"]),
+        "Run": ({}, _QUICK_SETUP),
+    }
+
+
+def _outlier_rows(s: dict, names: list[str]) -> dict[str, str]:
+    return {n: table_row(n, s[n]["base"], _ppl(s[n]), _inc(s[n])) for n in names}
+
+
+def _outlier_setup(meta: dict) -> list[str]:
+    prot = meta["protocol"]
+    assert "outlier_channels=(5, 77), outlier_factor=32.0" in prot
+    return ["5", "77", "32"]
+
+
+def _smoothquant_xiao2022() -> dict[str, Section]:
+    s, meta, (v,), _ = _llm("smoothquant_xiao2022")
+    names = ["float", "float_outlier", "w8a8", "w8a8_outlier", "smooth_w8a8", "smooth_w8a8_outlier"]
+    word = "holds" if v["holds"] else "fails"
+    return {
+        "Claim": ({}, ["2022", "2023", "8", "17"]),
+        "Ours": (
+            _outlier_rows(s, names),
+            _llm_run_setup(meta) + _outlier_setup(meta) + ["0.5", "8"],
+        ),
+        "Agreement": (
+            {"recovered": f"recovers {pct(v['recovered'])}% of naive W8A8's loss ({word})"},
+            ["0.5", "50", "8"],
+        ),
+        "Run": ({}, _QUICK_SETUP),
+    }
+
+
+def _quarot_ashkboos2024() -> dict[str, Section]:
+    s, meta, verdict, pub = _llm("quarot_ashkboos2024")
+    names = ["float", "float_outlier", "w4a4", "w4a4_outlier", "rotate_w4a4", "rotate_w4a4_outlier"]
+    claim = {
+        f"v{i}": f"{r['max_wikitext2_ppl_loss_w4a4kv4']:.2f}" for i, r in enumerate(pub["rows"])
+    }
+    agree = {
+        v["base"]: f"{v['base']} model: {v['no_rotation_ppl']:.3f} without, "
+        f"{v['rotation_ppl']:.3f} with rotation ({'holds' if v['holds'] else 'fails'})"
+        for v in verdict
+    }
+    return {
+        "Claim": (claim, ["2024", "4", "70", "2", "1", "99", "17"]),
+        "Ours": (_outlier_rows(s, names), _llm_run_setup(meta) + _outlier_setup(meta)),
+        "Agreement": (agree, ["4", "3"]),
+        "Run": ({}, _QUICK_SETUP),
+    }
+
+
 # --- the registry ------------------------------------------------------------------------------
 
 PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
@@ -674,6 +805,10 @@ PAPERS: dict[str, Callable[[], dict[str, Section]]] = {
     "papers/aciq_banner2019/README.md": _aciq_banner2019,
     "papers/jacob2018_integer/README.md": _jacob2018_integer,
     "papers/krishnamoorthi2018/README.md": _krishnamoorthi2018,
+    "papers/gptq_frantar2022/README.md": _gptq_frantar2022,
+    "papers/awq_lin2023/README.md": _awq_lin2023,
+    "papers/smoothquant_xiao2022/README.md": _smoothquant_xiao2022,
+    "papers/quarot_ashkboos2024/README.md": _quarot_ashkboos2024,
 }
 CASES = [(doc, h) for doc, fn in PAPERS.items() for h in fn()]
 
@@ -693,3 +828,31 @@ def test_every_section_is_checked(doc):
     assert heads == list(PAPERS[doc]()), doc
     title, _, rest = text.partition("\n## ")
     assert title.count("\n") <= 1, f"{doc}: text before the first section"
+
+
+# --- README.md § LLM post-training quantization (small GPT) --------------------------------------
+
+LLM_README = "LLM post-training quantization (small GPT)"
+
+
+def _readme_llm() -> Section:
+    g, _, gv, _ = _llm("gptq_frantar2022")
+    (g3,) = [v for v in gv if v["bits"] == 3 and v["grouping"] == "per-channel"]
+    a, _, av, _ = _llm("awq_lin2023")
+    _, _, (sv,), _ = _llm("smoothquant_xiao2022")
+    _, _, qv, _ = _llm("quarot_ashkboos2024")
+    (qo,) = [v for v in qv if v["base"] == "outlier"]
+    awq = " and ".join(f"{v['awq_ppl']:.3f} against {v['rtn_ppl']:.3f}" for v in av)
+    figures = {
+        "gptq": f"{g3['gptq_increase']:+.3f} against {g3['rtn_increase']:+.3f} for RTN "
+        f"(ratio {g3['ratio']:.2f})",
+        "awq": awq,
+        "smoothquant": f"recovers {pct(sv['recovered'])}% of naive W8A8's loss "
+        f"({sv['naive_increase']:+.3f})",
+        "quarot": f"{qo['rotation_ppl']:.3f} against {qo['no_rotation_ppl']:.3f} without",
+    }
+    return figures, ["3", "4", "32"]
+
+
+def test_readme_llm_section():
+    check_section("README.md", LLM_README, *_readme_llm())

@@ -13,6 +13,7 @@ CHECKED_ELSEWHERE = {
     "Speed": "test_figures_speed",
     "QAT on MNIST-1D": "test_figures_qat",
     "Papers": "test_figures_qat",
+    "LLM post-training quantization (small GPT)": "test_figures_papers",
     "QAT against Qwix and AQT": "test_figures_qat_accuracy",
     "Accelerator benchmarking": "test_bench_grid",
     "Export": "test_figures_export",

@@ -918,3 +918,167 @@ def test_quantized_training_quick_run(tmp_path):
     for r in runs:
         assert r["test_acc"] > 0.15  # 20 steps train past chance (0.1), no NaN
         assert np.isfinite(r["train_loss"])
+
+
+# --- LLM PTQ papers: gptq_frantar2022 (shared protocol), awq, smoothquant, quarot -------------
+# The full runs take minutes per paper (a trained GPT, dozens of PTQ runs); here the protocol,
+# its bad input and the summaries are checked on a tiny GPT and on synthetic rows.
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return reproduce.load_paper("gptq_frantar2022")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    import jax
+
+    from jquant.models import gpt
+
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=11, context=8, num_layers=1, num_heads=2, width=16))
+    variables = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, (40, 9))
+    ds = type(
+        "TinyText",
+        (),
+        {"x_train": tokens[:24, :-1], "x_test": tokens[24:, :-1], "y_test": tokens[24:, 1:]},
+    )
+    return model, variables, ds
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"seeds": ()}, "Protocol.seeds"),
+        ({"seeds": (0, True)}, "Protocol.seeds"),
+        ({"calib_batch": 0}, "Protocol.calib_batch"),
+        ({"eval_windows": 100, "eval_batch": 64}, "multiple of Protocol.eval_batch"),
+        ({"train_steps": 0}, "Protocol.train_steps"),
+        ({"outlier_factor": 0.0}, "Protocol.outlier_factor"),
+    ],
+)
+def test_llm_protocol_bad_input(llm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llm.Protocol(**kwargs)
+
+
+def test_llm_config_bad_input_and_seeding(llm):
+    from jquant import ptq
+
+    with pytest.raises(ValueError, match="Config.base"):
+        llm.Config("x", "noisy", None)
+    with pytest.raises(TypeError, match="Config.recipe"):
+        llm.Config("x", "plain", "rtn")
+    assert not llm.Config("f", "plain", None).seeded
+    assert not llm.Config("r", "plain", ptq.Recipe("rtn")).seeded  # no data, no draw
+    assert llm.Config("g", "plain", ptq.Recipe("gptq")).seeded
+    assert llm.Config("q", "plain", ptq.Recipe("rtn", transform="rotate")).seeded
+
+
+def test_llm_calibration_draws_by_seed(llm):
+    x = np.arange(50 * 4).reshape(50, 4)
+    p = llm.Protocol(calib_windows=10, calib_batch=4)
+    a, b, c = (llm.calibration(x, s, p) for s in (0, 0, 1))
+    assert [len(t) for t in a] == [4, 4, 2]
+    drawn = np.concatenate(a)
+    assert all((drawn[:, :1] // 4 == drawn[:, :4] // 4).all(axis=1))  # whole training windows
+    assert len(np.unique(drawn[:, 0])) == 10  # without replacement
+    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+    with pytest.raises(ValueError, match="calib_windows"):
+        llm.calibration(x, 0, llm.Protocol(calib_windows=51))
+
+
+def test_llm_perplexity_against_numpy(llm, tiny_gpt):
+    model, variables, ds = tiny_gpt
+    x, y = ds.x_test[:16], ds.y_test[:16]
+    logits = np.asarray(model.apply(variables, x), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = np.exp(-np.take_along_axis(logp, y[..., None], -1).mean())
+    assert llm.perplexity(model, variables, x, y, 8) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="multiple of batch"):
+        llm.perplexity(model, variables, x, y, 5)
+
+
+def test_llm_run_grid_on_a_tiny_gpt(llm, tiny_gpt):
+    """Seeded configs run once per seed, the rest once; the outlier model is the same float
+    function (inject_outlier preserves it); 8-bit RTN weights barely move the perplexity."""
+    import jquant as jq
+    from jquant import ptq
+
+    model, variables, ds = tiny_gpt
+    p = llm.Protocol(
+        seeds=(0, 1), calib_windows=8, eval_windows=16, eval_batch=8, outlier_channels=(1, 3)
+    )
+    configs = [
+        llm.Config("float", "plain", None),
+        llm.Config("float_outlier", "outlier", None),
+        llm.Config("rtn_w8", "plain", ptq.Recipe("rtn", weight=jq.IntFormat(8))),
+        llm.Config(
+            "rot_w8", "plain", ptq.Recipe("rtn", weight=jq.IntFormat(8), transform="rotate")
+        ),
+    ]
+    runs = llm.run_grid(configs, p, model, variables, ds, progress=False)
+    assert runs.column("name") == ["float", "float_outlier", "rtn_w8", "rot_w8", "rot_w8"]
+    assert runs.column("seed") == [-1, -1, -1, 0, 1]
+    ppl = dict(zip(runs.column("name"), runs.column("perplexity"), strict=False))
+    assert ppl["float_outlier"] == pytest.approx(ppl["float"], rel=1e-4)
+    assert ppl["rtn_w8"] == pytest.approx(ppl["float"], rel=0.01)
+    with pytest.raises(ValueError, match="eval_windows"):
+        llm.run_grid(configs[:1], llm.Protocol(eval_windows=64, eval_batch=8), model, variables, ds)
+
+
+def _synthetic_runs(rows):
+    base = {"base": "plain", "group_size": 0, "act_bits": 32, "transform": "none"}
+    return Table.from_dicts(
+        [{**base, "name": n, "method": m, "bits": b, "seed": s, "perplexity": v, **extra}
+         for n, m, b, s, v, extra in rows]
+    )  # fmt: skip
+
+
+def test_llm_summaries_and_verdicts_against_numpy(llm):
+    awq = reproduce.load_paper("awq_lin2023")
+    sq = reproduce.load_paper("smoothquant_xiao2022")
+    qr = reproduce.load_paper("quarot_ashkboos2024")
+    out = {"base": "outlier"}
+    rows = [("float", "float", 32, -1, 4.0, {}), ("float_outlier", "float", 32, -1, 4.0, out)]
+    rows += [
+        (f"rtn_w{b}{g}", "rtn", b, -1, 4.0 + 2 * (5 - b), {}) for b in (3, 4) for g in ("", "g32")
+    ]
+    gptq3 = [4.7, 4.9, 5.0]  # increases 0.7, 0.9, 1.0 against RTN's 4.0 at 3 bits
+    rows += [("gptq_w3", "gptq", 3, s, v, {}) for s, v in enumerate(gptq3)]
+    rows += [("gptq_w3g32", "gptq", 3, s, 6.5, {}) for s in range(3)]  # 2.5 > 4.0 / 2
+    rows += [(f"gptq_w4{g}", "gptq", 4, s, 4.5, {}) for s in range(3) for g in ("", "g32")]
+    runs = _synthetic_runs(rows)
+    s = llm.summarize(runs)
+    (g3,) = s.where(name="gptq_w3").to_dicts()
+    assert g3["runs"] == 3 and g3["ppl_mean"] == pytest.approx(np.mean(gptq3))
+    assert g3["ppl_std"] == pytest.approx(np.std(gptq3, ddof=1))
+    assert g3["increase_mean"] == pytest.approx(np.mean(gptq3) - 4.0)
+    assert s.where(name="rtn_w3").to_dicts()[0]["ppl_std"] == 0.0
+    v = {(r["bits"], r["grouping"]): r for r in llm.verdict(s).to_dicts()}
+    assert v[(3, "per-channel")]["ratio"] == pytest.approx((np.mean(gptq3) - 4.0) / 4.0)
+    assert v[(3, "per-channel")]["holds"] is True and v[(3, "g32")]["holds"] is False
+    assert v[(4, "g32")]["holds"] is None  # the claim is at 3 bits
+    # AWQ: <= RTN per width
+    rows = [("float", "float", 32, -1, 4.0, {})]
+    rows += [(f"rtn_w{b}g32", "rtn", b, -1, 6.0, {}) for b in (3, 4)]
+    rows += [("awq_w3g32", "awq", 3, 0, 5.0, {}), ("awq_w4g32", "awq", 4, 0, 6.5, {})]
+    a = awq.verdict(llm, llm.summarize(_synthetic_runs(rows))).to_dicts()
+    assert [r["holds"] for r in a] == [True, False]
+    assert a[0]["awq_minus_rtn"] == pytest.approx(-1.0)
+    # SmoothQuant: recovered fraction of the naive W8A8 loss on the outlier model
+    rows = [("float_outlier", "float", 32, -1, 4.0, out), ("w8a8_outlier", "rtn", 8, -1, 9.0, out)]
+    rows += [("smooth_w8a8_outlier", "rtn", 8, s, 4.0 + d, out) for s, d in enumerate((1, 2))]
+    (r,) = sq.recovered(llm, llm.summarize(_synthetic_runs(rows))).to_dicts()
+    assert r["recovered"] == pytest.approx(1 - 1.5 / 5.0) and r["holds"] is True
+    # QuaRot: rotation wins per base model
+    rows = [(n, "rtn", 4, -1, v, extra) for n, v, extra in (
+        ("w4a4", 6.0, {}), ("rotate_w4a4", 7.0, {}), ("w4a4_outlier", 30.0, out),
+        ("rotate_w4a4_outlier", 8.0, out))]  # fmt: skip
+    q = qr.verdict(llm.summarize(_synthetic_runs(rows + [("float", "float", 32, -1, 4.0, {}),
+        ("float_outlier", "float", 32, -1, 4.0, out)]))).to_dicts()  # fmt: skip
+    assert [(r["base"], r["holds"]) for r in q] == [("plain", False), ("outlier", True)]
