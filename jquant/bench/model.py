@@ -168,10 +168,12 @@ def _rows(
 
 def _quantized(model, variables, x) -> dict[str, tuple[Any, Any]]:
     """``{"simulate": (qmodel, qvariables), "int": ...}``: ``QuantRule(".*", mode=...)``,
-    activation ranges calibrated on ``x``."""
+    activation ranges calibrated on ``x``; attention's activation x activation products
+    (``scores``, ``mix``) stay float: the rows time quantized weights x activations only."""
     out = {}
     for mode in ("simulate", "int"):
-        qm, _ = ql.quantize_model(model, QuantRule(".*", mode=mode), x[:2])
+        rules = [QuantRule(r".*/(scores|mix)$", keep_float=True), QuantRule(".*", mode=mode)]
+        qm, _ = ql.quantize_model(model, rules, x[:2], on_unused="ignore")
         out[mode] = (qm, qm.calibrate(qm.attach(variables, x[:2]), [x]))
     return out
 
