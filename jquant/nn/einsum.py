@@ -202,7 +202,14 @@ def is_act_product(module) -> bool:
 
 def check_act_rule(rule: QuantRule, path: str) -> None:
     """Raises ValueError if ``rule`` asks to quantize the activation product at ``path``
-    with static (calibrated) ranges, which such a product does not record."""
+    with static (calibrated) ranges, which such a product does not record, or with delayed
+    scaling, which it does not keep."""
+    if rule.scaling is not None and not rule.keep_float and rule.act is not None:
+        raise ValueError(
+            f"QuantRule.scaling={rule.scaling!r}: the activation x activation einsum {path!r} "
+            "keeps no amax history; give it a rule with a dynamic act_scale, or keep it float "
+            f"with QuantRule({path!r}, keep_float=True)"
+        )
     if rule.keep_float or rule.act is None or rule.act_scale != "static":
         return
     raise ValueError(

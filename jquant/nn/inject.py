@@ -9,11 +9,17 @@ QParams of both operands for the current phase (:func:`tensor_qparams`) and runs
 
     y = op(fq_input(x), fq_kernel(w))      (train / eval)
     y = op(x, w)                           (float / calibrate)
+
+With ``QuantRule(scaling="delayed")`` the QParams of the input, the kernel and the gradient
+come from the layer's amax histories (:func:`delayed_operands`), and the product is wrapped
+in :func:`jquant.ops.scaling.record_amax` / :func:`~jquant.ops.scaling.record_grad_amax`, so
+the gradient with respect to each history is its next value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +30,7 @@ from jquant import mx, ops
 from jquant.estimators import fake_quant
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import Slots, tensor_qparams
+from jquant.ops.scaling import AmaxHistory, record_amax, record_grad_amax
 from jquant.quant import QParams, QuantConfig
 
 __all__ = [
@@ -31,6 +38,8 @@ __all__ = [
     "QuantOp",
     "kernel_config",
     "operand_qparams",
+    "DelayedOperands",
+    "delayed_operands",
     "quantize_activation",
     "pool_activation",
 ]
@@ -99,6 +108,48 @@ def operand_qparams(
     return qa, qw
 
 
+@dataclasses.dataclass(frozen=True)
+class DelayedOperands:
+    """A product's operands under delayed scaling: ``lhs`` / ``rhs`` wrapped in
+    :func:`~jquant.ops.scaling.record_amax`, their QParams and the gradient's (None: that
+    tensor stays float), and ``finish(y)``, which wraps the product's output in
+    :func:`~jquant.ops.scaling.record_grad_amax` (the identity without a gradient format)."""
+
+    lhs: jax.Array
+    rhs: jax.Array
+    lhs_qparams: QParams | None
+    rhs_qparams: QParams | None
+    grad_qparams: QParams | None
+    finish: Callable[[jax.Array], jax.Array]
+
+
+def delayed_operands(
+    slots: Slots, rule: QuantRule, lhs: jax.Array, rhs: jax.Array
+) -> DelayedOperands:
+    """Transformer Engine's delayed scaling of one product (``rule.scaling == "delayed"``).
+
+    For each tensor ``t`` of ``rule.scaled_tensors()`` with history ``h_{t-1}`` (the layer's
+    variable): ``scale = max(h_{t-1}) * 2^margin / fmt.max`` (1 while all zero), symmetric;
+    under ``jax.grad`` the history's cotangent is ``(amax_t, h_{t-1}[:-1])`` with ``amax_t``
+    the forward operand's ``max|.|`` or, for ``"grad"``, ``max|dL/dy|`` at the output.
+    """
+    recipe = rule.scaling_recipe()
+    hist = {t: AmaxHistory(slots.history(t, rule.amax_history)) for t in rule.scaled_tensors()}
+    qp = {}
+    fmts = {"input": rule.act, "kernel": rule.weight, "grad": rule.grad_format()}
+    for t, h in hist.items():
+        qp[t] = recipe.qparams(h, fmts[t])
+    if "input" in hist:
+        lhs = record_amax(lhs, hist["input"])
+    if "kernel" in hist:
+        rhs = record_amax(rhs, hist["kernel"])
+
+    def finish(y: jax.Array) -> jax.Array:
+        return record_grad_amax(y, hist["grad"]) if "grad" in hist else y
+
+    return DelayedOperands(lhs, rhs, qp.get("input"), qp.get("kernel"), qp.get("grad"), finish)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantOp:
     """``lax.dot_general`` / ``lax.conv_general_dilated`` look-alike with layer state.
@@ -122,7 +173,11 @@ class QuantOp:
             return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
         dn = args[0] if args else kwargs.get("dimension_numbers")
         rhs_cfg = kernel_config(self.rule, self.kind, rhs.ndim, dn)
-        qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs, rhs_cfg)
+        delayed = None
+        if self.rule.scaling == "delayed":  # reads (at init: creates) the histories
+            delayed = delayed_operands(self.slots, self.rule, lhs, rhs)
+        if delayed is None or self.phase in ("float", "calibrate"):
+            qa, qw = operand_qparams(self.slots, self.rule, self.phase, lhs, rhs, rhs_cfg)
         if self.phase in ("float", "calibrate"):
             return _FLOAT_OPS[self.kind](lhs, rhs, *args, **kwargs)
         if self.phase == "eval" and self.rule.requant is not None:
@@ -134,10 +189,13 @@ class QuantOp:
             )
         bwd = self.rule.backward_config()
         train = {}
+        if delayed is not None:
+            lhs, rhs, qa, qw = delayed.lhs, delayed.rhs, delayed.lhs_qparams, delayed.rhs_qparams
         if bwd is not None:  # quantized backward products
             key = _grad_rounding_key(self.slots) if bwd.stochastic else None
-            train = dict(bwd=bwd, key=key)
-        return (_QUANT_OPS if bwd is None else _TRAIN_OPS)[self.kind](
+            qg = None if delayed is None else delayed.grad_qparams
+            train = dict(bwd=bwd, key=key, grad_qparams=qg)
+        y = (_QUANT_OPS if bwd is None else _TRAIN_OPS)[self.kind](
             lhs,
             rhs,
             *args,
@@ -148,6 +206,16 @@ class QuantOp:
             mode=self.rule.mode,
             **train,
             **kwargs,
+        )
+        return y if delayed is None else delayed.finish(y)
+
+
+def _check_no_scaling(slots: Slots, rule: QuantRule) -> None:
+    if rule.scaling is not None and not rule.keep_float:
+        raise ValueError(
+            f"layer {slots.path!r}: QuantRule.scaling={rule.scaling!r} scales the products "
+            "of Dense / Conv / Einsum layers; activation quantizers and pooling use "
+            "calibrated ranges: give this layer a rule without scaling"
         )
 
 
@@ -169,6 +237,7 @@ def _act_qparams(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> QPa
 def quantize_activation(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> jax.Array:
     """``fq(x)`` with the activation's calibrated or learned QParams (train / eval), else x; a
     block format (``jquant.mx``) quantizes its blocks along the last axis (the features)."""
+    _check_no_scaling(slots, rule)
     cfg = rule.act_config()
     if cfg is not None and cfg.is_microscaling:
         return mx.fake_quant(x, cfg.fmt, axis=-1, pad=True) if phase in ("train", "eval") else x
@@ -184,6 +253,7 @@ def pool_activation(
     """TFLite pooling (``kind`` ``"avg"`` or ``"max"``) of the quantized ``x`` in train / eval:
     the output keeps the input's QParams, the average divides by the count of valid elements.
     Float pooling in the float and calibrate phases."""
+    _check_no_scaling(slots, rule)
     cfg = rule.act_config()
     if cfg is not None and cfg.is_microscaling:
         raise ValueError(

@@ -4,7 +4,9 @@
 (``dot_general`` / ``conv_general_dilated``) is a property returning a :class:`QuantOp` bound
 to the layer's own variables, so Flax's own forward code runs with quantized products.
 Statistics are :class:`QuantStat` variables (``nnx.state(model, QuantStat)``), learned scales
-``nnx.Param``; ``phase`` and ``rule`` are static attributes.
+``nnx.Param``, delayed scaling's amax histories :class:`ScalingHistory` variables (a training
+step differentiates with respect to them and writes their "gradients" back, see
+:class:`~jquant.nn.state.ScalingHistory`); ``phase`` and ``rule`` are static attributes.
 
 :func:`quantize_model` walks the model graph (``nnx.iter_graph``), and replaces each
 ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` / ``nnx.Einsum`` whose path matches a
@@ -53,15 +55,18 @@ from jquant.nn.state import (
     NNXSlots,
     QuantizedLayer,
     QuantStat,
+    ScalingHistory,
     check_phase,
     frozen_qparams,
     learned_from_stats,
+    history_name,
     learned_placeholders,
     variable_key,
 )
 
 __all__ = [
     "QuantStat",
+    "ScalingHistory",
     "NNXSlots",
     "QuantLayer",
     "QLinear",
@@ -101,6 +106,16 @@ class QuantLayer(nnx.Module):
         self.phase = phase
         self.quant_path = path
         self._init_learned()
+        self._init_histories()
+
+    def _init_histories(self) -> None:
+        """Creates the amax histories of delayed scaling (zeros, ``rule.amax_history`` long)
+        of a layer with a product (one holding a ``kernel``): :class:`ScalingHistory`."""
+        if getattr(self, "kernel", None) is None:
+            return
+        for t in self.rule.scaled_tensors():
+            zeros = jnp.zeros((self.rule.amax_history,), jnp.float32)
+            setattr(self, history_name(t), ScalingHistory(zeros))
 
     def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...] | None:
         """Per-channel axes of the kernel: None is the last axis (Linear, Conv)."""
@@ -727,6 +742,7 @@ def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
             m.quant_path or _path_str(p)
             for p, m in layers
             if m.rule.act_config() is not None
+            and m.rule.scaling is None  # delayed scaling needs no calibration
             and getattr(m, variable_key("input", "qparams"), None) is None
         ]
         if missing:

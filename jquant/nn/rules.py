@@ -14,6 +14,7 @@ IntFormat(bits=4)
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,9 +24,10 @@ from typing import Any, NamedTuple
 from jquant import mx
 from jquant.calibration import get_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
-from jquant.formats import Format, IntFormat, get_format
+from jquant.formats import FloatFormat, Format, IntFormat, get_format
 from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
+from jquant.ops.scaling import DelayedScaling, delayed_scaling
 from jquant.ops.train import BackwardConfig
 from jquant.quant import ROUNDING_MODES, QuantConfig
 
@@ -38,6 +40,7 @@ __all__ = [
     "GRANULARITIES",
     "MODES",
     "REQUANT_MODES",
+    "SCALINGS",
     "QuantRule",
     "RuleMatch",
     "match_rules",
@@ -53,6 +56,8 @@ GRANULARITIES = ("per_channel", "per_tensor", "per_block")
 MODES = ("simulate", "int")
 # the integer program's requantization modes (jquant.integer.fixed_point owns the names)
 REQUANT_MODES = (None, *MULTIPLIER_MODES)
+# None: each tensor scaled as the other fields say; "delayed": Transformer Engine's recipe
+SCALINGS = (None, "delayed")
 
 
 def parse_granularity(granularity: str) -> tuple[str, int | None]:
@@ -172,6 +177,35 @@ class QuantRule:
         ``z_y`` come from :func:`jquant.convert.with_requant_constants`. Needs static
         integer formats of <= 8 bits, signed symmetric weights and static activation scales.
         Other phases are unchanged.
+      backward: a :class:`jquant.ops.BackwardConfig` setting the two backward products
+        separately (``dL/dlhs = Q_dlhs_grad(g) x Q_dlhs_rhs(W)^T``, ``dL/drhs =
+        Q_drhs_lhs(x)^T x Q_drhs_grad(g)``, their rounding of ``g``), exactly as
+        :func:`jquant.ops.train_dot_general` takes it; it replaces ``grad``,
+        ``grad_rounding`` and ``grad_operands`` (set either, not both). None: from those.
+      scaling: None (default: scales as the fields above say) or ``"delayed"``, Transformer
+        Engine's delayed scaling (``DelayedScaling(margin, amax_history_len,
+        amax_compute_algo="max")``; Micikevicius et al. 2022, "FP8 Formats for Deep
+        Learning") of the input, the kernel and the gradient ``g``, each per tensor and
+        symmetric::
+
+            scale_t = max(h_{t-1}) * 2^margin / fmt.max      (1 while the history is all 0)
+            h_t     = (amax_t, h_{t-1}[0], ..., h_{t-1}[H-2])
+
+        so step ``t`` quantizes with the amaxes of steps ``< t`` (:mod:`jquant.ops.scaling`).
+        The histories are model state (Linen: the ``scaling_history`` collection; NNX:
+        :class:`jquant.nn.state.ScalingHistory` variables), updated as "overwrite with
+        gradient": the gradient of the loss with respect to a history *is* its next value
+        (the forward operands' amaxes and, from the backward pass, the amax of ``g``), so a
+        training step differentiates with respect to them too and replaces them by their
+        gradients. Calibration is not needed. Delayed scaling sets ``weight_granularity``
+        to ``"per_tensor"`` and ``act_symmetric`` to True, and stores float formats with
+        ``saturate=True`` (TE's saturating casts: a value past the delayed range clips to
+        ``+-max`` instead of becoming inf / NaN). It needs element formats, non-learned
+        estimators, ``act_scale="static"``, symmetric weights, ``requant=None`` and one
+        gradient format for both backward products. Each layer must run once per step.
+      amax_history: ``H >= 1``, the length of each amax history (TE's
+        ``amax_history_len``; 1 is the previous step's amax).
+      margin: ``>= 0``; ``scale *= 2^margin`` (headroom against growth between steps).
     """
 
     pattern: str
@@ -193,6 +227,10 @@ class QuantRule:
     grad_rounding: str = "nearest_even"
     grad_operands: str | Format | None = None
     requant: str | None = None
+    backward: BackwardConfig | None = None
+    scaling: str | None = None
+    amax_history: int = 16
+    margin: float = 0
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -269,6 +307,8 @@ class QuantRule:
                     f"so the format must be an IntFormat, got {fmt}"
                 )
         self._check_requant()
+        self._check_backward()
+        self._check_scaling()
         if self.act is not None and self._estimator("act").learns_clip and self.act.signed:
             raise ValueError(
                 f"QuantRule.act: PACT clips to [0, alpha] and needs an unsigned format, "
@@ -333,6 +373,91 @@ class QuantRule:
         if problem:
             raise ValueError(f"QuantRule.requant={self.requant!r}: {problem}")
 
+    def _check_backward(self) -> None:
+        """``backward`` is a BackwardConfig that replaces the ``grad*`` shorthands."""
+        if self.backward is None:
+            return
+        if not isinstance(self.backward, BackwardConfig):
+            raise TypeError(
+                "QuantRule.backward must be a jquant.ops.BackwardConfig or None, got "
+                f"{type(self.backward).__name__}"
+            )
+        if (
+            self.grad is not None
+            or self.grad_operands is not None
+            or self.grad_rounding != "nearest_even"
+        ):
+            raise ValueError(
+                "QuantRule.backward sets both backward products; leave grad, grad_rounding "
+                "and grad_operands at their defaults (or drop backward and use them)"
+            )
+
+    def _check_scaling(self) -> None:
+        """``scaling``, ``amax_history`` and ``margin``; delayed scaling's requirements."""
+        _check_choice("scaling", self.scaling, SCALINGS)
+        h = self.amax_history
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"QuantRule.amax_history must be an int >= 1, got {h!r}")
+        m = self.margin
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not m >= 0:
+            raise ValueError(f"QuantRule.margin must be a real number >= 0, got {m!r}")
+        if self.scaling is None:
+            return
+        problem = None
+        bwd = self.backward_config()
+        grads = [] if bwd is None else [c for c in (bwd.dlhs_grad, bwd.drhs_grad) if c]
+        if isinstance(self.weight, mx.BlockFormat) or isinstance(self.act, mx.BlockFormat):
+            problem = "block formats scale each block themselves; use element formats"
+        elif self.estimator.learned or self._estimator("act").learned:
+            problem = "learned estimators learn the scale; use 'ste' or 'clipped_ste'"
+        elif self.act_scale != "static":
+            problem = f"act_scale={self.act_scale!r}: the history gives the activation scale"
+        elif self.block_size is not None or not self.weight_symmetric:
+            problem = "the kernel scale is one symmetric scale per tensor (no blocks)"
+        elif self.requant is not None:
+            problem = f"requant={self.requant!r} runs with calibrated static scales"
+        elif len({c.fmt for c in grads}) > 1 or any(
+            c.axis is not None or c.block_size is not None for c in grads
+        ):
+            problem = "one per-tensor gradient format serves both backward products"
+        if problem:
+            raise ValueError(f"QuantRule.scaling={self.scaling!r}: {problem}")
+        object.__setattr__(self, "weight_granularity", "per_tensor")
+        object.__setattr__(self, "act_symmetric", True)
+        for name in ("weight", "act", "grad", "grad_operands"):
+            fmt = getattr(self, name)
+            if isinstance(fmt, FloatFormat) and not fmt.saturate:  # TE's saturating casts
+                object.__setattr__(self, name, dataclasses.replace(fmt, saturate=True))
+        if self.backward is not None:
+            object.__setattr__(self, "backward", _saturating_backward(self.backward))
+
+    def scaling_recipe(self) -> DelayedScaling | None:
+        """The :func:`jquant.ops.scaling.delayed_scaling` of ``scaling="delayed"`` (None
+        otherwise)."""
+        if self.scaling != "delayed":
+            return None
+        return delayed_scaling(self.amax_history, self.margin)
+
+    def scaled_tensors(self) -> tuple[str, ...]:
+        """The tensors with an amax history under delayed scaling, among ``"input"``,
+        ``"kernel"`` and ``"grad"`` (empty without delayed scaling or with ``keep_float``).
+
+        >>> QuantRule(".*", grad="fp8_e5m2", scaling="delayed").scaled_tensors()
+        ('input', 'kernel', 'grad')
+        """
+        if self.scaling is None or self.keep_float:
+            return ()
+        bwd = self.backward_config()
+        has_grad = bwd is not None and (bwd.dlhs_grad or bwd.drhs_grad) is not None
+        present = {"input": self.act is not None, "kernel": self.weight is not None}
+        return (*(t for t, on in present.items() if on), *(("grad",) if has_grad else ()))
+
+    def grad_format(self) -> Format | None:
+        """The format of ``g`` under delayed scaling (one for both backward products)."""
+        bwd = self.backward_config()
+        cfg = None if bwd is None else (bwd.dlhs_grad or bwd.drhs_grad)
+        return None if cfg is None else cfg.fmt
+
     def _estimator(self, which: str) -> Estimator:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
 
@@ -389,10 +514,27 @@ class QuantRule:
         >>> QuantRule(".*", grad="fp8_e5m2").backward_config().dlhs_grad.fmt.name
         'fp8_e5m2'
         """
-        if self.keep_float or self.grad is None:
+        if self.keep_float:
+            return None
+        if self.backward is not None:
+            return self.backward
+        if self.grad is None:
             return None
         operands = None if self.grad_operands is None else QuantConfig(self.grad_operands)
         return BackwardConfig.uniform(QuantConfig(self.grad), operands, self.grad_rounding)
+
+
+def _saturating_backward(bwd: BackwardConfig) -> BackwardConfig:
+    """``bwd`` with each float format saturating (delayed scaling's casts)."""
+
+    def sat(cfg):
+        fmt = None if cfg is None else cfg.fmt
+        if isinstance(fmt, FloatFormat) and not fmt.saturate:
+            return dataclasses.replace(cfg, fmt=dataclasses.replace(fmt, saturate=True))
+        return cfg
+
+    names = ("dlhs_grad", "dlhs_rhs", "drhs_lhs", "drhs_grad")
+    return dataclasses.replace(bwd, **{n: sat(getattr(bwd, n)) for n in names})
 
 
 DEFAULT_RULE = QuantRule(".*")

@@ -26,6 +26,7 @@ they stay exact while QAT moves the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -43,9 +44,12 @@ if TYPE_CHECKING:
 __all__ = [
     "PHASES",
     "STATS",
+    "HISTORIES",
+    "ScalingHistory",
     "TENSORS",
     "VARIABLE_KINDS",
     "QuantStat",
+    "history_name",
     "QuantizedLayer",
     "Slots",
     "LinenSlots",
@@ -71,6 +75,7 @@ __all__ = [
 
 PHASES = ("float", "calibrate", "train", "eval")
 STATS = "quant_stats"
+HISTORIES = "scaling_history"  # Linen collection of delayed scaling's amax histories
 ACT_SCALES = ("static", "dynamic_per_tensor", "dynamic_per_example", "dynamic_per_token")
 LEARNED_INITS = ("paper", "calibration")
 WEIGHT_SCALE_BOUNDS = ("qmax", "qmax_plus_half")
@@ -124,6 +129,20 @@ class QuantStat(nnx.Variable):
     """NNX variable type of calibration statistics: ``nnx.state(model, QuantStat)``."""
 
 
+class ScalingHistory(nnx.Variable):
+    """NNX variable type of delayed scaling's amax histories (``QuantRule(scaling="delayed")``):
+    ``nnx.state(model, ScalingHistory)``. Updated as "overwrite with gradient": differentiate
+    the loss with respect to them too, ``nnx.grad(loss, argnums=nnx.DiffState(0,
+    nnx.Any(nnx.Param, ScalingHistory)))``, and ``nnx.update(model, grads.filter(ScalingHistory))``
+    (their "gradients" are their next values; :mod:`jquant.ops.scaling`)."""
+
+
+def history_name(tensor: str) -> str:
+    """The NNX attribute of ``tensor``'s amax history (``"input"``, ``"kernel"``, ``"grad"``):
+    ``f"{tensor}_amax_history"``; in Linen the variable ``scaling_history/<tensor>``."""
+    return f"{tensor}_amax_history"
+
+
 class Slots(Protocol):
     """Where a layer keeps its quantization variables (Linen scope or NNX attributes)."""
 
@@ -135,6 +154,8 @@ class Slots(Protocol):
     def set_stat(self, name: str, value: Any) -> None: ...
 
     def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array: ...
+
+    def history(self, tensor: str, length: int) -> jax.Array: ...
 
 
 class LinenSlots:
@@ -162,6 +183,17 @@ class LinenSlots:
     def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array:
         return self.module.param(name, lambda _: init())
 
+    def history(self, tensor: str, length: int) -> jax.Array:
+        """``scaling_history/<tensor>``, ``length`` zeros when ``init`` creates it."""
+        if not self.initializing and not self.module.has_variable(HISTORIES, tensor):
+            raise ValueError(
+                f"layer {self.path!r} uses delayed scaling but its variables have no "
+                f"{HISTORIES}/{tensor}: apply it with the {HISTORIES!r} collection that "
+                "init (or QuantizedModel.attach) creates"
+            )
+        init = functools.partial(jnp.zeros, (length,), jnp.float32)
+        return self.module.variable(HISTORIES, tensor, init).value
+
 
 class NNXSlots:
     """:class:`Slots` over an NNX module's attributes: statistics are :class:`QuantStat`
@@ -184,6 +216,17 @@ class NNXSlots:
             setattr(self.module, name, QuantStat(value))
         else:
             v.value = value
+
+    def history(self, tensor: str, length: int) -> jax.Array:
+        """The :class:`ScalingHistory` the layer created at construction."""
+        v = getattr(self.module, history_name(tensor), None)
+        if v is None:
+            raise ValueError(
+                f"layer {self.path!r} has no amax history for its {tensor}: its rule was "
+                "changed after construction; build the layer (or quantize_model) with the "
+                "final rule"
+            )
+        return v.value
 
     def param(self, name: str, init: Callable[[], jax.Array]) -> jax.Array:
         v = getattr(self.module, name, None)

@@ -12,6 +12,15 @@ The history is state (a NamedTuple, an Optax-style ``init`` / ``update``): layer
 Flax variable collection, and a gradient's amax comes out of the backward pass through
 ``grad_amax_sink`` (:func:`jquant.ops.train_dot_general`).
 
+Inside a model the update runs as "overwrite with gradient" (Flax's ``fp8_ops`` collection
+``_overwrite_with_gradient``; TE writes the amax into its meta from the custom VJP):
+:func:`record_amax` and :func:`record_grad_amax` are the identity on a tensor, and under
+``jax.grad`` the cotangent of their history argument is the *next* history ``h_t``, pushed with
+the forward tensor's amax or with the amax of the gradient arriving at it. Differentiating the
+loss with respect to the histories therefore returns their next values, and the step replaces
+the histories by those "gradients". The scales themselves read the history through
+``stop_gradient`` (:meth:`DelayedScaling.qparams`), so nothing else reaches the cotangent.
+
 Micikevicius et al. 2022, "FP8 Formats for Deep Learning" (e4m3 forward, e5m2 gradients,
 per-tensor scales); NVIDIA Transformer Engine ``DelayedScaling(margin, amax_history_len,
 amax_compute_algo="max")``.
@@ -29,7 +38,14 @@ import jax.numpy as jnp
 from jquant.formats import Format
 from jquant.quant import QParams, qparams_from_data_range
 
-__all__ = ["AmaxHistory", "DelayedScaling", "delayed_scaling", "current_scaling"]
+__all__ = [
+    "AmaxHistory",
+    "DelayedScaling",
+    "delayed_scaling",
+    "current_scaling",
+    "record_amax",
+    "record_grad_amax",
+]
 
 
 class AmaxHistory(NamedTuple):
@@ -97,10 +113,89 @@ def delayed_scaling(history_len: int = 16, margin: float = 0) -> DelayedScaling:
         return AmaxHistory(jnp.zeros((history_len,), jnp.float32))
 
     def qparams(state: AmaxHistory, fmt: Format) -> QParams:
-        return _scale_from_amax(jnp.max(state.history), fmt, margin)
+        return _scale_from_amax(jnp.max(jax.lax.stop_gradient(state.history)), fmt, margin)
 
     def update(state: AmaxHistory, amax: jax.Array) -> AmaxHistory:
-        amax = jnp.asarray(jax.lax.stop_gradient(amax), jnp.float32).reshape(1)
-        return AmaxHistory(jnp.concatenate([amax, state.history[:-1]]))
+        return AmaxHistory(_push(state.history, amax))
 
     return DelayedScaling(init, qparams, update)
+
+
+def _push(history: jax.Array, amax: jax.Array) -> jax.Array:
+    """``(amax, h[0], ..., h[H-2])``: the newest amax first, the oldest dropped."""
+    amax = jnp.asarray(jax.lax.stop_gradient(amax), jnp.float32).reshape(1)
+    return jnp.concatenate([amax, history[:-1]])
+
+
+def _amax(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def _record_forward(x, history):
+    return x
+
+
+def _record_forward_fwd(x, history):
+    return x, (_amax(x), history)
+
+
+def _record_forward_bwd(res, g):
+    amax, history = res
+    return g, _push(history, amax)
+
+
+_record_forward.defvjp(_record_forward_fwd, _record_forward_bwd)
+
+
+@jax.custom_vjp
+def _record_backward(y, history):
+    return y
+
+
+def _record_backward_fwd(y, history):
+    return y, history
+
+
+def _record_backward_bwd(history, g):
+    return g, _push(history, _amax(g))
+
+
+_record_backward.defvjp(_record_backward_fwd, _record_backward_bwd)
+
+
+def _check_history(state) -> None:
+    if not isinstance(state, AmaxHistory) or jnp.ndim(state.history) != 1:
+        raise TypeError(f"state must be an AmaxHistory of one axis, got {state!r}")
+
+
+def record_amax(x: jax.Array, state: AmaxHistory) -> jax.Array:
+    """``x`` unchanged; under ``jax.grad`` the cotangent of ``state`` is the next history.
+
+    Forward: ``y = x``. Backward: ``dL/dx = dL/dy`` and, in place of a gradient,
+    ``"dL/dstate" = (max|x|, h[0], ..., h[H-2])`` ("overwrite with gradient", see the module
+    docs), so ``jax.grad`` with respect to the history of the forward operands of a delayed-
+    scaled product (Transformer Engine's recipe) returns the history of the next step.
+
+    >>> h = AmaxHistory(jnp.array([4.0, 2.0]))
+    >>> jax.grad(lambda h: record_amax(jnp.array([-3.0, 1.0]), h).sum())(h).history.tolist()
+    [3.0, 4.0]
+    """
+    _check_history(state)
+    return _record_forward(x, state.history)
+
+
+def record_grad_amax(y: jax.Array, state: AmaxHistory) -> jax.Array:
+    """``y`` unchanged; under ``jax.grad`` the cotangent of ``state`` is the history pushed
+    with the amax of the gradient that reaches ``y``.
+
+    Forward: ``out = y``. Backward: ``dL/dy = g`` and ``"dL/dstate" = (max|g|, h[0], ...,
+    h[H-2])`` with ``g = dL/dout``: wrapped around a product's output, it records the amax of
+    the gradient that the product's backward pass quantizes (e5m2 in Micikevicius et al. 2022).
+
+    >>> h = AmaxHistory(jnp.zeros(2))
+    >>> jax.grad(lambda h: (-5.0 * record_grad_amax(jnp.ones(3), h)).sum())(h).history.tolist()
+    [5.0, 0.0]
+    """
+    _check_history(state)
+    return _record_backward(y, state.history)
