@@ -58,8 +58,8 @@ from jquant.nn.state import (
     ScalingHistory,
     check_phase,
     frozen_qparams,
-    learned_from_stats,
     history_name,
+    learned_from_stats,
     learned_placeholders,
     variable_key,
 )
