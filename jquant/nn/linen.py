@@ -28,6 +28,15 @@ changes::
     variables = qmodel.attach(float_variables, x)    # adds quant_stats / learned scales
     variables = qmodel.calibrate(variables, batches)  # PTQ ranges (+ learned-scale init)
     logits = qmodel.with_phase("eval").apply(variables, x)
+
+Delayed scaling (``QuantRule(scaling="delayed")``, Transformer Engine's recipe) keeps each
+layer's amax histories in the ``scaling_history`` collection, which ``init`` / ``attach``
+create; a training step differentiates with respect to it as well and takes the gradient
+as its next value ("overwrite with gradient", :mod:`jquant.ops.scaling`)::
+
+    def loss_fn(params, hist):
+        return loss(qmodel.apply({"params": params, "scaling_history": hist}, x), y)
+    (g, hist) = jax.grad(loss_fn, (0, 1))(params, hist)   # hist: the next histories
 """
 
 from __future__ import annotations

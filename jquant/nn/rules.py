@@ -202,7 +202,9 @@ class QuantRule:
         ``saturate=True`` (TE's saturating casts: a value past the delayed range clips to
         ``+-max`` instead of becoming inf / NaN). It needs element formats, non-learned
         estimators, ``act_scale="static"``, symmetric weights, ``requant=None`` and one
-        gradient format for both backward products. Each layer must run once per step.
+        gradient format for both backward products. Each layer must run once per step
+        and reach the loss: the cotangents of two calls add up, and the history of a layer
+        that does not reach the loss comes back as zeros.
       amax_history: ``H >= 1``, the length of each amax history (TE's
         ``amax_history_len``; 1 is the previous step's amax).
       margin: ``>= 0``; ``scale *= 2^margin`` (headroom against growth between steps).
