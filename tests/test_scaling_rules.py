@@ -20,6 +20,7 @@ from jquant import ops
 from jquant.formats import int8
 from jquant.nn import linen as ql
 from jquant.nn import nnx as qn
+from jquant.nn.einsum import check_act_rule
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import ScalingHistory, history_name
 from jquant.ops import BackwardConfig, QuantConfig
@@ -220,7 +221,8 @@ def test_linen_model_trains_with_delayed_scaling():
 
 def test_nnx_model_trains_with_delayed_scaling():
     x, target = _regression()
-    model, _ = qn.quantize_model(_NnxMLP(nnx.Rngs(0)), _fp8_rule(history=16), phase="train")
+    model, _ = qn.quantize_model(_NnxMLP(nnx.Rngs(0)), _fp8_rule(history=16))
+    qn.with_phase(model, "train")  # delayed scaling needs no calibration
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     wrt = nnx.DiffState(0, nnx.Any(nnx.Param, ScalingHistory))
 
@@ -318,6 +320,8 @@ def test_bad_scaling_rules():
     params = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
     with pytest.raises(ValueError, match="scaling_history/input"):
         jax.eval_shape(layer.apply, {"params": params}, x)
+    with pytest.raises(ValueError, match="keeps no amax history"):
+        check_act_rule(_fp8_rule(), "attn/einsum")
     act = ql.ActQuant(rule=_fp8_rule(), phase="train")
     with pytest.raises(ValueError, match="activation quantizers and pooling"):
         jax.eval_shape(act.init, jax.random.key(0), x)
