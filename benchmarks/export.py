@@ -138,20 +138,20 @@ _REQUIRED = {
     "onnx_qdq": ("weight codes (int8)", "biases (int32)", "weight scales (float32)",
                  "bias scales (float32)"),
 }  # fmt: skip
-WHY = {
+WHY = {  # why a file misses the target, filled in with the measured bytes
     "tflite": (
         "LiteRT refuses a zero_point vector shorter than its scale vector ('QuantizationParam "
         "has 1 zero_point values and 32 scale values. Must have same number'), so each "
         "per-channel weight and bias tensor carries one int64 zero point per channel (shared "
         "here: one vector per channel count); without the biases' per-channel quantization "
         "XNNPACK does not delegate the layers (417 of 5,120 codes differed from its output). "
-        "These required bytes alone exceed the target."
+        "These required bytes ({floor:,}) alone exceed the target ({target:,} bytes)."
     ),
     "onnx_qdq": (
         "QDQ needs a float32 scale per bias channel besides QOperator's data, and spells each "
         "layer as DequantizeLinear nodes (input, weights, bias), Conv and QuantizeLinear: the "
-        "nodes' encoding (structure and names) exceeds what the target leaves after the "
-        "required data."
+        "required data ({floor:,} bytes) leaves {left:,} bytes under the target ({target:,}) "
+        "for {nodes} nodes and {inits} initializers, whose encoding takes {rest:,} bytes."
     ),
 }
 
@@ -189,17 +189,23 @@ def main() -> None:
         }
         float_bytes = C.write_tensors(tmp / "float.safetensors", _flat(trained.variables), {})
     onnx_program = C.retarget(program, "onnxruntime")
-    breakdown = {
-        "tflite": tflite_breakdown(tfl),
-        "onnx_qoperator": onnx_breakdown(E.onnx_model(onnx_program)),
-        "onnx_qdq": onnx_breakdown(E.onnx_model(onnx_program, form="qdq")),
+    models = {
+        "onnx_qoperator": E.onnx_model(onnx_program),
+        "onnx_qdq": E.onnx_model(onnx_program, form="qdq"),
     }
+    breakdown = {"tflite": tflite_breakdown(tfl)}
+    breakdown |= {key: onnx_breakdown(model) for key, model in models.items()}
     for key, parts in breakdown.items():
         assert sum(parts.values()) == files[key], key
         floor = sum(parts.get(k, 0) for k in _REQUIRED[key])
         parts["floor"] = dict(required=list(_REQUIRED[key]), bytes=floor, ratio=floor / float_bytes)
         if files[key] / float_bytes > SIZE_TARGET:
-            parts["floor"]["why_not_met"] = WHY[key]
+            target = int(SIZE_TARGET * float_bytes)
+            model = models.get(key, onnx.ModelProto())
+            parts["floor"]["why_not_met"] = WHY[key].format(
+                floor=floor, target=target, left=target - floor, rest=files[key] - floor,
+                nodes=len(model.graph.node), inits=len(model.graph.initializer),
+            )  # fmt: skip
     size = dict(
         float32_bytes=float_bytes,
         breakdown=breakdown,

@@ -10,8 +10,8 @@ with ``H = 1``, as the program runs them).
 =============  ============================================================================
 program spec   ONNX
 =============  ============================================================================
-Conv           ``QLinearConv`` (per-channel int8 weights, int32 bias, ``group``); a fused
-               relu as ``Clip(y, z_y, 127)``
+Conv           ``QLinearConv`` (per-channel int8 weights, one zero point, int32 bias,
+               ``group``); a fused relu as ``Clip(y, z_y, 127)`` (none if ``z_y = -128``)
 Dense          ``QLinearConv`` with a 1x1 kernel on ``(N, in, 1, 1)``: ``QLinearMatMul``
                has no bias
 Pool           ``MaxPool`` on int8; ``com.microsoft.QLinearAveragePool``
@@ -32,16 +32,17 @@ multiplies by ``float32(s_x / n / s_y)``, not XNNPACK's ``float32(s_x / s_y) flo
 so a Mean can differ by one code from the ``fp32`` program near ties.
 
 ``form="qdq"``: float operators between ``DequantizeLinear`` and ``QuantizeLinear`` (the weights
-and biases stored as int8 / int32 with per-channel ``DequantizeLinear(axis=0)``; a Mean as
-``ReduceMean``, a Concat on the int8 codes as in the QOperator form), which a
+and biases stored as int8 / int32 with per-channel ``DequantizeLinear(axis=0)`` and no zero
+point, the default 0; a relu before a zero point of -128 left to ``QuantizeLinear``'s clamp;
+a Mean as ``ReduceMean``, a Concat on the int8 codes as in the QOperator form), which a
 runtime may fuse into integer kernels or run in float: the output is close to the program's,
 not bit-exact (float accumulation, one rounding).
 
 4-bit weights (``weight_type``): the program stores every weight code in int8, a 4-bit weight
-format as codes in ``[-8, 7]``. In the QDQ form at opset 21 such a layer's weights (and their
-zero points) can be ``INT4`` initializers of its ``DequantizeLinear`` (two codes per byte, the
-same values): ``weight_type="auto"`` (default) does so for every Conv / Dense whose codes all lie
-in ``[-8, 7]`` when ``form="qdq"`` and ``opset >= 21``, and stores int8 otherwise;
+format as codes in ``[-8, 7]``. In the QDQ form at opset 21 such a layer's weights can be
+``INT4`` initializers of its ``DequantizeLinear`` (two codes per byte, the same values; no zero
+point: the default 0): ``weight_type="auto"`` (default) does so for every Conv / Dense whose
+codes all lie in ``[-8, 7]`` when ``form="qdq"`` and ``opset >= 21``, and stores int8 otherwise;
 ``"int8"`` always stores int8; ``"int4"`` stores every Conv / Dense as INT4 and refuses a
 program, form or opset where that is impossible. The QOperator form has no INT4 (``QLinearConv``
 takes int8 / uint8 weights).
