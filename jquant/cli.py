@@ -798,7 +798,7 @@ _RUNTIME_MODULES = {"tflite": "ai_edge_litert.interpreter", "onnx": "onnxruntime
 
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
-    from jquant.convert import TARGETS
+    from jquant.convert import OUTPUT_RANGES, TARGETS
     from jquant.nn.rules import CALIBRATIONS
     from jquant.nn.rules import GRANULARITIES as WEIGHT_GRANULARITIES
 
@@ -826,6 +826,14 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
         choices=CALIBRATIONS,
         default="minmax",
         help="activation range estimator on the representative data (default: minmax)",
+    )
+    p.add_argument(
+        "--output-range",
+        choices=OUTPUT_RANGES,
+        default="fake_quant",
+        help="the logits' range on the representative data: of the fake-quant model "
+        "(default) or of the float model (TFLiteConverter's rule); "
+        "jquant.convert.output_qparams_from_data",
     )
     p.add_argument(
         "--format",
@@ -983,7 +991,9 @@ def _run_convert(args: argparse.Namespace) -> int:
             qmodel,
             variables,
             x0,
-            output_qparams=C.output_qparams_from_data(qmodel, variables, calib),
+            output_qparams=C.output_qparams_from_data(
+                qmodel, variables, calib, output_range=args.output_range
+            ),
         )
         program = C.retarget(program, args.target)
     except ValueError as e:

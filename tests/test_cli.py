@@ -487,6 +487,7 @@ def test_bench_finds_the_source_checkout_of_an_editable_install(tmp_path, monkey
         (["--format", "onnx", "--io", "float"], "--io", "applies to --format tflite only"),
         (["--format", "onnx", "--opset", "9"], "--opset", "must be in [13, 21]"),
         (["--calibration", "best"], "--calibration", "invalid choice: 'best'"),
+        (["--output-range", "tflite"], "--output-range", "invalid choice: 'tflite'"),
         (["--format", "keras"], "--format", "invalid choice: 'keras'"),
     ],
 )

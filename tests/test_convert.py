@@ -444,6 +444,26 @@ def test_convert_rejects_bad_output_qparams(small, qp, match):
         C.convert(qmodel, v, x[:1], output_qparams=qp)
 
 
+def test_output_qparams_from_data_takes_the_float_or_the_fake_quant_range(small):
+    """``output_range="float"``: the plain (unquantized) model's logits, TFLiteConverter's
+    rule; the default: the fake-quant model's. Oracles: each model applied directly."""
+    x, qmodel, v, _, _ = small
+    plain = {k: v[k] for k in ("params", "batch_stats")}
+    for output_range, y in [
+        ("float", qmodel.model.apply(plain, x)),
+        ("fake_quant", qmodel.with_phase("eval").apply(v, x)),
+    ]:
+        want = qparams_from_range(jnp.min(y), jnp.max(y), int8)
+        got = C.output_qparams_from_data(qmodel, v, [x[:24], x[24:]], output_range=output_range)
+        assert float(got.scale) == float(want.scale), output_range
+        assert float(got.zero_point) == float(want.zero_point), output_range
+    default = C.output_qparams_from_data(qmodel, v, [x])
+    float_qp = C.output_qparams_from_data(qmodel, v, [x], output_range="float")
+    assert float(default.scale) != float(float_qp.scale)  # the two rules differ here
+    with pytest.raises(ValueError, match=r"output_range must be one of \('fake_quant', 'float'\)"):
+        C.output_qparams_from_data(qmodel, v, [x], output_range="tflite")
+
+
 def test_convert_rejects_bad_calibrated_scales(small):
     x, qmodel, v, oqp, _ = small
     bad = jax.tree.map(lambda a: a, v)

@@ -108,6 +108,35 @@ def test_the_ops_and_quantization_in_the_file(program):
         )
 
 
+def test_the_tflite_file_stores_each_thing_once(program):
+    """No dead tensor, no RESHAPE of a RESHAPE, no shape tensor, no buffer twice; the
+    per-channel zero points of equal width share one vector (the same offset)."""
+    program, _ = program
+    data = tflite_bytes(program)
+    model = tflite.Model.GetRootAsModel(data, 0)
+    graph = model.Subgraphs(0)
+    ops = [graph.Operators(i) for i in range(graph.OperatorsLength())]
+    read = {int(t) for op in ops for t in op.InputsAsNumpy()}
+    edges = {*graph.InputsAsNumpy().tolist(), *graph.OutputsAsNumpy().tolist()}
+    assert read | edges == set(range(graph.TensorsLength()))
+    reshape = tflite.BuiltinOperator.RESHAPE
+    code = lambda op: model.OperatorCodes(op.OpcodeIndex()).BuiltinCode()  # noqa: E731
+    reshaped = {int(op.Outputs(0)) for op in ops if code(op) == reshape}
+    for op in ops:
+        if code(op) == reshape:
+            assert op.InputsLength() == 1 and int(op.Inputs(0)) not in reshaped
+    buffers = [model.Buffers(i).DataAsNumpy() for i in range(1, model.BuffersLength())]
+    stored = [b.tobytes() for b in buffers if isinstance(b, np.ndarray)]
+    assert len(set(stored)) == len(stored)
+    zero_points = {}
+    for i in range(graph.TensorsLength()):
+        q = graph.Tensors(i).Quantization()
+        if q is not None and q.ZeroPointLength() > 1:
+            offset = q._tab.Vector(q._tab.Offset(10))  # where zero_point (field 3) starts
+            zero_points.setdefault(q.ZeroPointLength(), set()).add(offset)
+    assert all(len(offsets) == 1 for offsets in zero_points.values()), zero_points
+
+
 def test_float_io_quantizes_and_dequantizes_at_the_edges(program):
     program, x = program
     prog = C.retarget(program, "litert_ref")
@@ -174,6 +203,29 @@ def test_onnxruntime_equals_the_program(program, form):
         # their own float mean (see below)
         assert np.abs(got - want).max() <= 1
         assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.99
+
+
+@pytest.mark.parametrize("form", ["qoperator", "qdq"])
+def test_the_onnx_file_stores_each_thing_once(program, form):
+    """Every initializer read and none twice; no Reshape of a Reshape, no Transpose of a
+    Transpose; QLinearConv's weight zero point is one scalar, DequantizeLinear's absent."""
+    program, _ = program
+    model = onnx_model(C.retarget(program, "onnxruntime"), form=form)
+    nodes, inits = model.graph.node, model.graph.initializer
+    read = {name for n in nodes for name in n.input}
+    assert {t.name for t in inits} <= read
+    values = [(t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in inits]
+    assert len(set(values)) == len(values)
+    producer = {n.output[0]: n.op_type for n in nodes}
+    for n in nodes:
+        if n.op_type in ("Reshape", "Transpose"):
+            assert producer.get(n.input[0]) != n.op_type, n
+    shapes = {t.name: tuple(t.dims) for t in inits}
+    for n in nodes:
+        if n.op_type == "QLinearConv":
+            assert shapes[n.input[5]] == ()
+        if n.op_type == "DequantizeLinear" and n.input[0] in shapes:
+            assert len(n.input) == 2
 
 
 def test_onnxruntime_average_pool_rounds_the_float_mean_half_to_even(rng):

@@ -20,6 +20,38 @@ FILES = {
 }
 # batch sizes 1 and 256, the 95% CI level, the 1-minute load average, the 2-core machine
 EXPORT_SETUP = ["1", "2", "95", "256"]
+BREAKDOWN = ("tflite", "onnx_qoperator", "onnx_qdq")
+# README row -> the breakdown keys (of .tflite or ONNX) it sums; the rest is "structure"
+ROWS = {
+    "weight codes": ("weight codes (int8)",),
+    "biases": ("biases (int32)",),
+    "weight scales": ("weight scales (float32)",),
+    "bias scales": ("bias scales (float32)",),
+    "per-channel zero points": ("per-channel zero points (int64)",),
+    "activation quantizers": (
+        "activation scales (float32)",
+        "activation zero points",
+        "activation scales and zero points",
+    ),
+    "names": ("tensor names", "description", "initializer names", "value names"),
+    "shapes, tables, tags (structure)": ("shapes (int64)", "structure"),
+}
+
+
+def breakdown_rows(size: dict) -> dict[str, str]:
+    """One README table row per part of the files (``-`` where a file has none), and the
+    required bytes (floor) with their ratio to float32."""
+    rows = {}
+    for row, keys in ROWS.items():
+        cells = []
+        for key in BREAKDOWN:
+            n = sum(v for k, v in size["breakdown"][key].items() if k in keys)
+            cells.append(f"{n:,}" if n else "-")
+        rows[f"breakdown {row}"] = f"| {row} | " + " | ".join(cells) + " |"
+    floors = [size["breakdown"][key]["floor"] for key in BREAKDOWN]
+    cells = [f"{f['bytes']:,} ({f['ratio']:.3f}x)" for f in floors]
+    rows["breakdown floor"] = "| required by the runtime | " + " | ".join(cells) + " |"
+    return rows
 
 
 def export_figures() -> dict[str, str]:
@@ -34,6 +66,7 @@ def export_figures() -> dict[str, str]:
             f"| {label} | {row['bytes']:,} | {row['ratio']:.3f}x (target <= "
             f"{size['target']:g}x: {met}) |"
         )
+    f |= breakdown_rows(size)
     f["float32 bytes"] = f"{size['float32_bytes']:,} bytes"
     f["weights"] = f"{size['weights']:,} parameters"
     for batch in (1, 256):
@@ -65,6 +98,12 @@ def test_export_results_carry_their_meta_and_check():
     assert d["meta"]["command"].startswith("python benchmarks/export.py")
     assert not d["meta"]["quick"]
     assert d["agreement"]["codes_differing"] == 0  # LiteRT ran the program's codes
+    size = d["size"]
+    for key in BREAKDOWN:  # the parts sum to the file; a missed target says why
+        parts = size["breakdown"][key]
+        assert sum(v for k, v in parts.items() if k != "floor") == size["files"][key]["bytes"]
+        assert parts["floor"]["bytes"] == sum(parts.get(k, 0) for k in parts["floor"]["required"])
+        assert ("why_not_met" in parts["floor"]) == (not size["files"][key]["target_met"])
     for t in d["timing"].values():
         for row in t["variants"].values():
             lo, hi = row["ratio"]["ci95"]

@@ -6,6 +6,8 @@ The model: a rule-quantized ``QuantizedModel``, a Linen model built from jquant 
 (the program is then a small DAG: ``program.inputs``).
 
 program = convert(qmodel, variables, x[:1], output_qparams=qp)
+    # qp = output_qparams_from_data(qmodel, variables, batches)  (output_range="float":
+    # the float model's logits, TFLiteConverter's rule)
     # residual blocks: residual_qparams=residual_qparams_from_data(qmodel, variables, batches)
 codes = jax.jit(run)(program, program.quantize_input(x))     # int8 in, int8 out
 logits = program.dequantize_output(codes)
@@ -18,6 +20,7 @@ v = with_requant_constants(qmodel, variables, x[:1], output_qparams=qp)  # rules
 """
 
 from jquant.convert.build import (
+    OUTPUT_RANGES,
     convert,
     convert_nnx,
     output_qparams_from_data,
@@ -47,6 +50,7 @@ from jquant.convert.targets import TARGETS, requant_for, retarget
 from jquant.convert.trace import Node, trace_layers
 
 __all__ = [
+    "OUTPUT_RANGES",
     "TARGETS",
     "AccumulatorInfo",
     "Add",

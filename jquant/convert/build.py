@@ -61,6 +61,7 @@ from jquant.nn.state import QuantizedLayer, subtree
 from jquant.quant import QParams, qparams_from_range, quantize
 
 __all__ = [
+    "OUTPUT_RANGES",
     "convert",
     "convert_nnx",
     "output_qparams_from_data",
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 
+OUTPUT_RANGES = ("fake_quant", "float")  # output_qparams_from_data: whose logits' range
 _LINEAR = ("conv", "dense", "conv_bn")
 _SCALE_KEEPING = ("max_pool", "avg_pool", "reshape", "concat")
 _REQUANTIZING = ("add", "mean")  # glue steps with their own output QParams
@@ -579,12 +581,30 @@ def output_qparams_from_data(
     qmodel: source.Model,
     variables: Mapping[str, Any] | None,
     batches: Iterable[jax.Array],
+    *,
+    output_range: str = "fake_quant",
     **apply_kwargs,
 ) -> QParams:
-    """Affine int8 QParams of the model's output (phase ``eval``) over ``batches``:
-    ``qparams_from_range(min y, max y, int8)``, the output quantizer of the last layer."""
+    """Affine int8 QParams of the model's output over ``batches``:
+    ``qparams_from_range(min y, max y, int8)``, the output quantizer of the last layer.
+
+    Args:
+      qmodel, variables: as :func:`convert`.
+      batches: the representative data.
+      output_range: whose logits ``y`` are: ``"fake_quant"`` (default) the fake-quant model's
+        (phase ``eval``: what the program's last layer computes before its output
+        quantizer), ``"float"`` the float model's (every rule and jquant layer in phase
+        ``float``), TFLiteConverter's rule: it calibrates every range on the float model.
+      **apply_kwargs: passed to ``model.apply``.
+
+    Raises:
+      ValueError: ``output_range`` not in :data:`OUTPUT_RANGES`, or no batch.
+    """
+    if output_range not in OUTPUT_RANGES:
+        raise ValueError(f"output_range must be one of {OUTPUT_RANGES}, got {output_range!r}")
     variables = source.model_variables(qmodel, variables)
-    fwd = jax.jit(lambda v, x: source.eval_forward(qmodel, v, apply_kwargs)(x))
+    phase = "eval" if output_range == "fake_quant" else "float"
+    fwd = jax.jit(lambda v, x: source.eval_forward(qmodel, v, apply_kwargs, phase=phase)(x))
     lo, hi = np.inf, -np.inf
     for x in batches:
         y = np.asarray(fwd(variables, x))

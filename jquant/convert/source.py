@@ -135,18 +135,20 @@ def eval_forward(
     *,
     hook: Hook | None = None,
     paths: frozenset[str] | set[str] = frozenset(),
+    phase: str = "eval",
 ) -> Callable:
-    """``x -> logits`` of the fake-quant model: rules and jquant layers in phase ``eval``;
-    each call of a layer at one of ``paths`` goes through ``hook(path, module, call, args,
-    kwargs)`` (:data:`jquant.convert.trace.Hook`), Linen or NNX alike."""
+    """``x -> logits`` of the fake-quant model: rules and jquant layers in phase ``eval``
+    (``phase="float"``: the float model, every product plain lax); each call of a layer at one
+    of ``paths`` goes through ``hook(path, module, call, args, kwargs)``
+    (:data:`jquant.convert.trace.Hook`), Linen or NNX alike."""
     if isinstance(model, nnx.Module):
         return nnx_forward(
-            model, variables, apply_kwargs, phase="eval", select=lambda p, m: p in paths, hook=hook
+            model, variables, apply_kwargs, phase=phase, select=lambda p, m: p in paths, hook=hook
         )
-    evaluate = model.with_phase("eval") if isinstance(model, ql.QuantizedModel) else model
+    evaluate = model.with_phase(phase) if isinstance(model, ql.QuantizedModel) else model
 
     def forward(x: jax.Array) -> jax.Array:
-        with layer_phase("eval"):
+        with layer_phase(phase):
             return evaluate.apply(variables, x, **apply_kwargs)
 
     return _linen_hooked(forward, paths, hook)

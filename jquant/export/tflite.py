@@ -106,12 +106,41 @@ def _table(b: flatbuffers.Builder, name: str, **fields) -> int:
     return mod.End(b)
 
 
-def _vector(b: flatbuffers.Builder, values, dtype) -> int:
-    return b.CreateNumpyVector(np.ascontiguousarray(values, dtype))
+class _Vectors:
+    """Each distinct vector (dtype and bytes) and table written once: tensors with the same
+    quantization share one ``QuantizationParameters`` table, and equal vectors (the zero
+    points of every layer of one width, equal shapes) one vector. A flatbuffer may point to
+    an offset from several places; LiteRT reads through the offsets."""
+
+    def __init__(self, b: flatbuffers.Builder) -> None:
+        self.b = b
+        self.memo: dict[tuple, int] = {}
+
+    def __call__(self, values, dtype) -> int:
+        data = np.ascontiguousarray(values, dtype)
+        key = (data.dtype.str, data.tobytes())
+        if key not in self.memo:
+            self.memo[key] = self.b.CreateNumpyVector(data)
+        return self.memo[key]
+
+    def quantization(self, scale, zp, axis: int) -> int:
+        key = ("quantization", np.float32(scale).tobytes(), np.int64(zp).tobytes(), axis)
+        if key not in self.memo:
+            scales, zps = self(scale, np.float32), self(zp, np.int64)
+            self.memo[key] = _table(self.b, "QuantizationParameters", Scale=scales,
+                                    ZeroPoint=zps, QuantizedDimension=axis)  # fmt: skip
+        return self.memo[key]
 
 
 class _Graph:
-    """Tensors, buffers and operators of one subgraph, collected before serialising."""
+    """Tensors, buffers and operators of one subgraph, collected before serialising.
+
+    Only what the runtimes need is written: tensors that no op reads and that are not the
+    graph's output are dropped with their producers (a 1-D layer's ``RESHAPE`` back to
+    ``(N, L, C)`` when the next layer reshapes it to ``(N, 1, L, C)`` again), ``RESHAPE``
+    takes its new shape from its options (no shape tensor), activations carry a name only at
+    the graph's edges and a shape signature (batch ``-1``) only at its input and output, and
+    equal buffers, vectors and quantization tables are stored once."""
 
     def __init__(self) -> None:
         self.buffers: list[bytes] = [b""]  # buffer 0: the empty sentinel
@@ -121,12 +150,13 @@ class _Graph:
     def tensor(self, name, shape, dtype, scale=None, zp=None, axis=0, data=None) -> int:
         buffer = 0
         if data is not None:
-            self.buffers.append(np.ascontiguousarray(data).tobytes())
-            buffer = len(self.buffers) - 1
-        dynamic = data is None and len(shape) > 0
+            data = np.ascontiguousarray(data).tobytes()
+            if data not in self.buffers:
+                self.buffers.append(data)
+            buffer = self.buffers.index(data)
         self.tensors.append(
-            dict(name=name, shape=list(shape), dtype=dtype, buffer=buffer, dynamic=dynamic,
-                 scale=scale, zp=zp, axis=axis)
+            dict(name=name, shape=list(shape), dtype=dtype, buffer=buffer, scale=scale, zp=zp,
+                 axis=axis)
         )  # fmt: skip
         return len(self.tensors) - 1
 
@@ -136,59 +166,75 @@ class _Graph:
     def op(self, kind: str, inputs, outputs, options: str | None = None, **fields) -> None:
         self.ops.append((kind, list(inputs), list(outputs), options, fields))
 
+    def _live(self, outputs: list[int]) -> list[tuple]:
+        """The ops the graph's ``outputs`` depend on, in order."""
+        needed, live = set(outputs), []
+        for op in reversed(self.ops):
+            if needed & set(op[2]):
+                needed |= set(op[1])
+                live.append(op)
+        return live[::-1]
+
     def serialise(self, inputs: list[int], outputs: list[int], description: str) -> bytes:
+        ops = self._live(outputs)
+        used = sorted({*inputs, *outputs, *(t for op in ops for t in (*op[1], *op[2]))})
+        index = {t: k for k, t in enumerate(used)}
+        buffers = [0, *sorted({self.tensors[t]["buffer"] for t in used} - {0})]
         b = flatbuffers.Builder(1024)
-        kinds = sorted({kind for kind, *_ in self.ops}, key=lambda k: _OPS[k][0])
+        vec = _Vectors(b)
+        kinds = sorted({kind for kind, *_ in ops}, key=lambda k: _OPS[k][0])
         codes = [
             _table(b, "OperatorCode", DeprecatedBuiltinCode=min(_OPS[k][0], 127),
                    BuiltinCode=_OPS[k][0], Version=_OPS[k][1])
             for k in kinds
         ]  # fmt: skip
-        data = [_vector(b, np.frombuffer(d, np.uint8), np.uint8) if d else None
-                for d in self.buffers]  # fmt: skip
-        buffers = [_table(b, "Buffer", Data=d) for d in data]
-        tensors = [self._tensor(b, t) for t in self.tensors]
-        ops = []
-        for kind, ins, outs, options, fields in self.ops:
-            vec = {k: _vector(b, v, np.int32) for k, v in fields.items() if isinstance(v, list)}
-            opts = _table(b, options, **{**fields, **vec}) if options else None
-            ops.append(
+        data = [vec(np.frombuffer(self.buffers[k], np.uint8), np.uint8) if k else None
+                for k in buffers]  # fmt: skip
+        buffer_tables = [_table(b, "Buffer", Data=d) for d in data]
+        edges = {*inputs, *outputs}
+        tensors = [
+            self._tensor(b, vec, self.tensors[t], buffers.index(self.tensors[t]["buffer"]),
+                         edge=t in edges)
+            for t in used
+        ]  # fmt: skip
+        op_tables = []
+        for kind, ins, outs, options, fields in ops:
+            lists = {k: vec(v, np.int32) for k, v in fields.items() if isinstance(v, list)}
+            opts = _table(b, options, **{**fields, **lists}) if options else None
+            op_tables.append(
                 _table(b, "Operator", OpcodeIndex=kinds.index(kind),
-                       Inputs=_vector(b, ins, np.int32), Outputs=_vector(b, outs, np.int32),
+                       Inputs=vec([index[t] for t in ins], np.int32),
+                       Outputs=vec([index[t] for t in outs], np.int32),
                        BuiltinOptionsType=_OPTIONS[options] if options else None,
                        BuiltinOptions=opts)
             )  # fmt: skip
-        name = b.CreateString("main")
         subgraph = _table(
             b, "SubGraph", Tensors=_offsets(b, "SubGraph", "Tensors", tensors),
-            Inputs=_vector(b, inputs, np.int32), Outputs=_vector(b, outputs, np.int32),
-            Operators=_offsets(b, "SubGraph", "Operators", ops), Name=name,
+            Inputs=vec([index[t] for t in inputs], np.int32),
+            Outputs=vec([index[t] for t in outputs], np.int32),
+            Operators=_offsets(b, "SubGraph", "Operators", op_tables),
         )  # fmt: skip
         desc = b.CreateString(description)
         model = _table(
             b, "Model", Version=3,
             OperatorCodes=_offsets(b, "Model", "OperatorCodes", codes),
             Subgraphs=_offsets(b, "Model", "Subgraphs", [subgraph]),
-            Description=desc, Buffers=_offsets(b, "Model", "Buffers", buffers),
+            Description=desc, Buffers=_offsets(b, "Model", "Buffers", buffer_tables),
         )  # fmt: skip
         b.Finish(model, file_identifier=b"TFL3")
         return bytes(b.Output())
 
     @staticmethod
-    def _tensor(b: flatbuffers.Builder, t: dict) -> int:
+    def _tensor(b: flatbuffers.Builder, vec: _Vectors, t: dict, buffer: int, edge: bool) -> int:
         quant = None
         if t["scale"] is not None:
-            quant = _table(
-                b, "QuantizationParameters",
-                Scale=_vector(b, t["scale"], np.float32),
-                ZeroPoint=_vector(b, t["zp"], np.int64),
-                QuantizedDimension=t["axis"],
-            )  # fmt: skip
-        shape = _vector(b, t["shape"], np.int32)
-        signature = _vector(b, [-1, *t["shape"][1:]], np.int32) if t["dynamic"] else None
-        name = b.CreateString(t["name"])
+            quant = vec.quantization(t["scale"], t["zp"], t["axis"])
+        shape = vec(t["shape"], np.int32)
+        dynamic = edge and buffer == 0 and len(t["shape"]) > 0
+        signature = vec([-1, *t["shape"][1:]], np.int32) if dynamic else None
+        name = b.CreateSharedString(t["name"]) if edge else None
         return _table(
-            b, "Tensor", Shape=shape, Type=t["dtype"], Buffer=t["buffer"], Name=name,
+            b, "Tensor", Shape=shape, Type=t["dtype"], Buffer=buffer, Name=name,
             Quantization=quant, ShapeSignature=signature,
         )  # fmt: skip
 
@@ -229,16 +275,22 @@ class _Writer:
     def __init__(self, graph: _Graph) -> None:
         self.g = graph
         self.n = 0
+        self.source: dict[int, int] = {}  # RESHAPE output -> its input
 
     def name(self, what: str) -> str:
         self.n += 1
         return f"{what}_{self.n}"
 
     def reshape(self, x: int, shape, scale, zp) -> int:
+        """``x`` as ``(N, *shape[1:])``: a RESHAPE of the tensor ``x`` was reshaped from, if
+        any (that tensor itself when it has the shape), so that reshapes do not chain."""
+        x = self.source.get(x, x)
+        if self.g.tensors[x]["shape"][1:] == list(shape[1:]):
+            return x
         new = [-1, *shape[1:]]
-        dims = self.g.tensor(self.name("shape"), (len(new),), _INT32, data=np.int32(new))
         y = self.g.activation(self.name("reshape"), shape[1:], scale, zp)
-        self.g.op("RESHAPE", [x, dims], [y], "ReshapeOptions", NewShape=new)
+        self.g.op("RESHAPE", [x], [y], "ReshapeOptions", NewShape=new)
+        self.source[y] = x
         return y
 
     def linear(self, layer: Conv | Dense, x: int, x_shape, out_shape) -> int:
@@ -356,7 +408,6 @@ def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
     entry = x
     if io == "float":
         entry = graph.tensor("input_float", shapes[0], _FLOAT32)
-        graph.tensors[-1]["dynamic"] = True
         graph.op("QUANTIZE", [entry], [x], "QuantizeOptions")
     values = [x]
     emit: dict[type, Callable] = {
@@ -373,10 +424,9 @@ def tflite_bytes(program: Program, *, io: str = "int8") -> bytes:
     out = values[-1]
     if io == "float":
         result = graph.tensor("output_float", shapes[-1], _FLOAT32)
-        graph.tensors[-1]["dynamic"] = True
         graph.op("DEQUANTIZE", [out], [result], "DequantizeOptions")
         out = result
-    return graph.serialise([entry], [out], "jquant integer program")
+    return graph.serialise([entry], [out], "jquant")
 
 
 def to_tflite(program: Program, path: str | os.PathLike, *, io: str = "int8") -> int:
