@@ -317,6 +317,7 @@ class _QPool(nn.Module):
     rule: QuantRule = DEFAULT_RULE
     phase: str = "float"
 
+    @nn.nowrap  # not a scoped method: the pool's operations carry the layer's own path
     def _pool(self, x, kind: str):
         check_phase(self.phase)
         slots = LinenSlots(self)

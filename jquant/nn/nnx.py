@@ -650,6 +650,8 @@ def fold_pairs(model: nnx.Module, *example_args, **example_kwargs) -> list[tuple
 
 
 def set_submodule(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
+    """Puts ``value`` at the attribute / list-index ``path`` (non-empty) of ``model``, in
+    place."""
     parent = model
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
