@@ -630,3 +630,60 @@ def test_dense_general_and_linear_general_refuse_requant_naming_the_layer():
     qn.calibrate(qlg, [x])
     with pytest.raises(ValueError, match=r"layer 'proj'.*requant='single' is supported on Conv"):
         qn.with_phase(qlg, "eval")(x)
+
+
+class _ConvBNHead(nn.Module):
+    """Conv (no bias) -> BatchNorm -> relu -> dense: trained with ``fold_bn=True``."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = nn.Conv(8, (3,), use_bias=False)(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=not train)(y))
+        return nn.Dense(10)(y.reshape(y.shape[0], -1))
+
+
+@pytest.mark.slow
+def test_fold_bn_models_eval_forward_equals_the_program():
+    # quantize_model(fold_bn=True) (Linen and NNX): in requant eval the conv + BN is the
+    # program's fold (BN factor in the requantization, its sign in the weight codes)
+    from flax import nnx
+
+    from jquant.nn import nnx as qn
+
+    class NnxConvBNHead(nnx.Module):  # the same paths, the same variables
+        def __init__(self, rngs):
+            self.Conv_0 = nnx.Conv(2, 8, (3,), use_bias=False, rngs=rngs)
+            self.BatchNorm_0 = nnx.BatchNorm(8, rngs=rngs)
+            self.Dense_0 = nnx.Linear(8 * 16, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.BatchNorm_0(self.Conv_0(x), use_running_average=True))
+            return self.Dense_0(x.reshape(x.shape[0], -1))
+
+    x = jax.random.normal(jax.random.key(0), (64, 16, 2))
+    v = _ConvBNHead().init(jax.random.key(1), x)
+    v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+    mode, rule = "double", QuantRule(".*")
+    lq, _ = ql.quantize_model(_ConvBNHead(), rule, x, fold_bn=True)
+    lv = lq.calibrate(lq.attach(v, x), [x])
+    oqp = C.output_qparams_from_data(lq, lv, [x])
+    program = C.convert(lq, lv, x[:2], output_qparams=oqp, mode=mode)
+    want = np.asarray(jax.jit(C.run)(program, program.quantize_input(x))).astype(np.int32)
+    assert len(np.unique(want)) > 20
+    rule = QuantRule(".*", requant=mode)
+    rq, _ = ql.quantize_model(_ConvBNHead(), rule, x, fold_bn=True)
+    vr = C.with_requant_constants(rq, lv, x[:2], output_qparams=oqp)
+    got = np.asarray(quantize(jax.jit(rq.with_phase("eval").apply)(vr, x), oqp, int8))
+    np.testing.assert_array_equal(got.astype(np.int32), want, err_msg="linen")
+    model = NnxConvBNHead(nnx.Rngs(0))
+    params, stats = nnx.state(model, nnx.Param, nnx.BatchStat)
+    params.replace_by_pure_dict(v["params"])
+    stats.replace_by_pure_dict(v["batch_stats"])
+    nnx.update(model, params, stats)
+    qnm, _ = qn.quantize_model(model, rule, x, fold_bn=True)
+    assert isinstance(qnm.BatchNorm_0, qn.FoldedBatchNorm)
+    qn.calibrate(qnm, [x])
+    qnm = C.with_requant_constants(qnm, None, x[:2], output_qparams=oqp)
+    y = nnx.jit(lambda m, x: m(x))(qn.with_phase(qnm, "eval"), x)
+    got = np.asarray(quantize(y, oqp, int8)).astype(np.int32)
+    np.testing.assert_array_equal(got, want, err_msg="nnx")  # the same program as Linen's

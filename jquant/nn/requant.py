@@ -210,7 +210,7 @@ def requantized_avg_pool(
     qp = QParams(c["out_scale"], c["out_zp"])
     codes = quantize(x, qp, int8, rounding=cfg.rounding).astype(jnp.int8)
     window, spatial = tuple(window), x.ndim - 2
-    strides = window if strides is None else tuple(strides)
+    strides = (1,) * len(window) if strides is None else tuple(strides)  # as ops / Flax
     if not isinstance(padding, str):
         padding = ((0, 0),) * (2 - spatial) + tuple(tuple(p) for p in padding)
     lift = (1,) * (2 - spatial)
