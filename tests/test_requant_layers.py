@@ -687,3 +687,21 @@ def test_fold_bn_models_eval_forward_equals_the_program():
     y = nnx.jit(lambda m, x: m(x))(qn.with_phase(qnm, "eval"), x)
     got = np.asarray(quantize(y, oqp, int8)).astype(np.int32)
     np.testing.assert_array_equal(got, want, err_msg="nnx")  # the same program as Linen's
+
+
+def test_requantized_avg_pool_rounds_the_mean_code_half_away_from_zero():
+    # TFLite AVERAGE_POOL_2D on codes (NumPy from the formula): ties (sum = 2 mod 4, or odd
+    # sums of 2) round away from zero in the code domain, zero point included, which the
+    # float mean rounded half-to-even on the grid does not
+    rng = np.random.default_rng(0)
+    s, z = np.float32(0.05), -3
+    q = rng.integers(-128, 128, size=(4, 12, 3)).astype(np.int32)
+    x = jnp.asarray(s * (q - z).astype(np.float32))
+    rule = QuantRule(".*", requant="single")
+    pool = ql.QAvgPool((2,), strides=(2,), rule=rule, phase="eval")
+    c = {"out_scale": s, "out_zp": np.int32(z), "clamp": np.array([-128, 127], np.int32)}
+    y = pool.apply({STATS: {"requant": jax.tree.map(jnp.asarray, c)}}, x)
+    acc = q.reshape(4, 6, 2, 3).sum(2)
+    want = np.sign(acc) * np.floor(np.abs(acc) / 2 + 0.5)
+    np.testing.assert_array_equal(np.round(np.asarray(y) / s) + z, want)
+    assert np.any(np.round(acc / 2 - z) + z != want)  # half-even on the grid differs

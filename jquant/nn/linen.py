@@ -682,7 +682,9 @@ def quantize_model(
     of int8 codes. To have the eval forward compute that integer add too (with
     ``QuantRule.requant``), write the residual as a :class:`QAdd` module in the model,
     ``QAdd(name="add")(conv2(h), h)``: it is ``a + b`` outside that case, and takes the rule
-    matching its path.
+    matching its path. Likewise a spatial mean ``jnp.mean(h, axis=(1, 2))`` as
+    ``QMean(name="gap")(h)`` and an average pool as a :class:`QAvgPool` whose own rule sets
+    ``requant`` (:func:`jquant.convert.with_requant_constants` refuses the function calls).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")

@@ -14,6 +14,15 @@ rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
     with_phase(qmodel, "eval")
+
+With ``QuantRule.requant`` the eval forward computes the integer program
+(:mod:`jquant.nn.requant`, shared with Linen): :class:`QLinear`, :class:`QConv` and
+:class:`NnxQConvBN` run its int32 layers, :class:`QAdd` / :class:`QMean` /
+:class:`QAvgPool` (written in the model where ``a + b``, a spatial mean, an average pool
+are) its ``ADD``, ``MEAN`` and ``AVERAGE_POOL_2D``, on the constants
+:func:`jquant.convert.with_requant_constants` stores in a copy of the model (a BatchNorm it
+folds becomes a :class:`RequantBatchNorm`). ``quantize_model`` gives each :class:`QAdd` /
+:class:`QMean` without a rule the rule of its path.
 """
 
 from __future__ import annotations
