@@ -705,3 +705,13 @@ def test_requantized_avg_pool_rounds_the_mean_code_half_away_from_zero():
     want = np.sign(acc) * np.floor(np.abs(acc) / 2 + 0.5)
     np.testing.assert_array_equal(np.round(np.asarray(y) / s) + z, want)
     assert np.any(np.round(acc / 2 - z) + z != want)  # half-even on the grid differs
+
+
+def test_pooling_layer_with_constants_but_no_requant_refuses():
+    # constants stored for a QAvgPool / QMaxPool whose rule lacks requant: it would pool on
+    # its own grid, silently not the program's
+    x = X1D[:2]
+    for cls in (ql.QAvgPool, ql.QMaxPool):
+        layer = cls((2,), strides=(2,), rule=QuantRule(".*"), phase="eval")
+        with pytest.raises(ValueError, match=r"pooling layer .* holds requantization constants"):
+            layer.apply({STATS: {"requant": {"max_pool": jnp.int32(1)}}}, x)

@@ -4,18 +4,20 @@ makes compute the integer program in their eval forward (:mod:`jquant.nn.requant
 The constants a layer cannot derive from its own variables under ``jit`` come from the
 program :func:`jquant.convert.convert` builds (one source of truth, no second copy of the
 choice of QParams): per Conv / Dense, its int32 bias ``b_int = round(b / (s_x s_w))``, the
-multipliers of ``M = s_x s_w / s_y`` in the layer's mode (:func:`jquant.convert.requant_for`,
-host-side, float64 for ``double`` / ``single``), and the output's scale, zero point and clamp,
-i.e. the QParams ``convert`` gives the layer's output (the next layer's input quantizer, the
-model's ``output_qparams``, or a residual add's); per residual add (a ``QAdd``, whose rule
-may be its own), its operands' and output's QParams and the ``ADD`` multipliers of every
-mode, by mode name; per spatial mean (a ``QMean``) likewise its input's and output's QParams
-and the ``MEAN`` multipliers of every mode; per average pool (a ``QAvgPool``) the QParams of
-the pooled value (input and output share them). A BatchNorm after a Conv / Dense is folded
-as ``convert`` folds it: the layer's constants carry the folded bias and scales and
-``w_sign = sign(gamma)`` (the sign ``convert`` moves into the weight codes), and the
-BatchNorm passes its input through in phase ``eval``: a Linen BatchNorm gets the marker
-``requant = {"folded": 1}``, an NNX ``nnx.BatchNorm`` is replaced (same variables) by a
+multipliers of ``M = s_x s_w / s_y`` in the layer's mode
+(:func:`jquant.convert.requant_for`, host-side, float64 for ``double`` / ``single``), and
+the output's scale, zero point and clamp, i.e. the QParams ``convert`` gives the layer's
+output (the next layer's input quantizer, the model's ``output_qparams``, or a residual
+add's); per residual add (a ``QAdd``, whose rule may be its own), its operands' and output's
+QParams and the ``ADD`` multipliers of every mode, by mode name; per spatial mean (a
+``QMean``) likewise its input's and output's QParams and the ``MEAN`` multipliers of every
+mode; per average pool (a ``QAvgPool``) the QParams of the pooled value (input and output
+share them); a ``QMaxPool`` a marker (its max of grid values needs nothing, but without
+``requant`` it would round onto its own grid). A BatchNorm after a Conv / Dense is folded as
+``convert`` folds it: the layer's constants carry the folded bias and scales and ``w_sign =
+sign(gamma)`` (the sign ``convert`` moves into the weight codes), and the BatchNorm passes
+its input through in phase ``eval``: a Linen BatchNorm gets the marker ``requant =
+{"folded": 1}``, an NNX ``nnx.BatchNorm`` is replaced (same variables) by a
 :class:`~jquant.nn.nnx.RequantBatchNorm`. A ``QConvBN`` / ``NnxQConvBN`` gets the constants
 of its folded kernel and bias (no sign: ``convert`` quantizes the folded kernel).
 
@@ -229,6 +231,9 @@ def with_requant_constants(
             else:  # a QAdd's / QMean's rule may be its own: every mode, by name
                 of = _add_constants if isinstance(layer, Add) else _mean_constants
                 found[layer.path] = {mode: of(layer, mode) for mode in MULTIPLIER_MODES}
+        elif isinstance(layer, Pool) and glue.get(layer.path) in (ql.QMaxPool, qnnx.QMaxPool):
+            # a marker: a QMaxPool whose rule lacks requant (its own grid) refuses to run
+            found[layer.path] = {"max_pool": np.int32(1)}
     found = jax.tree.map(jnp.asarray, found)
     if nnx_model:
         return _nnx_with_constants(qmodel, found, folded, rules)
