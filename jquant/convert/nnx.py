@@ -18,10 +18,13 @@ import jax
 from flax import nnx
 
 from jquant.convert.trace import Hook, with_call_hooks
-from jquant.nn.nnx import QuantLayer
+from jquant.nn import nnx as qnnx
 from jquant.nn.state import STATS, QuantStat
 
-__all__ = ["COLLECTIONS", "nnx_variables", "nnx_forward"]
+__all__ = ["COLLECTIONS", "GLUE_LAYERS", "nnx_variables", "nnx_forward"]
+
+# the jquant NNX layers between products whose operations the program names by their path
+GLUE_LAYERS = (qnnx.QAdd, qnnx.QMean, qnnx.QAvgPool, qnnx.QMaxPool)
 
 # converter collection -> NNX variable type
 COLLECTIONS: tuple[tuple[str, type], ...] = (
@@ -75,7 +78,9 @@ def nnx_forward(
 ) -> Callable[[jax.Array], jax.Array]:
     """``x -> model(x, **call_kwargs)`` on ``variables`` (as :func:`nnx_variables` gives them,
     possibly traced), every jquant layer in ``phase``, with each submodule that ``select``
-    picks called through ``hook`` (:func:`jquant.convert.trace.with_call_hooks`). ``model``
+    picks called through ``hook`` (:func:`jquant.convert.trace.with_call_hooks`), and each
+    :data:`GLUE_LAYERS` layer (a ``QAdd``, ``QMean``, pool) run in a named scope of its path,
+    so that the program names its add, mean or pool by that path. ``model``
     itself is left unchanged: each call builds a fresh copy (``nnx.merge``), under a
     named scope of the model's class as Linen's ``apply`` has.
     """
@@ -92,11 +97,19 @@ def nnx_forward(
         ]
         copy = nnx.merge(graphdef, *new, rest)
         for _, m in nnx.iter_graph(copy):
-            if isinstance(m, QuantLayer):
+            if isinstance(m, qnnx.QuantLayer):
                 m.phase = phase
-        if hook is not None:
-            copy = with_call_hooks(copy, select or (lambda p, m: False), hook)
+        copy = with_call_hooks(copy, lambda p, m: picked(p, m) or isinstance(m, GLUE_LAYERS), run)
         with jax.named_scope(name):
             return copy(x, **call_kwargs)
+
+    def picked(path: str, module) -> bool:
+        return hook is not None and select is not None and select(path, module)
+
+    def run(path, module, call, args, kwargs):
+        if picked(path, module):
+            return hook(path, module, call, args, kwargs)
+        with jax.named_scope(path):  # a glue layer: its operations carry its path
+            return call(*args, **kwargs)
 
     return forward

@@ -18,6 +18,11 @@ the batch statistics::
 With running statistics (eval, or training after "freezing" BN) the correction is 1::
 
     y = conv(fq(x), fq(W gamma / sigma_R)) + beta - gamma mu_R / sigma_R
+
+With ``QuantRule.requant`` in phase ``eval`` the layer is the integer program's conv of the
+folded kernel (:class:`jquant.nn.requant.RequantOp`: int32 accumulator, the int32 folded bias
+``round((beta - gamma mu_R / sigma_R) / (s_x s_w))``, the mode's requantization), which is
+how :func:`jquant.convert.convert` converts it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.nn.inject import QuantOp
+from jquant.nn.requant import RequantOp, product_op
 from jquant.nn.rules import DEFAULT_RULE, QuantRule
 from jquant.nn.state import LinenSlots, check_phase
 
@@ -169,7 +174,25 @@ def conv_bn(
     the updated running statistics (unchanged when ``running``)::
 
         y, mean, var = folded_batch_norm(quant_conv(x, W gamma / sigma_R), conv(x, W), ...)
+
+    A :class:`~jquant.nn.requant.RequantOp` ``quant_conv`` (requant eval) is the whole layer,
+    its folded bias included: ``y = quant_conv(x, W gamma / sigma_R)``.
+
+    Raises:
+      ValueError: a RequantOp with batch statistics (the program folds the running ones).
     """
+    if isinstance(quant_conv, RequantOp):
+        if not running:
+            raise ValueError(
+                f"layer {quant_conv.slots.path!r}: QuantRule.requant={quant_conv.rule.requant!r} "
+                "folds the running BatchNorm statistics, as the program does; call it with "
+                "use_running_average=True (or None) in phase 'eval'"
+            )
+        return (
+            quant_conv(x, folded_kernel(kernel, gamma, mean_r, var_r, eps), **conv_kw),
+            mean_r,
+            var_r,
+        )
     y = quant_conv(x, folded_kernel(kernel, gamma, mean_r, var_r, eps), **conv_kw)
     y_float = None if running else lax.conv_general_dilated(x, kernel, **conv_kw)
     return folded_batch_norm(y, y_float, gamma, beta, mean_r, var_r, eps, momentum, running)
@@ -260,7 +283,7 @@ class QConvBN(nn.Module):
         ra_var = self.variable(BATCH_STATS, "var", jnp.ones, (self.features,))
 
         y, mean, var = conv_bn(
-            QuantOp(LinenSlots(self), self.rule, self.phase, "conv"),
+            product_op(LinenSlots(self), self.rule, self.phase, "conv"),
             x,
             kernel,
             gamma,

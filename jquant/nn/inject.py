@@ -183,9 +183,10 @@ class QuantOp:
         if self.phase == "eval" and self.rule.requant is not None:
             raise ValueError(
                 f"layer {self.slots.path!r}: QuantRule.requant={self.rule.requant!r} is "
-                "supported on Conv / Dense layers (linen QDense, QConv and rule-quantized "
-                "nn.Dense / nn.Conv) only, not on this layer (einsum, DenseGeneral, folded "
-                "conv + BN, NNX): set requant=None for it"
+                "supported on Conv / Dense layers (Linen QDense, QConv, QConvBN and "
+                "rule-quantized nn.Dense / nn.Conv; NNX QLinear, QConv, NnxQConvBN) only, not "
+                "on this layer (an einsum, DenseGeneral / LinearGeneral: the integer program "
+                "has no such layer): set requant=None for it"
             )
         bwd = self.rule.backward_config()
         train = {}

@@ -60,8 +60,16 @@ from jquant.nn.einsum import (
     einsum_dims,
     is_act_product,
 )
-from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
-from jquant.nn.requant import REQUANT_STAT, RequantOp, requantized_add
+from jquant.nn.inject import QuantOp, quantize_activation
+from jquant.nn.requant import (
+    REQUANT_STAT,
+    RequantOp,
+    check_no_constants,
+    pooled,
+    requantized_add,
+    requantized_mean,
+    requantizes,
+)
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
@@ -90,6 +98,7 @@ __all__ = [
     "QAvgPool",
     "QMaxPool",
     "QAdd",
+    "QMean",
     "QuantizedModel",
     "QuantizedLayer",
     "quantize_model",
@@ -173,7 +182,7 @@ def _quantized_call(module: nn.Module, rule: QuantRule, phase: str, call: Callab
         return QEinsum(**fields, rule=rule, phase=phase, parent=module.scope)(*args, **kw)
     _check_no_custom_op(module)
     field, kind = next(t for cls, t in _TARGETS.items() if isinstance(module, cls))
-    if phase == "eval" and rule.requant is not None and not rule.keep_float:
+    if requantizes(rule, phase):
         return _requantized_call(module, rule, call, field, kind, *args, **kw)
     op = QuantOp(LinenSlots(module), rule, phase, kind)
     clone = module.clone(parent=module.scope, **{field: op})
@@ -317,17 +326,21 @@ class _QPool(nn.Module):
     rule: QuantRule = DEFAULT_RULE
     phase: str = "float"
 
+    @nn.nowrap  # not a scoped method: the pool's operations carry the layer's own path
     def _pool(self, x, kind: str):
         check_phase(self.phase)
         slots = LinenSlots(self)
-        return pool_activation(
+        return pooled(
             slots, self.rule, self.phase, kind, x, self.window, self.strides, self.padding
         )
 
 
 class QAvgPool(_QPool):
     """TFLite average pooling of the quantized input: the mean code of the valid (unpadded)
-    elements, rounded half away from zero; output keeps the input's scale and zero point."""
+    elements, rounded half away from zero; output keeps the input's scale and zero point.
+    With ``rule.requant`` in phase ``eval``: the program's average pool of its input's codes
+    on the grid :func:`jquant.convert.with_requant_constants` stores
+    (:func:`jquant.nn.requant.requantized_avg_pool`)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -360,10 +373,34 @@ class QAdd(nn.Module):
     @nn.compact
     def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
         check_phase(self.phase)
-        rule = self.rule
-        if self.phase != "eval" or rule is None or rule.requant is None or rule.keep_float:
+        if not requantizes(self.rule, self.phase):
+            check_no_constants(LinenSlots(self), self.rule, self.phase, "add")
             return a + b
-        return requantized_add(LinenSlots(self), rule, a, b)
+        return requantized_add(LinenSlots(self), self.rule, a, b)
+
+
+class QMean(nn.Module):
+    """A spatial mean (global average pooling) that the integer program runs as TFLite's
+    ``MEAN``: ``mean(x, axis=(1, ..., ndim - 2))`` of channels-last ``x``.
+
+    Put it in a plain model where ``jnp.mean(x, axis=(1, 2))`` is (``QMean(name="gap")(h)``):
+    without a rule, and in every phase but ``eval`` with ``rule.requant`` set, it is that
+    float mean. In phase ``eval`` with ``rule.requant=m`` it computes the program's integer
+    mean of its input's codes (:func:`jquant.nn.requant.requantized_mean`):
+    ``s_y (MEAN_m(q_x) - z_y)``. Inside a :class:`QuantizedModel` the first rule that matches
+    its path is its rule (a rule given here wins).
+    """
+
+    rule: QuantRule | None = None
+    phase: str = "float"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_phase(self.phase)
+        if not requantizes(self.rule, self.phase):
+            check_no_constants(LinenSlots(self), self.rule, self.phase, "mean")
+            return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+        return requantized_mean(LinenSlots(self), self.rule, x)
 
 
 def learned_from_calibration(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -452,7 +489,7 @@ class QuantizedModel:
                 return next_fun(*args, **kwargs)
             clone = module.clone(parent=module.scope, einsum=QuantActEinsum(rule, self.phase))
             return clone(*args, **kwargs)
-        if isinstance(module, QAdd) and module.rule is None:  # the rule of its path
+        if isinstance(module, QAdd | QMean) and module.rule is None:  # the rule of its path
             rule = first_match(self.rules, path)
             if rule is None:  # a plain ``a + b``
                 return next_fun(*args, **kwargs)
@@ -472,12 +509,14 @@ class QuantizedModel:
         if rule is None:
             return next_fun(*args, **kwargs)
         fold = next((f for f in self.folds if f.conv == path), None)
+        if requantizes(rule, self.phase):  # folded as convert folds it (the BN passes through)
+            fold = None
         if fold is not None and self.phase != "float" and not module.is_initializing():
             y_float, y_quant = self._folded_conv(module, rule, fold, next_fun, args, kwargs)
             state.folded[fold.bn] = _FoldedConv(y_float, y_quant)
             return y_float
         y = _quantized_call(module, rule, self.phase, type(module).__call__, *args, **kwargs)
-        if self.phase == "eval" and rule.requant is not None and not rule.keep_float:
+        if requantizes(rule, self.phase):
             state.requantized.append(y)
         return y
 
@@ -652,7 +691,9 @@ def quantize_model(
     of int8 codes. To have the eval forward compute that integer add too (with
     ``QuantRule.requant``), write the residual as a :class:`QAdd` module in the model,
     ``QAdd(name="add")(conv2(h), h)``: it is ``a + b`` outside that case, and takes the rule
-    matching its path.
+    matching its path. Likewise a spatial mean ``jnp.mean(h, axis=(1, 2))`` as
+    ``QMean(name="gap")(h)`` and an average pool as a :class:`QAvgPool` whose own rule sets
+    ``requant`` (:func:`jquant.convert.with_requant_constants` refuses the function calls).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")

@@ -16,6 +16,15 @@ rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
     with_phase(qmodel, "eval")
+
+With ``QuantRule.requant`` the eval forward computes the integer program
+(:mod:`jquant.nn.requant`, shared with Linen): :class:`QLinear`, :class:`QConv` and
+:class:`NnxQConvBN` run its int32 layers, :class:`QAdd` / :class:`QMean` /
+:class:`QAvgPool` (written in the model where ``a + b``, a spatial mean, an average pool
+are) its ``ADD``, ``MEAN`` and ``AVERAGE_POOL_2D``, on the constants
+:func:`jquant.convert.with_requant_constants` stores in a copy of the model (a BatchNorm it
+folds becomes a :class:`RequantBatchNorm`). ``quantize_model`` gives each :class:`QAdd` /
+:class:`QMean` without a rule the rule of its path.
 """
 
 from __future__ import annotations
@@ -41,12 +50,21 @@ from jquant.nn.bn_folding import (
     running_statistics,
 )
 from jquant.nn.einsum import QuantEinsum, einsum_dims, is_act_product
-from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
+from jquant.nn.inject import QuantOp, quantize_activation
+from jquant.nn.requant import (
+    check_no_constants,
+    pooled,
+    product_op,
+    requantized_add,
+    requantized_mean,
+    requantizes,
+)
 from jquant.nn.rules import (
     DEFAULT_RULE,
     QuantRule,
     RuleMatch,
     check_rules,
+    first_match,
     match_rules,
     report_not_quantized,
     report_unused,
@@ -76,6 +94,11 @@ __all__ = [
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
+    "QAdd",
+    "QMean",
+    "RequantBatchNorm",
+    "requant_batch_norm",
+    "set_submodule",
     "NnxQConvBN",
     "quantize_model",
     "with_phase",
@@ -121,6 +144,14 @@ class QuantLayer(nnx.Module):
         """Per-channel axes of the kernel: None is the last axis (Linear, Conv)."""
         return None
 
+    def _uncalibrated(self) -> bool:
+        """Whether the layer quantizes its input but has no calibrated range yet."""
+        return (
+            self.rule.act_config() is not None
+            and self.rule.scaling is None  # delayed scaling needs no calibration
+            and getattr(self, variable_key("input", "qparams"), None) is None
+        )
+
     def _init_learned(self) -> None:
         """Creates (or resets) the learned scales: the kernel's from its current range, the
         input's a placeholder that :func:`calibrate` sets (:func:`learned_placeholders`)."""
@@ -139,11 +170,15 @@ class QuantLayer(nnx.Module):
                 getattr(self, name).value = value
 
 
-def _injected(kind: str, default, wrap=None) -> property:
+def _injected(kind: str, default, wrap=None, requant: bool = False) -> property:
     """A property for Flax's injection attribute: reads give a QuantOp bound to the layer
-    (``wrap(op)`` when given); Flax's constructor may only write the default into it."""
+    (``wrap(op)`` when given), or with ``requant`` the layer's
+    :func:`~jquant.nn.requant.product_op` (a RequantOp in requant eval); Flax's constructor
+    may only write the default into it."""
 
     def get(self):
+        if requant:
+            return product_op(NNXSlots(self), self.rule, self.phase, kind)
         op = QuantOp(NNXSlots(self), self.rule, self.phase, kind)
         return op if wrap is None else wrap(op)
 
@@ -156,12 +191,14 @@ def _injected(kind: str, default, wrap=None) -> property:
 
 class QLinear(nnx.Linear, QuantLayer):
     """jquant: ``nnx.Linear`` whose product is quantized by ``rule``: ``fq_in(x) @ fq_w(W) + b``.
+    With ``rule.requant`` in phase ``eval``: the integer program's ``FULLY_CONNECTED``
+    (:class:`jquant.nn.requant.RequantOp`, its int32 bias in place of ``b``).
 
     Args: those of ``nnx.Linear`` plus ``rule`` (QuantRule), ``phase`` and ``quant_path``
     (the name used in messages).
     """
 
-    dot_general = _injected("dot_general", lax.dot_general)
+    dot_general = _injected("dot_general", lax.dot_general, requant=True)
 
     def __init__(
         self,
@@ -179,14 +216,23 @@ class QLinear(nnx.Linear, QuantLayer):
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
 
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        """``fq_in(x) @ fq_w(W) + b``; the program's layer in requant eval (class docstring)."""
+        if not requantizes(self.rule, self.phase):
+            return super().__call__(inputs, out_sharding)
+        dims = (((inputs.ndim - 1,), (0,)), ((), ()))  # nnx.Linear's, the int32 bias inside
+        return self.dot_general(inputs, self.kernel[...], dims)
+
 
 class QConv(nnx.Conv, QuantLayer):
     """jquant: ``nnx.Conv`` (depthwise through ``feature_group_count``) quantized by ``rule``.
+    With ``rule.requant`` in phase ``eval``: the integer program's ``CONV_2D``
+    (:class:`jquant.nn.requant.RequantOp`, its int32 bias in place of Flax's float bias).
 
     Args: those of ``nnx.Conv`` plus ``rule``, ``phase`` and ``quant_path``.
     """
 
-    conv_general_dilated = _injected("conv", lax.conv_general_dilated)
+    conv_general_dilated = _injected("conv", lax.conv_general_dilated, requant=True)
 
     def __init__(
         self,
@@ -205,6 +251,26 @@ class QConv(nnx.Conv, QuantLayer):
         names it in messages. Learned scales (LSQ / LSQ+ / PACT) exist from now on."""
         super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
         self._init_quant(rule, phase, quant_path)
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        """``conv(fq_in(x), fq_w(W)) + b``; the program's layer in requant eval (class
+        docstring), which runs ``nnx.Conv``'s forward without its float bias.
+
+        Raises:
+          ValueError: requant eval with padding other than zero padding (the program's).
+        """
+        if not requantizes(self.rule, self.phase):
+            return super().__call__(inputs, out_sharding)
+        if isinstance(self.padding, str) and self.padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+            raise ValueError(
+                f"layer {self.quant_path!r}: QuantRule.requant={self.rule.requant!r} supports "
+                f"zero padding only (the program's), got padding={self.padding!r}"
+            )
+        use_bias, self.use_bias = self.use_bias, False  # RequantOp adds the int32 bias
+        try:
+            return super().__call__(inputs, out_sharding)
+        finally:
+            self.use_bias = use_bias
 
 
 class QLinearGeneral(nnx.LinearGeneral, QuantLayer):
@@ -299,13 +365,15 @@ class _QPool(QuantLayer):
 
     def _pool(self, x, kind):
         slots = NNXSlots(self)
-        return pool_activation(
+        return pooled(
             slots, self.rule, self.phase, kind, x, self.window, self.strides, self.padding
         )
 
 
 class QAvgPool(_QPool):
-    """TFLite average pooling of the quantized input (see ``jquant.ops.avg_pool``)."""
+    """TFLite average pooling of the quantized input (see ``jquant.ops.avg_pool``); with
+    ``rule.requant`` in phase ``eval`` the program's average pool of its input's codes
+    (:func:`jquant.nn.requant.requantized_avg_pool`), as the Linen ``QAvgPool``."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._pool(x, "avg")
@@ -316,6 +384,77 @@ class QMaxPool(_QPool):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self._pool(x, "max")
+
+
+class _Glue(QuantLayer):
+    """Mixin of the layers between products that requantize only in requant eval (no
+    statistics, no learned scales; ``rule`` may be None: :func:`quantize_model` gives them
+    the rule of their path)."""
+
+    def _init_glue(self, rule: QuantRule | None, phase: str, path: str) -> None:
+        if rule is not None and not isinstance(rule, QuantRule):
+            raise TypeError(f"rule must be a QuantRule or None, got {type(rule).__name__}")
+        check_phase(phase)
+        self.rule, self.phase, self.quant_path = rule, phase, path
+
+    def _uncalibrated(self) -> bool:
+        return False
+
+
+class QAdd(_Glue):
+    """NNX twin of :class:`jquant.nn.linen.QAdd`: a residual ``a + b`` that, in phase ``eval``
+    with ``rule.requant=m``, computes the program's TFLite ``ADD`` of the operands' codes
+    (:func:`jquant.nn.requant.requantized_add`): ``s_y (ADD_m(q_a, q_b) - z_y)``."""
+
+    def __init__(self, *, rule: QuantRule | None = None, phase: str = "float", quant_path=""):
+        self._init_glue(rule, phase, quant_path)
+
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        if not requantizes(self.rule, self.phase):
+            check_no_constants(NNXSlots(self), self.rule, self.phase, "add")
+            return a + b
+        return requantized_add(NNXSlots(self), self.rule, a, b)
+
+
+class QMean(_Glue):
+    """NNX twin of :class:`jquant.nn.linen.QMean`: the spatial mean of channels-last ``x``
+    (global average pooling) that, in phase ``eval`` with ``rule.requant=m``, computes the
+    program's TFLite ``MEAN`` of its input's codes (:func:`jquant.nn.requant.requantized_mean`)."""
+
+    def __init__(self, *, rule: QuantRule | None = None, phase: str = "float", quant_path=""):
+        self._init_glue(rule, phase, quant_path)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not requantizes(self.rule, self.phase):
+            check_no_constants(NNXSlots(self), self.rule, self.phase, "mean")
+            return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+        return requantized_mean(NNXSlots(self), self.rule, x)
+
+
+class RequantBatchNorm(nnx.BatchNorm, _Glue):
+    """An ``nnx.BatchNorm`` folded into the requantization constants of the QConv / QLinear
+    before it (:func:`jquant.convert.with_requant_constants` puts it in place of the plain
+    one, with the same variables): in phase ``eval`` it passes its input through (the layer
+    before it already computed the folded program layer), otherwise it is the BatchNorm.
+
+    Args: those of ``nnx.BatchNorm`` plus ``rule`` (its layer's), ``phase``, ``quant_path``.
+    """
+
+    def __init__(self, num_features: int, *, rule=None, phase="float", quant_path="", **kwargs):
+        """An ``nnx.BatchNorm`` (same arguments) that passes through in phase ``eval``."""
+        super().__init__(num_features, **kwargs)
+        self._init_glue(rule, phase, quant_path)
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None):
+        """``x`` in phase ``eval``, else the BatchNorm."""
+        if self.phase == "eval":
+            return x
+        return super().__call__(x, use_running_average, mask=mask)
+
+
+def requant_batch_norm(bn: nnx.BatchNorm, rule: QuantRule, path: str) -> RequantBatchNorm:
+    """A :class:`RequantBatchNorm` with ``bn``'s hyperparameters and variables."""
+    return _bn_copy(bn, RequantBatchNorm, rule=rule, quant_path=path)
 
 
 class NnxQConvBN(QuantLayer):
@@ -364,7 +503,7 @@ class NnxQConvBN(QuantLayer):
         )
         running = running_statistics(self.phase, use_running_average, self.use_running_average)
         y, mean, var = conv_bn(
-            QuantOp(NNXSlots(self), self.rule, self.phase, "conv"),
+            product_op(NNXSlots(self), self.rule, self.phase, "conv"),
             x,
             self.kernel.value,
             self.scale.value,
@@ -455,6 +594,10 @@ class FoldedQConv(QConv):
         finishes the folded layer)."""
         if self.phase == "float":
             return super().__call__(x)
+        if requantizes(self.rule, self.phase):  # the program's conv, its BatchNorm folded in
+            y = super().__call__(x)
+            self.fold_link.put(y, None, self.phase)  # the BatchNorm passes it through
+            return y
         y_float = self._with_op(lax.conv_general_dilated, x)
         op = QuantOp(NNXSlots(self), self.rule, self.phase, "conv")
 
@@ -485,6 +628,8 @@ class FoldedBatchNorm(nnx.BatchNorm):
         if pending is None:
             return super().__call__(x, use_running_average, mask=mask)
         quantized, phase = pending
+        if quantized is None:  # requant eval: the conv computed the folded program layer
+            return x
         if mask is not None:
             raise ValueError(f"fold_bn: BatchNorm {self.fold_link.bn!r} cannot take a mask")
         flag = self.use_running_average if use_running_average is None else use_running_average
@@ -529,7 +674,9 @@ def fold_pairs(model: nnx.Module, *example_args, **example_kwargs) -> list[tuple
     return pairs
 
 
-def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
+def set_submodule(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
+    """Puts ``value`` at the attribute / list-index ``path`` (non-empty) of ``model``, in
+    place."""
     parent = model
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
@@ -539,14 +686,20 @@ def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
         setattr(parent, path[-1], value)
 
 
-def _folded_bn_copy(bn: nnx.BatchNorm, link: FoldLink) -> FoldedBatchNorm:
-    """A :class:`FoldedBatchNorm` with ``bn``'s hyperparameters and variables."""
+def _bn_copy(bn: nnx.BatchNorm, cls: type, **extra) -> nnx.BatchNorm:
+    """A ``cls(..., **extra)`` (a BatchNorm subclass) with ``bn``'s hyperparameters and
+    variables."""
     params = inspect.signature(nnx.BatchNorm.__init__).parameters
     skip = ("self", "num_features", "rngs", "bias_metadata", "scale_metadata")
     kwargs = {n: getattr(bn, n) for n in params if n not in skip and hasattr(bn, n)}
-    q = FoldedBatchNorm(bn.num_features, fold_link=link, rngs=nnx.Rngs(0), **kwargs)
+    q = cls(bn.num_features, **extra, rngs=nnx.Rngs(0), **kwargs)
     q.scale, q.bias, q.mean, q.var = bn.scale, bn.bias, bn.mean, bn.var
     return q
+
+
+def _folded_bn_copy(bn: nnx.BatchNorm, link: FoldLink) -> FoldedBatchNorm:
+    """A :class:`FoldedBatchNorm` with ``bn``'s hyperparameters and variables."""
+    return _bn_copy(bn, FoldedBatchNorm, fold_link=link)
 
 
 # exact plain type -> its quantized layer (a subclass, e.g. nnx.LoRALinear, is not replaced)
@@ -704,7 +857,7 @@ def quantize_model(
             q = _quantized_copy(layer, rule, phase, name, FoldedQConv, fold_link=link)
         else:
             q = _quantized_copy(layer, rule, phase, name)
-        _set(model, path, q)
+        set_submodule(model, path, q)
     bns = {
         _path_str(p): (p, m)
         for p, m in nnx.iter_graph(model)
@@ -713,7 +866,11 @@ def quantize_model(
     for _, m in nnx.iter_graph(model):
         if isinstance(m, FoldedQConv):
             bn_path, bn = bns[m.fold_link.bn]
-            _set(model, bn_path, _folded_bn_copy(bn, m.fold_link))
+            set_submodule(model, bn_path, _folded_bn_copy(bn, m.fold_link))
+    for p, m in nnx.iter_graph(model):
+        if isinstance(m, QAdd | QMean):  # the rule of its path (a rule given to it wins)
+            m.rule = first_match(rules, _path_str(p)) if m.rule is None else m.rule
+            m.quant_path, m.phase = m.quant_path or _path_str(p), phase
     return model, match
 
 
@@ -738,13 +895,7 @@ def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
     check_phase(phase)
     layers = _quant_layers(model)
     if phase in ("train", "eval"):
-        missing = [
-            m.quant_path or _path_str(p)
-            for p, m in layers
-            if m.rule.act_config() is not None
-            and m.rule.scaling is None  # delayed scaling needs no calibration
-            and getattr(m, variable_key("input", "qparams"), None) is None
-        ]
+        missing = [m.quant_path or _path_str(p) for p, m in layers if m._uncalibrated()]
         if missing:
             raise ValueError(
                 f"phase={phase!r} needs calibrated ranges, but these layers were never "
