@@ -269,10 +269,58 @@ def test_block_activations_on_a_dense_match_numpy_linen_and_nnx_simulate_and_int
     ref = _np_act_block_fq(x, 8, lo, hi).astype(np.float64) @ _np_int8_per_channel(w) + bias
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
+    int_model = ql.quantize_model(dense, replace(rule, mode="int"), x)[0].with_phase("eval")
+    jaxpr = str(jax.make_jaxpr(int_model.apply)(qv, x))
+    assert jaxpr.count("preferred_element_type=int32") == 1  # one batched int8 product
     qnet, _ = qn.quantize_model(_TinyNNX.build(w, bias), replace(rule, mode="int"))
     qn.calibrate(qnet, batches)
     qn.with_phase(qnet, "eval")
     np.testing.assert_allclose(qnet(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_act_quant_block_wise_is_the_numpy_block_quantizer_with_a_partial_last_block():
+    """ActQuant with act_block_size=5 on 12 features: blocks of 5, 5 and 2 features, each
+    fake-quantized with its own calibrated int8 range (NumPy, block by block)."""
+    import jax
+
+    from jquant.nn import linen as ql
+
+    x = np.random.default_rng(5).standard_t(3, size=(4, 12)).astype(np.float32)
+    layer = ql.ActQuant(rule=QuantRule(".*", act_block_size=5), phase="calibrate")
+    v = layer.init(jax.random.key(0), x)
+    _, upd = layer.apply(v, x, mutable=["quant_stats"])
+    y = layer.clone(phase="eval").apply({**v, **upd}, x)
+    ref = np.concatenate(
+        [
+            _np_act_block_fq(
+                x[:, a:b], b - a, x[:, a:b].min(keepdims=True)[0], x[:, a:b].max(keepdims=True)[0]
+            )
+            for a, b in ((0, 5), (5, 10), (10, 12))
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_per_token_activations_run_in_int_mode_as_in_simulate():
+    """act_scale='dynamic_per_token' (without blocks) in mode='int': the int8 product with each
+    token's own scale equals the simulated one."""
+    import flax.linen as nn
+    import jax
+
+    from jquant.nn import linen as ql
+
+    x = np.random.default_rng(6).normal(size=(3, 16)).astype(np.float32)
+    ys = []
+    for mode in ("simulate", "int"):
+        qm, _ = ql.quantize_model(
+            nn.Dense(4), QuantRule(".*", act_scale="dynamic_per_token", mode=mode), x
+        )
+        v = qm.calibrate(qm.attach(nn.Dense(4).init(jax.random.key(0), x), x), [x])
+        ys.append(qm.with_phase("eval").apply(v, x))
+    np.testing.assert_allclose(ys[1], ys[0], rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(qm.with_phase("eval").apply)(v, x))
+    assert "preferred_element_type=int32" in jaxpr  # the int8 x int8 -> int32 product ran
 
 
 def test_block_activations_calibrated_by_a_histogram_are_the_observer_on_each_block():
