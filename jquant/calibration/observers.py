@@ -302,9 +302,9 @@ def _histogram_core(
     num_candidates: int,
     num_rounds: int,
 ):
-    """The range of each group's histogram, keepdims-shaped like ``state.min``; the groups
-    run one after the other (``lax.map``: KL's ``O(num_bins^2)`` work per group stays
-    bounded in memory)."""
+    """The range of the histogram (per tensor) or of each group's, keepdims-shaped like
+    ``state.min``; groups run one after the other (``lax.map``: KL's ``O(num_bins^2)`` work
+    per group stays bounded in memory)."""
     static = dict(
         method=method,
         percentile=percentile,
@@ -312,6 +312,8 @@ def _histogram_core(
         num_candidates=num_candidates,
         num_rounds=num_rounds,
     )
+    if state.counts.ndim == 1:  # per tensor
+        return _histogram_row_range(state, fmt, symmetric, **static)
     shape = jnp.shape(state.min)
 
     def one(row):
