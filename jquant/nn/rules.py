@@ -348,14 +348,19 @@ class QuantRule:
             method_block_observer(self.calibration, b, name="QuantRule.calibration")
 
     def blockwise(self) -> str | None:
-        """What makes this rule's layers block-wise (weight or activation scales, block
-        formats), in words, or None: the integer program (``jquant.convert``, ``requant``)
-        has no block-wise kernel."""
+        """Which scales of this rule's layers are block-wise (weight: ``block_size``,
+        activation: ``act_block_size``), in words, or None; the integer program
+        (``jquant.convert``, ``requant``) refuses them, having no block-wise kernel.
+
+        >>> QuantRule(".*", act_block_size=32).blockwise()
+        'block-wise activation scales (act_block_size=32)'
+        """
+        parts = []
         if self.block_size is not None:
-            return f"block-wise weight scales (block_size={self.block_size})"
+            parts.append(f"block-wise weight scales (block_size={self.block_size})")
         if self.act_block_size is not None:
-            return f"block-wise activation scales (act_block_size={self.act_block_size})"
-        return None
+            parts.append(f"block-wise activation scales (act_block_size={self.act_block_size})")
+        return " and ".join(parts) or None
 
     def _check_requant(self) -> None:
         """``requant`` needs what the integer program has: static integer formats of <= 8
