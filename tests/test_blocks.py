@@ -203,7 +203,7 @@ def _per_block_histograms(batches, size, method, symmetric, fmt):
     ],
 )
 def test_block_histogram_observer_is_the_per_tensor_one_on_each_block(method, symmetric, size):
-    x = RNG.standard_t(3, size=(6, 12)).astype(np.float32)
+    x = np.random.default_rng(11).standard_t(3, size=(6, 12)).astype(np.float32)
     batches = [x, 3.0 * x[::-1]]  # the second batch grows every block's range: re-binning
     fmt = jq.int4
     obs = cal.block_observer(cal.histogram, size, num_bins=32, method=method, percentile=90.0)
@@ -238,7 +238,7 @@ def test_block_histogram_observer_is_the_per_tensor_one_on_each_block(method, sy
 def test_every_streaming_method_gives_a_per_channel_observer(cls):
     """``Calibration.observer(axis=...)`` keeps one range per channel: each channel's is the
     per-tensor observer's on that channel alone."""
-    x = RNG.standard_t(3, size=(8, 3)).astype(np.float32)
+    x = np.random.default_rng(12).standard_t(3, size=(8, 3)).astype(np.float32)
     method = cls(num_bins=32) if cls in (cal.Percentile, cal.MSE, cal.KL) else cls()
     per_channel = method.observer(axis=1)
     lo, hi = per_channel.bounds(per_channel.update(x, per_channel.init(x)), jq.int4)
