@@ -179,6 +179,84 @@ def test_block_observer_streams_to_the_block_minmax():
     np.testing.assert_allclose(qp.scale, ref.scale, rtol=1e-6)
 
 
+def _per_block_histograms(batches, size, method, symmetric, fmt):
+    """Oracle: the per-tensor histogram observer run on each block of features on its own
+    (a Python loop over blocks; the last block may be partial)."""
+    n = batches[0].shape[-1]
+    out = []
+    for start in range(0, n, size):
+        obs = cal.histogram(32, method, 90.0)
+        state = obs.init(batches[0][:, start : start + size])
+        for x in batches:
+            state = obs.update(x[:, start : start + size], state)
+        out.append((state, obs.bounds(state, fmt, symmetric=symmetric)))
+    return out
+
+
+@pytest.mark.parametrize(  # 12 features in blocks of 4, or of 5, 5 and a partial 2
+    "method, symmetric, size",
+    [
+        ("percentile", False, 5),
+        pytest.param("percentile", True, 4, marks=pytest.mark.slow),
+        ("mse", False, 5),
+        ("kl", True, 4),
+    ],
+)
+def test_block_histogram_observer_is_the_per_tensor_one_on_each_block(method, symmetric, size):
+    x = np.random.default_rng(11).standard_t(3, size=(6, 12)).astype(np.float32)
+    batches = [x, 3.0 * x[::-1]]  # the second batch grows every block's range: re-binning
+    fmt = jq.int4
+    obs = cal.block_observer(cal.histogram, size, num_bins=32, method=method, percentile=90.0)
+    state = obs.init(x)
+    for b in batches:
+        state = obs.update(b, state)
+    ref = _per_block_histograms(batches, size, method, symmetric, fmt)
+    n_blocks = len(ref)
+    assert state.counts.shape == (n_blocks, 64)  # one histogram per block, updated at once
+    np.testing.assert_array_equal(state.counts, np.stack([r[0].counts for r in ref]))
+    np.testing.assert_array_equal(state.amax.ravel(), [r[0].amax for r in ref])
+    lo, hi = obs.bounds(state, fmt, symmetric=symmetric)
+    assert lo.shape == hi.shape == (1, n_blocks)
+    np.testing.assert_allclose(lo[0], [r[1][0] for r in ref], rtol=1e-6)
+    np.testing.assert_allclose(hi[0], [r[1][1] for r in ref], rtol=1e-6)
+    qp = obs.result(state, fmt, symmetric=symmetric)
+    assert (qp.block_size, qp.block_axis, qp.scale.shape) == (size, 1, (1, n_blocks))
+    want = jq.qparams_from_range(jnp.stack(lo[0]), jnp.stack(hi[0]), fmt, symmetric=symmetric)
+    np.testing.assert_allclose(qp.scale[0], want.scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        cal.Percentile,
+        pytest.param(cal.MSE, marks=pytest.mark.slow),
+        pytest.param(cal.KL, marks=pytest.mark.slow),
+        cal.MinMax,
+        cal.EmaMinMax,
+    ],
+)
+def test_every_streaming_method_gives_a_per_channel_observer(cls):
+    """``Calibration.observer(axis=...)`` keeps one range per channel: each channel's is the
+    per-tensor observer's on that channel alone."""
+    x = np.random.default_rng(12).standard_t(3, size=(8, 3)).astype(np.float32)
+    method = cls(num_bins=32) if cls in (cal.Percentile, cal.MSE, cal.KL) else cls()
+    per_channel = method.observer(axis=1)
+    lo, hi = per_channel.bounds(per_channel.update(x, per_channel.init(x)), jq.int4)
+    assert lo.shape == (1, 3)
+    for c in range(3):
+        rlo, rhi = method.bounds(method.update(x[:, c], method.init(x[:, c])), jq.int4)
+        np.testing.assert_allclose([lo[0, c], hi[0, c]], [rlo, rhi], rtol=1e-6)
+
+
+def test_block_histogram_observer_rejects_bad_input():
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        cal.block_observer(cal.histogram, 0)
+    obs = cal.block_observer(cal.histogram, 4, num_bins=32)
+    state = obs.init(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="does not match the observer state"):
+        obs.update(np.ones((2, 12), np.float32), state)  # 3 blocks for a state of 2
+
+
 # --- ops ---------------------------------------------------------------------------------------
 
 DN = (((1,), (0,)), ((), ()))

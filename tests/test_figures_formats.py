@@ -1,10 +1,13 @@
-"""The README's Formats section equals the committed results of benchmarks/formats.py.
+"""The README's Formats section equals the committed results of benchmarks/formats.py and
+benchmarks/act_blocks.py.
 
 Figures: the block-wise Dense's time ratio to per channel (with its target and verdict), the
 block formats' fake-quant time relative to int8, and the table's rows (format, bits, weight
 SQNR on the Student-t tensor, MNIST-1D accuracy with quantized weights), each formatted as
-printed. ``check_section`` fails when one drifts from the JSON or when the section prints a
-number with no results file behind it.
+printed; then, from benchmarks/act_blocks.py, the block-wise activation table's rows (MNIST-1D
+accuracy per granularity and range), its float accuracy and the int-vs-simulate logit gap.
+``check_section`` fails when one drifts from the JSON or when the section prints a number
+with no results file behind it.
 """
 
 from __future__ import annotations
@@ -49,4 +52,26 @@ def formats_figures() -> dict[str, str]:
 
 
 def test_formats_section_matches_results():
-    check_section(README, "Formats", formats_figures(), SETUP)
+    check_section(README, "Formats", formats_figures() | act_block_figures(), SETUP + ACT_SETUP)
+
+
+ACT_RESULTS = "benchmarks/results/act_blocks.json"
+ACT_COLUMNS = ("minmax", "percentile", "mse", "dynamic_per_token")
+# setup of the block-wise activation paragraph: the block of 8 features, 512 calibration examples
+ACT_SETUP = ["8", "512"]
+
+
+def act_block_figures() -> dict[str, str]:
+    """The block-wise activation table (a row per granularity, a column per range), the float
+    accuracy and the int-vs-simulate logit gap, from ``benchmarks/act_blocks.py``'s results."""
+    d = load(ACT_RESULTS)["mnist1d_accuracy"]
+    acc = {(r["granularity"], r["calibration"]): r["accuracy"] for r in d["rows"]}
+    f = {
+        "act_float": f"(float model: {100 * d['float_accuracy']:.1f}%)",
+        "act_gap": f"within {d['int_vs_simulate_max_abs_logit']:.1e} of",
+        "act_header": f"| activation scales | {' | '.join(ACT_COLUMNS)} |",
+    }
+    for granularity in dict.fromkeys(g for g, _ in acc):
+        cells = " | ".join(f"{100 * acc[(granularity, c)]:.1f}" for c in ACT_COLUMNS)
+        f[f"act_{granularity}"] = f"| {granularity} | {cells} |"
+    return f

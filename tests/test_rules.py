@@ -2,6 +2,7 @@
 
 import re
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -196,10 +197,209 @@ def test_block_rule_with_lsq_learns_one_step_per_block():
     assert np.any(g["kernel_scale"] != 0)
 
 
+# --- block-wise activations ---------------------------------------------------------------------
+
+
+def _np_act_block_fq(x, b, lo, hi):
+    """NumPy oracle: affine int8 of ``x`` (tokens, features), one ``(lo, hi)`` per block of
+    ``b`` features (``lo`` / ``hi`` of shape (blocks,) or (tokens, blocks)), from the formula
+    ``s = (hi - lo) / 255``, ``z = clip(round(-128 - lo / s))``."""
+    lo, hi = np.minimum(lo, 0).astype(np.float32), np.maximum(hi, 0).astype(np.float32)
+    s = ((hi - lo) / np.float32(255)).astype(np.float32)
+    z = np.clip(np.round(np.float32(-128) - lo / s), -128, 127)
+    s, z = np.repeat(s, b, axis=-1), np.repeat(z, b, axis=-1)
+    return (np.clip(np.round(x / s) + z, -128, 127) - z) * s
+
+
+def _np_int8_per_channel(w):
+    s = np.abs(w).max(0, keepdims=True) / np.float32(127)
+    return np.clip(np.round(w / s), -127, 127) * s
+
+
+class _TinyNNX:
+    """An nnx.Linear(16, 3) holding given weights, inside a module (path "dense")."""
+
+    @staticmethod
+    def build(w, bias):
+        from flax import nnx
+
+        class Net(nnx.Module):
+            def __init__(self):
+                self.dense = nnx.Linear(16, 3, rngs=nnx.Rngs(0))
+
+            def __call__(self, x):
+                return self.dense(x)
+
+        net = Net()
+        net.dense.kernel.value, net.dense.bias.value = w, bias
+        return net
+
+
+@pytest.mark.parametrize("act_scale", ["static", "dynamic_per_token"])
+def test_block_activations_on_a_dense_match_numpy_linen_and_nnx_simulate_and_int(act_scale):
+    """One int8 range per block of 8 input features: calibrated over the stream (static) or
+    per token (dynamic). Linen simulate is the NumPy oracle; NNX in int mode (an int32
+    partial sum per block, scaled and summed in float) equals it to float tolerance."""
+    import flax.linen as nn
+    import jax
+
+    from jquant.nn import linen as ql
+    from jquant.nn import nnx as qn
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_t(3, size=(4, 16)).astype(np.float32)  # heavy tails: blocks differ
+    batches = [x, 2.0 * x[::-1]]
+    dense = nn.Dense(3)
+    v = dense.init(jax.random.key(0), x)
+    w, bias = np.asarray(v["params"]["kernel"]), np.asarray(v["params"]["bias"])
+    rule = QuantRule(".*", act_block_size=8, act_scale=act_scale)
+    qm, _ = ql.quantize_model(dense, rule, x)
+    qv = qm.calibrate(qm.attach(v, x), batches)
+    y = np.asarray(jax.jit(qm.with_phase("eval").apply)(qv, x))
+    whole = np.concatenate(batches).reshape(-1, 2, 8)
+    # calibration records the stream's range per block, over every token, in both cases
+    wlo, whi = np.minimum(whole.min((0, 2)), 0), np.maximum(whole.max((0, 2)), 0)
+    stored = qv["quant_stats"]["input_qparams"]["scale"]
+    assert np.shape(stored) == (1, 2)  # one calibrated scale per block of 8 features
+    np.testing.assert_allclose(stored[0], (whi - wlo) / 255, rtol=1e-6)
+    if act_scale == "static":
+        lo, hi = wlo, whi
+    else:  # each token's own range per block
+        lo, hi = x.reshape(4, 2, 8).min(2), x.reshape(4, 2, 8).max(2)
+    ref = _np_act_block_fq(x, 8, lo, hi).astype(np.float64) @ _np_int8_per_channel(w) + bias
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+    int_model = ql.quantize_model(dense, replace(rule, mode="int"), x)[0].with_phase("eval")
+    jaxpr = str(jax.make_jaxpr(int_model.apply)(qv, x))
+    assert jaxpr.count("preferred_element_type=int32") == 1  # one batched int8 product
+    qnet, _ = qn.quantize_model(_TinyNNX.build(w, bias), replace(rule, mode="int"))
+    qn.calibrate(qnet, batches)
+    qn.with_phase(qnet, "eval")
+    np.testing.assert_allclose(qnet(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_act_quant_block_wise_is_the_numpy_block_quantizer_with_a_partial_last_block():
+    """ActQuant with act_block_size=5 on 12 features: blocks of 5, 5 and 2 features, each
+    fake-quantized with its own calibrated int8 range (NumPy, block by block)."""
+    import jax
+
+    from jquant.nn import linen as ql
+
+    x = np.random.default_rng(5).standard_t(3, size=(4, 12)).astype(np.float32)
+    layer = ql.ActQuant(rule=QuantRule(".*", act_block_size=5), phase="calibrate")
+    v = layer.init(jax.random.key(0), x)
+    _, upd = layer.apply(v, x, mutable=["quant_stats"])
+    y = layer.clone(phase="eval").apply({**v, **upd}, x)
+    ref = np.concatenate(
+        [
+            _np_act_block_fq(
+                x[:, a:b], b - a, x[:, a:b].min(keepdims=True)[0], x[:, a:b].max(keepdims=True)[0]
+            )
+            for a, b in ((0, 5), (5, 10), (10, 12))
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_per_token_activations_run_in_int_mode_as_in_simulate():
+    """act_scale='dynamic_per_token' (without blocks) in mode='int': the int8 product with each
+    token's own scale equals the simulated one."""
+    import flax.linen as nn
+    import jax
+
+    from jquant.nn import linen as ql
+
+    x = np.random.default_rng(6).normal(size=(3, 16)).astype(np.float32)
+    ys = []
+    for mode in ("simulate", "int"):
+        qm, _ = ql.quantize_model(
+            nn.Dense(4), QuantRule(".*", act_scale="dynamic_per_token", mode=mode), x
+        )
+        v = qm.calibrate(qm.attach(nn.Dense(4).init(jax.random.key(0), x), x), [x])
+        ys.append(qm.with_phase("eval").apply(v, x))
+    np.testing.assert_allclose(ys[1], ys[0], rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(qm.with_phase("eval").apply)(v, x))
+    assert "preferred_element_type=int32" in jaxpr  # the int8 x int8 -> int32 product ran
+
+
+def test_block_activations_calibrated_by_a_histogram_are_the_observer_on_each_block():
+    """Static block ranges from a histogram method (NNX): each block's stored QParams are those
+    of the per-tensor Percentile observer fed that block's features alone."""
+    import jax.numpy as jnp
+
+    from jquant import calibration as cal
+    from jquant.nn import nnx as qn
+    from jquant.quant import qparams_from_range
+
+    rng = np.random.default_rng(4)
+    batches = [rng.standard_t(3, size=(4, 16)).astype(np.float32) * k for k in (1.0, 3.0)]
+    method = cal.Percentile(99.0, num_bins=64)
+    rule = QuantRule(".*", act_block_size=8, calibration=method)
+    qnet, _ = qn.quantize_model(_TinyNNX.build(np.ones((16, 3), np.float32), np.zeros(3)), rule)
+    qn.calibrate(qnet, batches)
+    stored = qnet.dense.input_qparams.value
+    for blk in range(2):
+        state = method.init(batches[0][:, :8])
+        for x in batches:
+            state = method.update(x[:, 8 * blk : 8 * blk + 8], state)
+        lo, hi = method.bounds(state, rule.act)
+        want = qparams_from_range(jnp.asarray(lo), jnp.asarray(hi), rule.act)
+        np.testing.assert_allclose(stored["scale"][0, blk], want.scale, rtol=1e-6)
+        np.testing.assert_allclose(stored["zero_point"][0, blk], want.zero_point)
+
+
+def test_block_activation_rule_validation_and_config():
+    from jquant import mx
+
+    cfg = QuantRule(".*", act_block_size=32).act_config()
+    assert (cfg.block_size, cfg.block_axis, cfg.axis) == (32, -1, None)
+    assert QuantRule(".*").act_config().block_size is None
+    assert QuantRule(".*", act_block_size=8, block_size=8, mode="int").blockwise()
+    bad = [
+        (dict(act_block_size=0), "act_block_size must be None or a positive int"),
+        (dict(act_block_size=8, act=None), "act is None"),
+        (dict(act_block_size=8, act=mx.get_block_format("mxfp8_e4m3")), "its own blocks"),
+        (dict(act_block_size=8, estimator="lsq"), "learns one scale per tensor"),
+        (dict(act_block_size=8, block_size=16, mode="int"), "must be the same size"),
+        (dict(act_block_size=8, requant="double"), "block-wise activation scales"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            QuantRule(".*", **kwargs)
+
+    class PerTensorOnly:  # a user-defined observer without observer(axis=...)
+        def __init__(self):
+            from jquant import calibration as cal
+
+            self._obs = cal.running_minmax()
+            self.init, self.update = self._obs.init, self._obs.update
+            self.result, self.bounds = self._obs.result, self._obs.bounds
+
+    with pytest.raises(ValueError, match="QuantRule.calibration .* no per-axis"):
+        QuantRule(".*", act_block_size=8, calibration=PerTensorOnly())
+    # dynamic block ranges need no calibration per block
+    QuantRule(".*", act_block_size=8, calibration=PerTensorOnly(), act_scale="dynamic_per_token")
+
+
+def test_pooling_refuses_block_wise_activations():
+    import jax
+
+    from jquant.nn import linen as ql
+
+    pool = ql.QAvgPool((2, 2), rule=QuantRule(".*", act_block_size=2), phase="eval")
+    with pytest.raises(ValueError, match="pooling keeps its input's per-tensor QParams"):
+        pool.init(jax.random.key(0), np.ones((1, 4, 4, 4), np.float32))
+
+
 @pytest.mark.parametrize(
     "rule, match",
     [
         (QuantRule(".*", weight="int4", block_size=8), r"layer '.*' has block-wise weight scales"),
+        (
+            QuantRule(".*", act_block_size=8),
+            r"layer '.*' has block-wise activation scales \(act_block_size=8\)",
+        ),
         (QuantRule(".*", weight="mxfp4"), r"layer '.*' uses the block format\(s\) \['mxfp4'\]"),
     ],
 )

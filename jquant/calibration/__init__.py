@@ -2,8 +2,8 @@
 
 Range estimators are pure functions ``f(x, [fmt], *, axis=...) -> (rmin, rmax)`` for
 :func:`jquant.qparams_from_range`; ``axis`` names the axes that keep their own range (per
-channel; blocks: :func:`block_ranges`, :func:`block_observer`), and results have the
-keepdims shape:
+channel; blocks: :func:`block_ranges`, :func:`block_observer`, :func:`method_block_observer`),
+and results have the keepdims shape:
 
 - :func:`minmax`, :func:`absmax`, :func:`percentile` (two-sided or symmetric);
 - :func:`mse`: the clip range of least quantization MSE for ``fmt``, searched on device and
@@ -20,7 +20,8 @@ with ``init`` / ``update`` / ``result`` / ``bounds``) works wherever a built-in 
 
 Streaming observers (:class:`Observer`: pure ``init`` / ``update`` / ``result`` over NamedTuple
 states, all jit-able): :func:`running_minmax`, :func:`ema_minmax` and :func:`histogram`
-(growing range, serving percentile, MSE and KL). :func:`calibrate` runs a Flax model over a
+(growing range, serving percentile, MSE and KL), each per tensor or per ``axis``, hence
+block-wise through :func:`block_observer`. :func:`calibrate` runs a Flax model over a
 representative dataset so that its layers' observers (``quant_stats`` collection) see it.
 
 NaN and +-Inf: ignored by every estimator and observer (the range is that of the finite
@@ -29,7 +30,7 @@ finite value, or constant data, gives a finite scale. Empty arrays and empty dat
 ``ValueError``.
 """
 
-from jquant.calibration.blocks import block_observer, block_ranges
+from jquant.calibration.blocks import block_observer, block_ranges, method_block_observer
 from jquant.calibration.driver import calibrate, calibration_loop
 from jquant.calibration.observers import (
     ACIQ,
@@ -87,6 +88,7 @@ __all__ = [
     "absmax",
     "block_observer",
     "block_ranges",
+    "method_block_observer",
     "aciq",
     "aciq_clip",
     "aciq_mse",

@@ -18,13 +18,14 @@ and observer ignores: its range is that of its own elements.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jquant.calibration.grouping import Axis, check_data, kept_axes
-from jquant.calibration.observers import Observer
+from jquant.calibration.observers import Observer, get_observer
 from jquant.formats import Format
 from jquant.quant import QParams, block_qparams, qparams_from_range, to_blocks
 
@@ -36,7 +37,7 @@ def _padded_blocks(x: jax.Array, axis: int, size: int) -> jax.Array:
     return to_blocks(jnp.pad(x.astype(jnp.float32), pad, constant_values=jnp.nan), axis, size)
 
 
-__all__ = ["block_ranges", "block_observer"]
+__all__ = ["block_ranges", "block_observer", "method_block_observer"]
 
 
 def _blocked_axes(ndim: int, block_size: int, block_axis: int, axis: Axis):
@@ -83,9 +84,14 @@ def block_observer(
     **kwargs,
 ) -> Observer:
     """A streaming observer with one range per block: ``factory(axis=..., **kwargs)`` (a
-    per-axis observer such as ``running_minmax`` or ``ema_minmax``) run on the blocked view.
-    ``result`` gives a block-wise QParams (``block_size``, ``block_axis``); ``bounds`` the
-    block-shaped range.
+    per-axis observer such as ``running_minmax``, ``ema_minmax``, ``histogram`` or a
+    calibration method's ``observer``) run on the blocked view. ``result`` gives a block-wise
+    QParams (``block_size``, ``block_axis``); ``bounds`` the block-shaped range.
+
+    Each block's range is the per-tensor observer's on that block's elements alone (one
+    histogram per block for ``histogram``: counts of shape ``(n_blocks, 2 num_bins)``). A
+    partial last block (``block_size`` does not divide the axis) is padded with NaN, which
+    observers ignore (and count in ``state.nonfinite``): its range is that of its own elements.
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -120,3 +126,32 @@ def block_observer(
         return block_qparams(qp, block_size, ax)
 
     return Observer(init, update, result, bounds)
+
+
+def method_block_observer(
+    calibration, block_size: int, *, block_axis: int = -1, name: str = "calibration"
+) -> Observer:
+    """The block-wise streaming observer of a calibration method (or its registered name):
+    :func:`block_observer` on ``method.observer(axis=...)``, one range per ``block_size``
+    consecutive elements along ``block_axis`` (the reduced axes: all others).
+
+    >>> import jquant as jq
+    >>> obs = method_block_observer("percentile", 2)
+    >>> state = obs.update(jnp.array([[1.0, -3.0, 2.0, 0.5]]), obs.init(jnp.zeros((1, 4))))
+    >>> obs.result(state, jq.int8).scale.shape
+    (1, 2)
+
+    Raises:
+      ValueError: the method has no per-axis observer (``observer(axis=...)``), as a user-defined
+        per-tensor observer; ``name`` names the argument in the message.
+    """
+    method = get_observer(calibration, name)
+    factory = getattr(method, "observer", None)
+    params = inspect.signature(factory).parameters if callable(factory) else {}
+    if "axis" not in params or not getattr(method, "streams", True):
+        raise ValueError(
+            f"{name} {method!r} has no per-axis streaming observer (observer(axis=...)), so it "
+            "cannot keep one range per block; use a built-in streaming method (MinMax, "
+            "EmaMinMax, Percentile, MSE, KL) or give the method an observer(axis=...)"
+        )
+    return block_observer(factory, block_size, block_axis=block_axis)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -27,6 +28,7 @@ import numpy as np
 from jquant.calibration import histograms, ranges
 from jquant.calibration.grouping import (
     Axis,
+    as_groups,
     check_data,
     check_format,
     finite_min_max,
@@ -216,34 +218,54 @@ def _hashable_axis(axis: Axis) -> Axis:
 # ----------------------------------------------------------------------------- histogram
 
 
-def _histogram_init(num_bins: int):
+def _histogram_init(num_bins: int, axis: Axis):
     def init(x: jax.Array) -> HistogramState:
-        check_data(x)
+        x = check_data(x)
+        shape = stat_shape(x.shape, kept_axes(axis, x.ndim))
+        groups = (math.prod(shape),) if shape else ()
         zero = np.zeros((), np.int32)
-        inf = np.full((), np.inf, np.float32)
-        counts = np.zeros(2 * num_bins, np.float32)
-        return HistogramState(counts, np.zeros((), np.float32), inf, -inf, zero, zero)
+        inf = np.full(shape, np.inf, np.float32)
+        counts = np.zeros((*groups, 2 * num_bins), np.float32)
+        return HistogramState(counts, np.zeros(shape, np.float32), inf, -inf, zero, zero)
 
     return init
 
 
-@jax.jit
-def _histogram_update(x: jax.Array, state: HistogramState) -> HistogramState:
-    x = jnp.asarray(check_data(x), jnp.float32)
-    finite = jnp.isfinite(x)
-    lo, hi = finite_min_max(x, ())
-    amax = jnp.maximum(state.amax, jnp.maximum(or_zero(-lo), or_zero(hi)))
+def _histogram_row(row: jax.Array, counts: jax.Array, old_amax, lo, hi):
+    """One group's histogram after a batch: the range grows to the new ``max |x|`` (old
+    counts re-binned), then the finite values of ``row`` are counted."""
+    finite = jnp.isfinite(row)
+    amax = jnp.maximum(old_amax, jnp.maximum(or_zero(-lo), or_zero(hi)))
     counts = jnp.where(
-        amax > state.amax,
-        histograms.rebin(state.counts, -state.amax, state.amax, -amax, amax),
-        state.counts,
+        amax > old_amax, histograms.rebin(counts, -old_amax, old_amax, -amax, amax), counts
     )
-    values = jnp.where(finite, x, 0.0).ravel()
-    weights = finite.ravel().astype(jnp.float32)
+    values = jnp.where(finite, row, 0.0)
+    weights = finite.astype(jnp.float32)
     counts = counts + histograms.bin_counts(values, weights, -amax, amax, counts.shape[0])
+    return counts, amax
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _histogram_update(x: jax.Array, state: HistogramState, axis: Axis = None) -> HistogramState:
+    x, (lo, hi) = _batch_range(x, state, axis)
+    x = jnp.asarray(x, jnp.float32)
+    rows = as_groups(x, kept_axes(axis, x.ndim))  # (G, N): one histogram per group, vmapped
+    bins = state.counts.shape[-1]
+    counts, amax = jax.vmap(_histogram_row)(
+        rows,
+        jnp.reshape(state.counts, (-1, bins)),
+        jnp.reshape(state.amax, -1),
+        jnp.reshape(lo, -1),
+        jnp.reshape(hi, -1),
+    )
     count, nonfinite = _counters(x, state.count, state.nonfinite)
     return HistogramState(
-        counts, amax, jnp.minimum(state.min, lo), jnp.maximum(state.max, hi), count, nonfinite
+        jnp.reshape(counts, state.counts.shape),
+        jnp.reshape(amax, jnp.shape(state.amax)),
+        jnp.minimum(state.min, lo),
+        jnp.maximum(state.max, hi),
+        count,
+        nonfinite,
     )
 
 
@@ -260,6 +282,7 @@ def _histogram_check(fmt, symmetric: bool, *, method, percentile, **unused) -> N
     jax.jit,
     static_argnames=(
         "symmetric",
+        "axis",
         "method",
         "percentile",
         "num_bins",
@@ -272,12 +295,52 @@ def _histogram_core(
     fmt: Format,
     symmetric: bool,
     *,
+    axis: Axis,
     method: str,
     percentile: float,
     num_bins: int,
     num_candidates: int,
     num_rounds: int,
 ):
+    """The range of the histogram (per tensor) or of each group's, keepdims-shaped like
+    ``state.min``; groups run one after the other (``lax.map``: KL's ``O(num_bins^2)`` work
+    per group stays bounded in memory)."""
+    static = dict(
+        method=method,
+        percentile=percentile,
+        num_bins=num_bins,
+        num_candidates=num_candidates,
+        num_rounds=num_rounds,
+    )
+    if state.counts.ndim == 1:  # per tensor
+        return _histogram_row_range(state, fmt, symmetric, **static)
+    shape = jnp.shape(state.min)
+
+    def one(row):
+        counts, amax, lo, hi = row
+        group = HistogramState(counts, amax, lo, hi, state.count, state.nonfinite)
+        return _histogram_row_range(group, fmt, symmetric, **static)
+
+    rows = (
+        jnp.reshape(state.counts, (-1, 2 * num_bins)),
+        *(jnp.reshape(v, -1) for v in (state.amax, state.min, state.max)),
+    )
+    lo, hi = jax.lax.map(one, rows)
+    return jnp.reshape(lo, shape), jnp.reshape(hi, shape)
+
+
+def _histogram_row_range(
+    state: HistogramState,
+    fmt: Format,
+    symmetric: bool,
+    *,
+    method: str,
+    percentile: float,
+    num_bins: int,
+    num_candidates: int,
+    num_rounds: int,
+):
+    """``(rmin, rmax)`` of one histogram (counts ``(2 num_bins,)``, scalar amax / min / max)."""
     rmin, rmax = or_zero(state.min), or_zero(state.max)
     width = state.amax / num_bins
     if method == "percentile":
@@ -320,8 +383,10 @@ def histogram(
     *,
     num_candidates: int = 16,
     num_rounds: int = 4,
+    axis: Axis = None,
 ) -> Observer:
-    """A histogram of the stream on a growing range ``[-amax, amax]`` (per tensor).
+    """A histogram of the stream on a growing range ``[-amax, amax]``, per tensor or, with
+    ``axis`` (the axes that keep their own range, as :func:`running_minmax`), one per group.
 
     ``num_bins`` bins on each side of 0, so ``|x|`` has ``num_bins`` bins as in TensorRT.
     When a batch exceeds ``amax`` the range grows to the new ``max |x|`` exactly and the old
@@ -336,6 +401,13 @@ def histogram(
       (base range: the exact stream min / max);
     - ``kl``: :func:`~jquant.calibration.kl` on the folded histogram (``|x|``), or on its
       positive part for unsigned formats.
+
+    Per group (``axis`` set): ``G`` histograms, ``state.counts`` of shape ``(G, 2 num_bins)``
+    (groups in row-major order of the kept axes) and ``amax`` / ``min`` / ``max`` keepdims,
+    updated at once (``vmap``); each group's counts, ``amax`` and range are exactly those of
+    the per-tensor observer fed only that group's values (each group re-bins on its own
+    ``amax``). :func:`~jquant.calibration.block_observer` runs it on blocks (``(n_blocks,
+    2 num_bins)``). ``state.count`` / ``state.nonfinite`` stay totals over the tensor.
     """
     if method not in HISTOGRAM_METHODS:
         raise ValueError(f"method must be one of {HISTOGRAM_METHODS}, got {method!r}")
@@ -343,15 +415,18 @@ def histogram(
         raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
     check_search(num_candidates, num_rounds)
     percentile = check_percentile(percentile, symmetric=True) if method == "percentile" else 0.0
+    axis = _hashable_axis(axis)
     static = {
+        "axis": axis,
         "method": method,
         "percentile": percentile,
         "num_bins": num_bins,
         "num_candidates": num_candidates,
         "num_rounds": num_rounds,
     }
+    update = functools.partial(_histogram_update, axis=axis)
     return _observer(
-        _histogram_init(num_bins), _histogram_update, _histogram_check, _histogram_core, **static
+        _histogram_init(num_bins, axis), update, _histogram_check, _histogram_core, **static
     )
 
 
@@ -378,8 +453,9 @@ class Calibration:
     streams: ClassVar[bool] = True
     one_shot: ClassVar[bool] = True
 
-    def observer(self) -> Observer:
-        """The streaming :class:`Observer` (per tensor) of this method."""
+    def observer(self, axis: Axis = None) -> Observer:
+        """The streaming :class:`Observer` of this method, per tensor or keeping ``axis``
+        (per channel; :func:`~jquant.calibration.block_observer` builds blocks on it)."""
         raise ValueError(
             f"calibration {self.name!r} has no streaming observer; use it on whole tensors "
             f"(jquant.sweep) or choose one of {observer_names(streams=True)}"
@@ -422,8 +498,8 @@ class MinMax(Calibration):
 
     name: ClassVar[str] = "minmax"
 
-    def observer(self) -> Observer:
-        return running_minmax()
+    def observer(self, axis: Axis = None) -> Observer:
+        return running_minmax(axis)
 
     def range(self, x, fmt, *, axis=None, symmetric=False):
         return ranges.minmax(x, axis=axis)
@@ -440,8 +516,8 @@ class EmaMinMax(Calibration):
     def __post_init__(self):
         ema_minmax(self.decay)  # validates
 
-    def observer(self) -> Observer:
-        return ema_minmax(self.decay)
+    def observer(self, axis: Axis = None) -> Observer:
+        return ema_minmax(self.decay, axis)
 
     def range(self, x, fmt, *, axis=None, symmetric=False):
         return ranges.minmax(x, axis=axis)  # one batch: its own range
@@ -459,8 +535,8 @@ class Percentile(Calibration):
     def __post_init__(self):
         self.observer()  # validates
 
-    def observer(self) -> Observer:
-        return histogram(self.num_bins, "percentile", self.percentile)
+    def observer(self, axis: Axis = None) -> Observer:
+        return histogram(self.num_bins, "percentile", self.percentile, axis=axis)
 
     def range(self, x, fmt, *, axis=None, symmetric=False):
         return ranges.percentile(x, self.percentile, axis=axis, symmetric=symmetric)
@@ -479,9 +555,13 @@ class MSE(Calibration):
     def __post_init__(self):
         self.observer()  # validates
 
-    def observer(self) -> Observer:
+    def observer(self, axis: Axis = None) -> Observer:
         return histogram(
-            self.num_bins, "mse", num_candidates=self.num_candidates, num_rounds=self.num_rounds
+            self.num_bins,
+            "mse",
+            num_candidates=self.num_candidates,
+            num_rounds=self.num_rounds,
+            axis=axis,
         )
 
     def range(self, x, fmt, *, axis=None, symmetric=False):
@@ -506,8 +586,8 @@ class KL(Calibration):
     def __post_init__(self):
         self.observer()  # validates
 
-    def observer(self) -> Observer:
-        return histogram(self.num_bins, "kl")
+    def observer(self, axis: Axis = None) -> Observer:
+        return histogram(self.num_bins, "kl", axis=axis)
 
     def range(self, x, fmt, *, axis=None, symmetric=False):
         return ranges.kl(x, fmt, axis=axis, num_bins=self.num_bins)

@@ -235,11 +235,11 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
                 f"layer {path!r} uses the block format(s) {block_formats}: the integer program "
                 "has no kernel for them; convert an integer-format model"
             )
-        if q.rule.block_size is not None:
+        if q.rule.blockwise():
             raise ValueError(
-                f"layer {path!r} has block-wise weight scales (block_size={q.rule.block_size}): "
-                "the integer program has no block-wise kernel; convert a per-channel model, or "
-                "run this one with jquant.nn (mode='int' computes block-wise layers)"
+                f"layer {path!r} has {q.rule.blockwise()}: the integer program has no "
+                "block-wise kernel; convert a per-channel model, or run this one with "
+                "jquant.nn (mode='int' computes block-wise layers)"
             )
         if q.rule.act_scale != "static":  # no silent swap to the calibrated ranges
             raise ValueError(

@@ -262,6 +262,12 @@ def pool_activation(
             f"format {cfg.fmt.name} has none (its blocks scale themselves); keep the pooling "
             "layer float (QuantRule(<path>, keep_float=True)) or give it an integer act format"
         )
+    if cfg is not None and cfg.block_size is not None:
+        raise ValueError(
+            f"layer {slots.path!r}: pooling keeps its input's per-tensor QParams (TFLite), but "
+            f"the rule has block-wise activation scales (act_block_size={cfg.block_size}); "
+            "give the pooling layer a rule without act_block_size, or keep it float"
+        )
     qp = _act_qparams(slots, rule, phase, x)
     if qp is None:
         float_pool = nn.avg_pool if kind == "avg" else nn.max_pool

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from jquant import mx
-from jquant.calibration import get_observer, observer_names
+from jquant.calibration import get_observer, method_block_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
 from jquant.formats import FloatFormat, Format, IntFormat, get_format
 from jquant.integer.fixed_point import MULTIPLIER_MODES
@@ -130,6 +130,18 @@ class QuantRule:
         not divide the layer's input features the last block is partial. Block-wise
         layers run in both modes (``"int"``: an int32 partial sum per block) but
         ``jquant.convert`` refuses them: the integer program has no block-wise kernel.
+      act_block_size: elements per activation scale along the input's last axis (the
+        features, which Dense and Conv contract): block-wise activations, one scale per
+        ``act_block_size`` consecutive features, combined with ``act_scale``: ``"static"``
+        (one calibrated range per block of features, over every token: the calibration's
+        per-axis observer on each block, histograms included), ``"dynamic_per_token"`` (one
+        range per token and block, Qwix's tiled activations), ``"dynamic_per_example"``,
+        ``"dynamic_per_tensor"`` (one per block over the example / the tensor). Runs in both
+        modes (``"int"``: an int32 partial sum per block, scaled by ``s_x[b] s_w`` and summed
+        in float; with block-wise weights too, ``block_size`` must equal it). Activation
+        scales are then not learned (estimator ``"ste"`` / ``"clipped_ste"``); pooling layers
+        and ``jquant.convert`` / ``requant`` refuse block-wise activations. A partial last
+        block is allowed, as for weights.
       weight_symmetric: symmetric weight grid (zero point 0), TFLite's convention.
       act_symmetric: symmetric activation grid; the default is affine, as TFLite.
       calibration: activation range estimator, a streaming calibration method of
@@ -225,6 +237,7 @@ class QuantRule:
     learned_init: str = "paper"
     weight_scale_bound: str = "qmax"
     block_size: int | None = None
+    act_block_size: int | None = None
     grad: str | Format | None = None
     grad_rounding: str = "nearest_even"
     grad_operands: str | Format | None = None
@@ -296,11 +309,6 @@ class QuantRule:
                 f"which is not learned, but the activation estimator is "
                 f"{self._estimator('act')!r}: set act_estimator='ste' or 'clipped_ste'"
             )
-        if self.act_scale != "static" and self.mode == "int":
-            raise ValueError(
-                f"QuantRule.act_scale={self.act_scale!r} needs mode='simulate': the int path "
-                "runs with static activation QParams"
-            )
         for name in ("weight", "act"):
             fmt, est = getattr(self, name), self._estimator(name)
             if fmt is not None and est.learned and not getattr(fmt, "integer_grid", False):
@@ -308,6 +316,7 @@ class QuantRule:
                     f"QuantRule.{name}: estimator {est.name!r} learns an integer step, "
                     f"so the format must be an IntFormat, got {fmt}"
                 )
+        self._check_act_blocks()
         self._check_requant()
         self._check_backward()
         self._check_scaling()
@@ -352,6 +361,49 @@ class QuantRule:
         if b is not None:
             object.__setattr__(self, "weight_granularity", "per_block")
 
+    def _check_act_blocks(self) -> None:
+        """``act_block_size``: a positive int, for an integer-grid activation format whose
+        scales are not learned, calibrated by a method with a per-axis observer."""
+        b = self.act_block_size
+        if b is None:
+            return
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"QuantRule.act_block_size must be None or a positive int, got {b!r}")
+        problem = None
+        if self.act is None:
+            problem = "act is None (float activations have no scales)"
+        elif isinstance(self.act, mx.BlockFormat):
+            problem = f"the act format {self.act.name} has its own blocks of {self.act.block_size}"
+        elif self._estimator("act").learned:
+            problem = (
+                f"the activation estimator {self._estimator('act')!r} learns one scale per "
+                "tensor; use 'ste' or 'clipped_ste' (act_estimator)"
+            )
+        elif self.mode == "int" and self.block_size not in (None, b):
+            problem = (
+                f"mode='int' sums one int32 partial product per block, so the weight blocks "
+                f"(block_size={self.block_size}) must be the same size"
+            )
+        if problem:
+            raise ValueError(f"QuantRule.act_block_size={b}: {problem}")
+        if self.act_scale == "static":
+            method_block_observer(self.calibration, b, name="QuantRule.calibration")
+
+    def blockwise(self) -> str | None:
+        """Which scales of this rule's layers are block-wise (weight: ``block_size``,
+        activation: ``act_block_size``), in words, or None; the integer program
+        (``jquant.convert``, ``requant``) refuses them, having no block-wise kernel.
+
+        >>> QuantRule(".*", act_block_size=32).blockwise()
+        'block-wise activation scales (act_block_size=32)'
+        """
+        parts = []
+        if self.block_size is not None:
+            parts.append(f"block-wise weight scales (block_size={self.block_size})")
+        if self.act_block_size is not None:
+            parts.append(f"block-wise activation scales (act_block_size={self.act_block_size})")
+        return " and ".join(parts) or None
+
     def _check_requant(self) -> None:
         """``requant`` needs what the integer program has: static integer formats of <= 8
         bits (signed, symmetric weights) and static activation scales."""
@@ -363,8 +415,8 @@ class QuantRule:
             problem = "keep_float=True leaves nothing to requantize"
         elif self.act_scale != "static":
             problem = f"act_scale={self.act_scale!r}: the program needs static activation scales"
-        elif self.block_size is not None:
-            problem = f"block_size={self.block_size}: the program has no block-wise kernel"
+        elif self.blockwise():
+            problem = f"{self.blockwise()}: the program has no block-wise kernel"
         elif not _program_format(self.act, signed=False):
             problem = f"act={self.act}: the program needs a static integer format of <= 8 bits"
         elif not _program_format(self.weight, signed=True) or not self.weight_symmetric:
@@ -504,11 +556,21 @@ class QuantRule:
         )
 
     def act_config(self) -> QuantConfig | None:
-        """The per-tensor ``ops.QuantConfig`` of the input activation (None: float)."""
+        """The ``ops.QuantConfig`` of the input activation (None: float): per tensor, or
+        with ``act_block_size`` block-wise along the last axis (the features).
+
+        >>> QuantRule(".*", act_block_size=32).act_config().block_size
+        32
+        """
         if self.keep_float or self.act is None:
             return None
         symmetric = self.act_symmetric and not self._estimator("act").learns_clip
-        return QuantConfig(fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"))
+        blocks = {}
+        if self.act_block_size is not None:
+            blocks = dict(block_size=self.act_block_size, block_axis=-1)
+        return QuantConfig(
+            fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"), **blocks
+        )
 
     def backward_config(self) -> BackwardConfig | None:
         """The ``jquant.ops.BackwardConfig`` of the layer's product (None: float gradients).

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import calibration
-from jquant.quant import QParams, QuantConfig, block_view, dynamic_qparams
+from jquant.quant import QParams, QuantConfig, block_qparams, block_view, dynamic_qparams
 
 if TYPE_CHECKING:
     from jquant.nn.rules import QuantRule
@@ -245,18 +245,27 @@ def check_phase(phase: str) -> None:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def make_observer(name) -> calibration.Observer:
-    """The observer (``init`` / ``update`` / ``result``, per tensor) of a rule's
-    ``calibration``: a calibration method or its registered name."""
-    return calibration.get_observer(name)
+def make_observer(name, cfg: QuantConfig | None = None) -> calibration.Observer:
+    """The observer (``init`` / ``update`` / ``result``) of a rule's ``calibration``: a
+    calibration method or its registered name; per tensor, or block-wise when ``cfg`` has
+    ``block_size`` (:func:`jquant.calibration.method_block_observer`: one range per block
+    along ``cfg.block_axis``)."""
+    if cfg is None or cfg.block_size is None:
+        return calibration.get_observer(name)
+    return calibration.method_block_observer(name, cfg.block_size, block_axis=cfg.block_axis)
 
 
 def qparams_to_dict(qp: QParams) -> dict[str, jax.Array]:
     return {"scale": jnp.asarray(qp.scale), "zero_point": jnp.asarray(qp.zero_point)}
 
 
-def qparams_from_dict(d: dict[str, jax.Array]) -> QParams:
-    return QParams(d["scale"], d["zero_point"])
+def qparams_from_dict(d: dict[str, jax.Array], cfg: QuantConfig | None = None) -> QParams:
+    """The QParams stored by :func:`qparams_to_dict`, block-wise when ``cfg`` is (the dict
+    holds the block-shaped scales; the blocks are the config's)."""
+    qp = QParams(d["scale"], d["zero_point"])
+    if cfg is not None and cfg.block_size is not None:
+        return block_qparams(qp, cfg.block_size, cfg.block_axis)
+    return qp
 
 
 def _per_tensor(qp: QParams, cfg: QuantConfig) -> QParams:
@@ -415,7 +424,7 @@ def tensor_qparams(
             qp = own if scale_bound != "qmax" else None
         return qp if phase in ("train", "eval") else None
 
-    obs = make_observer(calibration_name)
+    obs = make_observer(calibration_name, cfg)
     state = slots.get_stat(variable_key(name, "observer"))
     if state is None:
         state = obs.init(x)
@@ -440,7 +449,7 @@ def tensor_qparams(
             )
         qp = _per_tensor(dynamic_qparams(x, cfg), cfg)  # placeholder while initializing
     else:
-        qp = qparams_from_dict(stored)
+        qp = qparams_from_dict(stored, cfg)
     if learned:
         qp = _learned(slots, name, cfg, qp, qp.zero_point)
     return qp if phase in ("train", "eval") else None
@@ -474,7 +483,8 @@ def frozen_qparams(
         return fallback
 
     stored = stats.get(variable_key("input", "qparams"))
-    qa = one("input", cfg_input, qparams_from_dict(stored) if stored is not None else None)
+    calibrated = None if stored is None else qparams_from_dict(stored, cfg_input)
+    qa = one("input", cfg_input, calibrated)
     own = None
     if cfg_kernel is not None and not cfg_kernel.is_microscaling:
         own = kernel_qparams(kernel, cfg_kernel, scale_bound)

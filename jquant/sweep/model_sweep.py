@@ -147,7 +147,7 @@ def check_rules(
         for target, b in ((t, b) for t in tgts for b in ends):
             cfg = with_bits(rule, b, target).act_config()
             if cfg is not None:
-                observer = make_observer(rule.calibration)
+                observer = make_observer(rule.calibration, cfg)
                 result = functools.partial(observer.result, fmt=cfg.fmt, symmetric=cfg.symmetric)
                 jax.eval_shape(result, jax.eval_shape(observer.init, example))
     return widths
@@ -225,7 +225,9 @@ def _eval_model(
         key = f"{path}/{variable_key('input', 'observer')}"
         if cfg is None or key not in stats:
             continue
-        qp = make_observer(rule.calibration).result(stats[key], cfg.fmt, symmetric=cfg.symmetric)
+        qp = make_observer(rule.calibration, cfg).result(
+            stats[key], cfg.fmt, symmetric=cfg.symmetric
+        )
         for name, value in qparams_to_dict(qp).items():
             flat = f"{path}/{variable_key('input', 'qparams')}/{name}"
             stats[flat] = jnp.reshape(value, jnp.shape(stats[flat]))
