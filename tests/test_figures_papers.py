@@ -738,13 +738,20 @@ def _awq_lin2023() -> dict[str, Section]:
     agree = {}
     for v in verdict:
         b = v["bits"]
-        rtn, awq = s[f"rtn_w{b}g32"], s[f"awq_w{b}g32"]
-        ours[f"{b}"] = table_row(str(b), _ppl(rtn), _ppl(awq), _inc(rtn), _inc(awq))
+        rtn, awq, clip = s[f"rtn_w{b}g32"], s[f"awq_w{b}g32"], s[f"awq_clip_w{b}g32"]
+        ours[f"{b}"] = table_row(
+            str(b), _ppl(rtn), _ppl(awq), _ppl(clip), _inc(rtn), _inc(awq), _inc(clip)
+        )
         word = "holds" if v["holds"] else "fails"
         agree[f"{b}"] = f"{b} bits: AWQ - RTN = {v['awq_minus_rtn']:+.3f} ({word})"
+        word = "holds" if v["clip_holds"] else "fails"
+        agree[f"{b} clip"] = (
+            f"{b} bits with clipping: AWQ - RTN = {v['awq_clip_minus_rtn']:+.3f} ({word})"
+        )
     return {
         "Claim": ({}, ["2023", "1", "3", "4", "32", "17"]),
-        "Ours": (ours, _llm_run_setup(meta)),
+        # the clipping grid: ratios 1, 0.95, ..., 0.55 (20 steps, max shrink 0.5)
+        "Ours": (ours, _llm_run_setup(meta) + ["0.95", "0.55", "20", "0.5"]),
         "Agreement": (agree, ["3", "4", "32"]),
         "Run": ({}, _QUICK_SETUP),
     }
@@ -780,13 +787,25 @@ def _smoothquant_xiao2022() -> dict[str, Section]:
 
 def _quarot_ashkboos2024() -> dict[str, Section]:
     s, meta, verdict, pub = _llm("quarot_ashkboos2024")
-    names = ["float", "float_outlier", "w4a4", "w4a4_outlier", "rotate_w4a4", "rotate_w4a4_outlier"]
+    names = ["float", "float_outlier", "w4a4", "w4a4_outlier"] + [
+        f"{r}_w4a4{tag}"
+        for r in ("rotate", "rotate_online", "rotate_online_random", "quarot")
+        for tag in ("", "_outlier")
+    ]
     claim = {
         f"v{i}": f"{r['max_wikitext2_ppl_loss_w4a4kv4']:.2f}" for i, r in enumerate(pub["rows"])
     }
+
+    def word(holds: bool) -> str:
+        return "holds" if holds else "fails"
+
     agree = {
         v["base"]: f"{v['base']} model: {v['no_rotation_ppl']:.3f} without, "
-        f"{v['rotation_ppl']:.3f} with rotation ({'holds' if v['holds'] else 'fails'})"
+        f"{v['rotation_ppl']:.3f} with the residual rotation ({word(v['holds'])}), "
+        f"{v['rotate_online_ppl']:.3f} adding the online Hadamard "
+        f"({word(v['rotate_online_holds'])}), {v['rotate_online_random_ppl']:.3f} with its "
+        f"random signs ({word(v['rotate_online_random_holds'])}), {v['quarot_ppl']:.3f} adding "
+        f"the per-head V/O rotation ({word(v['quarot_holds'])})"
         for v in verdict
     }
     return {
@@ -842,14 +861,19 @@ def _readme_llm() -> Section:
     _, _, (sv,), _ = _llm("smoothquant_xiao2022")
     _, _, qv, _ = _llm("quarot_ashkboos2024")
     (qo,) = [v for v in qv if v["base"] == "outlier"]
+    (qp,) = [v for v in qv if v["base"] == "plain"]
     awq = " and ".join(f"{v['awq_ppl']:.3f} against {v['rtn_ppl']:.3f}" for v in av)
+    clip = " and ".join(f"{v['awq_clip_ppl']:.3f}" for v in av)
     figures = {
         "gptq": f"{g3['gptq_increase']:+.3f} against {g3['rtn_increase']:+.3f} for RTN "
         f"(ratio {g3['ratio']:.2f})",
         "awq": awq,
+        "awq clip": f"with its clipping search {clip}",
         "smoothquant": f"recovers {pct(sv['recovered'])}% of naive W8A8's loss "
         f"({sv['naive_increase']:+.3f})",
         "quarot": f"{qo['rotation_ppl']:.3f} against {qo['no_rotation_ppl']:.3f} without",
+        "quarot plain": f"on the plain model {qp['quarot_ppl']:.3f} against "
+        f"{qp['no_rotation_ppl']:.3f}",
     }
     return figures, ["3", "4", "32"]
 

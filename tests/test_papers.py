@@ -1067,9 +1067,13 @@ def test_llm_summaries_and_verdicts_against_numpy(llm):
     rows = [("float", "float", 32, -1, 4.0, {})]
     rows += [(f"rtn_w{b}g32", "rtn", b, -1, 6.0, {}) for b in (3, 4)]
     rows += [("awq_w3g32", "awq", 3, 0, 5.0, {}), ("awq_w4g32", "awq", 4, 0, 6.5, {})]
+    rows += [("awq_clip_w3g32", "awq", 3, s, v, {}) for s, v in enumerate((6.5, 6.1))]
+    rows += [("awq_clip_w4g32", "awq", 4, s, v, {}) for s, v in enumerate((5.0, 5.4))]
     a = awq.verdict(llm, llm.summarize(_synthetic_runs(rows))).to_dicts()
     assert [r["holds"] for r in a] == [True, False]
     assert a[0]["awq_minus_rtn"] == pytest.approx(-1.0)
+    assert [r["clip_holds"] for r in a] == [False, True]  # means 6.3 and 5.2 against 6.0
+    assert a[1]["awq_clip_minus_rtn"] == pytest.approx(-0.8)
     # SmoothQuant: recovered fraction of the naive W8A8 loss on the outlier model
     rows = [("float_outlier", "float", 32, -1, 4.0, out), ("w8a8_outlier", "rtn", 8, -1, 9.0, out)]
     rows += [("smooth_w8a8_outlier", "rtn", 8, s, 4.0 + d, out) for s, d in enumerate((1, 2))]
@@ -1079,6 +1083,16 @@ def test_llm_summaries_and_verdicts_against_numpy(llm):
     rows = [(n, "rtn", 4, -1, v, extra) for n, v, extra in (
         ("w4a4", 6.0, {}), ("rotate_w4a4", 7.0, {}), ("w4a4_outlier", 30.0, out),
         ("rotate_w4a4_outlier", 8.0, out))]  # fmt: skip
+    for name, plain_ppl in (("rotate_online", 5.5), ("rotate_online_random", 6.5)):
+        rows += [
+            (f"{name}_w4a4", "rtn", 4, s, plain_ppl + d, {}) for s, d in enumerate((-0.2, 0.2))
+        ]
+        rows += [(f"{name}_w4a4_outlier", "rtn", 4, s, 40.0, out) for s in range(2)]
+    rows += [("quarot_w4a4", "rtn", 4, 0, 5.0, {}), ("quarot_w4a4_outlier", "rtn", 4, 0, 5.0, out)]
     q = qr.verdict(llm.summarize(_synthetic_runs(rows + [("float", "float", 32, -1, 4.0, {}),
         ("float_outlier", "float", 32, -1, 4.0, out)]))).to_dicts()  # fmt: skip
     assert [(r["base"], r["holds"]) for r in q] == [("plain", False), ("outlier", True)]
+    assert [r["rotate_online_holds"] for r in q] == [True, False]  # 5.5 < 6; 40 > 30
+    assert [r["rotate_online_random_holds"] for r in q] == [False, False]  # 6.5 > 6
+    assert [r["quarot_holds"] for r in q] == [True, True]
+    assert q[0]["rotate_online_ppl"] == pytest.approx(5.5) and q[1]["quarot_ppl"] == 5.0

@@ -2,15 +2,18 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from flax import nnx
 
 import jquant as jq
 from jquant import ptq
 from jquant.models import gpt
+from jquant.models import nnx as nnx_models
 from jquant.models.config import GPTConfig
 
 IN, OUT, BLOCK = 64, 16, 32
@@ -170,6 +173,59 @@ def test_awq_is_never_worse_than_rtn_and_wins_with_salient_channels():
     assert float(res.error) <= float(jnp.mean((flat @ w - flat @ rtn) ** 2)) * (1 + 1e-6)
 
 
+def _np_clip_errors(w, x, bits, ratios):
+    """AWQ's auto_clip per output channel in NumPy (float64): ``(out, len(ratios))`` errors
+    mean_n (x w_c - x Q(clip(w_c, +-r max|w_c|)))^2, Q symmetric RTN (scale r max|w_c| /
+    qmax; affine ranges of a kernel clipped on both sides put the zero point on a .5 tie,
+    which float32 and float64 round apart); the search picks each row's argmin."""
+    w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    qmax = 2 ** (bits - 1) - 1
+    errs = np.zeros((w.shape[1], len(ratios)))
+    for c in range(w.shape[1]):
+        m = np.abs(w[:, c]).max()
+        for i, r in enumerate(ratios):
+            scale = r * m / qmax
+            q = scale * np.clip(np.round(np.clip(w[:, c], -r * m, r * m) / scale), -qmax - 1, qmax)
+            errs[c, i] = np.mean((x @ w[:, c] - x @ q) ** 2)
+    return errs
+
+
+def test_awq_clip_per_channel_matches_a_numpy_auto_clip():
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.standard_t(3, size=(IN, OUT)), jnp.float32)  # heavy tails: clipping pays
+    x = jnp.asarray(rng.normal(size=(128, IN)), jnp.float32)
+    res = ptq.awq(w, x, jq.int3, group_size=None, grid=1, clip=True, symmetric=True)  # s = 1
+    np.testing.assert_array_equal(res.scales, 1.0)
+    ratios = 1.0 - np.arange(10) / 20  # the code's n_grid 20, max_shrink 0.5
+    errs = _np_clip_errors(w, x, 3, ratios)
+    picked = np.rint((1.0 - np.asarray(res.clip_ratio[0])) * 20).astype(int)
+    np.testing.assert_array_equal(picked, np.argmin(errs, 1))
+    assert float(jnp.min(res.clip_ratio)) < 1.0  # some channel is clipped
+    # the kernel is RTN of the clipped kernel (on its grid)
+    m = res.clip_ratio * jnp.max(jnp.abs(w), axis=0, keepdims=True)
+    want = ptq.rtn(jnp.clip(w, -m, m), jq.int3, symmetric=True).kernel
+    np.testing.assert_allclose(res.kernel, want, rtol=0, atol=1e-6)
+
+
+def test_awq_clip_never_increases_the_layer_output_error():
+    """After the scale search, on the calibration inputs: error(clip) <= error(no clip)."""
+    rng = np.random.default_rng(7)
+    for trial, (group_size, symmetric) in enumerate([(None, False), (16, False), (16, True)]):
+        w = jnp.asarray(rng.standard_t(2 + trial, size=(IN, OUT)), jnp.float32)
+        x = rng.normal(size=(96, IN)) * np.geomspace(0.2, 5.0, IN)
+        x = jnp.asarray(rng.permutation(x, axis=1), jnp.float32)
+        kw = {"group_size": group_size, "symmetric": symmetric, "grid": 3}
+        plain, clipped = ptq.awq(w, x, jq.int3, **kw), ptq.awq(w, x, jq.int3, **kw, clip=True)
+        np.testing.assert_array_equal(clipped.scales, plain.scales)  # clipping comes after
+        err = float(jnp.mean((x @ w - (x / clipped.scales) @ clipped.kernel) ** 2))
+        assert err == pytest.approx(float(clipped.error), rel=1e-4)
+        assert err <= float(plain.error) * (1 + 1e-5)
+        groups = IN // (group_size or IN)
+        assert clipped.clip_ratio.shape == (groups, OUT)
+        assert set(np.round(np.asarray(clipped.clip_ratio) * 20).ravel()) <= set(range(11, 21))
+        np.testing.assert_array_equal(plain.clip_ratio, 1.0)
+
+
 # ------------------------------------------------------------------------- SmoothQuant, rotation
 
 
@@ -193,6 +249,19 @@ def test_hadamard_is_orthogonal_and_matches_scipy(n):
     np.testing.assert_allclose(h * np.sqrt(n), scipy.linalg.hadamard(n), atol=1e-5)
     r = np.asarray(ptq.random_hadamard(jax.random.key(0), n))
     np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 40, 48, 96, 112])
+def test_hadamard_of_a_factorisable_size_is_a_hadamard_matrix(n):
+    """n = 2^k m (Paley I/II for m): orthogonal with entries +-1/sqrt(n), i.e. sqrt(n) H is a
+    Hadamard matrix (H H^T = n I, the definition)."""
+    h = np.asarray(ptq.hadamard(n), np.float64)
+    np.testing.assert_allclose(np.abs(h) * np.sqrt(n), 1.0, atol=1e-6)
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-6)
+    online = ptq.OnlineHadamard(n)
+    x = jnp.asarray(np.random.default_rng(n).normal(size=(3, n)), jnp.float32)
+    np.testing.assert_allclose(online(x, 0), x @ h, rtol=1e-5, atol=1e-5)
+    assert online == ptq.OnlineHadamard(n) and hash(online) == hash(ptq.OnlineHadamard(n))
 
 
 def test_rotated_linear_pair_with_rmsnorm_computes_the_same_function():
@@ -228,7 +297,12 @@ def test_rotated_linear_pair_with_rmsnorm_computes_the_same_function():
         (lambda w, x: ptq.gptq(w, x, jq.int4, block=0), "block"),
         (lambda w, x: ptq.gptq(w[0], x, jq.int4), "kernel"),
         (lambda w, x: ptq.gptq_from_hessian(w, jnp.eye(3), jq.int4), "h must be"),
-        (lambda w, x: ptq.hadamard(12), "power of 2"),
+        (lambda w, x: ptq.hadamard(92), "power of 2 times a Paley size"),
+        (lambda w, x: ptq.hadamard(6), "power of 2 times a Paley size"),
+        (lambda w, x: ptq.OnlineHadamard(172), "OnlineHadamard.n"),
+        (lambda w, x: ptq.OnlineHadamard(8)(x), "width 64"),
+        (lambda w, x: ptq.awq(w, x, jq.int4, group_size=None, max_shrink=1.0), "max_shrink"),
+        (lambda w, x: ptq.awq(w, x, jq.int4, group_size=None, clip_grid=2), ">= 2"),
         (lambda w, x: ptq.rotate_input(w, jnp.eye(OUT)), "q must be"),
         (lambda w, x: ptq.scale_input(w, jnp.ones(3)), "s must have shape"),
         (lambda w, x: ptq.smoothquant_scales(jnp.ones(3), jnp.ones(4)), "x_absmax"),
@@ -308,6 +382,111 @@ def test_rotation_and_smoothing_preserve_the_float_model(tiny_gpt):
     np.testing.assert_allclose(model.apply(smoothed, tokens), want, rtol=1e-4, atol=1e-4)
 
 
+def _down_inputs(model, variables, tokens):
+    """The input of every block's ``mlp/down`` Dense, (N, hidden), by Flax's method
+    interception."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.path[-1:] == ("down",):
+            seen[context.module.path[0]] = args[0].reshape(-1, args[0].shape[-1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, tokens)
+    return seen
+
+
+def test_online_hadamard_preserves_the_float_model_and_spreads_down_input_outliers(tiny_gpt):
+    model, variables, _, tokens = tiny_gpt
+    hidden = GPT_CFG.mlp_ratio * GPT_CFG.width
+    # an outlier channel of the MLP hidden activation: up's column 7 times 30 in block 1
+    up = variables["params"]["block1"]["mlp"]["up"]["kernel"]
+    params = {**variables["params"]}
+    params["block1"] = {**params["block1"], "mlp": {**params["block1"]["mlp"]}}
+    params["block1"]["mlp"]["up"] = {"kernel": up.at[:, 7].multiply(30.0)}
+    variables = {**variables, "params": params}
+    want = model.apply(variables, tokens)
+    before = _down_inputs(model, variables, tokens)["block1"]
+
+    def peak(a):  # max |a| over the rms, per token, worst token
+        return float(jnp.max(jnp.max(jnp.abs(a), -1) / jnp.sqrt(jnp.mean(a**2, -1))))
+
+    peaks = {}
+    for seed in (None, 3):
+        rotated, rvars = ptq.rotate_mlp(model, variables, seed)
+        assert rotated.mlp_transform == ptq.OnlineHadamard(hidden, seed)
+        np.testing.assert_allclose(rotated.apply(rvars, tokens), want, rtol=1e-4, atol=1e-4)
+        after = _down_inputs(rotated, rvars, tokens)["block1"]
+        m = np.asarray(ptq.hadamard(hidden))
+        if seed is not None:
+            m = np.asarray(ptq.random_hadamard(jax.random.key(seed), hidden))
+        np.testing.assert_allclose(after, before @ m, rtol=1e-4, atol=1e-4)
+        peaks[seed] = peak(after)
+    assert model.mlp_transform is None
+    # measured 11.2 -> 6.3 with H (gelu's mean lands in channel 0), -> 3.3 with random signs
+    assert peaks[None] < 0.6 * peak(before) and peaks[3] < 0.4 * peak(before)
+    # the NNX twin, holding the same transform and variables, computes the same function
+    nnx_model = gpt.NNXGPT(GPT_CFG, rngs=nnx.Rngs(0), mlp_transform=rotated.mlp_transform)
+    nnx_model = nnx_models.linen_to_nnx(rvars, nnx_model)
+    np.testing.assert_allclose(nnx_model(tokens), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already has an mlp_transform"):
+        ptq.rotate_mlp(rotated, rvars)
+    bad = gpt.GPT(GPTConfig(vocab_size=5, context=4, num_layers=1, num_heads=1, width=23))
+    with pytest.raises(ValueError, match="OnlineHadamard.n"):  # 92: no Hadamard built here
+        ptq.rotate_mlp(bad, {})
+
+
+def test_head_rotation_and_every_rotation_together_preserve_the_float_model(tiny_gpt):
+    model, variables, _, tokens = tiny_gpt
+    want = model.apply(variables, tokens)
+    hv = ptq.rotate_heads(model, variables)
+    np.testing.assert_allclose(model.apply(hv, tokens), want, rtol=1e-4, atol=1e-4)
+    d = GPT_CFG.head_dim
+    v0, v1 = _kernel(variables, 1, "attn/value"), _kernel(hv, 1, "attn/value")
+    np.testing.assert_allclose(v1[:, d:], v0[:, d:] @ ptq.hadamard(d), rtol=1e-5, atol=1e-6)
+    m, v = ptq.rotate_model(model, variables, seed=2)
+    m, v = ptq.rotate_mlp(m, ptq.rotate_heads(m, v), seed=4)
+    assert m.mlp_transform is not None and not m.config.tied_embeddings
+    np.testing.assert_allclose(m.apply(v, tokens), want, rtol=1e-4, atol=1e-4)
+
+
+def test_online_hadamard_recipe_quantizes_the_rotated_down_kernel(tiny_gpt):
+    model, variables, calib, _ = tiny_gpt
+    recipe = ptq.Recipe("rtn", weight="int4", online_hadamard="hadamard", rotate_heads=True)
+    out = ptq.quantize_model(model, variables, calib, recipe)
+    assert out.model.mlp_transform == ptq.OnlineHadamard(GPT_CFG.mlp_ratio * GPT_CFG.width)
+    rotated = ptq.rotate_input(_kernel(variables, 2, "mlp/down"), ptq.hadamard(128))
+    want = ptq.rtn(rotated, jq.int4).kernel
+    np.testing.assert_allclose(_kernel(out.variables, 2, "mlp/down"), want, rtol=0, atol=1e-6)
+    random = dataclasses.replace(recipe, online_hadamard="random", seed=5)
+    assert ptq.quantize_model(model, variables, calib, random).model.mlp_transform == (
+        ptq.OnlineHadamard(128, seed=5)
+    )
+
+
+@pytest.mark.slow  # three W4A4 recipes (about 1 min at load ~20)
+def test_online_hadamard_lowers_w4a4_error_with_a_hidden_outlier(tiny_gpt):
+    """An outlier channel of the MLP hidden activation (up's column 7 times 30): W4A4 (act
+    quantized per token) loses less with the online Hadamard before down."""
+    model, variables, calib, tokens = tiny_gpt
+    params = {**variables["params"]}
+    for b in ("block1", "block2"):
+        mlp = params[b]["mlp"]
+        params[b] = {
+            **params[b],
+            "mlp": {**mlp, "up": {"kernel": mlp["up"]["kernel"].at[:, 7].multiply(30.0)}},
+        }
+    variables = {**variables, "params": params}
+    want = model.apply(variables, tokens)
+    errors = {}
+    for online in (None, "hadamard", "random"):
+        recipe = ptq.Recipe("rtn", weight="int8", act="int4", online_hadamard=online, seed=1)
+        runner, rvars = ptq.quantize_model(model, variables, calib, recipe).runner(tokens)
+        errors[online] = float(jnp.mean((runner.apply(rvars, tokens) - want) ** 2))
+    assert errors["random"] < errors[None] and errors["hadamard"] < errors[None], errors
+
+
 def _kernel(variables, block, name):
     return variables["params"][f"block{block}"][name.split("/")[0]][name.split("/")[1]]["kernel"]
 
@@ -349,6 +528,23 @@ def test_awq_recipe_folds_its_scales_into_the_norm_and_the_value_kernel(tiny_gpt
     assert float(jnp.max(jnp.abs(qlogits - model.apply(variables, tokens)))) < 1.0
 
 
+@pytest.mark.slow  # AWQ's grid search per group shape, with the clipping search
+def test_awq_clip_recipe_clips_down_alone_on_its_sequential_inputs(tiny_gpt):
+    """With awq_clip, block 1's down kernel is ptq.awq's clipping search alone (grid 1, s = 1)
+    on down's input in the model whose earlier layers are quantized."""
+    model, variables, calib, _ = tiny_gpt
+    recipe = ptq.Recipe("awq", weight=jq.IntFormat(3), group_size=8, awq_clip=True)
+    out = ptq.quantize_model(model, variables, calib, recipe)
+    x = jnp.concatenate([_down_inputs(model, out.variables, t)["block1"] for t in calib])
+    want = ptq.awq(
+        _kernel(variables, 1, "mlp/down"), x, jq.IntFormat(3), group_size=8, grid=1, clip=True
+    )
+    np.testing.assert_allclose(_kernel(out.variables, 1, "mlp/down"), want.kernel, atol=1e-5)
+    assert float(jnp.min(want.clip_ratio)) < 1.0
+    plain = ptq.rtn(_kernel(variables, 1, "mlp/down"), jq.IntFormat(3), group_size=8).kernel
+    assert float(jnp.max(jnp.abs(want.kernel - plain))) > 0.0
+
+
 @pytest.mark.slow  # two W8A8 recipes (129 s measured at load average ~30)
 def test_smoothquant_w8a8_recovers_naive_w8a8_on_an_outlier_model(tiny_gpt):
     model, variables, calib, tokens = tiny_gpt
@@ -374,6 +570,12 @@ def test_quantize_model_bad_input(tiny_gpt):
         ptq.quantize_model(model, variables, [], ptq.Recipe("gptq"))
     with pytest.raises(TypeError, match="recipe"):
         ptq.quantize_model(model, variables, calib, "rtn")
+    with pytest.raises(ValueError, match="Recipe.awq_clip needs method='awq'"):
+        ptq.Recipe("gptq", awq_clip=True)
+    with pytest.raises(ValueError, match="Recipe.online_hadamard must be one of"):
+        ptq.Recipe(online_hadamard=True)
+    with pytest.raises(TypeError, match="Recipe.rotate_heads must be a bool"):
+        ptq.Recipe(rotate_heads=1)
 
 
 @pytest.mark.slow  # two W4A4 recipes (51 s measured at load average ~30)

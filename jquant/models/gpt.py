@@ -38,6 +38,7 @@ __all__ = [
     "Generated",
     "KVCache",
     "KVTransform",
+    "MLPTransform",
     "NNXGPT",
     "NNXProduct",
     "Product",
@@ -53,6 +54,18 @@ EMBED_INIT = jax.nn.initializers.normal(0.02)
 # ``kv_transform(x, layer, kind)`` maps the keys (kind "key") or values ("value")
 # (B, n, heads, head_dim) of block ``layer`` (0-based) before they are used and cached.
 KVTransform = Callable[[jax.Array, int, str], jax.Array]
+
+
+# ``mlp_transform(h, layer)`` maps the MLP's hidden activation ``gelu(x W_up)``
+# (B, n, mlp_ratio * width) of block ``layer`` (0-based) before ``down`` reads it.
+MLPTransform = Callable[[jax.Array, int], jax.Array]
+
+
+def _layer_mlp(mlp_transform: MLPTransform | None, layer: int):
+    """``mlp_transform`` bound to one layer: ``h -> mlp_transform(h, layer)``."""
+    if mlp_transform is None:
+        return None
+    return lambda h: mlp_transform(h, layer)
 
 
 def _layer_kv(kv_transform: KVTransform | None, layer: int):
@@ -194,15 +207,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """``down(gelu(up(x)))``: widths ``width -> mlp_ratio * width -> width``."""
+    """``down(t(gelu(up(x))))``: widths ``width -> mlp_ratio * width -> width``; ``t`` is the
+    optional ``transform`` of the hidden activation (identity when None), the model's
+    ``mlp_transform`` bound to this layer (:func:`_layer_mlp`)."""
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, transform=None):
         cfg = self.config
-        x = nn.Dense(cfg.mlp_ratio * cfg.width, use_bias=False, name="up")(x)
-        return nn.Dense(cfg.width, use_bias=False, name="down")(nn.gelu(x))
+        h = nn.gelu(nn.Dense(cfg.mlp_ratio * cfg.width, use_bias=False, name="up")(x))
+        if transform is not None:
+            h = transform(h)
+        return nn.Dense(cfg.width, use_bias=False, name="down")(h)
 
 
 class Block(nn.Module):
@@ -211,20 +228,27 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, h, layer_cache=None, start=0, kv=None):
+    def __call__(self, h, layer_cache=None, start=0, kv=None, mlp=None):
         cfg = self.config
         a, layer_cache = Attention(cfg, name="attn")(
             nn.RMSNorm(cfg.rms_epsilon, name="norm1")(h), layer_cache, start, kv
         )
         h = h + a
-        m = MLP(cfg, name="mlp")(nn.RMSNorm(cfg.rms_epsilon, name="norm2")(h))
+        m = MLP(cfg, name="mlp")(nn.RMSNorm(cfg.rms_epsilon, name="norm2")(h), mlp)
         return h + m, layer_cache
 
 
 class GPT(nn.Module):
-    """The Linen GPT of :class:`GPTConfig`; see the module docstring for the call forms."""
+    """The Linen GPT of :class:`GPTConfig`; see the module docstring for the call forms.
+
+    ``mlp_transform(h, layer)`` (:data:`MLPTransform`, None: identity) maps every MLP's
+    hidden activation before ``down``: part of the model's function (e.g. QuaRot's online
+    Hadamard, whose inverse is folded into ``down``'s kernel, ``jquant.ptq.rotate_mlp``), so
+    it is a field, kept by ``clone``, where ``kv_transform`` is a call argument.
+    """
 
     config: GPTConfig = GPTConfig()
+    mlp_transform: MLPTransform | None = None
 
     @nn.compact
     def __call__(
@@ -252,7 +276,8 @@ class GPT(nn.Module):
         layers = _split_cache(cache, cfg.num_layers)
         for i in range(cfg.num_layers):
             block = Block(cfg, name=f"block{i + 1}")
-            h, layers[i] = block(h, layers[i], start, _layer_kv(kv_transform, i))
+            kv, mlp = _layer_kv(kv_transform, i), _layer_mlp(self.mlp_transform, i)
+            h, layers[i] = block(h, layers[i], start, kv, mlp)
         h = nn.RMSNorm(cfg.rms_epsilon, name="norm")(h)
         if cfg.tied_embeddings:
             logits = embed.attend(h)
@@ -307,8 +332,9 @@ class NNXMLP(nnx.Module):
         self.up = nnx.Linear(config.width, hidden, use_bias=False, rngs=rngs)
         self.down = nnx.Linear(hidden, config.width, use_bias=False, rngs=rngs)
 
-    def __call__(self, x):
-        return self.down(nnx.gelu(self.up(x)))
+    def __call__(self, x, transform=None):
+        h = nnx.gelu(self.up(x))
+        return self.down(h if transform is None else transform(h))
 
 
 class NNXBlock(nnx.Module):
@@ -321,17 +347,25 @@ class NNXBlock(nnx.Module):
         self.norm2 = nnx.RMSNorm(config.width, epsilon=eps, rngs=rngs)
         self.mlp = NNXMLP(config, rngs=rngs)
 
-    def __call__(self, h, layer_cache=None, start=0, kv=None):
+    def __call__(self, h, layer_cache=None, start=0, kv=None, mlp=None):
         a, layer_cache = self.attn(self.norm1(h), layer_cache, start, kv)
         h = h + a
-        return h + self.mlp(self.norm2(h)), layer_cache
+        return h + self.mlp(self.norm2(h), mlp), layer_cache
 
 
 class NNXGPT(nnx.Module):
-    """The NNX GPT of :class:`GPTConfig`, called like :class:`GPT` (same parameter paths)."""
+    """The NNX GPT of :class:`GPTConfig`, called like :class:`GPT` (same parameter paths);
+    ``mlp_transform`` as :class:`GPT`'s field."""
 
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: GPTConfig,
+        *,
+        rngs: nnx.Rngs,
+        mlp_transform: MLPTransform | None = None,
+    ):
         self.config = config
+        self.mlp_transform = mlp_transform
         self.embed = nnx.Embed(
             config.vocab_size, config.width, embedding_init=EMBED_INIT, rngs=rngs
         )
@@ -360,7 +394,8 @@ class NNXGPT(nnx.Module):
         layers = _split_cache(cache, cfg.num_layers)
         for i in range(cfg.num_layers):
             block = getattr(self, f"block{i + 1}")
-            h, layers[i] = block(h, layers[i], start, _layer_kv(kv_transform, i))
+            kv, mlp = _layer_kv(kv_transform, i), _layer_mlp(self.mlp_transform, i)
+            h, layers[i] = block(h, layers[i], start, kv, mlp)
         h = self.norm(h)
         logits = self.embed.attend(h) if cfg.tied_embeddings else self.head(h)
         return logits if cache is None else (logits, _join_cache(layers, start, n))

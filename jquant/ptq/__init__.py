@@ -8,6 +8,8 @@ Kernels are in Flax layout ``(in, out)``; calibration inputs ``x`` are ``(n, in)
 - :func:`smoothquant_scales`: SmoothQuant's migration scales (Xiao et al. 2022);
 - :func:`hadamard`, :func:`rotate_input`, :func:`rotate_output`, :func:`absorb_gain`:
   QuaRot's computational invariance (Ashkboos et al. 2024), and the scale folds;
+  :class:`OnlineHadamard`, :func:`rotate_mlp`, :func:`rotate_heads`: its online Hadamard
+  before the down projection and its per-head rotation of V and O;
 - :func:`quantize_model`: a whole GPT by a :class:`Recipe` (sequential, layer by layer), and
   :func:`inject_outlier`;
 - :func:`kv_fake_quant`, :func:`kv_ranges`: a KV-cache quantizer per head and token, or per
@@ -25,18 +27,22 @@ from jquant.ptq.gptq import gptq, gptq_from_hessian, hessian
 from jquant.ptq.kv import KV_GRANULARITIES, KVRanges, kv_fake_quant, kv_ranges
 from jquant.ptq.model import (
     METHODS,
+    ONLINE,
     TRANSFORMS,
     PTQModel,
     Recipe,
     act_rules,
     inject_outlier,
     quantize_model,
+    rotate_heads,
+    rotate_mlp,
     rotate_model,
     smooth_model,
 )
 from jquant.ptq.rtn import Quantized, fake_quant_kernel, kernel_qparams, rtn
 from jquant.ptq.smoothquant import smoothquant_scales
 from jquant.ptq.transforms import (
+    OnlineHadamard,
     absorb_gain,
     hadamard,
     random_hadamard,
@@ -49,12 +55,16 @@ from jquant.ptq.transforms import (
 __all__ = [
     "AWQResult",
     "METHODS",
+    "ONLINE",
+    "OnlineHadamard",
     "PTQModel",
     "Recipe",
     "TRANSFORMS",
     "act_rules",
     "inject_outlier",
     "quantize_model",
+    "rotate_heads",
+    "rotate_mlp",
     "rotate_model",
     "smooth_model",
     "KVRanges",

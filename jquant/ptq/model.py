@@ -12,7 +12,15 @@
      then the residual stream rotated by a random Hadamard ``Q``: embeddings ``E Q``,
      ``pos Q``; kernels reading the stream ``Q^T W``, kernels writing it ``W Q``. RMSNorm
      without gain commutes with ``Q`` (``||x Q|| = ||x||``), so the float model computes the
-     same function (up to float rounding).
+     same function (up to float rounding);
+   - ``Recipe.online_hadamard`` (QuaRot's online Hadamard before the down projection,
+     :func:`rotate_mlp`): the GPT rotates each MLP's hidden activation ``gelu(x W_up)`` by
+     ``M`` at run time (its ``mlp_transform``, :class:`~jquant.ptq.OnlineHadamard`) and
+     ``W_down <- M^T W_down``, so ``down``'s input loses its outlier channels; ``M = H``
+     (``"hadamard"``, the paper's) or ``diag(d) H`` (``"random"``, signs by ``seed``);
+   - ``Recipe.rotate_heads`` (QuaRot's per-head rotation of V and O, :func:`rotate_heads`):
+     the value kernel's columns ``W_v (I (x) H_d)``, the out kernel's rows
+     ``(I (x) H_d)^T W_o``, offline (attention mixes each head's values linearly).
 
 2. weight quantization, layer by layer and block by block, each layer's calibration inputs
    taken from the model whose earlier layers are already quantized (sequential, as GPTQ's
@@ -26,7 +34,9 @@
      input (``query/key/value`` searched on their concatenation), folded into the op before
      it: the RMSNorm gain (``query/key/value``, ``up``) or the value projection's output
      channels (``out``: attention is linear in ``v``). ``down`` reads ``gelu(.)``, which no
-     scale passes through, so it is RTN.
+     scale passes through, so it is RTN, or, with ``Recipe.awq_clip``, AWQ's clipping
+     search alone (``s = 1``); ``awq_clip`` runs the clipping search after every scale
+     search (``jquant.ptq.awq(..., clip=True)``).
 
 The embeddings (and a tied head) stay float. With ``Recipe.act`` set, every Dense input is
 also fake-quantized at run time with dynamic per-token ranges (W/A, e.g. SmoothQuant's W8A8
@@ -56,7 +66,9 @@ from jquant.ptq.gptq import gptq_from_hessian, hessian
 from jquant.ptq.rtn import check_group_size, rtn
 from jquant.ptq.smoothquant import smoothquant_scales
 from jquant.ptq.transforms import (
+    OnlineHadamard,
     absorb_gain,
+    hadamard,
     random_hadamard,
     rotate_input,
     rotate_output,
@@ -66,18 +78,22 @@ from jquant.ptq.transforms import (
 
 __all__ = [
     "METHODS",
+    "ONLINE",
     "TRANSFORMS",
     "PTQModel",
     "Recipe",
     "act_rules",
     "inject_outlier",
     "quantize_model",
+    "rotate_heads",
+    "rotate_mlp",
     "rotate_model",
     "smooth_model",
 ]
 
 METHODS = ("rtn", "gptq", "awq")
 TRANSFORMS = (None, "smoothquant", "rotate")
+ONLINE = (None, "hadamard", "random")  # Recipe.online_hadamard
 QKV = ("attn/query", "attn/key", "attn/value")
 # the norm of each block -> the kernels that read its output
 READERS = {"norm1": QKV, "norm2": ("mlp/up",)}
@@ -99,6 +115,11 @@ class Recipe:
       symmetric: symmetric weight ranges (zero point 0).
       damp: GPTQ's dampening.
       seed: the random Hadamard's signs (``"rotate"``).
+      online_hadamard: None, or QuaRot's online Hadamard before every ``down``
+        (:func:`rotate_mlp`): ``"hadamard"`` (``H``) or ``"random"`` (``diag(d) H``, signs
+        by ``seed``), one of ``ONLINE``.
+      rotate_heads: QuaRot's per-head Hadamard of V and O (:func:`rotate_heads`).
+      awq_clip: AWQ's clipping search after its scale search (``method="awq"`` only).
     """
 
     method: str = "rtn"
@@ -110,6 +131,9 @@ class Recipe:
     symmetric: bool = False
     damp: float = 0.01
     seed: int = 0
+    online_hadamard: str | None = None
+    rotate_heads: bool = False
+    awq_clip: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -132,11 +156,24 @@ class Recipe:
             raise ValueError(f"Recipe.alpha must be a number in [0, 1], got {self.alpha!r}")
         if self.transform == "smoothquant" and self.method == "awq":
             raise ValueError("Recipe: smoothquant and awq both rescale input channels; pick one")
+        if self.online_hadamard not in ONLINE:
+            raise ValueError(
+                f"Recipe.online_hadamard must be one of {ONLINE}, got {self.online_hadamard!r}"
+            )
+        for name in ("rotate_heads", "awq_clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Recipe.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.awq_clip and self.method != "awq":
+            raise ValueError(
+                f"Recipe.awq_clip needs method='awq' (AWQ's clipping search), got "
+                f"method={self.method!r}"
+            )
 
 
 class PTQModel(NamedTuple):
-    """The result of :func:`quantize_model`: a GPT (untied by ``"rotate"``), its variables
-    with fake-quantized kernels, and the activation rules it runs with (empty: weight-only).
+    """The result of :func:`quantize_model`: a GPT (untied by ``"rotate"``, with the online
+    Hadamard as its ``mlp_transform`` by ``online_hadamard``), its variables with
+    fake-quantized kernels, and the activation rules it runs with (empty: weight-only).
     """
 
     model: gpt.GPT
@@ -263,7 +300,7 @@ def rotate_model(model: gpt.GPT, variables: dict, seed: int = 0) -> tuple[gpt.GP
     Returns the untied GPT (``tied_embeddings=False``) and its variables: the same function.
 
     Raises:
-      ValueError: the width is not a power of 2 (Sylvester Hadamard).
+      ValueError: the width has no Hadamard matrix (``jquant.ptq.hadamard``).
     """
     cfg = model.config
     q = random_hadamard(jax.random.key(seed), cfg.width)
@@ -292,12 +329,62 @@ def rotate_model(model: gpt.GPT, variables: dict, seed: int = 0) -> tuple[gpt.GP
             "down": {"kernel": rotate_output(b["mlp"]["down"]["kernel"], q)},
         }
         new[f"block{i}"] = {**blk, "attn": attn, "mlp": mlp}
-    untied = gpt.GPT(dataclasses.replace(cfg, tied_embeddings=False))
+    untied = model.clone(config=dataclasses.replace(cfg, tied_embeddings=False))
     return untied, {**variables, "params": new}
 
 
-def _quantize_group(recipe: Recipe, kernels: list, x: jax.Array | None) -> tuple[list, Any]:
-    """Quantized kernels of layers sharing the input ``x`` (and AWQ's scales, else None)."""
+def rotate_mlp(model: gpt.GPT, variables: dict, seed: int | None = None) -> tuple[gpt.GPT, dict]:
+    """QuaRot's online Hadamard before the down projection (Ashkboos et al. 2024, Section 4):
+    the returned GPT computes ``down(gelu(x W_up) M)`` (``mlp_transform =
+    OnlineHadamard(n, seed)``, ``n = mlp_ratio * width``, ``M = H_n`` or, with ``seed``,
+    ``diag(d) H_n``) with ``W_down <- M^T W_down`` in every block: ``(h M)(M^T W) = h W``,
+    the same function, and ``down``'s input ``h M`` has its outlier channels spread over all
+    channels (with ``M = H_n`` its mean goes to channel 0: :class:`OnlineHadamard`).
+
+    Raises:
+      ValueError: the model already has an ``mlp_transform``; ``n`` has no Hadamard matrix
+        (``jquant.ptq.hadamard``: a power of 2 times a Paley size).
+    """
+    if model.mlp_transform is not None:
+        raise ValueError(
+            f"model already has an mlp_transform ({model.mlp_transform!r}); rotate_mlp "
+            "rotates a GPT without one"
+        )
+    cfg = model.config
+    transform = OnlineHadamard(cfg.mlp_ratio * cfg.width, seed)
+    h = transform.matrix()
+    params = variables["params"]
+    for i in range(1, cfg.num_layers + 1):
+        params = _set_kernel(params, i, "mlp/down", rotate_input(_kernel(params, i, "mlp/down"), h))
+    return model.clone(mlp_transform=transform), {**variables, "params": params}
+
+
+def rotate_heads(model: gpt.GPT, variables: dict) -> dict:
+    """QuaRot's per-head rotation of V and O (Ashkboos et al. 2024, Section 4): with
+    ``B = I_heads (x) H_d`` (``H_d = jquant.ptq.hadamard(head_dim)``, block diagonal),
+    ``W_v <- W_v B`` and ``W_o <- B^T W_o`` in every block. Each head's values come rotated,
+    ``P (v H_d) = (P v) H_d``, so ``out`` computes the same function; its input and the
+    value cache have each head's outliers spread over the head.
+
+    Raises:
+      ValueError: ``head_dim`` has no Hadamard matrix (``jquant.ptq.hadamard``).
+    """
+    cfg = model.config
+    b = jnp.kron(jnp.eye(cfg.num_heads, dtype=jnp.float32), hadamard(cfg.head_dim))
+    params = variables["params"]
+    for i in range(1, cfg.num_layers + 1):
+        params = _set_kernel(
+            params, i, "attn/value", rotate_output(_kernel(params, i, "attn/value"), b)
+        )
+        params = _set_kernel(params, i, "attn/out", rotate_input(_kernel(params, i, "attn/out"), b))
+    return {**variables, "params": params}
+
+
+def _quantize_group(
+    recipe: Recipe, kernels: list, x: jax.Array | None, scaled: bool = True
+) -> tuple[list, Any]:
+    """Quantized kernels of layers sharing the input ``x`` (and AWQ's scales, else None);
+    ``scaled=False``: AWQ's clipping search alone (``s = 1``, no scales returned)."""
     fmt, g, sym = recipe.weight, recipe.group_size, recipe.symmetric
     if recipe.method == "rtn" or x is None:
         return [rtn(k, fmt, group_size=g, symmetric=sym).kernel for k in kernels], None
@@ -308,9 +395,13 @@ def _quantize_group(recipe: Recipe, kernels: list, x: jax.Array | None) -> tuple
             for k in kernels
         ], None
     widths = [k.shape[1] for k in kernels]
-    res = awq(jnp.concatenate(kernels, axis=1), x, fmt, group_size=g, symmetric=sym)
+    grid = {} if scaled else {"grid": 1}  # grid 1: alpha = 0, s = 1
+    res = awq(
+        jnp.concatenate(kernels, axis=1), x, fmt, group_size=g, symmetric=sym,
+        clip=recipe.awq_clip, **grid,
+    )  # fmt: skip
     splits = jnp.split(res.kernel, jnp.cumsum(jnp.asarray(widths))[:-1].tolist(), axis=1)
-    return list(splits), res.scales
+    return list(splits), res.scales if scaled else None
 
 
 def _quantize_weights(model: gpt.GPT, variables: dict, batches: list, recipe: Recipe) -> dict:
@@ -319,10 +410,14 @@ def _quantize_weights(model: gpt.GPT, variables: dict, batches: list, recipe: Re
     for i in range(1, model.config.num_layers + 1):
         for group in (QKV, ("attn/out",), ("mlp/up",), ("mlp/down",)):
             x = None
-            if needs_data and not (recipe.method == "awq" and group == ("mlp/down",)):
+            # AWQ: no scale passes gelu, so down is RTN, or clipped alone with awq_clip
+            scaled = not (recipe.method == "awq" and group == ("mlp/down",))
+            if needs_data and (scaled or recipe.awq_clip):
                 first = f"block{i}/{group[0]}"
                 x = _capture(model, {**variables, "params": params}, batches, (first,))[first]
-            kernels, scales = _quantize_group(recipe, [_kernel(params, i, n) for n in group], x)
+            kernels, scales = _quantize_group(
+                recipe, [_kernel(params, i, n) for n in group], x, scaled
+            )
             for n, k in zip(group, kernels, strict=True):
                 params = _set_kernel(params, i, n, k)
             if scales is None:
@@ -361,7 +456,8 @@ def quantize_model(
     Raises:
       TypeError: not a Linen GPT or not a Recipe.
       ValueError: no calibration batch when the recipe needs data; a group size that does not
-        divide a kernel's input width.
+        divide a kernel's input width; a width with no Hadamard matrix (``"rotate"``,
+        ``online_hadamard``, ``rotate_heads``; ``jquant.ptq.hadamard``).
     """
     if not isinstance(model, gpt.GPT):
         raise TypeError(f"model must be a jquant.models.gpt.GPT, got {type(model).__name__}")
@@ -378,6 +474,11 @@ def quantize_model(
         variables = smooth_model(model, variables, batches, recipe.alpha)
     elif recipe.transform == "rotate":
         model, variables = rotate_model(model, variables, recipe.seed)
+    if recipe.rotate_heads:
+        variables = rotate_heads(model, variables)
+    if recipe.online_hadamard is not None:
+        seed = recipe.seed if recipe.online_hadamard == "random" else None
+        model, variables = rotate_mlp(model, variables, seed)
     variables = _quantize_weights(model, variables, batches, recipe)
     return PTQModel(model, variables, act_rules(recipe.act))
 

@@ -11,9 +11,17 @@ A linear layer ``y = x W`` (Flax kernel ``(in, out)``) computes the same functio
   into the next kernel (:func:`absorb_gain`): QuaRot's computational invariance (Ashkboos et
   al. 2024, arXiv:2404.00456, Section 4; SliceGPT, Theorem 1). A Hadamard ``Q`` spreads
   outlier channels over all channels, which is what makes 4-bit activations work.
+
+Where no weight can absorb ``Q`` (the MLP's hidden activation ``gelu(x W_up)``: no rotation
+passes through ``gelu``), QuaRot rotates online: the model computes ``h H`` at run time
+(:class:`OnlineHadamard`, injected as the GPT's ``mlp_transform``) and the next kernel is
+``H^T W`` (:func:`rotate_input`), offline.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +30,7 @@ import numpy as np
 from jquant.ptq.rtn import check_kernel
 
 __all__ = [
+    "OnlineHadamard",
     "absorb_gain",
     "hadamard",
     "random_hadamard",
@@ -48,21 +57,71 @@ def _check_rotation(q, n: int, what: str) -> jax.Array:
     return q
 
 
-def hadamard(n: int) -> jax.Array:
-    """The normalised Sylvester-Hadamard matrix ``H_n / sqrt(n)``, ``n`` a power of 2.
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
-    ``H_1 = [1]``, ``H_2k = [[H_k, H_k], [H_k, -H_k]]``; ``H_n H_n^T = n I``, so the returned
-    matrix is orthogonal and symmetric.
+
+def _paley(m: int) -> np.ndarray | None:
+    """An unnormalised ``m x m`` Hadamard matrix by Paley's construction I (``m = q + 1``,
+    ``q`` a prime ``= 3 mod 4``) or II (``m = 2 (q + 1)``, ``q`` a prime ``= 1 mod 4``), from
+    the Jacobsthal matrix ``Q_ij = chi(j - i)`` (``chi`` the Legendre symbol mod ``q``);
+    None when ``m`` is neither."""
+
+    def jacobsthal(q: int) -> np.ndarray:
+        squares = {(k * k) % q for k in range(1, q)}
+        chi = np.array([0] + [1 if a in squares else -1 for a in range(1, q)])
+        return chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]
+
+    q = m - 1
+    if _is_prime(q) and q % 4 == 3:  # H = I + [[0, 1^T], [-1, Q]] (Q skew)
+        s = np.zeros((m, m), np.int64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jacobsthal(q)
+        return np.eye(m, dtype=np.int64) + s
+    q = m // 2 - 1
+    if m % 2 == 0 and _is_prime(q) and q % 4 == 1:  # C (x) [[1,-1],[-1,-1]] + I (x) H_2
+        c = np.zeros((q + 1, q + 1), np.int64)
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, jacobsthal(q)
+        return np.kron(c, [[1, -1], [-1, -1]]) + np.kron(np.eye(q + 1, dtype=np.int64), _H2)
+    return None
+
+
+_H2 = np.array([[1, 1], [1, -1]], np.int64)
+
+
+def hadamard(n: int) -> jax.Array:
+    """A normalised Hadamard matrix ``H_n / sqrt(n)``: orthogonal, entries ``+-1 / sqrt(n)``.
+
+    ``n = 2^k``: Sylvester's ``H_1 = [1]``, ``H_2k = [[H_k, H_k], [H_k, -H_k]]`` (symmetric).
+    Otherwise ``n = 2^k m`` with ``H_n = H_{2^k} (x) H_m`` (Kronecker product), ``H_m`` by
+    Paley's construction I (``m = q + 1``, ``q`` prime, ``q = 3 mod 4``: 12, 20, 24, 32, 44,
+    ...) or II (``m = 2 (q + 1)``, ``q`` prime, ``q = 1 mod 4``: 12, 28, 36, 60, ...), the
+    smallest such ``m``. QuaRot (Ashkboos et al. 2024) handles widths that are not powers of
+    2 the same way, ``H_{2^k} (x) H_m``, its code storing ``H_m`` for a few ``m`` (e.g. 172
+    for LLaMA's 11008 = 64 * 172, which Paley does not give). ``H_n H_n^T = n I``.
 
     >>> jnp.round(hadamard(2) * 2**0.5).tolist()
     [[1.0, 1.0], [1.0, -1.0]]
+
+    Raises:
+      ValueError: ``n`` is not ``2^k`` times such an ``m`` (e.g. 6, 92, 172).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
-        raise ValueError(f"n must be a power of 2 (Sylvester construction), got {n!r}")
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return jnp.asarray(h / np.sqrt(n), jnp.float32)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    two = n & -n  # the largest power of 2 dividing n
+    for p in range(two.bit_length()):  # m = odd part * 2^p, smallest first
+        m = n // two * 2**p
+        h_m = np.ones((1, 1), np.int64) if m == 1 else _paley(m)
+        if h_m is not None:
+            break
+    else:
+        raise ValueError(
+            f"n must be a power of 2 times a Paley size (q + 1, q prime = 3 mod 4, or "
+            f"2 (q + 1), q prime = 1 mod 4), got {n!r}"
+        )
+    h = np.ones((1, 1), np.int64)
+    while h.shape[0] < n // m:
+        h = np.kron(_H2, h)
+    return jnp.asarray(np.kron(h, h_m) / np.sqrt(n), jnp.float32)
 
 
 def random_hadamard(key: jax.Array, n: int) -> jax.Array:
@@ -100,3 +159,48 @@ def rotate_output(kernel: jax.Array, q: jax.Array) -> jax.Array:
     kernel = check_kernel(kernel)
     q = _check_rotation(q, kernel.shape[1], "outputs")
     return jnp.matmul(kernel, q, precision=jax.lax.Precision.HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineHadamard:
+    """QuaRot's online Hadamard: ``t(h, layer) = h M`` over the last axis, the same for every
+    layer, with ``M = H_n`` (:func:`hadamard`, ``seed=None``: the paper's online transform) or
+    ``M = diag(d) H_n`` with random signs ``d`` drawn by ``seed`` (:func:`random_hadamard`,
+    QuaRot's randomised Hadamard). The kernel reading ``h`` is ``M^T W``
+    (:func:`rotate_input` with :meth:`matrix`), so ``t(h) (M^T W) = h W``.
+
+    ``H_n``'s first column is constant, so ``h H_n`` carries ``sqrt(n) mean(h)`` in channel 0:
+    after a ``gelu`` (mean > 0) that channel becomes an outlier, which the random signs avoid.
+
+    A frozen dataclass (equal and hashed by ``n`` and ``seed``), so a model holding it
+    compiles once. Called as a GPT's ``mlp_transform`` (``jquant.models.gpt.MLPTransform``).
+
+    Raises:
+      ValueError: ``n`` has no :func:`hadamard`; ``seed`` not None or an int (at construction).
+    """
+
+    n: int
+    seed: int | None = None
+
+    def __post_init__(self):
+        try:
+            hadamard(self.n)
+        except ValueError as e:
+            raise ValueError(f"OnlineHadamard.n: {e}") from None
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"OnlineHadamard.seed must be None or an int, got {self.seed!r}")
+
+    def matrix(self) -> jax.Array:
+        """``M`` ``(n, n)``, orthogonal."""
+        if self.seed is None:
+            return hadamard(self.n)
+        return random_hadamard(jax.random.key(self.seed), self.n)
+
+    def __call__(self, h: jax.Array, layer: int = 0) -> jax.Array:
+        del layer
+        if h.shape[-1] != self.n:
+            raise ValueError(f"OnlineHadamard(n={self.n}) got an activation of width {h.shape[-1]}")
+        m = self.matrix().astype(h.dtype)
+        return jnp.matmul(h, m, precision=jax.lax.Precision.HIGHEST)

@@ -6,9 +6,13 @@ channel) and int4 activations (symmetric, dynamic per token) at every block Dens
 and without ``jquant.ptq.rotate_model`` (RMSNorm gains absorbed, residual stream rotated by
 ``Q = diag(d) H / sqrt(n)``: the same float function), on the plain GPT and on the
 outlier-injected one (``jquant.ptq.inject_outlier``, as in ``papers/smoothquant_xiao2022``).
-Not reproduced: the online Hadamard before ``down`` and inside attention, and the KV cache.
+Then with QuaRot's online Hadamard before ``down`` (``Recipe.online_hadamard``: ``"hadamard"``,
+the paper's ``H``, or ``"random"``, ``diag(d) H``) and, in the full ``quarot`` config, the
+per-head Hadamard of V and O (``Recipe.rotate_heads``). Not reproduced: the online Hadamard
+across heads before ``out``, and the KV cache.
 
-The claim checked: rotation beats no rotation at W4A4 (lower perplexity), on the outlier model.
+The claim checked: rotation beats no rotation at W4A4 (lower perplexity), on the outlier model;
+reported also on the plain model, for each rotation config.
 """
 
 from __future__ import annotations
@@ -19,36 +23,52 @@ from jquant import ptq
 from jquant.reproduce import load_paper, save_figure, script_main, write_tables
 from jquant.sweep import Table
 
+# rotation configs: name prefix -> the Recipe's rotation options (all with transform="rotate")
+ROTATIONS = {
+    "rotate": {},
+    "rotate_online": {"online_hadamard": "hadamard"},
+    "rotate_online_random": {"online_hadamard": "random"},
+    "quarot": {"online_hadamard": "random", "rotate_heads": True},
+}
+
 
 def configs(shared) -> list:
-    """Float (plain, outlier), W4A4 with and without rotation on both."""
+    """Float (plain, outlier), W4A4 without rotation and with each of ``ROTATIONS``, on both."""
     plain = ptq.Recipe("rtn", weight="int4", act="int4")
-    rotated = ptq.Recipe("rtn", weight="int4", act="int4", transform="rotate")
-    return [
+    out = [
         shared.Config("float", "plain", None),
         shared.Config("float_outlier", "outlier", None),
         shared.Config("w4a4", "plain", plain),
         shared.Config("w4a4_outlier", "outlier", plain),
-        shared.Config("rotate_w4a4", "plain", rotated),
-        shared.Config("rotate_w4a4_outlier", "outlier", rotated),
     ]
+    for name, options in ROTATIONS.items():
+        recipe = ptq.Recipe("rtn", weight="int4", act="int4", transform="rotate", **options)
+        out.append(shared.Config(f"{name}_w4a4", "plain", recipe))
+        out.append(shared.Config(f"{name}_w4a4_outlier", "outlier", recipe))
+    return out
 
 
 def verdict(summary: Table) -> Table:
-    """Per base model: W4A4 perplexity without and with rotation, and whether rotation wins."""
+    """Per base model: W4A4 perplexity without rotation and with each of ``ROTATIONS``
+    (``<name>_ppl``), and whether each wins (``holds``: the residual rotation alone,
+    ``<name>_holds``: the others)."""
     rows = []
     for base, tag in (("plain", ""), ("outlier", "_outlier")):
         (no,) = summary.where(name=f"w4a4{tag}").to_dicts()
-        (rot,) = summary.where(name=f"rotate_w4a4{tag}").to_dicts()
-        rows.append(
-            {"base": base, "no_rotation_ppl": no["ppl_mean"], "rotation_ppl": rot["ppl_mean"],
-             "holds": bool(rot["ppl_mean"] < no["ppl_mean"])}
-        )  # fmt: skip
+        row = {"base": base, "no_rotation_ppl": no["ppl_mean"]}
+        for name in ROTATIONS:
+            (rot,) = summary.where(name=f"{name}_w4a4{tag}").to_dicts()
+            key = "rotation" if name == "rotate" else name
+            row[f"{key}_ppl"] = rot["ppl_mean"]
+            row["holds" if name == "rotate" else f"{name}_holds"] = bool(
+                rot["ppl_mean"] < no["ppl_mean"]
+            )
+        rows.append(row)
     return Table.from_dicts(rows)
 
 
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
-    """W4A4 with and without rotation, plain and outlier GPT, 3 rotation seeds."""
+    """W4A4 without and with each rotation, plain and outlier GPT, 3 rotation seeds."""
     shared = load_paper("gptq_frantar2022")
     protocol = shared.QUICK if quick else shared.Protocol()
     model, variables, ds, metrics = shared.load_gpt(protocol)
