@@ -920,6 +920,89 @@ def test_quantized_training_quick_run(tmp_path):
         assert np.isfinite(r["train_loss"])
 
 
+@pytest.fixture(scope="module")
+def qt_gpt():
+    """``papers/quantized_training/gpt.py`` (the small GPT part), imported by path."""
+    import importlib.util
+    import sys
+
+    name = "jquant_papers_quantized_training_gpt"
+    spec = importlib.util.spec_from_file_location(name, QT_DIR / "gpt.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[name]
+
+
+def test_quantized_training_gpt_summary_against_numpy(qt_gpt):
+    rng = np.random.default_rng(1)
+    runs = [
+        {"recipe": r, "seed": s, "val_loss": float(2 + rng.random())}
+        for r in ("float", "fp8_current")
+        for s in range(3)
+    ]
+    rows = {s["recipe"]: s for s in qt_gpt.summarize(runs)}
+    loss = {r: np.array([x["val_loss"] for x in runs if x["recipe"] == r]) for r in rows}
+    for r, s in rows.items():
+        assert s["seeds"] == 3
+        assert s["val_loss_mean"] == pytest.approx(loss[r].sum() / 3)
+        assert (s["val_loss_min"], s["val_loss_max"]) == (loss[r].min(), loss[r].max())
+        want = 100 * (loss[r].mean() - loss["float"].mean()) / loss["float"].mean()
+        assert s["gap_percent"] == pytest.approx(want)
+    assert rows["float"]["gap_percent"] == 0
+
+
+def test_quantized_training_gpt_recipes_quantize_what_the_readme_says(qt_gpt):
+    """fp8: e4m3 weights and activations with current (per-tensor, this step's amax) scales,
+    e5m2 gradients; int4: int4 gradients rounded to nearest; attention products float."""
+    fp8 = qt_gpt.RECIPES["fp8_current"][-1]
+    assert (fp8.weight.name, fp8.act.name, fp8.grad.name) == ("fp8_e4m3", "fp8_e4m3", "fp8_e5m2")
+    assert fp8.weight_granularity == "per_tensor" and fp8.act_scale == "dynamic_per_tensor"
+    int4 = qt_gpt.RECIPES["int4_grad_nearest"][-1]
+    assert int4.grad.bits == 4 and int4.grad_rounding == "nearest_even"
+    for rules in (qt_gpt.RECIPES["fp8_current"], qt_gpt.RECIPES["int4_grad_nearest"]):
+        assert rules[0].keep_float and re.fullmatch(rules[0].pattern, "block1/attn/scores")
+    assert qt_gpt.RECIPES["float"] is None
+
+
+def test_quantized_training_gpt_readme_matches_results():
+    """The GPT section of the paper README against results/quantized_training_gpt.json."""
+    from figures import check_section
+
+    result = json.loads((QT_DIR / "results" / "quantized_training_gpt.json").read_text())
+    protocol = result["protocol"]
+    assert len(protocol["seeds"]) == 3
+    figures = {}
+    for s in result["summary"]:
+        assert s["seeds"] == 3
+        figures[s["recipe"]] = (
+            f"| `{s['recipe']}` | {s['val_loss_mean']:.3f} | {s['val_loss_min']:.3f}-"
+            f"{s['val_loss_max']:.3f} | {s['gap_percent']:.1f}% |"
+        )
+    assert set(figures) == set(protocol["recipes"]) == {r["recipe"] for r in result["runs"]}
+    figures["schedule"] = (
+        f"{protocol['steps']} steps of {protocol['batch_size']} windows of "
+        f"{protocol['context']} characters"
+    )
+    # setup: the seeds, the zoo float recipe (1200 steps of 16 windows of 128), 4 blocks of
+    # width 128, the 2% target, e4m3 / e5m2 inside identifiers, 2 cores
+    setup = ["0", "1", "2", "3", "4", "16", "128", "1200", "60"]
+    check_section(
+        "papers/quantized_training/README.md", "Small GPT: fp8 and int4 gradients", figures, setup
+    )
+
+
+@pytest.mark.slow  # trains 3 recipes of a GPT for 4 steps (compiles dominate)
+def test_quantized_training_gpt_quick_run(qt_gpt):
+    result = qt_gpt.main(["--quick"])
+    runs = {r["recipe"]: r for r in result["runs"]}
+    assert set(runs) == set(qt_gpt.RECIPES)
+    for r in runs.values():
+        assert np.isfinite(r["val_loss"]) and np.isfinite(r["train_loss"])
+        assert r["val_loss"] < math.log(103)  # 4 steps leave the uniform guess over 103 ids
+
+
 # --- LLM PTQ papers: gptq_frantar2022 (shared protocol), awq, smoothquant, quarot -------------
 # The full runs take minutes per paper (a trained GPT, dozens of PTQ runs); here the protocol,
 # its bad input and the summaries are checked on a tiny GPT and on synthetic rows.
