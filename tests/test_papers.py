@@ -953,6 +953,27 @@ def test_quantized_training_gpt_summary_against_numpy(qt_gpt):
     assert rows["float"]["gap_percent"] == 0
 
 
+def test_quantized_training_gpt_merge_joins_one_seed_per_process(qt_gpt, tmp_path):
+    def part(seed, steps=200):
+        runs = [{"recipe": r, "seed": seed, "val_loss": 2.0 + seed + i} for i, r in
+                enumerate(("float", "fp8_current"))]  # fmt: skip
+        d = {"protocol": {"seeds": [seed], "steps": steps}, "command": f"c{seed}", "runs": runs}
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps(d))
+        return path
+
+    merged = qt_gpt.merge([part(2), part(0)], tmp_path / "out")
+    assert merged["protocol"] == {"seeds": [0, 2], "steps": 200}
+    assert merged["command"] == ["c2", "c0"] and [r["seed"] for r in merged["runs"]] == [0, 0, 2, 2]
+    assert merged["summary"] == qt_gpt.summarize(merged["runs"])
+    on_disk = json.loads((tmp_path / "out" / "quantized_training_gpt.json").read_text())
+    assert on_disk == merged
+    with pytest.raises(ValueError, match="protocols differ"):
+        qt_gpt.merge([part(0), part(1, steps=100)])
+    with pytest.raises(ValueError, match="appears twice"):
+        qt_gpt.merge([part(0), part(0)])
+
+
 def test_quantized_training_gpt_recipes_quantize_what_the_readme_says(qt_gpt):
     """fp8: e4m3 weights and activations with current (per-tensor, this step's amax) scales,
     e5m2 gradients; int4: int4 gradients rounded to nearest; attention products float."""

@@ -23,7 +23,8 @@ tied embedding lookup and the logits (``embed.attend``), RMSNorm, softmax, the l
 optimizer state. The validation loss (nats per character) is measured with the same quantized
 forward the model was trained with (phase ``eval``; float for ``float``).
 
-``python papers/quantized_training/gpt.py --out papers/quantized_training/results``
+``python papers/quantized_training/gpt.py --out papers/quantized_training/results``; or one
+process per seed (``--seeds 1 --out DIR1``, ...) joined by ``--merge DIR0/... DIR1/... --out``.
 """
 
 from __future__ import annotations
@@ -183,6 +184,30 @@ def run(protocol: Protocol, out: pathlib.Path | None = None) -> dict:
     return result
 
 
+def merge(paths: list[pathlib.Path], out: pathlib.Path | None = None) -> dict:
+    """One result from runs written by separate processes (one seed each, the same protocol
+    otherwise): their runs concatenated, seeds sorted, the summary recomputed, every command
+    kept. Raises ValueError when the protocols differ beyond their seeds or a seed repeats."""
+    parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    protocols = [{k: v for k, v in d["protocol"].items() if k != "seeds"} for d in parts]
+    if any(pr != protocols[0] for pr in protocols):
+        raise ValueError(f"paths: protocols differ beyond their seeds: {protocols}")
+    runs = sorted((r for d in parts for r in d["runs"]), key=lambda r: r["seed"])
+    seeds = sorted({r["seed"] for r in runs})
+    if len({(r["recipe"], r["seed"]) for r in runs}) != len(runs):
+        raise ValueError("paths: a (recipe, seed) run appears twice")
+    result = {
+        "protocol": {**parts[0]["protocol"], "seeds": seeds},
+        "command": [d["command"] for d in parts],
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quantized_training_gpt.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
@@ -192,7 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="override Protocol.steps")
     p.add_argument("--recipes", default=None, help="comma-separated subset of RECIPES")
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
+    p.add_argument(
+        "--merge", nargs="+", default=None, help="merge these result JSONs (one seed each)"
+    )
     args = p.parse_args(argv)
+    out = None if args.out is None else pathlib.Path(args.out)
+    if args.merge is not None:
+        return merge([pathlib.Path(m) for m in args.merge], out)
     protocol = QUICK if args.quick else Protocol()
     if args.steps is not None:
         protocol = dataclasses.replace(protocol, steps=args.steps)
@@ -200,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         protocol = dataclasses.replace(protocol, recipes=tuple(args.recipes.split(",")))
     if args.seeds is not None:
         protocol = dataclasses.replace(protocol, seeds=tuple(map(int, args.seeds.split(","))))
-    return run(protocol, None if args.out is None else pathlib.Path(args.out))
+    return run(protocol, out)
 
 
 if __name__ == "__main__":
