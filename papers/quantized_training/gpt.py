@@ -1,8 +1,8 @@
 """Quantized training of the small GPT from scratch: fp8 (e4m3 forward, e5m2 gradients) and int4
 gradients against float, on the character corpus (``jquant.data.load("text")``).
 
-The zoo GPT (``jquant.models.gpt.GPT``: 4 pre-RMSNorm blocks, width 128, 4 heads, context 128,
-tied embeddings) is quantized by :class:`jquant.QuantRule` s (``jquant.nn.linen.quantize_model``)
+The GPT of ``jquant.models.gpt`` (pre-RMSNorm blocks, 4 heads, tied embeddings; its size in
+:class:`Protocol`) is quantized by :class:`jquant.QuantRule` s (``jquant.nn.linen.quantize_model``)
 in phase ``train`` and trained with the float recipe's optimizer and batch order
 (``jquant.models.train``). Every Dense product (``query``, ``key``, ``value``, ``out``, ``up``,
 ``down`` of every block) is quantized in its forward product and, through ``QuantRule.grad``
@@ -78,13 +78,14 @@ RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """Training schedule, the same for every recipe (Adam, cosine learning rate from
-    ``learning_rate``).
+    """Model size and training schedule, the same for every recipe (Adam, cosine learning
+    rate from ``learning_rate``).
 
-    Shorter than the zoo GPT's float recipe (``gpt.TRAIN_RECIPE``: 1200 steps of 16 windows
-    of 128 characters): on the shared 2-core machine one fp8 step of that size took about 8 s
-    (simulated fp8 in float), so 9 runs of it do not fit; every recipe here trains 200 steps
-    of 8 windows of 64 characters (context 64, so the positional table is 64 long).
+    Smaller than the zoo GPT and its float recipe (``GPTConfig()``: 4 blocks of width 128,
+    context 128; ``gpt.TRAIN_RECIPE``: 1200 steps of 16 windows): on the shared, loaded
+    2-core machine this session had, 60 fp8 steps of the zoo size took 536 s against 101 s
+    for float (compilation included), so 9 runs of it did not fit. Here: 2 blocks of width
+    64 (4 heads), context 64, 200 steps of 8 windows.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -92,14 +93,22 @@ class Protocol:
     batch_size: int = 8
     learning_rate: float = 3e-3
     context: int = 64
+    num_layers: int = 2
+    width: int = 64
     recipes: tuple[str, ...] = ("float", "fp8_current", "int4_grad_nearest")
 
 
-QUICK = Protocol(seeds=(0,), steps=4, batch_size=2, context=16)
+QUICK = Protocol(seeds=(0,), steps=4, batch_size=2, context=16, num_layers=1, width=32)
 
 
 def _model(protocol: Protocol, ds) -> gpt.GPT:
-    return gpt.GPT(GPTConfig(vocab_size=ds.num_classes, context=protocol.context))
+    cfg = GPTConfig(
+        vocab_size=ds.num_classes,
+        context=protocol.context,
+        num_layers=protocol.num_layers,
+        width=protocol.width,
+    )
+    return gpt.GPT(cfg)
 
 
 def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
