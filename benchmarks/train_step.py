@@ -264,17 +264,36 @@ def _variants(model_name: str, x, opt) -> dict[str, Callable[[], tuple]]:
     return out
 
 
+def _check_every_param_trains(before, after) -> None:
+    """ValueError naming the parameters one step left unchanged (a zero gradient: Adam's
+    first update is ``-lr sign(g)`` where ``g != 0``), e.g. a quantized op that cuts the
+    gradient; such a step is not a training step to time."""
+    if before is None:
+        return
+    flat, _ = jax.tree_util.tree_flatten_with_path(before)
+    frozen = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for (path, b), a in zip(flat, jax.tree.leaves(after), strict=True)
+        if bool(jax.numpy.all(a == b))
+    ]
+    if frozen:
+        raise ValueError(f"one step left these parameters unchanged (zero gradient): {frozen}")
+
+
 def build_steppers(
     builders: dict[str, Callable[[], tuple]], x, y
 ) -> tuple[dict[str, _Stepper], dict[str, str]]:
     """``(steppers, unsupported)``: each builder's ``(step, state)`` as a :class:`_Stepper`
-    that has run one step (compiled), or, when building or that first step raises, the
-    error as ``"<type>: <message>"`` under its name: an explicit row, never a silent drop."""
+    that has run one step (compiled) and changed every parameter, or, when building, that
+    first step or :func:`_check_every_param_trains` raises, the error as
+    ``"<type>: <message>"`` under its name: an explicit row, never a silent drop."""
     steppers, unsupported = {}, {}
     for name, build in builders.items():
         try:
             stepper = _Stepper(*build(), x, y)
+            before = getattr(stepper.state, "params", None)
             jax.block_until_ready(stepper())
+            _check_every_param_trains(before, getattr(stepper.state, "params", None))
             steppers[name] = stepper
         except Exception as e:  # reported as an "unsupported" row with its error
             unsupported[name] = f"{type(e).__name__}: {str(e)[:500]}"

@@ -8,8 +8,13 @@ import json
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+
+from jquant.models import train as T
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,12 +43,28 @@ def test_a_variant_that_fails_to_build_or_compile_is_an_unsupported_row(bench_mo
     def compiles():
         return (lambda state, x, y: (state + x.sum(), {"loss": y.sum()})), 0.0
 
-    builders = {"a": compiles, "b": fails_to_build, "c": fails_to_compile}
-    steppers, unsupported = bench_mod.build_steppers(builders, np.ones(2), np.zeros(2))
+    def cuts_a_gradient():  # a real train step whose "b" parameter gets no gradient
+        opt = optax.adam(1e-3)
+
+        def apply_fn(params, state, x, train):
+            return x[:, None] * params["a"] + jax.lax.stop_gradient(params["b"]), state
+
+        params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+        return T.make_train_step(apply_fn, opt), T.TrainState.create(params, {}, opt)
+
+    builders = {
+        "a": compiles,
+        "b": fails_to_build,
+        "c": fails_to_compile,
+        "d": cuts_a_gradient,
+    }
+    x, y = np.ones(2, np.float32), np.zeros(2, np.int32)
+    steppers, unsupported = bench_mod.build_steppers(builders, x, y)
     assert list(steppers) == ["a"] and float(steppers["a"].state) == 2.0  # stepped once
     assert unsupported == {
         "b": "NotImplementedError: no such op",
         "c": "TypeError: does not lower",
+        "d": "ValueError: one step left these parameters unchanged (zero gradient): ['b']",
     }
 
 
@@ -72,3 +93,5 @@ def test_quantized_backward_suite_smoke(bench_mod, tmp_path):
     for model in bench_mod.MODELS:  # jquant runs every variant
         assert all(rows[model, v]["status"] == "ok" for v in want if v.startswith(("j", "f")))
     assert "forward only" in rows["conv", "aqt_int8 fwd+bwd"]["error"]
+    # aqtp 0.9.0's forward-quantized conv returns zero kernel and input gradients
+    assert "unchanged (zero gradient)" in rows["conv", "aqt_int8 fwd"]["error"]
