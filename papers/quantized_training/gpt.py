@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from jquant import data as data_lib
+from jquant.data import text as text_lib
 from jquant.models import gpt
 from jquant.models import train as T
 from jquant.models.config import GPTConfig
@@ -85,11 +86,11 @@ class Protocol:
     context 128; ``gpt.TRAIN_RECIPE``: 1200 steps of 16 windows): on the shared, loaded
     2-core machine this session had, 60 fp8 steps of the zoo size took 536 s against 101 s
     for float (compilation included), so 9 runs of it did not fit. Here: 2 blocks of width
-    64 (4 heads), context 64, 200 steps of 8 windows.
+    64 (4 heads), context 64, 500 steps of 8 windows.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 200
+    steps: int = 500
     batch_size: int = 8
     learning_rate: float = 3e-3
     context: int = 64
@@ -148,6 +149,16 @@ def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
     }
 
 
+def references(ds) -> dict:
+    """Losses of character statistics alone, in nats per character, to read the GPT's
+    against: the unigram entropy of the validation text and the bigram conditional entropy of
+    the training text (``jquant.data.text``; ``tests/test_gpt.py`` uses the same baseline)."""
+    return {
+        "unigram_entropy_val": text_lib.unigram_entropy(ds.ids_test, ds.num_classes),
+        "bigram_entropy_train": text_lib.bigram_entropy(ds.ids_train, ds.num_classes),
+    }
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """Per recipe: mean / min / max validation loss over seeds and the relative gap to float's
     mean, ``100 (mean_recipe / mean_float - 1)`` percent (positive: worse than float)."""
@@ -183,6 +194,7 @@ def run(protocol: Protocol, out: pathlib.Path | None = None) -> dict:
             result = {
                 "protocol": dataclasses.asdict(protocol),
                 "command": " ".join(["python", *sys.argv]),
+                "reference": references(ds),
                 "runs": runs,
                 "summary": summarize(runs),
             }
@@ -208,6 +220,7 @@ def merge(paths: list[pathlib.Path], out: pathlib.Path | None = None) -> dict:
     result = {
         "protocol": {**parts[0]["protocol"], "seeds": seeds},
         "command": [d["command"] for d in parts],
+        "reference": parts[0].get("reference"),
         "runs": runs,
         "summary": summarize(runs),
     }
