@@ -309,14 +309,16 @@ def quantized_backward(args) -> pathlib.Path:
 
     - ``float``;
     - ``jquant_simulate`` / ``jquant_int`` ``fwd``: int8 forward products (``QuantRule(".*",
-      mode=...)``, static calibrated activation ranges), float backward (STE);
+      mode=..., act_symmetric=True)``, static calibrated activation ranges), float backward
+      (STE);
     - ``jquant_simulate`` / ``jquant_int`` ``fwd+bwd``: also both backward products quantized,
       ``QuantRule(grad="int8", grad_operands="int8")`` (``jquant.ops.train_dot_general`` /
       ``train_conv_general_dilated``; ``int``: int8 x int8 -> int32 backward products);
     - ``aqt_int8`` and ``qwix_int8`` ``fwd`` / ``fwd+bwd``: the peers' own int8 training
       configurations (``PEERS``).
 
-    A variant that does not build or compile (e.g. AQT's conv backward) is kept as an
+    A variant that does not build or compile (e.g. AQT's conv backward), or whose step leaves
+    a parameter unchanged (a zero gradient: AQT's forward-quantized conv), is kept as an
     ``unsupported`` row with its error. Ratios are each variant's time over its model's
     ``float`` in the same round (median, bootstrap 95% CI).
     """
