@@ -11,6 +11,7 @@ README = "README.md"
 CHECKED_ELSEWHERE = {
     "Compared with AQT, Qwix and TFLite (measured here, not claimed)": "test_figures_speed",
     "Speed": "test_figures_speed",
+    "Training step with quantized backward products": "test_figures_speed",
     "QAT on MNIST-1D": "test_figures_qat",
     "Papers": "test_figures_qat",
     "LLM post-training quantization (small GPT)": "test_figures_papers",

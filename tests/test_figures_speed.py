@@ -19,6 +19,7 @@ from jquant.bench import VERDICTS, verdict
 README = "README.md"
 SPEED = "Speed"
 COMPARED = "Compared with AQT, Qwix and TFLite (measured here, not claimed)"
+TRAIN_STEP = "Training step with quantized backward products"
 
 
 def ratio(r: dict[str, Any]) -> str:
@@ -135,12 +136,47 @@ def compared_figures() -> dict[str, str]:
     return f
 
 
+def _cell(row: dict[str, Any]) -> str:
+    return ratio(row["ratio"]) if row["status"] == "ok" else "unsupported"
+
+
+def train_step_figures() -> dict[str, str]:
+    """The table of the README's quantized training step section (one row per variant, a
+    column per model), from ``benchmarks/results/train_step_cpu.json``."""
+    d = load("benchmarks/results/train_step_cpu.json")
+    rows = {(r["model"], r["variant"]): r for r in d["rows"]}
+    models = ("dense", "conv")
+    assert {m for m, _ in rows} == set(models)
+    variants = list(dict.fromkeys(v for _, v in rows))
+    f = {}
+    for v in variants:
+        if v == "float":
+            cells = [f"{rows[m, v]['median_ms']:.1f} ms" for m in models]
+        else:
+            cells = [_cell(rows[m, v]) for m in models]
+        f[v] = f"| `{v}` | {' | '.join(cells)} |"  # the whole row, label included
+        f[f"{v} cells"] = f"| {' | '.join(cells)} |"  # what remains once code is blanked
+    f["rounds"] = f"{d['config']['rounds']} rounds"
+    f["load"] = load_range(d["meta"])
+    f["command"] = f"`{d['meta']['command']}`"
+    assert not d["meta"]["quick"]
+    # the unsupported rows the README explains, with the error the run recorded
+    unsupported = {k: r["error"] for k, r in rows.items() if r["status"] == "unsupported"}
+    assert set(unsupported) == {("conv", "aqt_int8 fwd+bwd"), ("conv", "aqt_int8 fwd")}
+    assert "forward only" in unsupported["conv", "aqt_int8 fwd+bwd"]
+    assert "unchanged (zero gradient)" in unsupported["conv", "aqt_int8 fwd"]
+    return f
+
+
 # Numbers of the sections that are setup, not results: the 2-core machine, the 95% CI level,
 # the 1-minute load average, 1-D / 2-D convs, batch 256, 1024 examples, 15 widths, the 3 min
 # target; peer versions (0.9.0 and 0.1.8 read as 0.9 and 0.1) and the golden vectors'
 # 0 mismatches (asserted by the golden-vector tests, not a benchmark).
 SPEED_SETUP = ["1", "2", "3", "15", "95", "256", "1024"]
 COMPARED_SETUP = ["0", "0.1", "0.9", "1", "95"]
+# batch 128, the dense stack 40 -> 256 -> 10, MNIST-1D's 40 x 1 input, 1-D convs of 32
+# channels, 95% CI, a ratio of 1, aqtp 0.9.0 (read as 0.9), the 2-D lift
+TRAIN_STEP_SETUP = ["0.9", "1", "2", "10", "32", "40", "95", "128", "256"]
 
 
 def test_speed_section_matches_the_results():
@@ -149,6 +185,10 @@ def test_speed_section_matches_the_results():
 
 def test_compared_section_matches_the_results():
     check_section(README, COMPARED, compared_figures(), setup=COMPARED_SETUP)
+
+
+def test_train_step_section_matches_the_results():
+    check_section(README, TRAIN_STEP, train_step_figures(), setup=TRAIN_STEP_SETUP)
 
 
 def test_every_quoted_verdict_follows_the_ci_rule():
@@ -168,7 +208,7 @@ def test_every_quoted_verdict_follows_the_ci_rule():
 
 
 @pytest.mark.parametrize(
-    "path", ["ops", "train_step", "integer", "sweep", "calibration", "cli_sweep"]
+    "path", ["ops", "train_step", "train_step_cpu", "integer", "sweep", "calibration", "cli_sweep"]
 )
 def test_every_results_file_carries_its_meta(path):
     meta = load(f"benchmarks/results/{path}.json")["meta"]

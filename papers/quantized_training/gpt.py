@@ -1,0 +1,260 @@
+"""Quantized training of the small GPT from scratch: fp8 (e4m3 forward, e5m2 gradients) and int4
+gradients against float, on the character corpus (``jquant.data.load("text")``).
+
+The GPT of ``jquant.models.gpt`` (pre-RMSNorm blocks, 4 heads, tied embeddings; its size in
+:class:`Protocol`) is quantized by :class:`jquant.QuantRule` s (``jquant.nn.linen.quantize_model``)
+in phase ``train`` and trained with the float recipe's optimizer and batch order
+(``jquant.models.train``). Every Dense product (``query``, ``key``, ``value``, ``out``, ``up``,
+``down`` of every block) is quantized in its forward product and, through ``QuantRule.grad``
+(``jquant.ops.train_dot_general``), in both backward products:
+
+- ``fp8_current``: e4m3 weights and input activations, e5m2 output gradients, each scaled per
+  tensor from its own amax in the same step (current scaling, ``scale = amax / fmt.max``:
+  weights ``weight_granularity="per_tensor"``, activations ``act_scale="dynamic_per_tensor"``,
+  gradients ``QuantRule.grad``'s dynamic per-tensor scale). Delayed scaling
+  (``jquant.ops.scaling.delayed_scaling``) is not reachable from rule-quantized layers yet
+  (a rule has no amax-history state), so the GPT uses current scaling.
+- ``int4_grad_nearest``: int8 weights and activations (symmetric per tensor, dynamic), int4
+  output gradients (dynamic per tensor) rounded to nearest even: the recipe that failed on the
+  MNIST-1D CNN (``reproduce.py``).
+
+Not quantized: the attention's activation x activation products (``scores``, ``mix``), the
+tied embedding lookup and the logits (``embed.attend``), RMSNorm, softmax, the loss and the
+optimizer state. The validation loss (nats per character) is measured with the same quantized
+forward the model was trained with (phase ``eval``; float for ``float``).
+
+``python papers/quantized_training/gpt.py --out papers/quantized_training/results``; or one
+process per seed (``--seeds 1 --out DIR1``, ...) joined by ``--merge DIR0/... DIR1/... --out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jquant import data as data_lib
+from jquant.data import text as text_lib
+from jquant.models import gpt
+from jquant.models import train as T
+from jquant.models.config import GPTConfig
+from jquant.nn import QuantRule
+from jquant.nn import linen as ql
+
+ATTENTION_FLOAT = QuantRule(r".*/(scores|mix)$", keep_float=True)
+RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
+    "float": None,
+    "fp8_current": (
+        ATTENTION_FLOAT,
+        QuantRule(
+            ".*",
+            weight="fp8_e4m3",
+            act="fp8_e4m3",
+            weight_granularity="per_tensor",
+            act_symmetric=True,
+            act_scale="dynamic_per_tensor",
+            grad="fp8_e5m2",
+        ),
+    ),
+    "int4_grad_nearest": (
+        ATTENTION_FLOAT,
+        QuantRule(
+            ".*",
+            weight="int8",
+            act="int8",
+            weight_granularity="per_tensor",
+            act_symmetric=True,
+            act_scale="dynamic_per_tensor",
+            grad="int4",
+            grad_rounding="nearest_even",
+        ),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Model size and training schedule, the same for every recipe (Adam, cosine learning
+    rate from ``learning_rate``).
+
+    Smaller than the zoo GPT and its float recipe (``GPTConfig()``: 4 blocks of width 128,
+    context 128; ``gpt.TRAIN_RECIPE``: 1200 steps of 16 windows): on the shared, loaded
+    2-core machine this session had, 60 fp8 steps of the zoo size took 536 s against 101 s
+    for float (compilation included), so 9 runs of it did not fit. Here: 2 blocks of width
+    64 (4 heads), context 64, 500 steps of 8 windows.
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 500
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    context: int = 64
+    num_layers: int = 2
+    width: int = 64
+    recipes: tuple[str, ...] = ("float", "fp8_current", "int4_grad_nearest")
+
+
+QUICK = Protocol(seeds=(0,), steps=4, batch_size=2, context=16, num_layers=1, width=32)
+
+
+def _model(protocol: Protocol, ds) -> gpt.GPT:
+    cfg = GPTConfig(
+        vocab_size=ds.num_classes,
+        context=protocol.context,
+        num_layers=protocol.num_layers,
+        width=protocol.width,
+    )
+    return gpt.GPT(cfg)
+
+
+def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
+    """Trains one seed of ``recipe``; returns the validation loss and the final train loss."""
+    model = _model(protocol, ds)
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    x0 = ds.x_train[:1]
+    variables = jax.jit(model.init)(init_key, x0)
+    rules = RECIPES[recipe]
+    if rules is not None:
+        qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="raise")
+        variables = qmodel.attach(variables, x0)
+        model = qmodel.with_phase("train")
+    params, state = T.split_linen(variables)
+    opt = T.make_optimizer(protocol.learning_rate, protocol.steps)
+    train_fn = T.linen_apply_fn(model)
+    start = time.perf_counter()
+    final, history = T.fit(
+        T.make_train_step(train_fn, opt),
+        T.TrainState.create(params, state, opt),
+        ds.x_train,
+        ds.y_train,
+        steps=protocol.steps,
+        batch_size=protocol.batch_size,
+        key=data_key,
+    )
+    jax.block_until_ready(final.params)
+    seconds = time.perf_counter() - start
+    eval_fn = train_fn if rules is None else T.linen_apply_fn(qmodel.with_phase("eval"))
+    val = T.evaluate(eval_fn, final.params, final.model_state, ds.x_test, ds.y_test)
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "val_loss": val["loss"],
+        "train_loss": history[-1]["loss"],
+        "train_seconds": seconds,
+    }
+
+
+def references(ds) -> dict:
+    """Losses of character statistics alone, in nats per character, to read the GPT's
+    against: the unigram entropy of the validation text and the bigram conditional entropy of
+    the training text (``jquant.data.text``; ``tests/test_gpt.py`` uses the same baseline)."""
+    return {
+        "unigram_entropy_val": text_lib.unigram_entropy(ds.ids_test, ds.num_classes),
+        "bigram_entropy_train": text_lib.bigram_entropy(ds.ids_train, ds.num_classes),
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per recipe: mean / min / max validation loss over seeds and the relative gap to float's
+    mean, ``100 (mean_recipe / mean_float - 1)`` percent (positive: worse than float)."""
+    names = list(dict.fromkeys(r["recipe"] for r in runs))
+    loss = {n: np.array([r["val_loss"] for r in runs if r["recipe"] == n]) for n in names}
+    float_mean = loss["float"].mean() if "float" in loss else np.nan
+    return [
+        {
+            "recipe": n,
+            "seeds": len(v),
+            "val_loss_mean": float(v.mean()),
+            "val_loss_min": float(v.min()),
+            "val_loss_max": float(v.max()),
+            "gap_percent": float(100 * (v.mean() / float_mean - 1)),
+        }
+        for n, v in loss.items()
+    ]
+
+
+def run(protocol: Protocol, out: pathlib.Path | None = None) -> dict:
+    """Trains every recipe and seed; writes ``out/quantized_training_gpt.json`` after each run."""
+    ds = data_lib.load("text", context=protocol.context)
+    runs = []
+    result = {}
+    for seed in protocol.seeds:  # seed-major: a cut-off run still has all recipes of a seed
+        for name in protocol.recipes:
+            row = train_one(name, protocol, ds, seed)
+            runs.append(row)
+            print(
+                f"{name} seed {seed}: val {row['val_loss']:.4f} ({row['train_seconds']:.0f} s)",
+                flush=True,
+            )
+            result = {
+                "protocol": dataclasses.asdict(protocol),
+                "command": " ".join(["python", *sys.argv]),
+                "reference": references(ds),
+                "runs": runs,
+                "summary": summarize(runs),
+            }
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                path = out / "quantized_training_gpt.json"
+                path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def merge(paths: list[pathlib.Path], out: pathlib.Path | None = None) -> dict:
+    """One result from runs written by separate processes (one seed each, the same protocol
+    otherwise): their runs concatenated, seeds sorted, the summary recomputed, every command
+    kept. Raises ValueError when the protocols differ beyond their seeds or a seed repeats."""
+    parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    protocols = [{k: v for k, v in d["protocol"].items() if k != "seeds"} for d in parts]
+    if any(pr != protocols[0] for pr in protocols):
+        raise ValueError(f"paths: protocols differ beyond their seeds: {protocols}")
+    runs = sorted((r for d in parts for r in d["runs"]), key=lambda r: r["seed"])
+    seeds = sorted({r["seed"] for r in runs})
+    if len({(r["recipe"], r["seed"]) for r in runs}) != len(runs):
+        raise ValueError("paths: a (recipe, seed) run appears twice")
+    result = {
+        "protocol": {**parts[0]["protocol"], "seeds": seeds},
+        "command": [d["command"] for d in parts],
+        "reference": parts[0].get("reference"),
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quantized_training_gpt.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="output folder (default: print only)")
+    p.add_argument("--quick", action="store_true", help="a few steps of a short context")
+    p.add_argument("--steps", type=int, default=None, help="override Protocol.steps")
+    p.add_argument("--recipes", default=None, help="comma-separated subset of RECIPES")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds")
+    p.add_argument(
+        "--merge", nargs="+", default=None, help="merge these result JSONs (one seed each)"
+    )
+    args = p.parse_args(argv)
+    out = None if args.out is None else pathlib.Path(args.out)
+    if args.merge is not None:
+        return merge([pathlib.Path(m) for m in args.merge], out)
+    protocol = QUICK if args.quick else Protocol()
+    if args.steps is not None:
+        protocol = dataclasses.replace(protocol, steps=args.steps)
+    if args.recipes is not None:
+        protocol = dataclasses.replace(protocol, recipes=tuple(args.recipes.split(",")))
+    if args.seeds is not None:
+        protocol = dataclasses.replace(protocol, seeds=tuple(map(int, args.seeds.split(","))))
+    return run(protocol, out)
+
+
+if __name__ == "__main__":
+    main()
