@@ -59,6 +59,7 @@ __all__ = [
     "get_format",
     "check_format",
     "block_size_of",
+    "is_int8_grid",
     "rounding_modes_of",
     "exact_divide",
     "round_values",
@@ -294,6 +295,22 @@ def block_size_of(fmt) -> int | None:
     if not callable(getattr(fmt, "block_scales", None)):
         raise TypeError(f"{fmt!r} has a block_size but no block_scales(amax) method")
     return int(size)
+
+
+def is_int8_grid(fmt, *, signed: bool = False) -> bool:
+    """Whether ``fmt``'s codes are integers ``qmin..qmax`` on a uniform step
+    (``integer_grid``) that the int8 kernels run (``supports_int_kernel``: a static width of
+    <= 8 bits with a zero level), and signed when ``signed``: what ``mode="int"`` backward
+    products, the integer program and its requantization ask of a format.
+
+    >>> is_int8_grid(int8), is_int8_grid(uint8, signed=True), is_int8_grid(fp8_e4m3)
+    (True, False, False)
+    """
+    return (
+        bool(getattr(fmt, "integer_grid", False))
+        and bool(getattr(fmt, "supports_int_kernel", False))
+        and (fmt.signed or not signed)
+    )
 
 
 def rounding_modes_of(fmt) -> tuple[str, ...]:

@@ -189,6 +189,9 @@ class BlockFormat:
         return scale, jnp.zeros_like(amax)
 
 
+jax.tree_util.register_static(BlockFormat)
+
+
 def _mx(name, dtype, e, m, emax, block=32) -> BlockFormat:
     top = float(ml_dtypes.finfo(dtype).max) if dtype is not np.int8 else 127 / 64
     return BlockFormat(name, "mx", dtype, e, m, emax, top, block)

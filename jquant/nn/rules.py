@@ -20,14 +20,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from jquant import mx
 from jquant.calibration import get_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
-from jquant.formats import Format, IntFormat, get_format
+from jquant.formats import Format, block_size_of, int8, is_int8_grid, rounding_modes_of
 from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.ops.train import BackwardConfig
-from jquant.quant import ROUNDING_MODES, QuantConfig
+from jquant.quant import ROUNDING_MODES, QuantConfig, resolve_format
 
 __all__ = [
     "ACT_SCALES",
@@ -75,27 +74,8 @@ def parse_granularity(granularity: str) -> tuple[str, int | None]:
     return name, int(size)
 
 
-def _format_or_none(name: str, value) -> Format | mx.BlockFormat | None:
-    if value is None:
-        return None
-    if isinstance(value, mx.BlockFormat) or (isinstance(value, str) and value in mx.FORMATS):
-        return mx.get_block_format(value)
-    try:
-        return get_format(value)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"QuantRule.{name}: {e}") from None
-
-
-def _program_format(fmt, *, signed: bool) -> bool:
-    """Whether ``fmt`` is a static integer format of <= 8 bits, on the integer program's
-    grid (not midrise; signed when ``signed``)."""
-    return (
-        isinstance(fmt, IntFormat)
-        and fmt.is_static
-        and fmt.bits <= 8
-        and not fmt.midrise
-        and (fmt.signed or not signed)
-    )
+def _format_or_none(name: str, value) -> Format | None:
+    return None if value is None else resolve_format(value, f"QuantRule.{name}")
 
 
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
@@ -172,6 +152,11 @@ class QuantRule:
         ``z_y`` come from :func:`jquant.convert.with_requant_constants`. Needs static
         integer formats of <= 8 bits, signed symmetric weights and static activation scales.
         Other phases are unchanged.
+      rounding: how weights and activations are rounded in the forward pass, one of the
+        formats' rounding modes (``jquant.formats.rounding_modes_of``; block formats:
+        ``"nearest_even"`` or ``"stochastic"``). ``"stochastic"`` draws from the ``"quant"``
+        RNG stream as ``grad_rounding`` does (a fresh key per call: ``E[fq(x)] = x``), in
+        ``mode="simulate"``, without ``grad`` and ``requant``; ``jquant.convert`` refuses it.
     """
 
     pattern: str
@@ -193,6 +178,7 @@ class QuantRule:
     grad_rounding: str = "nearest_even"
     grad_operands: str | Format | None = None
     requant: str | None = None
+    rounding: str = "nearest_even"
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -210,7 +196,7 @@ class QuantRule:
         )
         _check_choice("grad_rounding", self.grad_rounding, ROUNDING_MODES)
         for name in ("grad", "grad_operands"):
-            if isinstance(getattr(self, name), mx.BlockFormat):
+            if block_size_of(getattr(self, name)) is not None:
                 raise ValueError(
                     f"QuantRule.{name}={getattr(self, name).name!r}: the quantized backward "
                     "products take element formats (int, fp8), not block formats"
@@ -241,8 +227,8 @@ class QuantRule:
             self.weight_scale_bound != "qmax"
             and self.weight is not None
             and not (
-                isinstance(self.weight, IntFormat)
-                and not self.weight.midrise
+                getattr(self.weight, "integer_grid", False)
+                and self.weight.has_zero_point  # not midrise
                 and self.weight_symmetric
             )
         ):
@@ -269,6 +255,7 @@ class QuantRule:
                     f"so the format must be an IntFormat, got {fmt}"
                 )
         self._check_requant()
+        self._check_rounding()
         if self.act is not None and self._estimator("act").learns_clip and self.act.signed:
             raise ValueError(
                 f"QuantRule.act: PACT clips to [0, alpha] and needs an unsigned format, "
@@ -286,23 +273,26 @@ class QuantRule:
                 f"QuantRule.block_size={b} asks for per-block scales, but weight_granularity "
                 "is 'per_tensor': use 'per_block' (or leave the default)"
             )
-        if b is not None and isinstance(self.weight, mx.BlockFormat):
+        own = block_size_of(self.weight)
+        if b is not None and own is not None:
             raise ValueError(
                 f"QuantRule.block_size={b}: the weight format {self.weight.name} has its own "
-                f"blocks of {self.weight.block_size}; leave block_size None"
+                f"blocks of {own}; leave block_size None"
             )
         for name in ("weight", "act"):
             fmt, est = getattr(self, name), self._estimator(name)
-            if isinstance(fmt, mx.BlockFormat) and est != "ste":
+            if block_size_of(fmt) is None:
+                continue
+            if est != "ste":
                 raise ValueError(
                     f"QuantRule.{name}={fmt.name!r} fake-quantizes with jquant.mx.fake_quant "
                     f"(straight-through gradient): its estimator must be 'ste', got {est!r}"
                 )
-            if isinstance(fmt, mx.BlockFormat) and self.mode == "int":
+            if self.mode == "int":
                 raise ValueError(
                     f"QuantRule.{name}={fmt.name!r} has no integer kernel: use mode='simulate'"
                 )
-        if isinstance(self.act, mx.BlockFormat) and self.act_scale != "static":
+        if block_size_of(self.act) is not None and self.act_scale != "static":
             raise ValueError(
                 f"QuantRule.act={self.act.name!r} scales each block itself: act_scale must be "
                 f"'static' (the default), got {self.act_scale!r}"
@@ -323,15 +313,41 @@ class QuantRule:
             problem = f"act_scale={self.act_scale!r}: the program needs static activation scales"
         elif self.block_size is not None:
             problem = f"block_size={self.block_size}: the program has no block-wise kernel"
-        elif not _program_format(self.act, signed=False):
+        elif not is_int8_grid(self.act):
             problem = f"act={self.act}: the program needs a static integer format of <= 8 bits"
-        elif not _program_format(self.weight, signed=True) or not self.weight_symmetric:
+        elif not is_int8_grid(self.weight, signed=True) or not self.weight_symmetric:
             problem = (
                 f"weight={self.weight} (weight_symmetric={self.weight_symmetric}): the program "
                 "needs symmetric signed static integer weights of <= 8 bits"
             )
         if problem:
             raise ValueError(f"QuantRule.requant={self.requant!r}: {problem}")
+
+    def _check_rounding(self) -> None:
+        """``rounding`` is one the formats honour; ``"stochastic"`` only where a key reaches
+        the quantizer (simulate forward, no quantized backward, no requantized eval)."""
+        _check_choice("rounding", self.rounding, ROUNDING_MODES)
+        for name in ("weight", "act"):
+            fmt = getattr(self, name)
+            if fmt is not None and self.rounding not in rounding_modes_of(fmt):
+                raise ValueError(
+                    f"QuantRule.rounding={self.rounding!r} is not a rounding mode of "
+                    f"QuantRule.{name}={fmt}: choose one of {rounding_modes_of(fmt)}"
+                )
+        if self.rounding != "nearest_even" and self.requant is not None:
+            raise ValueError(
+                f"QuantRule.rounding={self.rounding!r}: requant={self.requant!r} computes what "
+                "the integer kernels compute, with their own rounding; use the default rounding"
+            )
+        if self.rounding != "stochastic":
+            return
+        for field, problem in (("mode", self.mode == "int"), ("grad", self.grad is not None)):
+            if problem:
+                raise ValueError(
+                    f"QuantRule.rounding='stochastic' needs mode='simulate' and grad=None "
+                    f"(a key reaches only the simulated forward), got {field}="
+                    f"{getattr(self, field)!r}"
+                )
 
     def _estimator(self, which: str) -> Estimator:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
@@ -353,9 +369,10 @@ class QuantRule:
         else:
             axis = tuple(channel_axes) or None
         block_axis = None
-        if isinstance(self.weight, mx.BlockFormat):  # its blocks run along the contraction
+        own_blocks = block_size_of(self.weight) is not None
+        if own_blocks:  # a block format: its blocks run along the contraction
             axis = None
-        if self.block_size is not None or isinstance(self.weight, mx.BlockFormat):
+        if self.block_size is not None or own_blocks:
             if channel_axes is None:
                 contracted = [kernel_ndim - 2]
             else:
@@ -372,6 +389,7 @@ class QuantRule:
             symmetric=self.weight_symmetric,
             axis=axis,
             estimator=self._estimator("weight"),
+            rounding=self.rounding,
             block_size=self.block_size,
             block_axis=block_axis,
         )
@@ -381,7 +399,12 @@ class QuantRule:
         if self.keep_float or self.act is None:
             return None
         symmetric = self.act_symmetric and not self._estimator("act").learns_clip
-        return QuantConfig(fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"))
+        return QuantConfig(
+            fmt=self.act,
+            symmetric=symmetric,
+            estimator=self._estimator("act"),
+            rounding=self.rounding,
+        )
 
     def backward_config(self) -> BackwardConfig | None:
         """The ``jquant.ops.BackwardConfig`` of the layer's product (None: float gradients).
@@ -478,8 +501,8 @@ def set_bits(
         if bits is None:
             continue
         old = getattr(base, name)
-        old = old if isinstance(old, IntFormat) else IntFormat(8)
-        changes[name] = dataclasses.replace(old, bits=bits)
+        old = old if callable(getattr(old, "with_bits", None)) else int8
+        changes[name] = old.with_bits(bits)
     return (dataclasses.replace(base, pattern=re.escape(path), **changes), *rules)
 
 
