@@ -59,6 +59,7 @@ __all__ = [
     "get_format",
     "check_format",
     "block_size_of",
+    "format_name",
     "is_int8_grid",
     "rounding_modes_of",
     "exact_divide",
@@ -295,6 +296,16 @@ def block_size_of(fmt) -> int | None:
     if not callable(getattr(fmt, "block_scales", None)):
         raise TypeError(f"{fmt!r} has a block_size but no block_scales(amax) method")
     return int(size)
+
+
+def format_name(fmt) -> str:
+    """``fmt.name`` when the format has one (``"fp8_e4m3"``, ``"mxfp4"``), else its repr:
+    how messages name a format.
+
+    >>> format_name(fp8_e4m3), format_name(int4)
+    ('fp8_e4m3', 'IntFormat(bits=4)')
+    """
+    return getattr(fmt, "name", None) or repr(fmt)
 
 
 def is_int8_grid(fmt, *, signed: bool = False) -> bool:

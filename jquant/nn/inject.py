@@ -21,6 +21,7 @@ import jax
 from jax import lax
 
 from jquant import ops
+from jquant.formats import format_name
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import Slots, tensor_qparams
 from jquant.quant import QParams, QuantConfig, fake_quant_config
@@ -196,8 +197,9 @@ def pool_activation(
     if cfg is not None and cfg.scales_itself:
         raise ValueError(
             f"layer {slots.path!r}: pooling keeps its input's QParams, but the rule's activation "
-            f"format {cfg.fmt.name} has none (its blocks scale themselves); keep the pooling "
-            "layer float (QuantRule(<path>, keep_float=True)) or give it an integer act format"
+            f"format {format_name(cfg.fmt)} has none (its blocks scale themselves); keep the "
+            "pooling layer float (QuantRule(<path>, keep_float=True)) or give it an integer act "
+            "format"
         )
     if cfg is not None and cfg.rounding != "nearest_even":
         raise ValueError(

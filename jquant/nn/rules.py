@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from jquant.calibration import get_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
-from jquant.formats import Format, block_size_of, int8, is_int8_grid, rounding_modes_of
+from jquant.formats import Format, block_size_of, format_name, int8, is_int8_grid, rounding_modes_of
 from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.ops.train import BackwardConfig
@@ -198,8 +198,8 @@ class QuantRule:
         for name in ("grad", "grad_operands"):
             if block_size_of(getattr(self, name)) is not None:
                 raise ValueError(
-                    f"QuantRule.{name}={getattr(self, name).name!r}: the quantized backward "
-                    "products take element formats (int, fp8), not block formats"
+                    f"QuantRule.{name}={format_name(getattr(self, name))!r}: the quantized "
+                    "backward products take element formats (int, fp8), not block formats"
                 )
         if self.grad is not None and self.mode == "int" and self.grad_operands is None:
             raise ValueError(
@@ -276,8 +276,8 @@ class QuantRule:
         own = block_size_of(self.weight)
         if b is not None and own is not None:
             raise ValueError(
-                f"QuantRule.block_size={b}: the weight format {self.weight.name} has its own "
-                f"blocks of {own}; leave block_size None"
+                f"QuantRule.block_size={b}: the weight format {format_name(self.weight)} has "
+                f"its own blocks of {own}; leave block_size None"
             )
         for name in ("weight", "act"):
             fmt, est = getattr(self, name), self._estimator(name)
@@ -285,17 +285,19 @@ class QuantRule:
                 continue
             if est != "ste":
                 raise ValueError(
-                    f"QuantRule.{name}={fmt.name!r} fake-quantizes with jquant.mx.fake_quant "
-                    f"(straight-through gradient): its estimator must be 'ste', got {est!r}"
+                    f"QuantRule.{name}={format_name(fmt)!r} fake-quantizes with "
+                    "jquant.mx.fake_quant (straight-through gradient): its estimator must be "
+                    f"'ste', got {est!r}"
                 )
             if self.mode == "int":
                 raise ValueError(
-                    f"QuantRule.{name}={fmt.name!r} has no integer kernel: use mode='simulate'"
+                    f"QuantRule.{name}={format_name(fmt)!r} has no integer kernel: use "
+                    "mode='simulate'"
                 )
         if block_size_of(self.act) is not None and self.act_scale != "static":
             raise ValueError(
-                f"QuantRule.act={self.act.name!r} scales each block itself: act_scale must be "
-                f"'static' (the default), got {self.act_scale!r}"
+                f"QuantRule.act={format_name(self.act)!r} scales each block itself: act_scale "
+                f"must be 'static' (the default), got {self.act_scale!r}"
             )
         if b is not None:
             object.__setattr__(self, "weight_granularity", "per_block")
@@ -332,7 +334,7 @@ class QuantRule:
             if fmt is not None and self.rounding not in rounding_modes_of(fmt):
                 raise ValueError(
                     f"QuantRule.rounding={self.rounding!r} is not a rounding mode of "
-                    f"QuantRule.{name}={fmt}: choose one of {rounding_modes_of(fmt)}"
+                    f"QuantRule.{name}={format_name(fmt)}: choose one of {rounding_modes_of(fmt)}"
                 )
         if self.rounding != "nearest_even" and self.requant is not None:
             raise ValueError(

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant.formats import format_name
 from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
 from jquant.quant import (
     QParams,
@@ -88,8 +89,8 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
         raise TypeError(f"{name}_qparams must be a jquant.QParams or None, got {qp!r}")
     if cfg.scales_itself:
         raise ValueError(
-            f"{name}_quant.fmt is the block format {cfg.fmt.name}, which computes its own block "
-            f"scales: {name}_qparams must be None"
+            f"{name}_quant.fmt is the block format {format_name(cfg.fmt)}, which computes its "
+            f"own block scales: {name}_qparams must be None"
         )
     if cfg.block_size is not None:
         qp = given_block_qparams(name, x, cfg, qp)
@@ -242,7 +243,7 @@ def check_int_config(name: str, cfg: QuantConfig | None) -> None:
     fmt = cfg.fmt
     if cfg.scales_itself:
         raise ValueError(
-            f"mode='int' has no integer kernel for the block format {fmt.name} of "
+            f"mode='int' has no integer kernel for the block format {format_name(fmt)} of "
             f"{name}_quant.fmt: use mode='simulate' (jquant.mx.fake_quant)"
         )
     if cfg.rounding == "stochastic":

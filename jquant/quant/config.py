@@ -18,7 +18,15 @@ from jax import lax
 # a module import: jquant.estimators imports this package (for QParams), so its names are
 # looked up when a config is built, not when this module loads
 from jquant import estimators, mx
-from jquant.formats import Format, block_size_of, check_format, get_format, int8, rounding_modes_of
+from jquant.formats import (
+    Format,
+    block_size_of,
+    check_format,
+    format_name,
+    get_format,
+    int8,
+    rounding_modes_of,
+)
 from jquant.quant.affine import (
     QParams,
     block_qparams,
@@ -124,12 +132,12 @@ class QuantConfig:
         if own is not None:
             if b is not None:
                 raise ValueError(
-                    f"block_size must be None for {_name(self.fmt)}: the format has its own "
+                    f"block_size must be None for {format_name(self.fmt)}: the format has its own "
                     f"blocks of {own}"
                 )
             if self.estimator not in ("ste",):
                 raise ValueError(
-                    f"{_name(self.fmt)} fake-quantizes with the straight-through estimator: "
+                    f"{format_name(self.fmt)} fake-quantizes with the straight-through estimator: "
                     f"estimator must be 'ste', got {self.estimator!r}"
                 )
         elif ba is not None and b is None:
@@ -216,8 +224,8 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
     check_real("x", x)
     if cfg.scales_itself:
         raise ValueError(
-            f"{_name(cfg.fmt)} computes its own block scales (jquant.mx.fake_quant): it has no "
-            "QParams"
+            f"{format_name(cfg.fmt)} computes its own block scales (jquant.mx.fake_quant): it has "
+            "no QParams"
         )
     x = lax.stop_gradient(jnp.asarray(x))
     kept = cfg.axes(x.ndim)
@@ -234,10 +242,6 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
         rmin = jnp.min(x, axis=reduce, keepdims=True)
         rmax = jnp.max(x, axis=reduce, keepdims=True)
     return qparams_from_data_range(rmin, rmax, cfg.fmt, symmetric=cfg.symmetric)
-
-
-def _name(fmt) -> str:
-    return getattr(fmt, "name", None) or str(fmt)
 
 
 def fake_quant_config(
@@ -260,13 +264,15 @@ def fake_quant_config(
     check_config("cfg", cfg)
     if cfg.rounding == "stochastic" and key is None:
         raise ValueError(
-            f"rounding='stochastic' of {_name(cfg.fmt)} needs a PRNG key: pass "
+            f"rounding='stochastic' of {format_name(cfg.fmt)} needs a PRNG key: pass "
             "key=jax.random.key(...)"
         )
     key = key if cfg.rounding == "stochastic" else None
     if cfg.scales_itself:
         if qp is not None:
-            raise ValueError(f"{_name(cfg.fmt)} computes its own block scales: qp must be None")
+            raise ValueError(
+                f"{format_name(cfg.fmt)} computes its own block scales: qp must be None"
+            )
         y = mx.fake_quant(
             x,
             cfg.fmt,
