@@ -473,3 +473,28 @@ def test_stochastic_block_format_rule_draws_from_the_quant_rng_stream(rng):
     )
     assert np.all(np.abs(np.asarray(mean) - x @ w) <= 5 * sd / np.sqrt(n))
     assert np.abs(np.asarray(mean) - x @ w).mean() < np.abs(np.asarray(nearest) - x @ w).mean()
+
+
+def test_stochastic_block_format_nnx_layer_draws_from_quant_rngs(rng):
+    """NNX: the key comes from the layer's ``quant_rngs`` (none: ValueError); the stream
+    advances, so two calls round differently, each within one grid step per weight."""
+    from flax import nnx
+
+    from jquant.nn import QuantRule
+    from jquant.nn import nnx as qn
+
+    x = jnp.asarray(rng.normal(size=(2, 32)).astype(np.float32))
+    rule = QuantRule(".*", weight="mxfp4", act=None, rounding="stochastic")
+    layer = qn.QLinear(32, 3, rule=rule, phase="eval", use_bias=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="quant_rngs"):
+        layer(x)
+    layer.quant_rngs = nnx.Rngs(quant=1)
+    y1, y2 = layer(x), layer(x)
+    assert not np.array_equal(y1, y2)
+    # each weight moved to a grid neighbour: by at most E2M1's widest spacing (2) times its
+    # block's scale 2^(floor(log2 amax) - 2) (one block of 32 per output column)
+    w = np.asarray(layer.kernel.value)
+    scale = np.exp2(np.floor(np.log2(np.abs(w).max(0))) - 2)
+    bound = np.abs(np.asarray(x)) @ np.broadcast_to(2 * scale, w.shape)
+    for y in (y1, y2):
+        assert np.all(np.abs(np.asarray(y) - np.asarray(x) @ w) <= bound * (1 + 1e-5))
