@@ -335,6 +335,10 @@ def test_block_formats_follow_the_format_protocol(rng, name):
     assert rounding_modes_of(fmt) == ("nearest_even", "stochastic")
     with pytest.raises(ValueError, match="rounding must be one of"):
         fmt.encode(np.ones(3, np.float32), 0.0, "floor")
+    import jquant as jq
+
+    with pytest.raises(ValueError, match="is a block format: it derives its own block scales"):
+        jq.fake_quant(np.ones(64, np.float32), jq.QParams(1.0), fmt)  # QParams do not apply
     x = rng.normal(size=(2, 128)).astype(np.float32)
     want = mx.dequantize(mx.quantize(x, name), name)
     np.testing.assert_array_equal(_protocol_fake_quant(x, fmt), want)
