@@ -144,8 +144,9 @@ class QuantOp:
         if bwd is not None:  # quantized backward products
             key = _quant_rng_key(self.slots) if bwd.stochastic else None
             train = dict(bwd=bwd, key=key)
-        elif self.rule.rounding == "stochastic":  # the rule refuses it with grad
-            train = dict(key=_forward_key(self.slots, self.rule))
+        elif rhs_cfg is not None or self.rule.act_config() is not None:  # stochastic forward?
+            key = _forward_key(self.slots, self.rule)
+            train = {} if key is None else dict(key=key)
         return (_QUANT_OPS if bwd is None else _TRAIN_OPS)[self.kind](
             lhs,
             rhs,

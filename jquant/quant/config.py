@@ -120,7 +120,8 @@ class QuantConfig:
         roundings = rounding_modes_of(self.fmt)
         if self.rounding not in roundings:
             raise ValueError(
-                f"rounding must be one of {roundings} for {self.fmt}, got {self.rounding!r}"
+                f"rounding must be one of {roundings} for {format_name(self.fmt)}, got "
+                f"{self.rounding!r}"
             )
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
