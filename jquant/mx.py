@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jquant.formats import block_size_of, check_format, exact_divide, rounding_modes_of
+from jquant.formats import block_size_of, check_format, rounding_modes_of
 
 __all__ = [
     "BlockFormat",
@@ -322,8 +322,7 @@ def _encode(x, fmt, axis: int, rounding: str, noise=None):
         noise = _blocked(noise, axis, size, xp)
     amax = xp.max(xp.abs(b), axis=-1, keepdims=True)  # NaN / inf for a non-finite block
     scale = xp.asarray(fmt.block_scales(amax), xp.float32)
-    safe = xp.where(scale == 0, 1.0, scale)  # a zero scale: a block of zeros
-    v = b / safe if xp is np else exact_divide(b, safe)
+    v = b / xp.where(scale == 0, 1.0, scale)  # a zero scale: a block of zeros
     return fmt.encode(v, 0.0, rounding, noise), scale, amax
 
 
