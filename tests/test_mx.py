@@ -363,7 +363,7 @@ def _one_block_scale(fmt, amax):
     return amax  # nf4
 
 
-@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "nf4", "mxint8"])
+@pytest.mark.parametrize("name", ["mxfp4", "nf4", "mxint8"])  # all: the protocol test above
 def test_stochastic_config_in_dot_general_is_mx_stochastic_quantize_with_the_same_key(rng, name):
     """``QuantConfig(fmt=name, rounding="stochastic")`` with ``key=``: ``rhs`` rounds with
     ``jax.random.split(key)[1]`` exactly as ``jquant.mx.quantize`` does with that key."""
@@ -393,7 +393,7 @@ def test_stochastic_config_in_dot_general_is_mx_stochastic_quantize_with_the_sam
         dot_general(eye, w, dn, rhs_quant=jq.QuantConfig(fmt=name), key=key)
 
 
-@pytest.mark.parametrize("name", ["mxfp4", "nf4"])
+@pytest.mark.parametrize("name", ["mxfp4"])  # every format: test_stochastic_rounding_is_unbiased
 def test_stochastic_config_in_dot_general_is_unbiased_per_element(rng, name):
     """The mean over n keys of ``eye @ fq(w)`` (so each output is one element of fq(w)) is
     within 5 standard errors of w per element; a draw's standard deviation is at most half
