@@ -895,7 +895,7 @@ def check_convert_args(args: argparse.Namespace) -> tuple[str, str] | None:
     """The first bad ``jquant convert`` option as ``(option, message)``, or None; fills in
     the per-format defaults of ``--target``, ``--onnx-form``, ``--opset`` and ``--io``.
     Checks only the options: nothing is trained, loaded or written."""
-    from jquant.formats import IntFormat, get_format
+    from jquant.formats import get_format, is_int8_grid
 
     formats = {}
     for option, name in (("--weight", args.weight), ("--act", args.act)):
@@ -904,12 +904,7 @@ def check_convert_args(args: argparse.Namespace) -> tuple[str, str] | None:
         except (ValueError, TypeError) as e:
             return option, str(e)
         signed = option == "--weight"
-        if (
-            not isinstance(fmt, IntFormat)
-            or not 2 <= fmt.bits <= 8
-            or fmt.midrise
-            or (signed and not fmt.signed)
-        ):
+        if not is_int8_grid(fmt, signed=signed):
             kind = "a signed integer format" if signed else "an integer format"
             return option, f"{name!r}: the integer program needs {kind} of 2 to 8 bits"
         formats[option] = fmt

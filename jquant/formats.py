@@ -58,6 +58,10 @@ __all__ = [
     "NAMED_FORMATS",
     "get_format",
     "check_format",
+    "block_size_of",
+    "format_name",
+    "is_int8_grid",
+    "rounding_modes_of",
     "exact_divide",
     "round_values",
     "round_to_float_format",
@@ -227,6 +231,21 @@ class Format(Protocol):
         PACT), MSE / KL / ACIQ calibration and integer pooling need it.
       supports_int_kernel: int8 x int8 -> int32 execution (``mode="int"``) of the codes.
       with_bits(bits): the same format at another width (sweeps over ``bits``).
+      rounding_modes: the names of ``ROUNDING_MODES`` that ``encode`` honours (absent: all);
+        configs refuse the others up front.
+      block_size and block_scales(amax): a *block format* (the MX, NVFP4 and NF4 formats of
+        ``jquant.mx``, or one written outside jquant) scales itself: each run of
+        ``block_size`` consecutive elements along a block axis shares one scale that the
+        format derives from the data, so it takes no QParams (and no calibration)::
+
+            amax = max |x| over each block              # NaN / inf for a non-finite block
+            s = fmt.block_scales(amax)                  # all blocks at once, amax's shape
+            x_hat = s * fmt.decode(fmt.encode(x / s, 0, rounding, noise), 0)
+
+        ``block_scales`` sees every block's amax (NVFP4's scale also depends on the tensor's
+        amax); it returns NaN for a non-finite block and may return 0 for a zero block (its
+        elements are then 0). ``scale_for_range`` is the same rule for one block of range
+        ``[rmin, rmax]``. See :func:`block_size_of`.
     """
 
     @property
@@ -260,6 +279,55 @@ FORMAT_MEMBERS = (
     "decode",
     "scale_for_range",
 )
+
+
+def block_size_of(fmt) -> int | None:
+    """The ``block_size`` of a block format (one that scales its own blocks, see
+    :class:`Format`), or None for a format that takes QParams.
+
+    >>> block_size_of(int8) is None
+    True
+    """
+    size = getattr(fmt, "block_size", None)
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise TypeError(f"{fmt!r}.block_size must be None or a positive int, got {size!r}")
+    if not callable(getattr(fmt, "block_scales", None)):
+        raise TypeError(f"{fmt!r} has a block_size but no block_scales(amax) method")
+    return int(size)
+
+
+def format_name(fmt) -> str:
+    """``fmt.name`` when the format has one (``"fp8_e4m3"``, ``"mxfp4"``), else its repr:
+    how messages name a format.
+
+    >>> format_name(fp8_e4m3), format_name(int4)
+    ('fp8_e4m3', 'IntFormat(bits=4)')
+    """
+    return getattr(fmt, "name", None) or repr(fmt)
+
+
+def is_int8_grid(fmt, *, signed: bool = False) -> bool:
+    """Whether ``fmt``'s codes are integers ``qmin..qmax`` on a uniform step
+    (``integer_grid``) that the int8 kernels run (``supports_int_kernel``: a static width of
+    <= 8 bits with a zero level), and signed when ``signed``: what ``mode="int"`` backward
+    products, the integer program and its requantization ask of a format.
+
+    >>> is_int8_grid(int8), is_int8_grid(uint8, signed=True), is_int8_grid(fp8_e4m3)
+    (True, False, False)
+    """
+    return (
+        bool(getattr(fmt, "integer_grid", False))
+        and bool(getattr(fmt, "supports_int_kernel", False))
+        and (fmt.signed or not signed)
+    )
+
+
+def rounding_modes_of(fmt) -> tuple[str, ...]:
+    """The rounding modes ``fmt.encode`` honours: ``fmt.rounding_modes``, else all of
+    ``ROUNDING_MODES``."""
+    return tuple(getattr(fmt, "rounding_modes", ROUNDING_MODES))
 
 
 def check_format(fmt, name: str = "fmt") -> None:

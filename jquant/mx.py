@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jquant.formats import block_size_of, check_format, rounding_modes_of
+
 __all__ = [
     "BlockFormat",
     "Blocks",
@@ -61,9 +63,24 @@ NF4_LEVELS = np.array(
 )  # fmt: skip
 
 
+ROUNDINGS = ("nearest_even", "stochastic")
+
+
+def _xp(a):
+    """``jax.numpy`` for JAX arrays (and tracers), NumPy for host arrays: the host path keeps
+    float32 subnormals, which XLA:CPU flushes."""
+    return jnp if isinstance(a, jax.Array) else np
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockFormat:
     """A block format: its element format, block size and scale rule.
+
+    It follows the :class:`jquant.formats.Format` protocol as a block format (``block_size``
+    and ``block_scales``): it scales each block itself and takes no QParams, so configs, ops
+    and rules use it like any other format. With ``v = x / s`` (``s`` the block's scale),
+    ``encode(v, 0, rounding, noise)`` gives the element (a float32 grid value; NF4: the
+    level index) and ``decode`` its value; ``x_hat = s * decode(encode(v))``.
 
     Attributes:
       name: the format's name (``"mxfp4"``, ...).
@@ -84,6 +101,95 @@ class BlockFormat:
     emax: int
     max: float
     block_size: int
+
+    # --- the Format protocol ---------------------------------------------------------------
+
+    is_static = True
+    has_zero_point = False
+    rounding_modes = ROUNDINGS
+
+    @property
+    def bits(self) -> int:
+        """Bits per element: ``1 + E + M`` for minifloats, 8 for MXINT8, 4 for NF4."""
+        if self.kind == "nf4":
+            return 4
+        if self.element is np.int8:
+            return 8
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """``jquant.quantize`` stores elements as float32 grid values (NF4: level indices)."""
+        return jnp.dtype(jnp.float32)
+
+    def grid_range(self) -> tuple:
+        """``(-max, max)`` of the elements ``v = x / s``."""
+        return -self.max, self.max
+
+    def encode(self, v, zero_point, rounding: str = "nearest_even", noise=None):
+        """The element of ``v = x / s``: the nearest minifloat value, ties to even, saturated
+        at ``+-max`` (MXINT8: ``clip(round(64 v), -127, 127) / 64``; NF4: the index of the
+        nearest level); ``"stochastic"`` (with ``noise ~ U[0, 1)``): one of the two grid
+        neighbours, ``E[decode(encode(v))] = v`` inside the range. NaN stays NaN."""
+        if rounding not in self.rounding_modes:
+            raise ValueError(
+                f"rounding must be one of {self.rounding_modes} for {self.name}, got {rounding!r}"
+            )
+        if rounding == "stochastic" and noise is None:
+            raise ValueError(f"rounding='stochastic' to {self.name} needs noise (a key upstream)")
+        noise = noise if rounding == "stochastic" else None
+        xp = _xp(v)
+        v = xp.asarray(v, xp.float32)
+        if self.kind == "nf4":
+            return _nf4_index(v, noise, xp)
+        if self.element is np.int8:
+            return xp.clip(_round(xp.clip(v * 64, -127, 127), noise, xp), -127, 127) / 64
+        return round_to_minifloat(v, self.exponent_bits, self.mantissa_bits, self.max, xp, noise)
+
+    def decode(self, codes, zero_point):
+        """The element's value: ``codes`` (grid values), NF4 ``NF4_LEVELS[codes]``."""
+        if self.kind != "nf4":
+            return codes
+        xp = _xp(codes)
+        levels = xp.asarray(NF4_LEVELS)[xp.nan_to_num(codes).astype(xp.int32)]
+        return xp.where(xp.isnan(codes), xp.nan, levels)
+
+    def block_scales(self, amax):
+        """Each block's scale from every block's ``amax`` (module docstring): MX
+        ``2^(floor(log2 amax) - emax)``, NVFP4 ``e4m3(amax / (6 t)) t``, NF4 ``amax``; NaN
+        for a non-finite block (NVFP4: every block of a non-finite tensor)."""
+        xp = _xp(amax)
+        bad = ~xp.isfinite(amax)
+        if self.kind == "nvfp4":
+            t_amax = xp.max(amax)
+            block, tensor = self.nvfp4_scales(amax, t_amax)
+            return xp.where(bad | ~xp.isfinite(t_amax), xp.nan, block * tensor)
+        if self.kind == "nf4":
+            return xp.where(bad, xp.nan, amax)
+        _, e = xp.frexp(xp.where(amax > 0, amax, 1.0))
+        exp = xp.where(amax > 0, xp.clip(e - 1 - self.emax, -127, 127), -127)
+        return xp.where(bad, xp.nan, _pow2(xp, exp))
+
+    def nvfp4_scales(self, amax, t_amax):
+        """NVFP4's ``(block, tensor)`` scales: ``t = t_amax / (448 * 6)`` (1 for a zero
+        tensor) and ``e4m3(amax / (6 t))``, as float32."""
+        xp = _xp(amax)
+        tensor = xp.where(t_amax > 0, t_amax / xp.float32(448.0 * 6.0), 1.0).astype(xp.float32)
+        return round_to_minifloat(amax / (6.0 * tensor), 4, 3, 448.0, xp), tensor
+
+    def scale_for_range(self, rmin, rmax, symmetric: bool):
+        """The scale of one block of range ``[rmin, rmax]`` (NVFP4: a tensor of one block),
+        zero point 0."""
+        amax = jnp.maximum(-jnp.asarray(rmin, jnp.float32), jnp.asarray(rmax, jnp.float32))
+        if self.kind == "nvfp4":
+            block, tensor = self.nvfp4_scales(amax, amax)
+            scale = block * tensor
+        else:
+            scale = self.block_scales(amax)
+        return scale, jnp.zeros_like(amax)
+
+
+jax.tree_util.register_static(BlockFormat)
 
 
 def _mx(name, dtype, e, m, emax, block=32) -> BlockFormat:
@@ -106,16 +212,28 @@ FORMATS: dict[str, BlockFormat] = {
 }
 
 
-def get_block_format(fmt: str | BlockFormat) -> BlockFormat:
-    """``fmt`` itself, or the named format of :data:`FORMATS`."""
-    if isinstance(fmt, BlockFormat):
-        return fmt
+def get_block_format(fmt):
+    """``fmt`` itself when it is a block format (any object with ``block_size`` and
+    ``block_scales``, see :class:`jquant.formats.Format`), or the named format of
+    :data:`FORMATS`."""
     if isinstance(fmt, str) and fmt in FORMATS:
         return FORMATS[fmt]
+    if not isinstance(fmt, str) and block_size_of(fmt) is not None:
+        check_format(fmt)
+        return fmt
     raise ValueError(f"fmt must be a BlockFormat or one of {sorted(FORMATS)}, got {fmt!r}")
 
 
-ROUNDINGS = ("nearest_even", "stochastic")
+def _stored_format(fmt) -> BlockFormat:
+    """The jquant block format of :func:`quantize` / :func:`dequantize`, whose storage dtypes
+    (``ml_dtypes`` elements, E8M0 / E4M3 scales) are defined only for :data:`FORMATS`."""
+    fmt = get_block_format(fmt)
+    if not isinstance(fmt, BlockFormat):  # a type check on input: storage is ours only
+        raise TypeError(
+            f"quantize / dequantize store the formats of jquant.mx.FORMATS in ml_dtypes, got "
+            f"{fmt!r}; use fake_quant for a block format of your own"
+        )
+    return fmt
 
 
 class NVScales(NamedTuple):
@@ -164,6 +282,22 @@ def _round(v, noise, xp):
     return xp.round(v) if noise is None else xp.floor(v + noise)
 
 
+def _nf4_index(v, noise, xp):
+    """The nearest NormalFloat level's index of ``v`` in [-1, 1] (midpoints between sorted
+    levels), as float32; with noise, the upper of the two neighbouring levels
+    ``lo <= v < hi`` with probability ``(v - lo) / (hi - lo)``, so that ``E[level] = v``.
+    NaN stays NaN."""
+    if noise is None:
+        mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+        idx = xp.searchsorted(xp.asarray(mids), v, side="left")
+    else:
+        levels = xp.asarray(NF4_LEVELS)
+        lo = xp.clip(xp.searchsorted(levels, v, side="right") - 1, 0, 14)
+        frac = (v - levels[lo]) / (levels[lo + 1] - levels[lo])
+        idx = lo + (noise < frac)
+    return xp.where(xp.isnan(v), xp.nan, idx.astype(xp.float32))
+
+
 def _blocked(x, axis: int, size: int, xp):
     """``x`` with ``axis`` moved last and split into ``(n_blocks, size)``."""
     x = xp.moveaxis(x, axis, -1)
@@ -175,58 +309,26 @@ def _blocked(x, axis: int, size: int, xp):
     return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
 
 
-def _encode(x, fmt: BlockFormat, axis: int, xp, noise=None):
-    """``(element values as float32, scales as float32 (a pair for NVFP4))``, blocked;
-    ``noise`` (``x``'s shape, U[0, 1)) rounds the elements stochastically."""
+def _encode(x, fmt, axis: int, rounding: str, noise=None):
+    """``(codes, scales, amax)`` of a block format, through its protocol (blocked:
+    ``(..., n, B)`` codes, ``(..., n, 1)`` scales and amax); NumPy for host arrays, JAX
+    otherwise. ``noise`` (``x``'s shape, U[0, 1)) rounds the elements stochastically."""
+    xp = _xp(x)
     if not xp.issubdtype(x.dtype, xp.floating):
         raise TypeError(f"x must be a float array, got {x.dtype}")
-    b = _blocked(x.astype(xp.float32), axis, fmt.block_size, xp)
+    size = block_size_of(fmt)
+    b = _blocked(x.astype(xp.float32), axis, size, xp)
     if noise is not None:
-        noise = _blocked(noise, axis, fmt.block_size, xp)
-    amax = xp.max(xp.abs(b), axis=-1, keepdims=True)
-    bad = ~xp.isfinite(amax)
-    if fmt.kind == "mx":
-        _, e = xp.frexp(xp.where(amax > 0, amax, 1.0))
-        exp = xp.where(amax > 0, xp.clip(e - 1 - fmt.emax, -127, 127), -127)
-        scale = xp.where(bad, xp.nan, _pow2(xp, exp))
-        v = xp.where(bad, 0.0, b * _pow2(xp, -exp))  # b / X, exact, X never subnormal here
-        if fmt.element is np.int8:
-            elems = xp.clip(_round(xp.clip(v * 64, -127, 127), noise, xp), -127, 127) / 64
-        else:
-            elems = round_to_minifloat(v, fmt.exponent_bits, fmt.mantissa_bits, fmt.max, xp, noise)
-        return xp.where(bad, xp.nan, elems), scale
-    if fmt.kind == "nvfp4":
-        t_amax = xp.max(xp.abs(b))
-        tensor = xp.where(t_amax > 0, t_amax / xp.float32(448.0 * 6.0), 1.0).astype(xp.float32)
-        block = round_to_minifloat(amax / (6.0 * tensor), 4, 3, 448.0, xp)  # E4M3 (finite)
-        eff = block * tensor
-        elems = round_to_minifloat(b / xp.where(eff > 0, eff, 1.0), 2, 1, 6.0, xp, noise)
-        elems = xp.where(bad | ~xp.isfinite(t_amax), xp.nan, elems)  # t flows everywhere
-        return elems, (xp.where(bad, xp.nan, block), tensor)
-    # nf4: nearest NormalFloat level of x / absmax (midpoints between sorted levels); with
-    # noise, the upper of the two neighbouring levels lo <= v < hi with probability
-    # (v - lo) / (hi - lo), so that E[level] = v
-    scale = xp.where(bad, xp.nan, amax)
-    v = xp.where(bad, 0.0, b / xp.where(amax > 0, amax, 1.0))
-    if noise is None:
-        mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
-        idx = xp.searchsorted(xp.asarray(mids), v, side="left")
-    else:
-        levels = xp.asarray(NF4_LEVELS)
-        lo = xp.clip(xp.searchsorted(levels, v, side="right") - 1, 0, 14)
-        frac = (v - levels[lo]) / (levels[lo + 1] - levels[lo])
-        idx = lo + (noise < frac)
-    return xp.where(bad, xp.nan, idx.astype(xp.float32)), scale
+        noise = _blocked(noise, axis, size, xp)
+    amax = xp.max(xp.abs(b), axis=-1, keepdims=True)  # NaN / inf for a non-finite block
+    scale = xp.asarray(fmt.block_scales(amax), xp.float32)
+    v = b / xp.where(scale == 0, 1.0, scale)  # a zero scale: a block of zeros
+    return fmt.encode(v, 0.0, rounding, noise), scale, amax
 
 
-def _decode(elems, scales, fmt: BlockFormat, xp):
-    if fmt.kind == "nvfp4":
-        block, tensor = scales
-        return elems * block * tensor
-    if fmt.kind == "nf4":
-        levels = xp.asarray(NF4_LEVELS)[xp.nan_to_num(elems).astype(xp.int32)]
-        return xp.where(xp.isnan(elems), xp.nan, levels * scales)
-    return elems * scales
+def _decode(codes, scales, fmt):
+    """``x_hat = s * fmt.decode(codes)`` per block."""
+    return scales * fmt.decode(codes, 0.0)
 
 
 def _unblocked(b, shape, axis: int, xp):
@@ -235,9 +337,11 @@ def _unblocked(b, shape, axis: int, xp):
     return xp.moveaxis(b.reshape(moved), -1, axis)
 
 
-def _noise(key, shape, rounding: str):
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+def _noise(key, shape, rounding: str, fmt):
+    """U[0, 1) noise of ``shape`` from ``key`` for stochastic rounding, else None."""
+    modes = rounding_modes_of(fmt)
+    if rounding not in modes:
+        raise ValueError(f"rounding must be one of {modes}, got {rounding!r}")
     if rounding == "nearest_even":
         return None
     if key is None:
@@ -268,14 +372,14 @@ def quantize(
 
     Raises:
       ValueError: an unknown format, or an axis that is not a multiple of the block size.
-      TypeError: ``x`` is not a float array.
+      TypeError: ``x`` is not a float array; ``fmt`` a block format of another package.
     """
-    fmt = get_block_format(fmt)
+    fmt = _stored_format(fmt)
     x = np.asarray(x)
-    noise = _noise(key, x.shape, rounding)
+    noise = _noise(key, x.shape, rounding, fmt)
     noise = None if noise is None else np.asarray(noise)
     with np.errstate(over="ignore", invalid="ignore"):  # NaN / Inf blocks are NaN by design
-        elems, scales = _encode(x, fmt, axis, np, noise)
+        elems, scales, amax = _encode(x, fmt, axis, rounding, noise)
     elems = _unblocked(elems, x.shape, axis, np)
     if fmt.element is np.int8:
         elements = np.rint(elems * 64).astype(np.int8)
@@ -284,17 +388,18 @@ def quantize(
     else:
         elements = elems.astype(fmt.element)
     if fmt.kind == "nvfp4":
-        block, tensor = scales
-        block = block[..., 0].astype(ml_dtypes.float8_e4m3fn)
-        return Blocks(elements, NVScales(block, np.float32(tensor)))
+        block, tensor = fmt.nvfp4_scales(amax, np.max(amax))
+        block = np.where(np.isfinite(amax), block, np.nan)[..., 0]
+        return Blocks(elements, NVScales(block.astype(ml_dtypes.float8_e4m3fn), tensor))
     scales = scales[..., 0]
     dtype = ml_dtypes.float8_e8m0fnu if fmt.kind == "mx" else np.float32
     return Blocks(elements, scales.astype(dtype))
 
 
 def dequantize(blocks: Blocks, fmt: str | BlockFormat, *, axis: int = -1) -> np.ndarray:
-    """float32 values of :func:`quantize`'s ``blocks``: ``element * scale`` per block."""
-    fmt = get_block_format(fmt)
+    """float32 values of :func:`quantize`'s ``blocks``: ``element * scale`` per block
+    (NVFP4: ``element * (block * tensor)``)."""
+    fmt = _stored_format(fmt)
     elements, scales = blocks
     shape = elements.shape
     e = np.asarray(elements)
@@ -302,10 +407,10 @@ def dequantize(blocks: Blocks, fmt: str | BlockFormat, *, axis: int = -1) -> np.
         e = e.astype(np.float32) / 64
     e = _blocked(e.astype(np.float32), axis, fmt.block_size, np)
     if fmt.kind == "nvfp4":
-        sc = (np.asarray(scales.block, np.float32)[..., None], np.float32(scales.tensor))
+        sc = np.asarray(scales.block, np.float32)[..., None] * np.float32(scales.tensor)
     else:
         sc = np.asarray(scales, np.float32)[..., None]
-    return _unblocked(_decode(e, sc, fmt, np), shape, axis, np)
+    return _unblocked(_decode(e, sc, fmt), shape, axis, np)
 
 
 @jax.custom_vjp
@@ -326,8 +431,11 @@ def fake_quant(
     pad: bool = False,
 ) -> jax.Array:
     """``dequantize(quantize(x))`` in float32, jit-able, with the straight-through gradient
-    (``d/dx = 1`` everywhere: block scales are not differentiated). ``rounding`` and ``key``
-    as in :func:`quantize` (stochastic rounding: ``E[fake_quant(x)] = x`` inside the range).
+    (``d/dx = 1`` everywhere: block scales are not differentiated). ``fmt`` may be any block
+    format (:class:`jquant.formats.Format` with ``block_size`` and ``block_scales``):
+    ``x_hat = s * fmt.decode(fmt.encode(x / s))`` with ``s = fmt.block_scales(amax)``.
+    ``rounding`` and ``key`` as in :func:`quantize` (stochastic rounding:
+    ``E[fake_quant(x)] = x`` inside the range).
     ``pad=True`` accepts an axis that is not a multiple of the block size: it is padded with
     zeros (which change no block's amax) and cropped again, so the last block is partial.
 
@@ -336,11 +444,12 @@ def fake_quant(
     fmt = get_block_format(fmt)
     x = jnp.asarray(x)
     n = x.shape[axis] if x.ndim else 0
-    if pad and n % fmt.block_size:
+    size = block_size_of(fmt)
+    if pad and n % size:
         widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, -n % fmt.block_size)
+        widths[axis] = (0, -n % size)
         y = fake_quant(jnp.pad(x, widths), fmt, axis=axis, rounding=rounding, key=key)
         return jax.lax.slice_in_dim(y, 0, n, axis=axis)
-    elems, scales = _encode(x, fmt, axis, jnp, _noise(key, x.shape, rounding))
-    y = _unblocked(_decode(elems, scales, fmt, jnp), x.shape, axis, jnp)
+    codes, scales, _ = _encode(x, fmt, axis, rounding, _noise(key, x.shape, rounding, fmt))
+    y = _unblocked(_decode(codes, scales, fmt), x.shape, axis, jnp)
     return _ste(x.astype(jnp.float32), jax.lax.stop_gradient(y))

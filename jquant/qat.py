@@ -47,7 +47,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jquant.formats import IntFormat
 from jquant.models import train as T
 from jquant.nn import linen as ql
 from jquant.nn.rules import QuantRule, check_rules
@@ -339,9 +338,9 @@ def width_stages(steps: int, schedule: Sequence[int] | None) -> tuple[Stage, ...
 
 
 def _widen(fmt: Any, width: int | None) -> Any:
-    if width is None or not isinstance(fmt, IntFormat) or fmt.bits >= width:
+    if width is None or not getattr(fmt, "integer_grid", False) or fmt.bits >= width:
         return fmt
-    return dataclasses.replace(fmt, bits=width)
+    return fmt.with_bits(width)
 
 
 def rules_at_width(rules: Sequence[QuantRule], width: int | None) -> tuple[QuantRule, ...]:
@@ -360,7 +359,7 @@ def _int_widths(rules: Sequence[QuantRule]) -> list[int]:
         for r in rules
         if not r.keep_float
         for f in (r.weight, r.act)
-        if isinstance(f, IntFormat) and f.is_static
+        if getattr(f, "integer_grid", False) and f.is_static
     ]
 
 

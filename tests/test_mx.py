@@ -2,6 +2,8 @@
 NumPy references written from the OCP MX v1.0 and NVFP4 scale rules, and QLoRA's NF4 levels
 rebuilt from the normal quantiles with SciPy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -305,3 +307,198 @@ def test_mx_weight_only_linen_model_calibrates_and_matches_fake_quant_kernels():
         params[name]["kernel"] = mx.fake_quant(params[name]["kernel"], "mxfp4", axis=0)
     want = model.apply({"params": params}, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# --- block formats through the Format protocol, stochastic rounding in configs, ops, rules ------
+
+
+def _protocol_fake_quant(x: np.ndarray, fmt, noise=None) -> np.ndarray:
+    """The block-format protocol written out in NumPy (blocks along the last axis):
+    ``s = fmt.block_scales(amax)``, ``x_hat = s * decode(encode(x / s))``."""
+    b = x.reshape(*x.shape[:-1], -1, fmt.block_size)
+    s = np.asarray(fmt.block_scales(np.abs(b).max(-1, keepdims=True)), np.float32)
+    rounding = "nearest_even" if noise is None else "stochastic"
+    if noise is not None:
+        noise = noise.reshape(b.shape)
+    v = b / np.where(s == 0, 1, s)
+    return (s * fmt.decode(fmt.encode(v, 0.0, rounding, noise), 0.0)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", sorted(mx.FORMATS))
+def test_block_formats_follow_the_format_protocol(rng, name):
+    from jquant.formats import FORMAT_MEMBERS, block_size_of, check_format, rounding_modes_of
+
+    fmt = mx.FORMATS[name]
+    check_format(fmt)
+    assert all(hasattr(fmt, m) for m in FORMAT_MEMBERS)
+    assert block_size_of(fmt) == fmt.block_size and fmt.is_static and not fmt.has_zero_point
+    assert rounding_modes_of(fmt) == ("nearest_even", "stochastic")
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        fmt.encode(np.ones(3, np.float32), 0.0, "floor")
+    import jquant as jq
+
+    with pytest.raises(ValueError, match="is a block format: it derives its own block scales"):
+        jq.fake_quant(np.ones(64, np.float32), jq.QParams(1.0), fmt)  # QParams do not apply
+    x = rng.normal(size=(2, 128)).astype(np.float32)
+    want = mx.dequantize(mx.quantize(x, name), name)
+    np.testing.assert_array_equal(_protocol_fake_quant(x, fmt), want)
+    key = jax.random.key(4)  # the same noise as mx.quantize draws from this key
+    noise = np.asarray(jax.random.uniform(key, x.shape, jnp.float32))
+    got = _protocol_fake_quant(x, fmt, noise)
+    stochastic = mx.quantize(x, name, rounding="stochastic", key=key)
+    np.testing.assert_array_equal(got, mx.dequantize(stochastic, name))
+    assert np.any(got != want)
+    # one block as a range: scale_for_range is block_scales of that block's amax
+    amax = np.abs(x[:1, : fmt.block_size]).max(-1, keepdims=True)
+    s, zp = fmt.scale_for_range(jnp.asarray(-amax), jnp.asarray(amax), True)
+    np.testing.assert_allclose(np.asarray(s), _one_block_scale(fmt, amax), rtol=1e-6)
+    assert np.all(np.asarray(zp) == 0)
+
+
+def _one_block_scale(fmt, amax):
+    if fmt.kind == "mx":
+        return np.exp2(np.floor(np.log2(amax)) - fmt.emax)
+    if fmt.kind == "nvfp4":  # a tensor of one block: e4m3(448) t = amax / 6
+        return amax / 6
+    return amax  # nf4
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nf4", "mxint8"])  # all: the protocol test above
+def test_stochastic_config_in_dot_general_is_mx_stochastic_quantize_with_the_same_key(rng, name):
+    """``QuantConfig(fmt=name, rounding="stochastic")`` with ``key=``: ``rhs`` rounds with
+    ``jax.random.split(key)[1]`` exactly as ``jquant.mx.quantize`` does with that key."""
+    import jquant as jq
+    from jquant.ops import dot_general
+    from jquant.quant import fake_quant_config
+
+    w = rng.normal(size=(64, 3)).astype(np.float32)
+    key = jax.random.key(11)
+    cfg = jq.QuantConfig(fmt=name, rounding="stochastic")
+    want = mx.dequantize(
+        mx.quantize(w, name, axis=0, rounding="stochastic", key=jax.random.split(key)[1]),
+        name,
+        axis=0,
+    )
+    eye = np.eye(5, 64, dtype=np.float32)  # eye @ fq(w) picks rows of fq(w), exactly
+    dn = (((1,), (0,)), ((), ()))
+    out = dot_general(eye, w, dn, rhs_quant=cfg, key=key)
+    np.testing.assert_array_equal(np.asarray(out), want[:5])
+    got = fake_quant_config(w, dataclasses.replace(cfg, block_axis=0), key=jax.random.split(key)[1])
+    np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="rhs_quant.rounding='stochastic' needs key="):
+        dot_general(eye, w, dn, rhs_quant=cfg)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        fake_quant_config(w, dataclasses.replace(cfg, block_axis=0))
+    with pytest.raises(ValueError, match="key is given but neither"):
+        dot_general(eye, w, dn, rhs_quant=jq.QuantConfig(fmt=name), key=key)
+
+
+@pytest.mark.parametrize("name", ["mxfp4"])  # every format: test_stochastic_rounding_is_unbiased
+def test_stochastic_config_in_dot_general_is_unbiased_per_element(rng, name):
+    """The mean over n keys of ``eye @ fq(w)`` (so each output is one element of fq(w)) is
+    within 5 standard errors of w per element; a draw's standard deviation is at most half
+    the spacing of w's two grid neighbours, at most max|fq_nearest(w) - w| (blocks whose
+    amax is 1 so that nothing saturates)."""
+    import jquant as jq
+    from jquant.ops import dot_general
+
+    w = rng.uniform(-1, 1, size=(64, 2)).astype(np.float32)
+    w[::16] = 1.0
+    cfg = jq.QuantConfig(fmt=name, rounding="stochastic")
+    eye = np.eye(64, dtype=np.float32)
+    dn = (((1,), (0,)), ((), ()))
+    n = 1000
+    draws = jax.jit(jax.vmap(lambda k: dot_general(eye, w, dn, rhs_quant=cfg, key=k)))(
+        jax.random.split(jax.random.key(3), n)
+    )
+    nearest = np.asarray(dot_general(eye, w, dn, rhs_quant=jq.QuantConfig(fmt=name)))
+    half_spacing = np.abs(nearest - w).max()
+    bias = np.abs(np.asarray(draws).mean(0) - w)
+    assert bias.max() <= 5 * half_spacing / np.sqrt(n)
+    assert bias.mean() < 0.2 * np.abs(nearest - w).mean()
+
+
+def test_stochastic_rounding_is_refused_where_no_key_reaches():
+    import jquant as jq
+    from jquant.nn import QuantRule
+    from jquant.ops import BackwardConfig, dot_general, train_dot_general
+
+    x, w = np.ones((2, 32), np.float32), np.ones((32, 3), np.float32)
+    dn = (((1,), (0,)), ((), ()))
+    key = jax.random.key(0)
+    sr = jq.QuantConfig(fmt="mxfp4", rounding="stochastic")
+    with pytest.raises(ValueError, match="key is given but mode='int'"):
+        dot_general(x, w, dn, lhs_quant=jq.QuantConfig(), rhs_quant=jq.QuantConfig(), mode="int",
+                    key=key)  # fmt: skip
+    with pytest.raises(ValueError, match="mode='int' rounds deterministically"):
+        dot_general(x, w, dn, lhs_quant=jq.QuantConfig(), rhs_quant=jq.QuantConfig(
+            rounding="stochastic"), mode="int")  # fmt: skip
+    with pytest.raises(ValueError, match="redo the forward quantization"):
+        train_dot_general(x, w, dn, rhs_quant=sr, bwd=BackwardConfig.uniform(jq.QuantConfig()),
+                          key=key)  # fmt: skip
+    with pytest.raises(ValueError, match="'half_away' is not a rounding mode of QuantRule.weight"):
+        QuantRule(".*", weight="nf4", rounding="half_away")
+    with pytest.raises(ValueError, match="needs mode='simulate' and grad=None"):
+        QuantRule(".*", weight="mxfp4", act=None, rounding="stochastic", grad="int8")
+    with pytest.raises(ValueError, match="needs mode='simulate' and grad=None"):
+        QuantRule(".*", rounding="stochastic", mode="int")
+
+
+def test_stochastic_block_format_rule_draws_from_the_quant_rng_stream(rng):
+    """A Dense under ``QuantRule(weight="mxfp4", rounding="stochastic")``: the key comes from
+    the ``"quant"`` stream (none: ValueError), the same key gives the same output, another key
+    another one, and the mean over keys is the float layer's output (unbiased)."""
+    import flax.linen as nn
+
+    from jquant.nn import QuantRule
+    from jquant.nn import linen as ql
+
+    x = rng.uniform(-1, 1, size=(2, 64)).astype(np.float32)
+    w = rng.uniform(-1, 1, size=(64, 3)).astype(np.float32)
+    w[::32] = 1.0  # every block's amax is 1: nothing saturates
+    rule = QuantRule(".*", weight="mxfp4", act=None, rounding="stochastic")
+    dense = nn.Dense(3, use_bias=False)
+    qm, _ = ql.quantize_model(dense, rule, x)
+    v = qm.attach({"params": {"kernel": jnp.asarray(w)}}, x)
+    qm = qm.with_phase("eval")
+    with pytest.raises(ValueError, match="rngs=\\{'quant': key\\}"):
+        qm.apply(v, x)
+    run = jax.jit(lambda k: qm.apply(v, x, rngs={"quant": k}))
+    a, b = run(jax.random.key(1)), run(jax.random.key(2))
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, run(jax.random.key(1)))
+    n = 400
+    mean = jax.vmap(run)(jax.random.split(jax.random.key(5), n)).mean(0)
+    nearest = x @ mx.fake_quant(w, "mxfp4", axis=0)
+    # |E - x w| per output: each draw's sd <= sum_k |x_k| max|fq(w) - w|
+    sd = (
+        np.abs(x).sum(1, keepdims=True)
+        * np.abs(np.asarray(mx.fake_quant(w, "mxfp4", axis=0)) - w).max()
+    )
+    assert np.all(np.abs(np.asarray(mean) - x @ w) <= 5 * sd / np.sqrt(n))
+    assert np.abs(np.asarray(mean) - x @ w).mean() < np.abs(np.asarray(nearest) - x @ w).mean()
+
+
+def test_stochastic_block_format_nnx_layer_draws_from_quant_rngs(rng):
+    """NNX: the key comes from the layer's ``quant_rngs`` (none: ValueError); the stream
+    advances, so two calls round differently, each within one grid step per weight."""
+    from flax import nnx
+
+    from jquant.nn import QuantRule
+    from jquant.nn import nnx as qn
+
+    x = jnp.asarray(rng.normal(size=(2, 32)).astype(np.float32))
+    rule = QuantRule(".*", weight="mxfp4", act=None, rounding="stochastic")
+    layer = qn.QLinear(32, 3, rule=rule, phase="eval", use_bias=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="quant_rngs"):
+        layer(x)
+    layer.quant_rngs = nnx.Rngs(quant=1)
+    y1, y2 = layer(x), layer(x)
+    assert not np.array_equal(y1, y2)
+    # each weight moved to a grid neighbour: by at most E2M1's widest spacing (2) times its
+    # block's scale 2^(floor(log2 amax) - 2) (one block of 32 per output column)
+    w = np.asarray(layer.kernel.value)
+    scale = np.exp2(np.floor(np.log2(np.abs(w).max(0))) - 2)
+    bound = np.abs(np.asarray(x)) @ np.broadcast_to(2 * scale, w.shape)
+    for y in (y1, y2):
+        assert np.all(np.abs(np.asarray(y) - np.asarray(x) @ w) <= bound * (1 + 1e-5))

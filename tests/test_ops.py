@@ -67,7 +67,9 @@ def test_quant_config_is_hashable_and_validates():
     with pytest.raises(ValueError, match="estimator"):
         QuantConfig(estimator="nope")
     with pytest.raises(ValueError, match="rounding"):
-        QuantConfig(rounding="stochastic")
+        QuantConfig(rounding="nope")
+    with pytest.raises(ValueError, match="rounding must be one of"):  # the format's own modes
+        QuantConfig(fmt="mxfp4", rounding="floor")
     with pytest.raises(TypeError, match="axis"):
         QuantConfig(axis=1.5)
     with pytest.raises(TypeError, match="unhashable"):  # array bits (a sweep) are not static

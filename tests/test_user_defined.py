@@ -9,6 +9,9 @@ public entry points with no change to jquant (issue #15 §1): ``fake_quant``,
 - ``tanh_ste(alpha)``: a straight-through estimator whose backward is the derivative of the
   tanh-shaped soft quantizer of DSQ (Gong et al. 2019), ``d/dv [floor(v) + 1/2 +
   tanh(alpha (frac(v) - 1/2)) / (2 tanh(alpha / 2))]`` inside the grid, 0 outside.
+- :class:`AbsmaxInt4Blocks`: a block format (it scales its own blocks: ``block_size`` and
+  ``block_scales``), symmetric int4 codes ``clip(round(7 x / amax_b), -7, 7)`` per block of
+  8 with the block's absmax as scale, QLoRA-style; stochastic rounding too.
 - :class:`MovingPercentile`: an observer whose state is an exponential moving average of each
   batch's ``q``-th percentile of ``|x|``; the range is ``[-a, a]``.
 """
@@ -190,6 +193,85 @@ def test_user_format_through_quantized_dot_general():
     r_q = np.clip(np.round(rhs / s_r), -128, 127) * s_r
     want = pow2_oracle(lhs, s_l, 4) @ r_q
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsmaxInt4Blocks:
+    """Blocks of 8 with scale ``s = amax_b`` and elements ``clip(round(7 v), -7, 7) / 7`` of
+    ``v = x / s`` (stochastic: ``floor(7 v + u)``); NaN for a non-finite block."""
+
+    block_size = 8
+    bits = 4
+    is_static = True
+    has_zero_point = False
+    dtype = property(lambda self: jnp.dtype(jnp.float32))
+    rounding_modes = ("nearest_even", "stochastic")
+
+    def grid_range(self):
+        return -1.0, 1.0
+
+    def block_scales(self, amax):
+        return jnp.where(jnp.isfinite(amax), amax, jnp.nan)
+
+    def encode(self, v, zero_point, rounding="nearest_even", noise=None):
+        r = jnp.round(7 * v) if rounding == "nearest_even" else jnp.floor(7 * v + noise)
+        return jnp.clip(r, -7, 7)
+
+    def decode(self, codes, zero_point):
+        return codes / 7
+
+    def scale_for_range(self, rmin, rmax, symmetric):
+        amax = jnp.maximum(-rmin, rmax)
+        return amax, jnp.zeros_like(amax)
+
+
+def absmax_int4_oracle(w: np.ndarray, axis: int, u: np.ndarray | None = None) -> np.ndarray:
+    """NumPy: blocks of 8 along ``axis``, ``amax_b * clip(round(7 w / amax_b)) / 7``."""
+    b = np.moveaxis(w, axis, -1).astype(np.float64)
+    b = b.reshape(*b.shape[:-1], -1, 8)
+    amax = np.abs(b).max(-1, keepdims=True)
+    v = 7 * b / np.where(amax > 0, amax, 1)
+    if u is None:
+        r = np.round(v)
+    else:
+        r = np.floor(v + np.moveaxis(u, axis, -1).reshape(b.shape))
+    y = (amax * np.clip(r, -7, 7) / 7).reshape(*b.shape[:-2], -1)
+    return np.moveaxis(y, -1, axis)
+
+
+def test_user_block_format_through_configs_ops_and_rules():
+    """A block format written here runs wherever jquant's MX formats do: QuantConfig (no
+    QParams, blocks along the contraction), dot_general (stochastic with a key: the key's
+    second half rounds rhs), a QuantRule on a Dense layer; and only there."""
+    fmt = AbsmaxInt4Blocks()
+    lhs, rhs = _normal(6, (3, 16)), _normal(7, (16, 5))
+    dn = (((1,), (0,)), ((), ()))
+    cfg = jq.QuantConfig(fmt=fmt)
+    assert cfg.scales_itself and jq.formats.block_size_of(fmt) == 8
+    out = jq.ops.dot_general(lhs, rhs, dn, rhs_quant=cfg)
+    want = lhs.astype(np.float64) @ absmax_int4_oracle(rhs, 0)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+    key = jax.random.key(9)
+    sr = jq.QuantConfig(fmt=fmt, rounding="stochastic")
+    out = jq.ops.dot_general(lhs, rhs, dn, rhs_quant=sr, key=key)
+    u = np.asarray(jax.random.uniform(jax.random.split(key)[1], rhs.shape, jnp.float32))
+    want = lhs.astype(np.float64) @ absmax_int4_oracle(rhs, 0, u)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="has its own blocks of 8"):
+        QuantRule(".*", weight=fmt, block_size=4)
+    with pytest.raises(ValueError, match="no integer kernel"):
+        QuantRule(".*", weight=fmt, mode="int")
+    model = _Net()
+    variables = model.init(jax.random.key(0), lhs)
+    qmodel, _ = qlinen.quantize_model(model, [QuantRule(".*", weight=fmt, act=None)], lhs)
+    qvars = qmodel.attach(variables, lhs)
+    got = qmodel.with_phase("eval").apply(qvars, lhs)
+    w = np.asarray(variables["params"]["fc"]["kernel"])
+    b = np.asarray(variables["params"]["fc"]["bias"])
+    want = lhs.astype(np.float64) @ absmax_int4_oracle(w, 0) + b
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 class _Net(nn.Module):

@@ -55,7 +55,7 @@ from jquant.convert.program import (
     validate,
 )
 from jquant.convert.trace import Node
-from jquant.formats import IntFormat
+from jquant.formats import IntFormat, is_int8_grid
 from jquant.integer.fixed_point import INT32_MAX, MULTIPLIER_MODES
 from jquant.nn.state import QuantizedLayer, subtree
 from jquant.quant import QParams, qparams_from_range, quantize
@@ -128,7 +128,7 @@ def _ops(nodes: list[Node]) -> list[_Op]:
 
 
 def _act_format(path: str, fmt) -> IntFormat:
-    if not isinstance(fmt, IntFormat) or not fmt.is_static or fmt.bits > 8 or fmt.midrise:
+    if not is_int8_grid(fmt):
         raise ValueError(
             f"layer {path!r}: the integer program needs static integer activation formats of "
             f"<= 8 bits, got {fmt}"
@@ -153,7 +153,7 @@ def _weight_codes(q: QuantizedLayer) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, per-channel scale)`` of the layer's kernel, as the fake-quant layer has them."""
     rule, kernel = q.rule, np.asarray(q.kernel)
     fmt = rule.weight
-    if not isinstance(fmt, IntFormat) or not fmt.is_static or fmt.bits > 8 or not fmt.signed:
+    if not is_int8_grid(fmt, signed=True):
         raise ValueError(
             f"layer {q.path!r}: weights must use a static signed integer format of <= 8 bits, "
             f"got {fmt}"

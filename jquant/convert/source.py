@@ -28,6 +28,7 @@ from flax import nnx
 
 from jquant.convert.nnx import nnx_forward, nnx_variables
 from jquant.convert.trace import Hook, Node, layer_kind, trace_calls, trace_layers
+from jquant.formats import block_size_of, format_name
 from jquant.nn import linen as ql
 from jquant.nn import nnx as qnnx
 from jquant.nn.bn_folding import QConvBN, fold_bn
@@ -229,7 +230,15 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
                 f"layer {path!r} is not quantized ({why} float); an integer-only program "
                 "needs every Conv / Dense quantized"
             )
-        block_formats = [f.name for f in (q.rule.weight, q.rule.act) if hasattr(f, "block_size")]
+        block_formats = [
+            format_name(f) for f in (q.rule.weight, q.rule.act) if block_size_of(f) is not None
+        ]
+        if q.rule.rounding != "nearest_even":
+            raise ValueError(
+                f"layer {path!r} has QuantRule.rounding={q.rule.rounding!r}: the integer "
+                "program's kernels round as the runtimes do; convert a model with the default "
+                "rounding ('nearest_even')"
+            )
         if block_formats:
             raise ValueError(
                 f"layer {path!r} uses the block format(s) {block_formats}: the integer program "

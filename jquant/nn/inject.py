@@ -26,12 +26,12 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from jquant import mx, ops
-from jquant.estimators import fake_quant
+from jquant import ops
+from jquant.formats import format_name
 from jquant.nn.rules import QuantRule
 from jquant.nn.state import Slots, tensor_qparams
 from jquant.ops.scaling import AmaxHistory, record_amax, record_grad_amax
-from jquant.quant import QParams, QuantConfig
+from jquant.quant import QParams, QuantConfig, fake_quant_config
 
 __all__ = [
     "KINDS",
@@ -48,27 +48,34 @@ _FLOAT_OPS = {"dot_general": lax.dot_general, "conv": lax.conv_general_dilated}
 _QUANT_OPS = {"dot_general": ops.dot_general, "conv": ops.conv_general_dilated}
 _TRAIN_OPS = {"dot_general": ops.train_dot_general, "conv": ops.train_conv_general_dilated}
 KINDS = tuple(_FLOAT_OPS)
-GRAD_RNG = "quant"  # the RNG stream of stochastic gradient rounding
+GRAD_RNG = "quant"  # the RNG stream of stochastic rounding (gradients and forward)
 
 
-def _grad_rounding_key(slots) -> jax.Array:
-    """A key for stochastic gradient rounding from the layer's ``"quant"`` RNG stream:
+def _quant_rng_key(slots, what: str = "gradients") -> jax.Array:
+    """A key for stochastic rounding of ``what`` from the layer's ``"quant"`` RNG stream:
     Linen ``apply(..., rngs={"quant": key})``, NNX ``layer.quant_rngs = nnx.Rngs(quant=k)``."""
     module = slots.module
     if isinstance(module, nn.Module):
         if not module.has_rng(GRAD_RNG):
             raise ValueError(
-                f"layer {slots.path!r} rounds gradients stochastically: apply the model with "
+                f"layer {slots.path!r} rounds {what} stochastically: apply the model with "
                 f"rngs={{{GRAD_RNG!r}: key}}"
             )
         return module.make_rng(GRAD_RNG)
     rngs = getattr(module, "quant_rngs", None)
     if rngs is None:
         raise ValueError(
-            f"layer {slots.path!r} rounds gradients stochastically: set its quant_rngs = "
+            f"layer {slots.path!r} rounds {what} stochastically: set its quant_rngs = "
             f"nnx.Rngs({GRAD_RNG}=key)"
         )
     return getattr(rngs, GRAD_RNG)()
+
+
+def _forward_key(slots, rule: QuantRule) -> jax.Array | None:
+    """The key of ``rule.rounding="stochastic"`` (weights and activations), else None."""
+    return (
+        _quant_rng_key(slots, "weights and activations") if rule.rounding == "stochastic" else None
+    )
 
 
 def kernel_config(
@@ -193,9 +200,12 @@ class QuantOp:
         if delayed is not None:
             lhs, rhs, qa, qw = delayed.lhs, delayed.rhs, delayed.lhs_qparams, delayed.rhs_qparams
         if bwd is not None:  # quantized backward products
-            key = _grad_rounding_key(self.slots) if bwd.stochastic else None
+            key = _quant_rng_key(self.slots) if bwd.stochastic else None
             qg = None if delayed is None else delayed.grad_qparams
             train = dict(bwd=bwd, key=key, grad_qparams=qg)
+        elif rhs_cfg is not None or self.rule.act_config() is not None:  # stochastic forward?
+            key = _forward_key(self.slots, self.rule)
+            train = {} if key is None else dict(key=key)
         y = (_QUANT_OPS if bwd is None else _TRAIN_OPS)[self.kind](
             lhs,
             rhs,
@@ -237,15 +247,15 @@ def _act_qparams(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> QPa
 
 def quantize_activation(slots: Slots, rule: QuantRule, phase: str, x: jax.Array) -> jax.Array:
     """``fq(x)`` with the activation's calibrated or learned QParams (train / eval), else x; a
-    block format (``jquant.mx``) quantizes its blocks along the last axis (the features)."""
+    block format (``jquant.mx``) quantizes its blocks along the last axis (the features).
+    ``rule.rounding="stochastic"`` draws its key from the ``"quant"`` RNG stream."""
     _check_no_scaling(slots, rule)
     cfg = rule.act_config()
-    if cfg is not None and cfg.is_microscaling:
-        return mx.fake_quant(x, cfg.fmt, axis=-1, pad=True) if phase in ("train", "eval") else x
-    qp = _act_qparams(slots, rule, phase, x)
-    if qp is None:
+    qp = _act_qparams(slots, rule, phase, x)  # records calibration statistics
+    if cfg is None or phase not in ("train", "eval"):
         return x
-    return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
+    cfg = cfg.with_block_axis(x.ndim - 1)
+    return fake_quant_config(x, cfg, qp, key=_forward_key(slots, rule))
 
 
 def pool_activation(
@@ -256,11 +266,18 @@ def pool_activation(
     Float pooling in the float and calibrate phases."""
     _check_no_scaling(slots, rule)
     cfg = rule.act_config()
-    if cfg is not None and cfg.is_microscaling:
+    if cfg is not None and cfg.scales_itself:
         raise ValueError(
             f"layer {slots.path!r}: pooling keeps its input's QParams, but the rule's activation "
-            f"format {cfg.fmt.name} has none (its blocks scale themselves); keep the pooling "
-            "layer float (QuantRule(<path>, keep_float=True)) or give it an integer act format"
+            f"format {format_name(cfg.fmt)} has none (its blocks scale themselves); keep the "
+            "pooling layer float (QuantRule(<path>, keep_float=True)) or give it an integer act "
+            "format"
+        )
+    if cfg is not None and cfg.rounding != "nearest_even":
+        raise ValueError(
+            f"layer {slots.path!r}: pooling quantizes its input as TFLite does (round half to "
+            f"even), not with QuantRule.rounding={rule.rounding!r}; give the pooling layer a "
+            "rule with the default rounding"
         )
     if cfg is not None and cfg.block_size is not None:
         raise ValueError(

@@ -21,15 +21,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from jquant import mx
 from jquant.calibration import get_observer, method_block_observer, observer_names
 from jquant.estimators import Estimator, get_estimator
-from jquant.formats import FloatFormat, Format, IntFormat, get_format
+from jquant.formats import (
+    Format,
+    block_size_of,
+    format_name,
+    int8,
+    is_int8_grid,
+    rounding_modes_of,
+)
 from jquant.integer.fixed_point import MULTIPLIER_MODES
 from jquant.nn.state import ACT_SCALES, LEARNED_INITS, WEIGHT_SCALE_BOUNDS
 from jquant.ops.scaling import DelayedScaling, delayed_scaling
 from jquant.ops.train import BackwardConfig
-from jquant.quant import ROUNDING_MODES, QuantConfig
+from jquant.quant import ROUNDING_MODES, QuantConfig, resolve_format
 
 __all__ = [
     "ACT_SCALES",
@@ -80,27 +86,8 @@ def parse_granularity(granularity: str) -> tuple[str, int | None]:
     return name, int(size)
 
 
-def _format_or_none(name: str, value) -> Format | mx.BlockFormat | None:
-    if value is None:
-        return None
-    if isinstance(value, mx.BlockFormat) or (isinstance(value, str) and value in mx.FORMATS):
-        return mx.get_block_format(value)
-    try:
-        return get_format(value)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"QuantRule.{name}: {e}") from None
-
-
-def _program_format(fmt, *, signed: bool) -> bool:
-    """Whether ``fmt`` is a static integer format of <= 8 bits, on the integer program's
-    grid (not midrise; signed when ``signed``)."""
-    return (
-        isinstance(fmt, IntFormat)
-        and fmt.is_static
-        and fmt.bits <= 8
-        and not fmt.midrise
-        and (fmt.signed or not signed)
-    )
+def _format_or_none(name: str, value) -> Format | None:
+    return None if value is None else resolve_format(value, f"QuantRule.{name}")
 
 
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
@@ -220,6 +207,11 @@ class QuantRule:
       amax_history: ``H >= 1``, the length of each amax history (TE's
         ``amax_history_len``; 1 is the previous step's amax).
       margin: ``>= 0``; ``scale *= 2^margin`` (headroom against growth between steps).
+      rounding: how weights and activations are rounded in the forward pass, one of the
+        formats' rounding modes (``jquant.formats.rounding_modes_of``; block formats:
+        ``"nearest_even"`` or ``"stochastic"``). ``"stochastic"`` draws from the ``"quant"``
+        RNG stream as ``grad_rounding`` does (a fresh key per call: ``E[fq(x)] = x``), in
+        ``mode="simulate"``, without ``grad`` and ``requant``; ``jquant.convert`` refuses it.
     """
 
     pattern: str
@@ -246,6 +238,7 @@ class QuantRule:
     scaling: str | None = None
     amax_history: int = 16
     margin: float = 0
+    rounding: str = "nearest_even"
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -263,10 +256,10 @@ class QuantRule:
         )
         _check_choice("grad_rounding", self.grad_rounding, ROUNDING_MODES)
         for name in ("grad", "grad_operands"):
-            if isinstance(getattr(self, name), mx.BlockFormat):
+            if block_size_of(getattr(self, name)) is not None:
                 raise ValueError(
-                    f"QuantRule.{name}={getattr(self, name).name!r}: the quantized backward "
-                    "products take element formats (int, fp8), not block formats"
+                    f"QuantRule.{name}={format_name(getattr(self, name))!r}: the quantized "
+                    "backward products take element formats (int, fp8), not block formats"
                 )
         if self.grad is not None and self.mode == "int" and self.grad_operands is None:
             raise ValueError(
@@ -294,8 +287,8 @@ class QuantRule:
             self.weight_scale_bound != "qmax"
             and self.weight is not None
             and not (
-                isinstance(self.weight, IntFormat)
-                and not self.weight.midrise
+                getattr(self.weight, "integer_grid", False)
+                and self.weight.has_zero_point  # not midrise
                 and self.weight_symmetric
             )
         ):
@@ -320,6 +313,7 @@ class QuantRule:
         self._check_requant()
         self._check_backward()
         self._check_scaling()
+        self._check_rounding()
         if self.act is not None and self._estimator("act").learns_clip and self.act.signed:
             raise ValueError(
                 f"QuantRule.act: PACT clips to [0, alpha] and needs an unsigned format, "
@@ -337,26 +331,31 @@ class QuantRule:
                 f"QuantRule.block_size={b} asks for per-block scales, but weight_granularity "
                 "is 'per_tensor': use 'per_block' (or leave the default)"
             )
-        if b is not None and isinstance(self.weight, mx.BlockFormat):
+        own = block_size_of(self.weight)
+        if b is not None and own is not None:
             raise ValueError(
-                f"QuantRule.block_size={b}: the weight format {self.weight.name} has its own "
-                f"blocks of {self.weight.block_size}; leave block_size None"
+                f"QuantRule.block_size={b}: the weight format {format_name(self.weight)} has "
+                f"its own blocks of {own}; leave block_size None"
             )
         for name in ("weight", "act"):
             fmt, est = getattr(self, name), self._estimator(name)
-            if isinstance(fmt, mx.BlockFormat) and est != "ste":
+            if block_size_of(fmt) is None:
+                continue
+            if est != "ste":
                 raise ValueError(
-                    f"QuantRule.{name}={fmt.name!r} fake-quantizes with jquant.mx.fake_quant "
-                    f"(straight-through gradient): its estimator must be 'ste', got {est!r}"
+                    f"QuantRule.{name}={format_name(fmt)!r} fake-quantizes with "
+                    "jquant.mx.fake_quant (straight-through gradient): its estimator must be "
+                    f"'ste', got {est!r}"
                 )
-            if isinstance(fmt, mx.BlockFormat) and self.mode == "int":
+            if self.mode == "int":
                 raise ValueError(
-                    f"QuantRule.{name}={fmt.name!r} has no integer kernel: use mode='simulate'"
+                    f"QuantRule.{name}={format_name(fmt)!r} has no integer kernel: use "
+                    "mode='simulate'"
                 )
-        if isinstance(self.act, mx.BlockFormat) and self.act_scale != "static":
+        if block_size_of(self.act) is not None and self.act_scale != "static":
             raise ValueError(
-                f"QuantRule.act={self.act.name!r} scales each block itself: act_scale must be "
-                f"'static' (the default), got {self.act_scale!r}"
+                f"QuantRule.act={format_name(self.act)!r} scales each block itself: act_scale "
+                f"must be 'static' (the default), got {self.act_scale!r}"
             )
         if b is not None:
             object.__setattr__(self, "weight_granularity", "per_block")
@@ -372,7 +371,7 @@ class QuantRule:
         problem = None
         if self.act is None:
             problem = "act is None (float activations have no scales)"
-        elif isinstance(self.act, mx.BlockFormat):
+        elif block_size_of(self.act) is not None:
             problem = f"the act format {self.act.name} has its own blocks of {self.act.block_size}"
         elif self._estimator("act").learned:
             problem = (
@@ -417,9 +416,9 @@ class QuantRule:
             problem = f"act_scale={self.act_scale!r}: the program needs static activation scales"
         elif self.blockwise():
             problem = f"{self.blockwise()}: the program has no block-wise kernel"
-        elif not _program_format(self.act, signed=False):
+        elif not is_int8_grid(self.act):
             problem = f"act={self.act}: the program needs a static integer format of <= 8 bits"
-        elif not _program_format(self.weight, signed=True) or not self.weight_symmetric:
+        elif not is_int8_grid(self.weight, signed=True) or not self.weight_symmetric:
             problem = (
                 f"weight={self.weight} (weight_symmetric={self.weight_symmetric}): the program "
                 "needs symmetric signed static integer weights of <= 8 bits"
@@ -460,7 +459,7 @@ class QuantRule:
         problem = None
         bwd = self.backward_config()
         grads = [] if bwd is None else [c for c in (bwd.dlhs_grad, bwd.drhs_grad) if c]
-        if isinstance(self.weight, mx.BlockFormat) or isinstance(self.act, mx.BlockFormat):
+        if block_size_of(self.weight) is not None or block_size_of(self.act) is not None:
             problem = "block formats scale each block themselves; use element formats"
         elif self.estimator.learned or self._estimator("act").learned:
             problem = "learned estimators learn the scale; use 'ste' or 'clipped_ste'"
@@ -480,7 +479,7 @@ class QuantRule:
         object.__setattr__(self, "act_symmetric", True)
         for name in ("weight", "act", "grad", "grad_operands"):
             fmt = getattr(self, name)
-            if isinstance(fmt, FloatFormat) and not fmt.saturate:  # TE's saturating casts
+            if _saturates_not(fmt):  # TE's saturating casts
                 object.__setattr__(self, name, dataclasses.replace(fmt, saturate=True))
         if self.backward is not None:
             object.__setattr__(self, "backward", _saturating_backward(self.backward))
@@ -512,6 +511,38 @@ class QuantRule:
         cfg = None if bwd is None else (bwd.dlhs_grad or bwd.drhs_grad)
         return None if cfg is None else cfg.fmt
 
+    def _check_rounding(self) -> None:
+        """``rounding`` is one the formats honour; ``"stochastic"`` only where a key reaches
+        the quantizer (simulate forward, no quantized backward, no requantized eval)."""
+        _check_choice("rounding", self.rounding, ROUNDING_MODES)
+        for name in ("weight", "act"):
+            fmt = getattr(self, name)
+            if fmt is not None and self.rounding not in rounding_modes_of(fmt):
+                raise ValueError(
+                    f"QuantRule.rounding={self.rounding!r} is not a rounding mode of "
+                    f"QuantRule.{name}={format_name(fmt)}: choose one of {rounding_modes_of(fmt)}"
+                )
+        if self.rounding != "nearest_even" and self.requant is not None:
+            raise ValueError(
+                f"QuantRule.rounding={self.rounding!r}: requant={self.requant!r} computes what "
+                "the integer kernels compute, with their own rounding; use the default rounding"
+            )
+        if self.rounding != "stochastic":
+            return
+        checks = (
+            ("mode", self.mode == "int"),
+            ("grad", self.grad is not None),
+            ("backward", self.backward is not None),
+            ("scaling", self.scaling is not None),
+        )
+        for field, problem in checks:
+            if problem:
+                raise ValueError(
+                    "QuantRule.rounding='stochastic' needs mode='simulate', grad=None, "
+                    "backward=None and scaling=None (a key reaches only the simulated "
+                    f"forward), got {field}={getattr(self, field)!r}"
+                )
+
     def _estimator(self, which: str) -> Estimator:
         return self.act_estimator if which == "act" and self.act_estimator else self.estimator
 
@@ -532,9 +563,10 @@ class QuantRule:
         else:
             axis = tuple(channel_axes) or None
         block_axis = None
-        if isinstance(self.weight, mx.BlockFormat):  # its blocks run along the contraction
+        own_blocks = block_size_of(self.weight) is not None
+        if own_blocks:  # a block format: its blocks run along the contraction
             axis = None
-        if self.block_size is not None or isinstance(self.weight, mx.BlockFormat):
+        if self.block_size is not None or own_blocks:
             if channel_axes is None:
                 contracted = [kernel_ndim - 2]
             else:
@@ -551,6 +583,7 @@ class QuantRule:
             symmetric=self.weight_symmetric,
             axis=axis,
             estimator=self._estimator("weight"),
+            rounding=self.rounding,
             block_size=self.block_size,
             block_axis=block_axis,
         )
@@ -569,7 +602,11 @@ class QuantRule:
         if self.act_block_size is not None:
             blocks = dict(block_size=self.act_block_size, block_axis=-1)
         return QuantConfig(
-            fmt=self.act, symmetric=symmetric, estimator=self._estimator("act"), **blocks
+            fmt=self.act,
+            symmetric=symmetric,
+            estimator=self._estimator("act"),
+            rounding=self.rounding,
+            **blocks,
         )
 
     def backward_config(self) -> BackwardConfig | None:
@@ -588,12 +625,17 @@ class QuantRule:
         return BackwardConfig.uniform(QuantConfig(self.grad), operands, self.grad_rounding)
 
 
+def _saturates_not(fmt) -> bool:
+    """Whether ``fmt`` is a float format that overflows to inf / NaN (``saturate=False``)."""
+    return getattr(fmt, "saturate", None) is False
+
+
 def _saturating_backward(bwd: BackwardConfig) -> BackwardConfig:
     """``bwd`` with each float format saturating (delayed scaling's casts)."""
 
     def sat(cfg):
         fmt = None if cfg is None else cfg.fmt
-        if isinstance(fmt, FloatFormat) and not fmt.saturate:
+        if _saturates_not(fmt):
             return dataclasses.replace(cfg, fmt=dataclasses.replace(fmt, saturate=True))
         return cfg
 
@@ -684,8 +726,8 @@ def set_bits(
         if bits is None:
             continue
         old = getattr(base, name)
-        old = old if isinstance(old, IntFormat) else IntFormat(8)
-        changes[name] = dataclasses.replace(old, bits=bits)
+        old = old if callable(getattr(old, "with_bits", None)) else int8
+        changes[name] = old.with_bits(bits)
     return (dataclasses.replace(base, pattern=re.escape(path), **changes), *rules)
 
 

@@ -408,7 +408,7 @@ def tensor_qparams(
     Raises:
       ValueError: train / eval of an activation that was never calibrated.
     """
-    if cfg is None or cfg.is_microscaling:  # a block format scales itself: no QParams
+    if cfg is None or cfg.scales_itself:  # a block format scales itself: no QParams
         return None
     learned = cfg.estimator.learned
     if calibration_name is None:  # a weight
@@ -486,7 +486,7 @@ def frozen_qparams(
     calibrated = None if stored is None else qparams_from_dict(stored, cfg_input)
     qa = one("input", cfg_input, calibrated)
     own = None
-    if cfg_kernel is not None and not cfg_kernel.is_microscaling:
+    if cfg_kernel is not None and not cfg_kernel.scales_itself:
         own = kernel_qparams(kernel, cfg_kernel, scale_bound)
     return qa, one("kernel", cfg_kernel, own)
 

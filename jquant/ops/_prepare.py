@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import mx
-from jquant.estimators import fake_quant
+from jquant.formats import format_name
 from jquant.integer.checks import centered_code_bound, check_int32_bound, product_bound
 from jquant.quant import (
     QParams,
@@ -27,6 +26,7 @@ from jquant.quant import (
     check_config,
     check_qparams,
     dynamic_qparams,
+    fake_quant_config,
     quantize,
     to_blocks,
 )
@@ -87,10 +87,10 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
         return None
     if not isinstance(qp, QParams):
         raise TypeError(f"{name}_qparams must be a jquant.QParams or None, got {qp!r}")
-    if cfg.is_microscaling:
+    if cfg.scales_itself:
         raise ValueError(
-            f"{name}_quant.fmt is {cfg.fmt.name}, which computes its own block scales: "
-            f"{name}_qparams must be None"
+            f"{name}_quant.fmt is the block format {format_name(cfg.fmt)}, which computes its "
+            f"own block scales: {name}_qparams must be None"
         )
     if cfg.block_size is not None:
         qp = given_block_qparams(name, x, cfg, qp)
@@ -114,17 +114,15 @@ def given_qparams(name: str, x, cfg: QuantConfig | None, qp: QParams | None):
 
 def default_block_axis(name: str, cfg: QuantConfig | None, axes: tuple[int, ...], what: str):
     """``cfg`` with ``block_axis`` set to the op's single ``axes`` entry (its contracting or
-    input-feature axis) when the config is block-wise (or microscaling) and leaves it None."""
-    if cfg is None or cfg.block_axis is not None:
-        return cfg
-    if cfg.block_size is None and not cfg.is_microscaling:
+    input-feature axis) when the config is block-wise (or a block format) and leaves it None."""
+    if cfg is None or cfg.block_axis is not None or not cfg.is_blockwise:
         return cfg
     if len(axes) != 1:
         raise ValueError(
             f"{name}_quant.block_size is set but block_axis is None and the op has {len(axes)} "
             f"{what} axes {axes}: set {name}_quant.block_axis"
         )
-    return dataclasses.replace(cfg, block_axis=int(axes[0]))
+    return cfg.with_block_axis(axes[0])
 
 
 def given_block_qparams(name: str, x, cfg: QuantConfig, qp: QParams) -> QParams:
@@ -201,18 +199,37 @@ def qparams_shape(x, cfg: QuantConfig, qp: QParams | None) -> tuple[int, ...]:
 
 
 def resolve_qparams(x, cfg: QuantConfig | None, qp: QParams | None):
-    if cfg is not None and cfg.is_microscaling:
+    """Given QParams, else dynamic ones (None: float, or a block format's own scales)."""
+    if cfg is None or cfg.scales_itself:
         return None
-    return dynamic_qparams(x, cfg) if cfg is not None and qp is None else qp
+    return dynamic_qparams(x, cfg) if qp is None else qp
 
 
-def fake_quant_operand(x, qp: QParams | None, cfg: QuantConfig | None):
+def fake_quant_operand(x, qp: QParams | None, cfg: QuantConfig | None, key=None):
+    """``fq(x)`` as ``cfg`` says (:func:`jquant.quant.fake_quant_config`); x if None."""
     if cfg is None:
         return x
-    if cfg.is_microscaling:  # its own block scales, straight-through gradient
-        y = mx.fake_quant(x, cfg.fmt, axis=cfg.block_axis_for(x.ndim), pad=True)
-        return y.astype(x.dtype)
-    return fake_quant(x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator)
+    return fake_quant_config(x, cfg, qp, key=key)
+
+
+def operand_keys(key, lhs_quant: QuantConfig | None, rhs_quant: QuantConfig | None):
+    """``(k_lhs, k_rhs)`` for stochastic rounding: ``jax.random.split(key)``, None for a side
+    that does not round stochastically; ValueError for a missing key or one nobody uses."""
+    stochastic = [c is not None and c.rounding == "stochastic" for c in (lhs_quant, rhs_quant)]
+    if key is None:
+        if any(stochastic):
+            side = "lhs" if stochastic[0] else "rhs"
+            raise ValueError(
+                f"{side}_quant.rounding='stochastic' needs key= (a jax.random key; split it "
+                "per step)"
+            )
+        return None, None
+    if not any(stochastic):
+        raise ValueError(
+            "key is given but neither lhs_quant nor rhs_quant has rounding='stochastic'"
+        )
+    k_l, k_r = jax.random.split(key)
+    return (k_l if stochastic[0] else None), (k_r if stochastic[1] else None)
 
 
 # --- int8 operands ----------------------------------------------------------------------------
@@ -224,10 +241,15 @@ def check_int_config(name: str, cfg: QuantConfig | None) -> None:
             f"mode='int' quantizes both operands: {name}_quant must be a QuantConfig, got None"
         )
     fmt = cfg.fmt
-    if cfg.is_microscaling:
+    if cfg.scales_itself:
         raise ValueError(
-            f"mode='int' has no integer kernel for the block format {fmt.name} of "
+            f"mode='int' has no integer kernel for the block format {format_name(fmt)} of "
             f"{name}_quant.fmt: use mode='simulate' (jquant.mx.fake_quant)"
+        )
+    if cfg.rounding == "stochastic":
+        raise ValueError(
+            f"mode='int' rounds deterministically: {name}_quant.rounding='stochastic' needs "
+            "mode='simulate'"
         )
     if not fmt.is_static:
         raise ValueError(
@@ -339,9 +361,11 @@ def tuple_or_none(name: str, v):
 # --- the shared preamble ----------------------------------------------------------------------
 
 
-def check_operands(lhs, rhs, lhs_quant, rhs_quant, mode, accumulator):
+def check_operands(lhs, rhs, lhs_quant, rhs_quant, mode, accumulator, key=None):
     """The checks every quantized product starts with; ``(lhs, rhs)`` as arrays."""
     check_mode(mode)
+    if mode == "int" and key is not None:
+        raise ValueError("key is given but mode='int' rounds deterministically")
     check_accumulator_name(accumulator)
     check_config("lhs_quant", lhs_quant)
     check_config("rhs_quant", rhs_quant)
@@ -367,10 +391,13 @@ class IntGeometry:
     rhs_what: str
 
 
-def simulate(st: ProductStatic, lhs, rhs, qp_l, qp_r):
-    """``st.op(fq(lhs), fq(rhs))``: the float op on fake-quantized operands."""
+def simulate(st: ProductStatic, lhs, rhs, qp_l, qp_r, key=None):
+    """``st.op(fq(lhs), fq(rhs))``: the float op on fake-quantized operands (stochastic
+    rounding: ``lhs`` from ``jax.random.split(key)[0]``, ``rhs`` from ``[1]``)."""
+    k_l, k_r = operand_keys(key, st.lhs_quant, st.rhs_quant)
     return st.op(
-        fake_quant_operand(lhs, qp_l, st.lhs_quant), fake_quant_operand(rhs, qp_r, st.rhs_quant)
+        fake_quant_operand(lhs, qp_l, st.lhs_quant, k_l),
+        fake_quant_operand(rhs, qp_r, st.rhs_quant, k_r),
     )
 
 
@@ -384,11 +411,12 @@ def run(
     accumulator: str,
     int_fn: Callable,
     int_geometry: Callable[[], IntGeometry],
+    key=None,
 ):
     """Checks the QParams (and, in ``"int"`` mode, the int8 requirements), resolves dynamic
     QParams and runs :func:`simulate` or ``int_fn`` (with the simulate mode's gradient).
 
-    ``st`` is the op's :class:`ProductStatic`.
+    ``st`` is the op's :class:`ProductStatic`; ``key`` the PRNG key of stochastic rounding.
     ``int_geometry`` is called in ``"int"`` mode only, after the configs are checked (it may
     raise for requirements of its own).
     """
@@ -418,7 +446,7 @@ def run(
         )
     qp_l, qp_r = resolve_qparams(lhs, lhs_quant, qp_l), resolve_qparams(rhs, rhs_quant, qp_r)
     if mode == "simulate":
-        return simulate(st, lhs, rhs, qp_l, qp_r)
+        return simulate(st, lhs, rhs, qp_l, qp_r, key)
     return int_with_simulated_grad(int_fn, simulate, st, lhs, rhs, qp_l, qp_r)
 
 

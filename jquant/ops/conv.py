@@ -285,6 +285,7 @@ def conv_general_dilated(
     lhs_qparams: QParams | None = None,
     rhs_qparams: QParams | None = None,
     out_sharding=None,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """``lax.conv_general_dilated(fq(lhs), fq(rhs), ...)`` with per-side fake quantizers.
 
@@ -304,13 +305,14 @@ def conv_general_dilated(
     channels (``feature_group_count = 1``) and sums the rescaled partial results in float32.
 
     Arguments are those of ``lax.conv_general_dilated`` plus ``lhs_quant``, ``rhs_quant``,
-    ``lhs_qparams``, ``rhs_qparams``, ``mode`` and ``accumulator`` as in :func:`dot_general`;
+    ``lhs_qparams``, ``rhs_qparams``, ``mode``, ``accumulator`` and ``key`` as in
+    :func:`dot_general`;
     the contraction size of the overflow bound is ``K = rhs.size / out_features`` (the taps of
     one output). Gradients in
     both modes are those of ``"simulate"``; grouped and depthwise convs
     (``feature_group_count``) work in both.
     """
-    lhs, rhs = prep.check_operands(lhs, rhs, lhs_quant, rhs_quant, mode, accumulator)
+    lhs, rhs = prep.check_operands(lhs, rhs, lhs_quant, rhs_quant, mode, accumulator, key)
     if lhs.ndim != rhs.ndim or lhs.ndim < 3:
         raise ValueError(
             f"lhs and rhs must have the same rank >= 3, got shapes {lhs.shape} and {rhs.shape}"
@@ -364,7 +366,9 @@ def conv_general_dilated(
             "axes other than the output-feature axis",
         )
 
-    return prep.run(st, lhs, rhs, lhs_qparams, rhs_qparams, mode, accumulator, _conv_int, geometry)
+    return prep.run(
+        st, lhs, rhs, lhs_qparams, rhs_qparams, mode, accumulator, _conv_int, geometry, key
+    )
 
 
 quantized_conv_general_dilated = prep.config_factory(

@@ -117,6 +117,7 @@ def dot_general(
     mode: str = "simulate",
     out_sharding=None,
     accumulator: str = "int32",
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """``lax.dot_general(fq(lhs), fq(rhs), ...)`` with ``fq`` the fake quantizer of each side.
 
@@ -143,12 +144,16 @@ def dot_general(
       accumulator: ``"int32"`` (exact; a contraction whose worst case may overflow int32
         raises ValueError at trace time) or ``"int32_wrap"`` (accept two's-complement
         wrap-around modulo ``2^32``). Only ``"int"`` mode accumulates in integers.
+      key: PRNG key for a config with ``rounding="stochastic"`` (``"simulate"`` only; a
+        missing key, or a key that no config uses, raises ValueError): ``lhs`` rounds with
+        ``jax.random.split(key)[0]``, ``rhs`` with ``[1]``, each as
+        :func:`jquant.quant.fake_quant_config` (block formats: :func:`jquant.mx.fake_quant`).
 
     Returns:
       The float product; in ``"int"`` mode of dtype ``preferred_element_type`` or the
       operands' float type.
     """
-    lhs, rhs = prep.check_operands(lhs, rhs, lhs_quant, rhs_quant, mode, accumulator)
+    lhs, rhs = prep.check_operands(lhs, rhs, lhs_quant, rhs_quant, mode, accumulator, key)
     try:
         (lc, rc), (lb, rb) = dimension_numbers
         dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
@@ -187,7 +192,9 @@ def dot_general(
         rhs_quant=rhs_quant,
         out_sharding=out_sharding,
     )
-    return prep.run(st, lhs, rhs, lhs_qparams, rhs_qparams, mode, accumulator, _dot_int, geometry)
+    return prep.run(
+        st, lhs, rhs, lhs_qparams, rhs_qparams, mode, accumulator, _dot_int, geometry, key
+    )
 
 
 quantized_dot_general = prep.config_factory(

@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from jquant.formats import IntFormat
+from jquant.formats import is_int8_grid
 from jquant.ops import _prepare as prep
 from jquant.ops.conv import conv_general_dilated
 from jquant.ops.dot import dot_general
@@ -154,15 +154,7 @@ def _check_int_backward(bwd: BackwardConfig) -> None:
     for name in ("dlhs_grad", "dlhs_rhs", "drhs_lhs", "drhs_grad"):
         cfg = getattr(bwd, name)
         fmt = None if cfg is None else cfg.fmt
-        ok = (
-            isinstance(fmt, IntFormat)
-            and fmt.is_static
-            and fmt.bits <= 8
-            and fmt.signed
-            and not fmt.midrise
-            and cfg.symmetric
-            and cfg.axis is None
-        )
+        ok = is_int8_grid(fmt, signed=True) and cfg.symmetric and cfg.axis is None
         if not ok:
             raise ValueError(
                 f"mode='int' runs the backward products as int8 x int8 -> int32, so "
@@ -302,6 +294,13 @@ _train_product.defvjp(_train_fwd, _train_bwd)
 def _check_train_args(st: _Static, lhs, rhs, grad_qparams, key, grad_amax_sink) -> None:
     if not isinstance(st.bwd, BackwardConfig):
         raise TypeError(f"bwd must be a jquant.ops.BackwardConfig, got {st.bwd!r}")
+    for side, cfg in (("lhs", st.lhs_quant), ("rhs", st.rhs_quant)):
+        if cfg is not None and cfg.rounding == "stochastic":
+            raise ValueError(
+                f"{side}_quant.rounding='stochastic': the quantized backward products redo the "
+                "forward quantization without its key, so their forward rounds "
+                "deterministically; use jquant.ops.dot_general / conv_general_dilated(key=...)"
+            )
     if st.bwd.stochastic and key is None:
         raise ValueError(
             "bwd.grad_rounding='stochastic' needs key= (a jax.random key; split it per step)"

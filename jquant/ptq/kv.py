@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jquant.formats import Format, IntFormat
+from jquant.formats import Format
 from jquant.models import gpt
 from jquant.quant import QParams, fake_quant_forward, qparams_from_data_range
 
@@ -92,7 +92,7 @@ def kv_fake_quant(
       ValueError: unknown ``granularity``; ``ranges`` missing for ``"per_channel"`` or given
         for ``"per_token"``.
     """
-    if not isinstance(fmt, IntFormat) or not fmt.signed:
+    if not getattr(fmt, "integer_grid", False) or not fmt.signed:
         raise TypeError(f"fmt must be a signed jquant.IntFormat (e.g. jquant.int8), got {fmt!r}")
     if granularity not in KV_GRANULARITIES:
         raise ValueError(f"granularity must be one of {KV_GRANULARITIES}, got {granularity!r}")

@@ -35,7 +35,13 @@ from jquant.quant.affine import (
     to_blocks,
     unblock,
 )
-from jquant.quant.config import QuantConfig, check_config, dynamic_qparams
+from jquant.quant.config import (
+    QuantConfig,
+    check_config,
+    dynamic_qparams,
+    fake_quant_config,
+    resolve_format,
+)
 
 __all__ = [
     "ROUNDING_MODES",
@@ -56,6 +62,8 @@ __all__ = [
     "block_range",
     "QuantConfig",
     "dynamic_qparams",
+    "fake_quant_config",
+    "resolve_format",
     "check_config",
     "check_qparams",
     "check_real",

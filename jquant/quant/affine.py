@@ -27,8 +27,10 @@ from jquant.formats import (
     RANGE_LIMIT,
     ROUNDING_MODES,
     Format,
+    block_size_of,
     check_format,
     exact_divide,
+    format_name,
     round_to_float_format,
     round_values,
 )
@@ -140,6 +142,12 @@ def check_qparams(x, qp: QParams, fmt: Format) -> None:
         xb, qpb = block_view(jax.ShapeDtypeStruct(np.shape(x), jnp.float32), qp)
         return check_qparams(xb, qpb, fmt)
     check_format(fmt)
+    if block_size_of(fmt) is not None:
+        raise ValueError(
+            f"fmt {format_name(fmt)} is a block format: it derives its own block scales and "
+            "takes no QParams; use jquant.mx.fake_quant(x, fmt, axis=...) or "
+            "jquant.quant.fake_quant_config(x, QuantConfig(fmt=fmt, block_axis=...))"
+        )
     check_real("qp.scale", qp.scale)
     check_real("qp.zero_point", qp.zero_point)
     x_shape = np.shape(x)

@@ -18,9 +18,16 @@ from jax import lax
 # a module import: jquant.estimators imports this package (for QParams), so its names are
 # looked up when a config is built, not when this module loads
 from jquant import estimators, mx
-from jquant.formats import Format, check_format, get_format, int8
+from jquant.formats import (
+    Format,
+    block_size_of,
+    check_format,
+    format_name,
+    get_format,
+    int8,
+    rounding_modes_of,
+)
 from jquant.quant.affine import (
-    ROUNDING_MODES,
     QParams,
     block_qparams,
     block_range,
@@ -28,10 +35,22 @@ from jquant.quant.affine import (
     qparams_from_data_range,
 )
 
-__all__ = ["QuantConfig", "check_config", "dynamic_qparams"]
+__all__ = ["QuantConfig", "check_config", "dynamic_qparams", "fake_quant_config", "resolve_format"]
 
-# Stochastic rounding needs a PRNG key per call, which lax's signatures have no room for.
-_ROUNDINGS = tuple(r for r in ROUNDING_MODES if r != "stochastic")
+
+def resolve_format(fmt, name: str = "fmt") -> Format:
+    """A format from a name of ``jquant.formats.NAMED_FORMATS`` or of the block formats
+    ``jquant.mx.FORMATS`` (``"mxfp4"``, ...); a format object (any object following the
+    ``jquant.formats.Format`` protocol) passes through. ``name`` is the argument's name in
+    errors."""
+    if isinstance(fmt, str) and fmt in mx.FORMATS:
+        return mx.FORMATS[fmt]
+    try:
+        return get_format(fmt)
+    except (ValueError, TypeError) as e:
+        if isinstance(fmt, str):
+            e = ValueError(f"{e}; block formats: {', '.join(mx.FORMATS)}")
+        raise type(e)(f"{name}: {e}") from None
 
 
 @functools.partial(
@@ -50,15 +69,20 @@ class QuantConfig:
     Args:
       fmt: the number format (``IntFormat``, ``FloatFormat``, ``BinaryFormat``, any object
         following the ``jquant.formats.Format`` protocol, or a name of ``NAMED_FORMATS``),
-        or a block format of :mod:`jquant.mx` (``mx.FORMATS["mxfp4"]``, or its name):
-        quantized by ``jquant.mx.fake_quant`` along ``block_axis`` (the op's contracting
-        axis when None), straight-through gradient, ``mode="simulate"`` only, no QParams.
+        or a block format (one with ``block_size`` and ``block_scales``, such as those of
+        :mod:`jquant.mx`: ``mx.FORMATS["mxfp4"]`` or its name), which scales its own blocks
+        along ``block_axis`` (the op's contracting axis when None): ``jquant.mx.fake_quant``,
+        straight-through gradient, ``mode="simulate"`` only, no QParams.
       symmetric: zero point 0 (``scale = max|x| / qmax``) if True, else affine
         (``scale = (max - min) / (qmax - qmin)``); given QParams must then have zero point 0.
       axis: axes that keep their own scale (per channel / per row); ``None`` is per tensor.
       estimator: gradient estimator, a ``jquant.estimators.Estimator`` or a registered name
         (``jquant.estimators.ESTIMATORS``); stored as the object.
-      rounding: one of ``jquant.quant.ROUNDING_MODES`` except ``"stochastic"``.
+      rounding: one of the format's rounding modes (``jquant.formats.rounding_modes_of``:
+        ``jquant.quant.ROUNDING_MODES`` for most formats, ``"nearest_even"`` and
+        ``"stochastic"`` for block formats). ``"stochastic"`` needs a PRNG key where the
+        operand is quantized (``key=`` of the ops and of :func:`fake_quant_config`) and runs
+        in ``mode="simulate"`` only.
       block_size: block-wise (sub-channel) scales: one scale per ``block_size`` consecutive
         elements along ``block_axis`` (besides the kept ``axis``); None: no blocks.
       block_axis: the axis the blocks run along; None lets the op choose its (single)
@@ -82,11 +106,8 @@ class QuantConfig:
         if self.fmt is None or type(self.fmt) is object:
             return
         if isinstance(self.fmt, str):
-            named = self.fmt
-            fmt = mx.get_block_format(named) if named in mx.FORMATS else get_format(named)
-            object.__setattr__(self, "fmt", fmt)
-        if not isinstance(self.fmt, mx.BlockFormat):
-            check_format(self.fmt)
+            object.__setattr__(self, "fmt", resolve_format(self.fmt))
+        check_format(self.fmt)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
         axes = (self.axis,) if isinstance(self.axis, numbers.Integral) else self.axis
@@ -96,33 +117,56 @@ class QuantConfig:
         ):
             raise TypeError(f"axis must be None, an int or a tuple of ints, got {self.axis!r}")
         object.__setattr__(self, "estimator", estimators.get_estimator(self.estimator))
-        if self.rounding not in _ROUNDINGS:
-            raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {self.rounding!r}")
+        roundings = rounding_modes_of(self.fmt)
+        if self.rounding not in roundings:
+            raise ValueError(
+                f"rounding must be one of {roundings} for {format_name(self.fmt)}, got "
+                f"{self.rounding!r}"
+            )
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"block_size must be None or a positive int, got {b!r}")
         ba = self.block_axis
         if ba is not None and (isinstance(ba, bool) or not isinstance(ba, numbers.Integral)):
             raise TypeError(f"block_axis must be None or an int, got {ba!r}")
-        if self.is_microscaling:
+        own = block_size_of(self.fmt)
+        if own is not None:
             if b is not None:
                 raise ValueError(
-                    f"block_size must be None for {self.fmt.name}: the format has its own "
-                    f"blocks of {self.fmt.block_size}"
+                    f"block_size must be None for {format_name(self.fmt)}: the format has its own "
+                    f"blocks of {own}"
                 )
             if self.estimator not in ("ste",):
                 raise ValueError(
-                    f"{self.fmt.name} fake-quantizes with the straight-through estimator: "
+                    f"{format_name(self.fmt)} fake-quantizes with the straight-through estimator: "
                     f"estimator must be 'ste', got {self.estimator!r}"
                 )
         elif ba is not None and b is None:
             raise ValueError(f"block_axis={ba!r} needs block_size to be set")
 
     @property
+    def scales_itself(self) -> bool:
+        """Whether ``fmt`` is a block format (``jquant.formats.block_size_of``: MX, NVFP4,
+        NF4, ...): it derives its own block scales from the data, so the config takes no
+        QParams and no calibration."""
+        return block_size_of(self.fmt) is not None
+
+    @property
     def is_microscaling(self) -> bool:
-        """Whether ``fmt`` is a block format of :mod:`jquant.mx` (MX, NVFP4, NF4): it carries
-        its own scales, so the config has no QParams."""
-        return isinstance(self.fmt, mx.BlockFormat)
+        """The former name of :attr:`scales_itself`."""
+        return self.scales_itself
+
+    @property
+    def is_blockwise(self) -> bool:
+        """Whether the operand has one scale per block (``block_size``, or a block format)."""
+        return self.block_size is not None or self.scales_itself
+
+    def with_block_axis(self, axis: int) -> QuantConfig:
+        """This config with ``block_axis = axis`` when it is block-wise and leaves
+        ``block_axis`` None (an op's contracting axis, an activation's feature axis)."""
+        if self.block_axis is not None or not self.is_blockwise:
+            return self
+        return dataclasses.replace(self, block_axis=int(axis))
 
     def block_axis_for(self, ndim: int) -> int:
         """The block axis as a non-negative int for an operand of rank ``ndim``; ValueError if
@@ -179,10 +223,10 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
     """
     check_config("cfg", cfg)
     check_real("x", x)
-    if cfg.is_microscaling:
+    if cfg.scales_itself:
         raise ValueError(
-            f"{cfg.fmt.name} computes its own block scales (jquant.mx.fake_quant): it has no "
-            "QParams"
+            f"{format_name(cfg.fmt)} computes its own block scales (jquant.mx.fake_quant): it has "
+            "no QParams"
         )
     x = lax.stop_gradient(jnp.asarray(x))
     kept = cfg.axes(x.ndim)
@@ -199,3 +243,47 @@ def dynamic_qparams(x: jax.Array, cfg: QuantConfig) -> QParams:
         rmin = jnp.min(x, axis=reduce, keepdims=True)
         rmax = jnp.max(x, axis=reduce, keepdims=True)
     return qparams_from_data_range(rmin, rmax, cfg.fmt, symmetric=cfg.symmetric)
+
+
+def fake_quant_config(
+    x: jax.Array, cfg: QuantConfig, qp: QParams | None = None, *, key: jax.Array | None = None
+) -> jax.Array:
+    """``x`` fake-quantized as ``cfg`` says, in ``x``'s dtype.
+
+    A block format (``cfg.scales_itself``) scales its own blocks along ``cfg.block_axis``
+    (a partial last block is padded with zeros): ``s * fmt.decode(fmt.encode(x / s))``,
+    ``s = fmt.block_scales(amax)`` (:func:`jquant.mx.fake_quant`), straight-through gradient;
+    ``qp`` must be None. Any other format: ``jquant.estimators.fake_quant(x, qp, fmt)`` with
+    the config's rounding and estimator (``qp`` None: :func:`dynamic_qparams`).
+
+    Args:
+      x: float array.
+      cfg: the operand's config.
+      qp: its QParams (None: dynamic, or a block format's own scales).
+      key: PRNG key, required by ``cfg.rounding="stochastic"`` (ValueError without one).
+    """
+    check_config("cfg", cfg)
+    if cfg.rounding == "stochastic" and key is None:
+        raise ValueError(
+            f"rounding='stochastic' of {format_name(cfg.fmt)} needs a PRNG key: pass "
+            "key=jax.random.key(...)"
+        )
+    key = key if cfg.rounding == "stochastic" else None
+    if cfg.scales_itself:
+        if qp is not None:
+            raise ValueError(
+                f"{format_name(cfg.fmt)} computes its own block scales: qp must be None"
+            )
+        y = mx.fake_quant(
+            x,
+            cfg.fmt,
+            axis=cfg.block_axis_for(jnp.ndim(x)),
+            rounding=cfg.rounding,
+            key=key,
+            pad=True,
+        )
+        return y.astype(jnp.asarray(x).dtype)
+    qp = dynamic_qparams(x, cfg) if qp is None else qp
+    return estimators.fake_quant(
+        x, qp, cfg.fmt, rounding=cfg.rounding, estimator=cfg.estimator, key=key
+    )
