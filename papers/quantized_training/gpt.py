@@ -45,6 +45,7 @@ from jquant.models import train as T
 from jquant.models.config import GPTConfig
 from jquant.nn import QuantRule
 from jquant.nn import linen as ql
+from jquant.nn.state import HISTORIES
 
 ATTENTION_FLOAT = QuantRule(r".*/(scores|mix)$", keep_float=True)
 RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
@@ -59,6 +60,18 @@ RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
             act_symmetric=True,
             act_scale="dynamic_per_tensor",
             grad="fp8_e5m2",
+        ),
+    ),
+    "fp8_delayed": (
+        ATTENTION_FLOAT,
+        QuantRule(
+            ".*",
+            weight="fp8_e4m3",
+            act="fp8_e4m3",
+            grad="fp8_e5m2",
+            scaling="delayed",
+            amax_history=16,
+            margin=0,
         ),
     ),
     "int4_grad_nearest": (
@@ -96,7 +109,7 @@ class Protocol:
     context: int = 64
     num_layers: int = 2
     width: int = 64
-    recipes: tuple[str, ...] = ("float", "fp8_current", "int4_grad_nearest")
+    recipes: tuple[str, ...] = ("float", "fp8_current", "fp8_delayed", "int4_grad_nearest")
 
 
 QUICK = Protocol(seeds=(0,), steps=4, batch_size=2, context=16, num_layers=1, width=32)
@@ -110,6 +123,15 @@ def _model(protocol: Protocol, ds) -> gpt.GPT:
         width=protocol.width,
     )
     return gpt.GPT(cfg)
+
+
+def make_train_step(train_fn: T.ApplyFn, opt, model_state: dict):
+    """``jquant.models.train.make_train_step`` carrying delayed scaling's amax histories when
+    the model has them (``fp8_delayed``): the loss is differentiated with respect to the
+    ``scaling_history`` collection too and each history is replaced by its gradient, its next
+    value ``h_t = (amax_t, h_{t-1}[0], ..., h_{t-1}[H-2])`` ("overwrite with gradient")."""
+    carried = (HISTORIES,) if HISTORIES in model_state else ()
+    return T.make_train_step(train_fn, opt, overwrite_with_gradient=carried)
 
 
 def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
@@ -128,7 +150,7 @@ def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
     train_fn = T.linen_apply_fn(model)
     start = time.perf_counter()
     final, history = T.fit(
-        T.make_train_step(train_fn, opt),
+        make_train_step(train_fn, opt, state),
         T.TrainState.create(params, state, opt),
         ds.x_train,
         ds.y_train,
@@ -206,20 +228,35 @@ def run(protocol: Protocol, out: pathlib.Path | None = None) -> dict:
 
 
 def merge(paths: list[pathlib.Path], out: pathlib.Path | None = None) -> dict:
-    """One result from runs written by separate processes (one seed each, the same protocol
-    otherwise): their runs concatenated, seeds sorted, the summary recomputed, every command
-    kept. Raises ValueError when the protocols differ beyond their seeds or a seed repeats."""
+    """One result from runs written by separate processes (one seed each, or some recipes
+    each; the same protocol otherwise): their runs concatenated and sorted by seed, then in
+    the order of :data:`RECIPES`; the protocol's seeds and recipes those of the runs; the
+    summary recomputed; every command kept. Raises ValueError when the protocols differ beyond
+    their seeds and recipes, the references differ (not the same data) or a (recipe, seed) run
+    repeats."""
     parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
-    protocols = [{k: v for k, v in d["protocol"].items() if k != "seeds"} for d in parts]
+    protocols = [
+        {k: v for k, v in d["protocol"].items() if k not in ("seeds", "recipes")} for d in parts
+    ]
     if any(pr != protocols[0] for pr in protocols):
-        raise ValueError(f"paths: protocols differ beyond their seeds: {protocols}")
-    runs = sorted((r for d in parts for r in d["runs"]), key=lambda r: r["seed"])
-    seeds = sorted({r["seed"] for r in runs})
+        raise ValueError(f"paths: protocols differ beyond their seeds and recipes: {protocols}")
+    if any(d.get("reference") != parts[0].get("reference") for d in parts):
+        raise ValueError("paths: the references differ (runs on different data)")
+    rank = {name: i for i, name in enumerate(RECIPES)}
+    runs = sorted(
+        (r for d in parts for r in d["runs"]),
+        key=lambda r: (r["seed"], rank.get(r["recipe"], len(rank))),
+    )
     if len({(r["recipe"], r["seed"]) for r in runs}) != len(runs):
         raise ValueError("paths: a (recipe, seed) run appears twice")
+    protocol = {**parts[0]["protocol"], "seeds": sorted({r["seed"] for r in runs})}
+    if "recipes" in protocol:
+        in_order = sorted(runs, key=lambda r: rank.get(r["recipe"], len(rank)))
+        protocol["recipes"] = list(dict.fromkeys(r["recipe"] for r in in_order))
+    commands = [d["command"] for d in parts]
     result = {
-        "protocol": {**parts[0]["protocol"], "seeds": seeds},
-        "command": [d["command"] for d in parts],
+        "protocol": protocol,
+        "command": [c for cs in commands for c in (cs if isinstance(cs, list) else [cs])],
         "reference": parts[0].get("reference"),
         "runs": runs,
         "summary": summarize(runs),
