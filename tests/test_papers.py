@@ -987,6 +987,48 @@ def test_quantized_training_gpt_recipes_quantize_what_the_readme_says(qt_gpt):
     assert qt_gpt.RECIPES["float"] is None
 
 
+def test_quantized_training_gpt_fp8_delayed_step_carries_the_histories(qt_gpt):
+    """Two steps of the fp8_delayed GPT train step (a tiny GPT): every Dense product's kernel
+    history holds max|W| of the kernel each step read (newest first), its input and gradient
+    histories a positive amax, and the second step shifts the first step's entries back."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from jquant.models import gpt
+    from jquant.models import train as T
+
+    cfg = gpt.GPTConfig(vocab_size=11, context=8, num_layers=1, num_heads=2, width=16)
+    x = jax.random.randint(jax.random.key(1), (2, 8), 0, 11)
+    y = jnp.roll(x, -1, axis=1)
+    train_fn, _, params, state = qt_gpt.prepare(
+        "fp8_delayed", gpt.GPT(cfg), x[:1], jax.random.key(0)
+    )
+    opt = T.make_optimizer(3e-3, 10)
+    step = jax.jit(qt_gpt.make_train_step(train_fn, opt, state))
+    s0 = T.TrainState.create(params, state, opt)
+    s1, _ = step(s0, x, y)
+    s2, _ = step(s1, x, y)
+    hists = [
+        traverse_util.flatten_dict(s.model_state["scaling_history"], sep="/") for s in (s0, s1, s2)
+    ]
+    layers = {k.rsplit("/", 1)[0] for k in hists[0]}
+    assert {k.rsplit("/", 1)[1] for k in hists[0]} == {"input", "kernel", "grad"}
+    assert len(layers) == 6  # query, key, value, out, up, down of the one block
+    kernels = [traverse_util.flatten_dict(s.params, sep="/") for s in (s0, s1)]
+    for name, h in hists[0].items():
+        assert h.shape == (16,) and not np.any(h)  # init: zeros
+        h1, h2 = np.asarray(hists[1][name]), np.asarray(hists[2][name])
+        assert h1[0] > 0 and np.isfinite(h1[0]) and not np.any(h1[1:]), name
+        np.testing.assert_array_equal(h2[1:], h1[:-1], err_msg=name)
+        assert h2[0] > 0 and not np.any(h2[2:]), name
+        layer, tensor = name.rsplit("/", 1)
+        if tensor == "kernel":
+            for hist, kernel in ((h1, kernels[0]), (h2, kernels[1])):
+                assert hist[0] == np.abs(np.asarray(kernel[f"{layer}/kernel"])).max(), name
+    assert not np.array_equal(kernels[0][f"{layer}/kernel"], kernels[1][f"{layer}/kernel"])
+
+
 def test_quantized_training_gpt_readme_matches_results():
     """The GPT section of the paper README against results/quantized_training_gpt.json."""
     from figures import check_section

@@ -134,20 +134,30 @@ def make_train_step(train_fn: T.ApplyFn, opt, model_state: dict):
     return T.make_train_step(train_fn, opt, overwrite_with_gradient=carried)
 
 
+def prepare(recipe: str, model: gpt.GPT, x0, key) -> tuple[T.ApplyFn, T.ApplyFn, dict, dict]:
+    """``(train_fn, eval_fn, params, model_state)``: ``model`` quantized by
+    ``RECIPES[recipe]`` in phases ``train`` and ``eval`` (both float for ``float``), its
+    variables initialised from ``key`` (``model_state``: the quantization collections)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {list(RECIPES)}, got {recipe!r}")
+    variables = jax.jit(model.init)(key, x0)
+    rules = RECIPES[recipe]
+    if rules is None:
+        apply_fn = T.linen_apply_fn(model)
+        return apply_fn, apply_fn, *T.split_linen(variables)
+    qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="raise")
+    params, state = T.split_linen(qmodel.attach(variables, x0))
+    train_fn = T.linen_apply_fn(qmodel.with_phase("train"))
+    return train_fn, T.linen_apply_fn(qmodel.with_phase("eval")), params, state
+
+
 def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
     """Trains one seed of ``recipe``; returns the validation loss and the final train loss."""
-    model = _model(protocol, ds)
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    x0 = ds.x_train[:1]
-    variables = jax.jit(model.init)(init_key, x0)
-    rules = RECIPES[recipe]
-    if rules is not None:
-        qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="raise")
-        variables = qmodel.attach(variables, x0)
-        model = qmodel.with_phase("train")
-    params, state = T.split_linen(variables)
+    train_fn, eval_fn, params, state = prepare(
+        recipe, _model(protocol, ds), ds.x_train[:1], init_key
+    )
     opt = T.make_optimizer(protocol.learning_rate, protocol.steps)
-    train_fn = T.linen_apply_fn(model)
     start = time.perf_counter()
     final, history = T.fit(
         make_train_step(train_fn, opt, state),
@@ -160,7 +170,6 @@ def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
     )
     jax.block_until_ready(final.params)
     seconds = time.perf_counter() - start
-    eval_fn = train_fn if rules is None else T.linen_apply_fn(qmodel.with_phase("eval"))
     val = T.evaluate(eval_fn, final.params, final.model_state, ds.x_test, ds.y_test)
     return {
         "recipe": recipe,
