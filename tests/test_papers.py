@@ -974,15 +974,49 @@ def test_quantized_training_gpt_merge_joins_one_seed_per_process(qt_gpt, tmp_pat
         qt_gpt.merge([part(0), part(0)])
 
 
+def test_quantized_training_gpt_merge_adds_a_recipe_to_a_merged_result(qt_gpt, tmp_path):
+    """A merged result (a list of commands) joined with one recipe's runs, one file per seed:
+    runs in seed then RECIPES order, the protocol's recipes their union, commands flattened;
+    runs on other data (another reference) are refused."""
+
+    def write(name, recipes, seeds, command, reference=1.0):
+        runs = [{"recipe": r, "seed": s, "val_loss": 2.0 + s} for s in seeds for r in recipes]
+        protocol = {"seeds": list(seeds), "steps": 500, "recipes": list(recipes)}
+        d = {"protocol": protocol, "command": command, "reference": {"u": reference}}
+        (tmp_path / name).write_text(json.dumps({**d, "runs": runs}))
+        return tmp_path / name
+
+    old = write("old.json", ("float", "fp8_current", "int4_grad_nearest"), (0, 1), ["a", "b"])
+    new = [write(f"d{s}.json", ("fp8_delayed",), (s,), f"c{s}") for s in (1, 0)]
+    merged = qt_gpt.merge([old, *new])
+    order = ["float", "fp8_current", "fp8_delayed", "int4_grad_nearest"]
+    assert merged["protocol"] == {"seeds": [0, 1], "steps": 500, "recipes": order}
+    assert [(r["seed"], r["recipe"]) for r in merged["runs"]] == [
+        (s, r) for s in (0, 1) for r in order
+    ]
+    assert merged["command"] == ["a", "b", "c1", "c0"]
+    assert [s["recipe"] for s in merged["summary"]] == order
+    with pytest.raises(ValueError, match="references differ"):
+        qt_gpt.merge([old, write("x.json", ("fp8_delayed",), (2,), "c2", reference=2.0)])
+
+
 def test_quantized_training_gpt_recipes_quantize_what_the_readme_says(qt_gpt):
-    """fp8: e4m3 weights and activations with current (per-tensor, this step's amax) scales,
-    e5m2 gradients; int4: int4 gradients rounded to nearest; attention products float."""
+    """fp8: e4m3 weights and activations with current (per-tensor, this step's amax) or delayed
+    (amax history 16, margin 0) scales, e5m2 gradients; int4: int4 gradients rounded to
+    nearest; attention products float."""
     fp8 = qt_gpt.RECIPES["fp8_current"][-1]
     assert (fp8.weight.name, fp8.act.name, fp8.grad.name) == ("fp8_e4m3", "fp8_e4m3", "fp8_e5m2")
     assert fp8.weight_granularity == "per_tensor" and fp8.act_scale == "dynamic_per_tensor"
     int4 = qt_gpt.RECIPES["int4_grad_nearest"][-1]
     assert int4.grad.bits == 4 and int4.grad_rounding == "nearest_even"
-    for rules in (qt_gpt.RECIPES["fp8_current"], qt_gpt.RECIPES["int4_grad_nearest"]):
+    delayed = qt_gpt.RECIPES["fp8_delayed"][-1]
+    assert (delayed.weight.name, delayed.act.name, delayed.grad.name) == (
+        "fp8_e4m3", "fp8_e4m3", "fp8_e5m2",
+    )  # fmt: skip
+    assert (delayed.scaling, delayed.amax_history, delayed.margin) == ("delayed", 16, 0)
+    assert delayed.weight.saturate and delayed.act.saturate  # TE's saturating casts
+    for name in ("fp8_current", "fp8_delayed", "int4_grad_nearest"):
+        rules = qt_gpt.RECIPES[name]
         assert rules[0].keep_float and re.fullmatch(rules[0].pattern, "block1/attn/scores")
     assert qt_gpt.RECIPES["float"] is None
 
@@ -1047,7 +1081,7 @@ def test_quantized_training_gpt_readme_matches_results():
         figures[f"{s['recipe']} cells"] = cells  # what remains once code is blanked
         figures[f"{s['recipe']} gap"] = f"{s['gap_percent']:.1f}%"
     assert set(protocol["recipes"]) == {r["recipe"] for r in result["runs"]}
-    assert set(protocol["recipes"]) == {"float", "fp8_current", "int4_grad_nearest"}
+    assert protocol["recipes"] == ["float", "fp8_current", "fp8_delayed", "int4_grad_nearest"]
     figures["schedule"] = (
         f"{protocol['steps']} steps of {protocol['batch_size']} windows of "
         f"{protocol['context']} characters"

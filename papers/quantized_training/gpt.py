@@ -1,5 +1,6 @@
-"""Quantized training of the small GPT from scratch: fp8 (e4m3 forward, e5m2 gradients) and int4
-gradients against float, on the character corpus (``jquant.data.load("text")``).
+"""Quantized training of the small GPT from scratch: fp8 (e4m3 forward, e5m2 gradients, current
+and delayed scaling) and int4 gradients against float, on the character corpus
+(``jquant.data.load("text")``).
 
 The GPT of ``jquant.models.gpt`` (pre-RMSNorm blocks, 4 heads, tied embeddings; its size in
 :class:`Protocol`) is quantized by :class:`jquant.QuantRule` s (``jquant.nn.linen.quantize_model``)
@@ -11,9 +12,14 @@ in phase ``train`` and trained with the float recipe's optimizer and batch order
 - ``fp8_current``: e4m3 weights and input activations, e5m2 output gradients, each scaled per
   tensor from its own amax in the same step (current scaling, ``scale = amax / fmt.max``:
   weights ``weight_granularity="per_tensor"``, activations ``act_scale="dynamic_per_tensor"``,
-  gradients ``QuantRule.grad``'s dynamic per-tensor scale). Delayed scaling
-  (``jquant.ops.scaling.delayed_scaling``) is not reachable from rule-quantized layers yet
-  (a rule has no amax-history state), so the GPT uses current scaling.
+  gradients ``QuantRule.grad``'s dynamic per-tensor scale).
+- ``fp8_delayed``: the same formats with Transformer Engine's delayed scaling
+  (``QuantRule(scaling="delayed", amax_history=16, margin=0)``: ``scale_t = max(h_{t-1}) /
+  fmt.max``, per tensor, from the amaxes of the 16 previous steps, saturating casts). The
+  histories live in the ``scaling_history`` collection; the train step
+  (:func:`make_train_step`) differentiates the loss with respect to them too and replaces
+  them by their gradients, their next values ("overwrite with gradient",
+  ``jquant.ops.scaling``).
 - ``int4_grad_nearest``: int8 weights and activations (symmetric per tensor, dynamic), int4
   output gradients (dynamic per tensor) rounded to nearest even: the recipe that failed on the
   MNIST-1D CNN (``reproduce.py``).
@@ -21,10 +27,12 @@ in phase ``train`` and trained with the float recipe's optimizer and batch order
 Not quantized: the attention's activation x activation products (``scores``, ``mix``), the
 tied embedding lookup and the logits (``embed.attend``), RMSNorm, softmax, the loss and the
 optimizer state. The validation loss (nats per character) is measured with the same quantized
-forward the model was trained with (phase ``eval``; float for ``float``).
+forward the model was trained with (phase ``eval``, with ``fp8_delayed``'s final histories;
+float for ``float``).
 
 ``python papers/quantized_training/gpt.py --out papers/quantized_training/results``; or one
-process per seed (``--seeds 1 --out DIR1``, ...) joined by ``--merge DIR0/... DIR1/... --out``.
+process per seed (``--seeds 1 --out DIR1``, ...) or per recipe (``--recipes fp8_delayed``)
+joined by ``--merge DIR0/... DIR1/... --out``.
 """
 
 from __future__ import annotations
