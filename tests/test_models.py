@@ -1,5 +1,6 @@
 """Tests of jquant.models: Linen/NNX zoo, weight copy, train step, fit, evaluate, cache."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,6 +236,46 @@ def test_train_step_linen_equals_nnx_with_batch_stats():
     )
     assert not np.allclose(lin_state.model_state["batch_stats"]["bn1"]["mean"], 0.0)
     assert int(lin_state.step) == int(nnx_state.step) == 1
+
+
+class _Carried(nn.Module):
+    """``x W + b + c`` with ``c`` in the collection ``carried``."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3)(x) + self.variable("carried", "c", jnp.zeros, (3,)).value
+
+
+def test_train_step_overwrites_a_collection_with_its_gradient():
+    """loss = sum(z^2) / 2, z = x W + b + c: the step replaces c by dL/dc = sum_n z_n (NumPy)
+    and takes an SGD step on W with dL/dW = x^T z; two steps, so the new c is read."""
+    model = _Carried()
+    x = np.random.default_rng(3).normal(size=(4, 2)).astype(np.float32)
+    params, model_state = split_linen(model.init(jax.random.key(0), x))
+    model_state = {"carried": {"c": jnp.array([0.5, -1.0, 2.0])}}
+    opt = optax.sgd(0.1)
+    step = jax.jit(
+        make_train_step(
+            linen_apply_fn(model),
+            opt,
+            lambda z, y: jnp.sum(z**2) / 2,
+            overwrite_with_gradient=("carried",),
+        )
+    )
+    state = TrainState.create(params, model_state, opt)
+    for _ in range(2):
+        w, b = (np.asarray(state.params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+        z = x @ w + b + np.asarray(state.model_state["carried"]["c"])
+        state, _ = step(state, x, jnp.zeros(4, jnp.int32))
+        np.testing.assert_allclose(state.model_state["carried"]["c"], z.sum(0), rtol=1e-5)
+        np.testing.assert_allclose(
+            state.params["Dense_0"]["kernel"], w - 0.1 * x.T @ z, rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(TypeError, match="overwrite_with_gradient"):
+        make_train_step(linen_apply_fn(model), opt, overwrite_with_gradient=(1,))
+    missing = make_train_step(linen_apply_fn(model), opt, overwrite_with_gradient=("nope",))
+    with pytest.raises(ValueError, match="overwrite_with_gradient.*nope.*carried"):
+        missing(state, x, jnp.zeros(4, jnp.int32))
 
 
 @pytest.fixture(scope="module")

@@ -974,17 +974,93 @@ def test_quantized_training_gpt_merge_joins_one_seed_per_process(qt_gpt, tmp_pat
         qt_gpt.merge([part(0), part(0)])
 
 
+def test_quantized_training_gpt_merge_adds_a_recipe_to_a_merged_result(qt_gpt, tmp_path):
+    """A merged result (a list of commands) joined with one recipe's runs, one file per seed:
+    runs in seed then RECIPES order, the protocol's recipes their union, commands flattened;
+    runs on other data (another reference) are refused."""
+
+    def write(name, recipes, seeds, command, reference=1.0):
+        runs = [{"recipe": r, "seed": s, "val_loss": 2.0 + s} for s in seeds for r in recipes]
+        protocol = {"seeds": list(seeds), "steps": 500, "recipes": list(recipes)}
+        d = {"protocol": protocol, "command": command, "reference": {"u": reference}}
+        (tmp_path / name).write_text(json.dumps({**d, "runs": runs}))
+        return tmp_path / name
+
+    old = write("old.json", ("float", "fp8_current", "int4_grad_nearest"), (0, 1), ["a", "b"])
+    new = [write(f"d{s}.json", ("fp8_delayed",), (s,), f"c{s}") for s in (1, 0)]
+    merged = qt_gpt.merge([old, *new])
+    order = ["float", "fp8_current", "fp8_delayed", "int4_grad_nearest"]
+    assert merged["protocol"] == {"seeds": [0, 1], "steps": 500, "recipes": order}
+    assert [(r["seed"], r["recipe"]) for r in merged["runs"]] == [
+        (s, r) for s in (0, 1) for r in order
+    ]
+    assert merged["command"] == ["a", "b", "c1", "c0"]
+    assert [s["recipe"] for s in merged["summary"]] == order
+    with pytest.raises(ValueError, match="references differ"):
+        qt_gpt.merge([old, write("x.json", ("fp8_delayed",), (2,), "c2", reference=2.0)])
+
+
 def test_quantized_training_gpt_recipes_quantize_what_the_readme_says(qt_gpt):
-    """fp8: e4m3 weights and activations with current (per-tensor, this step's amax) scales,
-    e5m2 gradients; int4: int4 gradients rounded to nearest; attention products float."""
+    """fp8: e4m3 weights and activations with current (per-tensor, this step's amax) or delayed
+    (amax history 16, margin 0) scales, e5m2 gradients; int4: int4 gradients rounded to
+    nearest; attention products float."""
     fp8 = qt_gpt.RECIPES["fp8_current"][-1]
     assert (fp8.weight.name, fp8.act.name, fp8.grad.name) == ("fp8_e4m3", "fp8_e4m3", "fp8_e5m2")
     assert fp8.weight_granularity == "per_tensor" and fp8.act_scale == "dynamic_per_tensor"
     int4 = qt_gpt.RECIPES["int4_grad_nearest"][-1]
     assert int4.grad.bits == 4 and int4.grad_rounding == "nearest_even"
-    for rules in (qt_gpt.RECIPES["fp8_current"], qt_gpt.RECIPES["int4_grad_nearest"]):
+    delayed = qt_gpt.RECIPES["fp8_delayed"][-1]
+    assert (delayed.weight.name, delayed.act.name, delayed.grad.name) == (
+        "fp8_e4m3", "fp8_e4m3", "fp8_e5m2",
+    )  # fmt: skip
+    assert (delayed.scaling, delayed.amax_history, delayed.margin) == ("delayed", 16, 0)
+    assert delayed.weight.saturate and delayed.act.saturate  # TE's saturating casts
+    for name in ("fp8_current", "fp8_delayed", "int4_grad_nearest"):
+        rules = qt_gpt.RECIPES[name]
         assert rules[0].keep_float and re.fullmatch(rules[0].pattern, "block1/attn/scores")
     assert qt_gpt.RECIPES["float"] is None
+
+
+def test_quantized_training_gpt_fp8_delayed_step_carries_the_histories(qt_gpt):
+    """Two steps of the fp8_delayed GPT train step (a tiny GPT): every Dense product's kernel
+    history holds max|W| of the kernel each step read (newest first), its input and gradient
+    histories a positive amax, and the second step shifts the first step's entries back."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from jquant.models import gpt
+    from jquant.models import train as T
+
+    cfg = gpt.GPTConfig(vocab_size=11, context=8, num_layers=1, num_heads=2, width=16)
+    x = jax.random.randint(jax.random.key(1), (2, 8), 0, 11)
+    y = jnp.roll(x, -1, axis=1)
+    train_fn, _, params, state = qt_gpt.prepare(
+        "fp8_delayed", gpt.GPT(cfg), x[:1], jax.random.key(0)
+    )
+    opt = T.make_optimizer(3e-3, 10)
+    step = jax.jit(qt_gpt.make_train_step(train_fn, opt, state))
+    s0 = T.TrainState.create(params, state, opt)
+    s1, _ = step(s0, x, y)
+    s2, _ = step(s1, x, y)
+    hists = [
+        traverse_util.flatten_dict(s.model_state["scaling_history"], sep="/") for s in (s0, s1, s2)
+    ]
+    layers = {k.rsplit("/", 1)[0] for k in hists[0]}
+    assert {k.rsplit("/", 1)[1] for k in hists[0]} == {"input", "kernel", "grad"}
+    assert len(layers) == 6  # query, key, value, out, up, down of the one block
+    kernels = [traverse_util.flatten_dict(s.params, sep="/") for s in (s0, s1)]
+    for name, h in hists[0].items():
+        assert h.shape == (16,) and not np.any(h)  # init: zeros
+        h1, h2 = np.asarray(hists[1][name]), np.asarray(hists[2][name])
+        assert h1[0] > 0 and np.isfinite(h1[0]) and not np.any(h1[1:]), name
+        np.testing.assert_array_equal(h2[1:], h1[:-1], err_msg=name)
+        assert h2[0] > 0 and not np.any(h2[2:]), name
+        layer, tensor = name.rsplit("/", 1)
+        if tensor == "kernel":
+            for hist, kernel in ((h1, kernels[0]), (h2, kernels[1])):
+                assert hist[0] == np.abs(np.asarray(kernel[f"{layer}/kernel"])).max(), name
+    assert not np.array_equal(kernels[0][f"{layer}/kernel"], kernels[1][f"{layer}/kernel"])
 
 
 def test_quantized_training_gpt_readme_matches_results():
@@ -1005,7 +1081,10 @@ def test_quantized_training_gpt_readme_matches_results():
         figures[f"{s['recipe']} cells"] = cells  # what remains once code is blanked
         figures[f"{s['recipe']} gap"] = f"{s['gap_percent']:.1f}%"
     assert set(protocol["recipes"]) == {r["recipe"] for r in result["runs"]}
-    assert set(protocol["recipes"]) == {"float", "fp8_current", "int4_grad_nearest"}
+    assert protocol["recipes"] == ["float", "fp8_current", "fp8_delayed", "int4_grad_nearest"]
+    for s in result["summary"]:  # the fp8 gaps are also printed to two decimals
+        if s["recipe"].startswith("fp8"):
+            figures[f"{s['recipe']} gap, 2 decimals"] = f"{s['gap_percent']:.2f}%"
     figures["schedule"] = (
         f"{protocol['steps']} steps of {protocol['batch_size']} windows of "
         f"{protocol['context']} characters"
@@ -1022,7 +1101,7 @@ def test_quantized_training_gpt_readme_matches_results():
     )
 
 
-@pytest.mark.slow  # trains 3 recipes of a GPT for 4 steps (compiles dominate)
+@pytest.mark.slow  # trains 4 recipes of a GPT for 4 steps (compiles dominate)
 def test_quantized_training_gpt_quick_run(qt_gpt):
     result = qt_gpt.main(["--quick"])
     runs = {r["recipe"]: r for r in result["runs"]}

@@ -163,6 +163,8 @@ def make_train_step(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+    *,
+    overwrite_with_gradient: tuple[str, ...] = (),
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure (un-jitted) step ``(state, x, y) -> (state, {"loss", "accuracy"})``.
 
@@ -170,16 +172,40 @@ def make_train_step(
     turns ``g`` into an update ``params + u``; the model state (BN running averages, observer
     statistics) comes from the same forward pass. Metrics are those of the batch before the
     update.
+
+    ``overwrite_with_gradient`` names collections of a dict ``model_state`` (Linen) that are
+    updated as "overwrite with gradient" (Flax's ``fp8_ops`` idiom; e.g. the amax histories
+    of delayed scaling, ``"scaling_history"``): the loss is differentiated with respect to
+    them too, ``(g, c') = grad_(params, c) loss``, and each is replaced by its "gradient"
+    ``c'`` (its next value), not passed to the optimizer.
     """
+    names = tuple(overwrite_with_gradient)
+    if any(not isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise TypeError(
+            "overwrite_with_gradient must be a tuple of distinct collection names (str), "
+            f"got {overwrite_with_gradient!r}"
+        )
 
     def step(state: TrainState, x: jax.Array, y: jax.Array):
-        def objective(params):
-            logits, model_state = apply_fn(params, state.model_state, x, True)
+        held = state.model_state
+        if names and (not isinstance(held, dict) or not set(names) <= set(held)):
+            have = sorted(held) if isinstance(held, dict) else type(held).__name__
+            raise ValueError(
+                f"overwrite_with_gradient={names}: the model state must be a dict of Linen "
+                f"collections holding these, got {have}"
+            )
+        carried = {n: state.model_state[n] for n in names}
+
+        def objective(params, carried):
+            model_state = {**state.model_state, **carried} if names else state.model_state
+            logits, model_state = apply_fn(params, model_state, x, True)
             return loss_fn(logits, y), (logits, model_state)
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
+        (loss, (logits, model_state)), (grads, next_carried) = jax.value_and_grad(
+            objective, (0, 1), has_aux=True
+        )(state.params, carried)
+        if names:
+            model_state = {**model_state, **next_carried}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)

@@ -1,5 +1,6 @@
-"""Quantized training of the small GPT from scratch: fp8 (e4m3 forward, e5m2 gradients) and int4
-gradients against float, on the character corpus (``jquant.data.load("text")``).
+"""Quantized training of the small GPT from scratch: fp8 (e4m3 forward, e5m2 gradients, current
+and delayed scaling) and int4 gradients against float, on the character corpus
+(``jquant.data.load("text")``).
 
 The GPT of ``jquant.models.gpt`` (pre-RMSNorm blocks, 4 heads, tied embeddings; its size in
 :class:`Protocol`) is quantized by :class:`jquant.QuantRule` s (``jquant.nn.linen.quantize_model``)
@@ -11,9 +12,14 @@ in phase ``train`` and trained with the float recipe's optimizer and batch order
 - ``fp8_current``: e4m3 weights and input activations, e5m2 output gradients, each scaled per
   tensor from its own amax in the same step (current scaling, ``scale = amax / fmt.max``:
   weights ``weight_granularity="per_tensor"``, activations ``act_scale="dynamic_per_tensor"``,
-  gradients ``QuantRule.grad``'s dynamic per-tensor scale). Delayed scaling
-  (``jquant.ops.scaling.delayed_scaling``) is not reachable from rule-quantized layers yet
-  (a rule has no amax-history state), so the GPT uses current scaling.
+  gradients ``QuantRule.grad``'s dynamic per-tensor scale).
+- ``fp8_delayed``: the same formats with Transformer Engine's delayed scaling
+  (``QuantRule(scaling="delayed", amax_history=16, margin=0)``: ``scale_t = max(h_{t-1}) /
+  fmt.max``, per tensor, from the amaxes of the 16 previous steps, saturating casts). The
+  histories live in the ``scaling_history`` collection; the train step
+  (:func:`make_train_step`) differentiates the loss with respect to them too and replaces
+  them by their gradients, their next values ("overwrite with gradient",
+  ``jquant.ops.scaling``).
 - ``int4_grad_nearest``: int8 weights and activations (symmetric per tensor, dynamic), int4
   output gradients (dynamic per tensor) rounded to nearest even: the recipe that failed on the
   MNIST-1D CNN (``reproduce.py``).
@@ -21,10 +27,12 @@ in phase ``train`` and trained with the float recipe's optimizer and batch order
 Not quantized: the attention's activation x activation products (``scores``, ``mix``), the
 tied embedding lookup and the logits (``embed.attend``), RMSNorm, softmax, the loss and the
 optimizer state. The validation loss (nats per character) is measured with the same quantized
-forward the model was trained with (phase ``eval``; float for ``float``).
+forward the model was trained with (phase ``eval``, with ``fp8_delayed``'s final histories;
+float for ``float``).
 
 ``python papers/quantized_training/gpt.py --out papers/quantized_training/results``; or one
-process per seed (``--seeds 1 --out DIR1``, ...) joined by ``--merge DIR0/... DIR1/... --out``.
+process per seed (``--seeds 1 --out DIR1``, ...) or per recipe (``--recipes fp8_delayed``)
+joined by ``--merge DIR0/... DIR1/... --out``.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from jquant.models import train as T
 from jquant.models.config import GPTConfig
 from jquant.nn import QuantRule
 from jquant.nn import linen as ql
+from jquant.nn.state import HISTORIES
 
 ATTENTION_FLOAT = QuantRule(r".*/(scores|mix)$", keep_float=True)
 RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
@@ -59,6 +68,18 @@ RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
             act_symmetric=True,
             act_scale="dynamic_per_tensor",
             grad="fp8_e5m2",
+        ),
+    ),
+    "fp8_delayed": (
+        ATTENTION_FLOAT,
+        QuantRule(
+            ".*",
+            weight="fp8_e4m3",
+            act="fp8_e4m3",
+            grad="fp8_e5m2",
+            scaling="delayed",
+            amax_history=16,
+            margin=0,
         ),
     ),
     "int4_grad_nearest": (
@@ -96,7 +117,7 @@ class Protocol:
     context: int = 64
     num_layers: int = 2
     width: int = 64
-    recipes: tuple[str, ...] = ("float", "fp8_current", "int4_grad_nearest")
+    recipes: tuple[str, ...] = ("float", "fp8_current", "fp8_delayed", "int4_grad_nearest")
 
 
 QUICK = Protocol(seeds=(0,), steps=4, batch_size=2, context=16, num_layers=1, width=32)
@@ -112,23 +133,42 @@ def _model(protocol: Protocol, ds) -> gpt.GPT:
     return gpt.GPT(cfg)
 
 
+def make_train_step(train_fn: T.ApplyFn, opt, model_state: dict):
+    """``jquant.models.train.make_train_step`` carrying delayed scaling's amax histories when
+    the model has them (``fp8_delayed``): the loss is differentiated with respect to the
+    ``scaling_history`` collection too and each history is replaced by its gradient, its next
+    value ``h_t = (amax_t, h_{t-1}[0], ..., h_{t-1}[H-2])`` ("overwrite with gradient")."""
+    carried = (HISTORIES,) if HISTORIES in model_state else ()
+    return T.make_train_step(train_fn, opt, overwrite_with_gradient=carried)
+
+
+def prepare(recipe: str, model: gpt.GPT, x0, key) -> tuple[T.ApplyFn, T.ApplyFn, dict, dict]:
+    """``(train_fn, eval_fn, params, model_state)``: ``model`` quantized by
+    ``RECIPES[recipe]`` in phases ``train`` and ``eval`` (both float for ``float``), its
+    variables initialised from ``key`` (``model_state``: the quantization collections)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {list(RECIPES)}, got {recipe!r}")
+    variables = jax.jit(model.init)(key, x0)
+    rules = RECIPES[recipe]
+    if rules is None:
+        apply_fn = T.linen_apply_fn(model)
+        return apply_fn, apply_fn, *T.split_linen(variables)
+    qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="raise")
+    params, state = T.split_linen(qmodel.attach(variables, x0))
+    train_fn = T.linen_apply_fn(qmodel.with_phase("train"))
+    return train_fn, T.linen_apply_fn(qmodel.with_phase("eval")), params, state
+
+
 def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
     """Trains one seed of ``recipe``; returns the validation loss and the final train loss."""
-    model = _model(protocol, ds)
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    x0 = ds.x_train[:1]
-    variables = jax.jit(model.init)(init_key, x0)
-    rules = RECIPES[recipe]
-    if rules is not None:
-        qmodel, _ = ql.quantize_model(model, rules, x0, on_unused="raise")
-        variables = qmodel.attach(variables, x0)
-        model = qmodel.with_phase("train")
-    params, state = T.split_linen(variables)
+    train_fn, eval_fn, params, state = prepare(
+        recipe, _model(protocol, ds), ds.x_train[:1], init_key
+    )
     opt = T.make_optimizer(protocol.learning_rate, protocol.steps)
-    train_fn = T.linen_apply_fn(model)
     start = time.perf_counter()
     final, history = T.fit(
-        T.make_train_step(train_fn, opt),
+        make_train_step(train_fn, opt, state),
         T.TrainState.create(params, state, opt),
         ds.x_train,
         ds.y_train,
@@ -138,7 +178,6 @@ def train_one(recipe: str, protocol: Protocol, ds, seed: int) -> dict:
     )
     jax.block_until_ready(final.params)
     seconds = time.perf_counter() - start
-    eval_fn = train_fn if rules is None else T.linen_apply_fn(qmodel.with_phase("eval"))
     val = T.evaluate(eval_fn, final.params, final.model_state, ds.x_test, ds.y_test)
     return {
         "recipe": recipe,
@@ -206,20 +245,35 @@ def run(protocol: Protocol, out: pathlib.Path | None = None) -> dict:
 
 
 def merge(paths: list[pathlib.Path], out: pathlib.Path | None = None) -> dict:
-    """One result from runs written by separate processes (one seed each, the same protocol
-    otherwise): their runs concatenated, seeds sorted, the summary recomputed, every command
-    kept. Raises ValueError when the protocols differ beyond their seeds or a seed repeats."""
+    """One result from runs written by separate processes (one seed each, or some recipes
+    each; the same protocol otherwise): their runs concatenated and sorted by seed, then in
+    the order of :data:`RECIPES`; the protocol's seeds and recipes those of the runs; the
+    summary recomputed; every command kept. Raises ValueError when the protocols differ beyond
+    their seeds and recipes, the references differ (not the same data) or a (recipe, seed) run
+    repeats."""
     parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
-    protocols = [{k: v for k, v in d["protocol"].items() if k != "seeds"} for d in parts]
+    protocols = [
+        {k: v for k, v in d["protocol"].items() if k not in ("seeds", "recipes")} for d in parts
+    ]
     if any(pr != protocols[0] for pr in protocols):
-        raise ValueError(f"paths: protocols differ beyond their seeds: {protocols}")
-    runs = sorted((r for d in parts for r in d["runs"]), key=lambda r: r["seed"])
-    seeds = sorted({r["seed"] for r in runs})
+        raise ValueError(f"paths: protocols differ beyond their seeds and recipes: {protocols}")
+    if any(d.get("reference") != parts[0].get("reference") for d in parts):
+        raise ValueError("paths: the references differ (runs on different data)")
+    rank = {name: i for i, name in enumerate(RECIPES)}
+    runs = sorted(
+        (r for d in parts for r in d["runs"]),
+        key=lambda r: (r["seed"], rank.get(r["recipe"], len(rank))),
+    )
     if len({(r["recipe"], r["seed"]) for r in runs}) != len(runs):
         raise ValueError("paths: a (recipe, seed) run appears twice")
+    protocol = {**parts[0]["protocol"], "seeds": sorted({r["seed"] for r in runs})}
+    if "recipes" in protocol:
+        in_order = sorted(runs, key=lambda r: rank.get(r["recipe"], len(rank)))
+        protocol["recipes"] = list(dict.fromkeys(r["recipe"] for r in in_order))
+    commands = [d["command"] for d in parts]
     result = {
-        "protocol": {**parts[0]["protocol"], "seeds": seeds},
-        "command": [d["command"] for d in parts],
+        "protocol": protocol,
+        "command": [c for cs in commands for c in (cs if isinstance(cs, list) else [cs])],
         "reference": parts[0].get("reference"),
         "runs": runs,
         "summary": summarize(runs),
