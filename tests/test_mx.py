@@ -438,9 +438,13 @@ def test_stochastic_rounding_is_refused_where_no_key_reaches():
                           key=key)  # fmt: skip
     with pytest.raises(ValueError, match="'half_away' is not a rounding mode of QuantRule.weight"):
         QuantRule(".*", weight="nf4", rounding="half_away")
-    with pytest.raises(ValueError, match="needs mode='simulate' and grad=None"):
+    with pytest.raises(ValueError, match="needs mode='simulate', grad=None, backward=None"):
         QuantRule(".*", weight="mxfp4", act=None, rounding="stochastic", grad="int8")
-    with pytest.raises(ValueError, match="needs mode='simulate' and grad=None"):
+    with pytest.raises(ValueError, match="got backward=BackwardConfig"):
+        QuantRule(".*", weight="int8", act=None, rounding="stochastic", backward=BackwardConfig())
+    with pytest.raises(ValueError, match="got scaling='delayed'"):
+        QuantRule(".*", weight="fp8_e4m3", act=None, rounding="stochastic", scaling="delayed")
+    with pytest.raises(ValueError, match="needs mode='simulate', grad=None, backward=None"):
         QuantRule(".*", rounding="stochastic", mode="int")
 
 
