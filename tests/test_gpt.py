@@ -18,6 +18,9 @@ from jquant.models import gpt, linen, train
 from jquant.models import nnx as nnx_models
 from jquant.nn.einsum import QuantActEinsum
 from jquant.nn.linen import quantize_model as quantize_linen
+from jquant.nn.nnx import QActEinsum
+from jquant.nn.nnx import quantize_model as quantize_nnx
+from jquant.nn.nnx import with_phase as nnx_with_phase
 from jquant.nn.rules import QuantRule
 
 TINY = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=16)
@@ -277,6 +280,35 @@ def test_rules_quantize_the_attention_products():
     static = QuantRule(".*/attn/scores", weight=None, act="int8")
     with pytest.raises(ValueError, match="act_scale.*block1/attn/scores"):
         quantize_linen(model, static, tokens)
+
+
+def _nnx_gpt(cfg, variables):
+    return nnx_models.linen_to_nnx(variables, gpt.NNXGPT(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_nnx_rules_quantize_the_attention_products_as_linen():
+    """Same weights and rules (int4 per-token attention products, int4 weights): the NNX GPT
+    computes the Linen GPT's quantized logits, and its report lists scores and mix."""
+    variables, tokens = _variables(TINY), _tokens(TINY, (2, TINY.context))
+    rules = (_attention_rule(4), QuantRule(".*", weight="int4", act=None))
+    qmodel, _ = quantize_linen(gpt.GPT(TINY), rules, tokens, on_unused="raise")
+    want = qmodel.with_phase("eval").apply(qmodel.attach(variables, tokens), tokens)
+    float_nnx = _nnx_gpt(TINY, variables)
+    qnnx, match = quantize_nnx(float_nnx, rules, on_unused="raise")
+    products = {f"block{i}/attn/{n}" for i in (1, 2) for n in ("scores", "mix")}
+    assert {p for p, r in match.assignment.items() if r is rules[0]} == products
+    assert match.not_quantized == {}
+    injected = [m.quant_path for _, m in nnx.iter_graph(qnnx) if isinstance(m, QActEinsum)]
+    assert set(injected) == products
+    np.testing.assert_array_equal(qnnx(tokens), float_nnx(tokens))  # phase float
+    got = nnx_with_phase(qnnx, "eval")(tokens)  # no calibration: dynamic ranges only
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    weights_only, _ = quantize_nnx(float_nnx, rules[1:])
+    gap = float(jnp.max(jnp.abs(got - nnx_with_phase(weights_only, "eval")(tokens))))
+    assert gap > 0.05  # the int4 products really moved the logits
+    static = QuantRule(".*/attn/mix", weight=None, act="int8")
+    with pytest.raises(ValueError, match="act_scale.*block1/attn/mix"):
+        quantize_nnx(float_nnx, static)
 
 
 def _numpy_kv_per_channel(x, amax, bits):

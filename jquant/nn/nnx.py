@@ -9,7 +9,11 @@ Statistics are :class:`QuantStat` variables (``nnx.state(model, QuantStat)``), l
 :func:`quantize_model` walks the model graph (``nnx.iter_graph``), and replaces each
 ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` / ``nnx.Einsum`` whose path matches a
 rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`QConv`,
-:class:`QEinsum`) holding the same kernel and bias; the input model is left unchanged::
+:class:`QEinsum`) holding the same kernel and bias. An activation x activation einsum
+module (attention's ``q k^T`` and ``softmax(.) v``, :func:`jquant.nn.einsum.is_act_product`)
+whose path matches a rule keeps its class: a :class:`QActEinsum` is injected into its
+``einsum`` attribute, which quantizes both operands with their own dynamic ranges exactly as
+the Linen rules do. The input model is left unchanged::
 
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
@@ -38,7 +42,13 @@ from jquant.nn.bn_folding import (
     folded_kernel,
     running_statistics,
 )
-from jquant.nn.einsum import QuantEinsum, einsum_dims, is_act_product
+from jquant.nn.einsum import (
+    QuantActEinsum,
+    QuantEinsum,
+    check_act_rule,
+    einsum_dims,
+    is_act_product,
+)
 from jquant.nn.inject import QuantOp, pool_activation, quantize_activation
 from jquant.nn.rules import (
     DEFAULT_RULE,
@@ -68,6 +78,7 @@ __all__ = [
     "QLinearGeneral",
     "QConv",
     "QEinsum",
+    "QActEinsum",
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
@@ -105,6 +116,14 @@ class QuantLayer(nnx.Module):
     def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...] | None:
         """Per-channel axes of the kernel: None is the last axis (Linear, Conv)."""
         return None
+
+    def _uncalibrated(self) -> bool:
+        """Whether the layer quantizes its input but holds no calibrated range yet (the
+        train / eval phases need one)."""
+        return (
+            self.rule.act_config() is not None
+            and getattr(self, variable_key("input", "qparams"), None) is None
+        )
 
     def _init_learned(self) -> None:
         """Creates (or resets) the learned scales: the kernel's from its current range, the
@@ -254,6 +273,34 @@ class QEinsum(nnx.Einsum, QuantLayer):
 
     def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...]:
         return einsum_dims(self.einsum_str).rhs_kept
+
+
+class QActEinsum(QuantLayer):
+    """jquant: ``jnp.einsum(einsum_str, a, b)`` look-alike of two activations, the op that
+    :func:`quantize_model` injects into an activation x activation product module (its
+    ``einsum`` attribute, e.g. ``jquant.models.gpt.NNXProduct``).
+
+    In train / eval ``einsum(fq(a, qp_a), fq(b, qp_b))``, each operand with its own dynamic
+    range (``rule.act_scale``), else the float einsum: the Linen rules' op
+    (:class:`jquant.nn.einsum.QuantActEinsum`) run in this layer's current ``phase``, which
+    :func:`with_phase` sets. It keeps no statistics and needs no calibration.
+
+    Raises:
+      ValueError: the rule asks for static (calibrated) activation ranges.
+    """
+
+    def __init__(self, *, rule: QuantRule = DEFAULT_RULE, phase: str = "float", quant_path=""):
+        """The quantized einsum of the product at ``quant_path`` (named in messages)."""
+        if isinstance(rule, QuantRule):
+            check_act_rule(rule, quant_path or rule.pattern)
+        self._init_quant(rule, phase, quant_path)
+
+    def _uncalibrated(self) -> bool:
+        return False  # dynamic ranges only: nothing to calibrate
+
+    def __call__(self, einsum_str: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
+        """``einsum(fq(a), fq(b))`` in train / eval, ``einsum(a, b)`` otherwise."""
+        return QuantActEinsum(self.rule, self.phase)(einsum_str, a, b, **kwargs)
 
 
 class ActQuant(QuantLayer):
@@ -635,7 +682,8 @@ def quantize_model(
     **example_kwargs,
 ) -> tuple[nnx.Module, RuleMatch]:
     """A copy of ``model`` whose ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` /
-    ``nnx.Einsum`` layers are quantized by rules.
+    ``nnx.Einsum`` layers and activation x activation einsums (a :class:`QActEinsum`
+    injected into the module's ``einsum``) are quantized by rules.
 
     Paths are the attribute paths joined by ``/`` (``"conv1"``, ``"blocks/0/linear"``); the
     first rule that fullmatches a path wins; ``keep_float`` rules leave the layer as it is.
@@ -654,6 +702,10 @@ def quantize_model(
       or ignored according to ``on_unused``. Any other module with a ``kernel`` parameter
       (``nnx.ConvTranspose``, a subclass such as ``nnx.LoRALinear``) that a rule matches stays
       float: it is listed in ``RuleMatch.not_quantized`` and warned about (UserWarning).
+
+    Raises:
+      ValueError: a rule asks for static activation ranges on an activation x activation
+        einsum (:func:`jquant.nn.einsum.check_act_rule`), which has only dynamic ones.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
@@ -668,20 +720,31 @@ def quantize_model(
         )
     pairs = dict(fold_pairs(model, *example_args, **example_kwargs)) if fold_bn else {}
     model = nnx.clone(model)
-    targets, unsupported = {}, {}
+    targets, products, unsupported = {}, {}, {}
+    paths = []  # the quantizable ones, in graph order
     for p, m in nnx.iter_graph(model):
         if not isinstance(m, nnx.Module) or isinstance(m, QuantLayer):
             continue
         if type(m) in _REPLACEMENTS:
             targets[_path_str(p)] = (p, m)
-        elif isinstance(getattr(m, "kernel", None), nnx.Param) or is_act_product(m):
-            # activation x activation einsums: quantized by the Linen rules only (for now)
+            paths.append(_path_str(p))
+        elif is_act_product(m):
+            products[_path_str(p)] = m
+            paths.append(_path_str(p))
+        elif isinstance(getattr(m, "kernel", None), nnx.Param):
             unsupported[_path_str(p)] = type(m).__name__
-    match = match_rules(rules, targets, unsupported)
+    match = match_rules(rules, paths, unsupported)
+    for name in products:
+        if (rule := match.assignment[name]) is not None:
+            check_act_rule(rule, name)
     report_unused(match, on_unused)
     report_not_quantized(match)
     for name, rule in match.assignment.items():
         if rule is None or rule.keep_float:
+            continue
+        if name in products:
+            op = QActEinsum(rule=rule, phase=phase, quant_path=name)
+            products[name].einsum = nnx.data(op)  # a graph node (was a static function)
             continue
         path, layer = targets[name]
         if name in pairs:
@@ -723,12 +786,7 @@ def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
     check_phase(phase)
     layers = _quant_layers(model)
     if phase in ("train", "eval"):
-        missing = [
-            m.quant_path or _path_str(p)
-            for p, m in layers
-            if m.rule.act_config() is not None
-            and getattr(m, variable_key("input", "qparams"), None) is None
-        ]
+        missing = [m.quant_path or _path_str(p) for p, m in layers if m._uncalibrated()]
         if missing:
             raise ValueError(
                 f"phase={phase!r} needs calibrated ranges, but these layers were never "
