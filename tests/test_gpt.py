@@ -311,6 +311,61 @@ def test_nnx_rules_quantize_the_attention_products_as_linen():
         quantize_nnx(float_nnx, static)
 
 
+def _numpy_block_fq(w, block, bits):
+    """Symmetric fake-quant of a Dense kernel ``(in, out)``: one scale per output column and
+    block of ``block`` consecutive inputs, ``s = max|w| / qmax`` (NumPy, float64)."""
+    w, qmax = np.asarray(w, np.float64), 2 ** (bits - 1) - 1
+    wb = w.reshape(w.shape[0] // block, block, w.shape[1])
+    s = np.abs(wb).max(1, keepdims=True) / qmax
+    s = np.where(s > 0, s, 1.0)
+    return (s * np.clip(np.round(wb / s), -qmax - 1, qmax)).reshape(w.shape)
+
+
+def _numpy_perplexity(logits, y):
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return math.exp(-np.take_along_axis(logp, np.asarray(y)[..., None], -1).mean())
+
+
+def test_block_wise_int4_weight_rules_on_the_linen_and_nnx_gpt():
+    """``QuantRule(".*", weight="int4", block_size=32)``, weight-only and with dynamic
+    per-token int8 activations: Linen and NNX agree; weight-only equals the float GPT whose
+    kernels are NumPy block-fake-quantized, and one NNX kernel (read through the layer on the
+    identity) is that NumPy kernel; the perplexities are finite."""
+    cfg = config_lib.GPTConfig(vocab_size=13, context=8, num_layers=1, num_heads=2, width=64)
+    variables, x, y = _variables(cfg), _tokens(cfg, (2, 8), seed=3), _tokens(cfg, (2, 8), seed=4)
+    weight_only = QuantRule(".*", weight="int4", act=None, block_size=32)
+    w4a8 = dataclasses.replace(
+        weight_only, act="int8", act_symmetric=True, act_scale="dynamic_per_token"
+    )
+    assert weight_only.weight_granularity == "per_block"
+    fq_params = jax.tree_util.tree_map_with_path(
+        lambda path, a: _numpy_block_fq(a, 32, 4) if path[-1].key == "kernel" else a,
+        variables["params"],
+    )
+    oracle = gpt.GPT(cfg).apply({"params": fq_params}, x)
+    ppl = {}
+    for name, rule in (("w4", weight_only), ("w4a8", w4a8)):
+        qmodel, _ = quantize_linen(gpt.GPT(cfg), rule, x, on_unused="raise")
+        linen_logits = qmodel.with_phase("eval").apply(qmodel.attach(variables, x), x)
+        qnnx, match = quantize_nnx(_nnx_gpt(cfg, variables), rule, on_unused="raise")
+        assert match.not_quantized == {}
+        nnx_with_phase(qnnx, "eval")
+        np.testing.assert_allclose(qnnx(x), linen_logits, rtol=1e-5, atol=1e-5)
+        ppl[name] = (_numpy_perplexity(linen_logits, y), gpt.perplexity(qnnx, x, y))
+        if name == "w4":
+            np.testing.assert_allclose(linen_logits, oracle, rtol=1e-4, atol=1e-4)
+            down = qnnx.block1.mlp.down  # kernel (256, 64): 8 blocks per output column
+            want = _numpy_block_fq(variables["params"]["block1"]["mlp"]["down"]["kernel"], 32, 4)
+            np.testing.assert_allclose(down(jnp.eye(256)), want, rtol=1e-5, atol=1e-6)
+            per_channel = _numpy_block_fq(down.kernel.value, 256, 4)
+            assert np.max(np.abs(down(jnp.eye(256)) - per_channel)) > 1e-3  # not per channel
+    for linen_ppl, nnx_ppl in ppl.values():
+        assert math.isfinite(linen_ppl) and linen_ppl == pytest.approx(nnx_ppl, rel=1e-4)
+    assert ppl["w4"][0] != ppl["w4a8"][0]  # the int8 activations are quantized too
+
+
 def _numpy_kv_per_channel(x, amax, bits):
     """Symmetric fake-quant with fixed per-(head, channel) ranges ``amax`` (NumPy)."""
     x, qmax = np.asarray(x, np.float64), 2 ** (bits - 1) - 1

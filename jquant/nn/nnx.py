@@ -118,10 +118,11 @@ class QuantLayer(nnx.Module):
         return None
 
     def _uncalibrated(self) -> bool:
-        """Whether the layer quantizes its input but holds no calibrated range yet (the
-        train / eval phases need one)."""
+        """Whether the layer quantizes its input with static ranges but holds no calibrated
+        range yet (the train / eval phases need one; dynamic ranges come from each input)."""
         return (
             self.rule.act_config() is not None
+            and self.rule.act_scale == "static"
             and getattr(self, variable_key("input", "qparams"), None) is None
         )
 
@@ -781,7 +782,8 @@ def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
     the phase of every quantized layer in place and returns the model.
 
     Raises:
-      ValueError: for train / eval when a layer quantizing its input was never calibrated.
+      ValueError: for train / eval when a layer quantizing its input with static ranges was
+        never calibrated.
     """
     check_phase(phase)
     layers = _quant_layers(model)
