@@ -854,5 +854,54 @@ def _readme_llm() -> Section:
     return figures, ["3", "4", "32"]
 
 
+def _readme_llm_speed() -> Section:
+    """The speed line: benchmarks/gpt_llm.py (GPTQ time, generation tokens/s) and
+    benchmarks/gpt_train_time.py (float training against the 5-minute target)."""
+    llm = load("benchmarks/results/gpt_llm.json")
+    trained = load("benchmarks/results/gpt_train_time.json")
+    gen = llm["generation"]["timing"]["variants"]
+    tps = {name: f"{row['tokens_per_s']:.0f}" for name, row in gen.items()}
+    figures = {
+        "gptq": f"takes {llm['gptq']['median_seconds']:.1f} s (median of "
+        f"{llm['gptq']['runs']} runs; {llm['gptq']['first_run_seconds']:.1f} s for the first",
+        "tokens_per_s": f"{tps['float']} tokens/s in float, {tps['int8_per_token']} with a "
+        f"fake-quantized int8 KV cache per token and {tps['int8_per_channel']} per channel",
+        "ratios": f"time ratios {gen['int8_per_token']['ratio']['median']:.2f}x and "
+        f"{gen['int8_per_channel']['ratio']['median']:.2f}x",
+        "train": f"took {trained['wall_seconds']:.0f} s",
+        "load": f"load average of {trained['load_average_1min_during']['median']:.1f}",
+    }
+    g = llm["generation"]
+    setup = [str(g["new_tokens"]), str(g["prompt"]), str(g["batch"]), "4", "5", "1", "2"]
+    return figures, setup
+
+
 def test_readme_llm_section():
-    check_section("README.md", LLM_README, *_readme_llm())
+    figures, setup = _readme_llm()
+    speed, speed_setup = _readme_llm_speed()
+    check_section("README.md", LLM_README, {**figures, **speed}, [*setup, *speed_setup])
+
+
+def test_gpt_llm_and_training_results_are_consistent():
+    """gpt_llm.json: tokens/s is batch * new tokens / median time, each ratio's CI holds its
+    median, the GPTQ median lies within its runs; gpt_train_time.json: the verdict follows
+    the wall time and the target; both carry their meta."""
+    llm = load("benchmarks/results/gpt_llm.json")
+    g = llm["generation"]
+    assert set(g["timing"]["variants"]) == {"float", "int8_per_token", "int8_per_channel"}
+    for row in g["timing"]["variants"].values():
+        assert row["tokens_per_s"] == pytest.approx(
+            g["batch"] * g["new_tokens"] / (row["median_ms"] / 1e3)
+        )
+        lo, hi = row["ratio"]["ci95"]
+        assert lo <= row["ratio"]["median"] <= hi and row["min_ms"] <= row["median_ms"]
+    q = llm["gptq"]
+    assert q["min_seconds"] <= q["median_seconds"] <= q["max_seconds"]
+    assert len(q["times_seconds"]) == q["runs"] and q["recipe"]["method"] == "gptq"
+    trained = load("benchmarks/results/gpt_train_time.json")
+    assert trained["meets_target"] == (trained["wall_seconds"] <= trained["target_seconds"])
+    assert trained["target_seconds"] == 300 and trained["recipe"]["steps"] == 1200
+    assert trained["train_seconds"] <= trained["wall_seconds"]
+    for meta in (llm["meta"], trained["meta"]):
+        assert meta["command"].startswith("python benchmarks/gpt_")
+        assert {"load_average_before", "load_average_after", "machine", "date"} <= set(meta)
