@@ -878,5 +878,69 @@ def _readme_llm() -> Section:
     return figures, ["3", "4", "32"]
 
 
+def _readme_llm_speed() -> Section:
+    """The speed paragraph: benchmarks/gpt_llm.py (whole-model GPTQ time, generation tokens/s
+    float against an int8 KV cache); "no difference resolved" needs both CIs to hold 1."""
+    llm = load("benchmarks/results/gpt_llm.json")
+    gen, q = llm["generation"]["timing"]["variants"], llm["gptq"]
+
+    def ratio(name: str) -> str:
+        r = gen[name]["ratio"]
+        assert r["ci95"][0] <= 1.0 <= r["ci95"][1], name  # the README says: not resolved
+        return f"{r['median']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+    figures = {
+        "speed_load": f"load average {llm['meta']['load_average_before'][0]:.1f} at the start",
+        "speed_gptq": f"takes {q['median_seconds']:.1f} s (median of {q['runs']} runs",
+        "speed_gptq_first": f"{q['first_run_seconds']:.1f} s for the first",
+        "speed_float": f"{gen['float']['tokens_per_s']:.0f} tokens/s in float",
+        "speed_per_token": f"{gen['int8_per_token']['tokens_per_s']:.0f} with a",
+        "speed_per_channel": f"{gen['int8_per_channel']['tokens_per_s']:.0f} per channel (",
+        "speed_ratio_per_token": ratio("int8_per_token"),
+        "speed_ratio_per_channel": ratio("int8_per_channel"),
+        "speed_rounds": f"{llm['generation']['timing']['rounds']} interleaved rounds",
+    }
+    trained = load("benchmarks/results/gpt_train_time.json")
+    assert not trained["meets_target"]  # the README says: missed
+    figures["train"] = f"took {trained['wall_seconds']:.0f} s"
+    figures["train_load"] = f"load average of {trained['load_average_1min_during']['median']:.1f}"
+    g = llm["generation"]
+    setup = [str(g["new_tokens"]), str(g["prompt"]), str(g["batch"]), "2", "4"]
+    return figures, [*setup, str(trained["recipe"]["steps"]), "5", "1"]
+
+
 def test_readme_llm_section():
-    check_section("README.md", LLM_README, *_readme_llm())
+    figures, setup = _readme_llm()
+    speed, speed_setup = _readme_llm_speed()
+    check_section("README.md", LLM_README, {**figures, **speed}, [*setup, *speed_setup])
+
+
+def test_gpt_llm_results_are_consistent():
+    """gpt_llm.json: tokens/s is batch * new tokens / median time, each ratio's CI holds its
+    median, the GPTQ median lies within its runs, and the meta is there."""
+    llm = load("benchmarks/results/gpt_llm.json")
+    g = llm["generation"]
+    assert set(g["timing"]["variants"]) == {"float", "int8_per_token", "int8_per_channel"}
+    for row in g["timing"]["variants"].values():
+        assert row["tokens_per_s"] == pytest.approx(
+            g["batch"] * g["new_tokens"] / (row["median_ms"] / 1e3)
+        )
+        lo, hi = row["ratio"]["ci95"]
+        assert lo <= row["ratio"]["median"] <= hi and row["min_ms"] <= row["median_ms"]
+    q = llm["gptq"]
+    assert q["min_seconds"] <= q["median_seconds"] <= q["max_seconds"]
+    assert len(q["times_seconds"]) == q["runs"] and q["recipe"]["method"] == "gptq"
+    assert llm["meta"]["command"].startswith("python benchmarks/gpt_llm.py")
+    assert {"load_average_before", "load_average_after", "machine", "date"} <= set(llm["meta"])
+
+
+def test_gpt_train_time_results_are_consistent():
+    """gpt_train_time.json: the verdict follows the wall time and the 300 s target, the
+    trainer's own time lies within the wall time, the load was sampled, the meta is there."""
+    trained = load("benchmarks/results/gpt_train_time.json")
+    assert trained["meets_target"] == (trained["wall_seconds"] <= trained["target_seconds"])
+    assert trained["target_seconds"] == 300 and trained["recipe"]["steps"] == 1200
+    assert 0 < trained["train_seconds"] <= trained["wall_seconds"]
+    samples = trained["load_average_1min_during"]["samples"]
+    assert samples and trained["load_average_1min_during"]["median"] == np.median(samples)
+    assert trained["meta"]["command"].startswith("python benchmarks/gpt_train_time.py")

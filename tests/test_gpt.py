@@ -18,6 +18,9 @@ from jquant.models import gpt, linen, train
 from jquant.models import nnx as nnx_models
 from jquant.nn.einsum import QuantActEinsum
 from jquant.nn.linen import quantize_model as quantize_linen
+from jquant.nn.nnx import QActEinsum
+from jquant.nn.nnx import quantize_model as quantize_nnx
+from jquant.nn.nnx import with_phase as nnx_with_phase
 from jquant.nn.rules import QuantRule
 
 TINY = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=16)
@@ -277,6 +280,94 @@ def test_rules_quantize_the_attention_products():
     static = QuantRule(".*/attn/scores", weight=None, act="int8")
     with pytest.raises(ValueError, match="act_scale.*block1/attn/scores"):
         quantize_linen(model, static, tokens)
+
+
+def _nnx_gpt(cfg, variables):
+    return nnx_models.linen_to_nnx(variables, gpt.NNXGPT(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_nnx_rules_quantize_the_attention_products_as_linen():
+    """Same weights and rules (int4 per-token attention products; int4 weights and dynamic
+    int8 inputs elsewhere): the NNX GPT computes the Linen GPT's quantized logits, with no
+    calibration (dynamic ranges only), and its report lists scores and mix."""
+    variables, tokens = _variables(TINY), _tokens(TINY, (2, TINY.context))
+    dense = QuantRule(".*", weight="int4", act_symmetric=True, act_scale="dynamic_per_token")
+    rules = (_attention_rule(4), dense)
+    qmodel, _ = quantize_linen(gpt.GPT(TINY), rules, tokens, on_unused="raise")
+    want = qmodel.with_phase("eval").apply(qmodel.attach(variables, tokens), tokens)
+    float_nnx = _nnx_gpt(TINY, variables)
+    qnnx, match = quantize_nnx(float_nnx, rules, on_unused="raise")
+    products = {f"block{i}/attn/{n}" for i in (1, 2) for n in ("scores", "mix")}
+    assert {p for p, r in match.assignment.items() if r is rules[0]} == products
+    assert match.not_quantized == {}
+    injected = [m.quant_path for _, m in nnx.iter_graph(qnnx) if isinstance(m, QActEinsum)]
+    assert set(injected) == products
+    got = nnx_with_phase(qnnx, "eval")(tokens)  # no calibration: dynamic ranges only
+    for m in (qnnx.block1.attn.scores, qnnx.block2.attn.mix):
+        assert isinstance(m.einsum, QActEinsum) and m.einsum.phase == "eval"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    static = QuantRule(".*/attn/mix", weight=None, act="int8")
+    with pytest.raises(ValueError, match="act_scale.*block1/attn/mix"):
+        quantize_nnx(float_nnx, static)
+
+
+def _numpy_block_fq(w, block, bits):
+    """Symmetric fake-quant of a Dense kernel ``(in, out)``: one scale per output column and
+    block of ``block`` consecutive inputs, ``s = max|w| / qmax`` (NumPy, float64)."""
+    w, qmax = np.asarray(w, np.float64), 2 ** (bits - 1) - 1
+    wb = w.reshape(w.shape[0] // block, block, w.shape[1])
+    s = np.abs(wb).max(1, keepdims=True) / qmax
+    s = np.where(s > 0, s, 1.0)
+    return (s * np.clip(np.round(wb / s), -qmax - 1, qmax)).reshape(w.shape)
+
+
+def _numpy_perplexity(logits, y):
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return math.exp(-np.take_along_axis(logp, np.asarray(y)[..., None], -1).mean())
+
+
+@pytest.mark.parametrize(
+    "acts",
+    [pytest.param(False, id="w4"), pytest.param(True, id="w4a8", marks=pytest.mark.slow)],
+)
+def test_block_wise_int4_weight_rules_on_the_linen_and_nnx_gpt(acts):
+    """``QuantRule(".*", weight="int4", block_size=32)``, weight-only (``w4``) and with
+    dynamic per-token int8 activations (``w4a8``): Linen and NNX give the same logits and a
+    finite perplexity; weight-only equals the float GPT whose kernels are NumPy
+    block-fake-quantized, and one NNX kernel (read through the layer on the identity) is that
+    NumPy kernel, not the per-channel one."""
+    cfg = config_lib.GPTConfig(vocab_size=13, context=8, num_layers=1, num_heads=2, width=64)
+    variables, x, y = _variables(cfg), _tokens(cfg, (2, 8), seed=3), _tokens(cfg, (2, 8), seed=4)
+    rule = QuantRule(".*", weight="int4", act=None, block_size=32)
+    if acts:
+        rule = dataclasses.replace(
+            rule, act="int8", act_symmetric=True, act_scale="dynamic_per_token"
+        )
+    assert rule.weight_granularity == "per_block"
+    fq_params = jax.tree_util.tree_map_with_path(
+        lambda path, a: _numpy_block_fq(a, 32, 4) if path[-1].key == "kernel" else a,
+        variables["params"],
+    )
+    oracle = gpt.GPT(cfg).apply({"params": fq_params}, x)  # float GPT, NumPy block kernels
+    qmodel, _ = quantize_linen(gpt.GPT(cfg), rule, x, on_unused="raise")
+    linen_logits = qmodel.with_phase("eval").apply(qmodel.attach(variables, x), x)
+    qnnx, match = quantize_nnx(_nnx_gpt(cfg, variables), rule, on_unused="raise")
+    assert match.not_quantized == {}
+    nnx_logits = nnx_with_phase(qnnx, "eval")(x)  # dynamic ranges: no calibration needed
+    np.testing.assert_allclose(nnx_logits, linen_logits, rtol=1e-5, atol=1e-5)
+    assert all(math.isfinite(_numpy_perplexity(z, y)) for z in (linen_logits, nnx_logits))
+    gap = float(jnp.max(jnp.abs(linen_logits - oracle)))
+    if acts:
+        assert 1e-4 < gap < 0.1  # the int8 activations move the logits, slightly
+        return
+    np.testing.assert_allclose(linen_logits, oracle, rtol=1e-4, atol=1e-4)
+    down = qnnx.block1.mlp.down  # kernel (256, 64): 8 blocks per output column
+    got = down(jnp.eye(256))
+    want = _numpy_block_fq(variables["params"]["block1"]["mlp"]["down"]["kernel"], 32, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(got - _numpy_block_fq(down.kernel.value, 256, 4))) > 1e-3
 
 
 def _numpy_kv_per_channel(x, amax, bits):

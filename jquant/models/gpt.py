@@ -290,7 +290,8 @@ class GPT(nn.Module):
 
 
 class NNXProduct(nnx.Module):
-    """NNX twin of :class:`Product`: ``einsum(einsum_str, a, b)``, ``einsum`` injectable."""
+    """NNX twin of :class:`Product`: ``einsum(einsum_str, a, b)``; ``einsum`` is the injection
+    point (``jquant.nn.nnx.quantize_model`` puts a quantized einsum there)."""
 
     def __init__(self, einsum_str: str, einsum: Callable[..., jax.Array] = jnp.einsum):
         self.einsum_str = einsum_str

@@ -11,7 +11,11 @@ step differentiates with respect to them and writes their "gradients" back, see
 :func:`quantize_model` walks the model graph (``nnx.iter_graph``), and replaces each
 ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` / ``nnx.Einsum`` whose path matches a
 rule by the quantized layer (:class:`QLinear`, :class:`QLinearGeneral`, :class:`QConv`,
-:class:`QEinsum`) holding the same kernel and bias; the input model is left unchanged::
+:class:`QEinsum`) holding the same kernel and bias. An activation x activation einsum
+module (attention's ``q k^T`` and ``softmax(.) v``, :func:`jquant.nn.einsum.is_act_product`)
+whose path matches a rule keeps its class: a :class:`QActEinsum` is injected into its
+``einsum`` attribute, which quantizes both operands with their own dynamic ranges exactly as
+the Linen rules do. The input model is left unchanged::
 
     qmodel, match = quantize_model(model, rules)
     calibrate(qmodel, batches)            # PTQ ranges (+ learned-scale init)
@@ -49,7 +53,13 @@ from jquant.nn.bn_folding import (
     folded_kernel,
     running_statistics,
 )
-from jquant.nn.einsum import QuantEinsum, einsum_dims, is_act_product
+from jquant.nn.einsum import (
+    QuantActEinsum,
+    QuantEinsum,
+    check_act_rule,
+    einsum_dims,
+    is_act_product,
+)
 from jquant.nn.inject import QuantOp, quantize_activation
 from jquant.nn.requant import (
     check_no_constants,
@@ -91,6 +101,7 @@ __all__ = [
     "QLinearGeneral",
     "QConv",
     "QEinsum",
+    "QActEinsum",
     "ActQuant",
     "QAvgPool",
     "QMaxPool",
@@ -145,10 +156,13 @@ class QuantLayer(nnx.Module):
         return None
 
     def _uncalibrated(self) -> bool:
-        """Whether the layer quantizes its input but has no calibrated range yet."""
+        """Whether the layer quantizes its input with static ranges but holds no calibrated
+        range yet (the train / eval phases need one; dynamic ranges come from each input;
+        delayed scaling takes its ranges from the amax histories)."""
         return (
             self.rule.act_config() is not None
-            and self.rule.scaling is None  # delayed scaling needs no calibration
+            and self.rule.act_scale == "static"
+            and self.rule.scaling is None
             and getattr(self, variable_key("input", "qparams"), None) is None
         )
 
@@ -335,6 +349,34 @@ class QEinsum(nnx.Einsum, QuantLayer):
 
     def _kernel_channel_axes(self, ndim: int) -> tuple[int, ...]:
         return einsum_dims(self.einsum_str).rhs_kept
+
+
+class QActEinsum(QuantLayer):
+    """jquant: ``jnp.einsum(einsum_str, a, b)`` look-alike of two activations, the op that
+    :func:`quantize_model` injects into an activation x activation product module (its
+    ``einsum`` attribute, e.g. ``jquant.models.gpt.NNXProduct``).
+
+    In train / eval ``einsum(fq(a, qp_a), fq(b, qp_b))``, each operand with its own dynamic
+    range (``rule.act_scale``), else the float einsum: the Linen rules' op
+    (:class:`jquant.nn.einsum.QuantActEinsum`) run in this layer's current ``phase``, which
+    :func:`with_phase` sets. It keeps no statistics and needs no calibration.
+
+    Raises:
+      ValueError: the rule asks for static (calibrated) activation ranges.
+    """
+
+    def __init__(self, *, rule: QuantRule = DEFAULT_RULE, phase: str = "float", quant_path=""):
+        """The quantized einsum of the product at ``quant_path`` (named in messages)."""
+        if isinstance(rule, QuantRule):
+            check_act_rule(rule, quant_path or rule.pattern)
+        self._init_quant(rule, phase, quant_path)
+
+    def _uncalibrated(self) -> bool:
+        return False  # dynamic ranges only: nothing to calibrate
+
+    def __call__(self, einsum_str: str, a: jax.Array, b: jax.Array, **kwargs) -> jax.Array:
+        """``einsum(fq(a), fq(b))`` in train / eval, ``einsum(a, b)`` otherwise."""
+        return QuantActEinsum(self.rule, self.phase)(einsum_str, a, b, **kwargs)
 
 
 class ActQuant(QuantLayer):
@@ -803,7 +845,8 @@ def quantize_model(
     **example_kwargs,
 ) -> tuple[nnx.Module, RuleMatch]:
     """A copy of ``model`` whose ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` /
-    ``nnx.Einsum`` layers are quantized by rules.
+    ``nnx.Einsum`` layers and activation x activation einsums (a :class:`QActEinsum`
+    injected into the module's ``einsum``) are quantized by rules.
 
     Paths are the attribute paths joined by ``/`` (``"conv1"``, ``"blocks/0/linear"``); the
     first rule that fullmatches a path wins; ``keep_float`` rules leave the layer as it is.
@@ -822,6 +865,10 @@ def quantize_model(
       or ignored according to ``on_unused``. Any other module with a ``kernel`` parameter
       (``nnx.ConvTranspose``, a subclass such as ``nnx.LoRALinear``) that a rule matches stays
       float: it is listed in ``RuleMatch.not_quantized`` and warned about (UserWarning).
+
+    Raises:
+      ValueError: a rule asks for static activation ranges on an activation x activation
+        einsum (:func:`jquant.nn.einsum.check_act_rule`), which has only dynamic ones.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
@@ -836,20 +883,31 @@ def quantize_model(
         )
     pairs = dict(fold_pairs(model, *example_args, **example_kwargs)) if fold_bn else {}
     model = nnx.clone(model)
-    targets, unsupported = {}, {}
+    targets, products, unsupported = {}, {}, {}
+    paths = []  # the quantizable ones, in graph order
     for p, m in nnx.iter_graph(model):
         if not isinstance(m, nnx.Module) or isinstance(m, QuantLayer):
             continue
         if type(m) in _REPLACEMENTS:
             targets[_path_str(p)] = (p, m)
-        elif isinstance(getattr(m, "kernel", None), nnx.Param) or is_act_product(m):
-            # activation x activation einsums: quantized by the Linen rules only (for now)
+            paths.append(_path_str(p))
+        elif is_act_product(m):
+            products[_path_str(p)] = m
+            paths.append(_path_str(p))
+        elif isinstance(getattr(m, "kernel", None), nnx.Param):
             unsupported[_path_str(p)] = type(m).__name__
-    match = match_rules(rules, targets, unsupported)
+    match = match_rules(rules, paths, unsupported)
+    for name in products:
+        if (rule := match.assignment[name]) is not None:
+            check_act_rule(rule, name)
     report_unused(match, on_unused)
     report_not_quantized(match)
     for name, rule in match.assignment.items():
         if rule is None or rule.keep_float:
+            continue
+        if name in products:
+            op = QActEinsum(rule=rule, phase=phase, quant_path=name)
+            products[name].einsum = nnx.data(op)  # a graph node (was a static function)
             continue
         path, layer = targets[name]
         if name in pairs:
@@ -890,7 +948,8 @@ def with_phase(model: nnx.Module, phase: str) -> nnx.Module:
     the phase of every quantized layer in place and returns the model.
 
     Raises:
-      ValueError: for train / eval when a layer quantizing its input was never calibrated.
+      ValueError: for train / eval when a layer quantizing its input with static ranges was
+        never calibrated.
     """
     check_phase(phase)
     layers = _quant_layers(model)
