@@ -72,19 +72,21 @@ def _step_for(apply_model, variables, opt):
     return step, T.TrainState.create(params, state, opt)
 
 
-def _qwix(model, x, opt, static: bool):
+def _qwix(model, x, opt, static: bool, calibration: str = "minmax", bwd: bool = False):
+    """Qwix's QAT (``QtProvider``) train step: int8 weights and activations with
+    ``calibration`` ranges, static or dynamic, and int8 backward products if ``bwd``."""
     import qwix
 
     rule = qwix.QtRule(
         module_path=".*",
         weight_qtype="int8",
         act_qtype="int8",
-        act_calibration_method="minmax",
+        act_calibration_method=calibration,
         act_static_scale=static,
+        bwd_qtype="int8" if bwd else None,
     )
     qmodel = qwix.quantize_model(model, qwix.QtProvider([rule]))
-    variables = qmodel.init(jax.random.key(0), x)
-    return _step_for(qmodel, variables, opt)
+    return _step_for(qmodel, qmodel.init(jax.random.key(0), x), opt)
 
 
 def qat_cnn(args) -> pathlib.Path:
@@ -234,21 +236,6 @@ def _aqt(model_name: str, x, opt, bwd: bool):
     return _step_for(model, jax.jit(model.init)(jax.random.key(2), x), opt)
 
 
-def _qwix_qt(model, x, opt, bwd: bool):
-    import qwix
-
-    rule = qwix.QtRule(
-        module_path=".*",
-        weight_qtype="int8",
-        act_qtype="int8",
-        act_calibration_method="absmax",
-        act_static_scale=True,
-        bwd_qtype="int8" if bwd else None,
-    )
-    qmodel = qwix.quantize_model(model, qwix.QtProvider([rule]))
-    return _step_for(qmodel, qmodel.init(jax.random.key(0), x), opt)
-
-
 def _variants(model_name: str, x, opt) -> dict[str, Callable[[], tuple]]:
     """``{variant: builder}``; a builder returns ``(jitted step, state)`` or raises."""
     model = _plain(model_name)
@@ -260,7 +247,7 @@ def _variants(model_name: str, x, opt) -> dict[str, Callable[[], tuple]]:
                 _jquant, model, variables, x, opt, mode, bwd
             )
         out[f"aqt_int8 {passes}"] = functools.partial(_aqt, model_name, x, opt, bwd)
-        out[f"qwix_int8 {passes}"] = functools.partial(_qwix_qt, model, x, opt, bwd)
+        out[f"qwix_int8 {passes}"] = functools.partial(_qwix, model, x, opt, True, "absmax", bwd)
     return out
 
 
