@@ -483,6 +483,7 @@ def test_stochastic_block_format_rule_draws_from_the_quant_rng_stream(rng):
     assert np.abs(np.asarray(mean) - x @ w).mean() < np.abs(np.asarray(nearest) - x @ w).mean()
 
 
+@pytest.mark.slow  # ~15-20 s on the loaded 2-core machine; a sibling test stays default
 def test_stochastic_block_format_nnx_layer_draws_from_quant_rngs(rng):
     """NNX: the key comes from the layer's ``quant_rngs`` (none: ValueError); the stream
     advances, so two calls round differently, each within one grid step per weight."""

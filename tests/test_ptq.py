@@ -207,6 +207,7 @@ def test_awq_clip_per_channel_matches_a_numpy_auto_clip():
     np.testing.assert_allclose(res.kernel, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # ~15-20 s on the loaded 2-core machine; a sibling test stays default
 def test_awq_clip_never_increases_the_layer_output_error():
     """After the scale search, on the calibration inputs: error(clip) <= error(no clip)."""
     rng = np.random.default_rng(7)
@@ -451,6 +452,7 @@ def test_head_rotation_and_every_rotation_together_preserve_the_float_model(tiny
     np.testing.assert_allclose(m.apply(v, tokens), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # ~15-20 s on the loaded 2-core machine; a sibling test stays default
 def test_online_hadamard_recipe_quantizes_the_rotated_down_kernel(tiny_gpt):
     model, variables, calib, _ = tiny_gpt
     recipe = ptq.Recipe("rtn", weight="int4", online_hadamard="hadamard", rotate_heads=True)

@@ -302,6 +302,7 @@ def test_act_quant_block_wise_is_the_numpy_block_quantizer_with_a_partial_last_b
     np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # ~15-20 s on the loaded 2-core machine; a sibling test stays default
 def test_dynamic_per_token_activations_run_in_int_mode_as_in_simulate():
     """act_scale='dynamic_per_token' (without blocks) in mode='int': the int8 product with each
     token's own scale equals the simulated one."""
