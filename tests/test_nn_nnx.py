@@ -1,5 +1,6 @@
 """Tests of jquant.nn.nnx: NNX layers equal the Linen ones, QuantStat state, phases, saving."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,6 +204,23 @@ def test_linear_general_and_einsum_quantized_like_their_numpy_reference():
         np.testing.assert_allclose(y, h, atol=5e-5, err_msg=mode)
     y_float = nnx.jit(lambda m, x: m(x))(model, x)
     assert np.abs(y_float - y).max() > 1e-3
+
+
+def test_a_bare_layer_is_quantized_like_linen_dense():
+    """A model that is itself an ``nnx.Linear`` (path ``""``) becomes a QLinear, equal to the
+    Linen ``nn.Dense`` quantized by the same rule."""
+    x = jax.random.normal(jax.random.key(4), (4, 6))
+    layer = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
+    qnm, match = qn.quantize_model(layer, QuantRule(".*"))
+    assert isinstance(qnm, qn.QLinear) and set(match.assignment) == {""}
+    assert type(layer) is nnx.Linear  # the input model is unchanged
+    qn.calibrate(qnm, [x])
+    y = qn.with_phase(qnm, "eval")(x)
+    params = {"kernel": layer.kernel.value, "bias": layer.bias.value}
+    qlm, _ = ql.quantize_model(nn.Dense(3), QuantRule(".*"), x)
+    v = qlm.calibrate(qlm.attach({"params": params}, x), [x])
+    np.testing.assert_allclose(y, qlm.with_phase("eval").apply(v, x), rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(y) - np.asarray(layer(x))).max() > 1e-4  # it is quantized
 
 
 class _Unsupported(nnx.Module):

@@ -915,7 +915,10 @@ def quantize_model(
             q = _quantized_copy(layer, rule, phase, name, FoldedQConv, fold_link=link)
         else:
             q = _quantized_copy(layer, rule, phase, name)
-        set_submodule(model, path, q)
+        if path:
+            set_submodule(model, path, q)
+        else:  # the model is itself the layer (path ""): its quantized copy is the model
+            model = q
     bns = {
         _path_str(p): (p, m)
         for p, m in nnx.iter_graph(model)
