@@ -901,8 +901,9 @@ def _readme_llm_speed() -> Section:
         "speed_rounds": f"{llm['generation']['timing']['rounds']} interleaved rounds",
     }
     trained = load("benchmarks/results/gpt_train_time.json")
-    assert not trained["meets_target"]  # the README says: missed
-    figures["train"] = f"took {trained['wall_seconds']:.0f} s"
+    verdict = "met" if trained["meets_target"] else "missed"
+    figures["train"] = f"took {trained['wall_seconds']:.0f} s against the issue's 5-minute "
+    figures["train_verdict"] = f"target: {verdict}, in one run"
     figures["train_load"] = f"load average of {trained['load_average_1min_during']['median']:.1f}"
     g = llm["generation"]
     setup = [str(g["new_tokens"]), str(g["prompt"]), str(g["batch"]), "2", "4"]
