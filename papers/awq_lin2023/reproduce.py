@@ -19,7 +19,7 @@ import pathlib
 
 import jquant as jq
 from jquant import ptq
-from jquant.reproduce import load_paper, save_figure, script_main, write_tables
+from jquant.reproduce import load_paper, script_main
 from jquant.sweep import Table
 
 BITS = (3, 4)
@@ -61,21 +61,10 @@ def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     """RTN vs AWQ (with and without clipping) at 3 and 4 bits, group 32, 3 calibration
     seeds."""
     shared = load_paper("gptq_frantar2022")
-    protocol = shared.QUICK if quick else shared.Protocol()
-    model, variables, ds, metrics = shared.load_gpt(protocol)
-    meta = {"paper": "Lin et al. 2023 (AWQ)", "protocol": repr(protocol), **metrics}
-    runs = shared.run_grid(configs(shared), protocol, model, variables, ds).with_meta(**meta)
-    summary = shared.summarize(runs).with_meta(**meta)
-    plot = shared.bar_plot(summary, "RTN vs AWQ (+ clipping), group 32")
-    save_figure(out_dir, "awq_lin2023", plot)
-    return write_tables(
-        out_dir,
-        {
-            "awq_lin2023_runs": runs,
-            "awq_lin2023": summary,
-            "awq_lin2023_verdict": verdict(shared, summary).with_meta(**meta),
-        },
-    )
+    return shared.run_paper(
+        out_dir, "awq_lin2023", "Lin et al. 2023 (AWQ)", configs(shared),
+        "RTN vs AWQ (+ clipping), group 32", lambda summary: verdict(shared, summary), quick,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -328,6 +328,31 @@ def write(out_dir: str | pathlib.Path, runs: Table, protocol: Protocol, metrics:
             "gptq_frantar2022_verdict": verdict(summary).with_meta(**meta),
         },
     )
+
+
+def run_paper(
+    out_dir: str | pathlib.Path,
+    name: str,
+    paper: str,
+    grid: Sequence[Config],
+    plot_title: str,
+    verdict_of: Callable[[Table], Table],
+    quick: bool = False,
+) -> dict[str, Table]:
+    """The LLM PTQ papers' driver: ``grid`` on the zoo GPT under this module's protocol,
+    then ``<name>_runs``, ``<name>`` (the summary), ``<name>_verdict`` and a bar plot."""
+    protocol = QUICK if quick else Protocol()
+    model, variables, ds, metrics = load_gpt(protocol)
+    meta = {"paper": paper, "protocol": repr(protocol), **metrics}
+    runs = run_grid(grid, protocol, model, variables, ds).with_meta(**meta)
+    summary = summarize(runs).with_meta(**meta)
+    save_figure(out_dir, name, bar_plot(summary, plot_title))
+    tables = {
+        f"{name}_runs": runs,
+        name: summary,
+        f"{name}_verdict": verdict_of(summary).with_meta(**meta),
+    }
+    return write_tables(out_dir, tables)
 
 
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:

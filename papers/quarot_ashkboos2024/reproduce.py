@@ -20,7 +20,7 @@ from __future__ import annotations
 import pathlib
 
 from jquant import ptq
-from jquant.reproduce import load_paper, save_figure, script_main, write_tables
+from jquant.reproduce import load_paper, script_main
 from jquant.sweep import Table
 
 # rotation configs: name prefix -> the Recipe's rotation options (all with transform="rotate")
@@ -70,20 +70,10 @@ def verdict(summary: Table) -> Table:
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     """W4A4 without and with each rotation, plain and outlier GPT, 3 rotation seeds."""
     shared = load_paper("gptq_frantar2022")
-    protocol = shared.QUICK if quick else shared.Protocol()
-    model, variables, ds, metrics = shared.load_gpt(protocol)
-    meta = {"paper": "Ashkboos et al. 2024 (QuaRot)", "protocol": repr(protocol), **metrics}
-    runs = shared.run_grid(configs(shared), protocol, model, variables, ds).with_meta(**meta)
-    summary = shared.summarize(runs).with_meta(**meta)
-    save_figure(out_dir, "quarot_ashkboos2024", shared.bar_plot(summary, "W4A4, rotation"))
-    return write_tables(
-        out_dir,
-        {
-            "quarot_ashkboos2024_runs": runs,
-            "quarot_ashkboos2024": summary,
-            "quarot_ashkboos2024_verdict": verdict(summary).with_meta(**meta),
-        },
-    )
+    return shared.run_paper(
+        out_dir, "quarot_ashkboos2024", "Ashkboos et al. 2024 (QuaRot)", configs(shared),
+        "W4A4, rotation", verdict, quick,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

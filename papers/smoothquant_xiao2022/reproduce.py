@@ -17,7 +17,7 @@ from __future__ import annotations
 import pathlib
 
 from jquant import ptq
-from jquant.reproduce import load_paper, save_figure, script_main, write_tables
+from jquant.reproduce import load_paper, script_main
 from jquant.sweep import Table
 
 ALPHA = 0.5
@@ -51,20 +51,10 @@ def recovered(shared, summary: Table) -> Table:
 def main(out_dir: str | pathlib.Path, quick: bool = False) -> dict[str, Table]:
     """Naive vs SmoothQuant W8A8 on the plain and the outlier-injected GPT, 3 seeds."""
     shared = load_paper("gptq_frantar2022")
-    protocol = shared.QUICK if quick else shared.Protocol()
-    model, variables, ds, metrics = shared.load_gpt(protocol)
-    meta = {"paper": "Xiao et al. 2022 (SmoothQuant)", "protocol": repr(protocol), **metrics}
-    runs = shared.run_grid(configs(shared), protocol, model, variables, ds).with_meta(**meta)
-    summary = shared.summarize(runs).with_meta(**meta)
-    save_figure(out_dir, "smoothquant_xiao2022", shared.bar_plot(summary, "W8A8, SmoothQuant"))
-    return write_tables(
-        out_dir,
-        {
-            "smoothquant_xiao2022_runs": runs,
-            "smoothquant_xiao2022": summary,
-            "smoothquant_xiao2022_verdict": recovered(shared, summary).with_meta(**meta),
-        },
-    )
+    return shared.run_paper(
+        out_dir, "smoothquant_xiao2022", "Xiao et al. 2022 (SmoothQuant)", configs(shared),
+        "W8A8, SmoothQuant", lambda summary: recovered(shared, summary), quick,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
