@@ -143,6 +143,22 @@ def test_gptq_block_size_does_not_change_the_result(layer):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # float rounding, never a whole step
 
 
+def test_gptq_of_a_wide_layer_equals_numpy_algorithm_1():
+    """530 inputs: the Hessian's symmetric product runs in 2 column blocks and the triangular
+    inverse recurses twice (blocks of 265, then 132 and 133), against float64 NumPy."""
+    rng = np.random.default_rng(1)
+    n_in = 530
+    w = rng.normal(size=(n_in, 8)).astype(np.float32)
+    x = rng.normal(size=(1024, 32)) @ rng.normal(size=(32, n_in)) + rng.normal(size=(1024, n_in))
+    x = jnp.asarray(x, jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(ptq.hessian(x), 2 * x64.T @ x64, rtol=2e-5, atol=1e-2)
+    got = np.asarray(ptq.gptq(jnp.asarray(w), x, jq.int4).kernel)
+    want = gptq_numpy(w, x, 4)
+    same = np.abs(got - want) < 1e-5
+    assert same.mean() > 0.999, same.mean()  # float32 vs float64: a rare flipped rounding
+
+
 def test_gptq_act_order_helps_with_uneven_channel_scales(layer):
     w, x = layer
     plain = ptq.gptq(w, x, jq.int3, block=BLOCK).kernel
