@@ -484,6 +484,16 @@ def test_convert_rejects_bad_calibrated_scales(small):
         C.convert(qmodel, v, x[:1], output_qparams=(0.1, 0))
 
 
+def test_convert_refuses_delayed_scaling_rather_than_ignoring_its_histories(small):
+    x, qmodel, _, oqp, _ = small
+    rule = QuantRule(".*", weight="int8", act="int8", scaling="delayed", amax_history=4)
+    delayed, _ = ql.quantize_model(qmodel.model, (rule,), x[:2])
+    v = delayed.attach(jax.jit(delayed.model.init)(jax.random.key(0), x[:2]), x[:2])
+    assert "scaling_history" in v
+    with pytest.raises(ValueError, match=r"layer 'conv1': its rule uses delayed scaling"):
+        C.convert(delayed, v, x[:1], output_qparams=oqp)
+
+
 class _Wide(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -250,6 +250,13 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
                 "block-wise kernel; convert a per-channel model, or run this one with "
                 "jquant.nn (mode='int' computes block-wise layers)"
             )
+        if q.rule.scaling is not None:  # its histories are not read: no silent swap either
+            raise ValueError(
+                f"layer {path!r}: its rule uses {q.rule.scaling} scaling (per-tensor scales "
+                "from the amax histories of the scaling_history collection), which the integer "
+                "program does not read; convert a model whose rule has static calibrated "
+                "ranges (the same rule without scaling, calibrated)"
+            )
         if q.rule.act_scale != "static":  # no silent swap to the calibrated ranges
             raise ValueError(
                 f"layer {path!r} has act_scale={q.rule.act_scale!r}: an integer program needs "
