@@ -154,6 +154,10 @@ def int8_conv(
     int8 kernel) and returned in the conv's own layout: the same integers, bit for bit.
     Arguments as ``lax.conv_general_dilated``; used by :mod:`jquant.ops.train`'s ``"int"``
     backward products.
+
+    >>> q, k = jnp.arange(5, dtype=jnp.int8).reshape(1, 5, 1), jnp.ones((3, 1, 1), jnp.int8)
+    >>> int8_conv(q, k, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))[0, :, 0].tolist()
+    [3, 6, 9]
     """
     if lhs.dtype != jnp.int8 or rhs.dtype != jnp.int8:
         raise TypeError(f"int8_conv needs int8 lhs and rhs, got {lhs.dtype} and {rhs.dtype}")
