@@ -20,6 +20,7 @@ from jquant.nn import linen as ql
 from jquant.nn import nnx as qn
 from jquant.nn.rules import QuantRule
 from jquant.ops import BackwardConfig, QuantConfig
+from jquant.ops.conv import int8_conv
 from jquant.ops.scaling import current_scaling, delayed_scaling
 from jquant.quant import dynamic_qparams, fake_quant_forward, quantize, stochastic_noise
 
@@ -272,6 +273,8 @@ def test_conv1d_int_backward_lifted_to_2d():
     assert len(convs) >= 3, str(jaxpr)
     assert all(v.aval.ndim == 4 for e in convs for v in e.invars), str(jaxpr)
     assert {e.params["dimension_numbers"].lhs_spec for e in convs} == {(0, 3, 1, 2)}
+    with pytest.raises(TypeError, match="int8_conv needs int8 lhs and rhs, got float32"):
+        int8_conv(lhs, rhs, (1,), "VALID", dimension_numbers=kw["dimension_numbers"])
 
 
 # --- stochastic rounding ------------------------------------------------------------------------
