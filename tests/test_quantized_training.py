@@ -20,6 +20,7 @@ from jquant.nn import linen as ql
 from jquant.nn import nnx as qn
 from jquant.nn.rules import QuantRule
 from jquant.ops import BackwardConfig, QuantConfig
+from jquant.ops.conv import int8_conv
 from jquant.ops.scaling import current_scaling, delayed_scaling
 from jquant.quant import dynamic_qparams, fake_quant_forward, quantize, stochastic_noise
 
@@ -224,6 +225,56 @@ def test_conv_backward_products(case):
     np.testing.assert_allclose(outs["simulate"][1], ref[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(outs["int"][0], ref_int[0])  # bit for bit
     np.testing.assert_array_equal(outs["int"][1], ref_int[1])
+
+
+def _int8_convs(jaxpr) -> list:
+    """The int8 x int8 -> int32 conv equations of ``jaxpr`` and of its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if (
+            eqn.primitive.name == "conv_general_dilated"
+            and [v.aval.dtype for v in eqn.invars] == [jnp.int8] * 2
+        ):
+            assert eqn.outvars[0].aval.dtype == jnp.int32
+            found.append(eqn)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found += _int8_convs(sub)
+    return found
+
+
+def test_conv1d_int_backward_lifted_to_2d():
+    # mode="int" runs a 1-D conv's backward int8 convs (the transposed conv, here with input
+    # dilation 2, and the grouped kernel-gradient conv) lifted to 2-D channels-last, as the
+    # forward: the same integers as plain lax's 1-D convs of the codes, bit for bit
+    kw = dict(
+        window_strides=(2,), padding=((2, 1),), rhs_dilation=(2,),
+        dimension_numbers=("NCW", "OIW", "NCW"), feature_group_count=2,
+    )  # fmt: skip
+    lhs, rhs = _rand(23, (2, 4, 11)), _rand(24, (6, 2, 3))
+    bwd = BackwardConfig.uniform(Q8, Q8)
+    f = lambda a, b: ops.train_conv_general_dilated(  # noqa: E731
+        a, b, **kw, lhs_quant=Q8, rhs_quant=Q8, bwd=bwd, mode="int"
+    )
+    g = _rand(25, jax.eval_shape(f, lhs, rhs).shape)
+
+    def compute(lhs, rhs, g):
+        lh, rh = _fq(lhs, Q8), _fq(rhs, Q8)
+        (qg, sg), (qr, sr), (ql, sl) = _codes(g, Q8), _codes(rh, Q8), _codes(lh, Q8)
+        dl_int, dr_int = _float_conv_vjp(ql, qr, qg, kw)  # 1-D float convs of the codes
+        return jax.vjp(f, lhs, rhs)[1](g), ((sg * sr) * dl_int, (sl * sg) * dr_int)
+
+    (dl, dr), (dl_ref, dr_ref) = jax.jit(compute)(lhs, rhs, g)
+    np.testing.assert_array_equal(dl, dl_ref)
+    np.testing.assert_array_equal(dr, dr_ref)
+    assert np.any(dl != 0) and np.any(dr != 0)
+    # forward and both backward products: int8 x int8 -> int32 convs, all of them 2-D
+    jaxpr = jax.make_jaxpr(lambda a, b: jax.vjp(f, a, b)[1](g))(lhs, rhs).jaxpr
+    convs = _int8_convs(jaxpr)
+    assert len(convs) >= 3, str(jaxpr)
+    assert all(v.aval.ndim == 4 for e in convs for v in e.invars), str(jaxpr)
+    assert {e.params["dimension_numbers"].lhs_spec for e in convs} == {(0, 3, 1, 2)}
+    with pytest.raises(TypeError, match="int8_conv needs int8 lhs and rhs, got float32"):
+        int8_conv(lhs, rhs, (1,), "VALID", dimension_numbers=kw["dimension_numbers"])
 
 
 # --- stochastic rounding ------------------------------------------------------------------------

@@ -79,47 +79,111 @@ def _sum_over_real_taps(ksum, real: list[np.ndarray]):
     return jnp.einsum(spec, *real, ksum)
 
 
-def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
-    """The conv in the layout XLA:CPU's int8 kernel takes: channels last (NHWC / HWIO) and at
-    least 2 spatial axes (a 1-D conv gains a unit axis after its spatial one). Same numbers.
+@dataclasses.dataclass(frozen=True)
+class Int8ConvLayout:
+    """The layout XLA:CPU's int8 conv kernel takes, for a conv with ``dimension_numbers``:
+    channels last (NHWC / HWIO) and at least 2 spatial axes (a 1-D conv gains a unit axis after
+    its spatial one: ``(N, W, C) -> (N, W, 1, C)``, ``(W, I, O) -> (W, 1, I, O)``, window
+    stride / dilation 1 and padding ``(0, 0)`` along it). Same numbers, bit for bit.
 
-    Returns the new ``(st, lhs, rhs, qp_l, qp_r)`` and a function that maps the output back.
     Otherwise XLA:CPU upcasts the codes to int32 and takes a generic path: about 7x the float
-    conv on the MNIST-1D CNN's 1-D layers and 40x on an NCHW 3x3 conv (``benchmarks/ops.py``).
+    conv on the MNIST-1D CNN's 1-D layers and 40x on an NCHW 3x3 conv (``benchmarks/ops.py``);
+    the backward int8 convs of :mod:`jquant.ops.train` (``dL/dlhs``: rhs ``WOI``, ``dL/drhs``:
+    batch and features swapped) likewise.
     """
-    lhs_spec, rhs_spec, out_spec = st.dimension_numbers
-    lift = len(lhs_spec) == 3  # 1-D: a unit spatial axis follows the real one
-    n = len(lhs_spec) + int(lift)  # rank of the int8 operands
 
-    def to_int_layout(a, perm, unit_axis):
+    dimension_numbers: lax.ConvDimensionNumbers
+
+    @property
+    def lifted(self) -> bool:
+        """Whether the conv is 1-D and gains a unit spatial axis."""
+        return len(self.dimension_numbers.lhs_spec) == 3
+
+    def _to(self, a, perm, unit_axis: int):
         a = jnp.transpose(prep.expand_to(a, len(perm)), perm)
-        return jnp.expand_dims(a, unit_axis) if lift else a
+        return jnp.expand_dims(a, unit_axis) if self.lifted else a
 
-    def with_unit(t, value):  # per-spatial-axis parameters gain the unit axis's
-        return (*t, value) if lift and t is not None else t
+    def lhs(self, a: jax.Array) -> jax.Array:
+        """``a``, the lhs or an array broadcastable to it (QParams), as NHWC."""
+        spec = self.dimension_numbers.lhs_spec
+        return self._to(a, (spec[0], *spec[2:], spec[1]), 2)
 
-    perm_l = (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])
-    perm_r = (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])
-    lhs_, rhs_ = to_int_layout(lhs, perm_l, 2), to_int_layout(rhs, perm_r, 1)
-    qp_l = QParams(*(to_int_layout(a, perm_l, 2) for a in (qp_l.scale, qp_l.zero_point)))
-    qp_r = QParams(*(to_int_layout(a, perm_r, 1) for a in (qp_r.scale, qp_r.zero_point)))
-    nhwc = (0, n - 1, *range(1, n - 1))
-    hwio = (n - 1, n - 2, *range(n - 2))
-    padding = st.padding if isinstance(st.padding, str) else with_unit(tuple(st.padding), (0, 0))
-    st2 = dataclasses.replace(
-        st,
-        window_strides=with_unit(st.window_strides, 1),
-        padding=padding,
-        lhs_dilation=with_unit(st.lhs_dilation, 1),
-        rhs_dilation=with_unit(st.rhs_dilation, 1),
-        dimension_numbers=lax.ConvDimensionNumbers(nhwc, hwio, nhwc),
+    def rhs(self, a: jax.Array) -> jax.Array:
+        """``a``, the kernel or an array broadcastable to it (QParams), as HWIO."""
+        spec = self.dimension_numbers.rhs_spec
+        return self._to(a, (*spec[2:], spec[1], spec[0]), 1)
+
+    def conv_params(self, window_strides, padding, lhs_dilation, rhs_dilation) -> dict:
+        """The conv's spatial arguments and ``dimension_numbers`` in this layout."""
+
+        def with_unit(t, value):  # per-spatial-axis parameters gain the unit axis's
+            return (*t, value) if self.lifted and t is not None else t
+
+        n = len(self.dimension_numbers.lhs_spec) + int(self.lifted)  # rank in this layout
+        nhwc = (0, n - 1, *range(1, n - 1))
+        hwio = (n - 1, n - 2, *range(n - 2))
+        return dict(
+            window_strides=with_unit(window_strides, 1),
+            padding=padding if isinstance(padding, str) else with_unit(tuple(padding), (0, 0)),
+            lhs_dilation=with_unit(lhs_dilation, 1),
+            rhs_dilation=with_unit(rhs_dilation, 1),
+            dimension_numbers=lax.ConvDimensionNumbers(nhwc, hwio, nhwc),
+        )
+
+    def restore(self, out: jax.Array) -> jax.Array:
+        """A conv output in this layout back in the conv's own ``out_spec``."""
+        out = jnp.squeeze(out, 2) if self.lifted else out
+        spec = self.dimension_numbers.out_spec
+        return jnp.transpose(out, np.argsort((spec[0], *spec[2:], spec[1])))
+
+
+def int8_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+) -> jax.Array:
+    """``lax.conv_general_dilated(lhs, rhs, ..., preferred_element_type=int32)`` of int8 codes,
+    ``out = sum q_lhs q_rhs`` exactly in int32, run in :class:`Int8ConvLayout` (XLA:CPU's fast
+    int8 kernel) and returned in the conv's own layout: the same integers, bit for bit.
+    Arguments as ``lax.conv_general_dilated``; used by :mod:`jquant.ops.train`'s ``"int"``
+    backward products.
+
+    >>> q, k = jnp.arange(5, dtype=jnp.int8).reshape(1, 5, 1), jnp.ones((3, 1, 1), jnp.int8)
+    >>> int8_conv(q, k, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))[0, :, 0].tolist()
+    [3, 6, 9]
+    """
+    if lhs.dtype != jnp.int8 or rhs.dtype != jnp.int8:
+        raise TypeError(f"int8_conv needs int8 lhs and rhs, got {lhs.dtype} and {rhs.dtype}")
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    layout = Int8ConvLayout(dn)
+    out = lax.conv_general_dilated(
+        layout.lhs(lhs),
+        layout.rhs(rhs),
+        **layout.conv_params(window_strides, padding, lhs_dilation, rhs_dilation),
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=jnp.int32,
     )
+    return layout.restore(out)
 
-    def restore(out):
-        out = jnp.squeeze(out, 2) if lift else out
-        return jnp.transpose(out, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
 
-    return (st2, lhs_, rhs_, qp_l, qp_r), restore
+def _int_layout(st: _ConvStatic, lhs, rhs, qp_l, qp_r):
+    """The conv in :class:`Int8ConvLayout`: the new ``(st, lhs, rhs, qp_l, qp_r)`` and a
+    function that maps the output back."""
+    layout = Int8ConvLayout(st.dimension_numbers)
+    spatial = layout.conv_params(st.window_strides, st.padding, st.lhs_dilation, st.rhs_dilation)
+    st2 = dataclasses.replace(st, **spatial)
+    qp_l = QParams(*(layout.lhs(a) for a in (qp_l.scale, qp_l.zero_point)))
+    qp_r = QParams(*(layout.rhs(a) for a in (qp_r.scale, qp_r.zero_point)))
+    return (st2, layout.lhs(lhs), layout.rhs(rhs), qp_l, qp_r), layout.restore
 
 
 def _conv_int(st: _ConvStatic, lhs, rhs, qp_l, qp_r):

@@ -28,9 +28,11 @@ once per backward product). No key: ValueError at trace time.
 
 ``mode="int"``: the forward product as :func:`jquant.ops.dot_general`, and each backward
 product on int8 codes with an int32 accumulator, ``s_g s_o * T(q_g, q_o)``: the jaxpr of the
-transpose is evaluated on the codes with ``preferred_element_type=int32``. It needs all four
-backward configs set to static, signed, symmetric integer formats of <= 8 bits and per-tensor
-scales (``axis=None``), so that both scales factor out of the sum; anything else raises.
+transpose is evaluated on the codes with ``preferred_element_type=int32``, a conv in the
+layout of XLA:CPU's int8 kernel as the forward's (:class:`jquant.ops.conv.Int8ConvLayout`:
+channels last, 1-D lifted to 2-D). It needs all four backward configs set to static, signed,
+symmetric integer formats of <= 8 bits and per-tensor scales (``axis=None``), so that both
+scales factor out of the sum; anything else raises.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from jax.extend import core as jex_core
 
 from jquant.formats import is_int8_grid
 from jquant.ops import _prepare as prep
-from jquant.ops.conv import conv_general_dilated
+from jquant.ops.conv import conv_general_dilated, int8_conv
 from jquant.ops.dot import dot_general
 from jquant.quant import (
     ROUNDING_MODES,
@@ -201,13 +203,24 @@ def _int_eval(fn, a_codes: jax.Array, b_codes: jax.Array, check_k) -> jax.Array:
                 f"mode='int': the backward product contains {name!r}, which jquant cannot run "
                 "on integer codes; use mode='simulate'"
             )
-        outs = eqn.primitive.bind(*vals, **params)
+        outs = _bind(eqn.primitive, vals, params)
         outs = outs if eqn.primitive.multiple_results else [outs]
         env.update(zip(eqn.outvars, outs, strict=True))
     if products != 1:
         raise ValueError(f"mode='int': expected one backward product, found {products}")
     (out,) = [env[v] for v in closed.jaxpr.outvars]
     return out
+
+
+def _bind(primitive, vals: list, params: dict):
+    """``primitive.bind(*vals, **params)``; an int8 conv runs as
+    :func:`jquant.ops.conv.int8_conv` (channels last, a 1-D conv lifted to 2-D: XLA:CPU's fast
+    int8 kernel), which gives the same integers. Under ``out_sharding`` (a layout of its own)
+    it is bound as it is."""
+    if primitive.name != "conv_general_dilated" or params.get("out_sharding") is not None:
+        return primitive.bind(*vals, **params)
+    skip = ("out_sharding", "preferred_element_type")  # int8_conv accumulates in int32
+    return int8_conv(*vals, **{k: v for k, v in params.items() if k not in skip})
 
 
 def _grad_qparams(g, cfg: QuantConfig, qp_g: QParams | None) -> QParams:
