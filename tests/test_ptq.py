@@ -1,6 +1,10 @@
 """Tests of jquant.ptq: RTN, GPTQ against a NumPy Algorithm 1, AWQ, SmoothQuant, rotations."""
 
+import collections
 import dataclasses
+import functools
+import logging
+import re
 
 import flax.linen as nn
 import jax
@@ -593,3 +597,30 @@ def test_rotation_beats_no_rotation_at_w4a4_on_an_outlier_model(tiny_gpt):
         runner, rvars = ptq.quantize_model(model, variables, calib, recipe).runner(tokens)
         errors[transform] = float(jnp.mean((runner.apply(rvars, tokens) - want) ** 2))
     assert errors["rotate"] < 0.5 * errors[None]
+
+
+def _compiled_programs(caplog, fn) -> collections.Counter:
+    """The programs XLA compiles while ``fn()`` runs from empty caches, counted by name."""
+    jax.clear_caches()
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        fn()
+    text = "\n".join(caplog.messages)
+    return collections.Counter(re.findall(r"Finished XLA compilation of (\S+) in", text))
+
+
+def test_quantize_model_compiles_each_layer_step_once_per_shape_not_per_block(caplog):
+    """Whole-model GPTQ of a 2-block GPT compiles every program (each layer's input capture,
+    its GPTQ step, the eager ops) exactly as often as that of a 1-block GPT: once per
+    distinct shape, not once per layer (main's capture compiled 4 programs per block)."""
+    counts = {}
+    for blocks in (1, 2):
+        cfg = GPTConfig(vocab_size=11, context=8, num_layers=blocks, num_heads=2, width=8)
+        model = gpt.GPT(cfg)
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        calib = [jax.random.randint(jax.random.key(2), (2, 8), 0, 11)]
+        run = functools.partial(ptq.quantize_model, model, variables, calib, ptq.Recipe("gptq"))
+        counts[blocks] = _compiled_programs(caplog, run)
+    assert counts[1]["jit(_gptq)"] == 3  # kernels (8, 8) [query, key, value, out], (8, 32), (32, 8)
+    assert counts[1]["jit(_dense_input)"] == 2  # layer inputs of width 8 and 32
+    assert counts[2] == counts[1]
