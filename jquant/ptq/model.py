@@ -25,7 +25,8 @@
 2. weight quantization, layer by layer and block by block, each layer's calibration inputs
    taken from the model whose earlier layers are already quantized (sequential, as GPTQ's
    code does), in the groups ``[query, key, value]`` (one input), ``[out]``, ``[up]``,
-   ``[down]`` of each block:
+   ``[down]`` of each block (the capture of a layer's inputs and its GPTQ step are compiled
+   once per shape, whichever block the layer is in):
 
    - ``"rtn"``: :func:`jquant.ptq.rtn` (no data needed);
    - ``"gptq"``: :func:`jquant.ptq.gptq_from_hessian` with ``H = 2 X^T X`` summed over the
@@ -264,7 +265,9 @@ def _dense_input(
 ) -> jax.Array:
     """The input of the Dense at ``paths[which]``: ``select_n(which, x_0, ..., x_k)`` over
     the inputs of every layer in ``paths`` (all of one input width). ``which`` is traced, so
-    the program is the same for every layer of ``paths``."""
+    the program is the same for every layer of ``paths``: one compilation per input width
+    instead of one per layer, for the price of running the forward pass up to the last
+    layer of ``paths`` at every capture (a program per layer stops at that layer)."""
     seen = _dense_inputs(model, paths, variables, tokens)
     return jax.lax.select_n(which, *(seen[p] for p in paths))
 
