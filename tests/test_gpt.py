@@ -20,8 +20,10 @@ from jquant.nn.einsum import QuantActEinsum
 from jquant.nn.linen import quantize_model as quantize_linen
 from jquant.nn.nnx import QActEinsum
 from jquant.nn.nnx import quantize_model as quantize_nnx
+from jquant.nn.nnx import quantized_layers as quantized_layers_nnx
 from jquant.nn.nnx import with_phase as nnx_with_phase
 from jquant.nn.rules import QuantRule
+from jquant.sweep.sensitivity import layer_paths
 
 TINY = config_lib.GPTConfig(vocab_size=13, context=16, num_layers=2, num_heads=2, width=16)
 
@@ -309,6 +311,45 @@ def test_nnx_rules_quantize_the_attention_products_as_linen():
     static = QuantRule(".*/attn/mix", weight=None, act="int8")
     with pytest.raises(ValueError, match="act_scale.*block1/attn/mix"):
         quantize_nnx(float_nnx, static)
+
+
+def test_quantized_layers_list_the_attention_products_in_linen_and_nnx():
+    """Both APIs list scores and mix (no kernel, lhs / rhs in the rule's format with dynamic
+    per-token scales) beside the Dense layers; kept float (keep_float, or act=None) they are
+    left out, as a kept-float Dense is; sensitivity counts only the layers with kernels."""
+    variables, tokens = _variables(TINY), _tokens(TINY, (2, TINY.context))
+    dense = QuantRule(".*", weight="int4", act_symmetric=True, act_scale="dynamic_per_token")
+    products = {f"block{i}/attn/{n}" for i in (1, 2) for n in ("scores", "mix")}
+    kernels = {f"block{i}/{n}" for i in (1, 2) for n in ptq.model.QKV + ("attn/out",)}
+    kernels |= {f"block{i}/mlp/{n}" for i in (1, 2) for n in ("up", "down")}
+    float_products = (
+        QuantRule(r".*/(scores|mix)$", keep_float=True),
+        QuantRule(r".*/(scores|mix)$", weight="int8", act=None),
+    )
+    float_nnx = _nnx_gpt(TINY, variables)
+    for first, listed in [(_attention_rule(4), products), *((r, set()) for r in float_products)]:
+        rules = (first, dense)
+        qmodel, _ = quantize_linen(gpt.GPT(TINY), rules, tokens, on_unused="raise")
+        linen = {q.path: q for q in qmodel.quantized_layers(variables)}  # dynamic: no stats
+        qnnx, _ = quantize_nnx(float_nnx, rules, on_unused="raise")
+        layers = {q.path: q for q in quantized_layers_nnx(qnnx)}
+        assert set(linen) == set(layers) == kernels | listed
+        for path, q in layers.items():
+            other = linen[path]
+            assert q.rule == other.rule == (first if path in products else dense)
+            assert q.operands == other.operands and q.has_kernel == (path in kernels)
+            if path in kernels:  # the Linen and NNX entries of a Dense hold the same kernel
+                np.testing.assert_array_equal(q.kernel, other.kernel)
+                assert q.operands[1] == ("kernel", jq.IntFormat(4), "per_channel", None)
+                continue
+            assert q[2:] == other[2:] == (None, None, None, None)  # no kernel, bias, QParams
+            lhs, rhs = q.operands
+            assert lhs == ("lhs", jq.IntFormat(4), "dynamic_per_token", None)
+            assert rhs == ("rhs", jq.IntFormat(4), "dynamic_per_token", None)
+            assert q.describe().startswith(f"{path}: lhs ") and "; no kernel;" in q.describe()
+        assert layer_paths(gpt.GPT(TINY), rules, tokens) == [
+            p for p, q in linen.items() if q.has_kernel
+        ]
 
 
 def _numpy_block_fq(w, block, bits):

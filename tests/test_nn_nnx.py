@@ -195,11 +195,15 @@ def test_linear_general_and_einsum_quantized_like_their_numpy_reference():
         y = nnx.jit(lambda m, x: m(x))(qnm, x)
         h = np.asarray(x, np.float64)
         layers = ((qnm.lg, "btd,dnh->btnh", 0), (qnm.ein, "btnh,nhk->btk", (0, 1)))
+        listed = {q.path: q for q in qn.quantized_layers(qnm)}  # listed as Linen lists them
+        assert set(listed) == {"lg", "ein"}
         for layer, eq, contracted in layers:
             qp = layer.input_qparams.value
             h = np_fq(h, float(qp["scale"]), float(qp["zero_point"]), -128, 127)
             w = np.asarray(layer.kernel.value, np.float64)
             s_w = np.abs(w).max(axis=contracted, keepdims=True) / 127
+            s_listed = listed[layer.quant_path].kernel_qparams.scale  # per output channel
+            np.testing.assert_allclose(np.ravel(s_listed), np.ravel(s_w), rtol=1e-6)
             h = np.einsum(eq, h, np_fq(w, s_w, 0, -127, 127)) + np.asarray(layer.bias.value)
         np.testing.assert_allclose(y, h, atol=5e-5, err_msg=mode)
     y_float = nnx.jit(lambda m, x: m(x))(model, x)

@@ -1,6 +1,10 @@
 """Tests of jquant.ptq: RTN, GPTQ against a NumPy Algorithm 1, AWQ, SmoothQuant, rotations."""
 
+import collections
 import dataclasses
+import functools
+import logging
+import re
 
 import flax.linen as nn
 import jax
@@ -609,3 +613,31 @@ def test_rotation_beats_no_rotation_at_w4a4_on_an_outlier_model(tiny_gpt):
         runner, rvars = ptq.quantize_model(model, variables, calib, recipe).runner(tokens)
         errors[transform] = float(jnp.mean((runner.apply(rvars, tokens) - want) ** 2))
     assert errors["rotate"] < 0.5 * errors[None]
+
+
+def _compiled_programs(caplog, fn) -> collections.Counter:
+    """The programs XLA compiles while ``fn()`` runs, counted by name."""
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        fn()
+    text = "\n".join(caplog.messages)
+    return collections.Counter(re.findall(r"Finished XLA compilation of (\S+) in", text))
+
+
+def test_quantize_model_compiles_each_layer_step_once_per_shape_not_per_block(caplog):
+    """Whole-model GPTQ compiles each layer's GPTQ step once per kernel shape and its input
+    capture once per input width: a 2-block GPT of the same shapes, quantized after a
+    1-block one, compiles only its own two capture programs (main's driver compiled a
+    capture per layer group, 4 per block, on every call)."""
+    jax.clear_caches()  # the 1-block count starts from nothing
+    counts = []
+    for blocks in (1, 2):
+        cfg = GPTConfig(vocab_size=11, context=8, num_layers=blocks, num_heads=2, width=8)
+        model = gpt.GPT(cfg)
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        calib = [jax.random.randint(jax.random.key(2), (2, 8), 0, 11)]
+        run = functools.partial(ptq.quantize_model, model, variables, calib, ptq.Recipe("gptq"))
+        counts.append(_compiled_programs(caplog, run))
+    assert counts[0]["jit(_gptq)"] == 3  # kernels (8, 8) [query, key, value, out], (8, 32), (32, 8)
+    assert counts[0]["jit(_dense_input)"] == 2  # layer inputs of width 8 and 32
+    assert counts[1] == {"jit(_dense_input)": 2}  # the 2-block model's captures, nothing else

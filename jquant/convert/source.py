@@ -210,7 +210,7 @@ def layer_info(model: Model, variables: Mapping[str, Any], nodes: list[Node]):
         input QParams.
     """
     by_rule = (
-        {q.path: q for q in model.quantized_layers(variables)}
+        {q.path: q for q in model.quantized_layers(variables) if q.has_kernel}
         if isinstance(model, ql.QuantizedModel)
         else {}
     )

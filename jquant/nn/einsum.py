@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jquant.estimators import fake_quant
 from jquant.nn.inject import QuantOp
 from jquant.nn.rules import DEFAULT_RULE, QuantRule
-from jquant.nn.state import LinenSlots, check_phase, dynamic_act_qparams
+from jquant.nn.state import LinenSlots, QuantizedLayer, check_phase, dynamic_act_qparams
 
 __all__ = [
     "EinsumDims",
@@ -49,6 +49,7 @@ __all__ = [
     "QuantActEinsum",
     "check_act_rule",
     "is_act_product",
+    "product_layer",
 ]
 
 
@@ -219,6 +220,22 @@ def check_act_rule(rule: QuantRule, path: str) -> None:
         "act_estimator 'ste' or 'clipped_ste'), or keep it float with "
         f"QuantRule({path!r}, keep_float=True)"
     )
+
+
+def product_layer(path: str, rule: QuantRule) -> QuantizedLayer | None:
+    """The ``quantized_layers`` entry (Linen and NNX) of the activation x activation einsum
+    at ``path`` matched by ``rule``: ``QuantizedLayer(path, rule, None, None, None, None)``,
+    no kernel, bias or frozen QParams (both operands take their QParams from their own values
+    at run time, ``rule.act_scale``; ``operands`` gives their formats). None when the product
+    stays float, as a kept-float Dense is left out: ``keep_float`` or ``act=None``, for which
+    :class:`QuantActEinsum` runs the float einsum.
+
+    >>> product_layer("attn/scores", QuantRule(".*", act=None)) is None
+    True
+    """
+    if rule.act_config() is None:
+        return None
+    return QuantizedLayer(path, rule, None, None, None, None)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -59,6 +59,7 @@ from jquant.nn.einsum import (
     check_act_rule,
     einsum_dims,
     is_act_product,
+    product_layer,
 )
 from jquant.nn.inject import QuantOp, quantize_activation
 from jquant.nn.requant import (
@@ -466,6 +467,7 @@ class QuantizedModel:
     phase: str = "float"
     folds: tuple[Fold, ...] = ()  # Conv -> BatchNorm pairs trained folded
     channel_axes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # DenseGeneral / Einsum kernels
+    products: tuple[str, ...] = ()  # paths of the activation x activation einsums
 
     def __post_init__(self):
         check_phase(self.phase)
@@ -625,14 +627,22 @@ class QuantizedModel:
         return self.quantized_layers(variables)
 
     def quantized_layers(self, variables: Mapping[str, Any]) -> list[QuantizedLayer]:
-        """The quantized layers with their paths, rules, weights and eval-time QParams."""
+        """The layers the rules quantize, in call order: each layer with a kernel with its
+        path, rule, weights and eval-time QParams, and each activation x activation einsum
+        (attention's ``scores`` / ``mix``) with its path and rule and no kernel
+        (:func:`jquant.nn.einsum.product_layer`). Layers kept float (no rule,
+        ``keep_float``, a product with ``act=None``) are left out; so the list is the same as
+        NNX's :func:`jquant.nn.nnx.quantized_layers` of the same model and rules (up to
+        order), and ``QuantizedLayer.operands`` gives each entry's formats and scales."""
         out = []
         for path, rule in self.match.assignment.items():
             if rule is None or rule.keep_float:
                 continue
-            params = subtree(variables["params"], path)
-            if "kernel" not in params:  # an activation x activation einsum: nothing to deploy
+            if path in self.products:
+                if (product := product_layer(path, rule)) is not None:
+                    out.append(product)
                 continue
+            params = subtree(variables["params"], path)
             stats = subtree(variables.get(STATS, {}), path)
             kernel = params["kernel"]
             axes = dict(self.channel_axes).get(path)
@@ -706,6 +716,7 @@ def quantize_model(
     paths: list[str] = []
     unsupported: dict[str, str] = {}  # path -> type of a layer with a kernel jquant can't run
     channel_axes: dict[str, tuple[int, ...]] = {}
+    products: list[str] = []  # activation x activation einsums
     conv_outputs: list[tuple[str, jax.Array]] = []  # (path, output) of bias-free Convs
     folds: list[Fold] = []
 
@@ -728,6 +739,7 @@ def quantize_model(
             if (rule := first_match(rules, path)) is not None:
                 check_act_rule(rule, path)
             paths.append(path)
+            products.append(path)
         elif not _is_jquant_layer(module) and _owns_kernel(module):
             unsupported[path] = type(module).__name__
         elif isinstance(module, nn.BatchNorm) and args:
@@ -745,5 +757,7 @@ def quantize_model(
     if fold_bn:
         folds = [f for f in folds if (r := match.assignment.get(f.conv)) and not r.keep_float]
     folds = tuple(folds) if fold_bn else ()
-    qmodel = QuantizedModel(model, rules, match, phase, folds, tuple(channel_axes.items()))
+    qmodel = QuantizedModel(
+        model, rules, match, phase, folds, tuple(channel_axes.items()), tuple(products)
+    )
     return qmodel, match

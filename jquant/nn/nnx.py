@@ -59,6 +59,7 @@ from jquant.nn.einsum import (
     check_act_rule,
     einsum_dims,
     is_act_product,
+    product_layer,
 )
 from jquant.nn.inject import QuantOp, quantize_activation
 from jquant.nn.requant import (
@@ -1016,20 +1017,29 @@ def calibrate(
 
 
 def quantized_layers(model: nnx.Module) -> list[QuantizedLayer]:
-    """The quantized Linear / Conv layers with paths, rules, weights and eval QParams."""
+    """The layers the rules quantize, in graph order: each Linear / LinearGeneral / Conv /
+    Einsum with its path, rule, weights and eval QParams, and each activation x activation
+    einsum (a :class:`QActEinsum`, attention's ``scores`` / ``mix``) with its path and rule
+    and no kernel (:func:`jquant.nn.einsum.product_layer`). Layers kept float are left out,
+    as in Linen's :meth:`jquant.nn.linen.QuantizedModel.quantized_layers`."""
     out = []
     for p, m in _quant_layers(model):
-        if not isinstance(m, QLinear | QConv) or m.rule.keep_float:
+        path = m.quant_path or _path_str(p)
+        if isinstance(m, QActEinsum):
+            if (product := product_layer(path, m.rule)) is not None:
+                out.append(product)
+            continue
+        if not isinstance(m, QLinear | QConv | QLinearGeneral | QEinsum) or m.rule.keep_float:
             continue
         kernel = m.kernel.value
         qa, qw = frozen_qparams(
             m.rule.act_config(),
-            m.rule.weight_config(kernel.ndim),
+            m.rule.weight_config(kernel.ndim, m._kernel_channel_axes(kernel.ndim)),
             kernel,
             _variables(m, nnx.Param),
             _variables(m, QuantStat),
             m.rule.weight_scale_bound,
         )
         bias = None if m.bias is None else m.bias.value
-        out.append(QuantizedLayer(m.quant_path or _path_str(p), m.rule, kernel, bias, qa, qw))
+        out.append(QuantizedLayer(path, m.rule, kernel, bias, qa, qw))
     return out

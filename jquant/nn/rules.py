@@ -14,6 +14,7 @@ IntFormat(bits=4)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import re
 import warnings
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_RULE",
     "GRANULARITIES",
     "MODES",
+    "Operand",
     "REQUANT_MODES",
     "SCALINGS",
     "QuantRule",
@@ -93,6 +95,29 @@ def _format_or_none(name: str, value) -> Format | None:
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"QuantRule.{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+class Operand(NamedTuple):
+    """How a rule quantizes one operand of a layer's product, as a report reads it
+    (:meth:`QuantRule.operands`).
+
+    Attributes:
+      name: ``"input"`` or ``"kernel"`` (a layer with a kernel), ``"lhs"`` or ``"rhs"`` (an
+        activation x activation einsum such as attention's ``q k^T``).
+      fmt: its format; None: float.
+      scale: how its scales are chosen; None when float. A kernel: its granularity,
+        ``"per_channel"``, ``"per_tensor"`` or ``"per_block"``. An activation:
+        ``QuantRule.act_scale``, ``"static"`` (one calibrated range) or
+        ``"dynamic_per_tensor"`` / ``"dynamic_per_example"`` / ``"dynamic_per_token"`` (its
+        own range at run time). ``"delayed"`` with ``QuantRule.scaling="delayed"``.
+      block_size: elements per scale along the contracted axis when the scales are
+        block-wise (``block_size``, ``act_block_size`` or a block format's own), else None.
+    """
+
+    name: str
+    fmt: Format | None
+    scale: str | None
+    block_size: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,6 +633,31 @@ class QuantRule:
             rounding=self.rounding,
             **blocks,
         )
+
+    def operands(self, kernel: bool = True) -> tuple[Operand, Operand]:
+        """How this rule quantizes the two operands of a matched layer's product (a float
+        operand has ``fmt=None``): ``(input, kernel)`` of a layer with a kernel, or with
+        ``kernel=False`` ``(lhs, rhs)`` of an activation x activation einsum, which
+        quantizes both operands as activations (``act``, ``act_scale``) and no weights.
+
+        >>> lhs, rhs = QuantRule(".*", act_scale="dynamic_per_token").operands(kernel=False)
+        >>> rhs.name, rhs.fmt.bits, rhs.scale
+        ('rhs', 8, 'dynamic_per_token')
+        """
+
+        def operand(name: str, fmt, block: int | None, scale: str) -> Operand:
+            if self.keep_float or fmt is None:
+                return Operand(name, None, None, None)
+            block = block or block_size_of(fmt)
+            return Operand(name, fmt, self.scaling or scale, block)
+
+        act = functools.partial(operand, fmt=self.act, block=self.act_block_size)
+        if not kernel:
+            return act("lhs", scale=self.act_scale), act("rhs", scale=self.act_scale)
+        block = self.block_size or block_size_of(self.weight)
+        granularity = "per_block" if block is not None else self.weight_granularity
+        weight = operand("kernel", self.weight, block, granularity)
+        return act("input", scale=self.act_scale), weight
 
     def backward_config(self) -> BackwardConfig | None:
         """The ``jquant.ops.BackwardConfig`` of the layer's product (None: float gradients).

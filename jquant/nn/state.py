@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import calibration
+from jquant.formats import format_name
 from jquant.quant import QParams, QuantConfig, block_qparams, block_view, dynamic_qparams
 
 if TYPE_CHECKING:
@@ -114,15 +115,55 @@ def subtree(tree: Mapping, path: str) -> Mapping:
 
 
 class QuantizedLayer(NamedTuple):
-    """A quantized layer as a converter or sweep sees it (eval-time, frozen QParams), from a
-    Linen or an NNX model."""
+    """A quantized layer as a converter, sweep or report sees it (eval-time, frozen
+    QParams), from a Linen or an NNX model (``quantized_layers``).
+
+    Two kinds of entries:
+
+    - a layer with a kernel (Dense, Conv, DenseGeneral, Einsum): its ``kernel``, ``bias``,
+      the calibrated (or learned) ``input_qparams`` and the ``kernel_qparams``;
+    - an activation x activation einsum (attention's ``scores = q k^T``, ``mix = p v``):
+      ``kernel``, ``bias``, ``input_qparams`` and ``kernel_qparams`` are None: it holds no
+      weights, and each operand's QParams come from that operand at run time
+      (``rule.act_scale``). ``has_kernel`` is False; count no weights for it.
+
+    :attr:`operands` says, for both kinds, each operand's format and how its scales are
+    chosen; :meth:`describe` prints it.
+    """
 
     path: str
     rule: QuantRule
-    kernel: jax.Array
+    kernel: jax.Array | None
     bias: jax.Array | None
     input_qparams: QParams | None
     kernel_qparams: QParams | None
+
+    @property
+    def has_kernel(self) -> bool:
+        """Whether the layer holds weights (False: an activation x activation product)."""
+        return self.kernel is not None
+
+    @property
+    def operands(self):
+        """``(input, kernel)`` or, for a product, ``(lhs, rhs)``: each a
+        :class:`jquant.nn.rules.Operand` (name, format, scale kind, block size) from
+        :meth:`jquant.nn.rules.QuantRule.operands`."""
+        return self.rule.operands(kernel=self.has_kernel)
+
+    def describe(self) -> str:
+        """One line for reports: path, each operand's format and scales, the kernel's shape
+        (or ``no kernel``) and the rule, e.g. ``block1/attn/scores: lhs IntFormat(bits=8)
+        dynamic_per_token, rhs IntFormat(bits=8) dynamic_per_token; no kernel; rule '.*'``."""
+
+        def one(op) -> str:
+            if op.fmt is None:
+                return f"{op.name} float"
+            block = "" if op.block_size is None else f" (blocks of {op.block_size})"
+            return f"{op.name} {format_name(op.fmt)} {op.scale}{block}"
+
+        weights = f"kernel {tuple(self.kernel.shape)}" if self.has_kernel else "no kernel"
+        ops = ", ".join(one(op) for op in self.operands)
+        return f"{self.path}: {ops}; {weights}; rule {self.rule.pattern!r}"
 
 
 class QuantStat(nnx.Variable):

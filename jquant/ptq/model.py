@@ -25,7 +25,8 @@
 2. weight quantization, layer by layer and block by block, each layer's calibration inputs
    taken from the model whose earlier layers are already quantized (sequential, as GPTQ's
    code does), in the groups ``[query, key, value]`` (one input), ``[out]``, ``[up]``,
-   ``[down]`` of each block:
+   ``[down]`` of each block (the capture of a layer's inputs and its GPTQ step are compiled
+   once per shape, whichever block the layer is in):
 
    - ``"rtn"``: :func:`jquant.ptq.rtn` (no data needed);
    - ``"gptq"``: :func:`jquant.ptq.gptq_from_hessian` with ``H = 2 X^T X`` summed over the
@@ -95,6 +96,8 @@ METHODS = ("rtn", "gptq", "awq")
 TRANSFORMS = (None, "smoothquant", "rotate")
 ONLINE = (None, "hadamard", "random")  # Recipe.online_hadamard
 QKV = ("attn/query", "attn/key", "attn/value")
+# the layer groups of a block, in the order they are quantized (those of a group share an input)
+GROUPS = (QKV, ("attn/out",), ("mlp/up",), ("mlp/down",))
 # the norm of each block -> the kernels that read its output
 READERS = {"norm1": QKV, "norm2": ("mlp/up",)}
 
@@ -241,25 +244,53 @@ def inject_outlier(model: gpt.GPT, variables: dict, norm: str, channel: int, fac
     return {**variables, "params": params}
 
 
+def _dense_inputs(model: gpt.GPT, paths: tuple[str, ...], variables: dict, tokens) -> dict:
+    """``{path: x}``: the inputs ``x`` ``(B n, in)`` of the Dense layers at ``paths`` in one
+    forward pass of ``tokens`` (traceable)."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        path = "/".join(context.module.path)
+        if context.method_name == "__call__" and path in paths:
+            seen[path] = args[0].reshape(-1, args[0].shape[-1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, tokens)
+    return seen
+
+
+def _dense_input(
+    model: gpt.GPT, paths: tuple[str, ...], variables: dict, tokens, which: jax.Array
+) -> jax.Array:
+    """The input of the Dense at ``paths[which]``: ``select_n(which, x_0, ..., x_k)`` over
+    the inputs of every layer in ``paths`` (all of one input width). ``which`` is traced, so
+    the program is the same for every layer of ``paths``: one compilation per input width
+    instead of one per layer, for the price of running the forward pass up to the last
+    layer of ``paths`` at every capture (a program per layer stops at that layer)."""
+    seen = _dense_inputs(model, paths, variables, tokens)
+    return jax.lax.select_n(which, *(seen[p] for p in paths))
+
+
+# compiled once per (model, paths) and argument shapes: jit's own cache (a GPT and its
+# mlp_transform hash by value)
+_dense_inputs_jit = jax.jit(_dense_inputs, static_argnums=(0, 1))
+_dense_input_jit = jax.jit(_dense_input, static_argnums=(0, 1))
+
+
 def _capture(model: gpt.GPT, variables: dict, batches: list, paths: tuple[str, ...]) -> dict:
     """The inputs ``(N, in)`` of the Dense layers at ``paths`` over ``batches``."""
-
-    @jax.jit
-    def run(v, tokens):
-        seen = {}
-
-        def record(next_fun, args, kwargs, context):
-            path = "/".join(context.module.path)
-            if context.method_name == "__call__" and path in paths:
-                seen[path] = args[0].reshape(-1, args[0].shape[-1])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(record):
-            model.apply(v, tokens)
-        return seen
-
-    outs = [run(variables, t) for t in batches]
+    outs = [_dense_inputs_jit(model, paths, variables, t) for t in batches]
     return {p: jnp.concatenate([o[p] for o in outs]) for p in paths}
+
+
+def _capture_one(
+    model: gpt.GPT, variables: dict, batches: list, paths: tuple[str, ...], path: str
+) -> jax.Array:
+    """The input ``(N, in)`` of the Dense at ``path`` over ``batches``; ``paths``: the layers
+    that share its program (:func:`_dense_input`), ``path`` among them."""
+    which = jnp.int32(paths.index(path))
+    return jnp.concatenate([_dense_input_jit(model, paths, variables, t, which) for t in batches])
 
 
 def smooth_model(
@@ -404,17 +435,33 @@ def _quantize_group(
     return list(splits), res.scales if scaled else None
 
 
+def _readers_by_width(params: dict, num_layers: int) -> dict[int, tuple[str, ...]]:
+    """``{in: paths}``: the first layer of every group (:data:`GROUPS`) of every block, by
+    input width; each tuple shares one capture program (:func:`_capture_one`)."""
+    out: dict[int, tuple[str, ...]] = {}
+    for i in range(1, num_layers + 1):
+        for group in GROUPS:
+            n_in = _kernel(params, i, group[0]).shape[0]
+            out[n_in] = (*out.get(n_in, ()), f"block{i}/{group[0]}")
+    return out
+
+
 def _quantize_weights(model: gpt.GPT, variables: dict, batches: list, recipe: Recipe) -> dict:
+    """Quantizes the groups of every block in order, each on its inputs in the model whose
+    earlier groups are quantized; the work of one layer (its input capture, GPTQ, AWQ) is
+    compiled once per shape, whichever block it is in."""
     params = variables["params"]
     needs_data = recipe.method != "rtn"
+    readers = _readers_by_width(params, model.config.num_layers)
     for i in range(1, model.config.num_layers + 1):
-        for group in (QKV, ("attn/out",), ("mlp/up",), ("mlp/down",)):
+        for group in GROUPS:
             x = None
             # AWQ: no scale passes gelu, so down is RTN, or clipped alone with awq_clip
             scaled = not (recipe.method == "awq" and group == ("mlp/down",))
             if needs_data and (scaled or recipe.awq_clip):
                 first = f"block{i}/{group[0]}"
-                x = _capture(model, {**variables, "params": params}, batches, (first,))[first]
+                paths = readers[_kernel(params, i, group[0]).shape[0]]
+                x = _capture_one(model, {**variables, "params": params}, batches, paths, first)
             kernels, scales = _quantize_group(
                 recipe, [_kernel(params, i, n) for n in group], x, scaled
             )
