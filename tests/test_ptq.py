@@ -148,8 +148,9 @@ def test_gptq_block_size_does_not_change_the_result(layer):
 
 
 def test_gptq_of_a_wide_layer_equals_numpy_algorithm_1():
-    """530 inputs: the Hessian's symmetric product runs in 2 column blocks and the triangular
-    inverse recurses twice (blocks of 265, then 132 and 133), against float64 NumPy."""
+    """530 inputs: the Hessian's symmetric product runs in 2 column blocks and the Cholesky
+    factor of the inverse Hessian recurses by halves (265, then 132 / 133, then 66 / 67),
+    against float64 NumPy."""
     rng = np.random.default_rng(1)
     n_in = 530
     w = rng.normal(size=(n_in, 8)).astype(np.float32)

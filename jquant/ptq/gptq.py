@@ -36,7 +36,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jquant.formats import Format
 from jquant.ptq.rtn import Quantized, check_group_size, check_kernel
@@ -45,10 +44,10 @@ from jquant.quant import QParams, fake_quant_forward, qparams_from_range
 __all__ = ["gptq", "gptq_from_hessian", "hessian"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
-SEGMENT = 32  # inputs per inner lazy batch (an implementation choice; see _gptq)
+SEGMENT = 16  # inputs per inner lazy batch (an implementation choice; see _gptq)
 SYMMETRIC_BLOCKS = 4  # column blocks of hessian()'s symmetric product (speed only)
 SYMMETRIC_MIN_WIDTH = 256  # narrowest column block worth a separate product
-TRIANGULAR_LEAF = 256  # _lower_triangular_inverse solves blocks up to this size directly
+TRIANGULAR_LEAF = 128  # _cholesky_and_inverse factors blocks up to this size directly
 
 
 def hessian(x: jax.Array) -> jax.Array:
@@ -59,7 +58,11 @@ def hessian(x: jax.Array) -> jax.Array:
     ``(k + 1) / 2k`` of the full product's work for ``k`` blocks, as BLAS's ``syrk`` does."""
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim != 2:
         raise ValueError(f"x must be a 2-D float array (n, in), got {getattr(x, 'shape', x)!r}")
-    x = jnp.asarray(x, jnp.float32)
+    return _hessian(jnp.asarray(x, jnp.float32))
+
+
+@jax.jit
+def _hessian(x: jax.Array) -> jax.Array:
     n_in = x.shape[1]
     k = max(1, min(SYMMETRIC_BLOCKS, n_in // SYMMETRIC_MIN_WIDTH))
     edges = [n_in * i // k for i in range(k + 1)]
@@ -104,28 +107,33 @@ def _quantize_rows(w1, u1, fmt, scales, zeros):
     return q1, err1
 
 
-def _lower_triangular_inverse(k: jax.Array) -> jax.Array:
-    """``K^-1`` of a lower triangular ``K``, by halves: with ``K = [[A, 0], [C, B]]``,
-    ``K^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``, recursively down to blocks of
-    ``TRIANGULAR_LEAF`` solved against the identity: about a third of the work of one
-    triangular solve against the whole identity."""
-    n = k.shape[0]
+def _cholesky_and_inverse(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(K, K^-1)`` for the lower Cholesky factor ``K`` of ``h`` (``h = K K^T``), by halves:
+    with ``h = [[A, B^T], [B, C]]``, ``K_11 = chol(A)``, ``K_21 = B K_11^-T``, ``K_22 =
+    chol(C - K_21 K_21^T)`` and ``K^-1 = [[K_11^-1, 0], [-K_22^-1 K_21 K_11^-1, K_22^-1]]``,
+    recursively down to blocks of ``TRIANGULAR_LEAF`` (LAPACK's Cholesky and a triangular
+    solve against the identity there): the work is in matrix products."""
+    n = h.shape[0]
     if n <= TRIANGULAR_LEAF:
-        return jax.scipy.linalg.solve_triangular(k, jnp.eye(n, dtype=k.dtype), lower=True)
+        k = jnp.linalg.cholesky(h)
+        return k, jax.scipy.linalg.solve_triangular(k, jnp.eye(n, dtype=h.dtype), lower=True)
     m = n // 2
-    a, b = _lower_triangular_inverse(k[:m, :m]), _lower_triangular_inverse(k[m:, m:])
-    c = -jnp.matmul(b, jnp.matmul(k[m:, :m], a, precision=HIGHEST), precision=HIGHEST)
-    top = jnp.concatenate([a, jnp.zeros((m, n - m), k.dtype)], axis=1)
-    return jnp.concatenate([top, jnp.concatenate([c, b], axis=1)], axis=0)
+    k11, i11 = _cholesky_and_inverse(h[:m, :m])
+    k21 = jnp.matmul(h[m:, :m], i11.T, precision=HIGHEST)
+    k22, i22 = _cholesky_and_inverse(h[m:, m:] - jnp.matmul(k21, k21.T, precision=HIGHEST))
+    i21 = -jnp.matmul(i22, jnp.matmul(k21, i11, precision=HIGHEST), precision=HIGHEST)
+    zero = jnp.zeros((m, n - m), h.dtype)
+    k = jnp.concatenate([jnp.concatenate([k11, zero], 1), jnp.concatenate([k21, k22], 1)])
+    inv = jnp.concatenate([jnp.concatenate([i11, zero], 1), jnp.concatenate([i21, i22], 1)])
+    return k, inv
 
 
 def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
-    """Upper triangular ``U`` with ``H^-1 = U^T U``, from one Cholesky and one triangular
-    inverse: with ``J`` the reversal permutation and ``J H J = K K^T`` (``K`` lower),
-    ``H = R R^T`` for the upper ``R = J K J``, so ``H^-1 = R^-T R^-1`` and ``U = R^-1 =
-    J K^-1 J`` (positive diagonal, hence the Cholesky factor)."""
-    k = jnp.linalg.cholesky(h[::-1, ::-1])
-    return _lower_triangular_inverse(k)[::-1, ::-1]
+    """Upper triangular ``U`` with ``H^-1 = U^T U``, from one Cholesky and its inverse: with
+    ``J`` the reversal permutation and ``J H J = K K^T`` (``K`` lower), ``H = R R^T`` for the
+    upper ``R = J K J``, so ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J K^-1 J`` (positive
+    diagonal, hence the Cholesky factor)."""
+    return _cholesky_and_inverse(h[::-1, ::-1])[1][::-1, ::-1]
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block", "act_order", "symmetric"))
@@ -134,7 +142,8 @@ def _gptq(kernel, h, fmt, damp, *, group_size, block, act_order, symmetric):
     n_in, n_out = w.shape
     diag = jnp.diagonal(h)
     dead = diag == 0
-    h = h + jnp.diag(dead.astype(h.dtype))
+    idx = jnp.arange(n_in)
+    h = h.at[idx, idx].add(dead.astype(h.dtype))
     w = jnp.where(dead[:, None], 0.0, w)
     g = group_size or n_in
     # static ranges (per channel, or per group when act_order), from W before any update
@@ -143,7 +152,7 @@ def _gptq(kernel, h, fmt, damp, *, group_size, block, act_order, symmetric):
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
         w, h, group_of = w[perm], h[perm][:, perm], group_of[perm]
-    h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(n_in, dtype=h.dtype)
+    h = h.at[idx, idx].add(damp * jnp.mean(jnp.diagonal(h)))
     u = _upper_cholesky_of_inverse(h)
     dynamic = group_size is not None and not act_order
     # Within a block, inputs go in segments (each group, or SEGMENT inputs), each segment's
@@ -180,8 +189,10 @@ def _gptq(kernel, h, fmt, damp, *, group_size, block, act_order, symmetric):
     else:
         scale, zero = s_static, z_static
     if group_size is None:
-        return q, QParams(scale, zero)  # (1, out)
-    return q, QParams(scale[:, None, :], zero[:, None, :])  # (G, 1, out)
+        qp = QParams(scale, zero)  # (1, out)
+    else:
+        qp = QParams(scale[:, None, :], zero[:, None, :])  # (G, 1, out)
+    return q, qp, jnp.all(jnp.isfinite(q))
 
 
 def gptq_from_hessian(
@@ -213,7 +224,7 @@ def gptq_from_hessian(
         raise TypeError(f"act_order must be a bool, got {act_order!r}")
     if group_size is not None:
         block = -(-block // group_size) * group_size
-    q, qp = _gptq(
+    q, qp, finite = _gptq(
         kernel,
         jnp.asarray(h, jnp.float32),
         fmt,
@@ -223,7 +234,7 @@ def gptq_from_hessian(
         act_order=act_order,
         symmetric=bool(symmetric),
     )
-    if not isinstance(q, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(q))):
+    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
         raise ValueError(
             f"the damped Hessian is not positive definite in float32 (damp={damp}); "
             "increase damp or check the calibration inputs for NaN/Inf"
