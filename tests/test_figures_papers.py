@@ -900,6 +900,18 @@ def _readme_llm_speed() -> Section:
         "speed_ratio_per_channel": ratio("int8_per_channel"),
         "speed_rounds": f"{llm['generation']['timing']['rounds']} interleaved rounds",
     }
+    layer = load("benchmarks/results/gptq.json")
+    jq, npy = (layer["timing"]["variants"][k] for k in ("jquant", "numpy"))
+    r = jq["ratio"]
+    figures["layer_cmd"] = f"`{layer['meta']['command']}`"
+    figures["layer_load"] = f"load {layer['meta']['load_average_before'][0]:.1f} at the start"
+    figures["layer_ms"] = (
+        f"takes {jq['median_ms']:.0f} ms (median) against {npy['median_ms']:.0f} ms"
+    )
+    figures["layer_ratio"] = f"{r['median']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+    figures["layer_verdict"] = f"(<= 0.333x) is {jq['verdict']}"
+    shape = layer["shape"]
+    layer_setup = [str(shape["inputs"]), str(shape["rows"]), str(shape["block"]), "3", "30"]
     trained = load("benchmarks/results/gpt_train_time.json")
     verdict = "met" if trained["meets_target"] else "missed"
     figures["train"] = f"took {trained['wall_seconds']:.0f} s against the issue's 5-minute "
@@ -907,7 +919,7 @@ def _readme_llm_speed() -> Section:
     figures["train_load"] = f"load average of {trained['load_average_1min_during']['median']:.1f}"
     g = llm["generation"]
     setup = [str(g["new_tokens"]), str(g["prompt"]), str(g["batch"]), "2", "4"]
-    return figures, [*setup, str(trained["recipe"]["steps"]), "5", "1"]
+    return figures, [*setup, *layer_setup, str(trained["recipe"]["steps"]), "5", "1"]
 
 
 def test_readme_llm_section():
