@@ -53,6 +53,16 @@ def test_measure_records_each_variants_own_durations_in_shuffled_rounds():
     assert rounds == [{"a", "b"}] * 3  # every round runs every variant once
 
 
+def test_settle_idles_before_each_timed_call_outside_the_timing(monkeypatch):
+    clock = FakeClock()
+    slept = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: (slept.append(s), clock.log.append("z")))
+    fns = {"a": clock.variant("a", [1.0] * 3), "b": clock.variant("b", [2.0] * 3)}
+    t = timing.measure(fns, baseline="a", rounds=2, warmup=1, clock=clock, settle=0.25)
+    assert slept == [0.25] * 4  # before each timed call, not the warm-up
+    assert clock.log[2::2] == ["z"] * 4 and t.times == {"a": (1.0, 1.0), "b": (2.0, 2.0)}
+
+
 def test_round_order_is_shuffled_and_seeded():
     def order(seed):
         clock = FakeClock()
@@ -181,6 +191,7 @@ def test_results_meta_keys():
         (lambda: timing.measure({"a": int}, baseline="b", rounds=3), "baseline"),
         (lambda: timing.measure({"a": int}, baseline="a", rounds=1), "rounds"),
         (lambda: timing.measure({"a": int}, baseline="a", rounds=3, warmup=-1), "warmup"),
+        (lambda: timing.measure({"a": int}, baseline="a", rounds=3, settle=-0.1), "settle"),
         (lambda: timing.verdict((2.0, 1.0), 1.0), "ci"),
         (lambda: timing.bootstrap_median_ci([]), "values"),
         (lambda: timing.bootstrap_median_ci([1.0], confidence=1.0), "confidence"),

@@ -230,6 +230,7 @@ def measure(
     warmup: int = 2,
     seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
+    settle: float = 0.0,
 ) -> Timings:
     """Times each zero-argument callable of ``variants`` in interleaved, shuffled rounds.
 
@@ -244,6 +245,9 @@ def measure(
       warmup: untimed calls of each variant first (compilation).
       seed: seeds the round orders and the bootstrap.
       clock: seconds (injectable for tests).
+      settle: seconds of idle before each timed call, untimed (>= 0): lets the worker
+        threads of the variant before go quiet, e.g. OpenBLAS's, which spin for a while after
+        a call and would otherwise load the next variant's cores.
 
     Returns:
       :class:`Timings`.
@@ -254,6 +258,8 @@ def measure(
         raise ValueError(f"rounds must be an int >= 2, got {rounds!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(settle, bool) or not isinstance(settle, int | float) or not settle >= 0:
+        raise ValueError(f"settle must be a number of seconds >= 0, got {settle!r}")
     for _ in range(warmup):
         for fn in variants.values():
             jax.block_until_ready(fn())
@@ -263,6 +269,8 @@ def measure(
     for _ in range(rounds):
         for i in rng.permutation(len(names)):
             fn = variants[names[i]]
+            if settle:
+                time.sleep(settle)
             start = clock()
             jax.block_until_ready(fn())
             times[names[i]].append(clock() - start)
