@@ -13,8 +13,8 @@ Each timed call starts from an idle machine (``settle``: 0.25 s untimed before i
 OpenBLAS worker threads keep spinning for a while after a call returns, and a jquant call
 right after one shares the 2 cores with them. The same variants back to back
 (``settle=0``) are measured too, in their own rounds, and reported as
-``timing_back_to_back`` with their own verdict. Also reports the agreement of the two quantized kernels and the layer
-error against RTN's.
+``timing_back_to_back`` with their own verdict. Also reports the agreement of the two
+quantized kernels and the layer error against RTN's.
 JSON goes to ``benchmarks/results/gptq.json``.
 
     python benchmarks/gptq.py            # 7 rounds

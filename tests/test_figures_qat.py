@@ -195,18 +195,19 @@ def _readme_papers() -> Section:
     figures["qt fp8"] = f"delayed scaling {qt['fp8_delayed']}%"
     figures["qt int4 stochastic"] = f"{qt['int4_grad_stochastic']}% with stochastic rounding"
     figures["qt int4 nearest"] = f"{qt['int4_grad_nearest']}% with round-to-nearest"
-    # quantized_training on the reduced GPT: validation loss and gap to float (3 seeds)
+    # quantized_training on the zoo GPT: validation loss and gap to float (3 seeds)
     gpt = load("papers/quantized_training/results/quantized_training_gpt.json")
     loss = {r["recipe"]: r for r in gpt["summary"]}
     assert all(r["seeds"] == 3 for r in loss.values())
     figures["qt gpt fp8"] = (
         f"delayed scaling ends at a validation loss of {loss['fp8_delayed']['val_loss_mean']:.3f} "
         f"against {loss['float']['val_loss_mean']:.3f} for float "
-        f"(+{loss['fp8_delayed']['gap_percent']:.2f}%)"
+        f"({loss['fp8_delayed']['gap_percent']:+.2f}%"
     )
+    figures["qt gpt fp8 current"] = f"current scaling {loss['fp8_current']['gap_percent']:+.2f}%"
     figures["qt gpt int4"] = (
         f"int4 gradients at {loss['int4_grad_nearest']['val_loss_mean']:.3f} "
-        f"(+{loss['int4_grad_nearest']['gap_percent']:.1f}%)"
+        f"({loss['int4_grad_nearest']['gap_percent']:+.1f}%)"
     )
     proto = gpt["protocol"]
     figures["qt gpt setup"] = f"({proto['num_layers']} blocks of width {proto['width']}, "

@@ -1093,9 +1093,37 @@ def test_quantized_training_gpt_readme_matches_results():
     ref = result["reference"]
     figures["unigram"] = f"{ref['unigram_entropy_val']:.3f}"
     figures["bigram"] = f"{ref['bigram_entropy_train']:.3f}"
+    # the float control at half the learning rate: same protocol otherwise, a row per seed
+    control = json.loads(
+        (QT_DIR / "results" / "float_lr_0.0015" / "quantized_training_gpt.json").read_text()
+    )
+    same = {k: v for k, v in control["protocol"].items() if k not in ("seeds", "recipes")}
+    assert same == {**{k: v for k, v in protocol.items() if k not in ("seeds", "recipes")},
+                    "learning_rate": 0.0015}  # fmt: skip
+    assert control["reference"] == ref and control["protocol"]["recipes"] == ["float"]
+    base = {r["seed"]: r["val_loss"] for r in result["runs"] if r["recipe"] == "float"}
+    for r in control["runs"]:
+        figures[f"control seed {r['seed']}"] = (
+            f"| {r['seed']} | {base[r['seed']]:.3f} | {r['val_loss']:.3f} |"
+        )
+        fp8 = [x["val_loss"] for x in result["runs"] if x["recipe"].startswith("fp8")
+               and x["seed"] == r["seed"]]  # fmt: skip
+        assert r["val_loss"] < min(fp8)  # "float ends below every fp8 run of the same seed"
+    by = {(r["recipe"], r["seed"]): r for r in result["runs"]}
+    for (recipe, seed), r in by.items():  # "each fp8 seed ends below the float run", train too
+        if recipe.startswith("fp8"):
+            assert r["val_loss"] < by["float", seed]["val_loss"]
+            assert r["train_loss"] < by["float", seed]["train_loss"]
+    runs = sorted(control["runs"], key=lambda r: r["seed"])
+    losses = " and ".join(f"{r['val_loss']:.3f}" for r in runs)
+    seeds = " and ".join(str(r["seed"]) for r in runs)
+    figures["control sentence"] = f"({losses} for seeds {seeds})"
+    int4 = {s["recipe"]: s for s in result["summary"]}["int4_grad_nearest"]["val_loss_mean"]
+    assert abs(int4 - ref["unigram_entropy_val"]) < 0.05  # "at the unigram entropy"
     # setup: seeds 0-2 (3 of them), the zoo GPT (4 blocks of width 128, context 128, 1200
-    # steps of 16 windows), 4 heads, the 2% target, the 2-core machine, 9 runs
-    setup = ["0", "1", "2", "3", "4", "9", "16", "18", "128", "1200"]
+    # steps of 16 windows), 4 heads, the 2% target, the learning rates, 16 steps of
+    # amax history
+    setup = ["0", "1", "2", "3", "4", "16", "18", "128", "1200", "3e-3", "1.5e-3", "0.0015"]
     check_section(
         "papers/quantized_training/README.md", "Small GPT: fp8 and int4 gradients", figures, setup
     )

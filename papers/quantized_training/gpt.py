@@ -101,22 +101,18 @@ RECIPES: dict[str, tuple[QuantRule, ...] | None] = {
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """Model size and training schedule, the same for every recipe (Adam, cosine learning
-    rate from ``learning_rate``).
-
-    Smaller than the zoo GPT and its float recipe (``GPTConfig()``: 4 blocks of width 128,
-    context 128; ``gpt.TRAIN_RECIPE``: 1200 steps of 16 windows): on the shared, loaded
-    2-core machine this session had, 60 fp8 steps of the zoo size took 536 s against 101 s
-    for float (compilation included), so 9 runs of it did not fit. Here: 2 blocks of width
-    64 (4 heads), context 64, 500 steps of 8 windows.
+    rate from ``learning_rate``): by default the zoo GPT (``GPTConfig()``: 4 blocks of width
+    128, 4 heads, context 128) and its float recipe (``gpt.TRAIN_RECIPE``: 1200 steps of 16
+    windows, learning rate 3e-3), so ``float`` is the zoo's own training run.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 500
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    context: int = 64
-    num_layers: int = 2
-    width: int = 64
+    steps: int = gpt.TRAIN_RECIPE["steps"]
+    batch_size: int = gpt.TRAIN_RECIPE["batch_size"]
+    learning_rate: float = gpt.TRAIN_RECIPE["learning_rate"]
+    context: int = GPTConfig.context
+    num_layers: int = GPTConfig.num_layers
+    width: int = GPTConfig.width
     recipes: tuple[str, ...] = ("float", "fp8_current", "fp8_delayed", "int4_grad_nearest")
 
 
@@ -294,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recipes", default=None, help="comma-separated subset of RECIPES")
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
     p.add_argument(
+        "--learning-rate", type=float, default=None, help="override Protocol.learning_rate"
+    )
+    p.add_argument(
         "--merge", nargs="+", default=None, help="merge these result JSONs (one seed each)"
     )
     args = p.parse_args(argv)
@@ -307,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
         protocol = dataclasses.replace(protocol, recipes=tuple(args.recipes.split(",")))
     if args.seeds is not None:
         protocol = dataclasses.replace(protocol, seeds=tuple(map(int, args.seeds.split(","))))
+    if args.learning_rate is not None:
+        protocol = dataclasses.replace(protocol, learning_rate=args.learning_rate)
     return run(protocol, out)
 
 
